@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Prepare a Debian 12 (or newer) host for ksbpf: idempotent, run as root.
+#   deploy/setup-host.sh [VENV]     (default VENV: .venv next to this repo)
+# 1. Debian packages: bcc's Python module, bpftool, wireguard-go/-tools, tools for the lab.
+# 2. Kernel headers where bcc looks (/lib/modules/$(uname -r)/build).
+# 3. A virtualenv that sees the distribution's bcc (and only it) and has ksbpf installed.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+venv=${1:-$repo/.venv}
+say() { printf 'setup: %s\n' "$*"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: must run as root (it installs packages and kernel headers); try: sudo make setup" >&2
+    exit 1
+fi
+
+# --- 1. packages -------------------------------------------------------------
+pkgs=(python3 python3-venv python3-bpfcc libbpf1 bpftool iproute2 wireguard-go wireguard-tools
+      tcpdump iperf3 iputils-ping procps)
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    say "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+else
+    say "Debian packages present"
+fi
+
+# --- 2. kernel headers for bcc -------------------------------------------------
+rel=$(uname -r)
+mod=/lib/modules/$rel
+if [ -e "$mod/build/include/linux/kconfig.h" ] || [ -e "$mod/source/include/linux/kconfig.h" ] \
+   || [ -e /sys/kernel/kheaders.tar.xz ]; then
+    say "kernel headers for $rel present"
+elif apt-get install -y -q --no-install-recommends "linux-headers-$rel" >/dev/null 2>&1; then
+    say "installed linux-headers-$rel"
+else
+    # No headers package for this kernel (a custom or cloud kernel).  ksbpf's
+    # packet programs need only UAPI structs, which the distribution's generic
+    # headers provide.
+    if ! ls -d /usr/src/linux-headers-*-common >/dev/null 2>&1; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -q --no-install-recommends linux-headers-amd64 >/dev/null 2>&1 \
+          || apt-get install -y -q --no-install-recommends "linux-headers-$(dpkg --print-architecture)" >/dev/null
+    fi
+    arch_dir=$(ls -d /usr/src/linux-headers-*-"$(dpkg --print-architecture)" 2>/dev/null | sort -V | tail -n1)
+    common_dir=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n1)
+    if [ -z "$arch_dir" ] || [ -z "$common_dir" ]; then
+        echo "setup: no kernel headers for $rel and no generic headers could be installed; install your kernel's headers package" >&2
+        exit 1
+    fi
+    mkdir -p "$mod"
+    ln -sfn "$arch_dir" "$mod/build"
+    ln -sfn "$common_dir" "$mod/source"
+    say "NOTICE: no headers package for kernel $rel; linked the distribution's generic headers ($(basename "$arch_dir")) at $mod/build and $mod/source (enough for ksbpf's packet programs)"
+fi
+
+# --- 3. virtualenv -------------------------------------------------------------
+py=/usr/bin/python3       # the interpreter Debian's python3-bpfcc is built for
+if [ ! -x "$venv/bin/python" ]; then
+    say "creating virtualenv $venv"
+    "$py" -m venv "$venv"
+fi
+bccdir=$("$py" -c 'import bcc, os; print(os.path.dirname(os.path.dirname(bcc.__file__)))')
+site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+# Expose only the distribution's bcc module, not all of dist-packages.
+mkdir -p "$venv/system-bcc"
+ln -sfn "$bccdir/bcc" "$venv/system-bcc/bcc"
+echo "$venv/system-bcc" > "$site/ksbpf-system-bcc.pth"
+"$venv/bin/python" -c 'import bcc' || { echo "setup: bcc is not importable from $venv" >&2; exit 1; }
+say "installing ksbpf and its test dependencies into $venv"
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$repo[test]"
+say "ready: $venv/bin/ksbpf"

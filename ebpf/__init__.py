@@ -1,0 +1,1 @@
+"""The BPF C sources of ksbpf, shipped as package data (ksbpf.ebpf)."""

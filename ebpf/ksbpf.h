@@ -1,0 +1,77 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* ksbpf: the one place where decisions, map keys and map values are defined.
+ *
+ * Every packet the policy sees ends in exactly one reason.  Reasons below
+ * KSBPF_FIRST_DROP let the packet go, the others drop it.  The Python mirror
+ * is ksbpf/reasons.py; tests/test_reasons.py checks that the two agree.
+ */
+#ifndef KSBPF_H
+#define KSBPF_H
+
+enum ksbpf_reason {
+	KSBPF_ALLOW_LOOPBACK = 0,	/* leaves through lo: local traffic */
+	KSBPF_ALLOW_TUNNEL = 1,		/* leaves through a registered tunnel */
+	KSBPF_ALLOW_ENDPOINT = 2,	/* to a VPN endpoint: address + port + protocol */
+	KSBPF_ALLOW_LAN = 3,		/* --allow-lan: fixed private ranges */
+	KSBPF_ALLOW_DHCP = 4,		/* --allow-dhcp: DHCPv4/DHCPv6 client traffic */
+	KSBPF_DROP_NOT_TUNNEL = 5,	/* non-tunnel interface and no exception matched */
+	KSBPF_DROP_ENDPOINT_MISMATCH = 6, /* endpoint address, other port/protocol (TunnelCrack ServerIP) */
+	KSBPF_DROP_LAN_DNS = 7,		/* DNS (53, 853) to a LAN address without --allow-lan-dns */
+	KSBPF_DROP_FRAGMENT = 8,	/* a non-first fragment: no ports to match an exception */
+	KSBPF_DROP_MALFORMED = 9,	/* truncated or unparsable IP header chain */
+	KSBPF_DROP_NOT_IP = 10,		/* neither IPv4 nor IPv6 */
+	KSBPF_REASON_MAX = 11,
+};
+
+#define KSBPF_FIRST_DROP KSBPF_DROP_NOT_TUNNEL
+
+/* Tunnels are keyed by (network-namespace cookie, ifindex): ifindex numbers
+ * repeat across namespaces. */
+struct ksbpf_tunnel_key {
+	__u64 netns_cookie;
+	__u32 ifindex;
+	__u32 pad;
+};
+
+/* Endpoints: exact (address, port, protocol).  An entry with port 0 and
+ * protocol 0 marks the address itself, so that traffic to the endpoint's
+ * address on another port or protocol is told apart (and dropped). */
+struct ksbpf_ep4_key {
+	__be32 addr;
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct ksbpf_ep6_key {
+	__u8 addr[16];
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+#define KSBPF_EP_EXACT 1
+#define KSBPF_EP_ADDRESS 2
+
+struct ksbpf_lpm4_key {
+	__u32 prefixlen;
+	__u8 addr[4];
+};
+
+struct ksbpf_lpm6_key {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+struct ksbpf_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* The scope's policy as the user gave it (JSON), read back by `ksbpf status`. */
+#define KSBPF_META_SIZE 8192
+struct ksbpf_meta {
+	char json[KSBPF_META_SIZE];
+};
+
+#endif

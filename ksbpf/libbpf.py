@@ -1,0 +1,257 @@
+"""Thin ctypes bindings to libbpf (libbpf.so.1) for what bcc cannot do.
+
+bcc compiles and loads; everything that must work from a process that did not
+load the program (pins, attach with flags, detach, query, map access, test
+runs, feature probes) goes through these calls.  Each function raises
+OSError with the kernel's errno on failure.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+# enum bpf_attach_type / bpf_prog_type values (include/uapi/linux/bpf.h)
+BPF_CGROUP_INET_EGRESS = 1
+BPF_PROG_TYPE_CGROUP_SKB = 8
+BPF_FUNC_get_netns_cookie = 122
+BPF_F_ALLOW_MULTI = 2
+BPF_ANY = 0
+BPF_OBJ_NAME_LEN = 16
+
+SK_BUFF_SIZE = 192          # sizeof(struct __sk_buff) on 6.x
+SK_BUFF_IFINDEX_OFFSET = 40  # offsetof(struct __sk_buff, ifindex)
+
+
+class _TestRunOpts(ctypes.Structure):
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("data_in", ctypes.c_void_p),
+        ("data_out", ctypes.c_void_p),
+        ("data_size_in", ctypes.c_uint32),
+        ("data_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_void_p),
+        ("ctx_out", ctypes.c_void_p),
+        ("ctx_size_in", ctypes.c_uint32),
+        ("ctx_size_out", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32),
+        ("repeat", ctypes.c_int),
+        ("duration", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("cpu", ctypes.c_uint32),
+        ("batch_size", ctypes.c_uint32),
+    ]
+
+
+class _ProgInfo(ctypes.Structure):
+    """The head of struct bpf_prog_info; the kernel fills what fits."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * BPF_OBJ_NAME_LEN),
+    ]
+
+
+class _MapInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * BPF_OBJ_NAME_LEN),
+    ]
+
+
+class LibbpfMissing(RuntimeError):
+    pass
+
+
+@lru_cache(maxsize=1)
+def _lib() -> ctypes.CDLL:
+    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+    try:
+        lib = ctypes.CDLL(name, use_errno=True)
+    except OSError as exc:
+        raise LibbpfMissing(f"cannot load libbpf ({name}): {exc}") from exc
+    c_int, c_uint, vp, cp = ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_char_p
+    sigs = {
+        "bpf_obj_pin": (c_int, [c_int, cp]),
+        "bpf_obj_get": (c_int, [cp]),
+        "bpf_prog_attach": (c_int, [c_int, c_int, c_int, c_uint]),
+        "bpf_prog_detach2": (c_int, [c_int, c_int, c_int]),
+        "bpf_prog_query": (c_int, [c_int, c_int, c_uint, vp, vp, vp]),
+        "bpf_prog_get_fd_by_id": (c_int, [c_uint]),
+        "bpf_obj_get_info_by_fd": (c_int, [c_int, vp, vp]),
+        "bpf_map_lookup_elem": (c_int, [c_int, vp, vp]),
+        "bpf_map_update_elem": (c_int, [c_int, vp, vp, ctypes.c_uint64]),
+        "bpf_map_delete_elem": (c_int, [c_int, vp]),
+        "bpf_map_get_next_key": (c_int, [c_int, vp, vp]),
+        "bpf_prog_test_run_opts": (c_int, [c_int, vp]),
+        "libbpf_probe_bpf_prog_type": (c_int, [c_int, vp]),
+        "libbpf_probe_bpf_helper": (c_int, [c_int, c_int, vp]),
+        "libbpf_num_possible_cpus": (c_int, []),
+    }
+    for fname, (res, args) in sigs.items():
+        fn = getattr(lib, fname)
+        fn.restype, fn.argtypes = res, args
+    return lib
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        err = -ret if ret != -1 else (ctypes.get_errno() or 1)
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def _buf(data: bytes | bytearray | ctypes.Array):
+    if isinstance(data, ctypes.Array):
+        return data
+    return ctypes.create_string_buffer(bytes(data), len(data))
+
+
+def obj_pin(fd: int, path: str) -> None:
+    _check(_lib().bpf_obj_pin(fd, path.encode()), f"pin {path}")
+
+
+def obj_get(path: str) -> int:
+    return _check(_lib().bpf_obj_get(path.encode()), f"open pin {path}")
+
+
+def prog_attach(prog_fd: int, target_fd: int, attach_type: int, flags: int) -> None:
+    _check(_lib().bpf_prog_attach(prog_fd, target_fd, attach_type, flags), "attach")
+
+
+def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
+    _check(_lib().bpf_prog_detach2(prog_fd, target_fd, attach_type), "detach")
+
+
+def prog_query(target_fd: int, attach_type: int) -> list[int]:
+    """IDs of the programs attached to target_fd (a cgroup) for attach_type."""
+    count = ctypes.c_uint32(64)
+    while True:
+        ids = (ctypes.c_uint32 * count.value)()
+        flags = ctypes.c_uint32(0)
+        want = count.value
+        ret = _lib().bpf_prog_query(target_fd, attach_type, 0, ctypes.byref(flags), ids,
+                                    ctypes.byref(count))
+        if ret < 0 and -ret == 28 and count.value > want:  # ENOSPC: grow and retry
+            continue
+        _check(ret, "query attached programs")
+        return list(ids[: count.value])
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    return _check(_lib().bpf_prog_get_fd_by_id(prog_id), f"open program id {prog_id}")
+
+
+@dataclass(frozen=True)
+class ProgInfo:
+    id: int
+    type: int
+    name: str
+    tag: str
+
+
+def prog_info(fd: int) -> ProgInfo:
+    info = _ProgInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(_lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "program info")
+    return ProgInfo(info.id, info.type, info.name.decode(errors="replace"), bytes(info.tag).hex())
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    id: int
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    name: str
+
+
+def map_info(fd: int) -> MapInfo:
+    info = _MapInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(_lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "map info")
+    return MapInfo(info.id, info.type, info.key_size, info.value_size, info.max_entries,
+                   info.name.decode(errors="replace"))
+
+
+def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
+    value = ctypes.create_string_buffer(value_size)
+    ret = _lib().bpf_map_lookup_elem(fd, _buf(key), value)
+    if ret < 0 and -ret == 2:  # ENOENT
+        return None
+    _check(ret, "map lookup")
+    return value.raw
+
+
+def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+    _check(_lib().bpf_map_update_elem(fd, _buf(key), _buf(value), flags), "map update")
+
+
+def map_delete(fd: int, key: bytes) -> None:
+    _check(_lib().bpf_map_delete_elem(fd, _buf(key)), "map delete")
+
+
+def map_keys(fd: int, key_size: int) -> list[bytes]:
+    keys: list[bytes] = []
+    cur = None
+    nxt = ctypes.create_string_buffer(key_size)
+    while True:
+        ret = _lib().bpf_map_get_next_key(fd, cur, nxt)
+        if ret < 0 and -ret == 2:
+            return keys
+        _check(ret, "map iterate")
+        keys.append(nxt.raw)
+        cur = ctypes.create_string_buffer(nxt.raw, key_size)
+
+
+def num_possible_cpus() -> int:
+    return _check(_lib().libbpf_num_possible_cpus(), "count possible CPUs")
+
+
+@dataclass(frozen=True)
+class TestRun:
+    retval: int
+    duration_ns: int
+
+
+def prog_test_run(prog_fd: int, data: bytes, ifindex: int = 0, repeat: int = 1) -> TestRun:
+    """Run a loaded skb program once (or `repeat` times) on `data` (an Ethernet frame)."""
+    data_buf = _buf(data)
+    ctx = ctypes.create_string_buffer(SK_BUFF_SIZE)
+    ctypes.c_uint32.from_buffer(ctx, SK_BUFF_IFINDEX_OFFSET).value = ifindex
+    opts = _TestRunOpts()
+    opts.sz = ctypes.sizeof(opts)
+    opts.data_in = ctypes.cast(data_buf, ctypes.c_void_p)
+    opts.data_size_in = len(data)
+    opts.ctx_in = ctypes.cast(ctx, ctypes.c_void_p)
+    opts.ctx_size_in = SK_BUFF_SIZE
+    opts.repeat = repeat
+    _check(_lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "test run")
+    return TestRun(opts.retval, opts.duration)
+
+
+def probe_prog_type(prog_type: int) -> bool:
+    return _lib().libbpf_probe_bpf_prog_type(prog_type, None) == 1
+
+
+def probe_helper(prog_type: int, helper_id: int) -> bool:
+    return _lib().libbpf_probe_bpf_helper(prog_type, helper_id, None) == 1
