@@ -141,14 +141,19 @@ def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
     _check(_lib().bpf_prog_detach2(prog_fd, target_fd, attach_type), "detach")
 
 
-def prog_query(target_fd: int, attach_type: int) -> list[int]:
-    """IDs of the programs attached to target_fd (a cgroup) for attach_type."""
+BPF_F_QUERY_EFFECTIVE = 1
+
+
+def prog_query(target_fd: int, attach_type: int, effective: bool = False) -> list[int]:
+    """IDs of the programs attached to target_fd (a cgroup) for attach_type;
+    with effective=True, also those inherited from its ancestors."""
     count = ctypes.c_uint32(64)
     while True:
         ids = (ctypes.c_uint32 * count.value)()
         flags = ctypes.c_uint32(0)
         want = count.value
-        ret = _lib().bpf_prog_query(target_fd, attach_type, 0, ctypes.byref(flags), ids,
+        ret = _lib().bpf_prog_query(target_fd, attach_type, BPF_F_QUERY_EFFECTIVE if effective else 0,
+                                    ctypes.byref(flags), ids,
                                     ctypes.byref(count))
         if ret < 0 and -ret == 28 and count.value > want:  # ENOSPC: grow and retry
             continue

@@ -1,0 +1,215 @@
+"""The BPF program and its maps: compiling with bcc, and reading/writing the
+maps by file descriptor (freshly loaded or opened from pins alike).
+
+Map layouts mirror ebpf/ksbpf.h; tests/test_reasons.py checks the sizes.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import ipaddress
+import json
+import os
+import struct
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Iterable
+
+from . import libbpf
+from .errors import KsbpfError
+from .policy import PROTOCOLS, Endpoint, Options
+from .reasons import Reason
+
+PROG_NAME = "ksbpf_cg_egress"  # the entry point; the kernel shows it as the program's name
+MAP_NAMES = ("tunnels", "endpoints4", "endpoints6", "lan4", "lan6", "counters", "meta")
+META_SIZE = 8192
+EP_EXACT, EP_ADDRESS = 1, 2
+MAX_TUNNELS = 64
+MAX_LAN = 64
+
+_TUNNEL_KEY = struct.Struct("=QII")   # netns_cookie, ifindex, pad
+_U32 = struct.Struct("=I")
+_COUNTER = struct.Struct("=QQ")       # packets, bytes
+_PROTO_NAMES = {v: k for k, v in PROTOCOLS.items()}
+
+
+def ebpf_dir() -> str:
+    """Absolute path of the shipped BPF sources (package data ksbpf.ebpf)."""
+    return str(importlib.resources.files("ksbpf.ebpf"))
+
+
+def source_path() -> str:
+    return os.path.join(ebpf_dir(), "ksbpf.c")
+
+
+def cflags(options: Options, n_endpoints: int) -> list[str]:
+    flags = [f"-I{ebpf_dir()}",
+             f"-DKSBPF_MAX_TUNNELS={MAX_TUNNELS}",
+             f"-DKSBPF_MAX_LAN={MAX_LAN}",
+             # each endpoint takes an exact entry and an address marker
+             f"-DKSBPF_MAX_ENDPOINTS={max(64, 2 * n_endpoints)}"]
+    if options.allow_lan:
+        flags.append("-DKSBPF_OPT_LAN")
+    if options.allow_lan_dns:
+        flags.append("-DKSBPF_OPT_LAN_DNS")
+    if options.allow_dhcp:
+        flags.append("-DKSBPF_OPT_DHCP")
+    return flags
+
+
+# --- key/value codecs -----------------------------------------------------------
+
+def tunnel_key(netns_cookie: int, ifindex: int) -> bytes:
+    return _TUNNEL_KEY.pack(netns_cookie, ifindex, 0)
+
+
+def endpoint_key(address: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int = 0, proto: int = 0) -> bytes:
+    return address.packed + struct.pack("!HBB", port, proto, 0)
+
+
+def lpm_key(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bytes:
+    return _U32.pack(net.prefixlen) + net.network_address.packed
+
+
+@dataclass(frozen=True)
+class TunnelEntry:
+    netns_cookie: int
+    ifindex: int
+    index: int  # position of the tunnel's name in the scope's meta
+
+
+class ScopeMaps:
+    """One scope's maps, by file descriptor."""
+
+    def __init__(self, fds: dict[str, int], owned: bool):
+        missing = set(MAP_NAMES) - set(fds)
+        if missing:
+            raise KsbpfError(f"BPF maps missing: {', '.join(sorted(missing))}",
+                             "re-run `ksbpf attach` to rebuild the scope")
+        self.fds = fds
+        self._owned = owned
+        self._value_size = {n: libbpf.map_info(fd).value_size for n, fd in fds.items()}
+
+    @classmethod
+    def from_pins(cls, directory: str) -> "ScopeMaps":
+        fds: dict[str, int] = {}
+        try:
+            for name in MAP_NAMES:
+                fds[name] = libbpf.obj_get(os.path.join(directory, name))
+        except OSError:
+            for fd in fds.values():
+                os.close(fd)
+            raise
+        return cls(fds, owned=True)
+
+    def close(self) -> None:
+        if self._owned:
+            for fd in self.fds.values():
+                os.close(fd)
+            self.fds = {}
+
+    def __enter__(self) -> "ScopeMaps":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # tunnels
+    def add_tunnel(self, netns_cookie: int, ifindex: int, index: int) -> None:
+        libbpf.map_update(self.fds["tunnels"], tunnel_key(netns_cookie, ifindex), _U32.pack(index))
+
+    def remove_tunnel(self, netns_cookie: int, ifindex: int) -> None:
+        libbpf.map_delete(self.fds["tunnels"], tunnel_key(netns_cookie, ifindex))
+
+    def tunnels(self) -> list[TunnelEntry]:
+        fd = self.fds["tunnels"]
+        out = []
+        for key in libbpf.map_keys(fd, _TUNNEL_KEY.size):
+            value = libbpf.map_lookup(fd, key, self._value_size["tunnels"])
+            if value is not None:
+                cookie, ifindex, _ = _TUNNEL_KEY.unpack(key)
+                out.append(TunnelEntry(cookie, ifindex, _U32.unpack(value)[0]))
+        return sorted(out, key=lambda t: (t.index, t.ifindex))
+
+    # endpoints
+    def add_endpoint(self, ep: Endpoint) -> None:
+        fd = self.fds["endpoints4" if ep.address.version == 4 else "endpoints6"]
+        libbpf.map_update(fd, endpoint_key(ep.address, ep.port, ep.proto_number), _U32.pack(EP_EXACT))
+        libbpf.map_update(fd, endpoint_key(ep.address), _U32.pack(EP_ADDRESS))
+
+    def endpoints(self) -> list[Endpoint]:
+        out = []
+        for name, size in (("endpoints4", 4), ("endpoints6", 16)):
+            for key in libbpf.map_keys(self.fds[name], size + 4):
+                port, proto, _ = struct.unpack("!HBB", key[size:])
+                if proto in _PROTO_NAMES and port:
+                    out.append(Endpoint(ipaddress.ip_address(key[:size]), port, _PROTO_NAMES[proto]))
+        return sorted(out, key=Endpoint.sort_key)
+
+    # LAN ranges
+    def add_lan(self, nets: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
+        for net in nets:
+            libbpf.map_update(self.fds["lan4" if net.version == 4 else "lan6"], lpm_key(net), _U32.pack(1))
+
+    # counters
+    def counters(self) -> dict[Reason, tuple[int, int]]:
+        """(packets, bytes) per reason, summed over CPUs."""
+        fd = self.fds["counters"]
+        ncpu = libbpf.num_possible_cpus()
+        stride = (self._value_size["counters"] + 7) // 8 * 8
+        out = {}
+        for reason in Reason:
+            raw = libbpf.map_lookup(fd, _U32.pack(reason), stride * ncpu) or b""
+            packets = bytes_ = 0
+            for cpu in range(len(raw) // stride):
+                p, b = _COUNTER.unpack_from(raw, cpu * stride)
+                packets += p
+                bytes_ += b
+            out[reason] = (packets, bytes_)
+        return out
+
+    # meta: the scope's policy as the user gave it
+    def write_meta(self, meta: dict) -> None:
+        blob = json.dumps(meta, separators=(",", ":")).encode()
+        if len(blob) >= META_SIZE:
+            raise KsbpfError(f"the scope's description is {len(blob)} bytes, over the {META_SIZE} the meta map holds",
+                             "use fewer or shorter tunnel names")
+        libbpf.map_update(self.fds["meta"], _U32.pack(0), blob.ljust(META_SIZE, b"\0"))
+
+    def read_meta(self) -> dict:
+        raw = libbpf.map_lookup(self.fds["meta"], _U32.pack(0), self._value_size["meta"]) or b""
+        text = raw.split(b"\0", 1)[0]
+        return json.loads(text) if text else {}
+
+
+@dataclass
+class LoadedProgram:
+    """A program freshly compiled and loaded, with its (empty) maps."""
+
+    prog_fd: int
+    maps: ScopeMaps
+    tag: str
+    _bcc_object: object  # keeps bcc's fds open until we are done
+
+    def pin(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        libbpf.obj_pin(self.prog_fd, os.path.join(directory, "prog"))
+        for name, fd in self.maps.fds.items():
+            libbpf.obj_pin(fd, os.path.join(directory, name))
+
+    def close(self) -> None:
+        cleanup = getattr(self._bcc_object, "cleanup", None)
+        if cleanup:
+            cleanup()
+
+
+def load(bcc: ModuleType, options: Options, n_endpoints: int = 0) -> LoadedProgram:
+    """Compile ebpf/ksbpf.c with bcc for these options and load the cgroup_skb program."""
+    try:
+        b = bcc.BPF(src_file=source_path().encode(), cflags=cflags(options, n_endpoints))
+        fn = b.load_func(PROG_NAME.encode(), bcc.BPF.CGROUP_SKB)
+    except Exception as exc:  # bcc raises bare Exception on compile/verifier errors
+        raise KsbpfError(f"the BPF program did not compile or load: {exc}",
+                         "check `make setup` output and the kernel log (dmesg); the messages above come from bcc") from None
+    maps = ScopeMaps({name: b[name.encode()].map_fd for name in MAP_NAMES}, owned=False)
+    return LoadedProgram(fn.fd, maps, libbpf.prog_info(fn.fd).tag, b)

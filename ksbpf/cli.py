@@ -1,0 +1,164 @@
+"""The command line: a thin layer over scope.py (and demo.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import datetime, timezone
+
+import click
+
+from . import cgroup, scope
+from .errors import KsbpfError
+from .policy import Endpoint, Options, Policy
+
+
+def _progress(msg: str) -> None:
+    click.echo(f"ksbpf: {msg}", err=True)
+
+
+def _emit_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=False))
+
+
+class _Cli(click.Group):
+    """Turns a KsbpfError into one line on stderr and exit status 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KsbpfError as exc:
+            click.echo(f"ksbpf: error: {exc}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Cli)
+@click.version_option(package_name="ksbpf")
+def main() -> None:
+    """ksbpf: an eBPF kill switch.  The processes of a cgroup may send only
+    through the tunnel interfaces you name (and to the VPN endpoints), through
+    no other interface, whether the tunnel is up or not."""
+
+
+def _endpoint(_ctx, _param, values) -> tuple[Endpoint, ...]:
+    return tuple(Endpoint.parse(v) for v in values)
+
+
+@main.command()
+@click.option("--cgroup", "cgroup_path", required=True, metavar="PATH",
+              help="cgroup v2 directory whose processes are confined.")
+@click.option("--tunnel", "tunnels", multiple=True, required=True, metavar="NAME",
+              help="Tunnel interface the scope may use (repeat for several).")
+@click.option("--endpoint", "endpoints", multiple=True, callback=_endpoint, metavar="ADDR:PORT/PROTO",
+              help="VPN server the scope may reach outside the tunnel: 203.0.113.5:51820/udp, [2001:db8::5]:51820/udp.")
+@click.option("--netns", default="", metavar="NAME|PATH",
+              help="Network namespace where the tunnel names live (default: the caller's).")
+@click.option("--allow-lan", is_flag=True, help="Allow the fixed private ranges (not DNS to them).")
+@click.option("--allow-lan-dns", is_flag=True, help="With --allow-lan: also allow DNS (53, 853) to LAN addresses.")
+@click.option("--allow-dhcp", is_flag=True, help="Allow DHCPv4/DHCPv6 client traffic.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def attach(cgroup_path, tunnels, endpoints, netns, allow_lan, allow_lan_dns, allow_dhcp, as_json) -> None:
+    """Protect a cgroup; replaces its policy if already protected (no gap).
+
+    Enforcement stays in the kernel after this command exits."""
+    policy = Policy(tuple(tunnels), endpoints, netns, Options(allow_lan, allow_lan_dns, allow_dhcp))
+    result = scope.attach(cgroup_path, policy, progress=_progress)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    if result.mounted_bpffs:
+        click.echo("mounted the BPF filesystem at /sys/fs/bpf")
+    verb = "re-attached (previous program replaced with no gap)" if result.replaced else "attached"
+    click.echo(f"{result.cgroup}: {verb}; program {result.prog_id}, pins in {result.pin_dir}")
+    for t in result.tunnels:
+        if t.present:
+            click.echo(f"  tunnel {t.name}: ifindex {t.ifindex} in netns {t.netns}: allowed")
+        else:
+            click.echo(f"  NOTICE: tunnel {t.name} does not exist in netns {t.netns} yet: every non-local "
+                       f"packet of the scope is dropped until it appears and is registered (re-run attach, or run the daemon)")
+    for ep in policy.endpoints:
+        click.echo(f"  endpoint {ep}: allowed outside the tunnel")
+    opts = [n for n, on in (("allow-lan", allow_lan), ("allow-lan-dns", allow_lan_dns), ("allow-dhcp", allow_dhcp)) if on]
+    click.echo(f"  options: {', '.join(opts) if opts else 'none (strict)'}")
+    click.echo("  everything else is dropped; undo with: ksbpf detach --cgroup " + result.cgroup)
+
+
+@main.command()
+@click.option("--cgroup", "cgroup_path", metavar="PATH", help="The cgroup to release.")
+@click.option("--all", "everything", is_flag=True, help="Remove ksbpf from every cgroup (escape hatch).")
+@click.option("--json", "as_json", is_flag=True)
+def detach(cgroup_path, everything, as_json) -> None:
+    """Remove ksbpf's programs and pins (idempotent)."""
+    if bool(cgroup_path) == everything:
+        raise click.UsageError("give exactly one of --cgroup PATH or --all")
+    result = scope.detach_all(progress=_progress) if everything else scope.detach(cgroup_path)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    what = "every cgroup" if everything else result.cgroup
+    if result.detached_prog_ids or result.removed_pins:
+        click.echo(f"{what}: detached {len(result.detached_prog_ids)} program(s), removed {len(result.removed_pins)} pin director(ies)")
+    else:
+        click.echo(f"{what}: nothing to remove")
+
+
+def _fmt_time(ts) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds") if ts else "?"
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def status(as_json) -> None:
+    """Each protected scope: tunnels, endpoints, options, counters by reason."""
+    scopes = scope.status()
+    if as_json:
+        _emit_json({"scopes": [s.to_dict() for s in scopes]})
+        return
+    if not scopes:
+        click.echo("no protected scopes")
+        return
+    for s in scopes:
+        state = "enforced" if s.attached else "NOT ENFORCED"
+        click.echo(f"{s.cgroup}  [{state}, program {s.prog_id}, since {_fmt_time(s.attached_at)}]")
+        for t in s.tunnels:
+            where = f"ifindex {t.ifindex}" if t.present else "absent"
+            allowed = "allowed" if t.registered else "blocked"
+            click.echo(f"  tunnel   {t.name} (netns {t.netns}): {where}, {allowed}")
+        for ep in s.endpoints:
+            click.echo(f"  endpoint {ep}")
+        opts = [k.replace("_", "-") for k, v in vars(s.options).items() if v]
+        click.echo(f"  options  {', '.join(opts) if opts else 'none (strict)'}")
+        for reason, (packets, bytes_) in s.counters.items():
+            if packets:
+                verdict = "allow" if reason.allowed else "DROP "
+                click.echo(f"  {verdict} {reason.label:<18} {packets:>12} packets {bytes_:>14} bytes")
+        for p in s.problems:
+            click.echo(f"  problem: {p}")
+
+
+@main.command(name="exec", context_settings={"ignore_unknown_options": True})
+@click.option("--cgroup", "cgroup_path", required=True, metavar="PATH")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_(cgroup_path, command) -> None:
+    """Run COMMAND inside a protected scope (joins the cgroup, then execs)."""
+    cg = cgroup.resolve(cgroup_path)
+    scope.require_protected(cg)
+    cgroup.join(cg)
+    try:
+        os.execvp(command[0], list(command))
+    except OSError as exc:
+        raise KsbpfError(f"cannot run {command[0]!r}: {exc.strerror}", "check the command name and PATH") from None
+
+
+@main.command()
+@click.option("--keep-going", is_flag=True, help="Run every step even after one misbehaves.")
+def demo(keep_going) -> None:
+    """Build a lab (namespaces + real WireGuard tunnel) and show the kill switch."""
+    from .demo import run_demo
+
+    sys.exit(0 if run_demo(keep_going=keep_going) else 1)
+
+
+if __name__ == "__main__":
+    main()

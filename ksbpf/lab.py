@@ -1,0 +1,574 @@
+"""A lab of two network namespaces joined by a veth and a wireguard-go tunnel.
+
+Used by `ksbpf demo` and by the integration tests.  Every packet stays inside
+the lab: the client namespace (where filtered processes run) and the server
+namespace (the far side) only know each other.
+
+    client ns  ksbpf-<tag>-c              server ns  ksbpf-<tag>-s
+      phc<tag>  198.18.N.1/24  ----veth----  phs<tag>  198.18.N.2/24
+                2001:db8:N::1/64                       2001:db8:N::2/64
+      wgc<tag>  100.64.N.1/24  ==tunnel===  wgs<tag>  100.64.N.2/24
+                2001:db8:100:N::1/64                   2001:db8:100:N::2/64
+
+The client is always .1 / ::1, the server .2 / ::2.  The tunnel runs over
+IPv4 to the server's UDP port `wg_port`.  There are no default routes: each
+side reaches the other's addresses on the directly connected link only.
+
+Also here: `probe` (one connection attempt from a process in a cgroup and the
+client namespace), `ProbeStream` (a steady flow of UDP datagrams), echo
+servers in the server namespace, and `Sniffer` (counts plaintext packets from
+the client that arrive over the physical link).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Self
+
+from . import netns
+from .errors import KsbpfError
+
+WG_RUN_DIR = "/var/run/wireguard"
+TUNNEL_TIMEOUT = 10.0
+
+
+def _run(*cmd: str, input: str | None = None) -> str:
+    """Run a command; its stdout, or KsbpfError with its stderr."""
+    proc = subprocess.run(cmd, input=input, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise KsbpfError(f"lab: `{' '.join(cmd)}` failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def _wait(cond, timeout: float, what: str, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise KsbpfError(f"lab: timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Lab:
+    """Two namespaces, a veth between them and (after tunnel_up) a tunnel."""
+
+    tag: str                # 6 hex digits; every name and address derives from it
+    prefix: str = "ksbpf"   # namespace names are <prefix>-<tag>-c / -s
+    wg_port: int = 51820    # the server's WireGuard listen port
+    client_ns: str = field(init=False)
+    server_ns: str = field(init=False)
+    phy_client: str = field(init=False)  # the client's "physical" link
+    phy_server: str = field(init=False)
+    wg_client: str = field(init=False)   # the tunnel the kill switch allows
+    wg_server: str = field(init=False)
+    phy4_client: str = field(init=False)
+    phy4_server: str = field(init=False)
+    phy6_client: str = field(init=False)
+    phy6_server: str = field(init=False)
+    tun4_client: str = field(init=False)
+    tun4_server: str = field(init=False)
+    tun6_client: str = field(init=False)
+    tun6_server: str = field(init=False)
+    _wg: dict[str, subprocess.Popen] = field(init=False, repr=False, default_factory=dict)
+    _keydir: str | None = field(init=False, repr=False, default=None)
+
+    def __post_init__(self) -> None:
+        if len(self.tag) != 6 or any(c not in "0123456789abcdef" for c in self.tag):
+            raise ValueError(f"lab tag must be 6 lower-case hex digits, not {self.tag!r}")
+        t, n = self.tag, int(self.tag, 16) % 250 + 1
+        self.client_ns, self.server_ns = f"{self.prefix}-{t}-c", f"{self.prefix}-{t}-s"
+        self.phy_client, self.phy_server = f"phc{t}", f"phs{t}"
+        self.wg_client, self.wg_server = f"wgc{t}", f"wgs{t}"
+        self.phy4_client, self.phy4_server = f"198.18.{n}.1", f"198.18.{n}.2"
+        self.phy6_client, self.phy6_server = f"2001:db8:{n}::1", f"2001:db8:{n}::2"
+        self.tun4_client, self.tun4_server = f"100.64.{n}.1", f"100.64.{n}.2"
+        self.tun6_client, self.tun6_server = f"2001:db8:100:{n}::1", f"2001:db8:100:{n}::2"
+
+    @property
+    def endpoint4(self) -> str:
+        return f"{self.phy4_server}:{self.wg_port}/udp"
+
+    @property
+    def endpoint6(self) -> str:
+        return f"[{self.phy6_server}]:{self.wg_port}/udp"
+
+    @property
+    def client_path(self) -> str:
+        return os.path.join(netns.NETNS_RUN_DIR, self.client_ns)
+
+    @property
+    def server_path(self) -> str:
+        return os.path.join(netns.NETNS_RUN_DIR, self.server_ns)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def create(self) -> None:
+        """Namespaces, the veth pair, loopback, addresses.  Undone on failure."""
+        try:
+            c, s = self.client_ns, self.server_ns
+            _run("ip", "netns", "add", c)
+            _run("ip", "netns", "add", s)
+            # created inside the client namespace, peer moved straight into the server's
+            _run("ip", "-n", c, "link", "add", self.phy_client, "type", "veth",
+                 "peer", "name", self.phy_server, "netns", s)
+            for ns, dev, a4, a6 in ((c, self.phy_client, self.phy4_client, self.phy6_client),
+                                    (s, self.phy_server, self.phy4_server, self.phy6_server)):
+                _run("ip", "-n", ns, "link", "set", "lo", "up")
+                _run("ip", "-n", ns, "addr", "add", f"{a4}/24", "dev", dev)
+                _run("ip", "-n", ns, "addr", "add", f"{a6}/64", "dev", dev, "nodad")
+                _run("ip", "-n", ns, "link", "set", dev, "up")
+        except BaseException:
+            self.destroy()
+            raise
+
+    def tunnel_up(self) -> None:
+        """Start the tunnel (again, after tunnel_down) and wait until it carries pings."""
+        if self._keydir is None:
+            self._keydir = tempfile.mkdtemp(prefix=f"ksbpf-lab-{self.tag}-")
+            for side in ("client", "server"):
+                key = _run("wg", "genkey")
+                with open(os.path.join(self._keydir, side), "w") as f:
+                    f.write(key)
+                with open(os.path.join(self._keydir, f"{side}.pub"), "w") as f:
+                    f.write(_run("wg", "pubkey", input=key))
+        if not self._running(self.wg_server):
+            self._start_wg(self.server_ns, self.wg_server, self.tun4_server, self.tun6_server,
+                           "server", "client", ("listen-port", str(self.wg_port)), ())
+        if not self._running(self.wg_client):
+            self._start_wg(self.client_ns, self.wg_client, self.tun4_client, self.tun6_client,
+                           "client", "server", (),
+                           ("endpoint", f"{self.phy4_server}:{self.wg_port}",
+                            "persistent-keepalive", "1"))
+        for dst in (self.tun4_server, self.tun6_server):
+            _wait(lambda: self._ping(dst), TUNNEL_TIMEOUT, f"a ping to {dst} through {self.wg_client}")
+
+    def tunnel_down(self) -> None:
+        """Remove the client's tunnel interface (its wireguard-go exits with it)."""
+        proc = self._wg.pop(self.wg_client, None)
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=5)
+        if netns.ifindex(netns.resolve(self.client_path), self.wg_client) is not None:
+            _run("ip", "-n", self.client_ns, "link", "del", self.wg_client)
+        _wait(lambda: netns.ifindex(netns.resolve(self.client_path), self.wg_client) is None,
+              5, f"{self.wg_client} to disappear")
+
+    def destroy(self) -> None:
+        """Remove everything the lab made.  Safe to call more than once."""
+        names = [n for n in (self.client_ns, self.server_ns)
+                 if os.path.exists(os.path.join(netns.NETNS_RUN_DIR, n))]
+        pids = {int(p) for n in names
+                for p in subprocess.run(["ip", "netns", "pids", n], capture_output=True,
+                                        text=True).stdout.split()}
+        _kill(pids)
+        for proc in self._wg.values():
+            proc.wait()
+        self._wg.clear()
+        for n in names:
+            subprocess.run(["ip", "netns", "del", n], capture_output=True)
+        for ifname in (self.wg_client, self.wg_server):
+            try:
+                os.unlink(os.path.join(WG_RUN_DIR, f"{ifname}.sock"))
+            except FileNotFoundError:
+                pass
+        if self._keydir is not None:
+            shutil.rmtree(self._keydir, ignore_errors=True)
+            self._keydir = None
+
+    def __enter__(self) -> Lab:
+        self.create()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
+
+    # -- helpers -----------------------------------------------------------
+
+    def _running(self, ifname: str) -> bool:
+        proc = self._wg.get(ifname)
+        return proc is not None and proc.poll() is None
+
+    def _start_wg(self, ns: str, ifname: str, addr4: str, addr6: str, own: str, peer: str,
+                  own_opts: tuple[str, ...], peer_opts: tuple[str, ...]) -> None:
+        """Run wireguard-go for `ifname` in `ns`, configure it, address it, bring it up."""
+        sock = os.path.join(WG_RUN_DIR, f"{ifname}.sock")
+        # WG_PROCESS_FOREGROUND keeps it from forking, so proc.pid is wireguard-go itself
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, "wireguard-go", ifname],
+                                env={**os.environ, "WG_PROCESS_FOREGROUND": "1"},
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        self._wg[ifname] = proc
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise KsbpfError(f"lab: wireguard-go {ifname} exited with status {proc.returncode}")
+            return os.path.exists(sock)
+
+        _wait(ready, 5, f"wireguard-go to create {sock}")
+        assert self._keydir is not None
+        with open(os.path.join(self._keydir, f"{peer}.pub")) as f:
+            peer_pub = f.read().strip()
+        _run("ip", "netns", "exec", ns, "wg", "set", ifname,
+             "private-key", os.path.join(self._keydir, own), *own_opts,
+             "peer", peer_pub, "allowed-ips", "0.0.0.0/0,::/0", *peer_opts)
+        _run("ip", "-n", ns, "addr", "add", f"{addr4}/24", "dev", ifname)
+        _run("ip", "-n", ns, "addr", "add", f"{addr6}/64", "dev", ifname, "nodad")
+        _run("ip", "-n", ns, "link", "set", ifname, "up")
+
+    def _ping(self, dst: str) -> bool:
+        return subprocess.run(["ip", "netns", "exec", self.client_ns, "ping", "-n", "-q",
+                               "-c1", "-W0.2", dst], capture_output=True).returncode == 0
+
+
+def new_lab(prefix: str = "ksbpf") -> Lab:
+    """A Lab with a random tag that no existing namespace or WireGuard socket uses."""
+    while True:
+        lab = Lab(secrets.token_hex(3), prefix)
+        taken = [os.path.join(netns.NETNS_RUN_DIR, lab.client_ns),
+                 os.path.join(netns.NETNS_RUN_DIR, lab.server_ns),
+                 os.path.join(WG_RUN_DIR, f"{lab.wg_client}.sock"),
+                 os.path.join(WG_RUN_DIR, f"{lab.wg_server}.sock")]
+        if not any(os.path.exists(p) for p in taken):
+            return lab
+
+
+def _alive(pid: int) -> bool:
+    """True if the process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _kill(pids: set[int], timeout: float = 3.0) -> None:
+    """SIGTERM the processes, then SIGKILL whatever is still alive after `timeout`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in pids:
+            if _alive(p):
+                try:
+                    os.kill(p, sig)
+                except ProcessLookupError:
+                    pass
+        try:
+            _wait(lambda: not any(_alive(p) for p in pids), timeout, "lab processes to exit")
+            return
+        except KsbpfError:
+            if sig == signal.SIGKILL:
+                raise
+
+
+# -- traffic from the client ------------------------------------------------
+
+def _in_cgroup_and_ns(ns: Lab | str, cgroup_path: str | None, *cmd: str) -> list[str]:
+    """argv that runs cmd in the cgroup (joined first: `ip netns exec` hides
+    cgroupfs) and then in the client namespace of the lab (or the named one)."""
+    name = ns.client_ns if isinstance(ns, Lab) else ns
+    argv = ["ip", "netns", "exec", name, *cmd]
+    if cgroup_path is None:
+        return argv
+    return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', cgroup_path, *argv]
+
+
+def _probe_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ksbpf.probe", *args]
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    ok: bool
+    error: str | None
+
+
+def probe(ns: Lab | str, cgroup_path: str | None, kind: str, dst: str,
+          port: int = 0, timeout: float = 2.0) -> ProbeResult:
+    """One tcp/udp/icmp attempt from a fresh process in the cgroup and namespace.
+
+    ok=False means the attempt failed (EPERM, timeout, refused...); a probe
+    that could not even run raises KsbpfError, so it never passes as "blocked".
+    """
+    if kind not in ("tcp", "udp", "icmp"):
+        raise ValueError(f"probe kind must be tcp, udp or icmp, not {kind!r}")
+    argv = _in_cgroup_and_ns(ns, cgroup_path, *_probe_argv(
+        kind, dst, str(port), "--timeout", str(timeout)))
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 10)
+    try:
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        return ProbeResult(bool(out["ok"]), out["error"])
+    except (IndexError, ValueError, KeyError):
+        raise KsbpfError(f"lab: probe {' '.join(argv)} did not run (status {proc.returncode}): "
+                         f"{proc.stderr.strip()}") from None
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    attempted: int
+    sent: int
+    blocked: int              # sends that failed with EPERM
+    errors: dict[str, int]    # other failed sends, by errno name
+
+
+class ProbeStream:
+    """A process in the cgroup and namespace sending a UDP datagram to (dst, port)
+    every `interval_ms` until stop(); `with` waits until it is sending."""
+
+    def __init__(self, ns: Lab | str, cgroup_path: str | None, dst: str, port: int,
+                 interval_ms: float = 2.0):
+        self._argv = _in_cgroup_and_ns(ns, cgroup_path, *_probe_argv(
+            "stream", dst, str(port), "--interval-ms", str(interval_ms)))
+        self._proc: subprocess.Popen | None = None
+        self.result: StreamResult | None = None
+
+    def start(self) -> None:
+        self._proc = proc = subprocess.Popen(self._argv, stdin=subprocess.DEVNULL,
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                             text=True)
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 10)
+        line = proc.stdout.readline() if ready else ""
+        if '"ready"' not in line:
+            self.stop()
+            raise KsbpfError(f"lab: probe stream did not start: {' '.join(self._argv)}")
+
+    def stop(self) -> StreamResult:
+        if self.result is not None:
+            return self.result
+        proc = self._proc
+        assert proc is not None, "stop() before start()"
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        try:
+            self.result = StreamResult(**json.loads(out.strip().splitlines()[-1]))
+        except (IndexError, ValueError, TypeError):
+            raise KsbpfError(f"lab: probe stream gave no counts (status {proc.returncode}): "
+                             f"{err.strip()}") from None
+        return self.result
+
+    def __enter__(self) -> ProbeStream:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# -- the far side -----------------------------------------------------------
+
+class _EchoServer:
+    """A socket in the server namespace served on a background thread."""
+
+    def __init__(self, lab: Lab, kind: int, host: str, port: int):
+        def make() -> socket.socket:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            s = socket.socket(family, kind)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+            return s
+
+        self._sock = netns.run_in(lab.server_path, make)
+        self.port: int = self._sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if select.select([self._sock], [], [], 0.05)[0]:
+                self._serve_one()
+
+    def _serve_one(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class TcpEchoServer(_EchoServer):
+    """Echoes every TCP connection back, in the server namespace.  The default
+    host "::" takes IPv4 and IPv6 on every address (tunnel and phy)."""
+
+    def __init__(self, lab: Lab, port: int = 0, host: str = "::"):
+        super().__init__(lab, socket.SOCK_STREAM, host, port)
+        self._sock.listen(16)
+        self.connections = 0
+
+    def _serve_one(self) -> None:
+        conn, _ = self._sock.accept()
+        self.connections += 1
+        threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            try:
+                while data := conn.recv(4096):
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+
+class UdpEchoServer(_EchoServer):
+    """Echoes every UDP datagram back, in the server namespace; counts them."""
+
+    def __init__(self, lab: Lab, port: int = 0, host: str = "::"):
+        super().__init__(lab, socket.SOCK_DGRAM, host, port)
+        self.received = 0
+
+    def _serve_one(self) -> None:
+        data, peer = self._sock.recvfrom(65535)
+        self.received += 1
+        try:
+            self._sock.sendto(data, peer)
+        except OSError:
+            pass
+
+
+# -- what leaks over the physical link --------------------------------------
+
+ETH_P_ALL, ETH_P_IP, ETH_P_IPV6 = 0x0003, 0x0800, 0x86DD
+SOL_PACKET, PACKET_STATISTICS, PACKET_OUTGOING = 263, 6, 4
+IPV6_EXT_HEADERS = {0, 43, 60}   # hop-by-hop, routing, destination options
+IPV6_FRAGMENT = 44
+ICMPV6_LINK_CONTROL = {130, 131, 132, 133, 134, 135, 136, 137, 143}  # MLD, ND
+PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
+
+
+@dataclass(frozen=True)
+class Packet:
+    proto: str
+    src: str
+    dst: str
+    dport: int | None
+
+
+def _parse(ethertype: int, data: bytes) -> tuple[Packet, int | None, int | None] | None:
+    """(packet, source port, ICMPv6 type) of an IPv4/IPv6 packet, else None."""
+    if ethertype == ETH_P_IP and len(data) >= 20:
+        family, proto, off = socket.AF_INET, data[9], (data[0] & 0x0F) * 4
+        src, dst = data[12:16], data[16:20]
+        first_fragment = struct.unpack("!H", data[6:8])[0] & 0x1FFF == 0
+    elif ethertype == ETH_P_IPV6 and len(data) >= 40:
+        family, proto, off = socket.AF_INET6, data[6], 40
+        src, dst = data[8:24], data[24:40]
+        first_fragment = True
+        while proto in IPV6_EXT_HEADERS | {IPV6_FRAGMENT} and len(data) >= off + 8:
+            if proto == IPV6_FRAGMENT:
+                first_fragment = struct.unpack("!H", data[off + 2:off + 4])[0] & 0xFFF8 == 0
+                proto, off = data[off], off + 8
+            else:
+                proto, off = data[off], off + (data[off + 1] + 1) * 8
+    else:
+        return None
+    sport = dport = icmp6_type = None
+    if first_fragment and proto in (6, 17) and len(data) >= off + 4:
+        sport, dport = struct.unpack("!HH", data[off:off + 4])
+    if first_fragment and proto == 58 and len(data) > off:
+        icmp6_type = data[off]
+    packet = Packet(PROTO_NAMES.get(proto, str(proto)), socket.inet_ntop(family, src),
+                    socket.inet_ntop(family, dst), dport)
+    return packet, sport, icmp6_type
+
+
+class Sniffer:
+    """Counts plaintext packets from the client arriving on the server's phy link.
+
+    A real capture (AF_PACKET on phy_server, in the server namespace) of IPv4
+    and IPv6 packets whose source is one of the client's phy addresses.  Not
+    counted: the WireGuard transport (UDP from or to wg_port; those are
+    counted in .wireguard instead, as proof the capture sees traffic) and
+    ICMPv6 neighbour discovery / MLD, which the kernel sends on its own.
+    Results are final after the `with` block (or stop()).
+    """
+
+    def __init__(self, lab: Lab):
+        self._lab = lab
+        self._client = {lab.phy4_client, lab.phy6_client}
+        self.count = 0
+        self.wireguard = 0
+        self.dropped = 0          # packets the kernel could not queue to us
+        self.packets: list[Packet] = []
+
+        def make() -> socket.socket:
+            # protocol 0 until bound: no packets from other interfaces sneak in
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, 8 << 20)
+            s.bind((lab.phy_server, ETH_P_ALL))
+            return s
+
+        self._sock = netns.run_in(lab.server_path, make)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if select.select([self._sock], [], [], 0.05)[0]:
+                self._drain()
+        self._drain()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                data, addr = self._sock.recvfrom(256, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            if addr[2] != PACKET_OUTGOING:
+                self._count(addr[1], data)
+
+    def _count(self, ethertype: int, data: bytes) -> None:
+        parsed = _parse(ethertype, data)
+        if parsed is None:
+            return
+        packet, sport, icmp6_type = parsed
+        if packet.src not in self._client or icmp6_type in ICMPV6_LINK_CONTROL:
+            return
+        if packet.proto == "udp" and self._lab.wg_port in (sport, packet.dport):
+            self.wireguard += 1
+            return
+        self.count += 1
+        self.packets.append(packet)
+
+    def stop(self, settle: float = 0.1) -> None:
+        """Wait `settle` s for packets in flight, read the rest, close."""
+        if self._stop.is_set():
+            return
+        time.sleep(settle)
+        self._stop.set()
+        self._thread.join()
+        stats = self._sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
+        self.dropped = struct.unpack("II", stats)[1]
+        self._sock.close()
+
+    def __enter__(self) -> Sniffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

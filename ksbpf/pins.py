@@ -1,0 +1,83 @@
+"""The BPF filesystem layout: where each protected scope's objects are pinned.
+
+    /sys/fs/bpf/ksbpf/cgroup/<cgroup-id>/{prog,tunnels,endpoints4,endpoints6,
+                                          lan4,lan6,counters,meta}
+
+<cgroup-id> is the kernel's id of the protected cgroup (the inode number of
+its directory, as `stat -c %i` shows).  The pins keep the maps alive after
+`ksbpf attach` exits; the attachment itself keeps the program running.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import shutil
+from contextlib import contextmanager
+from typing import Iterator
+
+from .errors import KsbpfError
+
+BPFFS = "/sys/fs/bpf"
+BPF_FS_MAGIC = 0xCAFE4A11
+LOCK_FILE = "/run/ksbpf.lock"
+
+
+def pin_root(bpffs: str = BPFFS) -> str:
+    return os.path.join(bpffs, "ksbpf")
+
+
+def scopes_dir(bpffs: str = BPFFS) -> str:
+    return os.path.join(pin_root(bpffs), "cgroup")
+
+
+def scope_dir(cgroup_id: int, bpffs: str = BPFFS) -> str:
+    return os.path.join(scopes_dir(bpffs), str(cgroup_id))
+
+
+def _is_bpffs(path: str) -> bool:
+    class Statfs(ctypes.Structure):
+        _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_char * 120)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = Statfs()
+    return libc.statfs(path.encode(), ctypes.byref(buf)) == 0 and buf.f_type == BPF_FS_MAGIC
+
+
+def ensure_bpffs(bpffs: str = BPFFS) -> bool:
+    """Mount the BPF filesystem at `bpffs` if it is not there; True if mounted now."""
+    if _is_bpffs(bpffs):
+        return False
+    os.makedirs(bpffs, exist_ok=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"bpf", bpffs.encode(), b"bpf", 0, None) != 0:
+        err = ctypes.get_errno()
+        raise KsbpfError(f"cannot mount the BPF filesystem at {bpffs}: {os.strerror(err)}",
+                         f"mount it yourself: mount -t bpf bpf {bpffs}")
+    return True
+
+
+def list_scope_dirs(bpffs: str = BPFFS) -> list[str]:
+    base = scopes_dir(bpffs)
+    if not os.path.isdir(base):
+        return []
+    return sorted((os.path.join(base, d) for d in os.listdir(base) if d.isdigit()),
+                  key=lambda p: int(os.path.basename(p)))
+
+
+def remove_dir(path: str) -> None:
+    """Unpin everything in a pin directory (bpffs supports unlink/rmdir)."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def locked(lock_file: str = LOCK_FILE) -> Iterator[None]:
+    """Serialise changes to pins and attachments between ksbpf processes."""
+    os.makedirs(os.path.dirname(lock_file), exist_ok=True)
+    with open(lock_file, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -1,0 +1,121 @@
+"""The policy model: what a protected scope allows, parsed and validated.
+
+A Policy says which tunnel interfaces (looked up in one network namespace)
+may carry the scope's traffic, which VPN endpoints (address + port +
+protocol) may be reached outside them, and which opt-in exceptions apply.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from dataclasses import asdict, dataclass, field
+from typing import Union
+
+from .errors import KsbpfError
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+PROTOCOLS = {"udp": socket.IPPROTO_UDP, "tcp": socket.IPPROTO_TCP}
+IFNAMSIZ = 16
+
+# --allow-lan: a FIXED list, never "whatever the current network says is
+# on-link" (TunnelCrack LocalNet hands out a public range as the LAN).
+LAN_RANGES = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16",
+    "224.0.0.0/24",        # IPv4 link-local multicast
+    "255.255.255.255/32",  # local broadcast
+    "fe80::/10", "fc00::/7",
+    "ff02::/16",           # IPv6 link-local multicast
+))
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A VPN server: traffic to exactly this address, port and protocol may
+    leave outside the tunnel (it carries the tunnel itself)."""
+
+    address: IPAddress
+    port: int
+    proto: str  # "udp" | "tcp"
+
+    def sort_key(self) -> tuple:
+        return (self.address.version, self.address.packed, self.port, self.proto)
+
+    @property
+    def proto_number(self) -> int:
+        return PROTOCOLS[self.proto]
+
+    def __str__(self) -> str:
+        host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
+        return f"{host}:{self.port}/{self.proto}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Endpoint":
+        """ADDR:PORT/udp|tcp, IPv6 as [ADDR]:PORT/udp."""
+        form = "write it as ADDR:PORT/udp (IPv6: [ADDR]:PORT/udp)"
+        raw = text.strip()
+        if "/" not in raw:
+            raise KsbpfError(f"endpoint {text!r} has no protocol", f"add /udp or /tcp: {form}")
+        hostport, proto = raw.rsplit("/", 1)
+        proto = proto.lower()
+        if proto not in PROTOCOLS:
+            raise KsbpfError(f"endpoint {text!r}: unknown protocol {proto!r}", "use udp or tcp")
+        if not hostport.startswith("[") and hostport.count(":") > 1:
+            raise KsbpfError(f"endpoint {text!r}: an IPv6 address needs brackets", form)
+        m = re.fullmatch(r"\[([^\]]+)\](?::(.*))?", hostport) or re.fullmatch(r"([^:\[\]]+)(?::(.*))?", hostport)
+        if not m:
+            raise KsbpfError(f"endpoint {text!r} is malformed", form)
+        host, port_text = m.group(1), m.group(2)
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise KsbpfError(f"endpoint {text!r}: {host!r} is not an IP address",
+                             "give the VPN server's IP address (names are not resolved: a DNS answer could redirect the exception)") from None
+        if port_text is None or port_text == "":
+            raise KsbpfError(f"endpoint {text!r} has no port", form)
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise KsbpfError(f"endpoint {text!r}: port {port_text!r} is not in 1-65535", form)
+        if address.is_unspecified or address.is_multicast:
+            raise KsbpfError(f"endpoint {text!r}: {address} cannot be a VPN server", "give the server's unicast address")
+        return cls(address, int(port_text), proto)
+
+
+@dataclass(frozen=True)
+class Options:
+    allow_lan: bool = False
+    allow_lan_dns: bool = False
+    allow_dhcp: bool = False
+
+
+@dataclass(frozen=True)
+class Policy:
+    tunnels: tuple[str, ...]
+    endpoints: tuple[Endpoint, ...] = ()
+    netns: str = ""  # where tunnel names are looked up: "" = the caller's namespace
+    options: Options = field(default_factory=Options)
+
+    def __post_init__(self) -> None:
+        if not self.tunnels:
+            raise KsbpfError("no tunnel interface given", "name the tunnel with --tunnel NAME (e.g. --tunnel wg0)")
+        for name in self.tunnels:
+            if not name or len(name) >= IFNAMSIZ or "/" in name or any(c.isspace() for c in name) or name in (".", ".."):
+                raise KsbpfError(f"{name!r} is not a valid interface name",
+                                 "give a name of 1-15 characters without '/' or spaces, as `ip link` shows it")
+        if len(set(self.tunnels)) != len(self.tunnels):
+            raise KsbpfError("the same tunnel is named twice", "name each tunnel once")
+        if self.options.allow_lan_dns and not self.options.allow_lan:
+            raise KsbpfError("--allow-lan-dns only widens --allow-lan", "add --allow-lan, or drop --allow-lan-dns")
+        object.__setattr__(self, "endpoints", tuple(sorted(set(self.endpoints), key=Endpoint.sort_key)))
+
+    @property
+    def lan_ranges(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return LAN_RANGES if self.options.allow_lan else ()
+
+    def to_dict(self) -> dict:
+        return {
+            "tunnels": list(self.tunnels),
+            "endpoints": [str(e) for e in self.endpoints],
+            "netns": self.netns,
+            "options": asdict(self.options),
+        }

@@ -1,0 +1,47 @@
+"""Why a packet was allowed or dropped: the Python mirror of enum ksbpf_reason.
+
+ebpf/ksbpf.h is the source of truth; tests/test_reasons.py checks that this
+enum agrees with it, name for name and value for value.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import IntEnum
+
+
+class Reason(IntEnum):
+    ALLOW_LOOPBACK = 0
+    ALLOW_TUNNEL = 1
+    ALLOW_ENDPOINT = 2
+    ALLOW_LAN = 3
+    ALLOW_DHCP = 4
+    DROP_NOT_TUNNEL = 5
+    DROP_ENDPOINT_MISMATCH = 6
+    DROP_LAN_DNS = 7
+    DROP_FRAGMENT = 8
+    DROP_MALFORMED = 9
+    DROP_NOT_IP = 10
+
+    @property
+    def allowed(self) -> bool:
+        return self < FIRST_DROP
+
+    @property
+    def label(self) -> str:
+        """Short lower-case name: 'tunnel', 'not_tunnel', ... (metrics, JSON)."""
+        return self.name.split("_", 1)[1].lower()
+
+
+FIRST_DROP = Reason.DROP_NOT_TUNNEL
+REASON_MAX = len(Reason)
+
+
+def parse_c_enum(header: str, enum: str = "ksbpf_reason", prefix: str = "KSBPF_") -> dict[str, int]:
+    """NAME -> value of `enum <enum> { ... }` in C source (explicit values only)."""
+    body = re.search(r"enum\s+" + enum + r"\s*\{(.*?)\}", header, re.S)
+    if not body:
+        raise ValueError(f"enum {enum} not found")
+    text = re.sub(r"/\*.*?\*/", "", body.group(1), flags=re.S)
+    return {m.group(1)[len(prefix):]: int(m.group(2), 0)
+            for m in re.finditer(r"(" + prefix + r"\w+)\s*=\s*(\w+)", text)}

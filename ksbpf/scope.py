@@ -1,0 +1,319 @@
+"""A protected scope: one cgroup v2 whose egress goes through ksbpf's policy.
+
+This module owns the life of a scope -- attach (make-before-break), detach,
+status -- and is shared by the CLI and the daemon.  The kernel is the only
+state: the attachment, plus the pins under /sys/fs/bpf/ksbpf (see pins.py).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from . import bpf, cgroup, libbpf, netns, pins, preflight
+from .errors import KsbpfError
+from .policy import Endpoint, Options, Policy
+from .reasons import Reason
+
+Progress = Callable[[str], None]
+EGRESS = libbpf.BPF_CGROUP_INET_EGRESS
+META_VERSION = 1
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+@contextmanager
+def _open_dir(path: str) -> Iterator[int]:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def ksbpf_programs(cg_fd: int, effective: bool = False) -> list[int]:
+    """IDs of ksbpf's programs attached to a cgroup's egress hook (effective:
+    also those inherited from its ancestors)."""
+    found = []
+    for prog_id in libbpf.prog_query(cg_fd, EGRESS, effective):
+        try:
+            fd = libbpf.prog_fd_by_id(prog_id)
+        except OSError:
+            continue  # detached meanwhile
+        try:
+            if libbpf.prog_info(fd).name == bpf.PROG_NAME:
+                found.append(prog_id)
+        finally:
+            os.close(fd)
+    return found
+
+
+def _detach_ids(cg_fd: int, prog_ids: list[int]) -> list[int]:
+    done = []
+    for prog_id in prog_ids:
+        try:
+            fd = libbpf.prog_fd_by_id(prog_id)
+        except OSError:
+            continue
+        try:
+            libbpf.prog_detach(fd, cg_fd, EGRESS)
+            done.append(prog_id)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+        finally:
+            os.close(fd)
+    return done
+
+
+@dataclass(frozen=True)
+class TunnelState:
+    name: str
+    netns: str
+    ifindex: int | None   # current ifindex in its namespace, None when absent
+    registered: bool      # the policy map allows exactly this interface
+
+    @property
+    def present(self) -> bool:
+        return self.ifindex is not None
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "netns": self.netns, "ifindex": self.ifindex,
+                "present": self.present, "registered": self.registered}
+
+
+@dataclass
+class AttachResult:
+    cgroup: str
+    cgroup_id: int
+    pin_dir: str
+    prog_id: int
+    replaced: list[int]
+    tunnels: list[TunnelState]
+    mounted_bpffs: bool
+
+    def to_dict(self) -> dict:
+        return {"cgroup": self.cgroup, "cgroup_id": self.cgroup_id, "pin_dir": self.pin_dir,
+                "prog_id": self.prog_id, "replaced_prog_ids": self.replaced,
+                "tunnels": [t.to_dict() for t in self.tunnels], "mounted_bpffs": self.mounted_bpffs}
+
+
+def _register_tunnels(maps: bpf.ScopeMaps, policy: Policy, ns: netns.Netns) -> list[TunnelState]:
+    cookie = netns.cookie(ns)
+    states = []
+    for index, name in enumerate(policy.tunnels):
+        ifindex = netns.ifindex(ns, name)
+        if ifindex is not None:
+            maps.add_tunnel(cookie, ifindex, index)
+        states.append(TunnelState(name, ns.label, ifindex, ifindex is not None))
+    return states
+
+
+def attach(cgroup_path: str, policy: Policy, progress: Progress = _quiet,
+           bpffs: str = pins.BPFFS) -> AttachResult:
+    """Protect a cgroup with `policy`.  If it is already protected, the new
+    program is attached before the old one is detached: during the swap both
+    run and a packet must pass both, so there is no unprotected moment."""
+    bcc = preflight.require_all()
+    cg = cgroup.resolve(cgroup_path)
+    ns = netns.resolve(policy.netns)
+
+    with pins.locked():
+        progress("compiling and loading the policy program (bcc)")
+        prog = bpf.load(bcc, policy.options, len(policy.endpoints))
+        try:
+            tunnels = _register_tunnels(prog.maps, policy, ns)
+            for ep in policy.endpoints:
+                prog.maps.add_endpoint(ep)
+            prog.maps.add_lan(policy.lan_ranges)
+            prog.maps.write_meta({
+                "version": META_VERSION, "cgroup": cg.path, "cgroup_id": cg.id,
+                "tunnels": list(policy.tunnels),
+                "netns": {"spec": ns.spec, "path": ns.path, "inode": ns.inode},
+                "options": policy.to_dict()["options"], "attached_at": time.time(),
+            })
+            mounted = pins.ensure_bpffs(bpffs)
+            final = pins.scope_dir(cg.id, bpffs)
+            staging = final + "_new"  # bpffs refuses names with dots
+            pins.remove_dir(staging)  # left over by a crash
+            progress(f"pinning maps under {final}")
+            prog.pin(staging)
+            prog_id = libbpf.prog_info(prog.prog_fd).id
+            with _open_dir(cg.path) as cg_fd:
+                old = ksbpf_programs(cg_fd)
+                try:
+                    libbpf.prog_attach(prog.prog_fd, cg_fd, EGRESS, libbpf.BPF_F_ALLOW_MULTI)
+                except OSError as exc:
+                    pins.remove_dir(staging)
+                    raise KsbpfError(
+                        f"cannot attach to {cg.path}: {exc.strerror} (another tool may hold its egress hook without multi-attach)",
+                        "check `bpftool cgroup show " + cg.path + "`; ksbpf attaches with BPF_F_ALLOW_MULTI") from None
+                progress(f"attached program {prog_id} to {cg.path}" + (f"; detaching the previous program {old}" if old else ""))
+                replaced = _detach_ids(cg_fd, old)
+            pins.remove_dir(final)
+            os.rename(staging, final)
+        finally:
+            prog.close()
+    return AttachResult(cg.path, cg.id, final, prog_id, replaced, tunnels, mounted)
+
+
+@dataclass
+class DetachResult:
+    cgroup: str | None
+    detached_prog_ids: list[int] = field(default_factory=list)
+    removed_pins: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"cgroup": self.cgroup, "detached_prog_ids": self.detached_prog_ids,
+                "removed_pins": self.removed_pins}
+
+
+def _meta_cgroup(pin_dir: str) -> str | None:
+    try:
+        with bpf.ScopeMaps.from_pins(pin_dir) as maps:
+            return maps.read_meta().get("cgroup")
+    except (OSError, KsbpfError, ValueError):
+        return None
+
+
+def detach(cgroup_path: str, bpffs: str = pins.BPFFS) -> DetachResult:
+    """Remove ksbpf from one cgroup: its programs and pins.  Idempotent: a
+    cgroup that is gone or unprotected is fine (stale pins are removed)."""
+    preflight.require_root()
+    real = os.path.realpath(cgroup_path)
+    result = DetachResult(real)
+    with pins.locked():
+        if os.path.exists(real):
+            cg = cgroup.resolve(real)
+            with _open_dir(cg.path) as cg_fd:
+                result.detached_prog_ids = _detach_ids(cg_fd, ksbpf_programs(cg_fd))
+        for d in pins.list_scope_dirs(bpffs):
+            if _meta_cgroup(d) == real:
+                pins.remove_dir(d)
+                result.removed_pins.append(d)
+    return result
+
+
+def detach_all(bpffs: str = pins.BPFFS, progress: Progress = _quiet) -> DetachResult:
+    """The escape hatch: every ksbpf program on every cgroup, and every pin."""
+    preflight.require_root()
+    result = DetachResult(None)
+    with pins.locked():
+        for root in cgroup.cgroup2_mounts():
+            progress(f"scanning cgroups under {root}")
+            for path in cgroup.walk(root):
+                try:
+                    with _open_dir(path) as cg_fd:
+                        result.detached_prog_ids += _detach_ids(cg_fd, ksbpf_programs(cg_fd))
+                except FileNotFoundError:
+                    continue  # removed while we walked
+        root = pins.pin_root(bpffs)
+        if os.path.isdir(root):
+            result.removed_pins = pins.list_scope_dirs(bpffs)
+            pins.remove_dir(root)
+    return result
+
+
+@dataclass
+class ScopeStatus:
+    cgroup: str
+    cgroup_id: int
+    pin_dir: str
+    prog_id: int | None
+    attached: bool
+    tunnels: list[TunnelState]
+    endpoints: list[Endpoint]
+    options: Options
+    counters: dict[Reason, tuple[int, int]]
+    attached_at: float | None
+    problems: list[str]
+
+    @property
+    def dropped_packets(self) -> int:
+        return sum(p for r, (p, _b) in self.counters.items() if not r.allowed)
+
+    def to_dict(self) -> dict:
+        return {
+            "cgroup": self.cgroup, "cgroup_id": self.cgroup_id, "pin_dir": self.pin_dir,
+            "prog_id": self.prog_id, "attached": self.attached,
+            "tunnels": [t.to_dict() for t in self.tunnels],
+            "endpoints": [str(e) for e in self.endpoints],
+            "options": vars(self.options).copy(),
+            "counters": {r.label: {"allowed": r.allowed, "packets": p, "bytes": b}
+                         for r, (p, b) in self.counters.items()},
+            "dropped_packets": self.dropped_packets,
+            "attached_at": self.attached_at, "problems": self.problems,
+        }
+
+
+def _tunnel_states(meta: dict, entries: list[bpf.TunnelEntry], problems: list[str]) -> list[TunnelState]:
+    spec = meta.get("netns", {})
+    label = spec.get("spec") or "(caller's)"
+    path, inode = spec.get("path", ""), spec.get("inode")
+    ns: netns.Netns | None = None
+    try:
+        if os.stat(path).st_ino == inode:
+            ns = netns.Netns(spec.get("spec", ""), path, inode)
+        else:
+            problems.append(f"network namespace {label} is not the one the scope was attached in")
+    except OSError:
+        problems.append(f"network namespace {label} no longer exists")
+    registered = {(e.index, e.ifindex) for e in entries}
+    states = []
+    for index, name in enumerate(meta.get("tunnels", [])):
+        ifindex = netns.ifindex(ns, name) if ns else None
+        states.append(TunnelState(name, label, ifindex, (index, ifindex) in registered))
+    return states
+
+
+def read_scope(pin_dir: str) -> ScopeStatus:
+    problems: list[str] = []
+    with bpf.ScopeMaps.from_pins(pin_dir) as maps:
+        meta = maps.read_meta()
+        entries = maps.tunnels()
+        endpoints = maps.endpoints()
+        counters = maps.counters()
+    prog_id = None
+    try:
+        fd = libbpf.obj_get(os.path.join(pin_dir, "prog"))
+        try:
+            prog_id = libbpf.prog_info(fd).id
+        finally:
+            os.close(fd)
+    except OSError:
+        problems.append("program pin missing")
+    cg_path, cg_id = meta.get("cgroup", "?"), int(os.path.basename(pin_dir))
+    attached = False
+    try:
+        if os.stat(cg_path).st_ino != cg_id:
+            problems.append("the cgroup was removed and re-created: this scope protects nothing (run `ksbpf detach`)")
+        else:
+            with _open_dir(cg_path) as cg_fd:
+                attached = prog_id in libbpf.prog_query(cg_fd, EGRESS)
+            if not attached:
+                problems.append("the program is not attached to the cgroup")
+    except OSError:
+        problems.append("the cgroup no longer exists (run `ksbpf detach` to remove the pins)")
+    return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached,
+                       _tunnel_states(meta, entries, problems), endpoints,
+                       Options(**meta.get("options", {})), counters, meta.get("attached_at"), problems)
+
+
+def status(bpffs: str = pins.BPFFS) -> list[ScopeStatus]:
+    preflight.require_root()
+    return [read_scope(d) for d in pins.list_scope_dirs(bpffs)]
+
+
+def require_protected(cg: cgroup.Cgroup) -> None:
+    """Refuse unless ksbpf's program is in force for the cgroup (attached to it or an ancestor)."""
+    with _open_dir(cg.path) as cg_fd:
+        if ksbpf_programs(cg_fd, effective=True):
+            return
+    raise KsbpfError(f"{cg.path} is not protected by ksbpf",
+                     f"protect it first: ksbpf attach --cgroup {cg.path} --tunnel NAME")
