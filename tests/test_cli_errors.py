@@ -1,0 +1,208 @@
+"""Bad input: one line naming the problem and the fix, a non-zero exit, and
+no change to the system (no pins, no attachment)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from ksbpf import cgroup, cli, libbpf, pins, preflight, scope
+
+pytestmark = pytest.mark.root
+KSBPF = [sys.executable, "-m", "ksbpf.cli"]
+
+
+def system_state(cg_path: str) -> tuple:
+    """What an attach would change: pin directories and the cgroup's programs."""
+    fd = os.open(cg_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        progs = tuple(libbpf.prog_query(fd, libbpf.BPF_CGROUP_INET_EGRESS))
+    finally:
+        os.close(fd)
+    root = pins.pin_root()
+    pinned = tuple(sorted(os.listdir(root))) if os.path.isdir(root) else ()
+    return pinned, tuple(pins.list_scope_dirs()), progs
+
+
+def ksbpf(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(KSBPF + list(args), capture_output=True, text=True, timeout=60, **kw)
+
+
+def assert_one_line_error(proc, *needles: str):
+    assert proc.returncode != 0, proc
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("ksbpf: error: ")
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture
+def cg(make_cgroup):
+    return make_cgroup()
+
+
+def v1_cgroup_dir() -> str | None:
+    with open("/proc/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == "cgroup":
+                return fields[1]
+    return None
+
+
+def test_missing_cgroup_path(cg):
+    before = system_state(cg)
+    proc = ksbpf("attach", "--cgroup", cg + "-missing", "--tunnel", "wg0")
+    assert_one_line_error(proc, "does not exist", "mkdir")
+    assert system_state(cg) == before
+
+
+def test_plain_file_is_not_a_cgroup(cg, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    before = system_state(cg)
+    assert_one_line_error(ksbpf("attach", "--cgroup", str(f), "--tunnel", "wg0"), "not a directory")
+    assert system_state(cg) == before
+
+
+def test_other_directory_is_not_a_cgroup(cg, tmp_path):
+    before = system_state(cg)
+    assert_one_line_error(ksbpf("attach", "--cgroup", str(tmp_path), "--tunnel", "wg0"),
+                          "not a cgroup v2 directory", cgroup.cgroup2_root())
+    assert system_state(cg) == before
+
+
+def test_cgroup_v1_path_is_refused(cg):
+    v1 = v1_cgroup_dir()
+    if v1 is None:
+        pytest.skip("no cgroup v1 hierarchy mounted on this machine")
+    before = system_state(cg)
+    assert_one_line_error(ksbpf("attach", "--cgroup", v1, "--tunnel", "wg0"), "not a cgroup v2 directory")
+    assert system_state(cg) == before
+
+
+@pytest.mark.parametrize("endpoint,says", [
+    ("203.0.113.999:51820/udp", "not an IP address"),
+    ("vpn.example.com:51820/udp", "not an IP address"),
+    ("203.0.113.5:0/udp", "1-65535"),
+    ("203.0.113.5:65536/udp", "1-65535"),
+    ("203.0.113.5:51820/sctp", "unknown protocol"),
+    ("203.0.113.5/udp", "no port"),
+    ("2001:db8::5:51820/udp", "brackets"),
+])
+def test_malformed_endpoint(cg, endpoint, says):
+    before = system_state(cg)
+    assert_one_line_error(ksbpf("attach", "--cgroup", cg, "--tunnel", "wg0", "--endpoint", endpoint), says)
+    assert system_state(cg) == before
+
+
+def test_unknown_netns(cg, tag):
+    before = system_state(cg)
+    assert_one_line_error(ksbpf("attach", "--cgroup", cg, "--tunnel", "wg0", "--netns", f"nope-{tag}"),
+                          "does not exist", "ip netns list")
+    assert system_state(cg) == before
+
+
+def test_netns_path_that_is_not_a_namespace(cg, tmp_path):
+    f = tmp_path / "ns"
+    f.write_text("")
+    before = system_state(cg)
+    assert_one_line_error(ksbpf("attach", "--cgroup", cg, "--tunnel", "wg0", "--netns", str(f)), "not a namespace")
+    assert system_state(cg) == before
+
+
+def test_lan_dns_without_lan(cg):
+    before = system_state(cg)
+    assert_one_line_error(ksbpf("attach", "--cgroup", cg, "--tunnel", "wg0", "--allow-lan-dns"), "--allow-lan")
+    assert system_state(cg) == before
+
+
+def test_non_root_caller(cg):
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv (util-linux) is not installed")
+    before = system_state(cg)
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *KSBPF,
+                           "attach", "--cgroup", cg, "--tunnel", "wg0"],
+                          capture_output=True, text=True, timeout=60, cwd="/")
+    assert_one_line_error(proc, "must run as root", "sudo")
+    assert system_state(cg) == before
+
+
+def test_exec_refuses_unprotected_cgroup(cg):
+    assert_one_line_error(ksbpf("exec", "--cgroup", cg, "--", "true"), "not protected", "ksbpf attach")
+    with open(os.path.join(cg, "cgroup.procs")) as f:
+        assert f.read().strip() == ""
+
+
+def test_detach_needs_exactly_one_target():
+    proc = ksbpf("detach")
+    assert proc.returncode == 2 and "exactly one of --cgroup PATH or --all" in proc.stderr
+    proc = ksbpf("detach", "--all", "--cgroup", "/x")
+    assert proc.returncode == 2
+
+
+# The host's kernel, bcc and headers are fine here, so their absence is
+# simulated where ksbpf looks for them; everything else is real.
+def run_attach_in_process(cg_path: str):
+    return CliRunner().invoke(cli.main, ["attach", "--cgroup", cg_path, "--tunnel", "wg0"])
+
+
+def assert_in_process_error(result, *needles: str):
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    out = result.stderr.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("ksbpf: error: "), result.stderr
+    for n in needles:
+        assert n in out[0]
+
+
+def test_bcc_missing(cg, monkeypatch):
+    monkeypatch.setattr(preflight, "BCC_MODULE", "ksbpf_no_such_bcc_module")
+    before = system_state(cg)
+    assert_in_process_error(run_attach_in_process(cg), "python3-bpfcc", "make setup")
+    assert system_state(cg) == before
+
+
+def test_kernel_headers_missing(cg, monkeypatch, tmp_path):
+    monkeypatch.setattr(preflight, "MODULES_DIR", str(tmp_path))
+    monkeypatch.setattr(preflight, "KHEADERS", str(tmp_path / "kheaders.tar.xz"))
+    before = system_state(cg)
+    assert_in_process_error(run_attach_in_process(cg), "kernel headers", "make setup")
+    assert system_state(cg) == before
+
+
+def test_kernel_without_cgroup_bpf(cg, monkeypatch):
+    monkeypatch.setattr(libbpf, "probe_prog_type", lambda _t: False)
+    before = system_state(cg)
+    assert_in_process_error(run_attach_in_process(cg), "cannot load cgroup_skb", "CONFIG_CGROUP_BPF")
+    assert system_state(cg) == before
+
+
+def test_kernel_without_netns_cookie(cg, monkeypatch):
+    monkeypatch.setattr(libbpf, "probe_helper", lambda _t, _h: False)
+    before = system_state(cg)
+    assert_in_process_error(run_attach_in_process(cg), "bpf_get_netns_cookie")
+    assert system_state(cg) == before
+
+
+def test_cgroup2_found_from_proc_mounts(tmp_path):
+    mounts = tmp_path / "mounts"
+    mounts.write_text("cgroup2 /custom/place\\040x cgroup2 rw 0 0\nproc /proc proc rw 0 0\n")
+    assert cgroup.cgroup2_mounts(str(mounts)) == ["/custom/place x"]
+    mounts.write_text("proc /proc proc rw 0 0\n")
+    with pytest.raises(Exception, match="no cgroup v2 hierarchy is mounted"):
+        cgroup.cgroup2_root(str(mounts))
+
+
+def test_detach_is_idempotent(cg):
+    proc = ksbpf("detach", "--cgroup", cg)
+    assert proc.returncode == 0 and "nothing to remove" in proc.stdout
+    proc = ksbpf("detach", "--cgroup", cg + "-never-existed")
+    assert proc.returncode == 0

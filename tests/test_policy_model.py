@@ -1,0 +1,78 @@
+"""Parsing and validating what the user types."""
+
+import ipaddress
+
+import pytest
+
+from ksbpf.errors import KsbpfError
+from ksbpf.policy import Endpoint, Options, Policy
+
+
+@pytest.mark.parametrize("text,address,port,proto", [
+    ("203.0.113.5:51820/udp", "203.0.113.5", 51820, "udp"),
+    ("203.0.113.5:443/TCP", "203.0.113.5", 443, "tcp"),
+    ("[2001:db8::5]:51820/udp", "2001:db8::5", 51820, "udp"),
+    (" 198.51.100.1:1/udp ", "198.51.100.1", 1, "udp"),
+    ("198.51.100.1:65535/tcp", "198.51.100.1", 65535, "tcp"),
+])
+def test_endpoint_parse(text, address, port, proto):
+    ep = Endpoint.parse(text)
+    assert (ep.address, ep.port, ep.proto) == (ipaddress.ip_address(address), port, proto)
+    assert Endpoint.parse(str(ep)) == ep
+
+
+@pytest.mark.parametrize("text,says", [
+    ("203.0.113.5:0/udp", "not in 1-65535"),
+    ("203.0.113.5:65536/udp", "not in 1-65535"),
+    ("203.0.113.5:-1/udp", "not in 1-65535"),
+    ("203.0.113.5:abc/udp", "not in 1-65535"),
+    ("203.0.113.5/udp", "has no port"),
+    ("203.0.113.5:/udp", "has no port"),
+    ("203.0.113.5:51820", "has no protocol"),
+    ("203.0.113.5:51820/icmp", "unknown protocol"),
+    ("203.0.113.5:51820/", "unknown protocol"),
+    ("vpn.example.com:51820/udp", "is not an IP address"),
+    ("203.0.113.256:51820/udp", "is not an IP address"),
+    ("2001:db8::5:51820/udp", "needs brackets"),
+    ("[2001:db8::zz]:51820/udp", "is not an IP address"),
+    ("0.0.0.0:51820/udp", "cannot be a VPN server"),
+    ("[ff02::1]:51820/udp", "cannot be a VPN server"),
+])
+def test_endpoint_errors(text, says):
+    with pytest.raises(KsbpfError) as err:
+        Endpoint.parse(text)
+    assert says in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_policy_requires_a_tunnel():
+    with pytest.raises(KsbpfError, match="no tunnel"):
+        Policy(())
+
+
+@pytest.mark.parametrize("name", ["", "a" * 16, "wg/0", "wg 0", ".."])
+def test_policy_rejects_bad_interface_names(name):
+    with pytest.raises(KsbpfError, match="not a valid interface name"):
+        Policy((name,))
+
+
+def test_policy_rejects_duplicate_tunnels():
+    with pytest.raises(KsbpfError, match="twice"):
+        Policy(("wg0", "wg0"))
+
+
+def test_lan_dns_needs_lan():
+    with pytest.raises(KsbpfError, match="--allow-lan-dns"):
+        Policy(("wg0",), options=Options(allow_lan_dns=True))
+
+
+def test_policy_dedups_and_orders_endpoints():
+    a, b = Endpoint.parse("[2001:db8::5]:1/udp"), Endpoint.parse("203.0.113.5:1/udp")
+    p = Policy(("wg0",), (a, b, a))
+    assert p.endpoints == (b, a)
+    assert p.to_dict()["endpoints"] == ["203.0.113.5:1/udp", "[2001:db8::5]:1/udp"]
+
+
+def test_lan_ranges_only_with_allow_lan():
+    assert Policy(("wg0",)).lan_ranges == ()
+    assert Policy(("wg0",), options=Options(allow_lan=True)).lan_ranges

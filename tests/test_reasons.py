@@ -1,0 +1,46 @@
+"""The C header is the source of truth for reasons and map layouts; the
+Python mirror must agree with it exactly."""
+
+import re
+
+from ksbpf import bpf
+from ksbpf.reasons import FIRST_DROP, REASON_MAX, Reason, parse_c_enum
+
+
+def header() -> str:
+    with open(bpf.ebpf_dir() + "/ksbpf.h") as f:
+        return f.read()
+
+
+def define(name: str) -> str:
+    m = re.search(r"#define\s+" + name + r"\s+(\S+)", header())
+    assert m, name
+    return m.group(1)
+
+
+def test_reason_enum_matches_header():
+    c_enum = parse_c_enum(header())
+    assert c_enum.pop("REASON_MAX") == REASON_MAX == len(Reason)
+    assert c_enum == {r.name: r.value for r in Reason}
+
+
+def test_first_drop_matches_header():
+    assert define("KSBPF_FIRST_DROP") == "KSBPF_" + FIRST_DROP.name
+    assert all(r.allowed == (r.name.startswith("ALLOW_")) for r in Reason)
+
+
+def test_map_constants_match_header():
+    assert int(define("KSBPF_META_SIZE")) == bpf.META_SIZE
+    assert int(define("KSBPF_EP_EXACT")) == bpf.EP_EXACT
+    assert int(define("KSBPF_EP_ADDRESS")) == bpf.EP_ADDRESS
+
+
+def test_labels_are_unique_and_short():
+    labels = [r.label for r in Reason]
+    assert len(set(labels)) == len(labels)
+    assert "not_tunnel" in labels and "tunnel" in labels
+
+
+def test_parse_c_enum_ignores_comments():
+    text = "enum ksbpf_reason { KSBPF_A = 0, /* KSBPF_B = 9 */ KSBPF_C = 0x2, };"
+    assert parse_c_enum(text) == {"A": 0, "C": 2}
