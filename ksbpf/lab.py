@@ -11,8 +11,13 @@ namespace (the far side) only know each other.
                 2001:db8:100:N::1/64                   2001:db8:100:N::2/64
 
 The client is always .1 / ::1, the server .2 / ::2.  The tunnel runs over
-IPv4 to the server's UDP port `wg_port`.  There are no default routes: each
-side reaches the other's addresses on the directly connected link only.
+IPv4 to the server's UDP port `wg_port`.
+
+The server also holds an "internet" address on its loopback (net4_server
+203.0.113.N, net6_server 2001:db8:ffff:N::80) that the client reaches
+through its default routes, like a real VPN client: through the tunnel
+(metric 10) while it exists, otherwise through the physical link (metric
+100).  That fallback is where route-based kill switches leak.
 
 Also here: `probe` (one connection attempt from a process in a cgroup and the
 client namespace), `ProbeStream` (a steady flow of UDP datagrams), echo
@@ -36,7 +41,8 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Self
+from functools import partial
+from typing import Callable, Self
 
 from . import netns
 from .errors import KsbpfError
@@ -53,7 +59,7 @@ def _run(*cmd: str, input: str | None = None) -> str:
     return proc.stdout
 
 
-def _wait(cond, timeout: float, what: str, interval: float = 0.02) -> None:
+def _wait(cond: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
@@ -82,6 +88,8 @@ class Lab:
     tun4_server: str = field(init=False)
     tun6_client: str = field(init=False)
     tun6_server: str = field(init=False)
+    net4_server: str = field(init=False)  # "the internet", behind the server
+    net6_server: str = field(init=False)
     _wg: dict[str, subprocess.Popen] = field(init=False, repr=False, default_factory=dict)
     _keydir: str | None = field(init=False, repr=False, default=None)
 
@@ -96,6 +104,7 @@ class Lab:
         self.phy6_client, self.phy6_server = f"2001:db8:{n}::1", f"2001:db8:{n}::2"
         self.tun4_client, self.tun4_server = f"100.64.{n}.1", f"100.64.{n}.2"
         self.tun6_client, self.tun6_server = f"2001:db8:100:{n}::1", f"2001:db8:100:{n}::2"
+        self.net4_server, self.net6_server = f"203.0.113.{n}", f"2001:db8:ffff:{n}::80"
 
     @property
     def endpoint4(self) -> str:
@@ -117,8 +126,11 @@ class Lab:
 
     def create(self) -> None:
         """Namespaces, the veth pair, loopback, addresses.  Undone on failure."""
+        c, s = self.client_ns, self.server_ns
+        for name in (c, s):
+            if os.path.exists(os.path.join(netns.NETNS_RUN_DIR, name)):
+                raise KsbpfError(f"lab: namespace {name} already exists", "use another tag")
         try:
-            c, s = self.client_ns, self.server_ns
             _run("ip", "netns", "add", c)
             _run("ip", "netns", "add", s)
             # created inside the client namespace, peer moved straight into the server's
@@ -130,12 +142,22 @@ class Lab:
                 _run("ip", "-n", ns, "addr", "add", f"{a4}/24", "dev", dev)
                 _run("ip", "-n", ns, "addr", "add", f"{a6}/64", "dev", dev, "nodad")
                 _run("ip", "-n", ns, "link", "set", dev, "up")
+            _run("ip", "-n", s, "addr", "add", f"{self.net4_server}/32", "dev", "lo")
+            _run("ip", "-n", s, "addr", "add", f"{self.net6_server}/128", "dev", "lo")
+            for family, via in (("-4", self.phy4_server), ("-6", self.phy6_server)):
+                _run("ip", "-n", c, family, "route", "add", "default", "via", via,
+                     "dev", self.phy_client, "metric", "100")
+            # Measured: without this wait the server ignores the client's first IPv6
+            # neighbour solicitation and the first connection over phy6 takes 1 s more
+            for ns, dev in ((c, self.phy_client), (s, self.phy_server)):
+                _wait(partial(_is_up, ns, dev), 5, f"{dev} to be operationally up")
         except BaseException:
             self.destroy()
             raise
 
     def tunnel_up(self) -> None:
-        """Start the tunnel (again, after tunnel_down) and wait until it carries pings."""
+        """Start the tunnel (again, after tunnel_down) and wait until it carries
+        IPv4 and IPv6 pings.  The server end keeps running across tunnel_down."""
         if self._keydir is None:
             self._keydir = tempfile.mkdtemp(prefix=f"ksbpf-lab-{self.tag}-")
             for side in ("client", "server"):
@@ -152,8 +174,12 @@ class Lab:
                            "client", "server", (),
                            ("endpoint", f"{self.phy4_server}:{self.wg_port}",
                             "persistent-keepalive", "1"))
+            for family in ("-4", "-6"):
+                _run("ip", "-n", self.client_ns, family, "route", "add", "default",
+                     "dev", self.wg_client, "metric", "10")
         for dst in (self.tun4_server, self.tun6_server):
-            _wait(lambda: self._ping(dst), TUNNEL_TIMEOUT, f"a ping to {dst} through {self.wg_client}")
+            _wait(partial(self._ping, dst), TUNNEL_TIMEOUT,
+                  f"a ping to {dst} through {self.wg_client}")
 
     def tunnel_down(self) -> None:
         """Remove the client's tunnel interface (its wireguard-go exits with it)."""
@@ -161,10 +187,9 @@ class Lab:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=5)
-        if netns.ifindex(netns.resolve(self.client_path), self.wg_client) is not None:
+        if not self._client_link_gone():
             _run("ip", "-n", self.client_ns, "link", "del", self.wg_client)
-        _wait(lambda: netns.ifindex(netns.resolve(self.client_path), self.wg_client) is None,
-              5, f"{self.wg_client} to disappear")
+        _wait(self._client_link_gone, 5, f"{self.wg_client} to disappear")
 
     def destroy(self) -> None:
         """Remove everything the lab made.  Safe to call more than once."""
@@ -173,7 +198,7 @@ class Lab:
         pids = {int(p) for n in names
                 for p in subprocess.run(["ip", "netns", "pids", n], capture_output=True,
                                         text=True).stdout.split()}
-        _kill(pids)
+        _kill(pids | {proc.pid for proc in self._wg.values()})
         for proc in self._wg.values():
             proc.wait()
         self._wg.clear()
@@ -228,6 +253,9 @@ class Lab:
         _run("ip", "-n", ns, "addr", "add", f"{addr6}/64", "dev", ifname, "nodad")
         _run("ip", "-n", ns, "link", "set", ifname, "up")
 
+    def _client_link_gone(self) -> bool:
+        return netns.ifindex(netns.resolve(self.client_path), self.wg_client) is None
+
     def _ping(self, dst: str) -> bool:
         return subprocess.run(["ip", "netns", "exec", self.client_ns, "ping", "-n", "-q",
                                "-c1", "-W0.2", dst], capture_output=True).returncode == 0
@@ -243,6 +271,11 @@ def new_lab(prefix: str = "ksbpf") -> Lab:
                  os.path.join(WG_RUN_DIR, f"{lab.wg_server}.sock")]
         if not any(os.path.exists(p) for p in taken):
             return lab
+
+
+def _is_up(ns: str, dev: str) -> bool:
+    link = json.loads(_run("ip", "-n", ns, "-j", "link", "show", "dev", dev))[0]
+    return link["operstate"] == "UP"
 
 
 def _alive(pid: int) -> bool:
@@ -338,10 +371,11 @@ class ProbeStream:
                                              text=True)
         assert proc.stdout is not None
         ready, _, _ = select.select([proc.stdout], [], [], 10)
-        line = proc.stdout.readline() if ready else ""
-        if '"ready"' not in line:
-            self.stop()
-            raise KsbpfError(f"lab: probe stream did not start: {' '.join(self._argv)}")
+        if '"ready"' not in (proc.stdout.readline() if ready else ""):
+            proc.kill()
+            _, err = proc.communicate()
+            raise KsbpfError(f"lab: probe stream {' '.join(self._argv)} did not start: "
+                             f"{err.strip()}")
 
     def stop(self) -> StreamResult:
         if self.result is not None:
@@ -382,6 +416,8 @@ class _EchoServer:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((host, port))
+            if kind == socket.SOCK_STREAM:
+                s.listen(16)
             return s
 
         self._sock = netns.run_in(lab.server_path, make)
@@ -415,9 +451,8 @@ class TcpEchoServer(_EchoServer):
     host "::" takes IPv4 and IPv6 on every address (tunnel and phy)."""
 
     def __init__(self, lab: Lab, port: int = 0, host: str = "::"):
-        super().__init__(lab, socket.SOCK_STREAM, host, port)
-        self._sock.listen(16)
         self.connections = 0
+        super().__init__(lab, socket.SOCK_STREAM, host, port)
 
     def _serve_one(self) -> None:
         conn, _ = self._sock.accept()
@@ -435,18 +470,37 @@ class TcpEchoServer(_EchoServer):
                 pass
 
 
+IP_PKTINFO = 8  # not exported by Python's socket module
+
+
 class UdpEchoServer(_EchoServer):
-    """Echoes every UDP datagram back, in the server namespace; counts them."""
+    """Echoes every UDP datagram back, in the server namespace; counts them.
+    Replies come from the address the datagram was sent to (the client's
+    socket is connected), whichever of the server's addresses that is."""
 
     def __init__(self, lab: Lab, port: int = 0, host: str = "::"):
-        super().__init__(lab, socket.SOCK_DGRAM, host, port)
         self.received = 0
+        super().__init__(lab, socket.SOCK_DGRAM, host, port)
+        self._sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        if self._sock.family == socket.AF_INET6:
+            self._sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
 
     def _serve_one(self) -> None:
-        data, peer = self._sock.recvfrom(65535)
+        data, ancillary, _flags, peer = self._sock.recvmsg(65535, 256)
         self.received += 1
+        reply = []
+        for level, kind, cdata in ancillary:
+            if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO:
+                reply = [(level, kind, cdata[:16] + b"\0\0\0\0")]
+            elif level == socket.IPPROTO_IP and kind == IP_PKTINFO:
+                local4 = cdata[8:12]  # in_pktinfo.ipi_addr: the datagram's destination
+                if self._sock.family == socket.AF_INET6:
+                    reply = [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO,
+                              b"\0" * 10 + b"\xff\xff" + local4 + b"\0\0\0\0")]
+                else:
+                    reply = [(level, kind, b"\0\0\0\0" + local4 + b"\0\0\0\0")]
         try:
-            self._sock.sendto(data, peer)
+            self._sock.sendmsg([data], reply, 0, peer)
         except OSError:
             pass
 
@@ -455,6 +509,7 @@ class UdpEchoServer(_EchoServer):
 
 ETH_P_ALL, ETH_P_IP, ETH_P_IPV6 = 0x0003, 0x0800, 0x86DD
 SOL_PACKET, PACKET_STATISTICS, PACKET_OUTGOING = 263, 6, 4
+SO_RCVBUFFORCE = 33
 IPV6_EXT_HEADERS = {0, 43, 60}   # hop-by-hop, routing, destination options
 IPV6_FRAGMENT = 44
 ICMPV6_LINK_CONTROL = {130, 131, 132, 133, 134, 135, 136, 137, 143}  # MLD, ND
@@ -509,7 +564,7 @@ class Sniffer:
     """
 
     def __init__(self, lab: Lab):
-        self._lab = lab
+        self._wg_port = lab.wg_port
         self._client = {lab.phy4_client, lab.phy6_client}
         self.count = 0
         self.wireguard = 0
@@ -519,7 +574,7 @@ class Sniffer:
         def make() -> socket.socket:
             # protocol 0 until bound: no packets from other interfaces sneak in
             s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, 8 << 20)
+            s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
             s.bind((lab.phy_server, ETH_P_ALL))
             return s
 
@@ -550,7 +605,7 @@ class Sniffer:
         packet, sport, icmp6_type = parsed
         if packet.src not in self._client or icmp6_type in ICMPV6_LINK_CONTROL:
             return
-        if packet.proto == "udp" and self._lab.wg_port in (sport, packet.dport):
+        if packet.proto == "udp" and self._wg_port in (sport, packet.dport):
             self.wireguard += 1
             return
         self.count += 1

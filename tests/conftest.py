@@ -13,6 +13,7 @@ import uuid
 import pytest
 
 from ksbpf import cgroup, netns, scope
+from ksbpf.lab import Lab, TcpEchoServer, UdpEchoServer, new_lab
 
 
 def pytest_collection_modifyitems(config, items):
@@ -92,3 +93,20 @@ def make_cgroup(tag):
     yield make
     for path in reversed(made):
         remove_cgroup(path)
+
+
+@pytest.fixture
+def lab(request) -> Lab:
+    """A client/server namespace pair with a running wireguard-go tunnel."""
+    lab = new_lab("ksbpft")
+    request.addfinalizer(lab.destroy)
+    lab.create()
+    lab.tunnel_up()
+    return lab
+
+
+@pytest.fixture
+def servers(lab):
+    """Echo servers in the server namespace on every address: port by probe kind."""
+    with TcpEchoServer(lab) as tcp, UdpEchoServer(lab) as udp:
+        yield {"tcp": tcp.port, "udp": udp.port, "icmp": 0}
