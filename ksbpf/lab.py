@@ -524,32 +524,59 @@ class Packet:
     dport: int | None
 
 
-def _parse(ethertype: int, data: bytes) -> tuple[Packet, int | None, int | None] | None:
-    """(packet, source port, ICMPv6 type) of an IPv4/IPv6 packet, else None."""
+@dataclass(frozen=True)
+class _Parsed:
+    packet: Packet
+    sport: int | None
+    icmp_type: int | None            # ICMP or ICMPv6 type
+    quoted_ports: tuple[int, int] | None  # ports of the packet an ICMP error quotes
+
+
+def _l4(proto: int, off: int, data: bytes, first_fragment: bool):
+    """(sport, dport, icmp type) at offset off."""
+    if not first_fragment:
+        return None, None, None
+    if proto in (6, 17) and len(data) >= off + 4:
+        sport, dport = struct.unpack("!HH", data[off:off + 4])
+        return sport, dport, None
+    if proto in (1, 58) and len(data) > off:
+        return None, None, data[off]
+    return None, None, None
+
+
+def _ip(ethertype: int, data: bytes):
+    """(family, proto, l4 offset, src, dst, first fragment) of an IP packet, else None."""
     if ethertype == ETH_P_IP and len(data) >= 20:
-        family, proto, off = socket.AF_INET, data[9], (data[0] & 0x0F) * 4
-        src, dst = data[12:16], data[16:20]
-        first_fragment = struct.unpack("!H", data[6:8])[0] & 0x1FFF == 0
-    elif ethertype == ETH_P_IPV6 and len(data) >= 40:
-        family, proto, off = socket.AF_INET6, data[6], 40
-        src, dst = data[8:24], data[24:40]
-        first_fragment = True
+        first = struct.unpack("!H", data[6:8])[0] & 0x1FFF == 0
+        return socket.AF_INET, data[9], (data[0] & 0x0F) * 4, data[12:16], data[16:20], first
+    if ethertype == ETH_P_IPV6 and len(data) >= 40:
+        proto, off, first = data[6], 40, True
         while proto in IPV6_EXT_HEADERS | {IPV6_FRAGMENT} and len(data) >= off + 8:
             if proto == IPV6_FRAGMENT:
-                first_fragment = struct.unpack("!H", data[off + 2:off + 4])[0] & 0xFFF8 == 0
+                first = struct.unpack("!H", data[off + 2:off + 4])[0] & 0xFFF8 == 0
                 proto, off = data[off], off + 8
             else:
                 proto, off = data[off], off + (data[off + 1] + 1) * 8
-    else:
+        return socket.AF_INET6, proto, off, data[8:24], data[24:40], first
+    return None
+
+
+def _parse(ethertype: int, data: bytes) -> _Parsed | None:
+    ip = _ip(ethertype, data)
+    if ip is None:
         return None
-    sport = dport = icmp6_type = None
-    if first_fragment and proto in (6, 17) and len(data) >= off + 4:
-        sport, dport = struct.unpack("!HH", data[off:off + 4])
-    if first_fragment and proto == 58 and len(data) > off:
-        icmp6_type = data[off]
+    family, proto, off, src, dst, first = ip
+    sport, dport, icmp_type = _l4(proto, off, data, first)
+    quoted = None
+    if (proto, icmp_type) in ((1, 3), (1, 11), (58, 1), (58, 3)):  # unreachable, time exceeded
+        inner = _ip(ethertype, data[off + 8:])
+        if inner is not None:
+            q_sport, q_dport, _ = _l4(inner[1], inner[2], data[off + 8:], inner[5])
+            if q_sport is not None and q_dport is not None:
+                quoted = (q_sport, q_dport)
     packet = Packet(PROTO_NAMES.get(proto, str(proto)), socket.inet_ntop(family, src),
                     socket.inet_ntop(family, dst), dport)
-    return packet, sport, icmp6_type
+    return _Parsed(packet, sport, icmp_type, quoted)
 
 
 class Sniffer:
@@ -558,7 +585,8 @@ class Sniffer:
     A real capture (AF_PACKET on phy_server, in the server namespace) of IPv4
     and IPv6 packets whose source is one of the client's phy addresses.  Not
     counted: the WireGuard transport (UDP from or to wg_port; those are
-    counted in .wireguard instead, as proof the capture sees traffic) and
+    counted in .wireguard instead, as proof the capture sees traffic, and so are
+    the ICMP errors the client kernel sends back about WireGuard packets) and
     ICMPv6 neighbour discovery / MLD, which the kernel sends on its own.
     Results are final after the `with` block (or stop()).
     """
@@ -602,10 +630,11 @@ class Sniffer:
         parsed = _parse(ethertype, data)
         if parsed is None:
             return
-        packet, sport, icmp6_type = parsed
-        if packet.src not in self._client or icmp6_type in ICMPV6_LINK_CONTROL:
+        packet = parsed.packet
+        if packet.src not in self._client or (packet.proto == "icmpv6" and parsed.icmp_type in ICMPV6_LINK_CONTROL):
             return
-        if packet.proto == "udp" and self._wg_port in (sport, packet.dport):
+        wg_ports = (parsed.sport, packet.dport) if packet.proto == "udp" else parsed.quoted_ports or ()
+        if self._wg_port in wg_ports:
             self.wireguard += 1
             return
         self.count += 1

@@ -6,15 +6,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
-
 import pytest
 from click.testing import CliRunner
 
 from ksbpf import cgroup, cli, libbpf, pins, preflight, scope
 
+from helpers import KSBPF, ksbpf
+
 pytestmark = pytest.mark.root
-KSBPF = [sys.executable, "-m", "ksbpf.cli"]
 
 
 def system_state(cg_path: str) -> tuple:
@@ -27,10 +26,6 @@ def system_state(cg_path: str) -> tuple:
     root = pins.pin_root()
     pinned = tuple(sorted(os.listdir(root))) if os.path.isdir(root) else ()
     return pinned, tuple(pins.list_scope_dirs()), progs
-
-
-def ksbpf(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(KSBPF + list(args), capture_output=True, text=True, timeout=60, **kw)
 
 
 def assert_one_line_error(proc, *needles: str):
