@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
 from dataclasses import dataclass
 
 from .errors import KsbpfError
@@ -81,3 +83,30 @@ def walk(root: str):
     for dirpath, _dirs, files in os.walk(root):
         if "cgroup.procs" in files:
             yield dirpath
+
+
+def remove_tree(path: str, timeout: float = 5.0) -> None:
+    """Kill every process in the cgroup and its descendants, then remove them
+    (deepest first).  The kernel detaches BPF programs of a removed cgroup."""
+    if not os.path.isdir(path):
+        return
+    for sub in sorted(walk(path), key=len, reverse=True):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with open(os.path.join(sub, "cgroup.procs")) as f:
+                    pids = [int(p) for p in f.read().split()]
+            except FileNotFoundError:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                os.rmdir(sub)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)

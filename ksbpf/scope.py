@@ -72,6 +72,17 @@ def _detach_ids(cg_fd: int, prog_ids: list[int]) -> list[int]:
     return done
 
 
+Counters = dict[Reason, tuple[int, int]]
+
+
+def total_counters(maps: bpf.ScopeMaps, meta: dict) -> Counters:
+    """The scope's counters since its first attach: the live map plus what
+    earlier programs of the scope counted before a re-attach replaced them."""
+    base = meta.get("counters_base", {})
+    return {r: (p + base.get(r.label, (0, 0))[0], b + base.get(r.label, (0, 0))[1])
+            for r, (p, b) in maps.counters().items()}
+
+
 @dataclass(frozen=True)
 class TunnelState:
     name: str
@@ -132,12 +143,13 @@ def attach(cgroup_path: str, policy: Policy, progress: Progress = _quiet,
             for ep in policy.endpoints:
                 prog.maps.add_endpoint(ep)
             prog.maps.add_lan(policy.lan_ranges)
-            prog.maps.write_meta({
+            meta = {
                 "version": META_VERSION, "cgroup": cg.path, "cgroup_id": cg.id,
                 "tunnels": list(policy.tunnels),
                 "netns": {"spec": ns.spec, "path": ns.path, "inode": ns.inode},
                 "options": policy.to_dict()["options"], "attached_at": time.time(),
-            })
+            }
+            prog.maps.write_meta(meta)
             mounted = pins.ensure_bpffs(bpffs)
             final = pins.scope_dir(cg.id, bpffs)
             staging = final + "_new"  # bpffs refuses names with dots
@@ -156,6 +168,12 @@ def attach(cgroup_path: str, policy: Policy, progress: Progress = _quiet,
                         "check `bpftool cgroup show " + cg.path + "`; ksbpf attaches with BPF_F_ALLOW_MULTI") from None
                 progress(f"attached program {prog_id} to {cg.path}" + (f"; detaching the previous program {old}" if old else ""))
                 replaced = _detach_ids(cg_fd, old)
+            if replaced and os.path.isdir(final):
+                # the old program is detached: its counts are final; carry them over
+                with bpf.ScopeMaps.from_pins(final) as old_maps:
+                    carried = total_counters(old_maps, old_maps.read_meta())
+                meta["counters_base"] = {r.label: [p, b] for r, (p, b) in carried.items()}
+                prog.maps.write_meta(meta)
             pins.remove_dir(final)
             os.rename(staging, final)
         finally:
@@ -230,7 +248,7 @@ class ScopeStatus:
     tunnels: list[TunnelState]
     endpoints: list[Endpoint]
     options: Options
-    counters: dict[Reason, tuple[int, int]]
+    counters: Counters   # since the scope's first attach
     attached_at: float | None
     problems: list[str]
 
@@ -278,7 +296,7 @@ def read_scope(pin_dir: str) -> ScopeStatus:
         meta = maps.read_meta()
         entries = maps.tunnels()
         endpoints = maps.endpoints()
-        counters = maps.counters()
+        counters = total_counters(maps, meta)
     prog_id = None
     try:
         fd = libbpf.obj_get(os.path.join(pin_dir, "prog"))

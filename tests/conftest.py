@@ -5,14 +5,11 @@ test fails."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import time
 import uuid
 
 import pytest
 
-from ksbpf import cgroup, netns, scope
+from ksbpf import cgroup, scope
 from ksbpf.lab import Lab, TcpEchoServer, UdpEchoServer, new_lab
 
 
@@ -29,53 +26,11 @@ def tag() -> str:
     return uuid.uuid4().hex[:6]
 
 
-def _run(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True)
-
-
-@pytest.fixture
-def make_netns(tag):
-    """make_netns(suffix) -> netns.Netns: an empty namespace with lo up."""
-    made: list[str] = []
-
-    def make(suffix: str = "") -> netns.Netns:
-        name = f"ksbpf-t{tag}{suffix}"
-        _run("ip", "netns", "add", name)
-        made.append(name)
-        _run("ip", "-n", name, "link", "set", "lo", "up")
-        return netns.resolve(name)
-
-    yield make
-    for name in made:
-        subprocess.run(["ip", "netns", "pids", name], capture_output=True)
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
-
-
 def remove_cgroup(path: str) -> None:
-    """Detach ksbpf, kill what is left inside, rmdir (children first)."""
-    if not os.path.isdir(path):
-        return
-    for sub in sorted(cgroup.walk(path), key=len, reverse=True):
-        try:
-            scope.detach(sub)
-        except Exception:
-            pass
-        for _ in range(50):
-            try:
-                with open(os.path.join(sub, "cgroup.procs")) as f:
-                    pids = [int(p) for p in f.read().split()]
-            except OSError:
-                break
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            try:
-                os.rmdir(sub)
-                break
-            except OSError:
-                time.sleep(0.05)
+    """Detach ksbpf (and its pins) everywhere below path, then remove it."""
+    for sub in cgroup.walk(path) if os.path.isdir(path) else ():
+        scope.detach(sub)
+    cgroup.remove_tree(path)
 
 
 @pytest.fixture

@@ -8,6 +8,8 @@ that does arrive, so a broken capture cannot pass as "no leak"."""
 from __future__ import annotations
 
 import os
+import sys
+import time
 
 import pytest
 
@@ -142,7 +144,7 @@ def test_reattach_has_no_unprotected_moment(lab, servers, cg):
     ksbpf("detach", "--cgroup", cg, check=True)
     with Sniffer(lab) as sniffer:
         with ProbeStream(lab, cg, lab.phy4_server, servers["udp"], interval_ms=2) as stream:
-            pass
+            time.sleep(0.2)
     assert stream.result.sent > 0 and sniffer.count > 0
 
 
@@ -178,7 +180,6 @@ def test_missing_tunnel_is_fail_closed_until_registered(lab, servers, make_cgrou
 
 
 def test_exec_runs_inside_the_scope(lab, servers, cg):
-    import sys
     proc = ksbpf("exec", "--cgroup", cg, "--", "ip", "netns", "exec", lab.client_ns,
                  sys.executable, "-m", "ksbpf.probe", "udp", lab.phy4_server, str(servers["udp"]),
                  "--timeout", "1", check=True)
@@ -186,6 +187,16 @@ def test_exec_runs_inside_the_scope(lab, servers, cg):
     proc = ksbpf("exec", "--cgroup", cg, "--", "ip", "netns", "exec", lab.client_ns,
                  sys.executable, "-m", "ksbpf.probe", "udp", lab.tun4_server, str(servers["udp"]), check=True)
     assert '"ok": true' in proc.stdout
+
+
+def test_counters_survive_reattach(lab, servers, cg):
+    for _ in range(2):
+        probe(lab, cg, "udp", lab.phy6_server, servers["udp"], timeout=BLOCKED_TIMEOUT)
+    before = scope_status(cg)["counters"]
+    assert before["not_tunnel"]["packets"] >= 2
+    attach(lab, cg, "--allow-lan")
+    after = scope_status(cg)["counters"]
+    assert after["not_tunnel"] == before["not_tunnel"]
 
 
 def test_status_reports_drops_by_reason(lab, servers, cg):
