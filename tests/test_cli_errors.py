@@ -123,7 +123,9 @@ def test_non_root_caller(cg):
     if not shutil.which("setpriv"):
         pytest.skip("setpriv (util-linux) is not installed")
     before = system_state(cg)
-    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *KSBPF,
+    # uid "nobody"; CAP_DAC_READ_SEARCH only so that it can read this checkout wherever it is
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search", *KSBPF,
                            "attach", "--cgroup", cg, "--tunnel", "wg0"],
                           capture_output=True, text=True, timeout=60, cwd="/")
     assert_one_line_error(proc, "must run as root", "sudo")
