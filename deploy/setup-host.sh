@@ -8,6 +8,12 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 venv=${1:-$repo/.venv}
 say() { printf 'setup: %s\n' "$*"; }
+apt_updated=
+apt_install() {   # apt_install PKG...: install without recommends, updating the lists once
+    export DEBIAN_FRONTEND=noninteractive
+    if [ -z "$apt_updated" ]; then apt-get update -q >/dev/null; apt_updated=1; fi
+    apt-get install -y -q --no-install-recommends "$@" >/dev/null
+}
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup: must run as root (it installs packages and kernel headers); try: sudo make setup" >&2
@@ -23,9 +29,7 @@ for p in "${pkgs[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
     say "installing Debian packages: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q >/dev/null
-    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+    apt_install "${missing[@]}"
 else
     say "Debian packages present"
 fi
@@ -36,16 +40,14 @@ mod=/lib/modules/$rel
 if [ -e "$mod/build/include/linux/kconfig.h" ] || [ -e "$mod/source/include/linux/kconfig.h" ] \
    || [ -e /sys/kernel/kheaders.tar.xz ]; then
     say "kernel headers for $rel present"
-elif apt-get install -y -q --no-install-recommends "linux-headers-$rel" >/dev/null 2>&1; then
+elif apt_install "linux-headers-$rel" 2>/dev/null; then
     say "installed linux-headers-$rel"
 else
     # No headers package for this kernel (a custom or cloud kernel).  ksbpf's
     # packet programs need only UAPI structs, which the distribution's generic
     # headers provide.
     if ! ls -d /usr/src/linux-headers-*-common >/dev/null 2>&1; then
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get install -y -q --no-install-recommends linux-headers-amd64 >/dev/null 2>&1 \
-          || apt-get install -y -q --no-install-recommends "linux-headers-$(dpkg --print-architecture)" >/dev/null
+        apt_install "linux-headers-$(dpkg --print-architecture)"
     fi
     arch_dir=$(ls -d /usr/src/linux-headers-*-"$(dpkg --print-architecture)" 2>/dev/null | sort -V | tail -n1)
     common_dir=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n1)

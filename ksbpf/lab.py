@@ -405,8 +405,38 @@ class ProbeStream:
 
 # -- the far side -----------------------------------------------------------
 
-class _EchoServer:
-    """A socket in the server namespace served on a background thread."""
+class _ServerSocket:
+    """A socket made in the server namespace, read on a background thread:
+    subclasses say what to do when it is readable."""
+
+    def __init__(self, lab: Lab, make: Callable[[], socket.socket]):
+        self._sock = netns.run_in(lab.server_path, make)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if select.select([self._sock], [], [], 0.05)[0]:
+                self._readable()
+
+    def _readable(self) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        """Last look at the socket, after the thread stopped and before it closes."""
+
+    def _close(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._thread.join()
+        self._finish()
+        self._sock.close()
+
+
+class _EchoServer(_ServerSocket):
+    """An echo server in the server namespace."""
 
     def __init__(self, lab: Lab, kind: int, host: str, port: int):
         def make() -> socket.socket:
@@ -420,24 +450,11 @@ class _EchoServer:
                 s.listen(16)
             return s
 
-        self._sock = netns.run_in(lab.server_path, make)
+        super().__init__(lab, make)
         self.port: int = self._sock.getsockname()[1]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            if select.select([self._sock], [], [], 0.05)[0]:
-                self._serve_one()
-
-    def _serve_one(self) -> None:
-        raise NotImplementedError
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sock.close()
+        self._close()
 
     def __enter__(self) -> Self:
         return self
@@ -454,7 +471,7 @@ class TcpEchoServer(_EchoServer):
         self.connections = 0
         super().__init__(lab, socket.SOCK_STREAM, host, port)
 
-    def _serve_one(self) -> None:
+    def _readable(self) -> None:
         conn, _ = self._sock.accept()
         self.connections += 1
         threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
@@ -485,7 +502,7 @@ class UdpEchoServer(_EchoServer):
         if self._sock.family == socket.AF_INET6:
             self._sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
 
-    def _serve_one(self) -> None:
+    def _readable(self) -> None:
         data, ancillary, _flags, peer = self._sock.recvmsg(65535, 256)
         self.received += 1
         reply = []
@@ -579,7 +596,7 @@ def _parse(ethertype: int, data: bytes) -> _Parsed | None:
     return _Parsed(packet, sport, icmp_type, quoted)
 
 
-class Sniffer:
+class Sniffer(_ServerSocket):
     """Counts plaintext packets from the client arriving on the server's phy link.
 
     A real capture (AF_PACKET on phy_server, in the server namespace) of IPv4
@@ -606,18 +623,9 @@ class Sniffer:
             s.bind((lab.phy_server, ETH_P_ALL))
             return s
 
-        self._sock = netns.run_in(lab.server_path, make)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
+        super().__init__(lab, make)
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            if select.select([self._sock], [], [], 0.05)[0]:
-                self._drain()
-        self._drain()
-
-    def _drain(self) -> None:
+    def _readable(self) -> None:
         while True:
             try:
                 data, addr = self._sock.recvfrom(256, socket.MSG_DONTWAIT)
@@ -640,16 +648,16 @@ class Sniffer:
         self.count += 1
         self.packets.append(packet)
 
-    def stop(self, settle: float = 0.1) -> None:
-        """Wait `settle` s for packets in flight, read the rest, close."""
-        if self._stop.is_set():
-            return
-        time.sleep(settle)
-        self._stop.set()
-        self._thread.join()
+    def _finish(self) -> None:
+        self._readable()  # what arrived since the last read
         stats = self._sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
         self.dropped = struct.unpack("II", stats)[1]
-        self._sock.close()
+
+    def stop(self, settle: float = 0.1) -> None:
+        """Wait `settle` s for packets in flight, read the rest, close."""
+        if not self._stop.is_set():
+            time.sleep(settle)
+        self._close()
 
     def __enter__(self) -> Sniffer:
         return self

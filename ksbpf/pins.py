@@ -36,7 +36,7 @@ def scope_dir(cgroup_id: int, bpffs: str = BPFFS) -> str:
     return os.path.join(scopes_dir(bpffs), str(cgroup_id))
 
 
-def _is_bpffs(path: str) -> bool:
+def is_bpffs(path: str) -> bool:
     class Statfs(ctypes.Structure):
         _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_char * 120)]
 
@@ -47,7 +47,7 @@ def _is_bpffs(path: str) -> bool:
 
 def ensure_bpffs(bpffs: str = BPFFS) -> bool:
     """Mount the BPF filesystem at `bpffs` if it is not there; True if mounted now."""
-    if _is_bpffs(bpffs):
+    if is_bpffs(bpffs):
         return False
     os.makedirs(bpffs, exist_ok=True)
     libc = ctypes.CDLL(None, use_errno=True)
@@ -69,6 +69,15 @@ def list_scope_dirs(bpffs: str = BPFFS) -> list[str]:
 def remove_dir(path: str) -> None:
     """Unpin everything in a pin directory (bpffs supports unlink/rmdir)."""
     shutil.rmtree(path, ignore_errors=True)
+
+
+def prune(bpffs: str = BPFFS) -> None:
+    """Remove ksbpf's directories once no scope is left in them."""
+    for d in (scopes_dir(bpffs), pin_root(bpffs)):
+        try:
+            os.rmdir(d)
+        except OSError:
+            return
 
 
 @contextmanager

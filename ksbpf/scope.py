@@ -215,6 +215,7 @@ def detach(cgroup_path: str, bpffs: str = pins.BPFFS) -> DetachResult:
             if _meta_cgroup(d) == real:
                 pins.remove_dir(d)
                 result.removed_pins.append(d)
+        pins.prune(bpffs)
     return result
 
 

@@ -9,7 +9,9 @@ import uuid
 
 import pytest
 
-from ksbpf import cgroup, scope
+import ctypes
+
+from ksbpf import cgroup, pins, scope
 from ksbpf.lab import Lab, TcpEchoServer, UdpEchoServer, new_lab
 
 
@@ -19,6 +21,18 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "root" in item.keywords or "lab" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def bpffs_as_found():
+    """Tests mount the BPF filesystem through `ksbpf attach`; if it was not
+    mounted before the session and nothing is pinned in it, unmount it."""
+    was_mounted = pins.is_bpffs(pins.BPFFS)
+    yield
+    if was_mounted or os.geteuid() != 0 or not pins.is_bpffs(pins.BPFFS):
+        return
+    if all(name.endswith(".debug") for name in os.listdir(pins.BPFFS)):  # the kernel's own files
+        ctypes.CDLL(None, use_errno=True).umount2(pins.BPFFS.encode(), 0)
 
 
 @pytest.fixture
