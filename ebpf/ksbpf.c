@@ -137,27 +137,20 @@ static __always_inline int ksbpf_is_dhcp_client(const struct ksbpf_pkt *p, int v
 	return p->sport == bpf_htons(68) && p->dport == bpf_htons(67);
 }
 
-/* The exceptions for traffic that does not leave through a tunnel, in order:
- * endpoint, LAN, DHCP.  lookup results are passed in so that the same logic
- * serves IPv4 and IPv6. */
-static __always_inline int ksbpf_exceptions(const struct ksbpf_pkt *p, int v6, __u32 *ep_exact,
-					    __u32 *ep_addr, int in_lan)
+/* The exceptions for traffic that does not leave through a tunnel, in
+ * order: endpoint (exact, then its bare address), LAN, DHCP.  Each lookup is
+ * made only when the earlier rules did not decide. */
+static __always_inline int ksbpf_lan(const struct ksbpf_pkt *p)
 {
-	if (p->fragment)
-		return KSBPF_DROP_FRAGMENT;
-	if (ep_exact)
-		return KSBPF_ALLOW_ENDPOINT;
-	if (ep_addr)
-		return KSBPF_DROP_ENDPOINT_MISMATCH;
-#ifdef KSBPF_OPT_LAN
-	if (in_lan) {
 #ifndef KSBPF_OPT_LAN_DNS
-		if (ksbpf_is_dns(p))
-			return KSBPF_DROP_LAN_DNS;
+	if (ksbpf_is_dns(p))
+		return KSBPF_DROP_LAN_DNS;
 #endif
-		return KSBPF_ALLOW_LAN;
-	}
-#endif
+	return KSBPF_ALLOW_LAN;
+}
+
+static __always_inline int ksbpf_last_resort(const struct ksbpf_pkt *p, int v6)
+{
 #ifdef KSBPF_OPT_DHCP
 	if (ksbpf_is_dhcp_client(p, v6))
 		return KSBPF_ALLOW_DHCP;
@@ -168,35 +161,46 @@ static __always_inline int ksbpf_exceptions(const struct ksbpf_pkt *p, int v6, _
 static __always_inline int ksbpf_exceptions4(const struct ksbpf_pkt *p)
 {
 	struct ksbpf_ep4_key ek = { .addr = p->daddr.v4, .port = p->dport, .proto = p->l4proto };
-	struct ksbpf_ep4_key ak = { .addr = p->daddr.v4 };
-	__u32 *exact = p->has_ports ? endpoints4.lookup(&ek) : 0;
-	int in_lan = 0;
+
+	if (p->fragment)
+		return KSBPF_DROP_FRAGMENT;
+	if (p->has_ports && endpoints4.lookup(&ek))
+		return KSBPF_ALLOW_ENDPOINT;
+	ek.port = 0;
+	ek.proto = 0;
+	if (endpoints4.lookup(&ek))
+		return KSBPF_DROP_ENDPOINT_MISMATCH;
 #ifdef KSBPF_OPT_LAN
 	struct ksbpf_lpm4_key lk = { .prefixlen = 32 };
 
 	__builtin_memcpy(lk.addr, &p->daddr.v4, 4);
-	in_lan = lan4.lookup(&lk) != 0;
+	if (lan4.lookup(&lk))
+		return ksbpf_lan(p);
 #endif
-	return ksbpf_exceptions(p, 0, exact, exact ? 0 : endpoints4.lookup(&ak), in_lan);
+	return ksbpf_last_resort(p, 0);
 }
 
 static __always_inline int ksbpf_exceptions6(const struct ksbpf_pkt *p)
 {
 	struct ksbpf_ep6_key ek = { .port = p->dport, .proto = p->l4proto };
-	struct ksbpf_ep6_key ak = {};
-	__u32 *exact;
-	int in_lan = 0;
 
+	if (p->fragment)
+		return KSBPF_DROP_FRAGMENT;
 	__builtin_memcpy(ek.addr, p->daddr.v6, 16);
-	__builtin_memcpy(ak.addr, p->daddr.v6, 16);
-	exact = p->has_ports ? endpoints6.lookup(&ek) : 0;
+	if (p->has_ports && endpoints6.lookup(&ek))
+		return KSBPF_ALLOW_ENDPOINT;
+	ek.port = 0;
+	ek.proto = 0;
+	if (endpoints6.lookup(&ek))
+		return KSBPF_DROP_ENDPOINT_MISMATCH;
 #ifdef KSBPF_OPT_LAN
 	struct ksbpf_lpm6_key lk = { .prefixlen = 128 };
 
 	__builtin_memcpy(lk.addr, p->daddr.v6, 16);
-	in_lan = lan6.lookup(&lk) != 0;
+	if (lan6.lookup(&lk))
+		return ksbpf_lan(p);
 #endif
-	return ksbpf_exceptions(p, 1, exact, exact ? 0 : endpoints6.lookup(&ak), in_lan);
+	return ksbpf_last_resort(p, 1);
 }
 
 /* THE policy.  Returns a reason (ksbpf.h). */
