@@ -9,9 +9,10 @@ from datetime import datetime, timezone
 
 import click
 
-from . import cgroup, scope
+from . import cgroup, preflight, scope
+from .config import ConfigError
 from .errors import KsbpfError
-from .policy import Endpoint, Options, Policy
+from .policy import DEFAULT_TUNNEL_KINDS, Endpoint, Options, Policy
 
 
 def _progress(msg: str) -> None:
@@ -28,6 +29,10 @@ class _Cli(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except ConfigError as exc:  # every problem of the file, one per line
+            for issue in exc.errors:
+                click.echo(f"ksbpf: error: {issue}", err=True)
+            ctx.exit(1)
         except KsbpfError as exc:
             click.echo(f"ksbpf: error: {exc}", err=True)
             ctx.exit(1)
@@ -57,12 +62,15 @@ def _endpoint(_ctx, _param, values) -> tuple[Endpoint, ...]:
 @click.option("--allow-lan", is_flag=True, help="Allow the fixed private ranges (not DNS to them).")
 @click.option("--allow-lan-dns", is_flag=True, help="With --allow-lan: also allow DNS (53, 853) to LAN addresses.")
 @click.option("--allow-dhcp", is_flag=True, help="Allow DHCPv4/DHCPv6 client traffic.")
+@click.option("--tunnel-kind", "kinds", multiple=True, metavar="KIND",
+              help=f"Link kind trusted as a tunnel (repeatable; default: {', '.join(DEFAULT_TUNNEL_KINDS)}).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def attach(cgroup_path, tunnels, endpoints, netns, allow_lan, allow_lan_dns, allow_dhcp, as_json) -> None:
+def attach(cgroup_path, tunnels, endpoints, netns, allow_lan, allow_lan_dns, allow_dhcp, kinds, as_json) -> None:
     """Protect a cgroup; replaces its policy if already protected (no gap).
 
     Enforcement stays in the kernel after this command exits."""
-    policy = Policy(tuple(tunnels), endpoints, netns, Options(allow_lan, allow_lan_dns, allow_dhcp))
+    policy = Policy(tuple(tunnels), endpoints, netns, Options(allow_lan, allow_lan_dns, allow_dhcp),
+                    tuple(kinds) or DEFAULT_TUNNEL_KINDS)
     result = scope.attach(cgroup_path, policy, progress=_progress)
     if as_json:
         _emit_json(result.to_dict())
@@ -72,8 +80,11 @@ def attach(cgroup_path, tunnels, endpoints, netns, allow_lan, allow_lan_dns, all
     verb = "re-attached (previous program replaced with no gap)" if result.replaced else "attached"
     click.echo(f"{result.cgroup}: {verb}; program {result.prog_id}, pins in {result.pin_dir}")
     for t in result.tunnels:
-        if t.present:
-            click.echo(f"  tunnel {t.name}: ifindex {t.ifindex} in netns {t.netns}: allowed")
+        if t.registered:
+            click.echo(f"  tunnel {t.name}: ifindex {t.ifindex} ({t.kind}) in netns {t.netns}: allowed")
+        elif t.impostor:
+            click.echo(f"  WARNING: {t.name} in netns {t.netns} is a {t.kind} interface, not a trusted tunnel "
+                       f"kind ({', '.join(policy.tunnel_kinds)}): it stays blocked (add --tunnel-kind {t.kind} if it is your tunnel)")
         else:
             click.echo(f"  NOTICE: tunnel {t.name} does not exist in netns {t.netns} yet: every non-local "
                        f"packet of the scope is dropped until it appears and is registered (re-run attach, or run the daemon)")
@@ -122,12 +133,12 @@ def status(as_json) -> None:
         state = "enforced" if s.attached else "NOT ENFORCED"
         click.echo(f"{s.cgroup}  [{state}, program {s.prog_id}, since {_fmt_time(s.attached_at)}]")
         for t in s.tunnels:
-            where = f"ifindex {t.ifindex}" if t.present else "absent"
+            where = f"ifindex {t.ifindex} ({t.kind})" if t.present else "absent"
             allowed = "allowed" if t.registered else "blocked"
             click.echo(f"  tunnel   {t.name} (netns {t.netns}): {where}, {allowed}")
-        for ep in s.endpoints:
+        for ep in s.policy.endpoints:
             click.echo(f"  endpoint {ep}")
-        opts = [k.replace("_", "-") for k, v in vars(s.options).items() if v]
+        opts = [k.replace("_", "-") for k, v in vars(s.policy.options).items() if v]
         click.echo(f"  options  {', '.join(opts) if opts else 'none (strict)'}")
         for reason, (packets, bytes_) in s.counters.items():
             if packets:
@@ -151,6 +162,42 @@ def exec_(cgroup_path, command) -> None:
         raise KsbpfError(f"cannot run {command[0]!r}: {exc.strerror}", "check the command name and PATH") from None
 
 
+LOG_FORMAT = click.Choice(["text", "json"])
+
+
+@main.command()
+@click.option("--config", "config_path", default="/etc/ksbpf/ksbpf.toml", show_default=True, metavar="FILE")
+@click.option("--log-format", type=LOG_FORMAT, default=None,
+              help="text (default) or json; overrides [daemon] log_format.")
+def daemon(config_path, log_format) -> None:
+    """Keep the configured scopes in step with the kernel's interfaces.
+
+    SIGHUP reloads the configuration.  SIGTERM/SIGINT exit without detaching:
+    enforcement stays in the kernel (`ksbpf detach --all` removes it)."""
+    from .config import load
+    from .daemon import Daemon
+    from .log import EventLog
+
+    preflight.require_root()
+    cfg = load(config_path)   # refuse a bad file before changing anything
+    sys.exit(Daemon(config_path, EventLog(log_format or cfg.log_format)).run())
+
+
+@main.command()
+@click.option("--config", "config_path", default="/etc/ksbpf/ksbpf.toml", show_default=True, metavar="FILE")
+@click.option("--log-format", type=LOG_FORMAT, default=None)
+def apply(config_path, log_format) -> None:
+    """Put the configured scopes in force once and exit (the boot unit runs this
+    before any network is up).  Scopes already in force are adopted untouched."""
+    from .config import load
+    from .daemon import apply_once
+    from .log import EventLog
+
+    preflight.require_root()
+    cfg = load(config_path)
+    sys.exit(apply_once(config_path, EventLog(log_format or cfg.log_format)))
+
+
 @main.command()
 @click.option("--keep-going", is_flag=True, help="Run every step even after one misbehaves.")
 def demo(keep_going) -> None:
@@ -158,6 +205,37 @@ def demo(keep_going) -> None:
     from .demo import run_demo
 
     sys.exit(0 if run_demo(keep_going=keep_going) else 1)
+
+
+@main.command(name="check-config")
+@click.argument("file")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def check_config(file, as_json) -> None:
+    """Validate the daemon's configuration FILE; needs no root, changes nothing.
+
+    Every problem is printed as FILE:LINE: KEY: message (exit status 1)."""
+    from .config import load
+
+    try:
+        cfg = load(file)
+    except ConfigError as exc:
+        if as_json:
+            _emit_json({"valid": False, "errors": [i.to_dict() for i in exc.errors], "scopes": []})
+        else:
+            for issue in exc.errors:
+                click.echo(str(issue), err=True)
+        raise SystemExit(1)
+    if as_json:
+        _emit_json({"valid": True, "errors": [], **cfg.to_dict()})
+        return
+    click.echo(f"{file}: valid; {len(cfg.scopes)} scope(s); metrics on {cfg.listen}; log format {cfg.log_format}")
+    for sc in cfg.scopes:
+        p = sc.policy
+        click.echo(f"  {sc.cgroup} (line {sc.line}){', created if missing' if sc.create_cgroup else ''}")
+        click.echo(f"    tunnels   {', '.join(p.tunnels)} (netns {p.netns or 'own'}; kinds {', '.join(p.tunnel_kinds)})")
+        click.echo(f"    endpoints {', '.join(map(str, p.endpoints)) or 'none'}")
+        opts = [k for k, on in vars(p.options).items() if on]
+        click.echo(f"    options   {', '.join(opts) or 'none (strict)'}")
 
 
 if __name__ == "__main__":

@@ -88,12 +88,19 @@ class Options:
     allow_dhcp: bool = False
 
 
+# Link kinds trusted as tunnels: kernel WireGuard, and tun devices (wireguard-go,
+# OpenVPN, ...).  An interface of another kind that takes a tunnel's name (a
+# veth renamed "wg0") is an impostor and stays blocked.
+DEFAULT_TUNNEL_KINDS = ("wireguard", "tun")
+
+
 @dataclass(frozen=True)
 class Policy:
     tunnels: tuple[str, ...]
     endpoints: tuple[Endpoint, ...] = ()
     netns: str = ""  # where tunnel names are looked up: "" = the caller's namespace
     options: Options = field(default_factory=Options)
+    tunnel_kinds: tuple[str, ...] = DEFAULT_TUNNEL_KINDS
 
     def __post_init__(self) -> None:
         if not self.tunnels:
@@ -104,6 +111,10 @@ class Policy:
                                  "give a name of 1-15 characters without '/' or spaces, as `ip link` shows it")
         if len(set(self.tunnels)) != len(self.tunnels):
             raise KsbpfError("the same tunnel is named twice", "name each tunnel once")
+        if not self.tunnel_kinds or not all(k and k.isprintable() and " " not in k for k in self.tunnel_kinds):
+            raise KsbpfError(f"tunnel kinds {list(self.tunnel_kinds)!r} are not valid",
+                             "give link kinds as `ip -d link` shows them, e.g. wireguard or tun")
+        object.__setattr__(self, "tunnel_kinds", tuple(sorted(set(self.tunnel_kinds))))
         if self.options.allow_lan_dns and not self.options.allow_lan:
             raise KsbpfError("--allow-lan-dns only widens --allow-lan", "add --allow-lan, or drop --allow-lan-dns")
         object.__setattr__(self, "endpoints", tuple(sorted(set(self.endpoints), key=Endpoint.sort_key)))
@@ -118,4 +129,9 @@ class Policy:
             "endpoints": [str(e) for e in self.endpoints],
             "netns": self.netns,
             "options": asdict(self.options),
+            "tunnel_kinds": list(self.tunnel_kinds),
         }
+
+    def trusts(self, name: str, kind: str | None) -> bool:
+        """Is an interface called `name` of link kind `kind` one of this policy's tunnels?"""
+        return name in self.tunnels and kind in self.tunnel_kinds

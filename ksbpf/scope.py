@@ -14,9 +14,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from . import bpf, cgroup, libbpf, netns, pins, preflight
+from . import bpf, cgroup, libbpf, links, netns, pins, preflight
 from .errors import KsbpfError
-from .policy import Endpoint, Options, Policy
+from .policy import DEFAULT_TUNNEL_KINDS, Endpoint, Options, Policy
 from .reasons import Reason
 
 Progress = Callable[[str], None]
@@ -88,15 +88,64 @@ class TunnelState:
     name: str
     netns: str
     ifindex: int | None   # current ifindex in its namespace, None when absent
+    kind: str | None      # its link kind
+    trusted: bool         # present with a trusted kind (not an impostor)
     registered: bool      # the policy map allows exactly this interface
 
     @property
     def present(self) -> bool:
         return self.ifindex is not None
 
+    @property
+    def impostor(self) -> bool:
+        return self.present and not self.trusted
+
     def to_dict(self) -> dict:
-        return {"name": self.name, "netns": self.netns, "ifindex": self.ifindex,
-                "present": self.present, "registered": self.registered}
+        return {"name": self.name, "netns": self.netns, "ifindex": self.ifindex, "kind": self.kind,
+                "present": self.present, "impostor": self.impostor, "registered": self.registered}
+
+
+def tunnel_plan(policy: Policy, present: list[links.Link]) -> dict[int, int]:
+    """ifindex -> tunnel index of the interfaces the policy allows right now:
+    the tunnels' names, with a trusted link kind."""
+    return {link.ifindex: policy.tunnels.index(link.name)
+            for link in present if policy.trusts(link.name, link.kind)}
+
+
+def tunnel_states(policy: Policy, label: str, present: list[links.Link] | None,
+                  registered: set[int]) -> list[TunnelState]:
+    by_name = {link.name: link for link in present or ()}
+    states = []
+    for name in policy.tunnels:
+        link = by_name.get(name)
+        ifindex = link.ifindex if link else None
+        states.append(TunnelState(name, label, ifindex, link.kind if link else None,
+                                  bool(link) and policy.trusts(name, link.kind), ifindex in registered))
+    return states
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    added: list[int]
+    removed: list[int]
+
+
+def sync_tunnels(maps: bpf.ScopeMaps, policy: Policy, cookie: int, present: list[links.Link]) -> SyncResult:
+    """Make the tunnels map allow exactly the policy's tunnels that exist now
+    (stale entries are removed before new ones are added)."""
+    want = tunnel_plan(policy, present)
+    have = {(e.netns_cookie, e.ifindex): e.index for e in maps.tunnels()}
+    removed = []
+    for (c, ifindex), index in have.items():
+        if c != cookie or want.get(ifindex) != index:
+            maps.remove_tunnel(c, ifindex)
+            removed.append(ifindex)
+    added = []
+    for ifindex, index in want.items():
+        if have.get((cookie, ifindex)) != index:
+            maps.add_tunnel(cookie, ifindex, index)
+            added.append(ifindex)
+    return SyncResult(added, removed)
 
 
 @dataclass
@@ -115,17 +164,6 @@ class AttachResult:
                 "tunnels": [t.to_dict() for t in self.tunnels], "mounted_bpffs": self.mounted_bpffs}
 
 
-def _register_tunnels(maps: bpf.ScopeMaps, policy: Policy, ns: netns.Netns) -> list[TunnelState]:
-    cookie = netns.cookie(ns)
-    states = []
-    for index, name in enumerate(policy.tunnels):
-        ifindex = netns.ifindex(ns, name)
-        if ifindex is not None:
-            maps.add_tunnel(cookie, ifindex, index)
-        states.append(TunnelState(name, ns.label, ifindex, ifindex is not None))
-    return states
-
-
 def attach(cgroup_path: str, policy: Policy, progress: Progress = _quiet,
            bpffs: str = pins.BPFFS) -> AttachResult:
     """Protect a cgroup with `policy`.  If it is already protected, the new
@@ -139,13 +177,15 @@ def attach(cgroup_path: str, policy: Policy, progress: Progress = _quiet,
         progress("compiling and loading the policy program (bcc)")
         prog = bpf.load(bcc, policy.options, len(policy.endpoints))
         try:
-            tunnels = _register_tunnels(prog.maps, policy, ns)
+            present = links.links(ns)
+            sync_tunnels(prog.maps, policy, netns.cookie(ns), present)
+            tunnels = tunnel_states(policy, ns.label, present, set(tunnel_plan(policy, present)))
             for ep in policy.endpoints:
                 prog.maps.add_endpoint(ep)
             prog.maps.add_lan(policy.lan_ranges)
             meta = {
                 "version": META_VERSION, "cgroup": cg.path, "cgroup_id": cg.id,
-                "tunnels": list(policy.tunnels),
+                "tunnels": list(policy.tunnels), "tunnel_kinds": list(policy.tunnel_kinds),
                 "netns": {"spec": ns.spec, "path": ns.path, "inode": ns.inode},
                 "options": policy.to_dict()["options"], "attached_at": time.time(),
             }
@@ -247,8 +287,7 @@ class ScopeStatus:
     prog_id: int | None
     attached: bool
     tunnels: list[TunnelState]
-    endpoints: list[Endpoint]
-    options: Options
+    policy: Policy
     counters: Counters   # since the scope's first attach
     attached_at: float | None
     problems: list[str]
@@ -262,8 +301,8 @@ class ScopeStatus:
             "cgroup": self.cgroup, "cgroup_id": self.cgroup_id, "pin_dir": self.pin_dir,
             "prog_id": self.prog_id, "attached": self.attached,
             "tunnels": [t.to_dict() for t in self.tunnels],
-            "endpoints": [str(e) for e in self.endpoints],
-            "options": vars(self.options).copy(),
+            "endpoints": [str(e) for e in self.policy.endpoints],
+            "options": vars(self.policy.options).copy(), "tunnel_kinds": list(self.policy.tunnel_kinds),
             "counters": {r.label: {"allowed": r.allowed, "packets": p, "bytes": b}
                          for r, (p, b) in self.counters.items()},
             "dropped_packets": self.dropped_packets,
@@ -271,24 +310,24 @@ class ScopeStatus:
         }
 
 
-def _tunnel_states(meta: dict, entries: list[bpf.TunnelEntry], problems: list[str]) -> list[TunnelState]:
+def meta_netns(meta: dict) -> netns.Netns:
     spec = meta.get("netns", {})
-    label = spec.get("spec") or "(caller's)"
-    path, inode = spec.get("path", ""), spec.get("inode")
-    ns: netns.Netns | None = None
+    return netns.Netns(spec.get("spec", ""), spec.get("path", ""), spec.get("inode", 0))
+
+
+def policy_from(meta: dict, endpoints: list[Endpoint]) -> Policy:
+    """The policy a scope was attached with, read back from its pins."""
+    return Policy(tuple(meta.get("tunnels", ())), tuple(endpoints), meta_netns(meta).spec,
+                  Options(**meta.get("options", {})),
+                  tuple(meta.get("tunnel_kinds", DEFAULT_TUNNEL_KINDS)))
+
+
+def netns_alive(ns: netns.Netns) -> bool:
+    """Does ns.path still refer to the namespace the scope was attached in?"""
     try:
-        if os.stat(path).st_ino == inode:
-            ns = netns.Netns(spec.get("spec", ""), path, inode)
-        else:
-            problems.append(f"network namespace {label} is not the one the scope was attached in")
+        return os.stat(ns.path).st_ino == ns.inode
     except OSError:
-        problems.append(f"network namespace {label} no longer exists")
-    registered = {(e.index, e.ifindex) for e in entries}
-    states = []
-    for index, name in enumerate(meta.get("tunnels", [])):
-        ifindex = netns.ifindex(ns, name) if ns else None
-        states.append(TunnelState(name, label, ifindex, (index, ifindex) in registered))
-    return states
+        return False
 
 
 def read_scope(pin_dir: str) -> ScopeStatus:
@@ -296,7 +335,7 @@ def read_scope(pin_dir: str) -> ScopeStatus:
     with bpf.ScopeMaps.from_pins(pin_dir) as maps:
         meta = maps.read_meta()
         entries = maps.tunnels()
-        endpoints = maps.endpoints()
+        policy = policy_from(meta, maps.endpoints())
         counters = total_counters(maps, meta)
     prog_id = None
     try:
@@ -319,14 +358,52 @@ def read_scope(pin_dir: str) -> ScopeStatus:
                 problems.append("the program is not attached to the cgroup")
     except OSError:
         problems.append("the cgroup no longer exists (run `ksbpf detach` to remove the pins)")
-    return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached,
-                       _tunnel_states(meta, entries, problems), endpoints,
-                       Options(**meta.get("options", {})), counters, meta.get("attached_at"), problems)
+    ns = meta_netns(meta)
+    present = None
+    if netns_alive(ns):
+        present = links.links(ns)
+    else:
+        problems.append(f"network namespace {ns.label} is gone or not the one the scope was attached in")
+    cookie = netns.cookie(ns) if present is not None else None
+    registered = {e.ifindex for e in entries if e.netns_cookie == cookie}
+    tunnels = tunnel_states(policy, ns.label, present, registered)
+    problems += [f"interface {t.name} is a {t.kind}, not a trusted tunnel kind ({', '.join(policy.tunnel_kinds)}): blocked"
+                 for t in tunnels if t.impostor]
+    return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, tunnels, policy, counters,
+                       meta.get("attached_at"), problems)
 
 
 def status(bpffs: str = pins.BPFFS) -> list[ScopeStatus]:
     preflight.require_root()
     return [read_scope(d) for d in pins.list_scope_dirs(bpffs)]
+
+
+@dataclass
+class EnsureResult:
+    action: str            # "adopted" (already in force, untouched), "attached" or "replaced"
+    cgroup: str
+    pin_dir: str
+    attach: AttachResult | None = None
+
+
+def ensure(cgroup_path: str, policy: Policy, progress: Progress = _quiet,
+           bpffs: str = pins.BPFFS) -> EnsureResult:
+    """Make the cgroup protected by exactly `policy`.  A scope already in
+    force with that policy (attached by hand, by an earlier daemon, at boot)
+    is adopted as it is: no detach, no re-attach.  Otherwise attach()
+    (make-before-break when it was protected with another policy)."""
+    preflight.require_root()
+    cg = cgroup.resolve(cgroup_path)
+    pin_dir = pins.scope_dir(cg.id, bpffs)
+    if os.path.isdir(pin_dir):
+        try:
+            current = read_scope(pin_dir)
+        except (OSError, KsbpfError, ValueError):
+            current = None  # damaged pins: rebuild below
+        if current and current.attached and current.policy == policy:
+            return EnsureResult("adopted", cg.path, pin_dir)
+    result = attach(cg.path, policy, progress, bpffs)
+    return EnsureResult("replaced" if result.replaced else "attached", cg.path, pin_dir, result)
 
 
 def require_protected(cg: cgroup.Cgroup) -> None:

@@ -30,3 +30,67 @@ def packets(cgroup_path: str, reason: str) -> int:
 
 def dropped(cgroup_path: str) -> int:
     return scope_status(cgroup_path)["dropped_packets"]
+
+
+class DaemonProcess:
+    """`ksbpf daemon` as a child process with JSON logs collected from stderr."""
+
+    def __init__(self, config_path: str):
+        import threading
+        self.proc = subprocess.Popen(KSBPF + ["daemon", "--config", config_path, "--log-format", "json"],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.events: list[dict] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                try:
+                    self.events.append(json.loads(line))
+                except ValueError:
+                    pass
+                self._cond.notify_all()
+
+    def wait_for(self, event: str, timeout: float = 30, after: int = 0, **match) -> dict:
+        """The first `event` (from index `after` on) whose fields include `match`."""
+        import time
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for e in self.events[after:]:
+                    if e.get("event") == event and all(e.get(k) == v for k, v in match.items()):
+                        return e
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(f"no {event} {match} in daemon log:\n" + "\n".join(self.lines))
+                self._cond.wait(min(left, 0.2))
+
+    def named(self, event: str) -> list[dict]:
+        with self._cond:
+            return [e for e in self.events if e.get("event") == event]
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def toml_config(scopes: list[dict], extra: str = "") -> str:
+    """A config file's text; each scope a dict of keys."""
+    def value(v) -> str:
+        return json.dumps(v) if not isinstance(v, bool) else ("true" if v else "false")
+    out = [extra]
+    for sc in scopes:
+        out.append("[[scope]]")
+        out += [f"{k} = {value(v)}" for k, v in sc.items()]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,273 @@
+"""The node daemon: keeps every configured scope's tunnel map true to the
+kernel's interfaces, from netlink events, and never opens a gap.
+
+- Start-up adopts what is already in force (attached by hand, by the boot
+  unit, by an earlier daemon): no detach, no re-attach.  A scope whose policy
+  differs is replaced make-before-break.
+- Per network namespace: subscribe, dump, reconcile, then apply events.  A
+  tunnel is an interface with the tunnel's name AND a trusted link kind; one
+  that disappears leaves the map at once, one that appears enters it at once.
+- SIGHUP reloads the configuration; SIGTERM/SIGINT exit WITHOUT detaching:
+  enforcement stays in the kernel, and so it does after kill -9.
+- Routes added outside the tunnel while a scope is protected are reported
+  (TunnelVision, CVE-2024-3661): the policy keeps that traffic blocked, the
+  log tells the user why their connection broke.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import time
+from dataclasses import dataclass, field
+
+from . import bpf, config, links, netns, pins, scope
+from .errors import KsbpfError
+from .log import EventLog
+from .policy import LAN_RANGES, Policy
+
+RETRY_SECONDS = 5.0     # scopes that could not be applied are retried this often
+RESYNC_SECONDS = 60.0   # full link dump and reconcile, in case an event was ever missed
+
+
+@dataclass
+class ScopeState:
+    """A configured scope the daemon keeps in step."""
+
+    cgroup: str
+    policy: Policy
+    create_cgroup: bool
+    pin_dir: str | None = None   # set once applied
+    ns: netns.Netns | None = None
+    error: str | None = None     # why it could not be applied (retried)
+
+
+@dataclass
+class Namespace:
+    """One network namespace watched for the scopes whose tunnels live there."""
+
+    ns: netns.Netns
+    watch: links.NetlinkWatch
+    cookie: int
+    links: dict[int, links.Link] = field(default_factory=dict)
+
+
+class Daemon:
+    def __init__(self, config_path: str, log: EventLog):
+        self.config_path = config_path
+        self.log = log
+        self.scopes: dict[str, ScopeState] = {}
+        self.namespaces: dict[int, Namespace] = {}   # by namespace inode
+        self.route_alerts = 0
+        self.netlink_events: dict[str, int] = {}
+        self._signals: list[int] = []
+
+    # -- configuration ---------------------------------------------------------
+    def load(self) -> config.Config:
+        return config.load(self.config_path)
+
+    def apply(self, cfg: config.Config) -> None:
+        """Bring the kernel to `cfg`: ensure each scope, detach removed ones,
+        then (re)build the namespace watches and reconcile."""
+        wanted = {sc.cgroup: sc for sc in cfg.scopes}
+        for path in [p for p in self.scopes if p not in wanted]:
+            result = scope.detach(path)
+            self.log("scope_removed", scope=path, detached=result.detached_prog_ids)
+            del self.scopes[path]
+        for path, sc in wanted.items():
+            old = self.scopes.get(path)
+            policy = sc.policy
+            if old is None or old.policy != policy or old.error:
+                self.scopes[path] = ScopeState(path, policy, sc.create_cgroup)
+                self._apply_scope(self.scopes[path])
+        self._rebuild_watches()
+
+    def _apply_scope(self, st: ScopeState) -> None:
+        try:
+            if st.create_cgroup and not os.path.exists(st.cgroup):
+                os.makedirs(st.cgroup)
+                self.log("cgroup_created", scope=st.cgroup)
+            result = scope.ensure(st.cgroup, st.policy)
+            st.pin_dir, st.ns, st.error = result.pin_dir, netns.resolve(st.policy.netns), None
+            fields = {}
+            if result.attach:
+                fields = {"prog_id": result.attach.prog_id, "replaced": result.attach.replaced}
+            self.log(f"scope_{result.action}", scope=st.cgroup, pins=st.pin_dir,
+                     tunnels=list(st.policy.tunnels), netns=st.ns.label, **fields)
+        except (KsbpfError, OSError) as exc:
+            st.error = str(exc)
+            self.log("scope_failed", level="error", scope=st.cgroup, error=st.error,
+                     retry_in=RETRY_SECONDS)
+
+    def _rebuild_watches(self) -> None:
+        needed = {st.ns.inode: st.ns for st in self.scopes.values() if st.ns}
+        for inode in [i for i in self.namespaces if i not in needed]:
+            self.namespaces.pop(inode).watch.close()
+        for inode, ns in needed.items():
+            if inode not in self.namespaces:
+                # subscribe first, then dump: nothing can fall in between
+                self.namespaces[inode] = Namespace(ns, links.NetlinkWatch(ns), netns.cookie(ns))
+                self._resync(self.namespaces[inode])
+        for space in self.namespaces.values():
+            self._reconcile(space)
+
+    # -- keeping maps in step ------------------------------------------------------
+    def _scopes_in(self, space: Namespace) -> list[ScopeState]:
+        return [st for st in self.scopes.values() if st.ns and st.ns.inode == space.ns.inode and st.pin_dir]
+
+    def _resync(self, space: Namespace) -> None:
+        old, space.links = space.links, {link.ifindex: link for link in space.watch.links()}
+        for ifindex in sorted(old.keys() | space.links.keys()):
+            if old.get(ifindex) != space.links.get(ifindex):
+                self._note_link(space, old.get(ifindex), space.links.get(ifindex))
+
+    def _reconcile(self, space: Namespace) -> None:
+        present = list(space.links.values())
+        for st in self._scopes_in(space):
+            try:
+                with pins.locked(), bpf.ScopeMaps.from_pins(st.pin_dir) as maps:
+                    result = scope.sync_tunnels(maps, st.policy, space.cookie, present)
+            except (OSError, KsbpfError) as exc:
+                self.log("map_update_failed", level="error", scope=st.cgroup, error=str(exc))
+                st.error = str(exc)   # re-applied by the retry timer
+                continue
+            if result.added or result.removed:
+                self.log("map_update", scope=st.cgroup, added=result.added, removed=result.removed,
+                         netns=space.ns.label)
+
+    def _note_link(self, space: Namespace, before: links.Link | None, after: links.Link | None) -> None:
+        """Log what a link change means for the scopes of this namespace."""
+        for st in self._scopes_in(space):
+            names = st.policy.tunnels
+            if before and before.name in names and (after is None or after.name != before.name):
+                self.log("tunnel_disappeared", scope=st.cgroup, tunnel=before.name, ifindex=before.ifindex,
+                         netns=space.ns.label, **({"renamed_to": after.name} if after else {}))
+            if after and after.name in names:
+                if not st.policy.trusts(after.name, after.kind):
+                    self.log("impostor_rejected", level="warning", scope=st.cgroup, tunnel=after.name,
+                             ifindex=after.ifindex, kind=after.kind, trusted=list(st.policy.tunnel_kinds),
+                             netns=space.ns.label)
+                elif before is None or before.name != after.name:
+                    self.log("tunnel_appeared", scope=st.cgroup, tunnel=after.name, ifindex=after.ifindex,
+                             kind=after.kind, netns=space.ns.label)
+                elif before.up != after.up:
+                    self.log("tunnel_up" if after.up else "tunnel_down", scope=st.cgroup, tunnel=after.name,
+                             ifindex=after.ifindex, netns=space.ns.label)
+
+    def _on_events(self, space: Namespace) -> None:
+        messages, lost = space.watch.events()
+        for msg in messages:
+            kind = msg["event"]
+            self.netlink_events[kind] = self.netlink_events.get(kind, 0) + 1
+            if links.is_link_event(msg):
+                link = links.parse_link(msg)
+                before = space.links.get(link.ifindex)
+                if links.is_deleted(msg):
+                    space.links.pop(link.ifindex, None)
+                    self._note_link(space, before, None)
+                else:
+                    space.links[link.ifindex] = link
+                    self._note_link(space, before, link)
+            else:
+                route = links.parse_route(msg)
+                if route is not None and route.added:
+                    self._check_route(space, route, msg)
+        if lost:
+            self.log("netlink_overrun", level="warning", netns=space.ns.label)
+            self._resync(space)
+        self._reconcile(space)
+
+    # -- TunnelVision ------------------------------------------------------------------
+    def _check_route(self, space: Namespace, route: links.Route, msg) -> None:
+        dst = route.dst
+        if (not route.unicast or route.table == links.RT_TABLE_LOCAL or dst.prefixlen == 0
+                or not route.oifs or dst.is_loopback or dst.is_link_local or dst.is_multicast):
+            return
+        if msg["proto"] == 2 and any(dst.subnet_of(n) for n in LAN_RANGES if n.version == dst.version):
+            return  # the kernel's connected route of an ordinary private LAN
+        for st in self._scopes_in(space):
+            if all(space.links.get(oif) and st.policy.trusts(space.links[oif].name, space.links[oif].kind)
+                   for oif in route.oifs):
+                continue  # through the scope's own tunnel
+            if dst.prefixlen == dst.max_prefixlen and any(e.address == dst.network_address for e in st.policy.endpoints):
+                continue  # the route to the VPN server itself
+            devs = [space.links[o].name if o in space.links else str(o) for o in route.oifs]
+            self.route_alerts += 1
+            self.log("route_alert", level="warning", scope=st.cgroup, route=str(route), dev=devs,
+                     netns=space.ns.label,
+                     message="a route sends traffic outside the tunnel; ksbpf keeps it blocked "
+                             "(route injection, e.g. DHCP option 121: TunnelVision, CVE-2024-3661)")
+
+    # -- main loop ----------------------------------------------------------------
+    def _on_signal(self, signum: int, _frame) -> None:
+        self._signals.append(signum)
+
+    def run(self) -> int:
+        cfg = self.load()   # a bad file raises before anything is changed
+        read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(write_fd)
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        self.apply(cfg)
+        self.log("ready", scopes=len(self.scopes), failed=sum(1 for s in self.scopes.values() if s.error),
+                 namespaces=len(self.namespaces), config=self.config_path, pid=os.getpid())
+        next_resync = time.monotonic() + RESYNC_SECONDS
+        next_retry = time.monotonic() + RETRY_SECONDS
+        while True:
+            watches = {space.watch.fileno(): space for space in self.namespaces.values()}
+            failed = [s for s in self.scopes.values() if s.error]
+            deadline = min(next_resync, next_retry) if failed else next_resync
+            readable, _, _ = select.select([read_fd, *watches], [], [], max(0.0, deadline - time.monotonic()))
+            for fd in readable:
+                if fd == read_fd:
+                    while True:
+                        try:
+                            if not os.read(read_fd, 64):
+                                break
+                        except BlockingIOError:
+                            break
+                else:
+                    self._on_events(watches[fd])
+            while self._signals:
+                signum = self._signals.pop(0)
+                if signum == signal.SIGHUP:
+                    self.reload()
+                else:
+                    self.log("exiting", signal=signal.Signals(signum).name,
+                             note="enforcement stays in the kernel; `ksbpf detach --all` removes it")
+                    for space in self.namespaces.values():
+                        space.watch.close()
+                    return 0
+            if failed and time.monotonic() >= next_retry:
+                for st in failed:
+                    self._apply_scope(st)
+                self._rebuild_watches()
+                next_retry = time.monotonic() + RETRY_SECONDS
+            if time.monotonic() >= next_resync:
+                for space in self.namespaces.values():
+                    self._resync(space)
+                    self._reconcile(space)
+                next_resync = time.monotonic() + RESYNC_SECONDS
+
+    def reload(self) -> None:
+        try:
+            cfg = self.load()
+        except KsbpfError as exc:
+            self.log("reload_rejected", level="error", config=self.config_path, error=str(exc),
+                     note="the running configuration stays in force")
+            return
+        self.log("reload", config=self.config_path, scopes=len(cfg.scopes))
+        self.apply(cfg)
+        self.log("reloaded", scopes=len(self.scopes), failed=sum(1 for s in self.scopes.values() if s.error))
+
+
+def apply_once(config_path: str, log: EventLog) -> int:
+    """`ksbpf apply`: bring the configured scopes in force and exit (boot unit)."""
+    d = Daemon(config_path, log)
+    cfg = d.load()
+    d.apply(cfg)
+    for space in d.namespaces.values():
+        space.watch.close()
+    failed = [s for s in d.scopes.values() if s.error]
+    return 1 if failed else 0
