@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench install clean
 
 ## setup: Debian packages, kernel headers for bcc, .venv with ksbpf (idempotent)
 setup:
@@ -16,6 +16,20 @@ demo: setup
 ## test: the whole suite (unit, BPF_PROG_TEST_RUN, namespace integration, demo)
 test: setup
 	@$(PY) -m pytest $(PYTEST_ARGS)
+
+## bench: benchmarks (never part of `make test`); results in benchmarks/results/
+bench: setup
+	@$(PY) benchmarks/reaction.py --flaps 200
+
+## install: ksbpf on PATH, the example config and the systemd units (see README)
+PREFIX ?= /usr/local
+install: setup
+	install -d /etc/ksbpf /etc/systemd/system $(PREFIX)/bin
+	[ -e /etc/ksbpf/ksbpf.toml ] || install -m 0644 deploy/ksbpf.toml.example /etc/ksbpf/ksbpf.toml
+	ln -sfn $(abspath $(VENV))/bin/ksbpf $(PREFIX)/bin/ksbpf
+	install -m 0644 deploy/systemd/ksbpf-early.service deploy/systemd/ksbpf.service /etc/systemd/system/
+	@echo "installed. Next: edit /etc/ksbpf/ksbpf.toml, check it with 'ksbpf check-config /etc/ksbpf/ksbpf.toml',"
+	@echo "then: systemctl daemon-reload && systemctl enable --now ksbpf-early.service ksbpf.service"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,194 @@
+"""Reaction time of the daemon: from a tunnel interface appearing (or
+disappearing) in the kernel to the scope's tunnel map allowing (or no
+longer allowing) it.
+
+A bench-owned network namespace and cgroup; the daemon runs as it would in
+production (`ksbpf daemon`), with a scope whose tunnel is a tun device (what
+wireguard-go and OpenVPN create).  Each flap creates the device with
+TUNSETIFF (the clock starts just before the ioctl), polls the pinned map
+until the new ifindex is in it, closes the device (the clock starts just
+before close) and polls until the entry is gone.  No packet is sent.
+
+    python benchmarks/reaction.py [--flaps 200] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import platform
+import queue
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+from ksbpf import bpf, cgroup, netns, pins, scope
+
+TUNSETIFF = 0x400454CA
+IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
+TARGET_P99_MS = 10.0
+POLL_LIMIT_S = 5.0
+
+
+class TunWorker:
+    """A thread inside the namespace that creates and removes one tun device
+    on request, so that the main thread can watch the map meanwhile (closing a
+    tun device blocks its caller for tens of ms after netlink has told)."""
+
+    def __init__(self, ns: netns.Netns, name: str):
+        self.requests: queue.Queue = queue.Queue()
+        self.idle = threading.Event()
+        self.idle.set()
+        self.thread = threading.Thread(target=netns.run_in, args=(ns.path, self._serve, name), daemon=True)
+        self.thread.start()
+
+    def _serve(self, name: str) -> None:
+        fd = None
+        while (cmd := self.requests.get()) != "stop":
+            if cmd == "create":
+                fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+                fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+            elif fd is not None:
+                os.close(fd)
+                fd = None
+            self.idle.set()
+
+    def create(self) -> None:
+        self.idle.clear()
+        self.requests.put("create")
+
+    def remove(self) -> None:
+        self.idle.clear()
+        self.requests.put("remove")
+
+    def wait_idle(self) -> None:
+        """Wait until the last request has returned (not timed)."""
+        self.idle.wait()
+
+    def stop(self) -> None:
+        self.requests.put("remove")
+        self.requests.put("stop")
+        self.thread.join()
+
+
+def _wait(pred) -> float:
+    """The time at which pred() became true, polled every 0.1 ms (sleeping lets
+    the tun worker thread have the GIL)."""
+    start = time.perf_counter()
+    while not pred():
+        if time.perf_counter() - start > POLL_LIMIT_S:
+            raise RuntimeError("the map was not updated within 5 s: is the daemon running?")
+        time.sleep(0.0001)
+    return time.perf_counter()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+def summary(ms: list[float]) -> dict:
+    return {"n": len(ms), "p50_ms": round(percentile(ms, 50), 3), "p99_ms": round(percentile(ms, 99), 3),
+            "max_ms": round(max(ms), 3), "mean_ms": round(statistics.fmean(ms), 3)}
+
+
+def run(flaps: int) -> dict:
+    tag = uuid.uuid4().hex[:6]
+    ns_name, tun = f"ksbpf-bench-{tag}", f"tunb{tag}"
+    cg = os.path.join(cgroup.cgroup2_root(), f"ksbpf-bench-{tag}")
+    workdir = tempfile.mkdtemp(prefix="ksbpf-bench-")
+    config = os.path.join(workdir, "ksbpf.toml")
+    subprocess.run(["ip", "netns", "add", ns_name], check=True)
+    os.mkdir(cg)
+    daemon = None
+    try:
+        with open(config, "w") as f:
+            f.write(f'[[scope]]\ncgroup = "{cg}"\ntunnels = ["{tun}"]\nnetns = "{ns_name}"\n')
+        log = open(os.path.join(workdir, "daemon.log"), "w")
+        daemon = subprocess.Popen([sys.executable, "-m", "ksbpf.cli", "daemon", "--config", config,
+                                   "--log-format", "json"], stdout=log, stderr=log)
+        pin_dir = pins.scope_dir(cgroup.cgroup_id(cg))
+        _wait(lambda: os.path.exists(os.path.join(pin_dir, "meta")) or daemon.poll() is not None)
+        time.sleep(0.5)  # let it finish its start-up reconcile
+        worker = TunWorker(netns.resolve(ns_name), tun)
+        appear, vanish = [], []
+        try:
+            with bpf.ScopeMaps.from_pins(pin_dir) as maps:
+                def registered() -> set[int]:
+                    return {e.ifindex for e in maps.tunnels()}
+                for _ in range(flaps):
+                    worker.wait_idle()
+                    t0 = time.perf_counter()
+                    worker.create()
+                    appear.append((_wait(registered) - t0) * 1000)
+                    t0 = time.perf_counter()
+                    worker.remove()
+                    vanish.append((_wait(lambda: not registered()) - t0) * 1000)
+        finally:
+            worker.stop()
+        return {
+            "benchmark": "reaction",
+            "what": "netlink event -> tunnel map updated, by the ksbpf daemon",
+            "flaps": flaps, "target_p99_ms": TARGET_P99_MS,
+            "appear": summary(appear), "disappear": summary(vanish),
+            "met": percentile(appear, 99) <= TARGET_P99_MS and percentile(vanish, 99) <= TARGET_P99_MS,
+            "machine": {"kernel": platform.release(), "cpu": _cpu(), "cpus": os.cpu_count(),
+                        "python": platform.python_version()},
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+    finally:
+        if daemon is not None:
+            daemon.terminate()
+            daemon.wait()
+        scope.detach(cg)
+        cgroup.remove_tree(cg)
+        subprocess.run(["ip", "netns", "del", ns_name])
+        subprocess.run(["rm", "-rf", workdir])
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def table(r: dict) -> str:
+    lines = ["| reaction | n | p50 ms | p99 ms | max ms | target p99 | met |", "|---|---|---|---|---|---|---|"]
+    for key in ("appear", "disappear"):
+        s = r[key]
+        met = "yes" if s["p99_ms"] <= r["target_p99_ms"] else "NO"
+        lines.append(f"| tunnel {key}s → map | {s['n']} | {s['p50_ms']} | {s['p99_ms']} | {s['max_ms']} "
+                     f"| ≤ {r['target_p99_ms']:g} | {met} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--flaps", type=int, default=200)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    a = ap.parse_args()
+    result = run(a.flaps)
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "reaction.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(a.out, "reaction.md"), "w") as f:
+        f.write(f"# Reaction time\n\n{result['what']}; {result['flaps']} flaps; "
+                f"{result['machine']['kernel']}, {result['machine']['cpu']}.\n\n{table(result)}\n")
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
