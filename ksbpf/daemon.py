@@ -199,6 +199,14 @@ class Daemon:
                      message="a route sends traffic outside the tunnel; ksbpf keeps it blocked "
                              "(route injection, e.g. DHCP option 121: TunnelVision, CVE-2024-3661)")
 
+    def _check_namespaces(self) -> None:
+        """A namespace deleted and re-created under the same name is another
+        namespace: re-apply its scopes (make-before-break) on the new one."""
+        for st in self.scopes.values():
+            if st.ns and not st.error and not scope.netns_alive(st.ns):
+                st.error = f"network namespace {st.ns.label} was replaced"
+                self.log("netns_changed", level="warning", scope=st.cgroup, netns=st.ns.label)
+
     # -- main loop ----------------------------------------------------------------
     def _on_signal(self, signum: int, _frame) -> None:
         self._signals.append(signum)
@@ -216,8 +224,7 @@ class Daemon:
         next_retry = time.monotonic() + RETRY_SECONDS
         while True:
             watches = {space.watch.fileno(): space for space in self.namespaces.values()}
-            failed = [s for s in self.scopes.values() if s.error]
-            deadline = min(next_resync, next_retry) if failed else next_resync
+            deadline = min(next_resync, next_retry)
             readable, _, _ = select.select([read_fd, *watches], [], [], max(0.0, deadline - time.monotonic()))
             for fd in readable:
                 if fd == read_fd:
@@ -239,10 +246,13 @@ class Daemon:
                     for space in self.namespaces.values():
                         space.watch.close()
                     return 0
-            if failed and time.monotonic() >= next_retry:
+            if time.monotonic() >= next_retry:
+                self._check_namespaces()
+                failed = [s for s in self.scopes.values() if s.error]
                 for st in failed:
                     self._apply_scope(st)
-                self._rebuild_watches()
+                if failed:
+                    self._rebuild_watches()
                 next_retry = time.monotonic() + RETRY_SECONDS
             if time.monotonic() >= next_resync:
                 for space in self.namespaces.values():

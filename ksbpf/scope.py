@@ -291,6 +291,7 @@ class ScopeStatus:
     counters: Counters   # since the scope's first attach
     attached_at: float | None
     problems: list[str]
+    netns_ok: bool = True   # the tunnels' namespace is still the one attached to
 
     @property
     def dropped_packets(self) -> int:
@@ -360,7 +361,8 @@ def read_scope(pin_dir: str) -> ScopeStatus:
         problems.append("the cgroup no longer exists (run `ksbpf detach` to remove the pins)")
     ns = meta_netns(meta)
     present = None
-    if netns_alive(ns):
+    ns_ok = netns_alive(ns)
+    if ns_ok:
         present = links.links(ns)
     else:
         problems.append(f"network namespace {ns.label} is gone or not the one the scope was attached in")
@@ -370,7 +372,7 @@ def read_scope(pin_dir: str) -> ScopeStatus:
     problems += [f"interface {t.name} is a {t.kind}, not a trusted tunnel kind ({', '.join(policy.tunnel_kinds)}): blocked"
                  for t in tunnels if t.impostor]
     return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, tunnels, policy, counters,
-                       meta.get("attached_at"), problems)
+                       meta.get("attached_at"), problems, ns_ok)
 
 
 def status(bpffs: str = pins.BPFFS) -> list[ScopeStatus]:
@@ -400,7 +402,7 @@ def ensure(cgroup_path: str, policy: Policy, progress: Progress = _quiet,
             current = read_scope(pin_dir)
         except (OSError, KsbpfError, ValueError):
             current = None  # damaged pins: rebuild below
-        if current and current.attached and current.policy == policy:
+        if current and current.attached and current.netns_ok and current.policy == policy:
             return EnsureResult("adopted", cg.path, pin_dir)
     result = attach(cg.path, policy, progress, bpffs)
     return EnsureResult("replaced" if result.replaced else "attached", cg.path, pin_dir, result)

@@ -211,3 +211,27 @@ def test_bad_config_changes_nothing(tmp_path, make_cgroup):
     assert prog_ids(cg) == []
     proc = ksbpf("apply", "--config", str(path), timeout=30)
     assert proc.returncode == 1 and prog_ids(cg) == []
+
+
+def test_a_recreated_namespace_is_followed(make_cgroup, run_daemon, tag):
+    """A namespace deleted and re-created under the same name is a new one:
+    the scope moves to it (make-before-break) and tracks its tunnels."""
+    name, tun = f"ksbpf-t{tag}", f"tun{tag}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        cg = make_cgroup()
+        d = run_daemon([{"cgroup": cg, "tunnels": [tun], "netns": name}])
+        subprocess.run(["ip", "netns", "del", name], check=True)
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        mark = len(d.events)
+        d.wait_for("netns_changed", after=mark, netns=name, timeout=15)
+        d.wait_for("scope_replaced", after=mark, scope=cg, timeout=15)
+        subprocess.run(["ip", "-n", name, "tuntap", "add", "dev", tun, "mode", "tun"], check=True)
+        d.wait_for("tunnel_appeared", after=mark, tunnel=tun, kind="tun")
+        deadline = time.monotonic() + 5
+        while not scope_status(cg)["tunnels"][0]["registered"]:
+            assert time.monotonic() < deadline, scope_status(cg)
+            time.sleep(0.05)
+        assert not scope_status(cg)["problems"]
+    finally:
+        subprocess.run(["ip", "netns", "del", name])
