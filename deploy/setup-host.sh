@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Prepare a Debian 12 (or newer) host for ksbpf: idempotent, run as root.
 #   deploy/setup-host.sh [VENV]     (default VENV: .venv next to this repo)
-# 1. Debian packages: bcc's Python module, bpftool, wireguard-go/-tools, tools for the lab.
+# 1. Debian packages: bcc's Python module, bpftool, wireguard-go/-tools, tools for the lab
+#    and the tests (prometheus: its server and promtool, for the observability tests;
+#    its service is NOT left enabled or running).
 # 2. Kernel headers where bcc looks (/lib/modules/$(uname -r)/build).
 # 3. A virtualenv that sees the distribution's bcc (and only it) and has ksbpf installed.
 set -euo pipefail
@@ -22,14 +24,21 @@ fi
 
 # --- 1. packages -------------------------------------------------------------
 pkgs=(python3 python3-venv python3-bpfcc libbpf1 bpftool iproute2 wireguard-go wireguard-tools
-      tcpdump iperf3 iputils-ping procps)
+      tcpdump iperf3 iputils-ping procps prometheus)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
     say "installing Debian packages: ${missing[*]}"
+    # start no service while installing (Debian's prometheus would start one on :9090)
+    no_start=/usr/sbin/policy-rc.d
+    [ -e "$no_start" ] || { printf '#!/bin/sh\nexit 101\n' > "$no_start"; chmod +x "$no_start"; trap 'rm -f "$no_start"' EXIT; }
     apt_install "${missing[@]}"
+    if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null; then
+        systemctl disable prometheus.service >/dev/null 2>&1 || true   # works without a running systemd
+        say "installed prometheus for the tests only: its service is disabled and was not started"
+    fi
 else
     say "Debian packages present"
 fi

@@ -9,6 +9,10 @@
  *   -DKSBPF_OPT_LAN         fixed private ranges (map lan4/lan6) are allowed
  *   -DKSBPF_OPT_LAN_DNS     ... including DNS (53, 853) to them
  *   -DKSBPF_OPT_DHCP        DHCPv4/DHCPv6 client traffic is allowed
+ *   -DKSBPF_EVENTS_INTERVAL_NS=N, -DKSBPF_EVENTS_BURST=N
+ *                           send samples of dropped packets to the ring buffer
+ *                           `events`: at most one per N ns and BURST at once,
+ *                           per CPU (a token bucket); the rest are counted
  *   -DKSBPF_MAX_TUNNELS=N, -DKSBPF_MAX_ENDPOINTS=N, -DKSBPF_MAX_LAN=N: map sizes
  */
 #include <uapi/linux/bpf.h>
@@ -27,6 +31,9 @@
 #ifndef KSBPF_MAX_LAN
 #define KSBPF_MAX_LAN 64
 #endif
+#ifndef KSBPF_EVENTS_PAGES
+#define KSBPF_EVENTS_PAGES 16
+#endif
 #define KSBPF_IPV6_MAX_EXTHDRS 6
 
 BPF_HASH(tunnels, struct ksbpf_tunnel_key, __u32, KSBPF_MAX_TUNNELS);
@@ -34,11 +41,15 @@ BPF_HASH(endpoints4, struct ksbpf_ep4_key, __u32, KSBPF_MAX_ENDPOINTS);
 BPF_HASH(endpoints6, struct ksbpf_ep6_key, __u32, KSBPF_MAX_ENDPOINTS);
 BPF_LPM_TRIE(lan4, struct ksbpf_lpm4_key, __u32, KSBPF_MAX_LAN);
 BPF_LPM_TRIE(lan6, struct ksbpf_lpm6_key, __u32, KSBPF_MAX_LAN);
-BPF_PERCPU_ARRAY(counters, struct ksbpf_counter, KSBPF_REASON_MAX);
+BPF_PERCPU_ARRAY(counters, struct ksbpf_counter, KSBPF_REASON_MAX * KSBPF_FAMILY_MAX);
 BPF_ARRAY(meta, struct ksbpf_meta, 1);
+BPF_RINGBUF_OUTPUT(events, KSBPF_EVENTS_PAGES);
+BPF_PERCPU_ARRAY(event_stats, __u64, 2);
+BPF_PERCPU_ARRAY(bucket, struct ksbpf_bucket, 1);
 
 /* What the policy needs to know of a packet. */
 struct ksbpf_pkt {
+	__u8 family;		/* enum ksbpf_family */
 	__u8 l4proto;
 	__u8 has_ports;		/* TCP/UDP with its ports read */
 	__u8 fragment;		/* a non-first fragment */
@@ -203,44 +214,131 @@ static __always_inline int ksbpf_exceptions6(const struct ksbpf_pkt *p)
 	return ksbpf_last_resort(p, 1);
 }
 
-/* THE policy.  Returns a reason (ksbpf.h). */
-static __always_inline int ksbpf_policy(struct __sk_buff *skb, __u64 netns_cookie)
+/* THE policy.  Returns a reason (ksbpf.h); fills *p as far as it parsed. */
+static __always_inline int ksbpf_policy(struct __sk_buff *skb, __u64 netns_cookie, struct ksbpf_pkt *p)
 {
 	struct ksbpf_tunnel_key tk = { .netns_cookie = netns_cookie, .ifindex = skb->ifindex };
-	struct ksbpf_pkt p = {};
 
+	p->family = skb->protocol == bpf_htons(ETH_P_IP) ? KSBPF_FAMILY_IPV4 :
+		    skb->protocol == bpf_htons(ETH_P_IPV6) ? KSBPF_FAMILY_IPV6 : KSBPF_FAMILY_OTHER;
 	if (skb->ifindex == 1)		/* LOOPBACK_IFINDEX, the same in every netns */
 		return KSBPF_ALLOW_LOOPBACK;
 	if (tunnels.lookup(&tk))
 		return KSBPF_ALLOW_TUNNEL;
-	if (skb->protocol == bpf_htons(ETH_P_IP)) {
-		if (ksbpf_parse4(skb, &p))
+	if (p->family == KSBPF_FAMILY_IPV4) {
+		if (ksbpf_parse4(skb, p))
 			return KSBPF_DROP_MALFORMED;
-		return ksbpf_exceptions4(&p);
+		return ksbpf_exceptions4(p);
 	}
-	if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
-		if (ksbpf_parse6(skb, &p))
+	if (p->family == KSBPF_FAMILY_IPV6) {
+		if (ksbpf_parse6(skb, p))
 			return KSBPF_DROP_MALFORMED;
-		return ksbpf_exceptions6(&p);
+		return ksbpf_exceptions6(p);
 	}
 	return KSBPF_DROP_NOT_IP;
 }
 
-/* Count the decision; returns 1 to let the packet go, 0 to drop it. */
-static __always_inline int ksbpf_account(struct __sk_buff *skb, int reason)
+static __always_inline void ksbpf_count(struct __sk_buff *skb, int reason, const struct ksbpf_pkt *p)
 {
-	int key = reason;
+	int key = reason * KSBPF_FAMILY_MAX + p->family;
 	struct ksbpf_counter *c = counters.lookup(&key);
 
 	if (c) {
 		c->packets++;
 		c->bytes += skb->len;
 	}
-	return reason < KSBPF_FIRST_DROP;
+}
+
+#ifdef KSBPF_EVENTS_INTERVAL_NS
+static __always_inline void ksbpf_event_stat(int which)
+{
+	__u64 *n = event_stats.lookup(&which);
+
+	if (n)
+		(*n)++;
+}
+
+/* May this CPU send another sample?  A token bucket: one token per
+ * KSBPF_EVENTS_INTERVAL_NS, at most KSBPF_EVENTS_BURST saved up. */
+static __always_inline int ksbpf_take_token(void)
+{
+	int zero = 0;
+	struct ksbpf_bucket *b = bucket.lookup(&zero);
+	__u64 now = bpf_ktime_get_ns(), earned;
+
+	if (!b)
+		return 0;
+	earned = (now - b->last_ns) / KSBPF_EVENTS_INTERVAL_NS;
+	if (earned) {
+		b->tokens += earned;
+		b->last_ns += earned * KSBPF_EVENTS_INTERVAL_NS;
+		if (b->tokens >= KSBPF_EVENTS_BURST) {
+			b->tokens = KSBPF_EVENTS_BURST;
+			b->last_ns = now;
+		}
+	}
+	if (!b->tokens)
+		return 0;
+	b->tokens--;
+	return 1;
+}
+
+static __always_inline void ksbpf_report(struct __sk_buff *skb, int reason, const struct ksbpf_pkt *p,
+					 __u64 netns_cookie, int hook)
+{
+	struct ksbpf_event *ev;
+
+	if (!ksbpf_take_token()) {
+		ksbpf_event_stat(KSBPF_EVENTS_SUPPRESSED);
+		return;
+	}
+	ev = events.ringbuf_reserve(sizeof(*ev));
+	if (!ev) {
+		ksbpf_event_stat(KSBPF_EVENTS_SUPPRESSED);
+		return;
+	}
+	__builtin_memset(ev, 0, sizeof(*ev));
+	ev->ts_ns = bpf_ktime_get_ns();
+	ev->cgroup_id = bpf_skb_cgroup_id(skb);
+	ev->netns_cookie = netns_cookie;
+	ev->ifindex = skb->ifindex;
+	ev->uid = bpf_get_socket_uid(skb);
+	ev->len = skb->len;
+	ev->sport = p->sport;
+	ev->dport = p->dport;
+	ev->reason = reason;
+	ev->family = p->family;
+	ev->proto = p->l4proto;
+	ev->hook = hook;
+	if (p->family == KSBPF_FAMILY_IPV4) {
+		bpf_skb_load_bytes_relative(skb, offsetof(struct iphdr, saddr), ev->saddr, 4, BPF_HDR_START_NET);
+		__builtin_memcpy(ev->daddr, &p->daddr.v4, 4);
+	} else if (p->family == KSBPF_FAMILY_IPV6) {
+		bpf_skb_load_bytes_relative(skb, offsetof(struct ipv6hdr, saddr), ev->saddr, 16, BPF_HDR_START_NET);
+		__builtin_memcpy(ev->daddr, p->daddr.v6, 16);
+	}
+	events.ringbuf_submit(ev, 0);
+	ksbpf_event_stat(KSBPF_EVENTS_SENT);
+}
+#endif
+
+/* Decide, count, report; returns 1 to let the packet go, 0 to drop it. */
+static __always_inline int ksbpf_verdict(struct __sk_buff *skb, __u64 netns_cookie, int hook)
+{
+	struct ksbpf_pkt p = {};
+	int reason = ksbpf_policy(skb, netns_cookie, &p);
+
+	ksbpf_count(skb, reason, &p);
+	if (reason < KSBPF_FIRST_DROP)
+		return 1;
+#ifdef KSBPF_EVENTS_INTERVAL_NS
+	ksbpf_report(skb, reason, &p, netns_cookie, hook);
+#endif
+	return 0;
 }
 
 /* cgroup_skb/egress: the processes of one cgroup v2. */
 int ksbpf_cg_egress(struct __sk_buff *skb)
 {
-	return ksbpf_account(skb, ksbpf_policy(skb, bpf_get_netns_cookie(skb)));
+	return ksbpf_verdict(skb, bpf_get_netns_cookie(skb), KSBPF_HOOK_CGROUP);
 }

@@ -25,6 +25,20 @@ enum ksbpf_reason {
 
 #define KSBPF_FIRST_DROP KSBPF_DROP_NOT_TUNNEL
 
+/* Counters are kept per (reason, family): index reason * KSBPF_FAMILY_MAX + family. */
+enum ksbpf_family {
+	KSBPF_FAMILY_IPV4 = 0,
+	KSBPF_FAMILY_IPV6 = 1,
+	KSBPF_FAMILY_OTHER = 2,
+	KSBPF_FAMILY_MAX = 3,
+};
+
+/* Where the decision was taken (the metrics' "hook" label). */
+enum ksbpf_hook {
+	KSBPF_HOOK_CGROUP = 0,
+	KSBPF_HOOK_MAX = 1,
+};
+
 /* Tunnels are keyed by (network-namespace cookie, ifindex): ifindex numbers
  * repeat across namespaces. */
 struct ksbpf_tunnel_key {
@@ -66,6 +80,34 @@ struct ksbpf_lpm6_key {
 struct ksbpf_counter {
 	__u64 packets;
 	__u64 bytes;
+};
+
+/* A sample of a dropped packet, sent to the ring buffer `events` (rate
+ * limited in the kernel by a per-CPU token bucket; see event_stats). */
+struct ksbpf_event {
+	__u64 ts_ns;		/* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u64 cgroup_id;	/* the sending socket's cgroup */
+	__u64 netns_cookie;	/* the namespace of the egress interface */
+	__u32 ifindex;		/* egress interface */
+	__u32 uid;		/* socket owner; overflowuid when unknown */
+	__u32 len;		/* packet length */
+	__be16 sport;
+	__be16 dport;
+	__u8 reason;
+	__u8 family;
+	__u8 proto;
+	__u8 hook;
+	__u8 saddr[16];		/* IPv4 in the first 4 bytes */
+	__u8 daddr[16];
+};
+
+/* event_stats indexes */
+#define KSBPF_EVENTS_SENT 0
+#define KSBPF_EVENTS_SUPPRESSED 1	/* rate-limited, or the ring buffer was full */
+
+struct ksbpf_bucket {
+	__u64 tokens;
+	__u64 last_ns;
 };
 
 /* The scope's policy as the user gave it (JSON), read back by `ksbpf status`. */

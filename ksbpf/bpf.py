@@ -17,11 +17,12 @@ from typing import Iterable
 
 from . import libbpf
 from .errors import KsbpfError
-from .policy import PROTOCOLS, Endpoint, Options
-from .reasons import Reason
+from .policy import PROTOCOLS, Endpoint, EventSettings, Options
+from .reasons import FAMILY_MAX, Family, Reason
 
 PROG_NAME = "ksbpf_cg_egress"  # the entry point; the kernel shows it as the program's name
-MAP_NAMES = ("tunnels", "endpoints4", "endpoints6", "lan4", "lan6", "counters", "meta")
+MAP_NAMES = ("tunnels", "endpoints4", "endpoints6", "lan4", "lan6", "counters", "meta",
+             "events", "event_stats", "bucket")
 META_SIZE = 8192
 EP_EXACT, EP_ADDRESS = 1, 2
 MAX_TUNNELS = 64
@@ -42,7 +43,7 @@ def source_path() -> str:
     return os.path.join(ebpf_dir(), "ksbpf.c")
 
 
-def cflags(options: Options, n_endpoints: int) -> list[str]:
+def cflags(options: Options, n_endpoints: int, events: EventSettings = EventSettings()) -> list[str]:
     flags = [f"-I{ebpf_dir()}",
              f"-DKSBPF_MAX_TUNNELS={MAX_TUNNELS}",
              f"-DKSBPF_MAX_LAN={MAX_LAN}",
@@ -54,6 +55,11 @@ def cflags(options: Options, n_endpoints: int) -> list[str]:
         flags.append("-DKSBPF_OPT_LAN_DNS")
     if options.allow_dhcp:
         flags.append("-DKSBPF_OPT_DHCP")
+    if events.rate > 0:
+        # each CPU gets an equal share of the rate and of the burst
+        ncpu = libbpf.num_possible_cpus()
+        flags += [f"-DKSBPF_EVENTS_INTERVAL_NS={max(1, round(ncpu * 1e9 / events.rate))}ULL",
+                  f"-DKSBPF_EVENTS_BURST={max(1, -(-events.burst // ncpu))}ULL"]
     return flags
 
 
@@ -152,21 +158,26 @@ class ScopeMaps:
             libbpf.map_update(self.fds["lan4" if net.version == 4 else "lan6"], lpm_key(net), _U32.pack(1))
 
     # counters
-    def counters(self) -> dict[Reason, tuple[int, int]]:
-        """(packets, bytes) per reason, summed over CPUs."""
-        fd = self.fds["counters"]
+    def _percpu(self, name: str, index: int) -> list[bytes]:
+        """The value of array `name` at `index`, one bytes per possible CPU."""
         ncpu = libbpf.num_possible_cpus()
-        stride = (self._value_size["counters"] + 7) // 8 * 8
+        stride = (self._value_size[name] + 7) // 8 * 8
+        raw = libbpf.map_lookup(self.fds[name], _U32.pack(index), stride * ncpu) or b""
+        return [raw[cpu * stride:(cpu + 1) * stride] for cpu in range(len(raw) // stride)]
+
+    def counters(self) -> dict[tuple[Reason, Family], tuple[int, int]]:
+        """(packets, bytes) per (reason, family), summed over CPUs."""
         out = {}
         for reason in Reason:
-            raw = libbpf.map_lookup(fd, _U32.pack(reason), stride * ncpu) or b""
-            packets = bytes_ = 0
-            for cpu in range(len(raw) // stride):
-                p, b = _COUNTER.unpack_from(raw, cpu * stride)
-                packets += p
-                bytes_ += b
-            out[reason] = (packets, bytes_)
+            for family in Family:
+                values = [_COUNTER.unpack_from(v) for v in self._percpu("counters", reason * FAMILY_MAX + family)]
+                out[(reason, family)] = (sum(p for p, _ in values), sum(b for _, b in values))
         return out
+
+    def event_stats(self) -> tuple[int, int]:
+        """(samples sent to the ring buffer, samples suppressed), summed over CPUs."""
+        return tuple(sum(struct.unpack_from("=Q", v)[0] for v in self._percpu("event_stats", i))
+                     for i in (0, 1))  # type: ignore[return-value]
 
     # meta: the scope's policy as the user gave it
     def write_meta(self, meta: dict) -> None:
@@ -203,10 +214,11 @@ class LoadedProgram:
             cleanup()
 
 
-def load(bcc: ModuleType, options: Options, n_endpoints: int = 0) -> LoadedProgram:
+def load(bcc: ModuleType, options: Options, n_endpoints: int = 0,
+         events: EventSettings = EventSettings()) -> LoadedProgram:
     """Compile ebpf/ksbpf.c with bcc for these options and load the cgroup_skb program."""
     try:
-        b = bcc.BPF(src_file=source_path().encode(), cflags=cflags(options, n_endpoints))
+        b = bcc.BPF(src_file=source_path().encode(), cflags=cflags(options, n_endpoints, events))
         fn = b.load_func(PROG_NAME.encode(), bcc.BPF.CGROUP_SKB)
     except Exception as exc:  # bcc raises bare Exception on compile/verifier errors
         raise KsbpfError(f"the BPF program did not compile or load: {exc}",

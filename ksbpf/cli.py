@@ -12,7 +12,7 @@ import click
 from . import cgroup, preflight, scope
 from .config import ConfigError
 from .errors import KsbpfError
-from .policy import DEFAULT_TUNNEL_KINDS, Endpoint, Options, Policy
+from .policy import DEFAULT_TUNNEL_KINDS, Endpoint, EventSettings, Options, Policy
 
 
 def _progress(msg: str) -> None:
@@ -64,13 +64,17 @@ def _endpoint(_ctx, _param, values) -> tuple[Endpoint, ...]:
 @click.option("--allow-dhcp", is_flag=True, help="Allow DHCPv4/DHCPv6 client traffic.")
 @click.option("--tunnel-kind", "kinds", multiple=True, metavar="KIND",
               help=f"Link kind trusted as a tunnel (repeatable; default: {', '.join(DEFAULT_TUNNEL_KINDS)}).")
+@click.option("--events-rate", type=float, default=EventSettings.rate, show_default=True, metavar="N",
+              help="Samples of blocked packets streamed per second (`ksbpf events`); 0: off.")
+@click.option("--events-burst", type=int, default=EventSettings.burst, show_default=True, metavar="N")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def attach(cgroup_path, tunnels, endpoints, netns, allow_lan, allow_lan_dns, allow_dhcp, kinds, as_json) -> None:
+def attach(cgroup_path, tunnels, endpoints, netns, allow_lan, allow_lan_dns, allow_dhcp, kinds,
+           events_rate, events_burst, as_json) -> None:
     """Protect a cgroup; replaces its policy if already protected (no gap).
 
     Enforcement stays in the kernel after this command exits."""
     policy = Policy(tuple(tunnels), endpoints, netns, Options(allow_lan, allow_lan_dns, allow_dhcp),
-                    tuple(kinds) or DEFAULT_TUNNEL_KINDS)
+                    tuple(kinds) or DEFAULT_TUNNEL_KINDS, EventSettings(events_rate, events_burst))
     result = scope.attach(cgroup_path, policy, progress=_progress)
     if as_json:
         _emit_json(result.to_dict())
@@ -140,12 +144,49 @@ def status(as_json) -> None:
             click.echo(f"  endpoint {ep}")
         opts = [k.replace("_", "-") for k, v in vars(s.policy.options).items() if v]
         click.echo(f"  options  {', '.join(opts) if opts else 'none (strict)'}")
-        for reason, (packets, bytes_) in s.counters.items():
+        for reason, (packets, bytes_) in scope.by_reason(s.counters).items():
             if packets:
                 verdict = "allow" if reason.allowed else "DROP "
                 click.echo(f"  {verdict} {reason.label:<18} {packets:>12} packets {bytes_:>14} bytes")
         for p in s.problems:
             click.echo(f"  problem: {p}")
+
+
+@main.command()
+@click.option("--scope", "scopes", multiple=True, metavar="CGROUP",
+              help="Only this scope (its cgroup path; repeatable).  Default: every scope.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def events(scopes, as_json) -> None:
+    """Stream the packets ksbpf blocks, as they are blocked.
+
+    Samples are rate-limited in the kernel (--events-rate at attach; counters
+    stay exact).  One reader at a time: two readers share the samples."""
+    from .events import stream
+
+    preflight.require_root()
+    wanted = [os.path.realpath(s) for s in scopes]
+    stop: list[int] = []
+    import signal as _signal
+    for sig in (_signal.SIGINT, _signal.SIGTERM):
+        _signal.signal(sig, lambda signum, _f: stop.append(signum))
+
+    def show(ev) -> None:
+        click.echo(json.dumps(ev.to_dict()) if as_json else str(ev))
+        sys.stdout.flush()
+
+    click.echo("ksbpf: streaming blocked packets (Ctrl-C to stop)", err=True)
+    if stream(wanted or None, show, lambda: bool(stop)) == 0:
+        raise KsbpfError("no protected scope" + (f" matches {', '.join(scopes)}" if scopes else ""),
+                         "see `ksbpf status`; protect one with `ksbpf attach`")
+
+
+@main.command()
+def metrics() -> None:
+    """Print the Prometheus metrics once, read from the pins (no daemon needed)."""
+    from .metrics import render
+
+    preflight.require_root()
+    click.echo(render().decode(), nl=False)
 
 
 @main.command(name="exec", context_settings={"ignore_unknown_options": True})

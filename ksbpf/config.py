@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 from .errors import KsbpfError
-from .policy import DEFAULT_TUNNEL_KINDS, Endpoint, Options, Policy
+from .policy import DEFAULT_TUNNEL_KINDS, Endpoint, EventSettings, Options, Policy
 
-DEFAULT_LISTEN = "127.0.0.1:9477"
+DEFAULT_LISTEN = "127.0.0.1:12479"  # outside the crowded 9100-9999 exporter range
 LOG_FORMATS = ("text", "json")
 
 # Known keys: of the file itself ("") and of each table.
@@ -29,7 +29,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "metrics": ("listen",),
     "daemon": ("log_format",),
     "scope": ("cgroup", "tunnels", "endpoints", "netns", "allow_lan", "allow_lan_dns",
-              "allow_dhcp", "tunnel_kinds", "create_cgroup"),
+              "allow_dhcp", "tunnel_kinds", "create_cgroup", "events_rate", "events_burst"),
 }
 
 KeyPath = tuple[str | int, ...]  # ("scope", 0, "endpoints", 1) is scope[0].endpoints[1]
@@ -324,15 +324,27 @@ class _Checker:
 
         kinds = self.strings(table, at, "tunnel_kinds", 'an array of link kinds such as ["wireguard", "tun"]')
         create = self.get(table, at, "create_cgroup", bool, "true or false") or False
+        events = self.events(table, at)
 
         policy = self.policy(at, tunnels or [], [e for e in endpoints if e], netns, Options(*flags),
-                             DEFAULT_TUNNEL_KINDS if kinds is None else kinds)
+                             DEFAULT_TUNNEL_KINDS if kinds is None else kinds, events)
         if len(self.issues) > before or policy is None or cgroup is None:
             return None
         return ScopeConfig(cgroup, policy, create, self.where.line(at) or 0)
 
+    def events(self, table: dict, at: KeyPath) -> EventSettings:
+        default = EventSettings()
+        rate = self.get(table, at, "events_rate", (int, float), "a number of samples per second (0: off)")
+        burst = self.get(table, at, "events_burst", int, "a whole number of samples")
+        for key, value in (("events_rate", rate), ("events_burst", burst)):
+            if isinstance(value, bool):
+                self.issue(at + (key,), "true/false is not valid here; expected a number")
+        rate = default.rate if rate is None or isinstance(rate, bool) else rate
+        burst = default.burst if burst is None or isinstance(burst, bool) else burst
+        return self.attempt(at + ("events_rate",), EventSettings, rate, burst) or default
+
     def policy(self, at: KeyPath, tunnels: list[str], endpoints: list[Endpoint], netns: str,
-               options: Options, kinds: list[str] | tuple[str, ...]) -> Policy | None:
+               options: Options, kinds: list[str] | tuple[str, ...], events: EventSettings) -> Policy | None:
         """The Policy, built with the CLI's own checks in steps so that each problem
         is blamed on its key: each name, the names together, the kinds, the options."""
         if not tunnels:
@@ -343,13 +355,13 @@ class _Checker:
             return None
         kinds_ok = self.attempt(at + ("tunnel_kinds",), Policy, names, (), "", Options(), tuple(kinds))
         policy = self.attempt(at + ("allow_lan_dns",), Policy, names, tuple(endpoints), netns, options,
-                              tuple(kinds) if kinds_ok else DEFAULT_TUNNEL_KINDS)
+                              tuple(kinds) if kinds_ok else DEFAULT_TUNNEL_KINDS, events)
         return policy if kinds_ok else None
 
 
 def _split_listen(text: str) -> tuple[str, int]:
     """ADDRESS:PORT -> (address, port); IPv6 as [ADDRESS]:PORT.  Addresses only, no names."""
-    form = f'write it as ADDRESS:PORT, e.g. "{DEFAULT_LISTEN}" (IPv6: "[::1]:9477", every interface: "0.0.0.0:9477")'
+    form = f'write it as ADDRESS:PORT, e.g. "{DEFAULT_LISTEN}" (IPv6: "[::1]:12479", every interface: "0.0.0.0:12479")'
     if not text.startswith("[") and text.count(":") > 1:
         raise KsbpfError(f"listen address {text!r}: an IPv6 address needs brackets", form)
     m = re.fullmatch(r"\[([^\]]+)\](?::(.*))?|([^:\[\]]+)(?::(.*))?", text)

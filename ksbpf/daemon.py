@@ -41,6 +41,7 @@ class ScopeState:
     pin_dir: str | None = None   # set once applied
     ns: netns.Netns | None = None
     error: str | None = None     # why it could not be applied (retried)
+    in_step: bool = False        # its map was reconciled with the latest link state
 
 
 @dataclass
@@ -60,7 +61,9 @@ class Daemon:
         self.scopes: dict[str, ScopeState] = {}
         self.namespaces: dict[int, Namespace] = {}   # by namespace inode
         self.route_alerts = 0
-        self.netlink_events: dict[str, int] = {}
+        self.netlink_events = dict.fromkeys(("RTM_NEWLINK", "RTM_DELLINK", "RTM_NEWROUTE", "RTM_DELROUTE"), 0)
+        self.heartbeat = time.monotonic()   # when the main loop last turned (/healthz)
+        self.ready = False                  # the first apply is done (/readyz)
         self._signals: list[int] = []
 
     # -- configuration ---------------------------------------------------------
@@ -130,8 +133,9 @@ class Daemon:
                     result = scope.sync_tunnels(maps, st.policy, space.cookie, present)
             except (OSError, KsbpfError) as exc:
                 self.log("map_update_failed", level="error", scope=st.cgroup, error=str(exc))
-                st.error = str(exc)   # re-applied by the retry timer
+                st.error, st.in_step = str(exc), False   # re-applied by the retry timer
                 continue
+            st.in_step = True
             if result.added or result.removed:
                 self.log("map_update", scope=st.cgroup, added=result.added, removed=result.removed,
                          netns=space.ns.label)
@@ -207,6 +211,32 @@ class Daemon:
                 st.error = f"network namespace {st.ns.label} was replaced"
                 self.log("netns_changed", level="warning", scope=st.cgroup, netns=st.ns.label)
 
+    def readiness(self) -> list[str]:
+        """Why the daemon is not ready; [] when every configured scope is
+        attached and its map in step with netlink."""
+        if not self.ready:
+            return ["starting"]
+        problems = []
+        for st in list(self.scopes.values()):
+            if st.error:
+                problems.append(f"{st.cgroup}: {st.error}")
+            elif not st.in_step:
+                problems.append(f"{st.cgroup}: tunnel map not reconciled yet")
+            elif not scope.is_attached(st.pin_dir, st.cgroup):
+                problems.append(f"{st.cgroup}: program not attached (detached by hand?)")
+        return problems
+
+    def _serve_metrics(self, cfg: config.Config) -> None:
+        from .metrics import MetricsServer
+        try:
+            server = MetricsServer(self, cfg.listen_host, cfg.listen_port)
+        except OSError as exc:
+            self.log("metrics_failed", level="error", listen=cfg.listen, error=exc.strerror or str(exc),
+                     note="enforcement and tracking go on without metrics")
+            return
+        self.log("metrics_listening", listen=cfg.listen,
+                 urls=[f"http://{cfg.listen}/metrics", f"http://{cfg.listen}/readyz"])
+
     # -- main loop ----------------------------------------------------------------
     def _on_signal(self, signum: int, _frame) -> None:
         self._signals.append(signum)
@@ -218,6 +248,8 @@ class Daemon:
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         self.apply(cfg)
+        self.ready = True
+        self._serve_metrics(cfg)
         self.log("ready", scopes=len(self.scopes), failed=sum(1 for s in self.scopes.values() if s.error),
                  namespaces=len(self.namespaces), config=self.config_path, pid=os.getpid())
         next_resync = time.monotonic() + RESYNC_SECONDS
@@ -226,6 +258,7 @@ class Daemon:
             watches = {space.watch.fileno(): space for space in self.namespaces.values()}
             deadline = min(next_resync, next_retry)
             readable, _, _ = select.select([read_fd, *watches], [], [], max(0.0, deadline - time.monotonic()))
+            self.heartbeat = time.monotonic()
             for fd in readable:
                 if fd == read_fd:
                     while True:

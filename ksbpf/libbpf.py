@@ -105,6 +105,11 @@ def _lib() -> ctypes.CDLL:
         "libbpf_probe_bpf_prog_type": (c_int, [c_int, vp]),
         "libbpf_probe_bpf_helper": (c_int, [c_int, c_int, vp]),
         "libbpf_num_possible_cpus": (c_int, []),
+        "ring_buffer__new": (vp, [c_int, vp, vp, vp]),
+        "ring_buffer__add": (c_int, [vp, c_int, vp, vp]),
+        "ring_buffer__poll": (c_int, [vp, c_int]),
+        "ring_buffer__consume": (c_int, [vp]),
+        "ring_buffer__free": (None, [vp]),
     }
     for fname, (res, args) in sigs.items():
         fn = getattr(lib, fname)
@@ -260,3 +265,46 @@ def probe_prog_type(prog_type: int) -> bool:
 
 def probe_helper(prog_type: int, helper_id: int) -> bool:
     return _lib().libbpf_probe_bpf_helper(prog_type, helper_id, None) == 1
+
+
+RingBufferCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+
+
+class RingBuffer:
+    """Consumer of one or more BPF ring buffer maps: on_record(source, bytes)
+    is called for every record, `source` being what add() was given."""
+
+    def __init__(self, on_record):
+        self._on_record = on_record
+        self._sources: list = []
+        self._callback = RingBufferCallback(self._dispatch)  # kept alive as long as we are
+        self._rb = None
+
+    def _dispatch(self, ctx, data, size) -> int:
+        self._on_record(self._sources[ctx or 0], ctypes.string_at(data, size))
+        return 0
+
+    def add(self, map_fd: int, source) -> None:
+        self._sources.append(source)
+        ctx = ctypes.c_void_p(len(self._sources) - 1)
+        if self._rb is None:
+            self._rb = _lib().ring_buffer__new(map_fd, self._callback, ctx, None)
+            if not self._rb:
+                err = ctypes.get_errno() or 22
+                raise OSError(err, f"ring buffer: {os.strerror(err)}")
+        else:
+            _check(_lib().ring_buffer__add(self._rb, map_fd, self._callback, ctx), "ring buffer add")
+
+    def poll(self, timeout_ms: int) -> int:
+        """Wait up to timeout_ms for records; returns how many were consumed."""
+        if self._rb is None:
+            return 0
+        ret = _lib().ring_buffer__poll(self._rb, timeout_ms)
+        if ret == -4:  # EINTR
+            return 0
+        return _check(ret, "ring buffer poll")
+
+    def close(self) -> None:
+        if self._rb is not None:
+            _lib().ring_buffer__free(self._rb)
+            self._rb = None

@@ -82,6 +82,21 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
+class EventSettings:
+    """The stream of blocked packets: at most `rate` samples a second (0: off),
+    `burst` at once.  Enforced in the kernel by a token bucket per CPU, each
+    with an equal share; samples over the limit are counted, not sent."""
+
+    rate: float = 100.0
+    burst: int = 20
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.rate <= 1_000_000) or not (1 <= self.burst <= 1_000_000):
+            raise KsbpfError(f"event rate {self.rate} / burst {self.burst} out of range",
+                             "give a rate of 0 (off) to 1000000 per second and a burst of 1 to 1000000")
+
+
+@dataclass(frozen=True)
 class Options:
     allow_lan: bool = False
     allow_lan_dns: bool = False
@@ -101,6 +116,7 @@ class Policy:
     netns: str = ""  # where tunnel names are looked up: "" = the caller's namespace
     options: Options = field(default_factory=Options)
     tunnel_kinds: tuple[str, ...] = DEFAULT_TUNNEL_KINDS
+    events: EventSettings = field(default_factory=EventSettings)
 
     def __post_init__(self) -> None:
         if not self.tunnels:
@@ -130,6 +146,7 @@ class Policy:
             "netns": self.netns,
             "options": asdict(self.options),
             "tunnel_kinds": list(self.tunnel_kinds),
+            "events": asdict(self.events),
         }
 
     def trusts(self, name: str, kind: str | None) -> bool:

@@ -37,6 +37,31 @@ FIRST_DROP = Reason.DROP_NOT_TUNNEL
 REASON_MAX = len(Reason)
 
 
+class Family(IntEnum):
+    """Mirror of enum ksbpf_family: counters are kept per (reason, family)."""
+
+    IPV4 = 0
+    IPV6 = 1
+    OTHER = 2
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+FAMILY_MAX = len(Family)
+
+
+class Hook(IntEnum):
+    """Mirror of enum ksbpf_hook: where a decision was taken."""
+
+    CGROUP = 0
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
 def parse_c_enum(header: str, enum: str = "ksbpf_reason", prefix: str = "KSBPF_") -> dict[str, int]:
     """NAME -> value of `enum <enum> { ... }` in C source (explicit values only)."""
     body = re.search(r"enum\s+" + enum + r"\s*\{(.*?)\}", header, re.S)

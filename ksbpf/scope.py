@@ -16,8 +16,8 @@ from typing import Callable, Iterator
 
 from . import bpf, cgroup, libbpf, links, netns, pins, preflight
 from .errors import KsbpfError
-from .policy import DEFAULT_TUNNEL_KINDS, Endpoint, Options, Policy
-from .reasons import Reason
+from .policy import DEFAULT_TUNNEL_KINDS, Endpoint, EventSettings, Options, Policy
+from .reasons import Family, Reason
 
 Progress = Callable[[str], None]
 EGRESS = libbpf.BPF_CGROUP_INET_EGRESS
@@ -72,15 +72,29 @@ def _detach_ids(cg_fd: int, prog_ids: list[int]) -> list[int]:
     return done
 
 
-Counters = dict[Reason, tuple[int, int]]
+Counters = dict[tuple[Reason, Family], tuple[int, int]]
+
+
+def _counter_key(reason: Reason, family: Family) -> str:
+    return f"{reason.label}/{family.label}"
 
 
 def total_counters(maps: bpf.ScopeMaps, meta: dict) -> Counters:
     """The scope's counters since its first attach: the live map plus what
     earlier programs of the scope counted before a re-attach replaced them."""
     base = meta.get("counters_base", {})
-    return {r: (p + base.get(r.label, (0, 0))[0], b + base.get(r.label, (0, 0))[1])
-            for r, (p, b) in maps.counters().items()}
+    out = {}
+    for (r, f), (p, b) in maps.counters().items():
+        bp, bb = base.get(_counter_key(r, f), (0, 0))
+        out[(r, f)] = (p + bp, b + bb)
+    return out
+
+
+def by_reason(counters: Counters) -> dict[Reason, tuple[int, int]]:
+    out = {r: (0, 0) for r in Reason}
+    for (r, _f), (p, b) in counters.items():
+        out[r] = (out[r][0] + p, out[r][1] + b)
+    return out
 
 
 @dataclass(frozen=True)
@@ -175,7 +189,7 @@ def attach(cgroup_path: str, policy: Policy, progress: Progress = _quiet,
 
     with pins.locked():
         progress("compiling and loading the policy program (bcc)")
-        prog = bpf.load(bcc, policy.options, len(policy.endpoints))
+        prog = bpf.load(bcc, policy.options, len(policy.endpoints), policy.events)
         try:
             present = links.links(ns)
             sync_tunnels(prog.maps, policy, netns.cookie(ns), present)
@@ -186,6 +200,7 @@ def attach(cgroup_path: str, policy: Policy, progress: Progress = _quiet,
             meta = {
                 "version": META_VERSION, "cgroup": cg.path, "cgroup_id": cg.id,
                 "tunnels": list(policy.tunnels), "tunnel_kinds": list(policy.tunnel_kinds),
+                "events": policy.to_dict()["events"],
                 "netns": {"spec": ns.spec, "path": ns.path, "inode": ns.inode},
                 "options": policy.to_dict()["options"], "attached_at": time.time(),
             }
@@ -212,7 +227,7 @@ def attach(cgroup_path: str, policy: Policy, progress: Progress = _quiet,
                 # the old program is detached: its counts are final; carry them over
                 with bpf.ScopeMaps.from_pins(final) as old_maps:
                     carried = total_counters(old_maps, old_maps.read_meta())
-                meta["counters_base"] = {r.label: [p, b] for r, (p, b) in carried.items()}
+                meta["counters_base"] = {_counter_key(r, f): [p, b] for (r, f), (p, b) in carried.items()}
                 prog.maps.write_meta(meta)
             pins.remove_dir(final)
             os.rename(staging, final)
@@ -292,10 +307,11 @@ class ScopeStatus:
     attached_at: float | None
     problems: list[str]
     netns_ok: bool = True   # the tunnels' namespace is still the one attached to
+    events: tuple[int, int] = (0, 0)   # blocked-packet samples (sent, suppressed) by this program
 
     @property
     def dropped_packets(self) -> int:
-        return sum(p for r, (p, _b) in self.counters.items() if not r.allowed)
+        return sum(p for (r, _f), (p, _b) in self.counters.items() if not r.allowed)
 
     def to_dict(self) -> dict:
         return {
@@ -304,9 +320,13 @@ class ScopeStatus:
             "tunnels": [t.to_dict() for t in self.tunnels],
             "endpoints": [str(e) for e in self.policy.endpoints],
             "options": vars(self.policy.options).copy(), "tunnel_kinds": list(self.policy.tunnel_kinds),
-            "counters": {r.label: {"allowed": r.allowed, "packets": p, "bytes": b}
-                         for r, (p, b) in self.counters.items()},
+            "counters": {r.label: {"allowed": r.allowed, "packets": p, "bytes": b,
+                                   "by_family": {f.label: {"packets": fp, "bytes": fb}
+                                                 for (rr, f), (fp, fb) in self.counters.items() if rr == r}}
+                         for r, (p, b) in by_reason(self.counters).items()},
             "dropped_packets": self.dropped_packets,
+            "events": {"rate": self.policy.events.rate, "burst": self.policy.events.burst,
+                       "sent": self.events[0], "suppressed": self.events[1]},
             "attached_at": self.attached_at, "problems": self.problems,
         }
 
@@ -320,7 +340,8 @@ def policy_from(meta: dict, endpoints: list[Endpoint]) -> Policy:
     """The policy a scope was attached with, read back from its pins."""
     return Policy(tuple(meta.get("tunnels", ())), tuple(endpoints), meta_netns(meta).spec,
                   Options(**meta.get("options", {})),
-                  tuple(meta.get("tunnel_kinds", DEFAULT_TUNNEL_KINDS)))
+                  tuple(meta.get("tunnel_kinds", DEFAULT_TUNNEL_KINDS)),
+                  EventSettings(**meta.get("events", {})))
 
 
 def netns_alive(ns: netns.Netns) -> bool:
@@ -331,13 +352,31 @@ def netns_alive(ns: netns.Netns) -> bool:
         return False
 
 
-def read_scope(pin_dir: str) -> ScopeStatus:
+def is_attached(pin_dir: str, cgroup_path: str) -> bool:
+    """Is the scope's pinned program attached to its cgroup?"""
+    try:
+        fd = libbpf.obj_get(os.path.join(pin_dir, "prog"))
+        try:
+            prog_id = libbpf.prog_info(fd).id
+        finally:
+            os.close(fd)
+        with _open_dir(cgroup_path) as cg_fd:
+            return prog_id in libbpf.prog_query(cg_fd, EGRESS)
+    except OSError:
+        return False
+
+
+def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
+    """Everything about one scope, from its pins and the kernel.  link_cache
+    (namespace inode -> (cookie, links)) saves dumping a namespace twice when
+    reading many scopes."""
     problems: list[str] = []
     with bpf.ScopeMaps.from_pins(pin_dir) as maps:
         meta = maps.read_meta()
         entries = maps.tunnels()
         policy = policy_from(meta, maps.endpoints())
         counters = total_counters(maps, meta)
+        event_stats = maps.event_stats()
     prog_id = None
     try:
         fd = libbpf.obj_get(os.path.join(pin_dir, "prog"))
@@ -360,19 +399,21 @@ def read_scope(pin_dir: str) -> ScopeStatus:
     except OSError:
         problems.append("the cgroup no longer exists (run `ksbpf detach` to remove the pins)")
     ns = meta_netns(meta)
-    present = None
+    present = cookie = None
     ns_ok = netns_alive(ns)
     if ns_ok:
-        present = links.links(ns)
+        cache = link_cache if link_cache is not None else {}
+        if ns.inode not in cache:
+            cache[ns.inode] = (netns.cookie(ns), links.links(ns))
+        cookie, present = cache[ns.inode]
     else:
         problems.append(f"network namespace {ns.label} is gone or not the one the scope was attached in")
-    cookie = netns.cookie(ns) if present is not None else None
     registered = {e.ifindex for e in entries if e.netns_cookie == cookie}
     tunnels = tunnel_states(policy, ns.label, present, registered)
     problems += [f"interface {t.name} is a {t.kind}, not a trusted tunnel kind ({', '.join(policy.tunnel_kinds)}): blocked"
                  for t in tunnels if t.impostor]
     return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, tunnels, policy, counters,
-                       meta.get("attached_at"), problems, ns_ok)
+                       meta.get("attached_at"), problems, ns_ok, event_stats)
 
 
 def status(bpffs: str = pins.BPFFS) -> list[ScopeStatus]:

@@ -73,7 +73,7 @@ def test_full_config():
 
 def test_empty_file_is_valid_with_defaults():
     cfg = parse("", "e.toml")
-    assert cfg == Config("e.toml", "127.0.0.1", 9477, "text", ())
+    assert cfg == Config("e.toml", "127.0.0.1", 12479, "text", ())
     assert cfg.listen == DEFAULT_LISTEN
 
 
@@ -123,7 +123,7 @@ SCOPE = '[[scope]]\ncgroup = "/sys/fs/cgroup/a"\ntunnels = ["wg0"]\n'  # lines 1
     (SCOPE + 'endpoints = "1.2.3.4:1/udp"\n', 4, "scope[0].endpoints", "expected an array"),
     (SCOPE + 'tunnel_kinds = "tun"\n', 4, "scope[0].tunnel_kinds", "expected an array"),
     ('metrics = 5\n', 1, "metrics", "expected a [metrics] table"),
-    ('[metrics]\nlisten = 9477\n', 2, "metrics.listen", "an integer is not valid"),
+    ('[metrics]\nlisten = 12479\n', 2, "metrics.listen", "an integer is not valid"),
     ('daemon = "x"\n', 1, "daemon", "expected a [daemon] table"),
     ('scope = "x"\n', 1, "scope", "expected [[scope]] tables, got a string"),
     ('scope = [1]\n', 1, "scope[0]", "expected a table, got an integer"),
@@ -147,10 +147,10 @@ SCOPE = '[[scope]]\ncgroup = "/sys/fs/cgroup/a"\ntunnels = ["wg0"]\n'  # lines 1
     ('[metrics]\nlisten = "127.0.0.1"\n', 2, "metrics.listen", "has no port"),
     ('[metrics]\nlisten = "127.0.0.1:0"\n', 2, "metrics.listen", "not in 1-65535"),
     ('[metrics]\nlisten = "[::1]:65536"\n', 2, "metrics.listen", "not in 1-65535"),
-    ('[metrics]\nlisten = "::1:9477"\n', 2, "metrics.listen", "needs brackets"),
-    ('[metrics]\nlisten = "localhost:9477"\n', 2, "metrics.listen", "not an IP address"),
-    ('[metrics]\nlisten = "[127.0.0.1]:9477"\n', 2, "metrics.listen", "only for IPv6"),
-    ('[metrics]\nlisten = ":9477"\n', 2, "metrics.listen", "malformed"),
+    ('[metrics]\nlisten = "::1:12479"\n', 2, "metrics.listen", "needs brackets"),
+    ('[metrics]\nlisten = "localhost:12479"\n', 2, "metrics.listen", "not an IP address"),
+    ('[metrics]\nlisten = "[127.0.0.1]:12479"\n', 2, "metrics.listen", "only for IPv6"),
+    ('[metrics]\nlisten = ":12479"\n', 2, "metrics.listen", "malformed"),
     ('[daemon]\n\nlog_format = "xml"\n', 3, "daemon.log_format", 'use "text" or "json"'),
     # [scope] instead of [[scope]].
     ('[metrics]\n[scope]\ncgroup = "/a"\ntunnels = ["wg0"]\n', 2, "scope", "write [[scope]] (double brackets)"),

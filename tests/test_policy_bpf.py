@@ -13,7 +13,7 @@ import pytest
 
 from ksbpf import bpf, libbpf, netns, preflight
 from ksbpf.policy import LAN_RANGES, Endpoint, Options
-from ksbpf.reasons import Reason
+from ksbpf.reasons import Family, Reason
 
 from packets import DSTOPTS, ETH_ARP, FRAGMENT, HOPOPTS, ICMP, ICMPV6, TCP, UDP, eth, frame, ipv4, ipv6
 
@@ -58,6 +58,10 @@ def host(tmp_path_factory):
         subprocess.run(["ip", "netns", "del", name])
 
 
+def family_of(frame_: bytes) -> Family:
+    return {0x0800: Family.IPV4, 0x86DD: Family.IPV6}.get(int.from_bytes(frame_[12:14], "big"), Family.OTHER)
+
+
 def decide(host, options: str, packet: bytes, via: str = "phy") -> tuple[int, Reason]:
     """Run one frame; return (verdict, the one reason whose counter moved)."""
     prog = host["progs"][options]
@@ -65,9 +69,10 @@ def decide(host, options: str, packet: bytes, via: str = "phy") -> tuple[int, Re
     ifindex = {"phy": host["phy"], "tnl": host["tnl"], "lo": 1}[via]
     run = netns.run_in(host["ns"].path, libbpf.prog_test_run, prog.prog_fd, packet, ifindex)
     after = prog.maps.counters()
-    moved = {r: (after[r][0] - before[r][0], after[r][1] - before[r][1]) for r in Reason if after[r] != before[r]}
+    moved = {k: (after[k][0] - before[k][0], after[k][1] - before[k][1]) for k in after if after[k] != before[k]}
     assert len(moved) == 1, f"expected exactly one counter to move, got {moved}"
-    (reason, (packets, nbytes)), = moved.items()
+    ((reason, family), (packets, nbytes)), = moved.items()
+    assert family == family_of(packet)
     assert packets == 1
     assert nbytes == len(packet) - 14  # skb->len: the IP packet, without the Ethernet header
     return run.retval, reason

@@ -4,7 +4,7 @@ Python mirror must agree with it exactly."""
 import re
 
 from ksbpf import bpf
-from ksbpf.reasons import FIRST_DROP, REASON_MAX, Reason, parse_c_enum
+from ksbpf.reasons import FAMILY_MAX, FIRST_DROP, REASON_MAX, Family, Hook, Reason, parse_c_enum
 
 
 def header() -> str:
@@ -22,6 +22,25 @@ def test_reason_enum_matches_header():
     c_enum = parse_c_enum(header())
     assert c_enum.pop("REASON_MAX") == REASON_MAX == len(Reason)
     assert c_enum == {r.name: r.value for r in Reason}
+
+
+def test_family_and_hook_enums_match_header():
+    families = parse_c_enum(header(), "ksbpf_family", "KSBPF_FAMILY_")
+    assert families.pop("MAX") == FAMILY_MAX
+    assert families == {f.name: f.value for f in Family}
+    hooks = parse_c_enum(header(), "ksbpf_hook", "KSBPF_HOOK_")
+    assert hooks.pop("MAX") == len(Hook)
+    assert hooks == {h.name: h.value for h in Hook}
+
+
+def test_event_layout_matches_header():
+    from ksbpf.events import EVENT
+    body = re.search(r"struct ksbpf_event \{(.*?)\};", header(), re.S).group(1)
+    sizes = {"__u64": 8, "__u32": 4, "__be16": 2, "__u8": 1}
+    total = 0
+    for m in re.finditer(r"(__u64|__u32|__be16|__u8)\s+\w+(?:\[(\d+)\])?;", body):
+        total += sizes[m.group(1)] * int(m.group(2) or 1)
+    assert total == EVENT.size
 
 
 def test_first_drop_matches_header():

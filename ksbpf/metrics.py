@@ -1,0 +1,151 @@
+"""Prometheus metrics, read from the kernel when scraped.
+
+A custom collector reads every scope's per-CPU maps (through its pins) at
+scrape time: no polling thread, nothing cached, so nothing counted twice.
+The daemon adds what only it knows (netlink events, route alerts) and serves
+/metrics, /healthz and /readyz; `ksbpf metrics` prints the same once.
+
+Label values are bounded: scopes (cgroup paths), reasons, families, hooks,
+paths, tunnel names, netlink message types -- never addresses or ports.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
+
+from . import pins, scope
+from .reasons import Hook
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+HEALTHY_WITHIN = 30.0  # seconds since the daemon's loop last turned
+
+
+def ksbpf_version() -> str:
+    try:
+        return version("ksbpf")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class KsbpfCollector:
+    def __init__(self, daemon: "Daemon | None" = None, bpffs: str = pins.BPFFS):
+        self.daemon = daemon
+        self.bpffs = bpffs
+
+    def collect(self):
+        dropped_p = CounterMetricFamily("ksbpf_dropped_packets", "Packets dropped by ksbpf",
+                                        labels=["scope", "reason", "family", "hook"])
+        dropped_b = CounterMetricFamily("ksbpf_dropped_bytes", "Bytes dropped by ksbpf",
+                                        labels=["scope", "reason", "family", "hook"])
+        allowed_p = CounterMetricFamily("ksbpf_allowed_packets", "Packets let through, by path",
+                                        labels=["scope", "path"])
+        allowed_b = CounterMetricFamily("ksbpf_allowed_bytes", "Bytes let through, by path",
+                                        labels=["scope", "path"])
+        tunnel_up = GaugeMetricFamily("ksbpf_tunnel_up", "1 when the tunnel exists and the scope's map allows it",
+                                      labels=["scope", "tunnel"])
+        attached = GaugeMetricFamily("ksbpf_scope_attached", "1 when the scope's program is attached to its cgroup",
+                                     labels=["scope"])
+        suppressed = CounterMetricFamily("ksbpf_events_suppressed", "Blocked-packet samples not streamed "
+                                         "(in-kernel rate limit or full ring buffer)", labels=["scope"])
+        hook = Hook.CGROUP.label
+        link_cache: dict = {}
+        for pin_dir in pins.list_scope_dirs(self.bpffs):
+            try:
+                st = scope.read_scope(pin_dir, link_cache)
+            except (OSError, ValueError):
+                continue  # replaced or removed while we read: the next scrape sees the new one
+            name = st.cgroup
+            for (reason, family), (packets, nbytes) in st.counters.items():
+                if reason.allowed:
+                    continue
+                dropped_p.add_metric([name, reason.label, family.label, hook], packets)
+                dropped_b.add_metric([name, reason.label, family.label, hook], nbytes)
+            for reason, (packets, nbytes) in scope.by_reason(st.counters).items():
+                if reason.allowed:
+                    allowed_p.add_metric([name, reason.label], packets)
+                    allowed_b.add_metric([name, reason.label], nbytes)
+            for t in st.tunnels:
+                tunnel_up.add_metric([name, t.name], 1 if t.registered else 0)
+            attached.add_metric([name], 1 if st.attached else 0)
+            suppressed.add_metric([name], st.events[1])
+        yield from (dropped_p, dropped_b, allowed_p, allowed_b, tunnel_up, attached, suppressed)
+        info = GaugeMetricFamily("ksbpf_build_info", "ksbpf's version", labels=["version"])
+        info.add_metric([ksbpf_version()], 1)
+        yield info
+        if self.daemon is not None:
+            events = CounterMetricFamily("ksbpf_netlink_events", "Netlink messages the daemon handled",
+                                         labels=["type"])
+            for kind, n in sorted(dict(self.daemon.netlink_events).items()):
+                events.add_metric([kind], n)
+            yield events
+            yield CounterMetricFamily("ksbpf_route_alerts", "Routes added outside a tunnel while a scope "
+                                      "was protected (TunnelVision)", value=self.daemon.route_alerts)
+
+
+def registry(daemon: "Daemon | None" = None, bpffs: str = pins.BPFFS) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(KsbpfCollector(daemon, bpffs))
+    return reg
+
+
+def render(daemon: "Daemon | None" = None, bpffs: str = pins.BPFFS) -> bytes:
+    return generate_latest(registry(daemon, bpffs))
+
+
+class MetricsServer:
+    """/metrics, /healthz and /readyz on a background thread."""
+
+    def __init__(self, daemon: "Daemon", host: str, port: int):
+        reg = registry(daemon)
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, generate_latest(reg), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    age = time.monotonic() - daemon.heartbeat
+                    ok = age < HEALTHY_WITHIN
+                    self._send(200 if ok else 503, f"{'ok' if ok else 'stalled'}: loop {age:.1f} s ago\n".encode())
+                elif path == "/readyz":
+                    problems = daemon.readiness()
+                    body = json.dumps({"ready": not problems, "problems": problems}).encode() + b"\n"
+                    self._send(503 if problems else 200, body, "application/json")
+                else:
+                    self._send(404, b"try /metrics, /healthz or /readyz\n")
+
+            def _send(self, status: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_args) -> None:
+                pass  # scrapes are not events
+
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        class Server(ThreadingHTTPServer):
+            address_family = family
+            daemon_threads = True
+
+        self.server = Server((host, port), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
