@@ -19,7 +19,9 @@ test: setup
 
 ## bench: benchmarks (never part of `make test`); results in benchmarks/results/
 bench: setup
+	@$(PY) benchmarks/packet_cost.py
 	@$(PY) benchmarks/reaction.py --flaps 200
+	@$(PY) benchmarks/scrape.py --scopes 1000
 
 ## install: ksbpf on PATH, the example config and the systemd units (see README)
 PREFIX ?= /usr/local

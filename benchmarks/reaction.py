@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import json
 import os
-import platform
 import queue
 import statistics
 import struct
@@ -30,6 +28,8 @@ import time
 import uuid
 
 from ksbpf import bpf, cgroup, netns, pins, scope
+
+import report
 
 TUNSETIFF = 0x400454CA
 IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
@@ -139,9 +139,7 @@ def run(flaps: int) -> dict:
             "flaps": flaps, "target_p99_ms": TARGET_P99_MS,
             "appear": summary(appear), "disappear": summary(vanish),
             "met": percentile(appear, 99) <= TARGET_P99_MS and percentile(vanish, 99) <= TARGET_P99_MS,
-            "machine": {"kernel": platform.release(), "cpu": _cpu(), "cpus": os.cpu_count(),
-                        "python": platform.python_version()},
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": report.machine(),
         }
     finally:
         if daemon is not None:
@@ -151,17 +149,6 @@ def run(flaps: int) -> dict:
         cgroup.remove_tree(cg)
         subprocess.run(["ip", "netns", "del", ns_name])
         subprocess.run(["rm", "-rf", workdir])
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def table(r: dict) -> str:
@@ -177,15 +164,12 @@ def table(r: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--flaps", type=int, default=200)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--out", default=report.RESULTS)
     a = ap.parse_args()
     result = run(a.flaps)
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "reaction.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(a.out, "reaction.md"), "w") as f:
-        f.write(f"# Reaction time\n\n{result['what']}; {result['flaps']} flaps; "
-                f"{result['machine']['kernel']}, {result['machine']['cpu']}.\n\n{table(result)}\n")
+    report.write(a.out, "reaction", result, "Reaction time",
+                 f"{result['what']}; {result['flaps']} flaps of a tun device in a bench-owned namespace.",
+                 table(result))
     print(table(result))
     return 0
 

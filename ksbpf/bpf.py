@@ -6,10 +6,12 @@ Map layouts mirror ebpf/ksbpf.h; tests/test_reasons.py checks the sizes.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import ipaddress
 import json
 import os
+import platform
 import struct
 from dataclasses import dataclass
 from types import ModuleType
@@ -193,14 +195,82 @@ class ScopeMaps:
         return json.loads(text) if text else {}
 
 
+@dataclass(frozen=True)
+class MapSpec:
+    name: str
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int
+
+
+BPF_LD_IMM64 = 0x18
+BPF_PSEUDO_MAP_FD = 1
+_INSN = struct.Struct("=BBhi")
+
+
+@dataclass(frozen=True)
+class ProgramImage:
+    """A compiled (and once verified) program that can be loaded again with
+    fresh maps, without the compiler: its instructions, whose map references
+    hold an index into `maps` instead of a file descriptor."""
+
+    insns: bytes
+    maps: tuple[MapSpec, ...]
+    license: str
+
+    @classmethod
+    def from_loaded(cls, insns: bytes, fds: dict[str, int], license: str) -> "ProgramImage":
+        names = list(MAP_NAMES)
+        index = {fd: names.index(name) for name, fd in fds.items()}
+        out = bytearray(insns)
+        for off in range(0, len(out), 8):
+            code, regs, o, imm = _INSN.unpack_from(out, off)
+            if code == BPF_LD_IMM64 and regs >> 4 == BPF_PSEUDO_MAP_FD:
+                _INSN.pack_into(out, off, code, regs, o, index[imm])
+        specs = []
+        for name in names:
+            i = libbpf.map_info(fds[name])
+            specs.append(MapSpec(name, i.type, i.key_size, i.value_size, i.max_entries, i.flags))
+        return cls(bytes(out), tuple(specs), license)
+
+    def to_json(self) -> str:
+        return json.dumps({"insns": self.insns.hex(), "license": self.license,
+                           "maps": [vars(m) for m in self.maps]})
+
+    @classmethod
+    def from_json(cls, text: str) -> "ProgramImage":
+        d = json.loads(text)
+        return cls(bytes.fromhex(d["insns"]), tuple(MapSpec(**m) for m in d["maps"]), d["license"])
+
+    def load(self) -> "LoadedProgram":
+        fds: dict[str, int] = {}
+        try:
+            for m in self.maps:
+                fds[m.name] = libbpf.map_create(m.type, m.name, m.key_size, m.value_size, m.max_entries, m.flags)
+            ordered = [fds[m.name] for m in self.maps]
+            insns = bytearray(self.insns)
+            for off in range(0, len(insns), 8):
+                code, regs, o, imm = _INSN.unpack_from(insns, off)
+                if code == BPF_LD_IMM64 and regs >> 4 == BPF_PSEUDO_MAP_FD:
+                    _INSN.pack_into(insns, off, code, regs, o, ordered[imm])
+            prog_fd = libbpf.prog_load(libbpf.BPF_PROG_TYPE_CGROUP_SKB, PROG_NAME, self.license, bytes(insns))
+        except OSError:
+            for fd in fds.values():
+                os.close(fd)
+            raise
+        return LoadedProgram(prog_fd, ScopeMaps(fds, owned=True), libbpf.prog_info(prog_fd).tag, None)
+
+
 @dataclass
 class LoadedProgram:
-    """A program freshly compiled and loaded, with its (empty) maps."""
+    """A program freshly loaded, with its (empty) maps."""
 
     prog_fd: int
     maps: ScopeMaps
     tag: str
-    _bcc_object: object  # keeps bcc's fds open until we are done
+    _bcc_object: object  # bcc's BPF object when bcc loaded it (it owns the fds), else None
 
     def pin(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
@@ -209,19 +279,60 @@ class LoadedProgram:
             libbpf.obj_pin(fd, os.path.join(directory, name))
 
     def close(self) -> None:
-        cleanup = getattr(self._bcc_object, "cleanup", None)
-        if cleanup:
-            cleanup()
+        if self._bcc_object is not None:
+            self._bcc_object.cleanup()
+        else:
+            self.maps.close()
+            os.close(self.prog_fd)
+
+
+def cache_dir() -> str | None:
+    """Where compiled program images are kept: $KSBPF_CACHE_DIR ("" turns the
+    cache off), by default /var/cache/ksbpf."""
+    value = os.environ.get("KSBPF_CACHE_DIR", "/var/cache/ksbpf")
+    return value or None
+
+
+def _cache_path(cache_dir: str, flags: list[str], bcc: ModuleType) -> str:
+    h = hashlib.sha256()
+    for name in ("ksbpf.c", "ksbpf.h"):
+        with open(os.path.join(ebpf_dir(), name), "rb") as f:
+            h.update(f.read())
+    h.update("\0".join([*flags, platform.release(), getattr(bcc, "__version__", "?")]).encode())
+    return os.path.join(cache_dir, h.hexdigest()[:32] + ".json")
 
 
 def load(bcc: ModuleType, options: Options, n_endpoints: int = 0,
-         events: EventSettings = EventSettings()) -> LoadedProgram:
-    """Compile ebpf/ksbpf.c with bcc for these options and load the cgroup_skb program."""
+         events: EventSettings = EventSettings(), cache: str | None = "default") -> LoadedProgram:
+    """The cgroup_skb program for these options, with fresh maps.  Compiled
+    with bcc the first time; then loaded from the image cached in cache_dir
+    (keyed by the sources, the flags, the kernel and bcc), without the compiler.
+    cache: a directory, None for no cache, "default" for cache_dir()."""
+    flags = cflags(options, n_endpoints, events)
+    cache = cache_dir() if cache == "default" else cache
+    cached = _cache_path(cache, flags, bcc) if cache else None
+    if cached and os.path.exists(cached):
+        try:
+            with open(cached) as f:
+                return ProgramImage.from_json(f.read()).load()
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable, or refused by this kernel: compile afresh below
     try:
-        b = bcc.BPF(src_file=source_path().encode(), cflags=cflags(options, n_endpoints, events))
+        b = bcc.BPF(src_file=source_path().encode(), cflags=flags)
         fn = b.load_func(PROG_NAME.encode(), bcc.BPF.CGROUP_SKB)
     except Exception as exc:  # bcc raises bare Exception on compile/verifier errors
         raise KsbpfError(f"the BPF program did not compile or load: {exc}",
                          "check `make setup` output and the kernel log (dmesg); the messages above come from bcc") from None
-    maps = ScopeMaps({name: b[name.encode()].map_fd for name in MAP_NAMES}, owned=False)
-    return LoadedProgram(fn.fd, maps, libbpf.prog_info(fn.fd).tag, b)
+    fds = {name: b[name.encode()].map_fd for name in MAP_NAMES}
+    if cached:
+        try:
+            image = ProgramImage.from_loaded(b.dump_func(PROG_NAME.encode()), fds,
+                                             bcc.lib.bpf_module_license(b.module).decode())
+            os.makedirs(cache, mode=0o700, exist_ok=True)
+            tmp = f"{cached}.{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.write(image.to_json())
+            os.replace(tmp, cached)
+        except OSError:
+            pass  # no cache: the next load compiles again
+    return LoadedProgram(fn.fd, ScopeMaps(fds, owned=False), libbpf.prog_info(fn.fd).tag, b)

@@ -105,6 +105,8 @@ def _lib() -> ctypes.CDLL:
         "libbpf_probe_bpf_prog_type": (c_int, [c_int, vp]),
         "libbpf_probe_bpf_helper": (c_int, [c_int, c_int, vp]),
         "libbpf_num_possible_cpus": (c_int, []),
+        "bpf_map_create": (c_int, [c_int, cp, c_uint, c_uint, c_uint, vp]),
+        "bpf_prog_load": (c_int, [c_int, cp, cp, vp, ctypes.c_size_t, vp]),
         "ring_buffer__new": (vp, [c_int, vp, vp, vp]),
         "ring_buffer__add": (c_int, [vp, c_int, vp, vp]),
         "ring_buffer__poll": (c_int, [vp, c_int]),
@@ -193,6 +195,7 @@ class MapInfo:
     value_size: int
     max_entries: int
     name: str
+    flags: int = 0
 
 
 def map_info(fd: int) -> MapInfo:
@@ -200,7 +203,34 @@ def map_info(fd: int) -> MapInfo:
     size = ctypes.c_uint32(ctypes.sizeof(info))
     _check(_lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "map info")
     return MapInfo(info.id, info.type, info.key_size, info.value_size, info.max_entries,
-                   info.name.decode(errors="replace"))
+                   info.name.decode(errors="replace"), info.map_flags)
+
+
+class _MapCreateOpts(ctypes.Structure):
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("btf_fd", ctypes.c_uint32),
+        ("btf_key_type_id", ctypes.c_uint32),
+        ("btf_value_type_id", ctypes.c_uint32),
+        ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+        ("inner_map_fd", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("map_extra", ctypes.c_uint64),
+        ("numa_node", ctypes.c_uint32),
+        ("map_ifindex", ctypes.c_uint32),
+    ]
+
+
+def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int, flags: int = 0) -> int:
+    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=flags)
+    return _check(_lib().bpf_map_create(map_type, name.encode()[:BPF_OBJ_NAME_LEN - 1], key_size, value_size,
+                                        max_entries, ctypes.byref(opts)), f"create map {name}")
+
+
+def prog_load(prog_type: int, name: str, license: str, insns: bytes) -> int:
+    buf = ctypes.create_string_buffer(insns, len(insns))
+    return _check(_lib().bpf_prog_load(prog_type, name.encode()[:BPF_OBJ_NAME_LEN - 1], license.encode(),
+                                       buf, len(insns) // 8, None), f"load program {name}")
 
 
 def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:

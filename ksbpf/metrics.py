@@ -60,12 +60,14 @@ class KsbpfCollector:
                                          "(in-kernel rate limit or full ring buffer)", labels=["scope"])
         hook = Hook.CGROUP.label
         link_cache: dict = {}
+        seen = set()
         for pin_dir in pins.list_scope_dirs(self.bpffs):
             try:
                 st = scope.read_scope(pin_dir, link_cache)
             except (OSError, ValueError):
                 continue  # replaced or removed while we read: the next scrape sees the new one
             name = st.cgroup
+            seen.add(name)
             for (reason, family), (packets, nbytes) in st.counters.items():
                 if reason.allowed:
                     continue
@@ -79,6 +81,12 @@ class KsbpfCollector:
                 tunnel_up.add_metric([name, t.name], 1 if t.registered else 0)
             attached.add_metric([name], 1 if st.attached else 0)
             suppressed.add_metric([name], st.events[1])
+        if self.daemon is not None:  # configured but not (or no longer) protected: say so
+            for st in list(self.daemon.scopes.values()):
+                if st.cgroup not in seen:
+                    attached.add_metric([st.cgroup], 0)
+                    for tunnel in st.policy.tunnels:
+                        tunnel_up.add_metric([st.cgroup, tunnel], 0)
         yield from (dropped_p, dropped_b, allowed_p, allowed_b, tunnel_up, attached, suppressed)
         info = GaugeMetricFamily("ksbpf_build_info", "ksbpf's version", labels=["version"])
         info.add_metric([ksbpf_version()], 1)

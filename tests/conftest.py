@@ -24,6 +24,20 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def program_cache(tmp_path_factory):
+    """Compiled program images go to a directory of the test run (inherited by
+    the ksbpf processes the tests start), not to /var/cache/ksbpf."""
+    path = str(tmp_path_factory.mktemp("program-cache"))
+    old = os.environ.get("KSBPF_CACHE_DIR")
+    os.environ["KSBPF_CACHE_DIR"] = path
+    yield path
+    if old is None:
+        os.environ.pop("KSBPF_CACHE_DIR", None)
+    else:
+        os.environ["KSBPF_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
 def bpffs_as_found():
     """Tests mount the BPF filesystem through `ksbpf attach`; if it was not
     mounted before the session and nothing is pinned in it, unmount it."""

@@ -11,13 +11,32 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def bench(tmp_path, script: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", script), *args, "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    name = script.removesuffix(".py")
+    assert (tmp_path / f"{name}.md").read_text().startswith("# ")
+    result = json.loads((tmp_path / f"{name}.json").read_text())
+    assert result["machine"]["kernel"] and result["machine"]["bcc"]
+    return result
+
+
 @pytest.mark.root
 def test_reaction_benchmark_runs(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "reaction.py"),
-                           "--flaps", "3", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads((tmp_path / "reaction.json").read_text())
+    result = bench(tmp_path, "reaction.py", "--flaps", "3")
     for key in ("appear", "disappear"):
         assert result[key]["n"] == 3 and result[key]["p50_ms"] > 0
-    assert "| tunnel appears → map | 3 |" in proc.stdout
-    assert (tmp_path / "reaction.md").read_text().startswith("# Reaction time")
+
+
+@pytest.mark.root
+def test_packet_cost_benchmark_runs(tmp_path):
+    result = bench(tmp_path, "packet_cost.py", "--rounds", "2", "--repeat", "10")
+    assert result["floor_ns"]["median"] > 0
+    assert set(result["paths"]) >= {"tunnel v4", "endpoint v6", "drop, events off", "drop, events on (flood: rate-limited)"}
+
+
+@pytest.mark.root
+def test_scrape_benchmark_runs(tmp_path):
+    result = bench(tmp_path, "scrape.py", "--scopes", "3", "--scrapes", "1")
+    assert result["scopes"] == 3 and result["body_bytes"] > 0

@@ -108,6 +108,7 @@ def test_health_and_readiness(lab, make_cgroup, daemon_with_metrics):
     os.rmdir(later)   # a configured scope whose cgroup does not exist (yet)
     d, base = daemon_with_metrics([scope_of(lab, cg), scope_of(lab, later)])
     assert get(base + "/healthz")[0] == 200
+    assert sample(get(base + "/metrics")[1], "ksbpf_scope_attached", scope=later) == 0
     status, body = get(base + "/readyz")
     assert status == 503 and later in body and json.loads(body)["ready"] is False
     os.mkdir(later)

@@ -31,10 +31,11 @@ OPTION_SETS = {
 }
 
 
-@pytest.fixture(scope="module")
-def host(tmp_path_factory):
+@pytest.fixture(scope="module", params=["compiled", "cached"])
+def host(request, tmp_path_factory):
     """A namespace with two interfaces: `tnl` (registered as the tunnel) and
-    `phy` (anything else).  Programs are loaded once per option set."""
+    `phy` (anything else).  Programs are loaded once per option set, either
+    compiled by bcc or loaded from the cached image of that compilation."""
     import uuid
     name = f"ksbpf-pt{uuid.uuid4().hex[:6]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
@@ -44,8 +45,15 @@ def host(tmp_path_factory):
         bcc = preflight.require_all()
         env = {"ns": ns, "cookie": netns.cookie(ns), "tnl": netns.ifindex(ns, "tnl"),
                "phy": netns.ifindex(ns, "phy"), "progs": {}}
+        cache = str(tmp_path_factory.mktemp("cache"))
         for label, opts in OPTION_SETS.items():
-            prog = bpf.load(bcc, opts, 3)
+            prog = bpf.load(bcc, opts, 3, cache=cache)
+            assert prog._bcc_object is not None   # compiled
+            if request.param == "cached":
+                tag = prog.tag
+                prog.close()
+                prog = bpf.load(bcc, opts, 3, cache=cache)
+                assert prog._bcc_object is None and prog.tag == tag   # the same program, no compiler
             prog.maps.add_tunnel(env["cookie"], env["tnl"], 0)
             for ep in (EP4, EP4_TCP, EP6):
                 prog.maps.add_endpoint(ep)
