@@ -126,9 +126,11 @@ def _fmt_time(ts) -> str:
 @click.option("--json", "as_json", is_flag=True)
 def status(as_json) -> None:
     """Each protected scope: tunnels, endpoints, options, counters by reason."""
-    scopes = scope.status()
+    scopes, unreadable = scope.status()
+    for problem in unreadable:
+        click.echo(f"ksbpf: warning: {problem}", err=True)
     if as_json:
-        _emit_json({"scopes": [s.to_dict() for s in scopes]})
+        _emit_json({"scopes": [s.to_dict() for s in scopes], "unreadable": unreadable})
         return
     if not scopes:
         click.echo("no protected scopes")
@@ -148,6 +150,10 @@ def status(as_json) -> None:
             if packets:
                 verdict = "allow" if reason.allowed else "DROP "
                 click.echo(f"  {verdict} {reason.label:<18} {packets:>12} packets {bytes_:>14} bytes")
+        sent, suppressed = s.events
+        if s.policy.events.rate:
+            click.echo(f"  events   {s.policy.events.rate:g}/s, burst {s.policy.events.burst}: "
+                       f"{sent} streamed, {suppressed} suppressed (`ksbpf events`)")
         for p in s.problems:
             click.echo(f"  problem: {p}")
 

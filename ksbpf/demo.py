@@ -74,7 +74,7 @@ class Demo:
 
 
 def _drops(cg: str) -> str:
-    (s,) = [s for s in scope.status() if s.cgroup == cg]
+    (s,) = [s for s in scope.status()[0] if s.cgroup == cg]
     parts = [f"{r.label} {p}" for r, (p, _b) in scope.by_reason(s.counters).items() if p and not r.allowed]
     return ", ".join(parts) or "none"
 

@@ -114,7 +114,7 @@ def stream(scopes: list[str] | None, on_event: Callable[[Event], None],
            should_stop: Callable[[], bool], bpffs: str = pins.BPFFS, poll_ms: int = 200) -> int:
     """Read the ring buffers of the protected scopes (all, or those whose
     cgroup path is in `scopes`) until should_stop(); returns how many scopes."""
-    from .scope import meta_netns  # scope imports us indirectly; keep the graph acyclic
+    from .scope import META_VERSION, meta_netns  # scope imports us indirectly; keep the graph acyclic
     describer = Describer()
     fds: list[int] = []
 
@@ -127,7 +127,7 @@ def stream(scopes: list[str] | None, on_event: Callable[[Event], None],
             with bpf.ScopeMaps.from_pins(pin_dir) as maps:
                 meta = maps.read_meta()
             path = meta.get("cgroup", "?")
-            if scopes and path not in scopes:
+            if (scopes and path not in scopes) or meta.get("version") != META_VERSION:
                 continue
             fd = libbpf.obj_get(os.path.join(pin_dir, "events"))
             fds.append(fd)

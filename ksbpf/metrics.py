@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
 
 from . import pins, scope
+from .errors import KsbpfError
 from .reasons import Hook
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ class KsbpfCollector:
         for pin_dir in pins.list_scope_dirs(self.bpffs):
             try:
                 st = scope.read_scope(pin_dir, link_cache)
-            except (OSError, ValueError):
+            except (OSError, ValueError, KsbpfError):
                 continue  # replaced or removed while we read: the next scrape sees the new one
             name = st.cgroup
             seen.add(name)

@@ -149,6 +149,13 @@ class Policy:
             "events": asdict(self.events),
         }
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Policy":
+        """The inverse of to_dict()."""
+        return cls(tuple(d["tunnels"]), tuple(Endpoint.parse(e) for e in d.get("endpoints", ())),
+                   d.get("netns", ""), Options(**d.get("options", {})),
+                   tuple(d.get("tunnel_kinds", DEFAULT_TUNNEL_KINDS)), EventSettings(**d.get("events", {})))
+
     def trusts(self, name: str, kind: str | None) -> bool:
         """Is an interface called `name` of link kind `kind` one of this policy's tunnels?"""
         return name in self.tunnels and kind in self.tunnel_kinds

@@ -7,6 +7,7 @@ state: the attachment, plus the pins under /sys/fs/bpf/ksbpf (see pins.py).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import time
@@ -16,12 +17,12 @@ from typing import Callable, Iterator
 
 from . import bpf, cgroup, libbpf, links, netns, pins, preflight
 from .errors import KsbpfError
-from .policy import DEFAULT_TUNNEL_KINDS, Endpoint, EventSettings, Options, Policy
+from .policy import Endpoint, Policy
 from .reasons import Family, Reason
 
 Progress = Callable[[str], None]
 EGRESS = libbpf.BPF_CGROUP_INET_EGRESS
-META_VERSION = 1
+META_VERSION = 2
 
 
 def _quiet(_msg: str) -> None:
@@ -199,10 +200,9 @@ def attach(cgroup_path: str, policy: Policy, progress: Progress = _quiet,
             prog.maps.add_lan(policy.lan_ranges)
             meta = {
                 "version": META_VERSION, "cgroup": cg.path, "cgroup_id": cg.id,
-                "tunnels": list(policy.tunnels), "tunnel_kinds": list(policy.tunnel_kinds),
-                "events": policy.to_dict()["events"],
-                "netns": {"spec": ns.spec, "path": ns.path, "inode": ns.inode},
-                "options": policy.to_dict()["options"], "attached_at": time.time(),
+                # the endpoints live in their maps (there may be many)
+                "policy": {k: v for k, v in policy.to_dict().items() if k != "endpoints"},
+                "netns": {"path": ns.path, "inode": ns.inode}, "attached_at": time.time(),
             }
             prog.maps.write_meta(meta)
             mounted = pins.ensure_bpffs(bpffs)
@@ -332,16 +332,13 @@ class ScopeStatus:
 
 
 def meta_netns(meta: dict) -> netns.Netns:
-    spec = meta.get("netns", {})
-    return netns.Netns(spec.get("spec", ""), spec.get("path", ""), spec.get("inode", 0))
+    ref = meta.get("netns", {})
+    return netns.Netns(meta["policy"]["netns"], ref.get("path", ""), ref.get("inode", 0))
 
 
 def policy_from(meta: dict, endpoints: list[Endpoint]) -> Policy:
     """The policy a scope was attached with, read back from its pins."""
-    return Policy(tuple(meta.get("tunnels", ())), tuple(endpoints), meta_netns(meta).spec,
-                  Options(**meta.get("options", {})),
-                  tuple(meta.get("tunnel_kinds", DEFAULT_TUNNEL_KINDS)),
-                  EventSettings(**meta.get("events", {})))
+    return dataclasses.replace(Policy.from_dict(meta["policy"]), endpoints=tuple(endpoints))
 
 
 def netns_alive(ns: netns.Netns) -> bool:
@@ -373,6 +370,9 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
     problems: list[str] = []
     with bpf.ScopeMaps.from_pins(pin_dir) as maps:
         meta = maps.read_meta()
+        if meta.get("version") != META_VERSION:
+            raise KsbpfError(f"{pin_dir} holds a scope of another ksbpf version ({meta.get('version')})",
+                             f"attach it again: ksbpf attach --cgroup {meta.get('cgroup', 'PATH')} ...")
         entries = maps.tunnels()
         policy = policy_from(meta, maps.endpoints())
         counters = total_counters(maps, meta)
@@ -416,9 +416,16 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
                        meta.get("attached_at"), problems, ns_ok, event_stats)
 
 
-def status(bpffs: str = pins.BPFFS) -> list[ScopeStatus]:
+def status(bpffs: str = pins.BPFFS) -> tuple[list[ScopeStatus], list[str]]:
+    """The protected scopes, and the problems of pin directories that could not be read."""
     preflight.require_root()
-    return [read_scope(d) for d in pins.list_scope_dirs(bpffs)]
+    scopes, unreadable = [], []
+    for d in pins.list_scope_dirs(bpffs):
+        try:
+            scopes.append(read_scope(d))
+        except (OSError, KsbpfError, ValueError) as exc:
+            unreadable.append(f"{d}: {exc}")
+    return scopes, unreadable
 
 
 @dataclass

@@ -17,15 +17,15 @@ pytestmark = pytest.mark.root
 
 
 def system_state(cg_path: str) -> tuple:
-    """What an attach would change: pin directories and the cgroup's programs."""
+    """What an attach of this cgroup would change: its pin directory (and a
+    staging one) and the programs attached to it."""
     fd = os.open(cg_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         progs = tuple(libbpf.prog_query(fd, libbpf.BPF_CGROUP_INET_EGRESS))
     finally:
         os.close(fd)
-    root = pins.pin_root()
-    pinned = tuple(sorted(os.listdir(root))) if os.path.isdir(root) else ()
-    return pinned, tuple(pins.list_scope_dirs()), progs
+    pin_dir = pins.scope_dir(cgroup.cgroup_id(cg_path))
+    return os.path.exists(pin_dir), os.path.exists(pin_dir + "_new"), progs
 
 
 def assert_one_line_error(proc, *needles: str):
