@@ -22,6 +22,7 @@ bench: setup
 	@$(PY) benchmarks/packet_cost.py
 	@$(PY) benchmarks/reaction.py --flaps 200
 	@$(PY) benchmarks/scrape.py --scopes 1000
+	@$(PY) benchmarks/footprint.py
 
 ## install: ksbpf on PATH, the example config and the systemd units (see README)
 PREFIX ?= /usr/local

@@ -23,7 +23,7 @@ import uuid
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-from ksbpf import bpf, libbpf, netns, preflight  # noqa: E402
+from ksbpf import bpf, libbpf, netns  # noqa: E402
 from ksbpf.policy import LAN_RANGES, Endpoint, EventSettings, Options  # noqa: E402
 from ksbpf.reasons import Reason  # noqa: E402
 from packets import DSTOPTS, FRAGMENT, HOPOPTS, ICMP, TCP, UDP, frame, ipv4, ipv6  # noqa: E402
@@ -60,12 +60,12 @@ PATHS = {
 }
 
 
-def build(bcc, ns, cache: str | None):
+def build(ns, cache: str | None):
     progs = {
         # every exception on, so each path is reachable; events off: the drop paths' own cost
-        "all": bpf.load(bcc, Options(allow_lan=True, allow_dhcp=True), 2, EventSettings(rate=0), cache=cache),
-        "strict": bpf.load(bcc, Options(), 2, EventSettings(rate=0), cache=cache),
-        "events": bpf.load(bcc, Options(), 2, EventSettings(rate=100, burst=20), cache=cache),
+        "all": bpf.load(Options(allow_lan=True, allow_dhcp=True), 2, EventSettings(rate=0), cache=cache),
+        "strict": bpf.load(Options(), 2, EventSettings(rate=0), cache=cache),
+        "events": bpf.load(Options(), 2, EventSettings(rate=100, burst=20), cache=cache),
     }
     cookie, tnl = netns.cookie(ns), netns.ifindex(ns, "tnl")
     for p in progs.values():
@@ -84,7 +84,7 @@ def measure(rounds: int, repeat: int, cache: str | None = None) -> dict:
     try:
         subprocess.run(["ip", "-n", name, "link", "add", "tnl", "type", "veth", "peer", "name", "phy"], check=True)
         ns = netns.resolve(name)
-        progs = build(preflight.require_all(), ns, cache)
+        progs = build(ns, cache)
         floor_fd = libbpf.prog_load(libbpf.BPF_PROG_TYPE_CGROUP_SKB, "ksbpf_floor", "GPL", RETURN_ALLOW)
         via = {"lo": 1, "tnl": netns.ifindex(ns, "tnl"), "phy": netns.ifindex(ns, "phy")}
         floor_frame = PATHS["tunnel v4"][2]

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
+import importlib.util
 import ipaddress
 import json
 import os
 import platform
 import struct
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Iterable
 
-from . import libbpf
+from . import libbpf, preflight
 from .errors import KsbpfError
 from .policy import PROTOCOLS, Endpoint, EventSettings, Options
 from .reasons import FAMILY_MAX, Family, Reason
@@ -293,30 +293,47 @@ def cache_dir() -> str | None:
     return value or None
 
 
-def _cache_path(cache_dir: str, flags: list[str], bcc: ModuleType) -> str:
+def _compiler_identity() -> str:
+    """Which bcc would compile, without importing it (importing maps LLVM: ~60 MB)."""
+    spec = importlib.util.find_spec(preflight.BCC_MODULE)
+    if spec is None or not spec.origin:
+        return "no-bcc"
+    st = os.stat(spec.origin)
+    return f"{os.path.realpath(spec.origin)}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _cache_path(cache_dir: str, flags: list[str]) -> str:
     h = hashlib.sha256()
     for name in ("ksbpf.c", "ksbpf.h"):
         with open(os.path.join(ebpf_dir(), name), "rb") as f:
             h.update(f.read())
-    h.update("\0".join([*flags, platform.release(), getattr(bcc, "__version__", "?")]).encode())
+    h.update("\0".join([*flags, platform.release(), _compiler_identity()]).encode())
     return os.path.join(cache_dir, h.hexdigest()[:32] + ".json")
 
 
-def load(bcc: ModuleType, options: Options, n_endpoints: int = 0,
-         events: EventSettings = EventSettings(), cache: str | None = "default") -> LoadedProgram:
+def image_cached(options: Options, n_endpoints: int = 0, events: EventSettings = EventSettings()) -> bool:
+    """Would load() find a compiled image (and so need no compiler)?"""
+    cache = cache_dir()
+    return bool(cache) and os.path.exists(_cache_path(cache, cflags(options, n_endpoints, events)))
+
+
+def load(options: Options, n_endpoints: int = 0, events: EventSettings = EventSettings(),
+         cache: str | None = "default") -> LoadedProgram:
     """The cgroup_skb program for these options, with fresh maps.  Compiled
-    with bcc the first time; then loaded from the image cached in cache_dir
-    (keyed by the sources, the flags, the kernel and bcc), without the compiler.
+    with bcc the first time; then loaded from the image cached in the cache
+    directory (keyed by the sources, the flags, the kernel and bcc), without
+    the compiler -- bcc is not even imported then.
     cache: a directory, None for no cache, "default" for cache_dir()."""
     flags = cflags(options, n_endpoints, events)
     cache = cache_dir() if cache == "default" else cache
-    cached = _cache_path(cache, flags, bcc) if cache else None
+    cached = _cache_path(cache, flags) if cache else None
     if cached and os.path.exists(cached):
         try:
             with open(cached) as f:
                 return ProgramImage.from_json(f.read()).load()
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable, or refused by this kernel: compile afresh below
+    bcc = preflight.require_compiler()
     try:
         b = bcc.BPF(src_file=source_path().encode(), cflags=flags)
         fn = b.load_func(PROG_NAME.encode(), bcc.BPF.CGROUP_SKB)

@@ -57,10 +57,15 @@ def require_kernel_headers() -> None:
                      "run `make setup` (it installs your kernel's headers, or links the distribution's generic ones)")
 
 
-def require_all() -> ModuleType:
-    """Everything an attach needs; returns the bcc module."""
+def require_loader() -> None:
+    """What loading and attaching a program needs."""
     require_root()
     require_kernel_bpf()
+
+
+def require_compiler() -> ModuleType:
+    """What compiling the program needs (only when no compiled image is cached);
+    returns the bcc module."""
     bcc = require_bcc()
     require_kernel_headers()
     return bcc

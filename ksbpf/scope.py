@@ -184,13 +184,15 @@ def attach(cgroup_path: str, policy: Policy, progress: Progress = _quiet,
     """Protect a cgroup with `policy`.  If it is already protected, the new
     program is attached before the old one is detached: during the swap both
     run and a packet must pass both, so there is no unprotected moment."""
-    bcc = preflight.require_all()
+    preflight.require_loader()
+    if not bpf.image_cached(policy.options, len(policy.endpoints), policy.events):
+        preflight.require_compiler()
     cg = cgroup.resolve(cgroup_path)
     ns = netns.resolve(policy.netns)
 
     with pins.locked():
-        progress("compiling and loading the policy program (bcc)")
-        prog = bpf.load(bcc, policy.options, len(policy.endpoints), policy.events)
+        progress("loading the policy program (compiled by bcc unless a cached image fits)")
+        prog = bpf.load(policy.options, len(policy.endpoints), policy.events)
         try:
             present = links.links(ns)
             sync_tunnels(prog.maps, policy, netns.cookie(ns), present)

@@ -40,3 +40,10 @@ def test_packet_cost_benchmark_runs(tmp_path):
 def test_scrape_benchmark_runs(tmp_path):
     result = bench(tmp_path, "scrape.py", "--scopes", "3", "--scrapes", "1")
     assert result["scopes"] == 3 and result["body_bytes"] > 0
+
+
+@pytest.mark.root
+def test_footprint_benchmark_runs(tmp_path):
+    result = bench(tmp_path, "footprint.py", "--runs", "1", "--scopes", "1")
+    assert result["attach"]["cold_s"] > result["attach"]["warm_s"] > 0
+    assert result["daemon_rss_mb"]["1"]["cached_image"] > 0

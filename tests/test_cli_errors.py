@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from click.testing import CliRunner
 
-from ksbpf import cgroup, cli, libbpf, pins, preflight, scope
+from ksbpf import bpf, cgroup, cli, libbpf, pins, preflight, scope
 
 from helpers import KSBPF, ksbpf
 
@@ -160,7 +160,8 @@ def assert_in_process_error(result, *needles: str):
         assert n in out[0]
 
 
-def test_bcc_missing(cg, monkeypatch):
+def test_bcc_missing(cg, monkeypatch, tmp_path):
+    monkeypatch.setenv("KSBPF_CACHE_DIR", str(tmp_path))  # no compiled image to fall back on
     monkeypatch.setattr(preflight, "BCC_MODULE", "ksbpf_no_such_bcc_module")
     before = system_state(cg)
     assert_in_process_error(run_attach_in_process(cg), "python3-bpfcc", "make setup")
@@ -168,6 +169,7 @@ def test_bcc_missing(cg, monkeypatch):
 
 
 def test_kernel_headers_missing(cg, monkeypatch, tmp_path):
+    monkeypatch.setenv("KSBPF_CACHE_DIR", str(tmp_path / "cache"))  # no compiled image to fall back on
     monkeypatch.setattr(preflight, "MODULES_DIR", str(tmp_path))
     monkeypatch.setattr(preflight, "KHEADERS", str(tmp_path / "kheaders.tar.xz"))
     before = system_state(cg)
@@ -187,6 +189,17 @@ def test_kernel_without_netns_cookie(cg, monkeypatch):
     before = system_state(cg)
     assert_in_process_error(run_attach_in_process(cg), "bpf_get_netns_cookie")
     assert system_state(cg) == before
+
+
+def test_a_cached_image_needs_no_compiler(cg, monkeypatch):
+    """Once compiled, attaching needs neither bcc nor kernel headers."""
+    assert run_attach_in_process(cg).exit_code == 0   # compiles (or finds) the image
+    real_identity = bpf._compiler_identity()           # the cache key names the compiler
+    monkeypatch.setattr(preflight, "BCC_MODULE", "ksbpf_no_such_bcc_module")
+    monkeypatch.setattr(preflight, "MODULES_DIR", "/nonexistent")
+    monkeypatch.setattr(bpf, "_compiler_identity", lambda: real_identity)
+    result = run_attach_in_process(cg)
+    assert result.exit_code == 0, result.output + result.stderr
 
 
 def test_cgroup2_found_from_proc_mounts(tmp_path):

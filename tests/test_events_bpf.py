@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from ksbpf import bpf, events, libbpf, netns, preflight
+from ksbpf import bpf, events, libbpf, netns
 from ksbpf.policy import EventSettings, Options
 from ksbpf.reasons import Family, Reason
 
@@ -31,7 +31,7 @@ def ns():
 
 
 def load(settings: EventSettings):
-    return bpf.load(preflight.require_all(), Options(), 0, settings)
+    return bpf.load(Options(), 0, settings)
 
 
 def run_on_cpu0(ns, prog, packet: bytes, repeat: int = 1):

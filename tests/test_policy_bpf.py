@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from ksbpf import bpf, libbpf, netns, preflight
+from ksbpf import bpf, libbpf, netns
 from ksbpf.policy import LAN_RANGES, Endpoint, Options
 from ksbpf.reasons import Family, Reason
 
@@ -42,17 +42,16 @@ def host(request, tmp_path_factory):
     try:
         subprocess.run(["ip", "-n", name, "link", "add", "tnl", "type", "veth", "peer", "name", "phy"], check=True)
         ns = netns.resolve(name)
-        bcc = preflight.require_all()
         env = {"ns": ns, "cookie": netns.cookie(ns), "tnl": netns.ifindex(ns, "tnl"),
                "phy": netns.ifindex(ns, "phy"), "progs": {}}
         cache = str(tmp_path_factory.mktemp("cache"))
         for label, opts in OPTION_SETS.items():
-            prog = bpf.load(bcc, opts, 3, cache=cache)
+            prog = bpf.load(opts, 3, cache=cache)
             assert prog._bcc_object is not None   # compiled
             if request.param == "cached":
                 tag = prog.tag
                 prog.close()
-                prog = bpf.load(bcc, opts, 3, cache=cache)
+                prog = bpf.load(opts, 3, cache=cache)
                 assert prog._bcc_object is None and prog.tag == tag   # the same program, no compiler
             prog.maps.add_tunnel(env["cookie"], env["tnl"], 0)
             for ep in (EP4, EP4_TCP, EP6):
