@@ -24,7 +24,7 @@ import uuid
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 from ksbpf import bpf, libbpf, netns  # noqa: E402
-from ksbpf.policy import LAN_RANGES, Endpoint, EventSettings, Options  # noqa: E402
+from ksbpf.policy import Endpoint, EventSettings, Options  # noqa: E402
 from ksbpf.reasons import Reason  # noqa: E402
 from packets import DSTOPTS, FRAGMENT, HOPOPTS, ICMP, TCP, UDP, frame, ipv4, ipv6  # noqa: E402
 
@@ -72,7 +72,6 @@ def build(ns, cache: str | None):
         p.maps.add_tunnel(cookie, tnl, 0)
         for ep in (EP4, EP6):
             p.maps.add_endpoint(ep)
-    progs["all"].maps.add_lan(LAN_RANGES)
     return progs
 
 

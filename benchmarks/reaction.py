@@ -138,6 +138,7 @@ def run(flaps: int) -> dict:
             "what": "netlink event -> tunnel map updated, by the ksbpf daemon",
             "flaps": flaps, "target_p99_ms": TARGET_P99_MS,
             "appear": summary(appear), "disappear": summary(vanish),
+            "samples_ms": {"appear": [round(v, 4) for v in appear], "disappear": [round(v, 4) for v in vanish]},
             "met": percentile(appear, 99) <= TARGET_P99_MS and percentile(vanish, 99) <= TARGET_P99_MS,
             "machine": report.machine(),
         }

@@ -6,14 +6,14 @@
  * (ksbpf.h).  Each hook is a thin wrapper that feeds it the egress context
  * and turns the reason into its own verdict.  Runtime configuration lives in
  * maps; options are compile-time switches:
- *   -DKSBPF_OPT_LAN         fixed private ranges (map lan4/lan6) are allowed
+ *   -DKSBPF_OPT_LAN         the fixed private ranges (ksbpf_lan4/6) are allowed
  *   -DKSBPF_OPT_LAN_DNS     ... including DNS (53, 853) to them
  *   -DKSBPF_OPT_DHCP        DHCPv4/DHCPv6 client traffic is allowed
  *   -DKSBPF_EVENTS_INTERVAL_NS=N, -DKSBPF_EVENTS_BURST=N
  *                           send samples of dropped packets to the ring buffer
  *                           `events`: at most one per N ns and BURST at once,
  *                           per CPU (a token bucket); the rest are counted
- *   -DKSBPF_MAX_TUNNELS=N, -DKSBPF_MAX_ENDPOINTS=N, -DKSBPF_MAX_LAN=N: map sizes
+ *   -DKSBPF_MAX_TUNNELS=N, -DKSBPF_MAX_ENDPOINTS=N: map sizes
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -28,19 +28,14 @@
 #ifndef KSBPF_MAX_ENDPOINTS
 #define KSBPF_MAX_ENDPOINTS 1024
 #endif
-#ifndef KSBPF_MAX_LAN
-#define KSBPF_MAX_LAN 64
-#endif
 #ifndef KSBPF_EVENTS_PAGES
 #define KSBPF_EVENTS_PAGES 16
 #endif
 #define KSBPF_IPV6_MAX_EXTHDRS 6
 
 BPF_HASH(tunnels, struct ksbpf_tunnel_key, __u32, KSBPF_MAX_TUNNELS);
-BPF_HASH(endpoints4, struct ksbpf_ep4_key, __u32, KSBPF_MAX_ENDPOINTS);
-BPF_HASH(endpoints6, struct ksbpf_ep6_key, __u32, KSBPF_MAX_ENDPOINTS);
-BPF_LPM_TRIE(lan4, struct ksbpf_lpm4_key, __u32, KSBPF_MAX_LAN);
-BPF_LPM_TRIE(lan6, struct ksbpf_lpm6_key, __u32, KSBPF_MAX_LAN);
+BPF_HASH(endpoints4, __be32, struct ksbpf_endpoint, KSBPF_MAX_ENDPOINTS);
+BPF_HASH(endpoints6, struct ksbpf_ep6_key, struct ksbpf_endpoint, KSBPF_MAX_ENDPOINTS);
 BPF_PERCPU_ARRAY(counters, struct ksbpf_counter, KSBPF_REASON_MAX * KSBPF_FAMILY_MAX);
 BPF_ARRAY(meta, struct ksbpf_meta, 1);
 BPF_RINGBUF_OUTPUT(events, KSBPF_EVENTS_PAGES);
@@ -61,13 +56,32 @@ struct ksbpf_pkt {
 	} daddr;
 };
 
+/* Copy len bytes at offset off from the network header: straight from the
+ * packet when they are in its linear part, else through the helper. */
+#define KSBPF_DIRECT_MAX_OFF 512
+static __always_inline int ksbpf_load(struct __sk_buff *skb, __u32 off, void *to, const __u32 len)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	void *p;
+
+	if (off <= KSBPF_DIRECT_MAX_OFF) {
+		p = data + off;
+		if (p + len <= end) {
+			__builtin_memcpy(to, p, len);
+			return 0;
+		}
+	}
+	return bpf_skb_load_bytes_relative(skb, off, to, len, BPF_HDR_START_NET);
+}
+
 static __always_inline int ksbpf_load_ports(struct __sk_buff *skb, __u32 off, struct ksbpf_pkt *p)
 {
 	__be16 ports[2];
 
 	if (p->fragment || (p->l4proto != IPPROTO_TCP && p->l4proto != IPPROTO_UDP))
 		return 0;
-	if (bpf_skb_load_bytes_relative(skb, off, ports, sizeof(ports), BPF_HDR_START_NET))
+	if (ksbpf_load(skb, off, ports, sizeof(ports)))
 		return -1;
 	p->sport = ports[0];
 	p->dport = ports[1];
@@ -79,7 +93,7 @@ static __always_inline int ksbpf_parse4(struct __sk_buff *skb, struct ksbpf_pkt 
 {
 	struct iphdr ip;
 
-	if (bpf_skb_load_bytes_relative(skb, 0, &ip, sizeof(ip), BPF_HDR_START_NET))
+	if (ksbpf_load(skb, 0, &ip, sizeof(ip)))
 		return -1;
 	if (ip.version != 4 || ip.ihl < 5)
 		return -1;
@@ -98,7 +112,7 @@ static __always_inline int ksbpf_parse6(struct __sk_buff *skb, struct ksbpf_pkt 
 	__be16 frag_off;
 	int i;
 
-	if (bpf_skb_load_bytes_relative(skb, 0, &ip6, sizeof(ip6), BPF_HDR_START_NET))
+	if (ksbpf_load(skb, 0, &ip6, sizeof(ip6)))
 		return -1;
 	if (ip6.version != 6)
 		return -1;
@@ -111,11 +125,10 @@ static __always_inline int ksbpf_parse6(struct __sk_buff *skb, struct ksbpf_pkt 
 		    nexthdr != IPPROTO_DSTOPTS && nexthdr != IPPROTO_FRAGMENT &&
 		    nexthdr != IPPROTO_AH)
 			break;
-		if (bpf_skb_load_bytes_relative(skb, off, ext, sizeof(ext), BPF_HDR_START_NET))
+		if (ksbpf_load(skb, off, ext, sizeof(ext)))
 			return -1;
 		if (nexthdr == IPPROTO_FRAGMENT) {
-			if (bpf_skb_load_bytes_relative(skb, off + 2, &frag_off, sizeof(frag_off),
-							BPF_HDR_START_NET))
+			if (ksbpf_load(skb, off + 2, &frag_off, sizeof(frag_off)))
 				return -1;
 			if (bpf_ntohs(frag_off) & 0xfff8)
 				p->fragment = 1;
@@ -148,9 +161,45 @@ static __always_inline int ksbpf_is_dhcp_client(const struct ksbpf_pkt *p, int v
 	return p->sport == bpf_htons(68) && p->dport == bpf_htons(67);
 }
 
+/* The fixed LAN list (ksbpf/policy.py LAN_RANGES; tests check the two agree):
+ * never "what the current network says is on-link" (TunnelCrack LocalNet). */
+static __always_inline int ksbpf_lan4(__be32 daddr)
+{
+	__u32 a = bpf_ntohl(daddr);
+
+	return (a >> 24) == 10 ||			/* 10.0.0.0/8 */
+	       (a >> 20) == (172 << 4 | 1) ||		/* 172.16.0.0/12 */
+	       (a >> 16) == (192 << 8 | 168) ||		/* 192.168.0.0/16 */
+	       (a >> 16) == (169 << 8 | 254) ||		/* 169.254.0.0/16 */
+	       (a >> 8) == (224 << 16) ||		/* 224.0.0.0/24, link-local multicast */
+	       a == 0xffffffff;				/* local broadcast */
+}
+
+static __always_inline int ksbpf_lan6(const __u8 *a)
+{
+	return (a[0] == 0xfe && (a[1] & 0xc0) == 0x80) ||	/* fe80::/10 */
+	       (a[0] & 0xfe) == 0xfc ||				/* fc00::/7 */
+	       (a[0] == 0xff && a[1] == 0x02);			/* ff02::/16, link-local multicast */
+}
+
 /* The exceptions for traffic that does not leave through a tunnel, in
- * order: endpoint (exact, then its bare address), LAN, DHCP.  Each lookup is
- * made only when the earlier rules did not decide. */
+ * order: endpoint (one lookup: the address, then its ports), LAN, DHCP. */
+static __always_inline int ksbpf_endpoint(const struct ksbpf_pkt *p, const struct ksbpf_endpoint *ep)
+{
+	int i;
+
+	if (p->has_ports) {
+#pragma unroll
+		for (i = 0; i < KSBPF_EP_PORTS; i++) {
+			if (i >= ep->n)
+				break;
+			if (ep->ports[i].port == p->dport && ep->ports[i].proto == p->l4proto)
+				return KSBPF_ALLOW_ENDPOINT;
+		}
+	}
+	return KSBPF_DROP_ENDPOINT_MISMATCH;
+}
+
 static __always_inline int ksbpf_lan(const struct ksbpf_pkt *p)
 {
 #ifndef KSBPF_OPT_LAN_DNS
@@ -171,21 +220,16 @@ static __always_inline int ksbpf_last_resort(const struct ksbpf_pkt *p, int v6)
 
 static __always_inline int ksbpf_exceptions4(const struct ksbpf_pkt *p)
 {
-	struct ksbpf_ep4_key ek = { .addr = p->daddr.v4, .port = p->dport, .proto = p->l4proto };
+	__be32 addr = p->daddr.v4;
+	struct ksbpf_endpoint *ep;
 
 	if (p->fragment)
 		return KSBPF_DROP_FRAGMENT;
-	if (p->has_ports && endpoints4.lookup(&ek))
-		return KSBPF_ALLOW_ENDPOINT;
-	ek.port = 0;
-	ek.proto = 0;
-	if (endpoints4.lookup(&ek))
-		return KSBPF_DROP_ENDPOINT_MISMATCH;
+	ep = endpoints4.lookup(&addr);
+	if (ep)
+		return ksbpf_endpoint(p, ep);
 #ifdef KSBPF_OPT_LAN
-	struct ksbpf_lpm4_key lk = { .prefixlen = 32 };
-
-	__builtin_memcpy(lk.addr, &p->daddr.v4, 4);
-	if (lan4.lookup(&lk))
+	if (ksbpf_lan4(addr))
 		return ksbpf_lan(p);
 #endif
 	return ksbpf_last_resort(p, 0);
@@ -193,22 +237,17 @@ static __always_inline int ksbpf_exceptions4(const struct ksbpf_pkt *p)
 
 static __always_inline int ksbpf_exceptions6(const struct ksbpf_pkt *p)
 {
-	struct ksbpf_ep6_key ek = { .port = p->dport, .proto = p->l4proto };
+	struct ksbpf_ep6_key key;
+	struct ksbpf_endpoint *ep;
 
 	if (p->fragment)
 		return KSBPF_DROP_FRAGMENT;
-	__builtin_memcpy(ek.addr, p->daddr.v6, 16);
-	if (p->has_ports && endpoints6.lookup(&ek))
-		return KSBPF_ALLOW_ENDPOINT;
-	ek.port = 0;
-	ek.proto = 0;
-	if (endpoints6.lookup(&ek))
-		return KSBPF_DROP_ENDPOINT_MISMATCH;
+	__builtin_memcpy(key.addr, p->daddr.v6, 16);
+	ep = endpoints6.lookup(&key);
+	if (ep)
+		return ksbpf_endpoint(p, ep);
 #ifdef KSBPF_OPT_LAN
-	struct ksbpf_lpm6_key lk = { .prefixlen = 128 };
-
-	__builtin_memcpy(lk.addr, p->daddr.v6, 16);
-	if (lan6.lookup(&lk))
+	if (ksbpf_lan6(key.addr))
 		return ksbpf_lan(p);
 #endif
 	return ksbpf_last_resort(p, 1);

@@ -47,34 +47,25 @@ struct ksbpf_tunnel_key {
 	__u32 pad;
 };
 
-/* Endpoints: exact (address, port, protocol).  An entry with port 0 and
- * protocol 0 marks the address itself, so that traffic to the endpoint's
- * address on another port or protocol is told apart (and dropped). */
-struct ksbpf_ep4_key {
-	__be32 addr;
-	__be16 port;
-	__u8 proto;
-	__u8 pad;
-};
+/* Endpoints: one entry per VPN server address (map endpoints4 keyed by the
+ * __be32 address, endpoints6 by struct ksbpf_ep6_key), holding the (port,
+ * protocol) pairs allowed to it.  The same lookup tells "endpoint" from "the
+ * endpoint's address on another port or protocol" (TunnelCrack ServerIP). */
+#define KSBPF_EP_PORTS 8
 
 struct ksbpf_ep6_key {
 	__u8 addr[16];
+};
+
+struct ksbpf_ep_port {
 	__be16 port;
 	__u8 proto;
 	__u8 pad;
 };
 
-#define KSBPF_EP_EXACT 1
-#define KSBPF_EP_ADDRESS 2
-
-struct ksbpf_lpm4_key {
-	__u32 prefixlen;
-	__u8 addr[4];
-};
-
-struct ksbpf_lpm6_key {
-	__u32 prefixlen;
-	__u8 addr[16];
+struct ksbpf_endpoint {
+	__u32 n;
+	struct ksbpf_ep_port ports[KSBPF_EP_PORTS];
 };
 
 struct ksbpf_counter {

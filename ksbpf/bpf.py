@@ -15,7 +15,6 @@ import os
 import platform
 import struct
 from dataclasses import dataclass
-from typing import Iterable
 
 from . import libbpf, preflight
 from .errors import KsbpfError
@@ -23,12 +22,10 @@ from .policy import PROTOCOLS, Endpoint, EventSettings, Options
 from .reasons import FAMILY_MAX, Family, Reason
 
 PROG_NAME = "ksbpf_cg_egress"  # the entry point; the kernel shows it as the program's name
-MAP_NAMES = ("tunnels", "endpoints4", "endpoints6", "lan4", "lan6", "counters", "meta",
-             "events", "event_stats", "bucket")
+MAP_NAMES = ("tunnels", "endpoints4", "endpoints6", "counters", "meta", "events", "event_stats", "bucket")
 META_SIZE = 8192
-EP_EXACT, EP_ADDRESS = 1, 2
+EP_PORTS = 8  # (port, protocol) pairs per endpoint address
 MAX_TUNNELS = 64
-MAX_LAN = 64
 
 _TUNNEL_KEY = struct.Struct("=QII")   # netns_cookie, ifindex, pad
 _U32 = struct.Struct("=I")
@@ -48,9 +45,7 @@ def source_path() -> str:
 def cflags(options: Options, n_endpoints: int, events: EventSettings = EventSettings()) -> list[str]:
     flags = [f"-I{ebpf_dir()}",
              f"-DKSBPF_MAX_TUNNELS={MAX_TUNNELS}",
-             f"-DKSBPF_MAX_LAN={MAX_LAN}",
-             # each endpoint takes an exact entry and an address marker
-             f"-DKSBPF_MAX_ENDPOINTS={max(64, 2 * n_endpoints)}"]
+             f"-DKSBPF_MAX_ENDPOINTS={max(64, n_endpoints)}"]
     if options.allow_lan:
         flags.append("-DKSBPF_OPT_LAN")
     if options.allow_lan_dns:
@@ -71,12 +66,15 @@ def tunnel_key(netns_cookie: int, ifindex: int) -> bytes:
     return _TUNNEL_KEY.pack(netns_cookie, ifindex, 0)
 
 
-def endpoint_key(address: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int = 0, proto: int = 0) -> bytes:
-    return address.packed + struct.pack("!HBB", port, proto, 0)
+def _endpoint_value(ports: list[tuple[int, int]]) -> bytes:
+    """struct ksbpf_endpoint: n, then (port, protocol) pairs."""
+    pairs = b"".join(struct.pack("!HBB", port, proto, 0) for port, proto in ports)
+    return _U32.pack(len(ports)) + pairs.ljust(4 * EP_PORTS, b"\0")
 
 
-def lpm_key(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bytes:
-    return _U32.pack(net.prefixlen) + net.network_address.packed
+def _endpoint_ports(value: bytes) -> list[tuple[int, int]]:
+    n = _U32.unpack_from(value)[0]
+    return [struct.unpack_from("!HB", value, 4 + 4 * i) for i in range(min(n, EP_PORTS))]
 
 
 @dataclass(frozen=True)
@@ -141,23 +139,26 @@ class ScopeMaps:
 
     # endpoints
     def add_endpoint(self, ep: Endpoint) -> None:
-        fd = self.fds["endpoints4" if ep.address.version == 4 else "endpoints6"]
-        libbpf.map_update(fd, endpoint_key(ep.address, ep.port, ep.proto_number), _U32.pack(EP_EXACT))
-        libbpf.map_update(fd, endpoint_key(ep.address), _U32.pack(EP_ADDRESS))
+        name = "endpoints4" if ep.address.version == 4 else "endpoints6"
+        key = ep.address.packed
+        value = libbpf.map_lookup(self.fds[name], key, self._value_size[name])
+        ports = _endpoint_ports(value) if value else []
+        if (ep.port, ep.proto_number) in ports:
+            return
+        if len(ports) >= EP_PORTS:
+            raise KsbpfError(f"more than {EP_PORTS} endpoints on {ep.address}",
+                             f"give at most {EP_PORTS} port/protocol pairs per address")
+        libbpf.map_update(self.fds[name], key, _endpoint_value(ports + [(ep.port, ep.proto_number)]))
 
     def endpoints(self) -> list[Endpoint]:
         out = []
         for name, size in (("endpoints4", 4), ("endpoints6", 16)):
-            for key in libbpf.map_keys(self.fds[name], size + 4):
-                port, proto, _ = struct.unpack("!HBB", key[size:])
-                if proto in _PROTO_NAMES and port:
-                    out.append(Endpoint(ipaddress.ip_address(key[:size]), port, _PROTO_NAMES[proto]))
+            for key in libbpf.map_keys(self.fds[name], size):
+                value = libbpf.map_lookup(self.fds[name], key, self._value_size[name])
+                for port, proto in _endpoint_ports(value or b"\0" * 4):
+                    if proto in _PROTO_NAMES:
+                        out.append(Endpoint(ipaddress.ip_address(key), port, _PROTO_NAMES[proto]))
         return sorted(out, key=Endpoint.sort_key)
-
-    # LAN ranges
-    def add_lan(self, nets: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
-        for net in nets:
-            libbpf.map_update(self.fds["lan4" if net.version == 4 else "lan6"], lpm_key(net), _U32.pack(1))
 
     # counters
     def _percpu(self, name: str, index: int) -> list[bytes]:

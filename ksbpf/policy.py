@@ -17,10 +17,12 @@ from .errors import KsbpfError
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 PROTOCOLS = {"udp": socket.IPPROTO_UDP, "tcp": socket.IPPROTO_TCP}
+ENDPOINT_PORTS = 8  # port/protocol pairs per endpoint address (KSBPF_EP_PORTS)
 IFNAMSIZ = 16
 
 # --allow-lan: a FIXED list, never "whatever the current network says is
 # on-link" (TunnelCrack LocalNet hands out a public range as the LAN).
+# Compiled into the program (ksbpf_lan4/ksbpf_lan6); tests check they agree.
 LAN_RANGES = tuple(ipaddress.ip_network(n) for n in (
     "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16",
     "224.0.0.0/24",        # IPv4 link-local multicast
@@ -134,10 +136,12 @@ class Policy:
         if self.options.allow_lan_dns and not self.options.allow_lan:
             raise KsbpfError("--allow-lan-dns only widens --allow-lan", "add --allow-lan, or drop --allow-lan-dns")
         object.__setattr__(self, "endpoints", tuple(sorted(set(self.endpoints), key=Endpoint.sort_key)))
-
-    @property
-    def lan_ranges(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-        return LAN_RANGES if self.options.allow_lan else ()
+        per_address: dict = {}
+        for ep in self.endpoints:
+            per_address[ep.address] = per_address.get(ep.address, 0) + 1
+            if per_address[ep.address] > ENDPOINT_PORTS:
+                raise KsbpfError(f"more than {ENDPOINT_PORTS} endpoints on {ep.address}",
+                                 f"give at most {ENDPOINT_PORTS} port/protocol pairs per address")
 
     def to_dict(self) -> dict:
         return {

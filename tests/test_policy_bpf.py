@@ -56,7 +56,6 @@ def host(request, tmp_path_factory):
             prog.maps.add_tunnel(env["cookie"], env["tnl"], 0)
             for ep in (EP4, EP4_TCP, EP6):
                 prog.maps.add_endpoint(ep)
-            prog.maps.add_lan(LAN_RANGES if opts.allow_lan else ())
             env["progs"][label] = prog
         yield env
         for prog in env["progs"].values():
@@ -226,3 +225,23 @@ def test_lan_list_is_fixed():
         "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "224.0.0.0/24",
         "255.255.255.255/32", "fe80::/10", "fc00::/7", "ff02::/16"}
     assert all(isinstance(n, (ipaddress.IPv4Network, ipaddress.IPv6Network)) for n in LAN_RANGES)
+
+
+def lan_probe_points():
+    """The first and last address of every LAN range, and the addresses just
+    outside it: the compiled-in list must agree with policy.LAN_RANGES."""
+    def in_lan(addr):
+        return any(addr in net for net in LAN_RANGES if net.version == addr.version)
+    for net in LAN_RANGES:
+        first, last = net.network_address, net.broadcast_address
+        for addr in (first, last):
+            yield str(net), addr, True
+        for addr in (first - 1, last + 1) if int(last) < (1 << net.max_prefixlen) - 1 else (first - 1,):
+            yield str(net), addr, in_lan(addr)
+
+
+@pytest.mark.parametrize("net,addr,inside", list(lan_probe_points()), ids=lambda v: str(v))
+def test_compiled_lan_list_matches_the_python_list(host, net, addr, inside):
+    build = ipv4 if addr.version == 4 else ipv6
+    expected = Reason.ALLOW_LAN if inside else Reason.DROP_NOT_TUNNEL
+    check(host, "lan", frame(build(str(addr), UDP, dport=9)), expected)

@@ -73,6 +73,8 @@ def test_policy_dedups_and_orders_endpoints():
     assert p.to_dict()["endpoints"] == ["203.0.113.5:1/udp", "[2001:db8::5]:1/udp"]
 
 
-def test_lan_ranges_only_with_allow_lan():
-    assert Policy(("wg0",)).lan_ranges == ()
-    assert Policy(("wg0",), options=Options(allow_lan=True)).lan_ranges
+def test_at_most_eight_endpoints_per_address():
+    eight = tuple(Endpoint.parse(f"203.0.113.5:{p}/udp") for p in range(1, 9))
+    assert len(Policy(("wg0",), eight).endpoints) == 8
+    with pytest.raises(KsbpfError, match="more than 8 endpoints on 203.0.113.5"):
+        Policy(("wg0",), eight + (Endpoint.parse("203.0.113.5:9/tcp"),))

@@ -50,8 +50,9 @@ def test_first_drop_matches_header():
 
 def test_map_constants_match_header():
     assert int(define("KSBPF_META_SIZE")) == bpf.META_SIZE
-    assert int(define("KSBPF_EP_EXACT")) == bpf.EP_EXACT
-    assert int(define("KSBPF_EP_ADDRESS")) == bpf.EP_ADDRESS
+    assert int(define("KSBPF_EP_PORTS")) == bpf.EP_PORTS
+    from ksbpf.policy import ENDPOINT_PORTS
+    assert ENDPOINT_PORTS == bpf.EP_PORTS
 
 
 def test_labels_are_unique_and_short():

@@ -1,0 +1,133 @@
+"""The benchmark report: benchmarks/results/README.md with every figure,
+its target and whether it is met, plus a plot (PNG) per benchmark, made from
+the JSON results the benchmarks wrote.  A benchmark that has not run is
+listed as such.
+
+    python benchmarks/summary.py [--results benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import report  # noqa: E402
+
+YES = {True: "met", False: "**missed**"}
+
+
+def load(results: str, name: str) -> dict | None:
+    try:
+        with open(os.path.join(results, f"{name}.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def plot_packet_cost(r: dict, path: str) -> None:
+    labels = list(r["paths"])
+    med = [r["paths"][k]["ratio_median"] for k in labels]
+    lo = [m - r["paths"][k]["ratio_min"] for k, m in zip(labels, med)]
+    hi = [r["paths"][k]["ratio_max"] - m for k, m in zip(labels, med)]
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(labels) + 1.2))
+    ax.barh(labels, med, xerr=[lo, hi], color=["#4c72b0" if m <= r["target_ratio"] else "#c44e52" for m in med])
+    ax.axvline(r["target_ratio"], color="k", linestyle="--", label=f"target ≤ {r['target_ratio']:g}× floor")
+    ax.invert_yaxis()
+    ax.set_xlabel(f"cost per packet, × floor ({r['floor_ns']['median']} ns); bars: median, whiskers: min–max")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_reaction(r: dict, path: str) -> None:
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for key, samples in r.get("samples_ms", {}).items():
+        xs = sorted(samples)
+        ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=f"tunnel {key}s → map")
+    ax.axvline(r["target_p99_ms"], color="k", linestyle="--", label=f"target p99 ≤ {r['target_p99_ms']:g} ms")
+    ax.axhline(0.99, color="grey", linewidth=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("ms from the netlink event to the map update (log)")
+    ax.set_ylabel("fraction of flaps")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def rows_packet_cost(r):
+    worst = max(r["paths"].items(), key=lambda kv: kv[1]["ratio_median"])
+    missed = [k for k, v in r["paths"].items() if not v["met"]]
+    yield ("per-packet cost, every path ≤ 3× floor",
+           f"floor {r['floor_ns']['median']} ns; worst: {worst[0]} {worst[1]['ratio_median']}×; "
+           f"{len(r['paths']) - len(missed)}/{len(r['paths'])} paths within", YES[r["met"]])
+
+
+def rows_reaction(r):
+    for key in ("appear", "disappear"):
+        s = r[key]
+        yield (f"reaction, tunnel {key}s → map, p99 ≤ {r['target_p99_ms']:g} ms",
+               f"p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms (n={s['n']})", YES[s["p99_ms"] <= r["target_p99_ms"]])
+
+
+def rows_scrape(r):
+    yield (f"scrape with {r['scopes']} scopes (no target)", f"{r['scrape_s']['median']} s", "—")
+
+
+def rows_footprint(r):
+    a, t = r["attach"], r["targets"]
+    yield (f"attach ≤ {t['attach_s']} s, nothing cached", f"{a['cold_s']} s (bcc compiles: {r['compile_cost_s']} s)",
+           YES[r["met"]["attach_cold"]])
+    yield (f"attach ≤ {t['attach_s']} s, image cached", f"{a['warm_s']} s", YES[r["met"]["attach_warm"]])
+    for n, v in r["daemon_rss_mb"].items():
+        yield (f"daemon RSS ≤ {t['daemon_rss_mb']} MB, {n} scope(s)",
+               f"{v['cached_image']} MB (image cached), {v['compiling']} MB (compiling)",
+               YES[v["compiling"] <= t["daemon_rss_mb"]])
+
+
+BENCHMARKS = [  # name, rows, plot
+    ("packet_cost", rows_packet_cost, plot_packet_cost),
+    ("throughput", None, None),
+    ("scaling", None, None),
+    ("reaction", rows_reaction, plot_reaction),
+    ("footprint", rows_footprint, None),
+    ("scrape", rows_scrape, None),
+]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", default=report.RESULTS)
+    a = ap.parse_args()
+    lines = ["# ksbpf benchmark report", "",
+             "Made by `make bench` on one machine, in one run. Every figure is measured side by side with "
+             "its baseline and reported with its target; a missed target is reported as missed. "
+             "Details, spreads and the machine are in each benchmark's page.", "",
+             "| benchmark | figure | measured | target |", "|---|---|---|---|"]
+    for name, rows, plot in BENCHMARKS:
+        r = load(a.results, name)
+        if r is None:
+            lines.append(f"| {name} | not run | — | — |")
+            continue
+        if plot is not None:
+            plot(r, os.path.join(a.results, f"{name}.png"))
+        for figure, measured, met in (rows(r) if rows else r.get("summary_rows", [])):
+            lines.append(f"| [{name}]({name}.md) | {figure} | {measured} | {met} |")
+    lines += ["", "Plots: " + ", ".join(f"[{n}]({n}.png)" for n, _r, p in BENCHMARKS
+                                        if p and os.path.exists(os.path.join(a.results, f"{n}.png")))]
+    with open(os.path.join(a.results, "README.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
