@@ -83,6 +83,6 @@ mkdir -p "$venv/system-bcc"
 ln -sfn "$bccdir/bcc" "$venv/system-bcc/bcc"
 echo "$venv/system-bcc" > "$site/ksbpf-system-bcc.pth"
 "$venv/bin/python" -c 'import bcc' || { echo "setup: bcc is not importable from $venv" >&2; exit 1; }
-say "installing ksbpf and its test dependencies into $venv"
-"$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$repo[test]"
+say "installing ksbpf and its test and benchmark dependencies into $venv"
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$repo[test,bench]"
 say "ready: $venv/bin/ksbpf"
