@@ -20,9 +20,12 @@ test: setup
 ## bench: benchmarks (never part of `make test`); results in benchmarks/results/
 bench: setup
 	@$(PY) benchmarks/packet_cost.py
+	@$(PY) benchmarks/throughput.py --rounds 5 --seconds 3
+	@$(PY) benchmarks/scaling.py --sizes 1,100,10000,100000 --rounds 3 --seconds 2
 	@$(PY) benchmarks/reaction.py --flaps 200
-	@$(PY) benchmarks/scrape.py --scopes 1000
 	@$(PY) benchmarks/footprint.py
+	@$(PY) benchmarks/scrape.py --scopes 1000
+	@$(PY) benchmarks/summary.py
 
 ## install: ksbpf on PATH, the example config and the systemd units (see README)
 PREFIX ?= /usr/local

@@ -78,6 +78,73 @@ def rows_reaction(r):
                f"p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms (n={s['n']})", YES[s["p99_ms"] <= r["target_p99_ms"]])
 
 
+def rows_throughput(r):
+    names = {"tcp": "TCP", "udp": "UDP, 64-byte payloads (packets/s)"}
+    for test, t in r["targets"].items():
+        variants = r["tests"][test]
+        key = next(k for k in variants["ksbpf"] if k.endswith("_ratio"))   # the headline measure
+        ratios = ", ".join(f"{v} {variants[v][key]['median']}×" for v in variants if v != "no filter")
+        yield (f"{names.get(test, test)}: ksbpf ≥ {r['target_ratio']}× no filter and ahead of nftables and iptables",
+               ratios, YES[t["met"]])
+
+
+def plot_throughput(r: dict, path: str) -> None:
+    tests = list(r["tests"])
+    fig, axes = plt.subplots(1, len(tests), figsize=(5 * len(tests), 3.6))
+    for ax, test in zip(axes if len(tests) > 1 else [axes], tests):
+        variants = [v for v in r["tests"][test] if v != "no filter"]
+        key = next(k for k in r["tests"][test][variants[0]] if k.endswith("_ratio"))
+        med = [r["tests"][test][v][key]["median"] for v in variants]
+        lo = [m - r["tests"][test][v][key]["min"] for v, m in zip(variants, med)]
+        hi = [r["tests"][test][v][key]["max"] - m for v, m in zip(variants, med)]
+        ax.bar(variants, med, yerr=[lo, hi], color="#4c72b0")
+        ax.axhline(r["target_ratio"], color="k", linestyle="--", label=f"target ≥ {r['target_ratio']}×")
+        ax.set_title(test.upper())
+        ax.set_ylabel("× no filter (median, min–max)")
+        ax.set_ylim(0, 1.3)
+        ax.tick_params(axis="x", rotation=20)
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def rows_scaling(r):
+    t = r["target"]
+    yield (f"scaling: ksbpf cost at {t['size']:,} endpoints ≤ {t['limit']}× its cost at 1",
+           f"{t['endpoint_ratio']}×", YES[t["met"]])
+    biggest = max(r["pps"]["sizes"], key=int)
+    row = r["pps"]["sizes"][biggest]
+    yield (f"scaling: UDP packets/s with {int(biggest):,} endpoints, × no filter (no target)",
+           ", ".join(f"{v} {row[v]['rx_pps_ratio']['median']}×" for v in row if v != "no filter"), "—")
+
+
+def plot_scaling(r: dict, path: str) -> None:
+    sizes = sorted(r["pps"]["sizes"], key=int)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ts = sorted(r["testrun"]["sizes"], key=int)
+    a1.plot([int(n) for n in ts], [r["testrun"]["sizes"][n]["endpoint"]["median"] for n in ts], "o-",
+            label="ksbpf, endpoint path")
+    a1.plot([int(n) for n in ts], [r["testrun"]["sizes"][n]["drop"]["median"] for n in ts], "s-",
+            label="ksbpf, drop path")
+    a1.set_xscale("log")
+    a1.set_ylim(bottom=0)
+    a1.set_xlabel("endpoints in the policy")
+    a1.set_ylabel("ns per packet (BPF_PROG_TEST_RUN)")
+    a1.legend()
+    variants = [v for v in r["pps"]["sizes"][sizes[0]] if v != "no filter"]
+    for v in variants:
+        a2.plot([int(n) for n in sizes], [r["pps"]["sizes"][n][v]["rx_pps_ratio"]["median"] for n in sizes], "o-", label=v)
+    a2.set_xscale("log")
+    a2.set_ylim(0, 1.1)
+    a2.set_xlabel("endpoints (rules / set elements)")
+    a2.set_ylabel("UDP packets/s, × no filter")
+    a2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def rows_scrape(r):
     yield (f"scrape with {r['scopes']} scopes (no target)", f"{r['scrape_s']['median']} s", "—")
 
@@ -95,8 +162,8 @@ def rows_footprint(r):
 
 BENCHMARKS = [  # name, rows, plot
     ("packet_cost", rows_packet_cost, plot_packet_cost),
-    ("throughput", None, None),
-    ("scaling", None, None),
+    ("throughput", rows_throughput, plot_throughput),
+    ("scaling", rows_scaling, plot_scaling),
     ("reaction", rows_reaction, plot_reaction),
     ("footprint", rows_footprint, None),
     ("scrape", rows_scrape, None),
@@ -119,7 +186,7 @@ def main() -> int:
             continue
         if plot is not None:
             plot(r, os.path.join(a.results, f"{name}.png"))
-        for figure, measured, met in (rows(r) if rows else r.get("summary_rows", [])):
+        for figure, measured, met in rows(r):
             lines.append(f"| [{name}]({name}.md) | {figure} | {measured} | {met} |")
     lines += ["", "Plots: " + ", ".join(f"[{n}]({n}.png)" for n, _r, p in BENCHMARKS
                                         if p and os.path.exists(os.path.join(a.results, f"{n}.png")))]

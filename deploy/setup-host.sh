@@ -24,7 +24,7 @@ fi
 
 # --- 1. packages -------------------------------------------------------------
 pkgs=(python3 python3-venv python3-bpfcc libbpf1 bpftool iproute2 wireguard-go wireguard-tools
-      tcpdump iperf3 iputils-ping procps prometheus)
+      tcpdump iperf3 nftables iptables iputils-ping procps prometheus)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

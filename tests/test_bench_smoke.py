@@ -47,3 +47,25 @@ def test_footprint_benchmark_runs(tmp_path):
     result = bench(tmp_path, "footprint.py", "--runs", "1", "--scopes", "1")
     assert result["attach"]["cold_s"] > result["attach"]["warm_s"] > 0
     assert result["daemon_rss_mb"]["1"]["cached_image"] > 0
+
+
+@pytest.mark.root
+def test_throughput_benchmark_runs(tmp_path):
+    result = bench(tmp_path, "throughput.py", "--rounds", "1", "--seconds", "1")
+    for test, metric in (("tcp", "bps"), ("udp", "rx_pps"), ("udp", "tx_pps")):
+        for variant in ("no filter", "no filter (control)", "ksbpf", "nftables", "iptables"):
+            assert result["tests"][test][variant][metric]["median"] > 0, (test, variant)
+    assert result["checks"]["ksbpf_tunnel_packets"] > 0  # the scope was in the path
+    assert set(result["targets"]) == {"tcp", "udp"} and result["tc_hook"].startswith("not implemented")
+
+
+@pytest.mark.root
+def test_scaling_benchmark_runs(tmp_path):
+    result = bench(tmp_path, "scaling.py", "--sizes", "1,100", "--rounds", "1", "--seconds", "1",
+                   "--testrun-rounds", "2", "--repeat", "10")
+    for n in ("1", "100"):
+        assert result["testrun"]["sizes"][n]["endpoint"]["median"] > 0
+        for variant in ("no filter", "ksbpf", "nftables", "iptables"):
+            assert result["pps"]["sizes"][n][variant]["rx_pps"]["median"] > 0, (n, variant)
+        assert result["pps"]["checks"][f"ksbpf_{n}_endpoint_packets"] > 0
+    assert result["target"]["size"] == 100
