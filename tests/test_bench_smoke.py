@@ -69,3 +69,20 @@ def test_scaling_benchmark_runs(tmp_path):
             assert result["pps"]["sizes"][n][variant]["rx_pps"]["median"] > 0, (n, variant)
         assert result["pps"]["checks"][f"ksbpf_{n}_endpoint_packets"] > 0
     assert result["target"]["size"] == 100
+
+
+def test_summary_reports_every_benchmark(tmp_path):
+    import shutil
+    results = os.path.join(REPO, "benchmarks", "results")
+    for name in os.listdir(results):
+        if name.endswith(".json"):
+            shutil.copy(os.path.join(results, name), tmp_path)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "summary.py"), "--results", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = (tmp_path / "README.md").read_text()
+    for name in ("packet_cost", "throughput", "scaling", "reaction", "footprint", "scrape"):
+        assert f"[{name}]({name}.md)" in report, name
+    assert "not run" not in report
+    for plot in ("packet_cost", "throughput", "scaling", "reaction"):
+        assert (tmp_path / f"{plot}.png").stat().st_size > 1000
