@@ -103,9 +103,7 @@ def run(runs: int, sizes: list[int]) -> dict:
                         "daemon_rss": all(v["compiling"] <= TARGET_RSS_MB for v in rss.values())},
                 "machine": report.machine()}
     finally:
-        for sub in sorted(cgroup.walk(parent), key=len, reverse=True):
-            scope.detach(sub)
-        cgroup.remove_tree(parent)
+        scope.remove_cgroup_tree(parent)
         subprocess.run(["ip", "netns", "del", ns])
         subprocess.run(["rm", "-rf", workdir])
 

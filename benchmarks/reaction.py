@@ -146,8 +146,7 @@ def run(flaps: int) -> dict:
         if daemon is not None:
             daemon.terminate()
             daemon.wait()
-        scope.detach(cg)
-        cgroup.remove_tree(cg)
+        scope.remove_cgroup_tree(cg)
         subprocess.run(["ip", "netns", "del", ns_name])
         subprocess.run(["rm", "-rf", workdir])
 

@@ -58,9 +58,7 @@ def run(n: int, scrapes: int) -> dict:
                 "attach_s": {"first": round(attach_s[0], 3), "median": round(statistics.median(attach_s), 4)},
                 "machine": report.machine()}
     finally:
-        for sub in sorted(cgroup.walk(parent), key=len, reverse=True):
-            scope.detach(sub)
-        cgroup.remove_tree(parent)
+        scope.remove_cgroup_tree(parent)
         subprocess.run(["ip", "netns", "del", ns_name])
 
 

@@ -98,9 +98,8 @@ def run_demo(keep_going: bool = False) -> bool:
         click.echo("")
         click.echo("Cleaning up: detaching, removing the cgroup and the namespaces.")
         try:
-            scope.detach(cg)
+            scope.remove_cgroup_tree(cg)
         finally:
-            cgroup.remove_tree(cg)
             lab.destroy()
     click.echo("")
     if demo.failed:

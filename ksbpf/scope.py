@@ -350,16 +350,23 @@ def netns_alive(ns: netns.Netns) -> bool:
         return False
 
 
-def is_attached(pin_dir: str, cgroup_path: str) -> bool:
-    """Is the scope's pinned program attached to its cgroup?"""
+def _pinned_prog_id(pin_dir: str) -> int | None:
     try:
         fd = libbpf.obj_get(os.path.join(pin_dir, "prog"))
-        try:
-            prog_id = libbpf.prog_info(fd).id
-        finally:
-            os.close(fd)
+    except OSError:
+        return None
+    try:
+        return libbpf.prog_info(fd).id
+    finally:
+        os.close(fd)
+
+
+def is_attached(pin_dir: str, cgroup_path: str) -> bool:
+    """Is the scope's pinned program attached to its cgroup?"""
+    prog_id = _pinned_prog_id(pin_dir)
+    try:
         with _open_dir(cgroup_path) as cg_fd:
-            return prog_id in libbpf.prog_query(cg_fd, EGRESS)
+            return prog_id is not None and prog_id in libbpf.prog_query(cg_fd, EGRESS)
     except OSError:
         return False
 
@@ -378,14 +385,8 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
         policy = policy_from(meta, maps.endpoints())
         counters = total_counters(maps, meta)
         event_stats = maps.event_stats()
-    prog_id = None
-    try:
-        fd = libbpf.obj_get(os.path.join(pin_dir, "prog"))
-        try:
-            prog_id = libbpf.prog_info(fd).id
-        finally:
-            os.close(fd)
-    except OSError:
+    prog_id = _pinned_prog_id(pin_dir)
+    if prog_id is None:
         problems.append("program pin missing")
     cg_path, cg_id = meta.get("cgroup", "?"), int(os.path.basename(pin_dir))
     attached = False
@@ -455,6 +456,15 @@ def ensure(cgroup_path: str, policy: Policy, progress: Progress = _quiet,
             return EnsureResult("adopted", cg.path, pin_dir)
     result = attach(cg.path, policy, progress, bpffs)
     return EnsureResult("replaced" if result.replaced else "attached", cg.path, pin_dir, result)
+
+
+def remove_cgroup_tree(path: str) -> None:
+    """Release every cgroup below path (and path) from ksbpf, then remove them
+    (killing what still runs there): for labs, tests and benchmarks."""
+    if os.path.isdir(path):
+        for sub in cgroup.walk(path):
+            detach(sub)
+    cgroup.remove_tree(path)
 
 
 def require_protected(cg: cgroup.Cgroup) -> None:

@@ -4,12 +4,11 @@ test fails."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import uuid
 
 import pytest
-
-import ctypes
 
 from ksbpf import cgroup, pins, scope
 from ksbpf.lab import Lab, TcpEchoServer, UdpEchoServer, new_lab
@@ -54,13 +53,6 @@ def tag() -> str:
     return uuid.uuid4().hex[:6]
 
 
-def remove_cgroup(path: str) -> None:
-    """Detach ksbpf (and its pins) everywhere below path, then remove it."""
-    for sub in cgroup.walk(path) if os.path.isdir(path) else ():
-        scope.detach(sub)
-    cgroup.remove_tree(path)
-
-
 @pytest.fixture
 def make_cgroup(tag):
     """make_cgroup(suffix) -> path of a new cgroup v2 directory."""
@@ -75,7 +67,7 @@ def make_cgroup(tag):
 
     yield make
     for path in reversed(made):
-        remove_cgroup(path)
+        scope.remove_cgroup_tree(path)
 
 
 @pytest.fixture
