@@ -162,16 +162,15 @@ def rows_footprint(r):
 
 # What it would take, for each target that can be missed (shown when it is).
 REMEDIES = {
-    "per-packet cost": "Done so far: direct packet access, one endpoint lookup per address, the LAN list "
-                       "compiled in. Left: the per-packet `bpf_get_netns_cookie` helper call and the tunnel "
-                       "hash lookup (an array scan of the few tunnels, updated so it cannot tear), and a cheaper "
-                       "token bucket (no clock read while tokens remain) for the event stream.",
-    "no filter and ahead": "The program costs about 100–150 ns per packet (a few % of a ~6 µs 64-byte UDP "
-                           "packet, far less of a TCP segment), so 0.97 and the order between filters sit within "
-                           "this VM's run-to-run noise: the 'no filter (control)' ratio is an unfiltered "
-                           "namespace against another and shows how far noise alone moves a ratio in the same "
-                           "rounds. A quieter machine (pinned, idle cores), more rounds, and the per-packet "
-                           "savings above would settle it.",
+    "per-packet cost": "Already done: direct packet access, one endpoint lookup per address, the LAN list "
+                       "compiled in, an ifindex filter in front of the tunnel hash, a coarse-clock token bucket. "
+                       "Left: keying tunnels per namespace to drop the netns-cookie helper on the tunnel path.",
+    "no filter and ahead": "The program costs well under 100 ns per packet (packet_cost: 1-3x a `return 1` "
+                           "program), about 1-2% of a ~6 us 64-byte UDP packet and far less of a TCP segment, "
+                           "so 0.97 and the order between filters sit within this VM's run-to-run noise: the "
+                           "'no filter (control)' ratio is an unfiltered namespace against another and shows how "
+                           "far noise alone moves a ratio in the same rounds. A quieter machine (pinned, idle "
+                           "cores) and more rounds would settle it.",
     "nothing cached": "bcc's compile (≈1.4 s) is the cost. The compiled image is cached, so only the first attach "
                       "of an option set pays it; shipping pre-compiled images for the common option sets, or a "
                       "CO-RE object built at package time, would remove it.",

@@ -34,12 +34,12 @@
 #define KSBPF_IPV6_MAX_EXTHDRS 6
 
 BPF_HASH(tunnels, struct ksbpf_tunnel_key, __u32, KSBPF_MAX_TUNNELS);
+BPF_ARRAY(tunnel_ifindex, __u32, KSBPF_IFINDEX_FILTER);
 BPF_HASH(endpoints4, __be32, struct ksbpf_endpoint, KSBPF_MAX_ENDPOINTS);
 BPF_HASH(endpoints6, struct ksbpf_ep6_key, struct ksbpf_endpoint, KSBPF_MAX_ENDPOINTS);
 BPF_PERCPU_ARRAY(counters, struct ksbpf_counter, KSBPF_REASON_MAX * KSBPF_FAMILY_MAX);
 BPF_ARRAY(meta, struct ksbpf_meta, 1);
 BPF_RINGBUF_OUTPUT(events, KSBPF_EVENTS_PAGES);
-BPF_PERCPU_ARRAY(event_stats, __u64, 2);
 BPF_PERCPU_ARRAY(bucket, struct ksbpf_bucket, 1);
 
 /* What the policy needs to know of a packet. */
@@ -253,16 +253,32 @@ static __always_inline int ksbpf_exceptions6(const struct ksbpf_pkt *p)
 	return ksbpf_last_resort(p, 1);
 }
 
-/* THE policy.  Returns a reason (ksbpf.h); fills *p as far as it parsed. */
-static __always_inline int ksbpf_policy(struct __sk_buff *skb, __u64 netns_cookie, struct ksbpf_pkt *p)
+/* Does the packet leave through a registered tunnel?  The ifindex filter
+ * (an array: no helper call, no hashing) rules most interfaces out; the
+ * (netns cookie, ifindex) hash decides. */
+static __always_inline int ksbpf_via_tunnel(struct __sk_buff *skb)
 {
-	struct ksbpf_tunnel_key tk = { .netns_cookie = netns_cookie, .ifindex = skb->ifindex };
+	__u32 ifindex = skb->ifindex;
+	struct ksbpf_tunnel_key tk = { .ifindex = ifindex };
+	__u32 *n;
 
+	if (ifindex < KSBPF_IFINDEX_FILTER) {
+		n = tunnel_ifindex.lookup(&ifindex);
+		if (!n || !*n)
+			return 0;
+	}
+	tk.netns_cookie = bpf_get_netns_cookie(skb);
+	return tunnels.lookup(&tk) != 0;
+}
+
+/* THE policy.  Returns a reason (ksbpf.h); fills *p as far as it parsed. */
+static __always_inline int ksbpf_policy(struct __sk_buff *skb, struct ksbpf_pkt *p)
+{
 	p->family = skb->protocol == bpf_htons(ETH_P_IP) ? KSBPF_FAMILY_IPV4 :
 		    skb->protocol == bpf_htons(ETH_P_IPV6) ? KSBPF_FAMILY_IPV6 : KSBPF_FAMILY_OTHER;
 	if (skb->ifindex == 1)		/* LOOPBACK_IFINDEX, the same in every netns */
 		return KSBPF_ALLOW_LOOPBACK;
-	if (tunnels.lookup(&tk))
+	if (ksbpf_via_tunnel(skb))
 		return KSBPF_ALLOW_TUNNEL;
 	if (p->family == KSBPF_FAMILY_IPV4) {
 		if (ksbpf_parse4(skb, p))
@@ -289,57 +305,46 @@ static __always_inline void ksbpf_count(struct __sk_buff *skb, int reason, const
 }
 
 #ifdef KSBPF_EVENTS_INTERVAL_NS
-static __always_inline void ksbpf_event_stat(int which)
-{
-	__u64 *n = event_stats.lookup(&which);
-
-	if (n)
-		(*n)++;
-}
-
 /* May this CPU send another sample?  A token bucket: one token per
- * KSBPF_EVENTS_INTERVAL_NS, at most KSBPF_EVENTS_BURST saved up. */
-static __always_inline int ksbpf_take_token(void)
+ * KSBPF_EVENTS_INTERVAL_NS, at most KSBPF_EVENTS_BURST saved up.  It reads
+ * the coarse clock (no TSC read: a flood pays little for being limited). */
+static __always_inline int ksbpf_take_token(struct ksbpf_bucket *b)
 {
-	int zero = 0;
-	struct ksbpf_bucket *b = bucket.lookup(&zero);
-	__u64 now = bpf_ktime_get_ns(), earned;
+	__u64 now, earned;
 
-	if (!b)
-		return 0;
-	earned = (now - b->last_ns) / KSBPF_EVENTS_INTERVAL_NS;
-	if (earned) {
-		b->tokens += earned;
-		b->last_ns += earned * KSBPF_EVENTS_INTERVAL_NS;
-		if (b->tokens >= KSBPF_EVENTS_BURST) {
-			b->tokens = KSBPF_EVENTS_BURST;
-			b->last_ns = now;
-		}
+	if (!b->tokens) {
+		now = bpf_ktime_get_coarse_ns();
+		earned = (now - b->last_ns) / KSBPF_EVENTS_INTERVAL_NS;
+		if (!earned)
+			return 0;
+		b->tokens = earned < KSBPF_EVENTS_BURST ? earned : KSBPF_EVENTS_BURST;
+		b->last_ns = earned < KSBPF_EVENTS_BURST ? b->last_ns + earned * KSBPF_EVENTS_INTERVAL_NS : now;
 	}
-	if (!b->tokens)
-		return 0;
 	b->tokens--;
 	return 1;
 }
 
-static __always_inline void ksbpf_report(struct __sk_buff *skb, int reason, const struct ksbpf_pkt *p,
-					 __u64 netns_cookie, int hook)
+static __always_inline void ksbpf_report(struct __sk_buff *skb, int reason, const struct ksbpf_pkt *p, int hook)
 {
+	int zero = 0;
+	struct ksbpf_bucket *b = bucket.lookup(&zero);
 	struct ksbpf_event *ev;
 
-	if (!ksbpf_take_token()) {
-		ksbpf_event_stat(KSBPF_EVENTS_SUPPRESSED);
+	if (!b)
+		return;
+	if (!ksbpf_take_token(b)) {
+		b->suppressed++;
 		return;
 	}
 	ev = events.ringbuf_reserve(sizeof(*ev));
 	if (!ev) {
-		ksbpf_event_stat(KSBPF_EVENTS_SUPPRESSED);
+		b->suppressed++;
 		return;
 	}
 	__builtin_memset(ev, 0, sizeof(*ev));
 	ev->ts_ns = bpf_ktime_get_ns();
 	ev->cgroup_id = bpf_skb_cgroup_id(skb);
-	ev->netns_cookie = netns_cookie;
+	ev->netns_cookie = bpf_get_netns_cookie(skb);
 	ev->ifindex = skb->ifindex;
 	ev->uid = bpf_get_socket_uid(skb);
 	ev->len = skb->len;
@@ -357,21 +362,21 @@ static __always_inline void ksbpf_report(struct __sk_buff *skb, int reason, cons
 		__builtin_memcpy(ev->daddr, p->daddr.v6, 16);
 	}
 	events.ringbuf_submit(ev, 0);
-	ksbpf_event_stat(KSBPF_EVENTS_SENT);
+	b->sent++;
 }
 #endif
 
 /* Decide, count, report; returns 1 to let the packet go, 0 to drop it. */
-static __always_inline int ksbpf_verdict(struct __sk_buff *skb, __u64 netns_cookie, int hook)
+static __always_inline int ksbpf_verdict(struct __sk_buff *skb, int hook)
 {
 	struct ksbpf_pkt p = {};
-	int reason = ksbpf_policy(skb, netns_cookie, &p);
+	int reason = ksbpf_policy(skb, &p);
 
 	ksbpf_count(skb, reason, &p);
 	if (reason < KSBPF_FIRST_DROP)
 		return 1;
 #ifdef KSBPF_EVENTS_INTERVAL_NS
-	ksbpf_report(skb, reason, &p, netns_cookie, hook);
+	ksbpf_report(skb, reason, &p, hook);
 #endif
 	return 0;
 }
@@ -379,5 +384,5 @@ static __always_inline int ksbpf_verdict(struct __sk_buff *skb, __u64 netns_cook
 /* cgroup_skb/egress: the processes of one cgroup v2. */
 int ksbpf_cg_egress(struct __sk_buff *skb)
 {
-	return ksbpf_verdict(skb, bpf_get_netns_cookie(skb), KSBPF_HOOK_CGROUP);
+	return ksbpf_verdict(skb, KSBPF_HOOK_CGROUP);
 }

@@ -40,7 +40,11 @@ enum ksbpf_hook {
 };
 
 /* Tunnels are keyed by (network-namespace cookie, ifindex): ifindex numbers
- * repeat across namespaces. */
+ * repeat across namespaces.  tunnel_ifindex[ifindex] (for ifindex below
+ * KSBPF_IFINDEX_FILTER) counts the tunnels with that ifindex in any
+ * namespace: a zero there answers "not a tunnel" without the cookie and the
+ * hash lookup. */
+#define KSBPF_IFINDEX_FILTER 4096
 struct ksbpf_tunnel_key {
 	__u64 netns_cookie;
 	__u32 ifindex;
@@ -74,7 +78,7 @@ struct ksbpf_counter {
 };
 
 /* A sample of a dropped packet, sent to the ring buffer `events` (rate
- * limited in the kernel by a per-CPU token bucket; see event_stats). */
+ * limited in the kernel by a per-CPU token bucket, struct ksbpf_bucket). */
 struct ksbpf_event {
 	__u64 ts_ns;		/* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
 	__u64 cgroup_id;	/* the sending socket's cgroup */
@@ -92,13 +96,12 @@ struct ksbpf_event {
 	__u8 daddr[16];
 };
 
-/* event_stats indexes */
-#define KSBPF_EVENTS_SENT 0
-#define KSBPF_EVENTS_SUPPRESSED 1	/* rate-limited, or the ring buffer was full */
-
+/* The per-CPU token bucket of the event stream, and what it let through. */
 struct ksbpf_bucket {
 	__u64 tokens;
 	__u64 last_ns;
+	__u64 sent;		/* samples sent to the ring buffer */
+	__u64 suppressed;	/* rate-limited, or the ring buffer was full */
 };
 
 /* The scope's policy as the user gave it (JSON), read back by `ksbpf status`. */

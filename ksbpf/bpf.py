@@ -22,7 +22,8 @@ from .policy import PROTOCOLS, Endpoint, EventSettings, Options
 from .reasons import FAMILY_MAX, Family, Reason
 
 PROG_NAME = "ksbpf_cg_egress"  # the entry point; the kernel shows it as the program's name
-MAP_NAMES = ("tunnels", "endpoints4", "endpoints6", "counters", "meta", "events", "event_stats", "bucket")
+MAP_NAMES = ("tunnels", "tunnel_ifindex", "endpoints4", "endpoints6", "counters", "meta", "events", "bucket")
+IFINDEX_FILTER = 4096  # KSBPF_IFINDEX_FILTER
 META_SIZE = 8192
 EP_PORTS = 8  # (port, protocol) pairs per endpoint address
 MAX_TUNNELS = 64
@@ -120,12 +121,20 @@ class ScopeMaps:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # tunnels
+    # tunnels: the (cookie, ifindex) hash, and the per-ifindex filter in front of it
+    def _filter_ifindex(self, ifindex: int) -> None:
+        """tunnel_ifindex[ifindex] = how many tunnels have that ifindex (in any namespace)."""
+        if ifindex < IFINDEX_FILTER:
+            n = sum(1 for t in self.tunnels() if t.ifindex == ifindex)
+            libbpf.map_update(self.fds["tunnel_ifindex"], _U32.pack(ifindex), _U32.pack(n))
+
     def add_tunnel(self, netns_cookie: int, ifindex: int, index: int) -> None:
         libbpf.map_update(self.fds["tunnels"], tunnel_key(netns_cookie, ifindex), _U32.pack(index))
+        self._filter_ifindex(ifindex)   # after: the filter never says "tunnel" before the hash does
 
     def remove_tunnel(self, netns_cookie: int, ifindex: int) -> None:
         libbpf.map_delete(self.fds["tunnels"], tunnel_key(netns_cookie, ifindex))
+        self._filter_ifindex(ifindex)
 
     def tunnels(self) -> list[TunnelEntry]:
         fd = self.fds["tunnels"]
@@ -178,9 +187,10 @@ class ScopeMaps:
         return out
 
     def event_stats(self) -> tuple[int, int]:
-        """(samples sent to the ring buffer, samples suppressed), summed over CPUs."""
-        return tuple(sum(struct.unpack_from("=Q", v)[0] for v in self._percpu("event_stats", i))
-                     for i in (0, 1))  # type: ignore[return-value]
+        """(samples sent to the ring buffer, samples suppressed), summed over CPUs
+        (struct ksbpf_bucket: tokens, last_ns, sent, suppressed)."""
+        per_cpu = [struct.unpack_from("=QQQQ", v)[2:] for v in self._percpu("bucket", 0)]
+        return sum(s for s, _ in per_cpu), sum(x for _, x in per_cpu)
 
     # meta: the scope's policy as the user gave it
     def write_meta(self, meta: dict) -> None:

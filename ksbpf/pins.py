@@ -1,7 +1,7 @@
 """The BPF filesystem layout: where each protected scope's objects are pinned.
 
     /sys/fs/bpf/ksbpf/cgroup/<cgroup-id>/{prog,tunnels,endpoints4,endpoints6,counters,
-                                          meta,events,event_stats,bucket}
+                                          meta,events,bucket,tunnel_ifindex}
 
 <cgroup-id> is the kernel's id of the protected cgroup (the inode number of
 its directory, as `stat -c %i` shows).  The pins keep the maps alive after

@@ -245,3 +245,18 @@ def test_compiled_lan_list_matches_the_python_list(host, net, addr, inside):
     build = ipv4 if addr.version == 4 else ipv6
     expected = Reason.ALLOW_LAN if inside else Reason.DROP_NOT_TUNNEL
     check(host, "lan", frame(build(str(addr), UDP, dport=9)), expected)
+
+
+def test_ifindex_filter_counts_tunnels_in_every_namespace(host):
+    """The same ifindex registered in two namespaces, one removed: the other
+    still passes (the filter in front of the hash counts, it does not flag)."""
+    prog = host["progs"]["strict"]
+    other = host["cookie"] + 1000
+    prog.maps.add_tunnel(other, host["tnl"], 1)
+    prog.maps.remove_tunnel(other, host["tnl"])
+    check(host, "strict", frame(ipv4("93.184.216.34", TCP, dport=443)), Reason.ALLOW_TUNNEL, via="tnl")
+    prog.maps.remove_tunnel(host["cookie"], host["tnl"])
+    try:
+        check(host, "strict", frame(ipv4("93.184.216.34", TCP, dport=443)), Reason.DROP_NOT_TUNNEL, via="tnl")
+    finally:
+        prog.maps.add_tunnel(host["cookie"], host["tnl"], 0)
