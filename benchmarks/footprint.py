@@ -10,7 +10,6 @@ they are simply closed.  No packet is sent.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -129,16 +128,14 @@ def table(r: dict) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = report.parser(__doc__)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--scopes", default="1,100")
-    ap.add_argument("--out", default=report.RESULTS)
     a = ap.parse_args()
     result = run(a.runs, [int(n) for n in a.scopes.split(",")])
-    report.write(a.out, "footprint", result, "Footprint: attach time and daemon memory",
+    report.publish(a.out, "footprint", result, "Footprint: attach time and daemon memory",
                  "`ksbpf attach` timed as a user runs it (a new process); the daemon's VmRSS once it is ready.",
                  table(result))
-    print(table(result))
     return 0
 
 

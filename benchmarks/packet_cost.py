@@ -14,7 +14,6 @@ leaves the program.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
@@ -127,16 +126,14 @@ def table(r: dict) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = report.parser(__doc__)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--repeat", type=int, default=20000)
-    ap.add_argument("--out", default=report.RESULTS)
     a = ap.parse_args()
     result = measure(a.rounds, a.repeat)
-    report.write(a.out, "packet_cost", result, "Per-packet cost of each decision path",
+    report.publish(a.out, "packet_cost", result, "Per-packet cost of each decision path",
                  f"BPF_PROG_TEST_RUN, {a.repeat} packets per call, {a.rounds} interleaved rounds; "
                  "the floor is a `return 1` cgroup_skb program run the same way.", table(result))
-    print(table(result))
     return 0
 
 

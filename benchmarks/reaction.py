@@ -14,7 +14,6 @@ before close) and polls until the entry is gone.  No packet is sent.
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import os
 import queue
@@ -162,15 +161,13 @@ def table(r: dict) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = report.parser(__doc__)
     ap.add_argument("--flaps", type=int, default=200)
-    ap.add_argument("--out", default=report.RESULTS)
     a = ap.parse_args()
     result = run(a.flaps)
-    report.write(a.out, "reaction", result, "Reaction time",
+    report.publish(a.out, "reaction", result, "Reaction time",
                  f"{result['what']}; {result['flaps']} flaps of a tun device in a bench-owned namespace.",
                  table(result))
-    print(table(result))
     return 0
 
 

@@ -3,6 +3,7 @@ Markdown under benchmarks/results/."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -38,7 +39,15 @@ def machine() -> dict:
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def write(out_dir: str, name: str, result: dict, title: str, how: str, table: str) -> None:
+def parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's command line: described by its docstring, with --out."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--out", default=RESULTS, help="where to write NAME.json and NAME.md")
+    return ap
+
+
+def publish(out_dir: str, name: str, result: dict, title: str, how: str, table: str) -> None:
+    """Write the result as JSON and Markdown, and print its table."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=2)
@@ -46,3 +55,4 @@ def write(out_dir: str, name: str, result: dict, title: str, how: str, table: st
     with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
         f.write(f"# {title}\n\n{how}\n\nKernel {m['kernel']}, {m['cpu']} ({m['cpus']} CPUs), "
                 f"bcc {m['bcc']}, {m['date']}.\n\n{table}\n")
+    print(table)

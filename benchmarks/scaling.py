@@ -36,7 +36,6 @@ order rotates); figures are medians with their spread (min-max).
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import os
 import sys
@@ -279,7 +278,7 @@ def table(r: dict) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = report.parser(__doc__)
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="endpoint counts, comma-separated")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of iperf3 runs")
     ap.add_argument("--seconds", type=float, default=2.0, help="length of each iperf3 run")
@@ -287,7 +286,6 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=20000, help="packets per BPF_PROG_TEST_RUN call")
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help=f"comma-separated, from {', '.join(VARIANTS + OPTIONAL)} (no filter is always measured)")
-    ap.add_argument("--out", default=report.RESULTS)
     a = ap.parse_args()
     sizes = sorted({int(s) for s in a.sizes.split(",") if s.strip()})
     if not sizes or sizes[0] < 1 or sizes[-1] > MAX_SIZE:
@@ -297,14 +295,13 @@ def main() -> int:
     if unknown:
         ap.error(f"unknown variants: {', '.join(sorted(unknown))}")
     result = measure(sizes, variants, a.rounds, a.seconds, a.testrun_rounds, a.repeat)
-    report.write(a.out, "scaling", result, "Per-packet cost by policy size: ksbpf, nftables, iptables",
+    report.publish(a.out, "scaling", result, "Per-packet cost by policy size: ksbpf, nftables, iptables",
                  f"Endpoint counts {', '.join(f'{n:,}' for n in sizes)}. ksbpf alone through BPF_PROG_TEST_RUN "
                  f"(the same packet {a.repeat} times per call: a hot-cache lookup), as a ratio to the smallest size; "
                  f"then all three the same way, UDP 64-byte packets/s through a veth to the last endpoint, as a "
                  f"ratio to no filter in the same block. iptables: {result['tools'].get('iptables')}. "
                  f"The LAN list is fixed (nine ranges), not scaled. ksbpf on tc: not implemented yet; cgroup only.",
                  table(result))
-    print(table(result))
     return 0
 
 

@@ -11,7 +11,6 @@ sent.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
@@ -72,16 +71,14 @@ def table(r: dict) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = report.parser(__doc__)
     ap.add_argument("--scopes", type=int, default=1000)
     ap.add_argument("--scrapes", type=int, default=5)
-    ap.add_argument("--out", default=report.RESULTS)
     a = ap.parse_args()
     result = run(a.scopes, a.scrapes)
-    report.write(a.out, "scrape", result, "Scrape time with many scopes",
+    report.publish(a.out, "scrape", result, "Scrape time with many scopes",
                  f"{a.scopes} protected scopes; the collector reads every scope's maps at each scrape.",
                  table(result))
-    print(table(result))
     return 0
 
 

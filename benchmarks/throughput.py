@@ -37,7 +37,6 @@ ksbpf on tc: not implemented yet; cgroup only.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -444,12 +443,11 @@ def table(r: dict) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = report.parser(__doc__)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=3.0, help="length of each iperf3 run")
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help=f"comma-separated, from {', '.join(VARIANTS + OPTIONAL)} (no filter is always measured)")
-    ap.add_argument("--out", default=report.RESULTS)
     a = ap.parse_args()
     variants = tuple(v.strip() for v in a.variants.split(",") if v.strip())
     unknown = set(variants) - set(VARIANTS + OPTIONAL)
@@ -457,14 +455,13 @@ def main() -> int:
         ap.error(f"unknown variants: {', '.join(sorted(unknown))}")
     result = measure(a.rounds, a.seconds, variants)
     backend = result["tools"].get("iptables") or "?"
-    report.write(a.out, "throughput", result, "Throughput: ksbpf against no filter, nftables and iptables",
+    report.publish(a.out, "throughput", result, "Throughput: ksbpf against no filter, nftables and iptables",
                  f"iperf3 between two namespaces over a veth that plays the tunnel (one client namespace per "
                  f"variant), {a.rounds} interleaved rounds of {a.seconds:g} s runs; TCP bits/s received, and UDP "
                  f"with 64-byte payloads (-b 0) in packets/s received by the server and sent by the client. "
                  f"Same policy in each filter: loopback, the tunnel, endpoints, LAN minus DNS, drop. "
                  f"iptables: {backend}. Target: ksbpf ≥ {TARGET_RATIO} × no filter and ahead of "
                  f"nftables and iptables. ksbpf on tc: not implemented yet; cgroup only.", table(result))
-    print(table(result))
     return 0
 
 
