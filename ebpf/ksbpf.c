@@ -256,9 +256,8 @@ static __always_inline int ksbpf_exceptions6(const struct ksbpf_pkt *p)
 /* Does the packet leave through a registered tunnel?  The ifindex filter
  * (an array: no helper call, no hashing) rules most interfaces out; the
  * (netns cookie, ifindex) hash decides. */
-static __always_inline int ksbpf_via_tunnel(struct __sk_buff *skb)
+static __always_inline int ksbpf_via_tunnel(struct __sk_buff *skb, __u32 ifindex)
 {
-	__u32 ifindex = skb->ifindex;
 	struct ksbpf_tunnel_key tk = { .ifindex = ifindex };
 	__u32 *n;
 
@@ -274,11 +273,14 @@ static __always_inline int ksbpf_via_tunnel(struct __sk_buff *skb)
 /* THE policy.  Returns a reason (ksbpf.h); fills *p as far as it parsed. */
 static __always_inline int ksbpf_policy(struct __sk_buff *skb, struct ksbpf_pkt *p)
 {
-	p->family = skb->protocol == bpf_htons(ETH_P_IP) ? KSBPF_FAMILY_IPV4 :
-		    skb->protocol == bpf_htons(ETH_P_IPV6) ? KSBPF_FAMILY_IPV6 : KSBPF_FAMILY_OTHER;
-	if (skb->ifindex == 1)		/* LOOPBACK_IFINDEX, the same in every netns */
+	__u32 ifindex = skb->ifindex;	/* context fields, read once */
+	__be16 proto = skb->protocol;
+
+	p->family = proto == bpf_htons(ETH_P_IP) ? KSBPF_FAMILY_IPV4 :
+		    proto == bpf_htons(ETH_P_IPV6) ? KSBPF_FAMILY_IPV6 : KSBPF_FAMILY_OTHER;
+	if (ifindex == 1)		/* LOOPBACK_IFINDEX, the same in every netns */
 		return KSBPF_ALLOW_LOOPBACK;
-	if (ksbpf_via_tunnel(skb))
+	if (ksbpf_via_tunnel(skb, ifindex))
 		return KSBPF_ALLOW_TUNNEL;
 	if (p->family == KSBPF_FAMILY_IPV4) {
 		if (ksbpf_parse4(skb, p))
