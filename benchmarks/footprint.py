@@ -20,9 +20,10 @@ import tempfile
 import time
 import uuid
 
-from ksbpf import cgroup, scope
-
 import report
+
+from ksbpf.kernel import cgroup
+from ksbpf.scopes import cgroups
 
 KSBPF = [sys.executable, "-m", "ksbpf.cli"]
 TARGET_ATTACH_S = 1.5
@@ -78,7 +79,7 @@ def run(runs: int, sizes: list[int]) -> dict:
             cache = os.path.join(workdir, f"cache{i}")
             cold.append(timed_attach(one, ns, cache))
             warm.append(timed_attach(one, ns, cache))
-        scope.detach(one)
+        cgroups.detach(one)
         rss = {}
         for n in sizes:
             cgs = []
@@ -90,7 +91,7 @@ def run(runs: int, sizes: list[int]) -> dict:
                                  ("compiling", os.path.join(workdir, f"cold{n}"))):  # empty
                 rss[n][label] = daemon_rss_mb(cgs, ns, cache, workdir)
                 for cg in cgs:   # the daemon leaves them protected: detach, so the next one attaches
-                    scope.detach(cg)
+                    cgroups.detach(cg)
         summary = {"cold_s": round(statistics.median(cold), 3), "warm_s": round(statistics.median(warm), 3),
                    "cold_range": [round(min(cold), 3), round(max(cold), 3)],
                    "warm_range": [round(min(warm), 3), round(max(warm), 3)]}
@@ -102,7 +103,7 @@ def run(runs: int, sizes: list[int]) -> dict:
                         "daemon_rss": all(v["compiling"] <= TARGET_RSS_MB for v in rss.values())},
                 "machine": report.machine()}
     finally:
-        scope.remove_cgroup_tree(parent)
+        cgroups.remove_cgroup_tree(parent)
         subprocess.run(["ip", "netns", "del", ns])
         subprocess.run(["rm", "-rf", workdir])
 

@@ -22,12 +22,12 @@ import uuid
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-from ksbpf import bpf, libbpf, netns  # noqa: E402
-from ksbpf.policy import Endpoint, EventSettings, Options  # noqa: E402
-from ksbpf.reasons import Reason  # noqa: E402
+import report  # noqa: E402
 from packets import DSTOPTS, FRAGMENT, HOPOPTS, ICMP, TCP, UDP, frame, ipv4, ipv6  # noqa: E402
 
-import report  # noqa: E402
+from ksbpf.kernel import bpf, libbpf, netns  # noqa: E402
+from ksbpf.policy import Endpoint, EventSettings, Options  # noqa: E402
+from ksbpf.reasons import Reason  # noqa: E402
 
 TARGET_RATIO = 3.0
 RETURN_ALLOW = bytes.fromhex("b701000000000000".replace("b701", "b700")) + bytes.fromhex("9500000000000000")

@@ -26,9 +26,10 @@ import threading
 import time
 import uuid
 
-from ksbpf import bpf, cgroup, netns, pins, scope
-
 import report
+
+from ksbpf.kernel import bpf, cgroup, netns, pins
+from ksbpf.scopes import cgroups
 
 TUNSETIFF = 0x400454CA
 IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
@@ -145,7 +146,7 @@ def run(flaps: int) -> dict:
         if daemon is not None:
             daemon.terminate()
             daemon.wait()
-        scope.remove_cgroup_tree(cg)
+        cgroups.remove_cgroup_tree(cg)
         subprocess.run(["ip", "netns", "del", ns_name])
         subprocess.run(["rm", "-rf", workdir])
 

@@ -43,14 +43,26 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-from ksbpf import bpf, libbpf, netns, scope  # noqa: E402
+import report  # noqa: E402
+from packets import UDP, frame, ipv4  # noqa: E402
+from throughput import (  # noqa: E402
+    PORT,
+    Netlab,
+    blocked,
+    iperf3,
+    iperf3_server,
+    load_iptables,
+    load_nft,
+    rotated,
+    run,
+    spread,
+    versions,
+)
+
+from ksbpf.kernel import bpf, libbpf, netns  # noqa: E402
 from ksbpf.policy import Endpoint, EventSettings, Options, Policy  # noqa: E402
 from ksbpf.reasons import Reason  # noqa: E402
-from packets import UDP, frame, ipv4  # noqa: E402
-
-import report  # noqa: E402
-from throughput import (PORT, Netlab, blocked, iperf3, iperf3_server, load_iptables, load_nft,  # noqa: E402
-                        rotated, run, spread, versions)
+from ksbpf.scopes import cgroups  # noqa: E402
 
 TARGET_TESTRUN_RATIO = 1.2       # ns/packet at 100,000 endpoints <= 1.2 x at 1
 TARGET_AT = 100_000
@@ -203,7 +215,7 @@ def pps(lab: Netlab, sizes: list[int], variants: tuple[str, ...], rounds: int, s
     checks = {}
     for n in sizes:
         if ("ksbpf", n) in clients:
-            counted = scope.by_reason(scope.read_scope(clients[("ksbpf", n)]["pin_dir"]).counters)
+            counted = cgroups.by_reason(cgroups.read_scope(clients[("ksbpf", n)]["pin_dir"]).counters)
             checks[f"ksbpf_{n}_endpoint_packets"] = counted[Reason.ALLOW_ENDPOINT][0]
             if not counted[Reason.ALLOW_ENDPOINT][0]:
                 raise RuntimeError(f"ksbpf with {n} endpoints counted no endpoint packet: not in the path")

@@ -18,10 +18,12 @@ import sys
 import time
 import uuid
 
-from ksbpf import cgroup, metrics, scope
-from ksbpf.policy import Endpoint, Policy
-
 import report
+
+from ksbpf.kernel import cgroup
+from ksbpf.observability import metrics
+from ksbpf.policy import Endpoint, Policy
+from ksbpf.scopes import cgroups
 
 TARGET_S = None  # the issue sets no target: reported as measured
 
@@ -39,7 +41,7 @@ def run(n: int, scrapes: int) -> dict:
             path = os.path.join(parent, f"s{i}")
             os.mkdir(path)
             t = time.perf_counter()
-            scope.attach(path, policy)
+            cgroups.attach(path, policy)
             attach_s.append(time.perf_counter() - t)
             if i and i % 100 == 0:
                 print(f"  {i} scopes attached", file=sys.stderr)
@@ -57,7 +59,7 @@ def run(n: int, scrapes: int) -> dict:
                 "attach_s": {"first": round(attach_s[0], 3), "median": round(statistics.median(attach_s), 4)},
                 "machine": report.machine()}
     finally:
-        scope.remove_cgroup_tree(parent)
+        cgroups.remove_cgroup_tree(parent)
         subprocess.run(["ip", "netns", "del", ns_name])
 
 

@@ -17,7 +17,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
 import report  # noqa: E402
 
 YES = {True: "met", False: "**missed**"}

@@ -13,7 +13,7 @@ everything else dropped.
 - no filter (control): the same again in another namespace, an A/A
   comparison: its ratio to no filter is this machine's noise, and a
   difference between filters smaller than its spread is not a difference;
-- ksbpf: the client in a cgroup protected by `scope.attach` (tunnel kind
+- ksbpf: the client in a cgroup protected by `cgroups.attach` (tunnel kind
   "veth" trusted, since a veth is otherwise refused as an impostor);
 - nftables: an `inet` table, output chain, LAN ranges as interval sets;
 - iptables: iptables-restore + ip6tables-restore (Debian's default backend,
@@ -46,11 +46,12 @@ import sys
 import time
 import uuid
 
-from ksbpf import cgroup, scope
+import report
+
+from ksbpf.kernel import cgroup
 from ksbpf.policy import LAN_RANGES, Endpoint, Options, Policy
 from ksbpf.reasons import Reason
-
-import report
+from ksbpf.scopes import cgroups
 
 PORT = 5201                      # the iperf3 server's port in the server namespace
 TARGET_RATIO = 0.97              # ksbpf >= 0.97 x no filter, and ahead of nftables and iptables
@@ -116,9 +117,9 @@ class Netlab:
         os.mkdir(path)
         return path
 
-    def attach(self, cg: str, policy: Policy) -> scope.AttachResult:
+    def attach(self, cg: str, policy: Policy) -> cgroups.AttachResult:
         self.scopes.append(cg)
-        return scope.attach(cg, policy)
+        return cgroups.attach(cg, policy)
 
     def start(self, *argv: str) -> subprocess.Popen:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -138,7 +139,7 @@ class Netlab:
                     proc.wait()
         for cg in self.scopes:
             try:
-                scope.detach(cg)
+                cgroups.detach(cg)
             except Exception as exc:  # keep cleaning up
                 errors.append(f"detach {cg}: {exc}")
         if self._cg_made:
@@ -357,8 +358,8 @@ def measure(rounds: int, seconds: float, variants: tuple[str, ...]) -> dict:
 
         checks = {}
         if "ksbpf" in clients:
-            st = scope.read_scope(clients["ksbpf"]["pin_dir"])
-            packets = scope.by_reason(st.counters)
+            st = cgroups.read_scope(clients["ksbpf"]["pin_dir"])
+            packets = cgroups.by_reason(st.counters)
             checks["ksbpf_tunnel_packets"] = packets[Reason.ALLOW_TUNNEL][0]
             checks["ksbpf_dropped_packets"] = st.dropped_packets
             if not packets[Reason.ALLOW_TUNNEL][0]:

@@ -13,8 +13,9 @@ say() { printf 'setup: %s\n' "$*"; }
 apt_updated=
 apt_install() {   # apt_install PKG...: install without recommends, updating the lists once
     export DEBIAN_FRONTEND=noninteractive
-    if [ -z "$apt_updated" ]; then apt-get update -q >/dev/null; apt_updated=1; fi
-    apt-get install -y -q --no-install-recommends "$@" >/dev/null
+    local wait=(-o DPkg::Lock::Timeout=600)   # another apt (a second checkout's setup) may hold the lock
+    if [ -z "$apt_updated" ]; then apt-get "${wait[@]}" update -q >/dev/null; apt_updated=1; fi
+    apt-get "${wait[@]}" install -y -q --no-install-recommends "$@" >/dev/null
 }
 
 if [ "$(id -u)" -ne 0 ]; then

@@ -1,4 +1,4 @@
-"""The command line: a thin layer over scope.py (and demo.py)."""
+"""The command line: a thin layer over the scopes, the daemon and the lab."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from datetime import datetime, timezone
 
 import click
 
-from . import cgroup, preflight, scope
-from .config import ConfigError
-from .errors import KsbpfError
-from .policy import DEFAULT_TUNNEL_KINDS, Endpoint, EventSettings, Options, Policy
+from ksbpf.daemon.config import ConfigError
+from ksbpf.errors import KsbpfError
+from ksbpf.kernel import cgroup, preflight
+from ksbpf.policy import DEFAULT_TUNNEL_KINDS, Endpoint, EventSettings, Options, Policy
+from ksbpf.scopes import cgroups
 
 
 def _progress(msg: str) -> None:
@@ -75,7 +76,7 @@ def attach(cgroup_path, tunnels, endpoints, netns, allow_lan, allow_lan_dns, all
     Enforcement stays in the kernel after this command exits."""
     policy = Policy(tuple(tunnels), endpoints, netns, Options(allow_lan, allow_lan_dns, allow_dhcp),
                     tuple(kinds) or DEFAULT_TUNNEL_KINDS, EventSettings(events_rate, events_burst))
-    result = scope.attach(cgroup_path, policy, progress=_progress)
+    result = cgroups.attach(cgroup_path, policy, progress=_progress)
     if as_json:
         _emit_json(result.to_dict())
         return
@@ -107,7 +108,7 @@ def detach(cgroup_path, everything, as_json) -> None:
     """Remove ksbpf's programs and pins (idempotent)."""
     if bool(cgroup_path) == everything:
         raise click.UsageError("give exactly one of --cgroup PATH or --all")
-    result = scope.detach_all(progress=_progress) if everything else scope.detach(cgroup_path)
+    result = cgroups.detach_all(progress=_progress) if everything else cgroups.detach(cgroup_path)
     if as_json:
         _emit_json(result.to_dict())
         return
@@ -126,7 +127,7 @@ def _fmt_time(ts) -> str:
 @click.option("--json", "as_json", is_flag=True)
 def status(as_json) -> None:
     """Each protected scope: tunnels, endpoints, options, counters by reason."""
-    scopes, unreadable = scope.status()
+    scopes, unreadable = cgroups.status()
     for problem in unreadable:
         click.echo(f"ksbpf: warning: {problem}", err=True)
     if as_json:
@@ -146,7 +147,7 @@ def status(as_json) -> None:
             click.echo(f"  endpoint {ep}")
         opts = [k.replace("_", "-") for k, v in vars(s.policy.options).items() if v]
         click.echo(f"  options  {', '.join(opts) if opts else 'none (strict)'}")
-        for reason, (packets, bytes_) in scope.by_reason(s.counters).items():
+        for reason, (packets, bytes_) in cgroups.by_reason(s.counters).items():
             if packets:
                 verdict = "allow" if reason.allowed else "DROP "
                 click.echo(f"  {verdict} {reason.label:<18} {packets:>12} packets {bytes_:>14} bytes")
@@ -167,7 +168,7 @@ def events(scopes, as_json) -> None:
 
     Samples are rate-limited in the kernel (--events-rate at attach; counters
     stay exact).  One reader at a time: two readers share the samples."""
-    from .events import stream
+    from ksbpf.observability.events import stream
 
     preflight.require_root()
     wanted = [os.path.realpath(s) for s in scopes]
@@ -189,7 +190,7 @@ def events(scopes, as_json) -> None:
 @main.command()
 def metrics() -> None:
     """Print the Prometheus metrics once, read from the pins (no daemon needed)."""
-    from .metrics import render
+    from ksbpf.observability.metrics import render
 
     preflight.require_root()
     click.echo(render().decode(), nl=False)
@@ -201,7 +202,7 @@ def metrics() -> None:
 def exec_(cgroup_path, command) -> None:
     """Run COMMAND inside a protected scope (joins the cgroup, then execs)."""
     cg = cgroup.resolve(cgroup_path)
-    scope.require_protected(cg)
+    cgroups.require_protected(cg)
     cgroup.join(cg)
     try:
         os.execvp(command[0], list(command))
@@ -221,9 +222,9 @@ def daemon(config_path, log_format) -> None:
 
     SIGHUP reloads the configuration.  SIGTERM/SIGINT exit without detaching:
     enforcement stays in the kernel (`ksbpf detach --all` removes it)."""
-    from .config import load
-    from .daemon import Daemon
-    from .log import EventLog
+    from ksbpf.daemon.config import load
+    from ksbpf.daemon.log import EventLog
+    from ksbpf.daemon.service import Daemon
 
     preflight.require_root()
     cfg = load(config_path)   # refuse a bad file before changing anything
@@ -236,9 +237,9 @@ def daemon(config_path, log_format) -> None:
 def apply(config_path, log_format) -> None:
     """Put the configured scopes in force once and exit (the boot unit runs this
     before any network is up).  Scopes already in force are adopted untouched."""
-    from .config import load
-    from .daemon import apply_once
-    from .log import EventLog
+    from ksbpf.daemon.config import load
+    from ksbpf.daemon.log import EventLog
+    from ksbpf.daemon.service import apply_once
 
     preflight.require_root()
     cfg = load(config_path)
@@ -249,7 +250,7 @@ def apply(config_path, log_format) -> None:
 @click.option("--keep-going", is_flag=True, help="Run every step even after one misbehaves.")
 def demo(keep_going) -> None:
     """Build a lab (namespaces + real WireGuard tunnel) and show the kill switch."""
-    from .demo import run_demo
+    from ksbpf.lab.demo import run_demo
 
     sys.exit(0 if run_demo(keep_going=keep_going) else 1)
 
@@ -261,7 +262,7 @@ def check_config(file, as_json) -> None:
     """Validate the daemon's configuration FILE; needs no root, changes nothing.
 
     Every problem is printed as FILE:LINE: KEY: message (exit status 1)."""
-    from .config import load
+    from ksbpf.daemon.config import load
 
     try:
         cfg = load(file)

@@ -13,7 +13,7 @@ import socket
 from dataclasses import asdict, dataclass, field
 from typing import Union
 
-from .errors import KsbpfError
+from ksbpf.errors import KsbpfError
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 PROTOCOLS = {"udp": socket.IPPROTO_UDP, "tcp": socket.IPPROTO_TCP}

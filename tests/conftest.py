@@ -10,8 +10,9 @@ import uuid
 
 import pytest
 
-from ksbpf import cgroup, pins, scope
-from ksbpf.lab import Lab, TcpEchoServer, UdpEchoServer, new_lab
+from ksbpf.kernel import cgroup, pins
+from ksbpf.lab.namespaces import Lab, TcpEchoServer, UdpEchoServer, new_lab
+from ksbpf.scopes import cgroups
 
 
 def pytest_collection_modifyitems(config, items):
@@ -67,7 +68,7 @@ def make_cgroup(tag):
 
     yield make
     for path in reversed(made):
-        scope.remove_cgroup_tree(path)
+        cgroups.remove_cgroup_tree(path)
 
 
 @pytest.fixture

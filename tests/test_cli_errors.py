@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+
 import pytest
 from click.testing import CliRunner
-
-from ksbpf import bpf, cgroup, cli, libbpf, pins, preflight, scope
-
 from helpers import KSBPF, ksbpf
+
+from ksbpf import cli
+from ksbpf.kernel import bpf, cgroup, libbpf, pins, preflight
+from ksbpf.scopes import cgroups
 
 pytestmark = pytest.mark.root
 

@@ -12,8 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from ksbpf import cli
-from ksbpf.config import (DEFAULT_LISTEN, DEFAULT_TUNNEL_KINDS, Config, ConfigError, _Locator,
-                          load, parse)
+from ksbpf.daemon.config import DEFAULT_LISTEN, DEFAULT_TUNNEL_KINDS, Config, ConfigError, _Locator, load, parse
 from ksbpf.errors import KsbpfError
 from ksbpf.policy import Endpoint, Options
 

@@ -8,11 +8,10 @@ import subprocess
 import time
 
 import pytest
-
-from ksbpf import libbpf
-from ksbpf.lab import ProbeStream, Sniffer, probe
-
 from helpers import DaemonProcess, ksbpf, scope_status, toml_config
+
+from ksbpf.kernel import libbpf
+from ksbpf.lab.namespaces import ProbeStream, Sniffer, probe
 
 pytestmark = pytest.mark.lab
 RESUME_BOUND = 1.0    # seconds from "tunnel is back" to traffic flowing through it again

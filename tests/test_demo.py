@@ -5,10 +5,9 @@ import re
 import subprocess
 
 import pytest
-
-from ksbpf import cgroup
-
 from helpers import ksbpf
+
+from ksbpf.kernel import cgroup
 
 pytestmark = pytest.mark.lab
 

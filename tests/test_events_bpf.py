@@ -9,12 +9,12 @@ import subprocess
 import uuid
 
 import pytest
+from packets import TCP, UDP, frame, ipv4, ipv6
 
-from ksbpf import bpf, events, libbpf, netns
+from ksbpf.kernel import bpf, libbpf, netns
+from ksbpf.observability import events
 from ksbpf.policy import EventSettings, Options
 from ksbpf.reasons import Family, Reason
-
-from packets import TCP, UDP, frame, ipv4, ipv6
 
 pytestmark = pytest.mark.root
 

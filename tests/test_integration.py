@@ -12,11 +12,11 @@ import sys
 import time
 
 import pytest
-
-from ksbpf import cgroup, libbpf, scope
-from ksbpf.lab import ProbeStream, Sniffer, probe
-
 from helpers import dropped, ksbpf, packets, scope_status
+
+from ksbpf.kernel import cgroup, libbpf
+from ksbpf.lab.namespaces import ProbeStream, Sniffer, probe
+from ksbpf.scopes import cgroups
 
 pytestmark = pytest.mark.lab
 BLOCKED_TIMEOUT = 1.0  # a blocked TCP connect just times out
@@ -100,7 +100,7 @@ def test_enforcement_persists_after_ksbpf_exits(lab, servers, make_cgroup):
     assert proc.returncode == 0  # ksbpf has exited: nothing of it runs
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        assert scope.ksbpf_programs(fd)
+        assert cgroups.ksbpf_programs(fd)
     finally:
         os.close(fd)
     with Sniffer(lab) as sniffer:
@@ -137,7 +137,7 @@ def test_reattach_has_no_unprotected_moment(lab, servers, cg):
     assert scope_status(cg)["attached"]
     fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
     try:  # exactly one ksbpf program remains
-        assert len(scope.ksbpf_programs(fd)) == 1
+        assert len(cgroups.ksbpf_programs(fd)) == 1
     finally:
         os.close(fd)
     # control: the same stream, once detached, gets through and is seen
@@ -181,11 +181,11 @@ def test_missing_tunnel_is_fail_closed_until_registered(lab, servers, make_cgrou
 
 def test_exec_runs_inside_the_scope(lab, servers, cg):
     proc = ksbpf("exec", "--cgroup", cg, "--", "ip", "netns", "exec", lab.client_ns,
-                 sys.executable, "-m", "ksbpf.probe", "udp", lab.phy4_server, str(servers["udp"]),
+                 sys.executable, "-m", "ksbpf.lab.probe", "udp", lab.phy4_server, str(servers["udp"]),
                  "--timeout", "1", check=True)
     assert '"ok": false' in proc.stdout and "EPERM" in proc.stdout
     proc = ksbpf("exec", "--cgroup", cg, "--", "ip", "netns", "exec", lab.client_ns,
-                 sys.executable, "-m", "ksbpf.probe", "udp", lab.tun4_server, str(servers["udp"]), check=True)
+                 sys.executable, "-m", "ksbpf.lab.probe", "udp", lab.tun4_server, str(servers["udp"]), check=True)
     assert '"ok": true' in proc.stdout
 
 

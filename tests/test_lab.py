@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from ksbpf import netns
 from ksbpf.errors import KsbpfError
-from ksbpf.lab import Lab, ProbeResult, ProbeStream, Sniffer, new_lab, probe
+from ksbpf.kernel import netns
+from ksbpf.lab.namespaces import Lab, ProbeResult, ProbeStream, Sniffer, new_lab, probe
 
 pytestmark = [  # conftest skips "lab" tests when not root
     pytest.mark.lab,

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from ksbpf.log import EventLog
+from ksbpf.daemon.log import EventLog
 
 
 def test_text_lines_are_one_event_each():

@@ -17,10 +17,9 @@ import urllib.parse
 import urllib.request
 
 import pytest
-
-from ksbpf.lab import ProbeStream, probe
-
 from helpers import KSBPF, DaemonProcess, ksbpf, scope_status, toml_config
+
+from ksbpf.lab.namespaces import ProbeStream, probe
 
 pytestmark = pytest.mark.lab
 TOKEN_DATAGRAM_V6 = 40 + 8 + 16   # IPv6 + UDP headers + the probe's 16-byte token
@@ -190,7 +189,7 @@ def test_events_show_a_blocked_connection_within_a_second(lab, servers, make_cgr
     reader = event_reader("--scope", cg)
     time.sleep(0.2)
     argv = ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', cg, "ip", "netns", "exec", lab.client_ns,
-            sys.executable, "-m", "ksbpf.probe", "tcp", lab.phy6_server, str(servers["tcp"]), "--timeout", "0.3"]
+            sys.executable, "-m", "ksbpf.lab.probe", "tcp", lab.phy6_server, str(servers["tcp"]), "--timeout", "0.3"]
     start = time.monotonic()
     subprocess.Popen(argv, stdout=subprocess.DEVNULL)
     events = read_lines(reader, start + 1.0)

@@ -10,12 +10,11 @@ import ipaddress
 import subprocess
 
 import pytest
+from packets import DSTOPTS, ETH_ARP, FRAGMENT, HOPOPTS, ICMP, ICMPV6, TCP, UDP, eth, frame, ipv4, ipv6
 
-from ksbpf import bpf, libbpf, netns
+from ksbpf.kernel import bpf, libbpf, netns
 from ksbpf.policy import LAN_RANGES, Endpoint, Options
 from ksbpf.reasons import Family, Reason
-
-from packets import DSTOPTS, ETH_ARP, FRAGMENT, HOPOPTS, ICMP, ICMPV6, TCP, UDP, eth, frame, ipv4, ipv6
 
 pytestmark = pytest.mark.root
 

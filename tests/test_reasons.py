@@ -3,7 +3,7 @@ Python mirror must agree with it exactly."""
 
 import re
 
-from ksbpf import bpf
+from ksbpf.kernel import bpf
 from ksbpf.reasons import FAMILY_MAX, FIRST_DROP, REASON_MAX, Family, Hook, Reason, parse_c_enum
 
 
@@ -34,7 +34,7 @@ def test_family_and_hook_enums_match_header():
 
 
 def test_event_layout_matches_header():
-    from ksbpf.events import EVENT
+    from ksbpf.observability.events import EVENT
     body = re.search(r"struct ksbpf_event \{(.*?)\};", header(), re.S).group(1)
     sizes = {"__u64": 8, "__u32": 4, "__be16": 2, "__u8": 1}
     total = 0

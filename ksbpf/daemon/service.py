@@ -22,10 +22,12 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-from . import bpf, config, links, netns, pins, scope
-from .errors import KsbpfError
-from .log import EventLog
-from .policy import LAN_RANGES, Policy
+from ksbpf.daemon import config
+from ksbpf.daemon.log import EventLog
+from ksbpf.errors import KsbpfError
+from ksbpf.kernel import bpf, links, netns, pins
+from ksbpf.policy import LAN_RANGES, Policy
+from ksbpf.scopes import cgroups
 
 RETRY_SECONDS = 5.0     # scopes that could not be applied are retried this often
 RESYNC_SECONDS = 60.0   # full link dump and reconcile, in case an event was ever missed
@@ -75,7 +77,7 @@ class Daemon:
         then (re)build the namespace watches and reconcile."""
         wanted = {sc.cgroup: sc for sc in cfg.scopes}
         for path in [p for p in self.scopes if p not in wanted]:
-            result = scope.detach(path)
+            result = cgroups.detach(path)
             self.log("scope_removed", scope=path, detached=result.detached_prog_ids)
             del self.scopes[path]
         for path, sc in wanted.items():
@@ -91,7 +93,7 @@ class Daemon:
             if st.create_cgroup and not os.path.exists(st.cgroup):
                 os.makedirs(st.cgroup)
                 self.log("cgroup_created", scope=st.cgroup)
-            result = scope.ensure(st.cgroup, st.policy)
+            result = cgroups.ensure(st.cgroup, st.policy)
             st.pin_dir, st.ns, st.error = result.pin_dir, netns.resolve(st.policy.netns), None
             fields = {}
             if result.attach:
@@ -130,7 +132,7 @@ class Daemon:
         for st in self._scopes_in(space):
             try:
                 with pins.locked(), bpf.ScopeMaps.from_pins(st.pin_dir) as maps:
-                    result = scope.sync_tunnels(maps, st.policy, space.cookie, present)
+                    result = cgroups.sync_tunnels(maps, st.policy, space.cookie, present)
             except (OSError, KsbpfError) as exc:
                 self.log("map_update_failed", level="error", scope=st.cgroup, error=str(exc))
                 st.error, st.in_step = str(exc), False   # re-applied by the retry timer
@@ -207,7 +209,7 @@ class Daemon:
         """A namespace deleted and re-created under the same name is another
         namespace: re-apply its scopes (make-before-break) on the new one."""
         for st in self.scopes.values():
-            if st.ns and not st.error and not scope.netns_alive(st.ns):
+            if st.ns and not st.error and not cgroups.netns_alive(st.ns):
                 st.error = f"network namespace {st.ns.label} was replaced"
                 self.log("netns_changed", level="warning", scope=st.cgroup, netns=st.ns.label)
 
@@ -222,12 +224,12 @@ class Daemon:
                 problems.append(f"{st.cgroup}: {st.error}")
             elif not st.in_step:
                 problems.append(f"{st.cgroup}: tunnel map not reconciled yet")
-            elif not scope.is_attached(st.pin_dir, st.cgroup):
+            elif not cgroups.is_attached(st.pin_dir, st.cgroup):
                 problems.append(f"{st.cgroup}: program not attached (detached by hand?)")
         return problems
 
     def _serve_metrics(self, cfg: config.Config) -> None:
-        from .metrics import MetricsServer
+        from ksbpf.observability.metrics import MetricsServer
         try:
             server = MetricsServer(self, cfg.listen_host, cfg.listen_port)
         except OSError as exc:

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 
 import click
 
-from . import cgroup, scope
-from .lab import Lab, Sniffer, TcpEchoServer, UdpEchoServer, new_lab, probe
+from ksbpf.kernel import cgroup
+from ksbpf.lab.namespaces import Lab, Sniffer, TcpEchoServer, UdpEchoServer, new_lab, probe
+from ksbpf.scopes import cgroups
 
 KINDS = ("tcp", "udp", "icmp")
 
@@ -74,8 +75,8 @@ class Demo:
 
 
 def _drops(cg: str) -> str:
-    (s,) = [s for s in scope.status()[0] if s.cgroup == cg]
-    parts = [f"{r.label} {p}" for r, (p, _b) in scope.by_reason(s.counters).items() if p and not r.allowed]
+    (s,) = [s for s in cgroups.status()[0] if s.cgroup == cg]
+    parts = [f"{r.label} {p}" for r, (p, _b) in cgroups.by_reason(s.counters).items() if p and not r.allowed]
     return ", ".join(parts) or "none"
 
 
@@ -98,7 +99,7 @@ def run_demo(keep_going: bool = False) -> bool:
         click.echo("")
         click.echo("Cleaning up: detaching, removing the cgroup and the namespaces.")
         try:
-            scope.remove_cgroup_tree(cg)
+            cgroups.remove_cgroup_tree(cg)
         finally:
             lab.destroy()
     click.echo("")

@@ -16,10 +16,10 @@ import platform
 import struct
 from dataclasses import dataclass
 
-from . import libbpf, preflight
-from .errors import KsbpfError
-from .policy import PROTOCOLS, Endpoint, EventSettings, Options
-from .reasons import FAMILY_MAX, Family, Reason
+from ksbpf.errors import KsbpfError
+from ksbpf.kernel import libbpf, preflight
+from ksbpf.policy import PROTOCOLS, Endpoint, EventSettings, Options
+from ksbpf.reasons import FAMILY_MAX, Family, Reason
 
 PROG_NAME = "ksbpf_cg_egress"  # the entry point; the kernel shows it as the program's name
 MAP_NAMES = ("tunnels", "tunnel_ifindex", "endpoints4", "endpoints6", "counters", "meta", "events", "bucket")

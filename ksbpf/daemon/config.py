@@ -17,8 +17,8 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
-from .errors import KsbpfError
-from .policy import DEFAULT_TUNNEL_KINDS, Endpoint, EventSettings, Options, Policy
+from ksbpf.errors import KsbpfError
+from ksbpf.policy import DEFAULT_TUNNEL_KINDS, Endpoint, EventSettings, Options, Policy
 
 DEFAULT_LISTEN = "127.0.0.1:12479"  # outside the crowded 9100-9999 exporter range
 LOG_FORMATS = ("text", "json")

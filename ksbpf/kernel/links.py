@@ -15,11 +15,19 @@ import struct
 from dataclasses import dataclass
 
 from pyroute2.netlink import NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
-from pyroute2.netlink.rtnl import (RTM_DELLINK, RTM_DELROUTE, RTM_GETLINK, RTM_NEWLINK, RTM_NEWROUTE,
-                                   RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_LINK)
+from pyroute2.netlink.rtnl import (
+    RTM_DELLINK,
+    RTM_DELROUTE,
+    RTM_GETLINK,
+    RTM_NEWLINK,
+    RTM_NEWROUTE,
+    RTMGRP_IPV4_ROUTE,
+    RTMGRP_IPV6_ROUTE,
+    RTMGRP_LINK,
+)
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
-from . import netns
+from ksbpf.kernel import netns
 
 IFF_UP = 0x1
 RTN_UNICAST = 1

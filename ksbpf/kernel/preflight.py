@@ -8,8 +8,8 @@ import os
 import platform
 from types import ModuleType
 
-from . import libbpf
-from .errors import KsbpfError
+from ksbpf.errors import KsbpfError
+from ksbpf.kernel import libbpf
 
 BCC_MODULE = "bcc"
 MODULES_DIR = "/lib/modules"

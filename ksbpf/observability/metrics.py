@@ -17,17 +17,28 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
 
-from . import pins, scope
-from .errors import KsbpfError
-from .reasons import Hook
+from ksbpf.errors import KsbpfError
+from ksbpf.kernel import pins
+from ksbpf.reasons import Hook
+from ksbpf.scopes import cgroups
 
-if TYPE_CHECKING:
-    from .daemon import Daemon
+
+class Daemon(Protocol):
+    """What the metrics need of the daemon (ksbpf.daemon.service.Daemon): its
+    configured scopes, its counters, its heartbeat and its readiness."""
+
+    scopes: dict
+    netlink_events: dict[str, int]
+    route_alerts: int
+    heartbeat: float
+
+    def readiness(self) -> list[str]: ...
+
 
 HEALTHY_WITHIN = 30.0  # seconds since the daemon's loop last turned
 
@@ -40,7 +51,7 @@ def ksbpf_version() -> str:
 
 
 class KsbpfCollector:
-    def __init__(self, daemon: "Daemon | None" = None, bpffs: str = pins.BPFFS):
+    def __init__(self, daemon: Daemon | None = None, bpffs: str = pins.BPFFS):
         self.daemon = daemon
         self.bpffs = bpffs
 
@@ -64,7 +75,7 @@ class KsbpfCollector:
         seen = set()
         for pin_dir in pins.list_scope_dirs(self.bpffs):
             try:
-                st = scope.read_scope(pin_dir, link_cache)
+                st = cgroups.read_scope(pin_dir, link_cache)
             except (OSError, ValueError, KsbpfError):
                 continue  # replaced or removed while we read: the next scrape sees the new one
             name = st.cgroup
@@ -74,7 +85,7 @@ class KsbpfCollector:
                     continue
                 dropped_p.add_metric([name, reason.label, family.label, hook], packets)
                 dropped_b.add_metric([name, reason.label, family.label, hook], nbytes)
-            for reason, (packets, nbytes) in scope.by_reason(st.counters).items():
+            for reason, (packets, nbytes) in cgroups.by_reason(st.counters).items():
                 if reason.allowed:
                     allowed_p.add_metric([name, reason.label], packets)
                     allowed_b.add_metric([name, reason.label], nbytes)
@@ -102,20 +113,20 @@ class KsbpfCollector:
                                       "was protected (TunnelVision)", value=self.daemon.route_alerts)
 
 
-def registry(daemon: "Daemon | None" = None, bpffs: str = pins.BPFFS) -> CollectorRegistry:
+def registry(daemon: Daemon | None = None, bpffs: str = pins.BPFFS) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
     reg.register(KsbpfCollector(daemon, bpffs))
     return reg
 
 
-def render(daemon: "Daemon | None" = None, bpffs: str = pins.BPFFS) -> bytes:
+def render(daemon: Daemon | None = None, bpffs: str = pins.BPFFS) -> bytes:
     return generate_latest(registry(daemon, bpffs))
 
 
 class MetricsServer:
     """/metrics, /healthz and /readyz on a background thread."""
 
-    def __init__(self, daemon: "Daemon", host: str, port: int):
+    def __init__(self, daemon: Daemon, host: str, port: int):
         reg = registry(daemon)
 
         class Handler(BaseHTTPRequestHandler):

@@ -10,8 +10,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from . import bpf, cgroup, libbpf, links, netns, pins
-from .reasons import Family, Hook, Reason
+from ksbpf.kernel import bpf, cgroup, libbpf, links, netns, pins
+from ksbpf.reasons import Family, Hook, Reason
+from ksbpf.scopes.cgroups import META_VERSION, meta_netns
 
 # struct ksbpf_event (ebpf/ksbpf.h)
 EVENT = struct.Struct("=QQQIIIHHBBBB16s16s")
@@ -114,7 +115,6 @@ def stream(scopes: list[str] | None, on_event: Callable[[Event], None],
            should_stop: Callable[[], bool], bpffs: str = pins.BPFFS, poll_ms: int = 200) -> int:
     """Read the ring buffers of the protected scopes (all, or those whose
     cgroup path is in `scopes`) until should_stop(); returns how many scopes."""
-    from .scope import META_VERSION, meta_netns  # scope imports us indirectly; keep the graph acyclic
     describer = Describer()
     fds: list[int] = []
 

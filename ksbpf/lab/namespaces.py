@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Self
 
-from . import netns
-from .errors import KsbpfError
+from ksbpf.errors import KsbpfError
+from ksbpf.kernel import netns
 
 WG_RUN_DIR = "/var/run/wireguard"
 TUNNEL_TIMEOUT = 10.0
@@ -317,7 +317,7 @@ def _in_cgroup_and_ns(ns: Lab | str, cgroup_path: str | None, *cmd: str) -> list
 
 
 def _probe_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "ksbpf.probe", *args]
+    return [sys.executable, "-m", "ksbpf.lab.probe", *args]
 
 
 @dataclass(frozen=True)

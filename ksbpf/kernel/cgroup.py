@@ -7,7 +7,7 @@ import signal
 import time
 from dataclasses import dataclass
 
-from .errors import KsbpfError
+from ksbpf.errors import KsbpfError
 
 PROC_MOUNTS = "/proc/mounts"
 

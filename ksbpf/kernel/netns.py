@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
-from .errors import KsbpfError
+from ksbpf.errors import KsbpfError
 
 NETNS_RUN_DIR = "/var/run/netns"
 CLONE_NEWNET = 0x40000000

@@ -2,9 +2,9 @@
 
 Run by ksbpf.lab inside a cgroup and a network namespace (stdlib only):
 
-    python -m ksbpf.probe tcp|udp|icmp DST [PORT] [--timeout S]
+    python -m ksbpf.lab.probe tcp|udp|icmp DST [PORT] [--timeout S]
         one attempt; prints {"ok": bool, "error": str|null}; exit status 0 either way
-    python -m ksbpf.probe stream DST PORT [--interval-ms MS]
+    python -m ksbpf.lab.probe stream DST PORT [--interval-ms MS]
         prints {"ready": true} once its socket exists, then sends one datagram every
         MS ms until SIGTERM/SIGINT, then prints
         {"attempted": n, "sent": n, "blocked": n, "errors": {"ENAME": n}}
@@ -114,7 +114,7 @@ def stream(dst: str, port: int, interval_ms: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ksbpf.probe")
+    ap = argparse.ArgumentParser(prog="python -m ksbpf.lab.probe")
     ap.add_argument("kind", choices=["tcp", "udp", "icmp", "stream"])
     ap.add_argument("dst")
     ap.add_argument("port", type=int, nargs="?", default=0)

@@ -17,7 +17,7 @@ import shutil
 from contextlib import contextmanager
 from typing import Iterator
 
-from .errors import KsbpfError
+from ksbpf.errors import KsbpfError
 
 BPFFS = "/sys/fs/bpf"
 BPF_FS_MAGIC = 0xCAFE4A11

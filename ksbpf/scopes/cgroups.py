@@ -15,10 +15,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from . import bpf, cgroup, libbpf, links, netns, pins, preflight
-from .errors import KsbpfError
-from .policy import Endpoint, Policy
-from .reasons import Family, Reason
+from ksbpf.errors import KsbpfError
+from ksbpf.kernel import bpf, cgroup, libbpf, links, netns, pins, preflight
+from ksbpf.policy import Endpoint, Policy
+from ksbpf.reasons import Family, Reason
 
 Progress = Callable[[str], None]
 EGRESS = libbpf.BPF_CGROUP_INET_EGRESS

@@ -1,0 +1,2 @@
+"""The node daemon: its configuration file, its event loop (netlink, reloads,
+retries) and its structured log."""

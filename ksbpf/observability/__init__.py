@@ -1,0 +1,1 @@
+"""What ksbpf tells: Prometheus metrics and the stream of blocked packets."""
