@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench install clean
+.PHONY: setup demo test vm-test bench install clean
 
 ## setup: Debian packages, kernel headers for bcc, .venv with ksbpf (idempotent)
 setup:
@@ -16,6 +16,11 @@ demo: setup
 ## test: the whole suite (unit, BPF_PROG_TEST_RUN, namespace integration, demo)
 test: setup
 	@$(PY) -m pytest $(PYTEST_ARGS)
+
+## vm-test: the systemd units, boot-time protection and kernel WireGuard in a booted Debian guest
+##          (qemu; the image is cached in /var/cache/ksbpf-vm; also part of `make test`)
+vm-test: setup
+	@$(PY) -m pytest tests/test_vm.py $(PYTEST_ARGS)
 
 ## bench: benchmarks (never part of `make test`); results in benchmarks/results/
 bench: setup

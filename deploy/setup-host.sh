@@ -26,6 +26,8 @@ fi
 # --- 1. packages -------------------------------------------------------------
 pkgs=(python3 python3-venv python3-bpfcc libbpf1 bpftool iproute2 wireguard-go wireguard-tools
       tcpdump iperf3 nftables iptables iputils-ping procps prometheus)
+# the VM test (tests/test_vm.py) builds and boots a Debian guest (vagrant/provision.sh: not in a VM)
+[ "${KSBPF_SETUP_VM_TOOLS:-yes}" = no ] || pkgs+=(qemu-system-x86 qemu-utils debootstrap e2fsprogs rsync systemd)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -45,7 +47,7 @@ else
 fi
 
 # --- 2. kernel headers for bcc -------------------------------------------------
-rel=$(uname -r)
+rel=${KSBPF_KERNEL_RELEASE:-$(uname -r)}   # set when provisioning an image for another kernel
 mod=/lib/modules/$rel
 if [ -e "$mod/build/include/linux/kconfig.h" ] || [ -e "$mod/source/include/linux/kconfig.h" ] \
    || [ -e /sys/kernel/kheaders.tar.xz ]; then

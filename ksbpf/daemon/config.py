@@ -17,6 +17,7 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
+from ksbpf.daemon import trust
 from ksbpf.errors import KsbpfError
 from ksbpf.policy import DEFAULT_TUNNEL_KINDS, Endpoint, EventSettings, Options, Policy
 
@@ -102,6 +103,7 @@ def load(path: str) -> Config:
     a KsbpfError says why the file cannot be read."""
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:  # newline="": lines as tomllib counts them
+            trust.require_root_only(path, f.fileno())   # like sshd's StrictModes
             text = f.read()
     except OSError as exc:
         raise KsbpfError(f"cannot read the configuration file {path}: {exc.strerror}",

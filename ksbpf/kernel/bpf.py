@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass
 
 from ksbpf.errors import KsbpfError
-from ksbpf.kernel import libbpf, preflight
+from ksbpf.kernel import libbpf, pins, preflight
 from ksbpf.policy import PROTOCOLS, Endpoint, EventSettings, Options
 from ksbpf.reasons import FAMILY_MAX, Family, Reason
 
@@ -284,7 +284,7 @@ class LoadedProgram:
     _bcc_object: object  # bcc's BPF object when bcc loaded it (it owns the fds), else None
 
     def pin(self, directory: str) -> None:
-        os.makedirs(directory, exist_ok=True)
+        pins.make_private_dirs(directory)   # pins are readable by root only
         libbpf.obj_pin(self.prog_fd, os.path.join(directory, "prog"))
         for name, fd in self.maps.fds.items():
             libbpf.obj_pin(fd, os.path.join(directory, name))

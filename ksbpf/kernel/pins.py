@@ -21,7 +21,7 @@ from ksbpf.errors import KsbpfError
 
 BPFFS = "/sys/fs/bpf"
 BPF_FS_MAGIC = 0xCAFE4A11
-LOCK_FILE = "/run/ksbpf.lock"
+LOCK_FILE = "/run/ksbpf/lock"   # /run/ksbpf: the units' RuntimeDirectory (writable under ProtectSystem=strict)
 
 
 def pin_root(bpffs: str = BPFFS) -> str:
@@ -66,6 +66,25 @@ def list_scope_dirs(bpffs: str = BPFFS) -> list[str]:
                   key=lambda p: int(os.path.basename(p)))
 
 
+def make_private_dirs(path: str) -> None:
+    """Create a pin directory and its missing parents, readable by root only
+    (0700), and tighten ksbpf's own parents (up to the "ksbpf" directory) that
+    an older version created 0755."""
+    missing = []
+    p = os.path.abspath(path)
+    while not os.path.isdir(p):
+        missing.append(p)
+        p = os.path.dirname(p)
+    for d in reversed(missing):
+        os.mkdir(d, 0o700)
+    p = os.path.abspath(path)
+    for _ in range(3):   # <cgroup-id>, cgroup, ksbpf
+        os.chmod(p, 0o700)   # mkdir's mode is masked by the umask
+        if os.path.basename(p) == "ksbpf":
+            break
+        p = os.path.dirname(p)
+
+
 def remove_dir(path: str) -> None:
     """Unpin everything in a pin directory (bpffs supports unlink/rmdir)."""
     shutil.rmtree(path, ignore_errors=True)
@@ -83,7 +102,7 @@ def prune(bpffs: str = BPFFS) -> None:
 @contextmanager
 def locked(lock_file: str = LOCK_FILE) -> Iterator[None]:
     """Serialise changes to pins and attachments between ksbpf processes."""
-    os.makedirs(os.path.dirname(lock_file), exist_ok=True)
+    os.makedirs(os.path.dirname(lock_file), mode=0o700, exist_ok=True)
     with open(lock_file, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:

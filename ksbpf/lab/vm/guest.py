@@ -1,0 +1,375 @@
+"""Runs INSIDE the VM test's guest (standard library only, run as a file by the
+units in units/): packet counters on the far side of the guest's "physical"
+link, traffic senders, and the scenarios.  Each scenario measures and acts;
+the host (tests/test_vm.py) judges.  The result is one line on the second
+serial port: KSBPF-VM-RESULT {json}.
+
+The guest's network (vagrant/provision.sh, ksbpf-demo-peer.service):
+  vpn-uplink 10.99.0.1 --veth-- uplink 10.99.0.2 (namespace vpnpeer), 198.51.100.7 behind it;
+  wg0 10.200.0.2 (kernel WireGuard, wg-quick) == wgs 10.200.0.1 in vpnpeer.
+The protected sender (vpn.slice) sends UDP 5001 and TCP 5002 to 198.51.100.7, the
+control (system.slice) UDP 6001 and TCP 6002; nftables counters in vpnpeer count
+what arrives over the veth ("leak_*", "control_*") and through the tunnel ("tunnel_*").
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import select
+import socket
+import subprocess
+import sys
+import time
+import traceback
+
+NS = "vpnpeer"
+TARGET = "198.51.100.7"
+STATE = "/run/ksbpf-vmtest"
+RESULTS_TTY = "/dev/ttyS1"
+CONFIG = "/etc/ksbpf/ksbpf.toml"
+SCOPE = "/sys/fs/cgroup/vpn.slice"
+COUNTERS = ("leak_udp", "leak_tcp", "tunnel_udp", "tunnel_tcp", "control_udp", "control_tcp")
+NFT = """
+table inet ksbpfvm {
+%s
+    chain pre {
+        type filter hook prerouting priority -300; policy accept;
+        iifname "uplink" ip daddr %s udp dport 5001 counter name leak_udp
+        iifname "uplink" ip daddr %s tcp dport 5002 counter name leak_tcp
+        iifname "wgs" ip daddr %s udp dport 5001 counter name tunnel_udp
+        iifname "wgs" ip daddr %s tcp dport 5002 counter name tunnel_tcp
+        iifname "uplink" ip daddr %s udp dport 6001 counter name control_udp
+        iifname "uplink" ip daddr %s tcp dport 6002 counter name control_tcp
+    }
+}
+""" % ("\n".join(f"    counter {c} {{ }}" for c in COUNTERS), *[TARGET] * 6)
+
+
+# --- helpers ------------------------------------------------------------------
+
+def sh(*argv: str, check: bool = True) -> str:
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: exit {proc.returncode}: {proc.stderr.strip()[-500:]}")
+    return proc.stdout
+
+
+def log(msg: str) -> None:
+    line = f"KSBPF-VM-LOG {time.monotonic():8.2f} {msg}"
+    print(line, flush=True)
+    try:
+        with open(RESULTS_TTY, "w") as tty:
+            tty.write(line + "\n")
+    except OSError:
+        pass
+
+
+def counters() -> dict[str, int]:
+    data = json.loads(sh("ip", "netns", "exec", NS, "nft", "-j", "list", "counters", "table", "inet", "ksbpfvm"))
+    out = {}
+    for item in data["nftables"]:
+        if "counter" in item:
+            out[item["counter"]["name"]] = item["counter"]["packets"]
+    return out
+
+
+def sender(name: str) -> dict:
+    with open(os.path.join(STATE, f"{name}.json")) as f:
+        return json.load(f)
+
+
+def wait_for(what: str, cond, timeout: float, step: float = 0.2):
+    end = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(step)
+
+
+def unit_times(unit: str) -> dict[str, int]:
+    props = ("ExecMainStartTimestampMonotonic", "ExecMainExitTimestampMonotonic",
+             "ActiveEnterTimestampMonotonic", "InactiveExitTimestampMonotonic")
+    out = sh("systemctl", "show", unit, "-p", ",".join(props))
+    return {k: int(v or 0) for k, v in (line.split("=", 1) for line in out.splitlines() if "=" in line)}
+
+
+def unit_state(unit: str) -> dict[str, str]:
+    out = sh("systemctl", "show", unit, "-p", "ActiveState,SubState,Result,MainPID,NRestarts,UnitFileState")
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def journal(unit: str) -> str:
+    return sh("journalctl", "-b", "-u", unit, "-o", "cat", "--no-pager", check=False)
+
+
+def log_events(unit: str, event: str) -> int:
+    """How many times the unit's ksbpf log (text format) has logged `event` this boot."""
+    return sum(1 for line in journal(unit).splitlines() if line.split()[2:3] == [event])
+
+
+def attached_progs(cgroup: str = SCOPE) -> list[dict]:
+    """ksbpf's programs attached to the cgroup (by the kernel's program name)."""
+    out = sh("bpftool", "-j", "cgroup", "show", cgroup, check=False).strip() or "[]"
+    return [p for p in json.loads(out) if p.get("name", "").startswith("ksbpf")]
+
+
+def status() -> dict:
+    return json.loads(sh("ksbpf", "status", "--json"))
+
+
+def exposure() -> dict[str, float]:
+    out = sh("systemd-analyze", "security", "--no-pager", "ksbpf.service", "ksbpf-early.service", check=False)
+    found = re.findall(r"(\S+\.service)\s+([\d.]+)\s", out)
+    return {u: float(x) for u, x in found}
+
+
+def pin_modes() -> dict[str, str]:
+    out = {}
+    for root, dirs, files in os.walk("/sys/fs/bpf/ksbpf"):
+        for name in [root, *(os.path.join(root, f) for f in files)]:
+            out[name] = oct(os.stat(name).st_mode & 0o777)
+    return out
+
+
+def growth(names: tuple[str, ...], seconds: float) -> dict[str, int]:
+    before = counters()
+    time.sleep(seconds)
+    after = counters()
+    return {n: after[n] - before[n] for n in names}
+
+
+def tunnel_flowing(timeout: float = 60) -> float:
+    """Seconds until protected traffic arrives through the tunnel (UDP and TCP)."""
+    t = time.monotonic()
+    base = counters()
+    wait_for("traffic through the tunnel", lambda: all(counters()[c] > base[c] for c in ("tunnel_udp", "tunnel_tcp")),
+             timeout)
+    return round(time.monotonic() - t, 2)
+
+
+def wg(action: str) -> None:
+    sh("wg-quick", action, "wg0")
+
+
+def system_running() -> str:
+    return sh("systemctl", "is-system-running", "--wait", check=False).strip()
+
+
+# --- on the far side ------------------------------------------------------------
+
+def cmd_counters() -> None:
+    """Create the peer namespace and its counters before the link exists."""
+    if not os.path.exists(f"/run/netns/{NS}"):
+        sh("ip", "netns", "add", NS)
+    subprocess.run(["ip", "netns", "exec", NS, "nft", "-f", "-"], input=NFT, text=True, check=True)
+
+
+# --- a sender ---------------------------------------------------------------------
+
+def notify_ready() -> None:
+    """sd_notify(READY=1), without libsystemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(b"READY=1", "\0" + addr[1:] if addr.startswith("@") else addr)
+
+
+def cmd_send(name: str, udp_port: int, tcp_port: int) -> None:
+    """UDP every 20 ms and a TCP connection attempt every 200 ms to TARGET, from
+    the first moment; counts what the kernel said, in STATE/<name>.json."""
+    os.makedirs(STATE, exist_ok=True)
+    st = {"name": name, "pid": os.getpid(), "start_mono": int(time.monotonic() * 1e6), "first_send_mono": 0,
+          "udp_ok": 0, "udp_err": {}, "tcp_attempts": 0, "tcp_connected": 0, "tcp_err": {}}
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    pending: dict[socket.socket, float] = {}
+    next_tcp = next_write = 0.0
+    while True:
+        now = time.monotonic()
+        try:
+            udp.sendto(b"ksbpf-vm-test", (TARGET, udp_port))
+            st["udp_ok"] += 1
+        except OSError as exc:
+            key = errno.errorcode.get(exc.errno, str(exc.errno))
+            st["udp_err"][key] = st["udp_err"].get(key, 0) + 1
+        if not st["first_send_mono"]:
+            st["first_send_mono"] = int(now * 1e6)
+            notify_ready()   # Type=notify: the boot goes on only once this sender is sending
+        if now >= next_tcp:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setblocking(False)
+            st["tcp_attempts"] += 1
+            rc = s.connect_ex((TARGET, tcp_port))
+            if rc in (0, errno.EINPROGRESS):
+                pending[s] = now
+            else:
+                key = errno.errorcode.get(rc, str(rc))
+                st["tcp_err"][key] = st["tcp_err"].get(key, 0) + 1
+                s.close()
+            next_tcp = now + 0.2
+        if pending:
+            _, ready, _ = select.select([], list(pending), [], 0)
+            for s in ready:
+                rc = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if rc == 0:
+                    st["tcp_connected"] += 1
+                else:
+                    key = errno.errorcode.get(rc, str(rc))
+                    st["tcp_err"][key] = st["tcp_err"].get(key, 0) + 1
+                pending.pop(s).close()
+            for s, t in list(pending.items()):
+                if now - t > 3:
+                    pending.pop(s).close()
+        if now >= next_write:
+            tmp = os.path.join(STATE, f".{name}.json")
+            with open(tmp, "w") as f:
+                json.dump(st, f)
+            os.replace(tmp, os.path.join(STATE, f"{name}.json"))
+            next_write = now + 0.25
+        time.sleep(0.02)
+
+
+# --- scenarios ----------------------------------------------------------------------
+
+def common() -> dict:
+    return {"kernel": os.uname().release, "system": system_running(),
+            "failed_units": sh("systemctl", "--failed", "--plain", "--no-legend", check=False).strip(),
+            "wireguard_module": os.path.isdir("/sys/module/wireguard"),
+            "wg0_kind": "wireguard" if "wireguard" in sh("ip", "-d", "link", "show", "wg0", check=False) else "?"}
+
+
+def scenario_boot() -> dict:
+    """First boot: protected before the network, nothing leaks, the tunnel then carries it."""
+    r = common()
+    r["times"] = {u: unit_times(u) for u in ("ksbpf-early.service", "ksbpf-vmtest-protected.service",
+                                             "network-pre.target", "ksbpf-demo-peer.service",
+                                             "wg-quick@wg0.service", "ksbpf.service")}
+    r["units"] = {u: unit_state(u) for u in ("ksbpf-early.service", "ksbpf.service")}
+    r["tunnel_after_boot_s"] = tunnel_flowing()
+    wait_for("the control's traffic", lambda: counters()["control_udp"] > 0 and counters()["control_tcp"] > 0, 30)
+    r["growth"] = growth(COUNTERS, 3)
+    r["counters"] = counters()
+    r["protected"] = sender("protected")
+    r["control"] = sender("control")
+    r["status"] = status()
+    r["exposure"] = exposure()
+    r["pin_modes"] = pin_modes()
+    r["journal_early"] = journal("ksbpf-early.service")[-3000:]
+    return r
+
+
+def scenario_daemon() -> dict:
+    """The daemon under systemd: tunnel flaps, kill -9, reload, stop."""
+    r = common()
+    r["tunnel_after_boot_s"] = tunnel_flowing()
+    flaps = []
+    for _ in range(5):
+        wg("down")
+        time.sleep(0.5)
+        wg("up")
+        flaps.append(tunnel_flowing(30))
+    r["flap_resume_s"] = flaps
+    r["after_flaps"] = counters()
+
+    before = unit_state("ksbpf.service")
+    progs_before = attached_progs()
+    os.kill(int(before["MainPID"]), 9)
+    wg("down")                  # the tunnel goes while no daemon runs
+    r["growth_while_killed"] = growth(("leak_udp", "leak_tcp"), 1.0)
+    r["progs_while_killed"] = attached_progs()
+    wait_for("the daemon restarted", lambda: unit_state("ksbpf.service")["MainPID"] not in ("0", before["MainPID"])
+             and unit_state("ksbpf.service")["ActiveState"] == "active", 60)
+    wait_for("the restarted daemon's ready line", lambda: log_events("ksbpf.service", "ready") >= 2, 120, 0.5)
+    wg("up")
+    r["resume_after_restart_s"] = tunnel_flowing(60)
+    r["restart"] = {"before": before, "after": unit_state("ksbpf.service"),
+                    "progs_before": progs_before, "progs_after": attached_progs()}
+
+    text = open(CONFIG).read().replace('tunnel_kinds = ["wireguard"]', 'tunnel_kinds = ["wireguard"]\nallow_dhcp = true')
+    with open(CONFIG, "w") as f:
+        f.write(text)
+    reloaded = log_events("ksbpf.service", "reloaded")
+    sh("systemctl", "reload", "ksbpf.service")
+    wait_for("the reload", lambda: log_events("ksbpf.service", "reloaded") > reloaded, 120, 0.5)
+    r["after_reload"] = {"status": status(), "progs": attached_progs(), "growth": growth(COUNTERS, 2)}
+
+    sh("systemctl", "stop", "ksbpf.service")
+    wg("down")
+    r["after_stop"] = {"unit": unit_state("ksbpf.service"), "progs": attached_progs(),
+                       "growth": growth(COUNTERS, 2), "protected": sender("protected")}
+    r["counters"] = counters()
+    r["journal"] = journal("ksbpf.service")[-4000:]
+    return r
+
+
+def scenario_escape() -> dict:
+    """The escape hatch, then a reboot (the host boots the same disk again)."""
+    r = common()
+    r["tunnel_after_boot_s"] = tunnel_flowing()
+    r["progs_before"] = attached_progs()
+    proc = subprocess.run("systemctl disable --now ksbpf.service ksbpf-early.service && ksbpf detach --all",
+                          shell=True, capture_output=True, text=True)
+    r["escape"] = {"rc": proc.returncode, "out": proc.stdout[-2000:], "err": proc.stderr[-2000:]}
+    r["progs_after"] = attached_progs()
+    r["pins_left"] = os.path.exists("/sys/fs/bpf/ksbpf")
+    r["then"] = "reboot"
+    return r
+
+
+def scenario_escape_rebooted() -> dict:
+    r = common()
+    r["units"] = {u: unit_state(u) for u in ("ksbpf-early.service", "ksbpf.service")}
+    r["pins_left"] = os.path.exists("/sys/fs/bpf/ksbpf")
+    r["progs"] = attached_progs()
+    r["all_ksbpf_progs"] = [p for p in json.loads(sh("bpftool", "-j", "prog", "show") or "[]")
+                            if p.get("name", "").startswith("ksbpf")]
+    r["tunnel_after_boot_s"] = tunnel_flowing()
+    wg("down")
+    time.sleep(0.5)
+    r["growth_without_tunnel"] = growth(COUNTERS, 3)
+    r["protected"] = sender("protected")
+    return r
+
+
+SCENARIOS = {"boot": scenario_boot, "daemon": scenario_daemon, "escape": scenario_escape,
+             "escape-rebooted": scenario_escape_rebooted}
+
+
+def cmd_drive() -> None:
+    m = re.search(r"\bksbpf\.scenario=(\S+)", open("/proc/cmdline").read())
+    name = m[1] if m else "?"
+    t = time.monotonic()
+    log(f"scenario {name}: waiting for the system to be running")
+    result: dict = {"scenario": name}
+    try:
+        result.update(SCENARIOS[name]())
+    except Exception as exc:  # reported to the host, which fails the test with it
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        result["traceback"] = traceback.format_exc()[-3000:]
+        result["journal_ksbpf"] = journal("ksbpf.service")[-3000:] + journal("ksbpf-early.service")[-2000:]
+    result["guest_seconds"] = round(time.monotonic() - t, 1)
+    result["uptime_s"] = float(open("/proc/uptime").read().split()[0])
+    with open(RESULTS_TTY, "w") as tty:
+        tty.write("KSBPF-VM-RESULT " + json.dumps(result) + "\n")
+        tty.flush()
+        os.fsync(tty.fileno())
+    log(f"scenario {name}: done in {result['guest_seconds']} s")
+    subprocess.run(["systemctl", "reboot" if result.get("then") == "reboot" else "poweroff", "--no-block"])
+
+
+if __name__ == "__main__":
+    cmd = sys.argv[1] if len(sys.argv) > 1 else ""
+    if cmd == "counters":
+        cmd_counters()
+    elif cmd == "send":
+        cmd_send(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    elif cmd == "drive":
+        cmd_drive()
+    else:
+        sys.exit("usage: guest.py counters | send NAME UDP_PORT TCP_PORT | drive")

@@ -1,0 +1,246 @@
+"""The guest image of the VM test, built once per set of inputs and cached.
+
+Two layers, so that a code change does not cost a debootstrap:
+
+- base-<key>/root: debootstrap (Debian 12, the mirror of the machine's apt
+  sources) and vagrant/provision.sh run in a chroot of it with the repository
+  copied in.  Keyed by the debootstrap inputs and the month (so it follows the
+  mirror's updates), not by the repository: the image layer runs the
+  provisioning again on top, which installs whatever the scripts added since.
+  ~5 min cold.
+- image-<key>/{disk.img,vmlinuz,initrd.img}: the base under an overlay, the
+  current repository copied in, provision.sh run again (idempotent: packages
+  present, the venv only refreshed), the test's units added, and an ext4 disk
+  made from the tree (mkfs.ext4 -d: no loop device).  Keyed by the base and
+  every file of the repository.  ~1 min.
+
+Every mount lives in a private mount and PID namespace (unshare) that dies
+with the build, so nothing is left mounted or running, even on failure.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import glob
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from ksbpf.errors import KsbpfError
+
+SUITE = "bookworm"
+BASE_PACKAGES = ("systemd-sysv", "udev", "dbus", "kmod", "iproute2", "linux-image-amd64", "linux-headers-amd64",
+                 "wireguard-tools", "python3", "python3-venv", "make", "rsync", "ca-certificates", "procps")
+BUILD_VERSION = "1"   # change when the build steps below change
+UNITS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "units")
+DISK_SIZE = "6G"     # sparse
+KEEP = 2             # images and bases kept in the cache (newest first)
+EXCLUDES = (".git/", ".venv/", "*.egg-info/", "__pycache__/", ".pytest_cache/", "build/")
+
+
+def cache_root() -> str:
+    return os.environ.get("KSBPF_VM_CACHE", "/var/cache/ksbpf-vm")
+
+
+@dataclass(frozen=True)
+class Image:
+    """A bootable guest: a raw ext4 disk (used read-only, as the backing file of
+    each boot's overlay), the guest's own kernel and initrd."""
+
+    directory: str
+    key: str
+    built: bool        # built by this call (not found in the cache)
+    seconds: float     # how long ensure_image() took
+
+    @property
+    def disk(self) -> str:
+        return os.path.join(self.directory, "disk.img")
+
+    @property
+    def kernel(self) -> str:
+        return os.path.join(self.directory, "vmlinuz")
+
+    @property
+    def initrd(self) -> str:
+        return os.path.join(self.directory, "initrd.img")
+
+
+def apt_mirror(sources: tuple[str, ...] = ("/etc/apt/sources.list", "/etc/apt/sources.list.d")) -> str:
+    """The Debian mirror of the machine's apt sources (one-line or deb822 format),
+    not the security archive."""
+    files = []
+    for src in sources:
+        files += sorted(glob.glob(os.path.join(src, "*"))) if os.path.isdir(src) else [src]
+    for path in files:
+        try:
+            text = open(path).read()
+        except OSError:
+            continue
+        urls = re.findall(r"^\s*deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+\S+", text, re.M)
+        urls += [u for line in re.findall(r"^\s*URIs:\s*(.+)$", text, re.M) for u in line.split()]
+        for url in urls:
+            if "security" not in url and url.startswith(("http://", "https://", "file:/")):
+                return url.rstrip("/")
+    raise KsbpfError("no Debian mirror found in /etc/apt/sources.list(.d)",
+                     "add the distribution's mirror to the apt sources (the VM image is built from it)")
+
+
+def repo_files(repo: str) -> list[str]:
+    """The repository's files (tracked and new, not ignored), relative paths."""
+    out = subprocess.run(["git", "-C", repo, "ls-files", "-co", "--exclude-standard", "-z"],
+                         capture_output=True, check=True).stdout.decode()
+    return sorted(f for f in out.split("\0") if f and os.path.isfile(os.path.join(repo, f)))
+
+
+def _digest(parts: list[bytes]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()[:16]
+
+
+def base_key(mirror: str) -> str:
+    month = time.strftime("%Y-%m", time.gmtime())
+    return _digest([BUILD_VERSION.encode(), SUITE.encode(), mirror.encode(), " ".join(BASE_PACKAGES).encode(),
+                    month.encode()])
+
+
+def image_key(repo: str, base: str) -> str:
+    parts = [base.encode()]
+    for name in repo_files(repo):
+        st = os.stat(os.path.join(repo, name))
+        parts += [name.encode(), oct(st.st_mode & 0o111).encode(), open(os.path.join(repo, name), "rb").read()]
+    return _digest(parts)
+
+
+def _run_isolated(script: str, env: dict[str, str], log: Callable[[str], None], timeout: float, what: str) -> None:
+    """Run a bash script in a private mount and PID namespace: its mounts and
+    processes end with it."""
+    cmd = ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--propagation", "private",
+           "bash", "-euo", "pipefail", "-c", script]
+    logfile = env["LOG"]
+    with open(logfile, "ab") as out:
+        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise KsbpfError(f"VM image: {what} took longer than {timeout:.0f} s (log: {logfile})",
+                             "check the mirror and PyPI are reachable; the log says where it stopped") from None
+    if rc != 0:
+        tail = open(logfile, errors="replace").read()[-3000:]
+        log(tail)
+        raise KsbpfError(f"VM image: {what} failed with status {rc} (log: {logfile})",
+                         "read the log; the last lines are printed above")
+
+
+# Pseudo file systems and caches for a chroot of $ROOT; undone before the disk is made.
+_CHROOT_MOUNTS = r'''
+mount -t proc proc "$ROOT/proc"
+mount --bind /dev "$ROOT/dev"
+mount -t tmpfs tmpfs "$ROOT/run"
+mkdir -p "$ROOT/root/.cache/pip" "$CACHE/pip" "$CACHE/apt/partial"
+mount --bind "$CACHE/pip" "$ROOT/root/.cache/pip"
+mount --bind "$CACHE/apt" "$ROOT/var/cache/apt/archives"
+cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+'''
+_CHROOT_UNMOUNT = r'''
+for m in var/cache/apt/archives root/.cache/pip run dev proc; do umount "$ROOT/$m"; done
+'''
+# The repository copied in as the Vagrantfile's synced folder, then the Vagrantfile's provisioning.
+_PROVISION = r'''
+mkdir -p "$ROOT/opt/ksbpf-src"
+rsync -a --delete $EXCLUDES "$REPO/" "$ROOT/opt/ksbpf-src/"
+KREL=$(ls "$ROOT/lib/modules" | sort -V | tail -n1)
+chroot "$ROOT" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
+    LANG=C.UTF-8 KSBPF_KERNEL_RELEASE="$KREL" PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    /bin/bash /opt/ksbpf-src/vagrant/provision.sh /opt/ksbpf-src
+'''
+_BASE = r'''
+mkdir -p "$CACHE/debs"
+debootstrap --variant=minbase --cache-dir="$CACHE/debs" --include="$PACKAGES" "$SUITE" "$ROOT" "$MIRROR"
+echo ksbpf-vm > "$ROOT/etc/hostname"
+printf '127.0.0.1 localhost\n127.0.1.1 ksbpf-vm\n::1 localhost\n' > "$ROOT/etc/hosts"
+echo '/dev/vda / ext4 rw,errors=remount-ro 0 1' > "$ROOT/etc/fstab"
+chroot "$ROOT" passwd -d root >/dev/null   # the serial console, for debugging
+''' + _CHROOT_MOUNTS + _PROVISION + _CHROOT_UNMOUNT
+_IMAGE = r'''
+mkdir -p "$WORK/upper" "$WORK/ovl" "$WORK/root"
+mount -t overlay overlay -o "lowerdir=$BASE,upperdir=$WORK/upper,workdir=$WORK/ovl" "$WORK/root"
+ROOT="$WORK/root"
+''' + _CHROOT_MOUNTS + _PROVISION + r'''
+cp "$UNITS"/*.service "$ROOT/etc/systemd/system/"
+chroot "$ROOT" systemctl enable $(cd "$UNITS" && ls *.service) >/dev/null 2>&1
+''' + _CHROOT_UNMOUNT + r'''
+rm -f "$ROOT/etc/resolv.conf"
+cp -L "$ROOT/boot/vmlinuz-$KREL" "$WORK/vmlinuz"
+cp -L "$ROOT/boot/initrd.img-$KREL" "$WORK/initrd.img"
+mkfs.ext4 -q -F -L ksbpf-vm -d "$ROOT" "$WORK/disk.img" "$DISK_SIZE"
+umount "$ROOT"
+rm -rf "$WORK/upper" "$WORK/ovl" "$WORK/root"
+'''
+
+
+def _prune(cache: str, prefix: str, keep: set[str]) -> None:
+    """Remove unfinished builds and all but the newest KEEP finished ones."""
+    for d in glob.glob(os.path.join(cache, f"{prefix}-*.tmp")):
+        shutil.rmtree(d, ignore_errors=True)
+    done = sorted((d for d in glob.glob(os.path.join(cache, f"{prefix}-*")) if not d.endswith(".tmp")),
+                  key=os.path.getmtime, reverse=True)
+    for d in done[KEEP:]:
+        if d not in keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def ensure_image(repo: str, log: Callable[[str], None] = print, cache: str | None = None) -> Image:
+    """The image for the repository as it is now: from the cache, or built
+    (at most once: concurrent callers wait on a lock and then find it)."""
+    start = time.monotonic()
+    cache = cache or cache_root()
+    os.makedirs(cache, mode=0o700, exist_ok=True)
+    mirror = apt_mirror()
+    bkey = base_key(mirror)
+    ikey = image_key(repo, bkey)
+    base_dir = os.path.join(cache, f"base-{bkey}")
+    image_dir = os.path.join(cache, f"image-{ikey}")
+    with open(os.path.join(cache, "lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(os.path.join(image_dir, "disk.img")):
+            os.utime(image_dir)
+            return Image(image_dir, ikey, False, time.monotonic() - start)
+        _prune(cache, "image", set())
+        _prune(cache, "base", {base_dir})
+        env = {"CACHE": cache, "REPO": os.path.abspath(repo), "SUITE": SUITE, "MIRROR": mirror,
+               "PACKAGES": ",".join(BASE_PACKAGES), "UNITS": UNITS_DIR, "DISK_SIZE": DISK_SIZE,
+               "EXCLUDES": " ".join(f"--exclude={e}" for e in EXCLUDES)}
+        if not os.path.isdir(base_dir):
+            t = time.monotonic()
+            tmp = base_dir + ".tmp"
+            os.makedirs(tmp)
+            log(f"vm image: building the base layer (debootstrap from {mirror}, then vagrant/provision.sh "
+                f"in a chroot); log: {tmp}.log")
+            _run_isolated(_BASE, {**env, "ROOT": os.path.join(tmp, "root"), "LOG": tmp + ".log"}, log,
+                          1800, "building the base layer")
+            os.replace(tmp + ".log", os.path.join(tmp, "build.log"))
+            os.rename(tmp, base_dir)
+            log(f"vm image: base layer built in {time.monotonic() - t:.0f} s")
+        os.utime(base_dir)
+        t = time.monotonic()
+        tmp = image_dir + ".tmp"
+        os.makedirs(tmp)
+        log(f"vm image: copying the repository in, provisioning and making the disk; log: {tmp}.log")
+        _run_isolated(_IMAGE, {**env, "BASE": os.path.join(base_dir, "root"), "WORK": tmp, "LOG": tmp + ".log"},
+                      log, 900, "provisioning the image")
+        os.replace(tmp + ".log", os.path.join(tmp, "build.log"))
+        os.rename(tmp, image_dir)
+        log(f"vm image: image {ikey} made in {time.monotonic() - t:.0f} s")
+        return Image(image_dir, ikey, True, time.monotonic() - start)

@@ -1,0 +1,150 @@
+"""The VM test (`make vm-test`; part of `make test`): the systemd units, boot-time
+protection and kernel WireGuard in a booted Debian 12 guest.
+
+The guest image is built once into /var/cache/ksbpf-vm (keyed by its inputs)
+by running vagrant/provision.sh -- the Vagrantfile's provisioning -- in a
+chroot of a debootstrap'd tree; each scenario boots it afresh on a throw-away
+overlay with qemu (TCG, -nic none: no network device at all).  The guest
+measures (ksbpf/lab/vm/guest.py) and this file judges.  Leaks are counted on
+the far side of the guest's "physical" veth, and every "nothing arrives" is
+paired with traffic that must arrive.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import pytest
+
+from ksbpf.lab.vm.image import ensure_image
+from ksbpf.lab.vm.qemu import Boot, Guest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCOPE = "/sys/fs/cgroup/vpn.slice"
+pytestmark = [pytest.mark.root, pytest.mark.vm]
+
+
+@pytest.fixture(scope="module")
+def say(pytestconfig):
+    """Print a line now, through pytest's capture (the time of each slow step)."""
+    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+
+    def write(msg: str) -> None:
+        reporter.write_line(f"[vm] {msg}")
+    return write
+
+
+@pytest.fixture(scope="module")
+def image(say):
+    img = ensure_image(REPO, log=say)
+    say(f"image {img.key}: {'built' if img.built else 'from the cache'} in {img.seconds:.0f} s ({img.directory})")
+    return img
+
+
+@pytest.fixture
+def guest(image, tmp_path, request):
+    """guest(name) -> a Guest on its own overlay; the overlay is removed afterwards
+    (the serial logs stay in tmp_path)."""
+    made: list[Guest] = []
+
+    def make(name: str) -> Guest:
+        made.append(Guest(image, str(tmp_path), name))
+        return made[-1]
+    yield make
+    for g in made:
+        os.unlink(g.disk)
+
+
+def run(g: Guest, scenario: str, say, label: str) -> dict:
+    b: Boot = g.boot(scenario)
+    say(f"{label}: {b.seconds:.0f} s (boot, scenario, power-off; logs {b.console})")
+    assert not b.timed_out, f"the guest did not finish {scenario} in time\n{b.tail()}"
+    r = b.result
+    assert r is not None, f"no result from the guest\n{b.tail()}"
+    assert "error" not in r, f"{r['error']}\n{r.get('traceback', '')}\n{r.get('journal_ksbpf', '')}\n{b.tail(2000)}"
+    assert r["system"] == "running", f"guest state {r['system']}: {r.get('failed_units')}"
+    assert r["wireguard_module"] and r["wg0_kind"] == "wireguard", "kernel WireGuard is not what carries wg0"
+    return r
+
+
+def progs(items: list[dict]) -> list[int]:
+    return sorted(p["id"] for p in items)
+
+
+def test_boot_protects_before_the_network(guest, say):
+    """Scenario 1: from the first boot, the protected slice sends UDP and TCP
+    before the network exists; nothing arrives over the physical link, the
+    control does, and once wg-quick brings the tunnel up the same traffic
+    passes through it."""
+    r = run(guest("boot"), "boot", say, "scenario 1 (boot-time protection)")
+    t = r["times"]
+    early, sender = t["ksbpf-early.service"], r["protected"]
+    link_made = t["ksbpf-demo-peer.service"]["InactiveExitTimestampMonotonic"]
+    assert r["units"]["ksbpf-early.service"]["Result"] == "success", r["journal_early"]
+    assert 0 < early["ExecMainExitTimestampMonotonic"] <= t["ksbpf-vmtest-protected.service"]["ExecMainStartTimestampMonotonic"]
+    assert 0 < sender["first_send_mono"] <= t["network-pre.target"]["ActiveEnterTimestampMonotonic"] <= link_made, t
+    assert link_made < t["wg-quick@wg0.service"]["ActiveEnterTimestampMonotonic"], t
+
+    c, g = r["counters"], r["growth"]
+    assert c["leak_udp"] == 0 and c["leak_tcp"] == 0, f"protected traffic arrived over the physical link: {c}"
+    assert c["control_udp"] > 0 and c["control_tcp"] > 0, f"the control never arrived: {c}"
+    assert g["tunnel_udp"] > 0 and g["tunnel_tcp"] > 0 and g["control_udp"] > 0, g
+    assert g["leak_udp"] == 0 and g["leak_tcp"] == 0, g
+    assert sender["udp_err"].get("EPERM", 0) > 0, f"no send was refused before the tunnel: {sender}"
+    assert sender["tcp_connected"] > 0, f"no TCP connection through the tunnel: {sender}"
+
+    scope = next(s for s in r["status"]["scopes"] if s["cgroup"] == SCOPE)
+    assert scope["attached"] and scope["counters"]["not_tunnel"]["packets"] > 0, scope
+    assert scope["counters"]["tunnel"]["packets"] > 0, scope
+    assert set(r["exposure"]) == {"ksbpf.service", "ksbpf-early.service"}, r["exposure"]
+    assert all(score <= 4.0 for score in r["exposure"].values()), r["exposure"]
+    modes = r["pin_modes"]
+    assert modes and all(m == ("0o700" if os.path.basename(p) in ("ksbpf", "cgroup") or p.split("/")[-1].isdigit()
+                                else "0o600") for p, m in modes.items()), modes
+
+
+def test_daemon_under_systemd(guest, say):
+    """Scenario 2: wg-quick down/up, kill -9 (Restart=always adopts), reload
+    with a changed configuration, stop: never a leak, traffic resumes."""
+    r = run(guest("daemon"), "daemon", say, "scenario 2 (daemon under systemd)")
+    c = r["counters"]
+    assert c["leak_udp"] == 0 and c["leak_tcp"] == 0, f"a leak at some point of the scenario: {c}"
+    assert all(s < 15 for s in r["flap_resume_s"]), r["flap_resume_s"]
+
+    rs = r["restart"]
+    assert progs(rs["progs_before"]) and progs(r["progs_while_killed"]) == progs(rs["progs_before"])
+    assert r["growth_while_killed"] == {"leak_udp": 0, "leak_tcp": 0}
+    assert int(rs["after"]["NRestarts"]) >= 1 and rs["after"]["MainPID"] != rs["before"]["MainPID"], rs
+    assert progs(rs["progs_after"]) == progs(rs["progs_before"]), "the restarted daemon re-attached instead of adopting"
+    assert "scope_adopted" in r["journal"], r["journal"]
+    assert r["resume_after_restart_s"] < 15
+
+    rl = r["after_reload"]
+    scope = next(s for s in rl["status"]["scopes"] if s["cgroup"] == SCOPE)
+    assert scope["options"]["allow_dhcp"] is True, scope["options"]
+    assert len(rl["progs"]) == 1 and progs(rl["progs"]) != progs(rs["progs_after"]), "reload did not replace the program"
+    assert rl["growth"]["tunnel_udp"] > 0 and rl["growth"]["leak_udp"] == 0, rl["growth"]
+
+    st = r["after_stop"]
+    assert st["unit"]["ActiveState"] == "inactive", st["unit"]
+    assert progs(st["progs"]) == progs(rl["progs"]), "stopping the daemon detached the program"
+    assert st["growth"]["leak_udp"] == 0 and st["growth"]["leak_tcp"] == 0 and st["growth"]["tunnel_udp"] == 0, st
+    assert st["protected"]["udp_err"].get("EPERM", 0) > 0
+
+
+def test_escape_hatch_and_reboot_leave_nothing(guest, say):
+    """Scenario 3: disable the units, detach --all, reboot: traffic flows
+    (outside the tunnel too) and nothing of ksbpf is left."""
+    g = guest("escape")
+    r = run(g, "escape", say, "scenario 3 (escape hatch), first boot")
+    assert r["progs_before"], "nothing was enforced before the escape hatch"
+    assert r["escape"]["rc"] == 0, r["escape"]
+    assert r["progs_after"] == [] and not r["pins_left"], r
+    r = run(g, "escape-rebooted", say, "scenario 3 (escape hatch), after the reboot")
+    for unit, state in r["units"].items():
+        assert state["UnitFileState"] == "disabled" and state["ActiveState"] == "inactive", (unit, state)
+    assert not r["pins_left"] and r["progs"] == [] and r["all_ksbpf_progs"] == [], r
+    grown = r["growth_without_tunnel"]
+    assert grown["leak_udp"] > 0 and grown["leak_tcp"] > 0, f"without ksbpf the traffic should flow: {grown}"
