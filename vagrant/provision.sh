@@ -5,6 +5,11 @@
 #
 #   vagrant/provision.sh [SRC]      SRC: a copy of the repository (default: /opt/ksbpf-src)
 #
+# 0. A kernel ksbpf runs on: its cgroup_skb program calls bpf_get_netns_cookie(), which
+#    cgroup_skb programs may call only in recent kernels (6.18 here works; Debian 12's 6.1
+#    and bookworm-backports' 6.12 refuse it).  When the newest installed kernel is older,
+#    Debian's kernel from trixie-backports is installed (only the kernel: apt -t); the
+#    machine must boot it (the Vagrantfile reboots after provisioning).
 # 1. ksbpf: SRC copied to /opt/ksbpf, `make install` there (= `make setup`: Debian
 #    packages, kernel headers, .venv; then ksbpf on PATH and the systemd units).
 # 2. A WireGuard peer in a network namespace inside the machine (ksbpf-demo-peer.service):
@@ -13,7 +18,6 @@
 #    server on 198.51.100.7.  The machine's tunnel is wg0 (wg-quick@wg0).
 # 3. /etc/ksbpf/ksbpf.toml: vpn.slice may send only through wg0 (and to the peer's
 #    WireGuard port); ksbpf-early.service and ksbpf.service enabled (and started when booted).
-# In a chroot (building an image) set KSBPF_KERNEL_RELEASE to the kernel the image boots.
 set -euo pipefail
 src=${1:-/opt/ksbpf-src}
 dest=/opt/ksbpf
@@ -23,6 +27,20 @@ say() { printf 'provision: %s\n' "$*"; }
 [ -f "$src/Makefile" ] || { echo "provision: $src is not a ksbpf checkout (give its path)" >&2; exit 1; }
 export DEBIAN_FRONTEND=noninteractive
 booted=; [ -d /run/systemd/system ] && booted=1
+
+# --- 0. a kernel ksbpf runs on ---------------------------------------------------
+min_kernel=6.18
+newest_kernel() { ls /lib/modules 2>/dev/null | sort -V | tail -n1; }
+kernel_version() { local v=${1%%-*}; echo "${v%%+*}"; }    # 7.3.4+deb13-amd64 -> 7.3.4
+if ! dpkg --compare-versions "$(kernel_version "$(newest_kernel)")" ge "$min_kernel"; then
+    mirror=$(awk '$1 == "deb" && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null)
+    echo "deb ${mirror:-http://deb.debian.org/debian} trixie-backports main" > /etc/apt/sources.list.d/ksbpf-kernel.list
+    say "installing Debian's kernel from trixie-backports (ksbpf needs Linux >= $min_kernel)"
+    apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null
+    apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends -t trixie-backports linux-image-amd64 >/dev/null
+fi
+# the kernel the machine boots next: make setup links bcc's headers for it
+export KSBPF_KERNEL_RELEASE=$(newest_kernel)
 
 # --- 1. ksbpf ------------------------------------------------------------------
 for tool in make rsync curl; do   # curl: for the demo (vagrant/README.md)
@@ -83,7 +101,11 @@ CONF
 chmod 0644 /etc/ksbpf/ksbpf.toml
 /usr/local/bin/ksbpf check-config /etc/ksbpf/ksbpf.toml >/dev/null
 units=(ksbpf-early.service ksbpf.service ksbpf-demo-peer.service wg-quick@wg0.service)
-if [ -n "$booted" ]; then
+if [ -n "$booted" ] && [ "$(uname -r)" != "$KSBPF_KERNEL_RELEASE" ]; then
+    systemctl daemon-reload
+    systemctl enable "${units[@]}"
+    say "units enabled; reboot into kernel $KSBPF_KERNEL_RELEASE to start them (vagrant up reboots by itself)"
+elif [ -n "$booted" ]; then
     systemctl daemon-reload
     systemctl enable --now "${units[@]}"
     systemctl reload-or-restart ksbpf.service   # a re-provisioned configuration

@@ -34,7 +34,7 @@ def require_kernel_bpf() -> None:
                          "use a kernel built with CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF (Linux >= 5.15)")
     if not cookie:
         raise KsbpfError("this kernel lacks bpf_get_netns_cookie for cgroup_skb programs",
-                         "use a newer kernel (Linux >= 6.1 recommended)")
+                         "use a newer kernel (Linux 6.18 works; Debian 12's 6.1 and 6.12 lack it: vagrant/provision.sh installs one)")
 
 
 def require_bcc() -> ModuleType:

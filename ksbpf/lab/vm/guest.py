@@ -355,12 +355,12 @@ def cmd_drive() -> None:
         result["journal_ksbpf"] = journal("ksbpf.service")[-3000:] + journal("ksbpf-early.service")[-2000:]
     result["guest_seconds"] = round(time.monotonic() - t, 1)
     result["uptime_s"] = float(open("/proc/uptime").read().split()[0])
-    with open(RESULTS_TTY, "w") as tty:
-        tty.write("KSBPF-VM-RESULT " + json.dumps(result) + "\n")
-        tty.flush()
-        os.fsync(tty.fileno())
-    log(f"scenario {name}: done in {result['guest_seconds']} s")
-    subprocess.run(["systemctl", "reboot" if result.get("then") == "reboot" else "poweroff", "--no-block"])
+    try:
+        with open(RESULTS_TTY, "w") as tty:
+            tty.write("KSBPF-VM-RESULT " + json.dumps(result) + "\n")
+        log(f"scenario {name}: done in {result['guest_seconds']} s")
+    finally:
+        subprocess.run(["systemctl", "reboot" if result.get("then") == "reboot" else "poweroff", "--no-block"])
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ from typing import Callable
 from ksbpf.errors import KsbpfError
 
 SUITE = "bookworm"
-BASE_PACKAGES = ("systemd-sysv", "udev", "dbus", "kmod", "iproute2", "linux-image-amd64", "linux-headers-amd64",
+# no kernel: vagrant/provision.sh installs one ksbpf runs on
+BASE_PACKAGES = ("systemd-sysv", "udev", "dbus", "kmod", "iproute2", "initramfs-tools", "linux-headers-amd64",
                  "wireguard-tools", "python3", "python3-venv", "make", "rsync", "ca-certificates", "procps")
 BUILD_VERSION = "1"   # change when the build steps below change
 UNITS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "units")
@@ -147,27 +148,33 @@ def _run_isolated(script: str, env: dict[str, str], log: Callable[[str], None], 
 _CHROOT_MOUNTS = r'''
 mount -t proc proc "$ROOT/proc"
 mount --bind /dev "$ROOT/dev"
+mount -t devpts -o newinstance devpts "$ROOT/dev/pts"
 mount -t tmpfs tmpfs "$ROOT/run"
+cp "$HOST_CA" "$ROOT/run/host-ca.crt"   # the machine's trust for the registries (pip), not kept in the image
 mkdir -p "$ROOT/root/.cache/pip" "$CACHE/pip" "$CACHE/apt/partial"
 mount --bind "$CACHE/pip" "$ROOT/root/.cache/pip"
 mount --bind "$CACHE/apt" "$ROOT/var/cache/apt/archives"
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
 '''
 _CHROOT_UNMOUNT = r'''
-for m in var/cache/apt/archives root/.cache/pip run dev proc; do umount "$ROOT/$m"; done
+for m in var/cache/apt/archives root/.cache/pip run dev/pts dev proc; do umount "$ROOT/$m"; done
 '''
 # The repository copied in as the Vagrantfile's synced folder, then the Vagrantfile's provisioning.
 _PROVISION = r'''
 mkdir -p "$ROOT/opt/ksbpf-src"
 rsync -a --delete $EXCLUDES "$REPO/" "$ROOT/opt/ksbpf-src/"
-KREL=$(ls "$ROOT/lib/modules" | sort -V | tail -n1)
 chroot "$ROOT" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
-    LANG=C.UTF-8 KSBPF_KERNEL_RELEASE="$KREL" PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    LANG=C.UTF-8 PIP_DISABLE_PIP_VERSION_CHECK=1 $PROXY_ENV \
+    PIP_CERT=/run/host-ca.crt SSL_CERT_FILE=/run/host-ca.crt REQUESTS_CA_BUNDLE=/run/host-ca.crt \
     /bin/bash /opt/ksbpf-src/vagrant/provision.sh /opt/ksbpf-src
 '''
 _BASE = r'''
 mkdir -p "$CACHE/debs"
-debootstrap --variant=minbase --cache-dir="$CACHE/debs" --include="$PACKAGES" "$SUITE" "$ROOT" "$MIRROR"
+if [ ! -e "$ROOT.debootstrapped" ]; then   # a build that failed later resumes after debootstrap
+    rm -rf "$ROOT"
+    debootstrap --variant=minbase --cache-dir="$CACHE/debs" --include="$PACKAGES" "$SUITE" "$ROOT" "$MIRROR"
+    touch "$ROOT.debootstrapped"
+fi
 echo ksbpf-vm > "$ROOT/etc/hostname"
 printf '127.0.0.1 localhost\n127.0.1.1 ksbpf-vm\n::1 localhost\n' > "$ROOT/etc/hosts"
 echo '/dev/vda / ext4 rw,errors=remount-ro 0 1' > "$ROOT/etc/fstab"
@@ -182,6 +189,7 @@ cp "$UNITS"/*.service "$ROOT/etc/systemd/system/"
 chroot "$ROOT" systemctl enable $(cd "$UNITS" && ls *.service) >/dev/null 2>&1
 ''' + _CHROOT_UNMOUNT + r'''
 rm -f "$ROOT/etc/resolv.conf"
+KREL=$(ls "$ROOT/lib/modules" | sort -V | tail -n1)   # the kernel provision.sh chose
 cp -L "$ROOT/boot/vmlinuz-$KREL" "$WORK/vmlinuz"
 cp -L "$ROOT/boot/initrd.img-$KREL" "$WORK/initrd.img"
 mkfs.ext4 -q -F -L ksbpf-vm -d "$ROOT" "$WORK/disk.img" "$DISK_SIZE"
@@ -193,7 +201,8 @@ rm -rf "$WORK/upper" "$WORK/ovl" "$WORK/root"
 def _prune(cache: str, prefix: str, keep: set[str]) -> None:
     """Remove unfinished builds and all but the newest KEEP finished ones."""
     for d in glob.glob(os.path.join(cache, f"{prefix}-*.tmp")):
-        shutil.rmtree(d, ignore_errors=True)
+        if d not in keep:
+            shutil.rmtree(d, ignore_errors=True)
     done = sorted((d for d in glob.glob(os.path.join(cache, f"{prefix}-*")) if not d.endswith(".tmp")),
                   key=os.path.getmtime, reverse=True)
     for d in done[KEEP:]:
@@ -218,19 +227,23 @@ def ensure_image(repo: str, log: Callable[[str], None] = print, cache: str | Non
             os.utime(image_dir)
             return Image(image_dir, ikey, False, time.monotonic() - start)
         _prune(cache, "image", set())
-        _prune(cache, "base", {base_dir})
+        _prune(cache, "base", {base_dir, base_dir + ".tmp"})
         env = {"CACHE": cache, "REPO": os.path.abspath(repo), "SUITE": SUITE, "MIRROR": mirror,
                "PACKAGES": ",".join(BASE_PACKAGES), "UNITS": UNITS_DIR, "DISK_SIZE": DISK_SIZE,
-               "EXCLUDES": " ".join(f"--exclude={e}" for e in EXCLUDES)}
+               "EXCLUDES": " ".join(f"--exclude={e}" for e in EXCLUDES),
+               "HOST_CA": os.environ.get("SSL_CERT_FILE") or "/etc/ssl/certs/ca-certificates.crt",
+               "PROXY_ENV": " ".join(f"{k}={v}" for k, v in os.environ.items()
+                                     if k.lower() in ("http_proxy", "https_proxy", "no_proxy") and " " not in v)}
         if not os.path.isdir(base_dir):
             t = time.monotonic()
             tmp = base_dir + ".tmp"
-            os.makedirs(tmp)
+            os.makedirs(tmp, exist_ok=True)
             log(f"vm image: building the base layer (debootstrap from {mirror}, then vagrant/provision.sh "
                 f"in a chroot); log: {tmp}.log")
             _run_isolated(_BASE, {**env, "ROOT": os.path.join(tmp, "root"), "LOG": tmp + ".log"}, log,
                           1800, "building the base layer")
             os.replace(tmp + ".log", os.path.join(tmp, "build.log"))
+            os.unlink(os.path.join(tmp, "root.debootstrapped"))
             os.rename(tmp, base_dir)
             log(f"vm image: base layer built in {time.monotonic() - t:.0f} s")
         os.utime(base_dir)
