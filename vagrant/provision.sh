@@ -32,9 +32,18 @@ booted=; [ -d /run/systemd/system ] && booted=1
 min_kernel=6.18
 newest_kernel() { ls /lib/modules 2>/dev/null | sort -V | tail -n1; }
 kernel_version() { local v=${1%%-*}; echo "${v%%+*}"; }    # 7.3.4+deb13-amd64 -> 7.3.4
+kernel_list=/etc/apt/sources.list.d/ksbpf-kernel.list
+need_kernel=
 if ! dpkg --compare-versions "$(kernel_version "$(newest_kernel)")" ge "$min_kernel"; then
     mirror=$(awk '$1 == "deb" && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null)
-    echo "deb ${mirror:-http://deb.debian.org/debian} trixie-backports main" > /etc/apt/sources.list.d/ksbpf-kernel.list
+    echo "deb ${mirror:-http://deb.debian.org/debian} trixie-backports main" > "$kernel_list"
+    need_kernel=1
+fi
+if [ -e "$kernel_list" ] && dpkg --compare-versions "$(dpkg-query -W -f='${Version}' debianutils)" lt 5.21; then
+    install -m 0755 "$here/run-parts-dirs.sh" /usr/local/sbin/run-parts   # the kernel's hooks need it: see there
+fi
+dpkg --configure -a   # finish a kernel installation that was interrupted
+if [ -n "$need_kernel" ]; then
     say "installing Debian's kernel from trixie-backports (ksbpf needs Linux >= $min_kernel)"
     apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null
     apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends -t trixie-backports linux-image-amd64 >/dev/null

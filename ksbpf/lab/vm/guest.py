@@ -133,7 +133,7 @@ def pin_modes() -> dict[str, str]:
     out = {}
     for root, dirs, files in os.walk("/sys/fs/bpf/ksbpf"):
         for name in [root, *(os.path.join(root, f) for f in files)]:
-            out[name] = oct(os.stat(name).st_mode & 0o777)
+            out[name] = oct(os.lstat(name).st_mode & 0o777)
     return out
 
 
