@@ -13,8 +13,6 @@ paired with traffic that must arrive.
 from __future__ import annotations
 
 import os
-import shutil
-import time
 
 import pytest
 
@@ -43,22 +41,33 @@ def image(say):
     return img
 
 
-@pytest.fixture
-def guest(image, tmp_path, request):
-    """guest(name) -> a Guest on its own overlay; the overlay is removed afterwards
-    (the serial logs stay in tmp_path)."""
+@pytest.fixture(scope="module")
+def guest(image, tmp_path_factory):
+    """guest(name, after=None) -> a Guest on its own overlay (see Guest); the
+    overlays are removed at the end of the module (the serial logs stay)."""
+    workdir = str(tmp_path_factory.mktemp("vm"))
     made: list[Guest] = []
 
-    def make(name: str) -> Guest:
-        made.append(Guest(image, str(tmp_path), name))
+    def make(name: str, after: Guest | None = None) -> Guest:
+        made.append(Guest(image, workdir, name, after))
         return made[-1]
     yield make
-    for g in made:
+    for g in reversed(made):
         os.unlink(g.disk)
 
 
-def run(g: Guest, scenario: str, say, label: str) -> dict:
-    b: Boot = g.boot(scenario)
+@pytest.fixture(scope="module")
+def first_boot(guest, say):
+    """Scenario 1's machine, booted once from the image (its very first boot).
+    The later scenarios boot this machine again (on overlays of its disk): the
+    program compiled at its first boot is in its cache, which saves each of
+    them bcc's ~1.5 min of compiling under emulation."""
+    g = guest("boot")
+    return g, g.boot("boot")
+
+
+def run(g: Guest, scenario: str, say, label: str, b: Boot | None = None) -> dict:
+    b = b or g.boot(scenario)
     say(f"{label}: {b.seconds:.0f} s (boot, scenario, power-off; logs {b.console})")
     assert not b.timed_out, f"the guest did not finish {scenario} in time\n{b.tail()}"
     r = b.result
@@ -73,12 +82,12 @@ def progs(items: list[dict]) -> list[int]:
     return sorted(p["id"] for p in items)
 
 
-def test_boot_protects_before_the_network(guest, say):
+def test_boot_protects_before_the_network(first_boot, say):
     """Scenario 1: from the first boot, the protected slice sends UDP and TCP
     before the network exists; nothing arrives over the physical link, the
     control does, and once wg-quick brings the tunnel up the same traffic
     passes through it."""
-    r = run(guest("boot"), "boot", say, "scenario 1 (boot-time protection)")
+    r = run(*first_boot[:1], "boot", say, "scenario 1 (boot-time protection, first boot)", first_boot[1])
     t = r["times"]
     early, sender = t["ksbpf-early.service"], r["protected"]
     link_made = t["ksbpf-demo-peer.service"]["InactiveExitTimestampMonotonic"]
@@ -90,10 +99,11 @@ def test_boot_protects_before_the_network(guest, say):
     c, g = r["counters"], r["growth"]
     assert c["leak_udp"] == 0 and c["leak_tcp"] == 0, f"protected traffic arrived over the physical link: {c}"
     assert c["control_udp"] > 0 and c["control_tcp"] > 0, f"the control never arrived: {c}"
-    assert g["tunnel_udp"] > 0 and g["tunnel_tcp"] > 0 and g["control_udp"] > 0, g
+    assert g["tunnel_udp"] > 0 and g["tunnel_tcp"] > 0, g   # (the control now goes through the tunnel too)
     assert g["leak_udp"] == 0 and g["leak_tcp"] == 0, g
     assert sender["udp_err"].get("EPERM", 0) > 0, f"no send was refused before the tunnel: {sender}"
-    assert sender["tcp_connected"] > 0, f"no TCP connection through the tunnel: {sender}"
+    # nothing listens on the far side: a refused connection is a round trip through the tunnel
+    assert sender["tcp_err"].get("ECONNREFUSED", 0) > 0, f"no TCP answer through the tunnel: {sender}"
 
     scope = next(s for s in r["status"]["scopes"] if s["cgroup"] == SCOPE)
     assert scope["attached"] and scope["counters"]["not_tunnel"]["packets"] > 0, scope
@@ -108,10 +118,10 @@ def test_boot_protects_before_the_network(guest, say):
     assert pinned and all(int(modes[p], 8) & 0o077 == 0 for p in pinned), modes
 
 
-def test_daemon_under_systemd(guest, say):
+def test_daemon_under_systemd(guest, first_boot, say):
     """Scenario 2: wg-quick down/up, kill -9 (Restart=always adopts), reload
     with a changed configuration, stop: never a leak, traffic resumes."""
-    r = run(guest("daemon"), "daemon", say, "scenario 2 (daemon under systemd)")
+    r = run(guest("daemon", after=first_boot[0]), "daemon", say, "scenario 2 (daemon under systemd)")
     c = r["counters"]
     assert c["leak_udp"] == 0 and c["leak_tcp"] == 0, f"a leak at some point of the scenario: {c}"
     assert all(s < 15 for s in r["flap_resume_s"]), r["flap_resume_s"]
@@ -137,10 +147,10 @@ def test_daemon_under_systemd(guest, say):
     assert st["protected"]["udp_err"].get("EPERM", 0) > 0
 
 
-def test_escape_hatch_and_reboot_leave_nothing(guest, say):
+def test_escape_hatch_and_reboot_leave_nothing(guest, first_boot, say):
     """Scenario 3: disable the units, detach --all, reboot: traffic flows
     (outside the tunnel too) and nothing of ksbpf is left."""
-    g = guest("escape")
+    g = guest("escape", after=first_boot[0])
     r = run(g, "escape", say, "scenario 3 (escape hatch), first boot")
     assert r["progs_before"], "nothing was enforced before the escape hatch"
     assert r["escape"]["rc"] == 0, r["escape"]

@@ -24,10 +24,11 @@ import subprocess
 import sys
 import time
 import traceback
+import urllib.request
 
 NS = "vpnpeer"
 TARGET = "198.51.100.7"
-STATE = "/run/ksbpf-vmtest"
+STATE = os.environ.get("KSBPF_VMTEST_STATE", "/run/ksbpf-vmtest")
 RESULTS_TTY = "/dev/ttyS1"
 CONFIG = "/etc/ksbpf/ksbpf.toml"
 SCOPE = "/sys/fs/cgroup/vpn.slice"
@@ -106,6 +107,15 @@ def unit_state(unit: str) -> dict[str, str]:
 
 def journal(unit: str) -> str:
     return sh("journalctl", "-b", "-u", unit, "-o", "cat", "--no-pager", check=False)
+
+
+def ready() -> bool:
+    """The daemon's own readiness endpoint says every scope is in force and in step."""
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:12479/readyz", timeout=5) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
 
 
 def log_events(unit: str, event: str) -> int:
@@ -214,18 +224,20 @@ def cmd_send(name: str, udp_port: int, tcp_port: int) -> None:
                 s.close()
             next_tcp = now + 0.2
         if pending:
-            _, ready, _ = select.select([], list(pending), [], 0)
-            for s in ready:
+            _, done, _ = select.select([], list(pending), [], 0)
+            for s in done:
                 rc = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if rc == 0:
                     st["tcp_connected"] += 1
                 else:
                     key = errno.errorcode.get(rc, str(rc))
                     st["tcp_err"][key] = st["tcp_err"].get(key, 0) + 1
-                pending.pop(s).close()
+                del pending[s]
+                s.close()
             for s, t in list(pending.items()):
                 if now - t > 3:
-                    pending.pop(s).close()
+                    del pending[s]
+                    s.close()
         if now >= next_write:
             tmp = os.path.join(STATE, f".{name}.json")
             with open(tmp, "w") as f:
@@ -269,7 +281,7 @@ def scenario_daemon() -> dict:
     r = common()
     r["tunnel_after_boot_s"] = tunnel_flowing()
     flaps = []
-    for _ in range(5):
+    for _ in range(3):
         wg("down")
         time.sleep(0.5)
         wg("up")
@@ -285,7 +297,7 @@ def scenario_daemon() -> dict:
     r["progs_while_killed"] = attached_progs()
     wait_for("the daemon restarted", lambda: unit_state("ksbpf.service")["MainPID"] not in ("0", before["MainPID"])
              and unit_state("ksbpf.service")["ActiveState"] == "active", 60)
-    wait_for("the restarted daemon's ready line", lambda: log_events("ksbpf.service", "ready") >= 2, 120, 0.5)
+    wait_for("the restarted daemon's /readyz", ready, 120, 0.5)
     wg("up")
     r["resume_after_restart_s"] = tunnel_flowing(60)
     r["restart"] = {"before": before, "after": unit_state("ksbpf.service"),
@@ -294,9 +306,9 @@ def scenario_daemon() -> dict:
     text = open(CONFIG).read().replace('tunnel_kinds = ["wireguard"]', 'tunnel_kinds = ["wireguard"]\nallow_dhcp = true')
     with open(CONFIG, "w") as f:
         f.write(text)
-    reloaded = log_events("ksbpf.service", "reloaded")
     sh("systemctl", "reload", "ksbpf.service")
-    wait_for("the reload", lambda: log_events("ksbpf.service", "reloaded") > reloaded, 120, 0.5)
+    wait_for("the reloaded policy", lambda: any(sc["options"].get("allow_dhcp") for sc in status()["scopes"]), 120, 0.5)
+    wait_for("the reloaded daemon's /readyz", ready, 60, 0.5)
     r["after_reload"] = {"status": status(), "progs": attached_progs(), "growth": growth(COUNTERS, 2)}
 
     sh("systemctl", "stop", "ksbpf.service")
@@ -337,6 +349,25 @@ def scenario_escape_rebooted() -> dict:
     return r
 
 
+def diagnostics() -> dict:
+    """What the guest looked like when a scenario failed."""
+    out = {}
+    for name, argv in {"wg": ["wg", "show", "all"], "routes": ["ip", "route"], "links": ["ip", "-br", "link"],
+                       "peer_addr": ["ip", "-n", NS, "-br", "addr"], "peer_wg": ["ip", "netns", "exec", NS, "wg", "show"],
+                       "nft": ["ip", "netns", "exec", NS, "nft", "list", "ruleset"],
+                       "status": ["ksbpf", "status"], "failed": ["systemctl", "--failed", "--no-legend"],
+                       "wg_quick": ["journalctl", "-b", "-u", "wg-quick@wg0", "-u", "ksbpf-demo-peer", "-o", "cat"],
+                       "senders": ["journalctl", "-b", "-u", "ksbpf-vmtest-protected", "-u", "ksbpf-vmtest-control",
+                                   "-o", "cat"]}.items():
+        out[name] = sh(*argv, check=False)[-2000:]
+    for name in ("protected", "control"):
+        try:
+            out[name] = sender(name)
+        except OSError as exc:
+            out[name] = str(exc)
+    return out
+
+
 SCENARIOS = {"boot": scenario_boot, "daemon": scenario_daemon, "escape": scenario_escape,
              "escape-rebooted": scenario_escape_rebooted}
 
@@ -353,6 +384,7 @@ def cmd_drive() -> None:
         result["error"] = f"{type(exc).__name__}: {exc}"
         result["traceback"] = traceback.format_exc()[-3000:]
         result["journal_ksbpf"] = journal("ksbpf.service")[-3000:] + journal("ksbpf-early.service")[-2000:]
+        result["diagnostics"] = diagnostics()
     result["guest_seconds"] = round(time.monotonic() - t, 1)
     result["uptime_s"] = float(open("/proc/uptime").read().split()[0])
     try:

@@ -45,15 +45,17 @@ class Boot:
 
 
 class Guest:
-    """One guest disk (an overlay on the image) in `workdir`, bootable several times."""
+    """One guest disk in `workdir`, bootable several times: an overlay on the
+    image (a machine that never booted), or on another guest's disk (that
+    machine, as it was when it powered off: a later boot of it)."""
 
-    def __init__(self, image: Image, workdir: str, name: str):
+    def __init__(self, image: Image, workdir: str, name: str, after: "Guest | None" = None):
         self.image = image
         self.workdir = workdir
         self.name = name
         self.disk = os.path.join(workdir, f"{name}.qcow2")
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", image.disk, self.disk],
-                       check=True)
+        backing, fmt = (after.disk, "qcow2") if after else (image.disk, "raw")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", backing, self.disk], check=True)
         self.boots = 0
 
     def command(self, scenario: str, console: str, serial: str) -> list[str]:
