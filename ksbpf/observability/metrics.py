@@ -33,6 +33,7 @@ class Daemon(Protocol):
     configured scopes, its counters, its heartbeat and its readiness."""
 
     scopes: dict
+    node: object   # NodeState | None: .name, .node (its NodePolicy)
     netlink_events: dict[str, int]
     route_alerts: int
     heartbeat: float
@@ -108,11 +109,14 @@ class KsbpfCollector:
             if st.hook == Hook.TC:
                 unguarded.add_metric([name], sum(1 for i in st.interfaces if i.unguarded))
         if self.daemon is not None:  # configured but not (or no longer) protected: say so
-            for st in list(self.daemon.scopes.values()):
-                if st.cgroup not in seen:
-                    attached.add_metric([st.cgroup], 0)
-                    for tunnel in st.policy.tunnels:
-                        tunnel_up.add_metric([st.cgroup, tunnel], 0)
+            configured = [(st.cgroup, st.policy) for st in list(self.daemon.scopes.values())]
+            if self.daemon.node is not None:
+                configured.append((self.daemon.node.name, self.daemon.node.node.policy))
+            for name, policy in configured:
+                if name not in seen:
+                    attached.add_metric([name], 0)
+                    for tunnel in policy.tunnels:
+                        tunnel_up.add_metric([name, tunnel], 0)
         yield from (dropped_p, dropped_b, allowed_p, allowed_b, tunnel_up, attached, suppressed, unguarded)
         info = GaugeMetricFamily("ksbpf_build_info", "ksbpf's version", labels=["version"])
         info.add_metric([ksbpf_version()], 1)

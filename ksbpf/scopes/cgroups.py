@@ -94,9 +94,9 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
     cg = cgroup.resolve(cgroup_path)
     ns = netns.resolve(policy.netns)
 
-    with pins.locked():
-        progress("loading the policy program (compiled by bcc unless a cached image fits)")
-        prog = bpf.load(policy.options, len(policy.endpoints), policy.events)
+    progress("loading the policy program (compiled by bcc unless a cached image fits)")
+    prog = bpf.load(policy.options, len(policy.endpoints), policy.events)
+    with pins.locked(f"cgroup-{cg.id}"):   # taken after compiling: others wait milliseconds, not the compiler
         try:
             present = links.links(ns)
             common.sync_tunnels(prog.maps, policy, netns.cookie(ns), present)
