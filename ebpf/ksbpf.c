@@ -50,6 +50,10 @@ BPF_ARRAY(meta, struct ksbpf_meta, 1);
 BPF_RINGBUF_OUTPUT(events, KSBPF_EVENTS_PAGES);
 BPF_PERCPU_ARRAY(bucket, struct ksbpf_bucket, 1);
 BPF_ARRAY(exempt, struct ksbpf_exempt, KSBPF_MAX_EXEMPT);
+/* tc: the cookie of the node scope's namespace, where every guarded interface
+ * lives (bpf_get_netns_cookie answers init_net's for a packet without a
+ * socket, such as a forwarded one). */
+BPF_ARRAY(scope_netns, __u64, 1);
 
 /* What the policy needs to know of a packet. */
 struct ksbpf_pkt {
@@ -296,11 +300,23 @@ static __always_inline int ksbpf_exceptions6(const struct ksbpf_pkt *p)
 	return ksbpf_last_resort(p, 1);
 }
 
+/* The network namespace of the egress interface. */
+static __always_inline __u64 ksbpf_netns_cookie(const struct ksbpf_at *at)
+{
+	int zero = 0;
+	__u64 *cookie;
+
+	if (at->hook != KSBPF_HOOK_TC)
+		return bpf_get_netns_cookie(at->skb);
+	cookie = scope_netns.lookup(&zero);
+	return cookie ? *cookie : 0;
+}
+
 /* Does the packet leave through a registered tunnel?  The ifindex filter
  * (an array: no helper call, no hashing) rules most interfaces out; the
  * (netns cookie, ifindex) hash decides.  (In node mode tunnels carry no
  * guard, so only a guarded interface that became a tunnel gets here.) */
-static __always_inline int ksbpf_via_tunnel(struct __sk_buff *skb, __u32 ifindex)
+static __always_inline int ksbpf_via_tunnel(const struct ksbpf_at *at, __u32 ifindex)
 {
 	struct ksbpf_tunnel_key tk = { .ifindex = ifindex };
 	__u32 *n;
@@ -310,7 +326,7 @@ static __always_inline int ksbpf_via_tunnel(struct __sk_buff *skb, __u32 ifindex
 		if (!n || !*n)
 			return 0;
 	}
-	tk.netns_cookie = bpf_get_netns_cookie(skb);
+	tk.netns_cookie = ksbpf_netns_cookie(at);
 	return tunnels.lookup(&tk) != 0;
 }
 
@@ -343,7 +359,7 @@ static __always_inline int ksbpf_decide(const struct ksbpf_at *at, __be16 proto,
 		    proto == bpf_htons(ETH_P_IPV6) ? KSBPF_FAMILY_IPV6 : KSBPF_FAMILY_OTHER;
 	if (ifindex == 1)		/* LOOPBACK_IFINDEX, the same in every netns */
 		return KSBPF_ALLOW_LOOPBACK;
-	if (ksbpf_via_tunnel(skb, ifindex))
+	if (ksbpf_via_tunnel(at, ifindex))
 		return KSBPF_ALLOW_TUNNEL;
 	if (p->family == KSBPF_FAMILY_IPV4) {
 		if (ksbpf_parse4(at, p))
@@ -425,7 +441,7 @@ static __always_inline void ksbpf_report(const struct ksbpf_at *at, int reason, 
 	__builtin_memset(ev, 0, sizeof(*ev));
 	ev->ts_ns = bpf_ktime_get_ns();
 	ev->cgroup_id = bpf_skb_cgroup_id(skb);
-	ev->netns_cookie = bpf_get_netns_cookie(skb);
+	ev->netns_cookie = ksbpf_netns_cookie(at);
 	ev->ifindex = skb->ifindex;
 	ev->uid = bpf_get_socket_uid(skb);
 	ev->len = skb->len;

@@ -262,8 +262,9 @@ def status(as_json) -> None:
 
 
 @main.command()
-@click.option("--scope", "scopes", multiple=True, metavar="CGROUP",
-              help="Only this scope (its cgroup path; repeatable).  Default: every scope.")
+@click.option("--scope", "scopes", multiple=True, metavar="CGROUP|node[:NETNS]",
+              help="Only this scope: its cgroup path, or the node scope as `status` names it (repeatable).  "
+                   "Default: every scope.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def events(scopes, as_json) -> None:
     """Stream the packets ksbpf blocks, as they are blocked.
@@ -273,7 +274,7 @@ def events(scopes, as_json) -> None:
     from ksbpf.observability.events import stream
 
     preflight.require_root()
-    wanted = [os.path.realpath(s) for s in scopes]
+    wanted = [os.path.realpath(s) if s.startswith("/") else s for s in scopes]
     stop: list[int] = []
     import signal as _signal
     for sig in (_signal.SIGINT, _signal.SIGTERM):
