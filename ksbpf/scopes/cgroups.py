@@ -129,10 +129,7 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
                 progress(f"attached program {prog_id} to {cg.path}" + (f"; detaching the previous program {old}" if old else ""))
                 replaced = _detach_ids(cg_fd, old)
             if replaced and os.path.isdir(final):
-                # the old program is detached: its counts are final; carry them over
-                with bpf.ScopeMaps.from_pins(final) as old_maps:
-                    carried = common.total_counters(old_maps, old_maps.read_meta())
-                meta["counters_base"] = {common.counter_key(r, f): [p, b] for (r, f), (p, b) in carried.items()}
+                common.carry_counters(final, meta)   # the old program is detached: its counts are final
                 prog.maps.write_meta(meta)
             pins.remove_dir(final)
             os.rename(staging, final)

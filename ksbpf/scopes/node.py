@@ -316,9 +316,7 @@ def attach(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
             if replaced:
                 progress("removing the previous guards (the new ones are already in front of them)")
                 _release_all(final, old_meta, ns)
-                with bpf.ScopeMaps.from_pins(final) as old_maps:
-                    carried = common.total_counters(old_maps, old_meta)
-                meta["counters_base"] = {common.counter_key(r, f): [p, b] for (r, f), (p, b) in carried.items()}
+                common.carry_counters(final, meta)
                 prog.maps.write_meta(meta)
             pins.remove_dir(final)
             os.rename(staging, final)
