@@ -50,6 +50,7 @@ BPF_ARRAY(meta, struct ksbpf_meta, 1);
 BPF_RINGBUF_OUTPUT(events, KSBPF_EVENTS_PAGES);
 BPF_PERCPU_ARRAY(bucket, struct ksbpf_bucket, 1);
 BPF_ARRAY(exempt, struct ksbpf_exempt, KSBPF_MAX_EXEMPT);
+BPF_ARRAY(verify_nonce, struct ksbpf_nonce, 1);
 
 /* What the policy needs to know of a packet. */
 struct ksbpf_pkt {
@@ -447,12 +448,31 @@ static __always_inline void ksbpf_report(const struct ksbpf_at *at, int reason, 
 }
 #endif
 
+/* Is this a `ksbpf verify` test run (skb->cb carries the scope's nonce)?  A
+ * real packet never is: the kernel zeroes cb before a cgroup_skb program
+ * that reads it runs, and at tc whatever another layer left in cb does not
+ * guess 128 random bits.  One context load on every path; the map only
+ * when cb[0] is not zero. */
+static __always_inline int ksbpf_verify_run(struct __sk_buff *skb)
+{
+	struct ksbpf_nonce *n;
+	int zero = 0;
+	__u32 c0 = skb->cb[0];
+
+	if (!c0)
+		return 0;
+	n = verify_nonce.lookup(&zero);
+	return n && n->w[0] == c0 && n->w[1] == skb->cb[1] && n->w[2] == skb->cb[2] && n->w[3] == skb->cb[3];
+}
+
 /* Decide, count, report; returns 1 to let the packet go, 0 to drop it. */
 static __always_inline int ksbpf_verdict(const struct ksbpf_at *at, __be16 proto)
 {
 	struct ksbpf_pkt p = {};
 	int reason = ksbpf_policy(at, proto, &p);
 
+	if (ksbpf_verify_run(at->skb))
+		return reason < KSBPF_FIRST_DROP;
 	ksbpf_count(at->skb, reason, &p);
 	if (reason < KSBPF_FIRST_DROP)
 		return 1;
