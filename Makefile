@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench install clean
+.PHONY: setup demo test bench install clean fuzz
 
 ## setup: Debian packages, kernel headers for bcc, .venv with ksbpf (idempotent)
 setup:
@@ -16,6 +16,12 @@ demo: setup
 ## test: the whole suite (unit, BPF_PROG_TEST_RUN, namespace integration, demo)
 test: setup
 	@$(PY) -m pytest $(PYTEST_ARGS)
+
+## fuzz: differential fuzzing, the policy model against the real programs (ksbpf/verify/fuzz.py);
+## disagreements are saved in tests/fuzz_regressions/, which `make test` replays
+FUZZ_PACKETS ?= 1000000
+fuzz: setup
+	@$(PY) -m ksbpf.verify.fuzz --packets $(FUZZ_PACKETS)
 
 ## bench: benchmarks (never part of `make test`); results in benchmarks/results/
 bench: setup

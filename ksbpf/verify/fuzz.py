@@ -340,18 +340,47 @@ def _runs(runner: Runner, data: bytes, ifindex: int) -> bool:
         return False
 
 
+def check_one(progs: Programs, hook: str, data: bytes, ifindex: int, use_nonce: bool) -> str | None:
+    """Run one buffer alone, reading the counters around it: why the kernel and
+    the model disagree on it (verdict, reason, family, bytes, nonce), or None."""
+    want = model.decide_test_run(hook, data, ifindex, progs.scope)
+    before = progs.counters()
+    runner = (progs.nonce_runners if use_nonce else progs.runners)[hook]
+    try:
+        verdict = allowed(hook != model.CGROUP, runner.run(data, ifindex))
+    except OSError as exc:
+        return None if refused(data) else f"the test run failed: {exc}"
+    if refused(data):
+        return "the kernel ran a buffer it is expected to refuse"
+    moved = _moved(before, progs.counters())
+    expect = {} if use_nonce else {(want.reason, want.family): (1, model.skb_len(hook, data))}
+    problems = []
+    if verdict != want.allowed:
+        problems.append(f"verdict {'allow' if verdict else 'drop'}")
+    if moved != expect:
+        problems.append("counters " + (", ".join(f"{_label(k)} {v}" for k, v in moved.items()) or "unchanged"))
+    return f"model {_label((want.reason, want.family))}, kernel " + "; ".join(problems) if problems else None
+
+
 def _replay(progs: Programs, options: str, batch, iface_of: dict[int, str], result: Result) -> None:
     """Run a batch one packet at a time, reading the counters after each."""
     for hook, data, ifindex, use_nonce, want in batch:
-        before = progs.counters()
-        runner = (progs.nonce_runners if use_nonce else progs.runners)[hook]
-        runner.run(data, ifindex)
-        moved = _moved(before, progs.counters())
-        expect = {} if use_nonce else {(want.reason, want.family): (1, model.skb_len(hook, data))}
-        if moved != expect:
-            got = ", ".join(f"{_label(k)} {v}" for k, v in moved.items()) or "no counter"
+        problem = check_one(progs, hook, data, ifindex, use_nonce)
+        if problem:
             result.disagreements.append(Disagreement(options, hook, iface_of[ifindex], data.hex(), use_nonce,
-                                                     _label((want.reason, want.family)), got, "counters"))
+                                                     _label((want.reason, want.family)), problem, "counters"))
+
+
+def load_cases(directory: str = REGRESSION_DIR_DEFAULT) -> list[tuple[str, dict]]:
+    """The saved regression cases: (file name, case)."""
+    if not os.path.isdir(directory):
+        return []
+    out = []
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".json"):
+            with open(os.path.join(directory, name)) as f:
+                out.append((name, json.load(f)))
+    return out
 
 
 def fuzz_loop(env: FuzzEnv, cache: str, n: int, seed: int, batch_size: int = 2048) -> Result:
@@ -431,11 +460,12 @@ def save_regressions(disagreements: list[Disagreement], directory: str) -> list[
 def run(n: int, seed: int | None = None, workers: int | None = None, cache: str | None = None,
         regressions: str | None = REGRESSION_DIR_DEFAULT) -> tuple[Result, list[str]]:
     """Fuzz n test runs spread over `workers` processes (default: one per CPU);
-    save what disagrees under `regressions`."""
+    save what disagrees under `regressions`.  Compiled images go to `cache`
+    (default: ksbpf's image cache, else a temporary directory)."""
     seed = random.SystemRandom().getrandbits(32) if seed is None else seed
     workers = workers or max(1, min(os.cpu_count() or 1, 4))
     with tempfile.TemporaryDirectory(prefix="ksbpf-fuzz-") as tmp, FuzzEnv() as env:
-        cache = cache or tmp
+        cache = cache or bpf.cache_dir() or tmp
         compile_all(cache)
         share = [n // workers + (1 if i < n % workers else 0) for i in range(workers)]
         jobs = [(env, cache, share[i], seed + i) for i in range(workers)]
