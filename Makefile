@@ -31,6 +31,7 @@ bench: setup
 	@$(PY) benchmarks/reaction.py --flaps 200
 	@$(PY) benchmarks/footprint.py
 	@$(PY) benchmarks/scrape.py --scopes 1000
+	@$(PY) benchmarks/verify_cost.py --rounds 31
 	@$(PY) benchmarks/summary.py
 
 ## install: ksbpf on PATH, the example config and the systemd units (see README)
