@@ -36,7 +36,7 @@ print("ready", flush=True)
 sys.stdin.readline()
 for name, s in (("tcp", c), ("udp", u)):   # the pending error, without sending (a send would bind a UDP socket again)
     err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    print(name, "closed" if err == 103 else "open", err, flush=True)
+    print(name, "closed" if err in (103, 104) else "open", err, flush=True)   # ECONNABORTED, or ECONNRESET by its closed peer
 sys.stdin.readline()
 u.sendto(b"x", ("127.0.0.1", 9))   # an aborted UDP socket is still usable: it binds again
 print("sent", flush=True)

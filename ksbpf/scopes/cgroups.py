@@ -22,7 +22,7 @@ from ksbpf.reasons import Family, Reason
 
 Progress = Callable[[str], None]
 EGRESS = libbpf.BPF_CGROUP_INET_EGRESS
-META_VERSION = 3   # 3: reasons renumbered for the tc hook (neigh, exempt)
+META_VERSION = 4   # 3: reasons renumbered for the tc hook (neigh, exempt); 4: the verify_nonce map
 
 
 def _quiet(_msg: str) -> None:

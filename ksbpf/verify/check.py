@@ -307,6 +307,10 @@ class _ScopeCheck:
         with maps:
             meta = maps.read_meta()
             self.scope = meta.get("cgroup", self.pin_dir)
+            if meta.get("version") != cgroups.META_VERSION:
+                self.add("pins", FAIL, f"pins of another ksbpf version ({meta.get('version')})",
+                         f"attach the scope again with this ksbpf: ksbpf attach --cgroup {self.scope} ...")
+                return self.findings
             try:
                 policy = cgroups.policy_from(meta, maps.endpoints())
             except (KeyError, ValueError, KsbpfError) as exc:
