@@ -18,18 +18,29 @@ from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 from ksbpf.errors import KsbpfError
-from ksbpf.policy import DEFAULT_TUNNEL_KINDS, Endpoint, EventSettings, Options, Policy
+from ksbpf.policy import (
+    DEFAULT_INTERNAL,
+    DEFAULT_TUNNEL_KINDS,
+    TC_MODES,
+    Endpoint,
+    EventSettings,
+    NodePolicy,
+    Options,
+    Policy,
+)
 
 DEFAULT_LISTEN = "127.0.0.1:12479"  # outside the crowded 9100-9999 exporter range
 LOG_FORMATS = ("text", "json")
 
 # Known keys: of the file itself ("") and of each table.
 KEYS: dict[str, tuple[str, ...]] = {
-    "": ("metrics", "daemon", "scope"),
+    "": ("metrics", "daemon", "scope", "node"),
     "metrics": ("listen",),
     "daemon": ("log_format", "close_stray_sockets", "verify_interval"),
     "scope": ("cgroup", "tunnels", "endpoints", "netns", "allow_lan", "allow_lan_dns",
               "allow_dhcp", "tunnel_kinds", "create_cgroup", "events_rate", "events_burst"),
+    "node": ("netns", "tunnels", "endpoints", "allow_lan", "allow_lan_dns", "allow_dhcp", "tunnel_kinds",
+             "internal", "default_internal", "exempt_cgroups", "tc_mode", "events_rate", "events_burst"),
 }
 
 KeyPath = tuple[str | int, ...]  # ("scope", 0, "endpoints", 1) is scope[0].endpoints[1]
@@ -51,6 +62,17 @@ class ScopeConfig:
 
 
 @dataclass(frozen=True)
+class NodeConfig:
+    """The [node] table: node mode for one network namespace."""
+
+    node: NodePolicy
+    line: int  # line of the [node] header
+
+    def to_dict(self) -> dict:
+        return {"line": self.line, **self.node.to_dict()}
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole file: where the daemon serves its metrics, how it logs, what it protects."""
 
@@ -59,6 +81,7 @@ class Config:
     listen_port: int
     log_format: str  # "text" | "json"
     scopes: tuple[ScopeConfig, ...]
+    node: NodeConfig | None = None
     close_stray_sockets: bool = False   # close sockets created outside a scope held by its processes
     verify_interval: float = 300.0      # seconds between zero-traffic checks of every scope (ksbpf verify)
 
@@ -70,7 +93,8 @@ class Config:
     def to_dict(self) -> dict:
         return {"path": self.path, "listen": self.listen, "log_format": self.log_format,
                 "close_stray_sockets": self.close_stray_sockets, "verify_interval": self.verify_interval,
-                "scopes": [s.to_dict() for s in self.scopes]}
+                "scopes": [s.to_dict() for s in self.scopes],
+                "node": self.node.to_dict() if self.node else None}
 
 
 @dataclass(frozen=True)
@@ -279,7 +303,11 @@ class _Checker:
         interval = self.get(daemon, ("daemon",), "verify_interval", (int, float), "a number of seconds")
         if interval is not None and not 10 <= interval <= 86400:
             self.issue(("daemon", "verify_interval"), f"{interval} is out of range; give 10 to 86400 seconds")
-        return Config(self.path, host, port, log_format, self.scopes(data.get("scope", [])), close,
+        node = None
+        if "node" in data:
+            table = self.get(data, (), "node", dict, "a [node] table (single brackets)")
+            node = self.node(table, ("node",)) if table is not None else None
+        return Config(self.path, host, port, log_format, self.scopes(data.get("scope", [])), node, close,
                       float(interval) if interval is not None else 300.0)
 
     def listen(self, text: str) -> tuple[str, int]:
@@ -339,6 +367,44 @@ class _Checker:
         if len(self.issues) > before or policy is None or cgroup is None:
             return None
         return ScopeConfig(cgroup, policy, create, self.where.line(at) or 0)
+
+    def node(self, table: dict, at: KeyPath) -> NodeConfig | None:
+        """The [node] table: the same policy keys as a scope (allow_dhcp defaults
+        to true: the machine's DHCP client must keep its lease), plus which
+        interfaces are internal and which cgroups are exempt."""
+        before = len(self.issues)
+        self.unknown(table, at, KEYS["node"])
+        if "tunnels" not in table:
+            self.issue(at + ("tunnels",), 'missing; [node] needs one, e.g. tunnels = ["wg0"]')
+        tunnels = self.strings(table, at, "tunnels", 'an array of interface names such as ["wg0"]')
+        if tunnels == []:
+            self.issue(at + ("tunnels",), 'no tunnel interface given; name at least one, e.g. tunnels = ["wg0"]')
+        endpoints = [self.attempt(at + ("endpoints", j), Endpoint.parse, text) for j, text in
+                     enumerate(self.strings(table, at, "endpoints", 'an array such as ["203.0.113.5:51820/udp"]') or [])]
+        netns = self.get(table, at, "netns", str, 'a namespace name or path ("" for the daemon\'s own)') or ""
+        lan, lan_dns = (self.get(table, at, key, bool, "true or false") or False for key in ("allow_lan", "allow_lan_dns"))
+        dhcp = self.get(table, at, "allow_dhcp", bool, "true or false")
+        kinds = self.strings(table, at, "tunnel_kinds", 'an array of link kinds such as ["wireguard", "tun"]')
+        internal = self.strings(table, at, "internal", 'an array of interface name patterns such as ["docker*"]') or []
+        default_internal = self.get(table, at, "default_internal", bool, "true or false")
+        exempt = self.strings(table, at, "exempt_cgroups", 'an array of cgroup paths such as ["/sys/fs/cgroup/system.slice/ssh.service"]') or []
+        tc_mode = self.get(table, at, "tc_mode", str, f"one of {', '.join(map(repr, TC_MODES))}") or "auto"
+        if tc_mode not in TC_MODES:
+            self.issue(at + ("tc_mode",), f"{tc_mode!r} is not a tc mode; use one of {', '.join(TC_MODES)}")
+            tc_mode = "auto"
+        for j, path in enumerate(exempt):
+            if not os.path.isabs(path):
+                self.issue(at + ("exempt_cgroups", j), f"{path!r} is not an absolute path; give the cgroup directory's full path")
+        exempt = [os.path.normpath(p) for p in exempt if os.path.isabs(p)]
+        events = self.events(table, at)
+        policy = self.policy(at, tunnels or [], [e for e in endpoints if e], netns,
+                             Options(lan, lan_dns, True if dhcp is None else dhcp),
+                             DEFAULT_TUNNEL_KINDS if kinds is None else kinds, events)
+        globs = (DEFAULT_INTERNAL if default_internal is not False else ()) + tuple(internal)
+        node = self.attempt(at + ("internal",), NodePolicy, policy, globs, tuple(exempt), tc_mode) if policy else None
+        if len(self.issues) > before or node is None:
+            return None
+        return NodeConfig(node, self.where.line(at) or 0)
 
     def events(self, table: dict, at: KeyPath) -> EventSettings:
         default = EventSettings()

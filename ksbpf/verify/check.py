@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from ksbpf.errors import KsbpfError
 from ksbpf.kernel import bpf, cgroup, libbpf, links, netns, pins, preflight
 from ksbpf.policy import LAN_RANGES, Policy
-from ksbpf.scopes import cgroups
+from ksbpf.scopes import cgroups, common
 from ksbpf.verify import crafted, model, sockdiag
 from ksbpf.verify.nonce import ensure_nonce
 from ksbpf.verify.packets import frame
@@ -307,12 +307,12 @@ class _ScopeCheck:
         with maps:
             meta = maps.read_meta()
             self.scope = meta.get("cgroup", self.pin_dir)
-            if meta.get("version") != cgroups.META_VERSION:
+            if meta.get("version") != common.META_VERSION:
                 self.add("pins", FAIL, f"pins of another ksbpf version ({meta.get('version')})",
                          f"attach the scope again with this ksbpf: ksbpf attach --cgroup {self.scope} ...")
                 return self.findings
             try:
-                policy = cgroups.policy_from(meta, maps.endpoints())
+                policy = common.policy_from(meta, maps.endpoints())
             except (KeyError, ValueError, KsbpfError) as exc:
                 self.add("pins", FAIL, f"the scope's description cannot be read: {exc}",
                          "attach the scope again with ksbpf attach")
@@ -350,8 +350,8 @@ class _ScopeCheck:
                          + (f" (also ksbpf program(s) {others}: left by an interrupted attach?)" if others else ""))
             self._inherited(cg_path, prog_id, again)
             self._pins(maps, prog_fd, again)
-            ns = cgroups.meta_netns(meta)
-            if not cgroups.netns_alive(ns):
+            ns = common.meta_netns(meta)
+            if not common.netns_alive(ns):
                 self.add("tunnels", FAIL, f"network namespace {ns.label} is gone or was replaced", again)
             else:
                 present = links.links(ns)

@@ -185,6 +185,7 @@ class Generator:
     def __init__(self, seed: int):
         self.r = random.Random(seed)
         self.target: Endpoint | None = None   # this packet aims at an endpoint: its address, port, protocol
+        self.dhcp = False
 
     def _addr(self, v6: bool) -> bytes:
         r = self.r
@@ -202,6 +203,8 @@ class Generator:
         r = self.r
         sport = r.choice((68, 546, 40000)) if r.random() < 0.3 else self._port()
         dport = self.target.port if self.target and r.random() < 0.8 else self._port()
+        if self.dhcp and r.random() < 0.9:
+            sport, dport = r.choice(((68, 67), (546, 547)))
         payload = r.randbytes(r.choice((0, 1, 8, 32)))
         if proto == 6:
             doff = 5 if r.random() < 0.8 else r.randrange(16)
@@ -216,6 +219,8 @@ class Generator:
 
     def _proto(self) -> int:
         r = self.r
+        if self.dhcp and r.random() < 0.9:
+            return 17
         if self.target and r.random() < 0.8:
             return self.target.proto_number
         return r.choice(L4_PROTOS) if r.random() < 0.9 else r.getrandbits(8)
@@ -272,6 +277,7 @@ class Generator:
     def gen(self) -> tuple[bytes, bytes]:
         r = self.r
         self.target = r.choice(ENDPOINTS) if r.random() < 0.25 else None
+        self.dhcp = self.target is None and r.random() < 0.05   # DHCP client ports, either family
         x = r.random()
         ip = self.ipv6() if x < 0.5 else self.ipv4() if x < 0.97 else r.randbytes(r.randrange(64))
         m = r.random()
@@ -384,7 +390,9 @@ def load_cases(directory: str = REGRESSION_DIR_DEFAULT) -> list[tuple[str, dict]
 
 
 def fuzz_loop(env: FuzzEnv, cache: str, n: int, seed: int, batch_size: int = 2048) -> Result:
-    """Fuzz n test runs (inside env's namespace); runs in the calling thread."""
+    """Fuzz n test runs (inside env's namespace); runs in the calling thread.
+    Each batch uses one option set: at least 40 batches, so a short run sees them all."""
+    batch_size = max(64, min(batch_size, n // 40))
     gen = Generator(seed)
     rnd = random.Random(seed ^ 0x5EED)
     progs = {name: Programs(env, opts, cache) for name, opts in OPTION_SETS.items()}
