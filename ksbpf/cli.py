@@ -389,7 +389,7 @@ def check_config(file, as_json) -> None:
 
 
 @main.command()
-@click.option("--scope", "scope", metavar="PATH", help="Check only this protected cgroup.")
+@click.option("--scope", "scope", metavar="PATH|node[:NETNS]", help="Check only this scope: a protected cgroup, or the node scope.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--strict", is_flag=True, help="Warnings fail too (exit status 1).")
 @click.option("--fix", is_flag=True, help="Close the scopes' sockets created outside them (SOCK_DESTROY): "

@@ -256,4 +256,4 @@ def test_nonce_is_root_only(scope):
 
 def test_unknown_scope_is_one_line(tmp_path):
     proc = ksbpf("verify", "--scope", str(tmp_path / "nope"))
-    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "does not exist" in proc.stderr
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "is not a protected scope" in proc.stderr

@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 
 from ksbpf.errors import KsbpfError
 from ksbpf.kernel import bpf, cgroup, libbpf, links, netns, pins, preflight
-from ksbpf.policy import LAN_RANGES, Policy
+from ksbpf.policy import LAN_RANGES, NodePolicy, Policy
 from ksbpf.scopes import cgroups, common
+from ksbpf.scopes import node as node_scope
 from ksbpf.verify import crafted, model, sockdiag
 from ksbpf.verify.nonce import ensure_nonce
 from ksbpf.verify.packets import frame
@@ -349,7 +350,7 @@ class _ScopeCheck:
                 self.add("attached", PASS, f"program {prog_id} attached to the cgroup's egress hook"
                          + (f" (also ksbpf program(s) {others}: left by an interrupted attach?)" if others else ""))
             self._inherited(cg_path, prog_id, again)
-            self._pins(maps, prog_fd, again)
+            self._pins(maps, [prog_fd], again)
             ns = common.meta_netns(meta)
             if not common.netns_alive(ns):
                 self.add("tunnels", FAIL, f"network namespace {ns.label} is gone or was replaced", again)
@@ -378,21 +379,21 @@ class _ScopeCheck:
         else:
             self.add("inherited", PASS, f"in force on the cgroup and its {len(dirs) - 1} descendant(s)")
 
-    def _pins(self, maps: bpf.ScopeMaps, prog_fd: int, again: str) -> None:
-        """Every map the attached program uses is pinned, and the policy's maps
+    def _pins(self, maps: bpf.ScopeMaps, prog_fds: list[int], again: str) -> None:
+        """Every map the attached program(s) use is pinned, and the policy's maps
         (the ones ksbpf and the daemon change) are among them."""
-        used = prog_map_ids(prog_fd)
+        used = set().union(*(prog_map_ids(fd) for fd in prog_fds))
         pinned = {name: libbpf.map_info(fd).id for name, fd in maps.fds.items()}
         unpinned = used - set(pinned.values())
         unused = sorted(n for n in POLICY_MAPS if pinned.get(n) not in used)
         if unpinned or unused:
-            self.add("pins", FAIL, (f"pinned map(s) {', '.join(unused)} are not the attached program's: changes to them "
+            self.add("pins", FAIL, (f"pinned map(s) {', '.join(unused)} are not the attached programs': changes to them "
                                     "have no effect" if unused else "")
                      + ("; " if unused and unpinned else "")
                      + (f"the attached program uses {len(unpinned)} map(s) that are not pinned" if unpinned else ""),
                      again)
         else:
-            self.add("pins", PASS, f"the attached program's {len(used)} maps are the pinned ones")
+            self.add("pins", PASS, f"the {len(used)} maps the program{'s' if len(prog_fds) > 1 else ''} use are the pinned ones")
 
     def _tunnels(self, maps: bpf.ScopeMaps, policy: Policy, ns: netns.Netns, present: list[links.Link]) -> None:
         cookie = netns.cookie(ns)
@@ -486,6 +487,109 @@ class _ScopeCheck:
             self.add("raw", PASS, "no process of the scope can open raw packet sockets")
 
 
+def _own_cgroup() -> str | None:
+    """This process's cgroup v2 directory (the cgroup of a test run's socket)."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return os.path.join(cgroup.cgroup2_root(), line[3:].strip().lstrip("/")).rstrip("/")
+    except OSError:
+        pass
+    return None
+
+
+def _node_runs(fds: dict[str, int], nonce: bytes, present: list[links.Link], scope: model.Scope,
+               endpoints) -> tuple[int, list[str]]:
+    runners = {entry: Runner(fd, nonce) for entry, fd in fds.items()}
+    runs, mismatches = 0, []
+    for link in present:
+        entry = node_scope.entry_for(link)
+        hook = model.TC_ETH if entry == bpf.ENTRY_TC_ETH else model.TC_L3
+        for label, buf in crafted.tc_frames(endpoints, link.ethernet):
+            want = model.decide_test_run(hook, buf, link.ifindex, scope)
+            got = allowed(True, runners[entry].run(buf, link.ifindex))
+            runs += 1
+            if got != want.allowed:
+                mismatches.append(f"{label} via {link.name}: the kernel {'allows' if got else 'drops'} it, "
+                                  f"the policy says {want.reason.label} ({'allow' if want.allowed else 'drop'})")
+    return runs, mismatches
+
+
+class _NodeCheck(_ScopeCheck):
+    """A node scope: every interface that should be guarded is, and the tc
+    programs decide as the policy says on each of them."""
+
+    def run(self) -> list[Finding]:
+        try:
+            maps = bpf.ScopeMaps.from_pins(self.pin_dir)
+        except (OSError, KsbpfError) as exc:
+            self.add("pins", FAIL, f"{self.pin_dir}: the node scope's maps cannot be opened: {exc}",
+                     "attach it again (ksbpf attach --node ...), or remove it: ksbpf detach --node")
+            return self.findings
+        with maps:
+            meta = maps.read_meta()
+            self.scope = meta.get("name", self.pin_dir)
+            if meta.get("version") != common.META_VERSION or meta.get("kind") != "node":
+                self.add("pins", FAIL, f"pins of another ksbpf version ({meta.get('version')})",
+                         "attach it again with this ksbpf: ksbpf attach --node ...")
+                return self.findings
+            np = NodePolicy.from_dict({**meta["policy"], "endpoints": [str(e) for e in maps.endpoints()]})
+            self._node(maps, meta, np)
+        return self.findings
+
+    def _node(self, maps: bpf.ScopeMaps, meta: dict, np: NodePolicy) -> None:
+        policy = np.policy
+        again = f"ksbpf attach --node --netns {policy.netns or '...'} --tunnel ... (or run the daemon)"
+        ns = common.meta_netns(meta)
+        if not common.netns_alive(ns) or netns.cookie(ns) != meta["netns"].get("cookie"):
+            self.add("guarded", FAIL, f"network namespace {ns.label} is gone or was replaced", again)
+            return
+        fds: dict[str, int] = {}
+        try:
+            for entry in bpf.TC_ENTRIES:
+                fds[entry] = libbpf.obj_get(os.path.join(self.pin_dir, bpf.PIN_NAMES[entry]))
+        except OSError:
+            self.add("guarded", FAIL, "a tc program's pin is missing", again)
+            for fd in fds.values():
+                os.close(fd)
+            return
+        try:
+            present = links.links(ns)
+            mode = meta.get("tc_mode", "tcx")
+            want = node_scope.guarded_links(np, present)
+            live = node_scope.guards_in_force(self.pin_dir, ns, want, mode)
+            missing = [f"{link.name} (ifindex {link.ifindex})" for link in want if not live[link.ifindex]]
+            roles = {link.name: np.role(link.name, link.kind, link.ifindex) for link in present}
+            others = ", ".join(f"{n} {r}" for n, r in roles.items() if r != "guarded")
+            if missing:
+                self.add("guarded", FAIL, f"NOT guarded: {', '.join(missing)}: its traffic leaves unjudged", again)
+            else:
+                self.add("guarded", PASS, f"every non-internal interface guarded ({mode}): "
+                         + (", ".join(link.name for link in want) or "none") + (f"; not guarded by design: {others}"
+                                                                               if others else ""))
+            self._pins(maps, list(fds.values()), again)
+            self._tunnels(maps, policy, ns, present)
+            nonce = ensure_nonce(maps)
+            own = _own_cgroup()
+            exempt = bool(own) and any(own == e or own.startswith(e.rstrip("/") + "/")
+                                       for e in (os.path.realpath(x) for x in np.exempt_cgroups))
+            tunnels = frozenset(link.ifindex for link in present if policy.trusts(link.name, link.kind))
+            scope = model.Scope(policy.options, policy.endpoints, tunnels, exempt)
+            judged = [link for link in present if roles[link.name] in ("guarded", "tunnel")]
+            runs, mismatches = netns.run_in(ns.path, _node_runs, fds, nonce, judged, scope, policy.endpoints)
+            if mismatches:
+                self.add("policy", FAIL, f"{len(mismatches)} of {runs} verdicts differ from the policy: "
+                         + "; ".join(mismatches[:4]) + (" ..." if len(mismatches) > 4 else ""), again)
+            else:
+                self.add("policy", PASS, f"{runs} crafted frames through the tc programs on "
+                         f"{', '.join(link.name for link in judged) or 'no interface'}: every verdict as the policy says")
+            self._network(policy, ns, present)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+
 def open_dir(path: str):
     return cgroups._open_dir(path)
 
@@ -494,23 +598,37 @@ def verify(scope: str | None = None, fix: bool = False, bpffs: str = pins.BPFFS)
     """Check every protected scope (or the one whose cgroup is `scope`)."""
     preflight.require_root()
     report = Report()
-    dirs = pins.list_scope_dirs(bpffs)
+    dirs = [(d, _ScopeCheck) for d in pins.list_scope_dirs(bpffs)] + \
+        [(d, _NodeCheck) for d in pins.list_node_dirs(bpffs)]
     if scope is not None:
-        want = os.path.realpath(scope)
-        try:
-            cg_id = os.stat(want).st_ino
-        except OSError:
-            raise KsbpfError(f"{scope} does not exist", "give the cgroup directory of a protected scope") from None
-        dirs = [d for d in dirs if os.path.basename(d) == str(cg_id)]
+        dirs = [(d, kind) for d, kind in dirs if _is_scope(d, kind, scope)]
         if not dirs:
-            raise KsbpfError(f"{scope} is not a protected scope", "see `ksbpf status` for the protected scopes")
-    for d in dirs:
+            raise KsbpfError(f"{scope} is not a protected scope", "see `ksbpf status` for the protected scopes "
+                             "(a cgroup directory, or node / node:NETNS)")
+    for d, kind in dirs:
         try:
-            report.findings += _ScopeCheck(d, fix).run()
+            report.findings += kind(d, fix).run()
         except (OSError, KsbpfError) as exc:
             report.findings.append(Finding(d, "scope", FAIL, f"the check could not run: {exc}",
                                            "see `ksbpf status`"))
     return report
+
+
+def _is_scope(pin_dir: str, kind, scope: str) -> bool:
+    """Is the scope pinned at pin_dir the one named `scope` (a cgroup path; node / node:NETNS)?"""
+    if kind is _ScopeCheck:
+        try:
+            return os.path.basename(pin_dir) == str(os.stat(os.path.realpath(scope)).st_ino)
+        except OSError:
+            return False
+    try:
+        with bpf.ScopeMaps.from_pins(pin_dir) as maps:
+            meta = maps.read_meta()
+    except (OSError, KsbpfError, ValueError):
+        return False
+    ns = meta.get("netns", {})
+    return scope in (meta.get("name"), ns.get("path")) or (
+        scope.startswith("node:") and scope[5:] in (ns.get("path"), os.path.basename(ns.get("path", ""))))
 
 
 def render(report: Report) -> str:

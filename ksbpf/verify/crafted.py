@@ -9,7 +9,8 @@ from __future__ import annotations
 import ipaddress
 
 from ksbpf.policy import Endpoint
-from ksbpf.verify.packets import DSTOPTS, FRAGMENT, HOPOPTS, ICMP, ICMPV6, ROUTING, TCP, UDP, ipv4, ipv6
+from ksbpf.verify.packets import (DSTOPTS, ETH_ARP, FRAGMENT, HOPOPTS, ICMP, ICMPV6, ROUTING, TCP, UDP, eth, frame,
+                                  ipv4, ipv6, vlan_frame)
 
 PUBLIC4, PUBLIC6 = "93.184.216.34", "2606:2800:220:1::1"
 LAN4, LAN6 = "192.168.1.1", "fd00::53"
@@ -74,3 +75,19 @@ def packets(endpoints: tuple[Endpoint, ...]) -> list[tuple[str, bytes]]:
     add("malformed: IPv4 header length 4", bytes(bad))
     return out
 
+
+
+def tc_frames(endpoints: tuple[Endpoint, ...], ethernet: bool) -> list[tuple[str, bytes]]:
+    """What a node scope's tc program gets: the same packets, as Ethernet
+    frames (with ARP, neighbour discovery and an 802.1Q-tagged frame), or bare
+    on a device without a link-layer header."""
+    out = [(label, frame(p) if ethernet else p) for label, p in packets(endpoints)]
+    nd = [("IPv6 neighbour solicitation", ipv6("ff02::1:ff00:1", ICMPV6, hop_limit=255, icmp_type=135)),
+          ("IPv6 router solicitation", ipv6("ff02::2", ICMPV6, hop_limit=255, icmp_type=133)),
+          ("IPv6 router advertisement (not let through)", ipv6("ff02::1", ICMPV6, hop_limit=255, icmp_type=134))]
+    out += [(label, frame(p) if ethernet else p) for label, p in nd]
+    if ethernet:
+        out.append(("ARP request", eth(ETH_ARP, b"\x00\x01\x08\x00\x06\x04\x00\x01" + bytes(20))))
+        out.append((f"802.1Q-tagged udp to {PUBLIC4}", vlan_frame(ipv4(PUBLIC4, UDP, dport=443))))
+        out.append(("LLDP (not IP)", eth(0x88CC, b"\x02\x07\x04" + bytes(40))))
+    return out

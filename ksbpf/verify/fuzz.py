@@ -50,7 +50,9 @@ OPTION_SETS = {
     "lan+dns": Options(allow_lan=True, allow_lan_dns=True),
     "dhcp": Options(allow_dhcp=True),
     "lan+dhcp": Options(allow_lan=True, allow_dhcp=True),
+    "exempt": Options(),   # node mode: the root cgroup exempted, so every test-run socket is (tc drops pass)
 }
+EXEMPT_SETS = {"exempt"}
 
 ENDPOINTS = tuple(Endpoint.parse(e) for e in (
     "203.0.113.5:51820/udp", "203.0.113.5:443/tcp",
@@ -66,6 +68,7 @@ ENDPOINTS = tuple(Endpoint.parse(e) for e in (
 IFACES = {
     "tnl": True, "phy": False, "tn0": False, "tnh": True, "phh": False,
 }
+ROOT_CGROUP_ID = 1    # the cgroup v2 root: an ancestor (level 0) of every socket
 HIGH_IFINDEX = 5000   # above KSBPF_IFINDEX_FILTER (4096): the hash alone decides
 
 ENTRIES = model.HOOKS
@@ -118,7 +121,7 @@ class Programs:
     """One option set's three entry points and their maps, set up like a scope
     with the fuzz namespace's tunnels and ENDPOINTS."""
 
-    def __init__(self, env: FuzzEnv, options: Options, cache: str):
+    def __init__(self, env: FuzzEnv, options: Options, cache: str, exempt: bool = False):
         self.prog = bpf.load(options, len(ENDPOINTS), cache=cache, entries=ENTRIES)
         for name, tunnel in IFACES.items():
             if tunnel:
@@ -127,7 +130,9 @@ class Programs:
             self.prog.maps.add_endpoint(ep)
         self.nonce = new_nonce()
         set_nonce(self.prog.maps, self.nonce)
-        self.scope = model.Scope(options, ENDPOINTS, env.tunnels)
+        self.scope = model.Scope(options, ENDPOINTS, env.tunnels, exempt=exempt)
+        if exempt:
+            self.prog.maps.set_exempt([(ROOT_CGROUP_ID, 0)])
         self.runners = {e: Runner(self.prog.progs[e]) for e in ENTRIES}
         self.nonce_runners = {e: Runner(self.prog.progs[e], self.nonce) for e in ENTRIES}
 
@@ -140,7 +145,7 @@ class Programs:
 
 def compile_all(cache: str) -> None:
     """Compile every option set once (bcc), so workers load cached images."""
-    for opts in OPTION_SETS.values():
+    for opts in set(OPTION_SETS.values()):
         bpf.load(opts, len(ENDPOINTS), cache=cache, entries=ENTRIES).close()
 
 
@@ -395,7 +400,7 @@ def fuzz_loop(env: FuzzEnv, cache: str, n: int, seed: int, batch_size: int = 204
     batch_size = max(64, min(batch_size, n // 40))
     gen = Generator(seed)
     rnd = random.Random(seed ^ 0x5EED)
-    progs = {name: Programs(env, opts, cache) for name, opts in OPTION_SETS.items()}
+    progs = {name: Programs(env, opts, cache, name in EXEMPT_SETS) for name, opts in OPTION_SETS.items()}
     iface_of = {v: k for k, v in env.ifindex.items()}
     weights = [("phy", 8), ("tnl", 2), ("lo", 1), ("tn0", 2), ("tnh", 1), ("phh", 2)]
     ifaces = [env.ifindex[name] for name, w in weights for _ in range(w)]

@@ -46,12 +46,14 @@ _LAN6 = tuple(n for n in LAN_RANGES if n.version == 6)
 @dataclass(frozen=True)
 class Scope:
     """What the model knows of a scope: its options, its endpoints (address ->
-    allowed (port, protocol) pairs) and the ifindexes, in the namespace the
-    packet leaves from, of its tunnels."""
+    allowed (port, protocol) pairs), the ifindexes, in the namespace the
+    packet leaves from, of its tunnels, and (node mode) whether the packet's
+    socket belongs to an exempted cgroup subtree."""
 
     options: Options = field(default_factory=Options)
     endpoints: tuple[Endpoint, ...] = ()
     tunnels: frozenset[int] = frozenset()
+    exempt: bool = False
 
     def __post_init__(self) -> None:
         table: dict[bytes, list[tuple[int, int]]] = {}
@@ -172,7 +174,15 @@ def _family(proto: int) -> Family:
 
 def decide_l3(data: bytes, proto: int, ifindex: int, scope: Scope, tc: bool) -> Decision:
     """The policy for `data` starting at the network header; `proto` is the
-    packet's ethertype (the cgroup hook: skb->protocol; tc: read from the frame)."""
+    packet's ethertype (the cgroup hook: skb->protocol; tc: read from the frame).
+    At tc, a drop of a packet from an exempted cgroup's socket is let through."""
+    d = _decide_l3(data, proto, ifindex, scope, tc)
+    if tc and scope.exempt and not d.allowed:
+        return Decision(Reason.ALLOW_EXEMPT, d.family)
+    return d
+
+
+def _decide_l3(data: bytes, proto: int, ifindex: int, scope: Scope, tc: bool) -> Decision:
     family = _family(proto)
     if ifindex == LOOPBACK_IFINDEX:
         return Decision(Reason.ALLOW_LOOPBACK, family)
