@@ -114,3 +114,30 @@ def test_close_stray_sockets_is_off_by_default(daemon_scope):
     proc.stdin.flush()
     said = dict(proc.stdout.readline().split()[:2] for _ in range(2))
     assert said == {"tcp": "open", "udp": "open"}
+
+
+def test_daemon_verifies_the_node_scope(tag, tmp_path):
+    """The node scope the daemon guards is checked too: its metrics say so."""
+    name = f"ksbpf-vd{tag}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    d = None
+    try:
+        subprocess.run(["ip", "-n", name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1"], check=True)
+        subprocess.run(["ip", "-n", name, "tuntap", "add", "mode", "tun", "name", "tun0"], check=True)
+        port = free_port()
+        path = tmp_path / "ksbpf.toml"
+        path.write_text(f'[metrics]\nlisten = "127.0.0.1:{port}"\n[daemon]\nverify_interval = 3600\n'
+                        f'[node]\nnetns = "{name}"\ntunnels = ["tun0"]\n')
+        d = DaemonProcess(str(path))
+        d.wait_for("ready")
+        d.wait_for("metrics_listening")
+        url = f"http://127.0.0.1:{port}"
+        for chk in ("guarded", "policy", "tunnels"):
+            wait_metric(url, "ksbpf_verify_failures", lambda v: v == 0, scope=f"node:{name}", check=chk)
+        assert get(url + "/readyz")[0] == 200
+    finally:
+        if d is not None:
+            d.stop()
+        from ksbpf.scopes import node
+        node.detach(f"/run/netns/{name}")
+        subprocess.run(["ip", "netns", "del", name])

@@ -158,6 +158,7 @@ class Daemon:
                      guarded=[i.name for i in status.interfaces if i.guarded],
                      internal=[i.name for i in status.interfaces if i.role == "internal"],
                      tunnels=list(st.node.policy.tunnels))
+            self._verify_soon()
         except (KsbpfError, OSError) as exc:
             st.error = str(exc)
             self.log("node_failed", level="error", scope=st.name, error=st.error, retry_in=RETRY_SECONDS)
@@ -352,8 +353,12 @@ class Daemon:
             self.verifier.soon()
 
     def applied_scopes(self) -> dict[str, str]:
-        """cgroup -> pin directory of every scope in force."""
-        return {st.cgroup: st.pin_dir for st in list(self.scopes.values()) if st.pin_dir and not st.error}
+        """scope (cgroup path, or the node scope's name) -> pin directory of every scope in force."""
+        out = {st.cgroup: st.pin_dir for st in list(self.scopes.values()) if st.pin_dir and not st.error}
+        st = self.node
+        if st is not None and st.pin_dir and not st.error:
+            out[st.name] = st.pin_dir
+        return out
 
     def _start_verifier(self, cfg: config.Config) -> None:
         from ksbpf.daemon.verifier import Verifier

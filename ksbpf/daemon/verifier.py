@@ -1,5 +1,5 @@
 """The daemon's zero-traffic check (`ksbpf verify`, ksbpf/verify/check.py) of
-every scope it manages: after each change it makes and every
+every scope it manages (cgroup scopes and the node scope): after each change it makes and every
 `verify_interval` seconds, on a thread of its own so that the event loop is
 never blocked by it.  And, with `close_stray_sockets`, closing the sockets a
 process brings into a protected scope from outside it (polled every
@@ -88,7 +88,7 @@ class Verifier:
         out = {}
         for scope, pin_dir in scopes.items():
             try:
-                out[scope] = [f for f in check._ScopeCheck(pin_dir, fix=False).run()]
+                out[scope] = check.check_pin_dir(pin_dir)
             except (OSError, KsbpfError) as exc:
                 out[scope] = [check.Finding(scope, "scope", check.FAIL, f"the check could not run: {exc}")]
             for f in out[scope]:
@@ -136,7 +136,9 @@ class Verifier:
             self.runs += 1
 
     def _close_strays(self) -> None:
-        for scope in self.pin_dirs():
+        for scope, pin_dir in self.pin_dirs().items():
+            if check.is_node_dir(pin_dir):
+                continue   # a node scope judges every packet at tc: no socket escapes it by its cgroup
             try:
                 strays = check.stray_sockets(scope)
             except OSError:

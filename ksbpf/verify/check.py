@@ -614,6 +614,15 @@ def verify(scope: str | None = None, fix: bool = False, bpffs: str = pins.BPFFS)
     return report
 
 
+def check_pin_dir(pin_dir: str, fix: bool = False, bpffs: str = pins.BPFFS) -> list[Finding]:
+    """The findings of one scope, by its pin directory (a cgroup scope or the node scope)."""
+    return (_NodeCheck if is_node_dir(pin_dir, bpffs) else _ScopeCheck)(pin_dir, fix).run()
+
+
+def is_node_dir(pin_dir: str, bpffs: str = pins.BPFFS) -> bool:
+    return os.path.dirname(pin_dir.rstrip("/")) == pins.nodes_dir(bpffs)
+
+
 def _is_scope(pin_dir: str, kind, scope: str) -> bool:
     """Is the scope pinned at pin_dir the one named `scope` (a cgroup path; node / node:NETNS)?"""
     if kind is _ScopeCheck:
