@@ -393,7 +393,7 @@ class _ScopeCheck:
                      + (f"the attached program uses {len(unpinned)} map(s) that are not pinned" if unpinned else ""),
                      again)
         else:
-            self.add("pins", PASS, f"the {len(used)} maps the program{'s' if len(prog_fds) > 1 else ''} use are the pinned ones")
+            self.add("pins", PASS, f"the {len(used)} maps the program{'s use' if len(prog_fds) > 1 else ' uses'} are the pinned ones")
 
     def _tunnels(self, maps: bpf.ScopeMaps, policy: Policy, ns: netns.Netns, present: list[links.Link]) -> None:
         cookie = netns.cookie(ns)
