@@ -54,6 +54,7 @@ BPF_ARRAY(exempt, struct ksbpf_exempt, KSBPF_MAX_EXEMPT);
  * lives (bpf_get_netns_cookie answers init_net's for a packet without a
  * socket, such as a forwarded one). */
 BPF_ARRAY(scope_netns, __u64, 1);
+BPF_ARRAY(verify_nonce, struct ksbpf_nonce, 1);
 
 /* What the policy needs to know of a packet. */
 struct ksbpf_pkt {
@@ -463,12 +464,31 @@ static __always_inline void ksbpf_report(const struct ksbpf_at *at, int reason, 
 }
 #endif
 
+/* Is this a `ksbpf verify` test run (skb->cb carries the scope's nonce)?  A
+ * real packet never is: the kernel zeroes cb before a cgroup_skb program
+ * that reads it runs, and at tc whatever another layer left in cb does not
+ * guess 128 random bits.  One context load on every path; the map only
+ * when cb[0] is not zero. */
+static __always_inline int ksbpf_verify_run(struct __sk_buff *skb)
+{
+	struct ksbpf_nonce *n;
+	int zero = 0;
+	__u32 c0 = skb->cb[0];
+
+	if (!c0)
+		return 0;
+	n = verify_nonce.lookup(&zero);
+	return n && n->w[0] == c0 && n->w[1] == skb->cb[1] && n->w[2] == skb->cb[2] && n->w[3] == skb->cb[3];
+}
+
 /* Decide, count, report; returns 1 to let the packet go, 0 to drop it. */
 static __always_inline int ksbpf_verdict(const struct ksbpf_at *at, __be16 proto)
 {
 	struct ksbpf_pkt p = {};
 	int reason = ksbpf_policy(at, proto, &p);
 
+	if (ksbpf_verify_run(at->skb))
+		return reason < KSBPF_FIRST_DROP;
 	ksbpf_count(at->skb, reason, &p);
 	if (reason < KSBPF_FIRST_DROP)
 		return 1;

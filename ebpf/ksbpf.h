@@ -123,4 +123,11 @@ struct ksbpf_meta {
 	char json[KSBPF_META_SIZE];
 };
 
+/* ksbpf verify: a test run whose skb->cb[0..3] equals the scope's nonce
+ * (map verify_nonce; the first word is never 0) is decided as any packet,
+ * but neither counted nor reported. */
+struct ksbpf_nonce {
+	__u32 w[4];
+};
+
 #endif

@@ -86,3 +86,10 @@ def test_summary_reports_every_benchmark(tmp_path):
     assert "not run" not in report
     for plot in ("packet_cost", "throughput", "scaling", "reaction"):
         assert (tmp_path / f"{plot}.png").stat().st_size > 1000
+
+
+@pytest.mark.root
+def test_verify_cost_benchmark_runs(tmp_path):
+    result = bench(tmp_path, "verify_cost.py", "--rounds", "1", "--repeat", "10")
+    assert set(result["paths"]) >= {"loopback", "tunnel v4", "drop not_tunnel v4"}
+    assert result["instructions"]["shipped"] > result["instructions"]["without the check"]

@@ -36,7 +36,7 @@ LOG_FORMATS = ("text", "json")
 KEYS: dict[str, tuple[str, ...]] = {
     "": ("metrics", "daemon", "scope", "node"),
     "metrics": ("listen",),
-    "daemon": ("log_format",),
+    "daemon": ("log_format", "close_stray_sockets", "verify_interval"),
     "scope": ("cgroup", "tunnels", "endpoints", "netns", "allow_lan", "allow_lan_dns",
               "allow_dhcp", "tunnel_kinds", "create_cgroup", "events_rate", "events_burst"),
     "node": ("netns", "tunnels", "endpoints", "allow_lan", "allow_lan_dns", "allow_dhcp", "tunnel_kinds",
@@ -82,6 +82,8 @@ class Config:
     log_format: str  # "text" | "json"
     scopes: tuple[ScopeConfig, ...]
     node: NodeConfig | None = None
+    close_stray_sockets: bool = False   # close sockets created outside a scope held by its processes
+    verify_interval: float = 300.0      # seconds between zero-traffic checks of every scope (ksbpf verify)
 
     @property
     def listen(self) -> str:
@@ -90,6 +92,7 @@ class Config:
 
     def to_dict(self) -> dict:
         return {"path": self.path, "listen": self.listen, "log_format": self.log_format,
+                "close_stray_sockets": self.close_stray_sockets, "verify_interval": self.verify_interval,
                 "scopes": [s.to_dict() for s in self.scopes],
                 "node": self.node.to_dict() if self.node else None}
 
@@ -296,11 +299,16 @@ class _Checker:
         log_format = self.get(daemon, ("daemon",), "log_format", str, '"text" or "json"') or "text"
         if log_format not in LOG_FORMATS:
             self.issue(("daemon", "log_format"), f'{log_format!r} is not a log format; use "text" or "json"')
+        close = self.get(daemon, ("daemon",), "close_stray_sockets", bool, "true or false") or False
+        interval = self.get(daemon, ("daemon",), "verify_interval", (int, float), "a number of seconds")
+        if interval is not None and not 10 <= interval <= 86400:
+            self.issue(("daemon", "verify_interval"), f"{interval} is out of range; give 10 to 86400 seconds")
         node = None
         if "node" in data:
             table = self.get(data, (), "node", dict, "a [node] table (single brackets)")
             node = self.node(table, ("node",)) if table is not None else None
-        return Config(self.path, host, port, log_format, self.scopes(data.get("scope", [])), node)
+        return Config(self.path, host, port, log_format, self.scopes(data.get("scope", [])), node, close,
+                      float(interval) if interval is not None else 300.0)
 
     def listen(self, text: str) -> tuple[str, int]:
         try:

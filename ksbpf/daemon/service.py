@@ -94,6 +94,7 @@ class Daemon:
         self.heartbeat = time.monotonic()   # when the main loop last turned (/healthz)
         self.ready = False                  # the first apply is done (/readyz)
         self._signals: list[int] = []
+        self.verifier = None                # the zero-traffic check's thread (ksbpf/daemon/verifier.py)
 
     # -- configuration ---------------------------------------------------------
     def load(self) -> config.Config:
@@ -128,6 +129,7 @@ class Daemon:
                 fields = {"prog_id": result.attach.prog_id, "replaced": result.attach.replaced}
             self.log(f"scope_{result.action}", scope=st.cgroup, pins=st.pin_dir,
                      tunnels=list(st.policy.tunnels), netns=st.ns.label, **fields)
+            self._verify_soon()
         except (KsbpfError, OSError) as exc:
             st.error = str(exc)
             self.log("scope_failed", level="error", scope=st.cgroup, error=st.error,
@@ -156,6 +158,7 @@ class Daemon:
                      guarded=[i.name for i in status.interfaces if i.guarded],
                      internal=[i.name for i in status.interfaces if i.role == "internal"],
                      tunnels=list(st.node.policy.tunnels))
+            self._verify_soon()
         except (KsbpfError, OSError) as exc:
             st.error = str(exc)
             self.log("node_failed", level="error", scope=st.name, error=st.error, retry_in=RETRY_SECONDS)
@@ -243,6 +246,7 @@ class Daemon:
             if result.added or result.removed:
                 self.log("map_update", scope=st.cgroup, added=result.added, removed=result.removed,
                          netns=space.ns.label)
+                self._verify_soon()
 
     def _note_link(self, space: Namespace, before: links.Link | None, after: links.Link | None) -> None:
         """Log what a link change means for the scopes of this namespace."""
@@ -339,7 +343,27 @@ class Daemon:
                 problems.append(f"{st.cgroup}: tunnel map not reconciled yet")
             elif not cgroups.is_attached(st.pin_dir, st.cgroup):
                 problems.append(f"{st.cgroup}: program not attached (detached by hand?)")
+        if self.verifier is not None:
+            problems += self.verifier.problems
         return problems
+
+    # -- the zero-traffic check (ksbpf verify) ----------------------------------------
+    def _verify_soon(self) -> None:
+        if self.verifier is not None:
+            self.verifier.soon()
+
+    def applied_scopes(self) -> dict[str, str]:
+        """scope (cgroup path, or the node scope's name) -> pin directory of every scope in force."""
+        out = {st.cgroup: st.pin_dir for st in list(self.scopes.values()) if st.pin_dir and not st.error}
+        st = self.node
+        if st is not None and st.pin_dir and not st.error:
+            out[st.name] = st.pin_dir
+        return out
+
+    def _start_verifier(self, cfg: config.Config) -> None:
+        from ksbpf.daemon.verifier import Verifier
+        self.verifier = Verifier(self.log, self.applied_scopes, cfg.verify_interval, cfg.close_stray_sockets)
+        self.verifier.start()
 
     def _serve_metrics(self, cfg: config.Config) -> None:
         from ksbpf.observability.metrics import MetricsServer
@@ -364,6 +388,7 @@ class Daemon:
             signal.signal(sig, self._on_signal)
         self.apply(cfg)
         self.ready = True
+        self._start_verifier(cfg)
         self._serve_metrics(cfg)
         self.log("ready", scopes=len(self.scopes), failed=sum(1 for s in self.scopes.values() if s.error),
                  node=self.node.name if self.node else None,
@@ -395,6 +420,8 @@ class Daemon:
                              note="enforcement stays in the kernel; `ksbpf detach --all` removes it")
                     for space in self.namespaces.values():
                         space.close()
+                    if self.verifier is not None:
+                        self.verifier.stop()
                     return 0
             if self.node and time.monotonic() >= next_guard_check:
                 self._check_guards()   # puts back a guard that was removed by hand
@@ -425,6 +452,9 @@ class Daemon:
             return
         self.log("reload", config=self.config_path, scopes=len(cfg.scopes))
         self.apply(cfg)
+        if self.verifier is not None:
+            self.verifier.interval, self.verifier.close_stray = cfg.verify_interval, cfg.close_stray_sockets
+            self.verifier.soon()
         self.log("reloaded", scopes=len(self.scopes), failed=sum(1 for s in self.scopes.values() if s.error))
 
 

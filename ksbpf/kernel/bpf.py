@@ -33,7 +33,7 @@ PIN_NAMES = {ENTRY_CGROUP: "prog", ENTRY_TC_ETH: "prog_eth", ENTRY_TC_L3: "prog_
 TC_ENTRIES = (ENTRY_TC_ETH, ENTRY_TC_L3)
 PROG_NAME = ENTRY_CGROUP
 MAP_NAMES = ("tunnels", "tunnel_ifindex", "endpoints4", "endpoints6", "counters", "meta", "events", "bucket",
-             "exempt", "scope_netns")
+             "exempt", "scope_netns", "verify_nonce")
 IFINDEX_FILTER = 4096  # KSBPF_IFINDEX_FILTER
 META_SIZE = 8192
 EP_PORTS = 8  # (port, protocol) pairs per endpoint address

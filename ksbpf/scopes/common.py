@@ -15,7 +15,7 @@ from ksbpf.policy import Endpoint, Policy
 from ksbpf.reasons import Family, Reason
 
 Progress = Callable[[str], None]
-META_VERSION = 3   # of the record in every scope's meta map; 3: reasons renumbered for the tc hook
+META_VERSION = 4   # of the record in every scope's meta map; 3: reasons renumbered for the tc hook; 4: the verify_nonce map
 
 
 def quiet(_msg: str) -> None:
