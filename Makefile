@@ -25,6 +25,7 @@ bench: setup
 	@$(PY) benchmarks/reaction.py --flaps 200
 	@$(PY) benchmarks/footprint.py
 	@$(PY) benchmarks/scrape.py --scopes 1000
+	@$(PY) benchmarks/containers.py --flaps 200 --late 50
 	@$(PY) benchmarks/summary.py
 
 ## install: ksbpf on PATH, the example config and the systemd units (see README)

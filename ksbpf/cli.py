@@ -58,8 +58,9 @@ def _endpoint(_ctx, _param, values) -> tuple[Endpoint, ...]:
               help="Tunnel interface the scope may use (repeat for several).")
 @click.option("--endpoint", "endpoints", multiple=True, callback=_endpoint, metavar="ADDR:PORT/PROTO",
               help="VPN server the scope may reach outside the tunnel: 203.0.113.5:51820/udp, [2001:db8::5]:51820/udp.")
-@click.option("--netns", default="", metavar="NAME|PATH",
-              help="Network namespace where the tunnel names live (default: the caller's).")
+@click.option("--netns", default="", metavar="NAME|PATH|each",
+              help="Network namespace where the tunnel names live (default: the caller's); "
+                   "`each`: every namespace a process of the cgroup subtree lives in (containers).")
 @click.option("--allow-lan", is_flag=True, help="Allow the fixed private ranges (not DNS to them).")
 @click.option("--allow-lan-dns", is_flag=True, help="With --allow-lan: also allow DNS (53, 853) to LAN addresses.")
 @click.option("--allow-dhcp", is_flag=True, help="Allow DHCPv4/DHCPv6 client traffic.")
@@ -93,6 +94,10 @@ def attach(cgroup_path, tunnels, endpoints, netns, allow_lan, allow_lan_dns, all
         else:
             click.echo(f"  NOTICE: tunnel {t.name} does not exist in netns {t.netns} yet: every non-local "
                        f"packet of the scope is dropped until it appears and is registered (re-run attach, or run the daemon)")
+    if result.each:
+        click.echo(f"  netns each: {len({t.netns for t in result.tunnels})} network namespace(s) in use by the subtree now; "
+                   "tunnels of namespaces that appear later are registered only by the daemon (`ksbpf daemon` with "
+                   "netns = \"each\"): until then their non-local traffic is dropped")
     for ep in policy.endpoints:
         click.echo(f"  endpoint {ep}: allowed outside the tunnel")
     opts = [n for n, on in (("allow-lan", allow_lan), ("allow-lan-dns", allow_lan_dns), ("allow-dhcp", allow_dhcp)) if on]
@@ -139,7 +144,14 @@ def status(as_json) -> None:
     for s in scopes:
         state = "enforced" if s.attached else "NOT ENFORCED"
         click.echo(f"{s.cgroup}  [{state}, program {s.prog_id}, since {_fmt_time(s.attached_at)}]")
-        for t in s.tunnels:
+        if s.namespaces is not None:
+            click.echo(f"  netns    each: {len(s.namespaces)} network namespace(s) in use by the subtree")
+            for n in s.namespaces:
+                click.echo(f"  netns    {n['label']} (inode {n['inode']}, {n['processes']} process(es))")
+                for t in n["tunnels"]:
+                    where = f"ifindex {t['ifindex']} ({t['kind']})" if t["present"] else "absent"
+                    click.echo(f"    tunnel {t['name']}: {where}, {'allowed' if t['registered'] else 'blocked'}")
+        for t in s.tunnels if s.namespaces is None else ():
             where = f"ifindex {t.ifindex} ({t.kind})" if t.present else "absent"
             allowed = "allowed" if t.registered else "blocked"
             click.echo(f"  tunnel   {t.name} (netns {t.netns}): {where}, {allowed}")

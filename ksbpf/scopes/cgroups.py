@@ -19,6 +19,7 @@ from ksbpf.errors import KsbpfError
 from ksbpf.kernel import bpf, cgroup, libbpf, links, netns, pins, preflight
 from ksbpf.policy import Endpoint, Policy
 from ksbpf.reasons import Family, Reason
+from ksbpf.scopes import subtree
 
 Progress = Callable[[str], None]
 EGRESS = libbpf.BPF_CGROUP_INET_EGRESS
@@ -172,11 +173,13 @@ class AttachResult:
     replaced: list[int]
     tunnels: list[TunnelState]
     mounted_bpffs: bool
+    each: bool = False   # --netns each: tunnels looked up in every namespace of the subtree
 
     def to_dict(self) -> dict:
         return {"cgroup": self.cgroup, "cgroup_id": self.cgroup_id, "pin_dir": self.pin_dir,
                 "prog_id": self.prog_id, "replaced_prog_ids": self.replaced,
-                "tunnels": [t.to_dict() for t in self.tunnels], "mounted_bpffs": self.mounted_bpffs}
+                "tunnels": [t.to_dict() for t in self.tunnels], "mounted_bpffs": self.mounted_bpffs,
+                "netns_each": self.each}
 
 
 def attach(cgroup_path: str, policy: Policy, progress: Progress = _quiet,
@@ -188,22 +191,31 @@ def attach(cgroup_path: str, policy: Policy, progress: Progress = _quiet,
     if not bpf.image_cached(policy.options, len(policy.endpoints), policy.events):
         preflight.require_compiler()
     cg = cgroup.resolve(cgroup_path)
-    ns = netns.resolve(policy.netns)
+    each = subtree.is_each(policy)
+    ns = None if each else netns.resolve(policy.netns)
 
     with pins.locked():
         progress("loading the policy program (compiled by bcc unless a cached image fits)")
-        prog = bpf.load(policy.options, len(policy.endpoints), policy.events)
+        prog = bpf.load(policy.options, len(policy.endpoints), policy.events, entries=subtree.entries(policy))
         try:
-            present = links.links(ns)
-            sync_tunnels(prog.maps, policy, netns.cookie(ns), present)
-            tunnels = tunnel_states(policy, ns.label, present, set(tunnel_plan(policy, present)))
+            if ns is None:   # every namespace the subtree uses now; the daemon follows later ones
+                spaces = subtree.discover(cg.path)
+                subtree.register_all(prog.maps, policy, spaces)
+                tunnels = [t for sp in spaces for t in tunnel_states(policy, sp.use.label, sp.links,
+                                                                     set(subtree.plan(policy, sp.links)))]
+                ns_meta = {"each": True}
+            else:
+                present = links.links(ns)
+                sync_tunnels(prog.maps, policy, netns.cookie(ns), present)
+                tunnels = tunnel_states(policy, ns.label, present, set(tunnel_plan(policy, present)))
+                ns_meta = {"path": ns.path, "inode": ns.inode}
             for ep in policy.endpoints:
                 prog.maps.add_endpoint(ep)
             meta = {
                 "version": META_VERSION, "cgroup": cg.path, "cgroup_id": cg.id,
                 # the endpoints live in their maps (there may be many)
                 "policy": {k: v for k, v in policy.to_dict().items() if k != "endpoints"},
-                "netns": {"path": ns.path, "inode": ns.inode}, "attached_at": time.time(),
+                "netns": ns_meta, "attached_at": time.time(),
             }
             prog.maps.write_meta(meta)
             mounted = pins.ensure_bpffs(bpffs)
@@ -224,6 +236,11 @@ def attach(cgroup_path: str, policy: Policy, progress: Progress = _quiet,
                         "check `bpftool cgroup show " + cg.path + "`; ksbpf attaches with BPF_F_ALLOW_MULTI") from None
                 progress(f"attached program {prog_id} to {cg.path}" + (f"; detaching the previous program {old}" if old else ""))
                 replaced = _detach_ids(cg_fd, old)
+                try:
+                    subtree.swap_sock(cg_fd, prog.progs)
+                except OSError as exc:
+                    raise KsbpfError(f"cannot attach the sock_create program to {cg.path}: {exc.strerror}",
+                                     "check `bpftool cgroup show " + cg.path + "`; the egress policy is in force") from None
             if replaced and os.path.isdir(final):
                 # the old program is detached: its counts are final; carry them over
                 with bpf.ScopeMaps.from_pins(final) as old_maps:
@@ -234,7 +251,7 @@ def attach(cgroup_path: str, policy: Policy, progress: Progress = _quiet,
             os.rename(staging, final)
         finally:
             prog.close()
-    return AttachResult(cg.path, cg.id, final, prog_id, replaced, tunnels, mounted)
+    return AttachResult(cg.path, cg.id, final, prog_id, replaced, tunnels, mounted, each)
 
 
 @dataclass
@@ -266,7 +283,7 @@ def detach(cgroup_path: str, bpffs: str = pins.BPFFS) -> DetachResult:
         if os.path.exists(real):
             cg = cgroup.resolve(real)
             with _open_dir(cg.path) as cg_fd:
-                result.detached_prog_ids = _detach_ids(cg_fd, ksbpf_programs(cg_fd))
+                result.detached_prog_ids = _detach_ids(cg_fd, ksbpf_programs(cg_fd)) + subtree.detach_sock(cg_fd)
         for d in pins.list_scope_dirs(bpffs):
             if _meta_cgroup(d) == real:
                 pins.remove_dir(d)
@@ -285,7 +302,7 @@ def detach_all(bpffs: str = pins.BPFFS, progress: Progress = _quiet) -> DetachRe
             for path in cgroup.walk(root):
                 try:
                     with _open_dir(path) as cg_fd:
-                        result.detached_prog_ids += _detach_ids(cg_fd, ksbpf_programs(cg_fd))
+                        result.detached_prog_ids += _detach_ids(cg_fd, ksbpf_programs(cg_fd)) + subtree.detach_sock(cg_fd)
                 except FileNotFoundError:
                     continue  # removed while we walked
         root = pins.pin_root(bpffs)
@@ -309,6 +326,7 @@ class ScopeStatus:
     problems: list[str]
     netns_ok: bool = True   # the tunnels' namespace is still the one attached to
     events: tuple[int, int] = (0, 0)   # blocked-packet samples (sent, suppressed) by this program
+    namespaces: list[dict] | None = None   # --netns each: every namespace the subtree uses, with its tunnels
 
     @property
     def dropped_packets(self) -> int:
@@ -329,6 +347,7 @@ class ScopeStatus:
             "events": {"rate": self.policy.events.rate, "burst": self.policy.events.burst,
                        "sent": self.events[0], "suppressed": self.events[1]},
             "attached_at": self.attached_at, "problems": self.problems,
+            "netns_each": self.namespaces is not None, "namespaces": self.namespaces or [],
         }
 
 
@@ -400,6 +419,10 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
                 problems.append("the program is not attached to the cgroup")
     except OSError:
         problems.append("the cgroup no longer exists (run `ksbpf detach` to remove the pins)")
+    if meta.get("netns", {}).get("each"):
+        tunnels, namespaces = _each_states(policy, cg_path, entries)
+        return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, tunnels, policy, counters,
+                           meta.get("attached_at"), problems, True, event_stats, namespaces)
     ns = meta_netns(meta)
     present = cookie = None
     ns_ok = netns_alive(ns)
@@ -416,6 +439,20 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
                  for t in tunnels if t.impostor]
     return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, tunnels, policy, counters,
                        meta.get("attached_at"), problems, ns_ok, event_stats)
+
+
+def _each_states(policy: Policy, cg_path: str, entries: list[bpf.TunnelEntry]) -> tuple[list[TunnelState], list[dict]]:
+    """--netns each: the tunnels of every namespace the subtree uses, and each namespace."""
+    tunnels, namespaces = [], []
+    spaces = subtree.discover(cg_path) if os.path.isdir(cg_path) else []
+    for sp in sorted(spaces, key=lambda sp: sp.use.pid):
+        registered = {e.ifindex for e in entries if e.netns_cookie == sp.cookie}
+        states = tunnel_states(policy, sp.use.label, sp.links, registered)
+        tunnels += states
+        namespaces.append({"inode": sp.use.inode, "cookie": sp.cookie, "pid": sp.use.pid, "comm": sp.use.comm,
+                           "cgroup": sp.use.cgroup, "processes": sp.use.processes, "label": sp.use.label,
+                           "tunnels": [t.to_dict() for t in states]})
+    return tunnels, namespaces
 
 
 def status(bpffs: str = pins.BPFFS) -> tuple[list[ScopeStatus], list[str]]:
