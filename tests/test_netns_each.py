@@ -126,15 +126,45 @@ def test_daemon_follows_namespaces_as_they_come_and_go(lab, servers, make_cgroup
         time.sleep(0.05)
 
 
+LATE_SENDER = r"""
+import ctypes, errno, json, os, socket, sys, time
+cg, ns, dst, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+with open(cg + "/cgroup.procs", "w") as f:
+    f.write(str(os.getpid()))
+time.sleep(0.5)   # the daemon sees this process in the host's namespace
+fd = os.open(ns, os.O_RDONLY)
+assert ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) == 0
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+first, blocked = time.monotonic(), 0
+while time.monotonic() - first < 5:
+    try:
+        s.sendto(b"late", (dst, port))
+        break
+    except PermissionError:
+        blocked += 1
+        time.sleep(0.0002)
+print(json.dumps({"ms": (time.monotonic() - first) * 1000, "blocked": blocked}))
+"""
+
+
 def test_late_discovery_by_the_first_socket(lab, servers, make_cgroup, run_daemon):
     """A process joins the cgroup in the host's namespace and then enters
-    another (`ip netns exec`): no cgroup event says so.  Its first socket
-    is reported by the sock_create program; meanwhile nothing leaks."""
+    another (setns): no cgroup event says so.  Its first socket is reported
+    by the sock_create program; meanwhile nothing leaks."""
+    import json
+    import sys
     cg = make_cgroup()
     d = run_daemon([{"cgroup": cg, "tunnels": [lab.wg_client], "netns": "each"}])
+    lab.tunnel_down()   # the default route falls back to the physical link: a leak if not blocked
+    lab.tunnel_up()
     with Sniffer(lab) as sniffer:
-        delay = wait_ok(lab, cg, lab.net4_server, servers["udp"], 5.0)
-    assert d.named("netns_reported"), d.lines
-    print(f"late discovery: traffic passed {delay * 1000:.0f} ms after the first attempt; "
-          f"leaked outside the tunnel: {sniffer.count}")
+        out = subprocess.run([sys.executable, "-c", LATE_SENDER, cg, lab.client_path, lab.net4_server,
+                              str(servers["udp"])], capture_output=True, text=True, timeout=30, check=True).stdout
+    r = json.loads(out)
+    reported = d.wait_for("netns_reported", scope=cg)
+    assert reported["pid"] > 0
+    d.wait_for("netns_found", inode=os.stat(lab.client_path).st_ino)
+    print(f"late discovery: first datagram passed {r['ms']:.1f} ms after the first attempt "
+          f"({r['blocked']} blocked); leaked outside the tunnel: {sniffer.count}")
+    assert r["blocked"] >= 1 and r["ms"] < 5000
     assert sniffer.count == 0, sniffer.packets
