@@ -86,3 +86,20 @@ def servers(lab):
     """Echo servers in the server namespace on every address: port by probe kind."""
     with TcpEchoServer(lab) as tcp, UdpEchoServer(lab) as udp:
         yield {"tcp": tcp.port, "udp": udp.port, "icmp": 0}
+
+
+_REPORT: list[str] = []
+
+
+@pytest.fixture
+def report_line():
+    """report_line(text): a line for the end of the test run's output (leak
+    counts of the container tests), shown even when output is captured."""
+    return _REPORT.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _REPORT:
+        terminalreporter.section("what reached the far side outside the tunnel (leak counts)")
+        for line in _REPORT:
+            terminalreporter.write_line(line)
