@@ -30,12 +30,23 @@ ARRIVE_TIMEOUT = 30.0   # a WireGuard handshake through NAT, a container start
 QUIET = 3.0             # how long "nothing arrives" is watched
 
 
-def wait_for(cond, timeout: float, what: str) -> float:
+def wait_for(cond, timeout: float, what: str, diag=lambda: "") -> float:
     start = time.monotonic()
     while not cond():
-        assert time.monotonic() - start < timeout, f"timed out after {timeout} s: {what}"
+        assert time.monotonic() - start < timeout, f"timed out after {timeout} s: {what}\n{diag()}"
         time.sleep(0.05)
     return time.monotonic() - start
+
+
+def diagnose(path: str, far: FarSide, d: DaemonProcess | None = None) -> str:
+    """What the scope, the far side and the daemon say (for a failure message)."""
+    import json
+    s = scope_status(path)
+    out = [json.dumps({k: s[k] for k in ("namespaces", "counters", "problems")}, indent=1)[:6000],
+           f"far side outside: {dict(far.outside.counts)}", f"far side through: {dict(far.through.counts)}"]
+    if d is not None:
+        out.append("\n".join(d.lines[-40:]))
+    return "\n".join(out)
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +125,12 @@ def run_daemon(tmp_path):
         d.stop()
 
 
+def ports(rt: Runtime, first: int, n: int) -> list[int]:
+    """Destination ports of one test: the far side's counters are shared by both runtimes."""
+    base = first + (0 if rt.kind == "podman" else 500)
+    return list(range(base, base + n))
+
+
 def scope(path: str, far: FarSide, **extra) -> dict:
     return {"cgroup": path, "tunnels": ["wg0"], "netns": "each",
             "endpoints": [f"{far.endpoint}:51820/udp"], **extra}
@@ -130,15 +147,16 @@ def blocked(path: str) -> int:
 
 def test_vpn_and_app_containers_through_the_tunnel_and_nothing_when_it_is_deleted(rt, far, ctr, run_daemon,
                                                                                    report_line):
-    port_vpn, port_app, port_ctl = 21001, 21002, 21003
+    port_vpn, port_app, port_ctl = ports(rt, 21001, 3)
     path, parent = ctr.parent()
-    run_daemon([scope(path, far)])
+    d = run_daemon([scope(path, far)])
     vpn = ctr.run("vpn", vpn_script(far, port_vpn), parent=parent, tun=True)
     configure_tunnel(rt.pid(vpn), far, f"{far.tunnel_net}.2", routes=(f"{far.internet}/32",))
     ctr.run("app", sender(far.internet, port_app), parent=parent, share=vpn)
     ctr.run("ctl", sender(far.internet, port_ctl))   # outside the protected parent
     wait_for(lambda: far.through.get(far.internet, port_app) > 0 and far.through.get(far.internet, port_vpn) > 0,
-             ARRIVE_TIMEOUT, "the app's and the VPN container's traffic through the tunnel")
+             ARRIVE_TIMEOUT, "the app's and the VPN container's traffic through the tunnel",
+             lambda: diagnose(path, far, d))
     wait_for(lambda: far.outside.get(far.internet, port_ctl) > 0, ARRIVE_TIMEOUT,
              "the control container's traffic (outside the protected parent, untouched)")
     status = scope_status(path)
@@ -161,7 +179,7 @@ def test_vpn_and_app_containers_through_the_tunnel_and_nothing_when_it_is_delete
 
 def test_a_container_sending_from_its_first_instruction_gets_nothing_out_before_its_tunnel(rt, far, ctr,
                                                                                          run_daemon, report_line):
-    port = 21011
+    (port,) = ports(rt, 21011, 1)
     path, parent = ctr.parent()
     run_daemon([scope(path, far)])
     script = (f"({sender(far.internet, port)}) & "
@@ -184,7 +202,7 @@ def test_a_container_sending_from_its_first_instruction_gets_nothing_out_before_
 
 
 def test_vpn_container_restarted_traffic_resumes_without_a_leak(rt, far, ctr, run_daemon, report_line):
-    port_vpn, port_app = 21021, 21022
+    port_vpn, port_app = ports(rt, 21021, 2)
     path, parent = ctr.parent()
     d = run_daemon([scope(path, far)])
     vpn = ctr.run("vpn", vpn_script(far, port_vpn), parent=parent, tun=True)
@@ -212,7 +230,7 @@ def test_vpn_container_restarted_traffic_resumes_without_a_leak(rt, far, ctr, ru
 
 
 def test_endpoint_rule_and_lan_option_per_container(rt, far, ctr, run_daemon, report_line):
-    port_ep, port_lan_strict, port_lan_open = 21031, 21032, 21033
+    port_ep, _mismatch, port_lan_strict, port_lan_open = ports(rt, 21031, 4)
     strict, strict_parent = ctr.parent("-strict")
     lan, lan_parent = ctr.parent("-lan")
     run_daemon([scope(strict, far, endpoints=[f"{far.endpoint}:51820/udp", f"{far.endpoint}:{port_ep}/tcp"]),
@@ -236,7 +254,7 @@ def test_endpoint_rule_and_lan_option_per_container(rt, far, ctr, run_daemon, re
 
 
 def test_one_shot_attach_and_detach_restores(rt, far, ctr, report_line):
-    port = 21041
+    (port,) = ports(rt, 21041, 1)
     path, parent = ctr.parent()
     out = ksbpf("attach", "--cgroup", path, "--tunnel", "wg0", "--netns", "each", check=True).stdout
     assert "registered only by the daemon" in out
