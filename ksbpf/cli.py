@@ -169,6 +169,8 @@ def status(as_json) -> None:
                        f"{sent} streamed, {suppressed} suppressed (`ksbpf events`)")
         for p in s.problems:
             click.echo(f"  problem: {p}")
+        for w in s.warnings:
+            click.echo(f"  warning: {w}")
 
 
 @main.command()
@@ -210,14 +212,28 @@ def metrics() -> None:
 
 @main.command(name="exec", context_settings={"ignore_unknown_options": True})
 @click.option("--cgroup", "cgroup_path", required=True, metavar="PATH")
+@click.option("--user", "user", metavar="USER",
+              help="Run as USER (name or uid): its groups, gid and uid, a clean environment, no capabilities, "
+                   "no-new-privileges.  Default: the sudo caller when run through sudo.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def exec_(cgroup_path, command) -> None:
+def exec_(cgroup_path, user, command) -> None:
     """Run COMMAND inside a protected scope (joins the cgroup, then execs)."""
+    from ksbpf.kernel import privileges
+
     cg = cgroup.resolve(cgroup_path)
     cgroups.require_protected(cg)
+    user = user or privileges.default_user(dict(os.environ))
+    target = privileges.Target.lookup(user) if user else None
     cgroup.join(cg)
+    env = dict(os.environ)
+    if target is not None:
+        env = target.environment(env)
+        privileges.drop_to(target)
+    elif os.geteuid() == 0:
+        click.echo("ksbpf: warning: running the command as root with every capability (raw sockets bypass "
+                   "the scope); give --user USER", err=True)
     try:
-        os.execvp(command[0], list(command))
+        os.execvpe(command[0], list(command), env)
     except OSError as exc:
         raise KsbpfError(f"cannot run {command[0]!r}: {exc.strerror}", "check the command name and PATH") from None
 

@@ -214,7 +214,8 @@ def test_vpn_container_restarted_traffic_resumes_without_a_leak(rt, far, ctr, ru
     rt.restart(vpn)
     pid = rt.pid(vpn)
     assert os.stat(f"/proc/{pid}/ns/net").st_ino != old_ns   # a new namespace
-    if os.stat(f"/proc/{rt.pid(app)}/ns/net").st_ino != os.stat(f"/proc/{pid}/ns/net").st_ino:
+    app_left_behind = os.stat(f"/proc/{rt.pid(app)}/ns/net").st_ino != os.stat(f"/proc/{pid}/ns/net").st_ino
+    if app_left_behind:
         rt.restart(app)   # it stayed in the old namespace: what the user does (README, Containers)
     assert os.stat(f"/proc/{rt.pid(app)}/ns/net").st_ino == os.stat(f"/proc/{pid}/ns/net").st_ino
     through = {p: far.through.get(far.internet, p) for p in (port_vpn, port_app)}
@@ -224,7 +225,8 @@ def test_vpn_container_restarted_traffic_resumes_without_a_leak(rt, far, ctr, ru
                     ARRIVE_TIMEOUT, "traffic through the new tunnel after the restart")
     leaked = {p: far.outside.get(far.internet, p) for p in (port_vpn, port_app)}
     report_line(f"[{rt.kind}] VPN container restarted (new namespace, new tunnel): outside the tunnel "
-                f"vpn={leaked[port_vpn]} app={leaked[port_app]}; traffic resumed {took:.1f} s after the new tunnel")
+                f"vpn={leaked[port_vpn]} app={leaked[port_app]}; traffic resumed {took:.1f} s after the new tunnel"
+                f"{'; the app stayed in the old namespace and was restarted' if app_left_behind else ''}")
     assert leaked == {port_vpn: 0, port_app: 0}
     assert d.named("netns_found") and d.proc.poll() is None
 

@@ -32,6 +32,8 @@ from ksbpf.scopes import cgroups, subtree
 
 RETRY_SECONDS = 5.0     # scopes that could not be applied are retried this often
 RESYNC_SECONDS = 60.0   # full link dump and reconcile, in case an event was ever missed
+PENDING_SECONDS = 2.0   # netns "each": a reported namespace not found at once is looked for this long ...
+PENDING_INTERVAL = 0.005   # ... this often
 
 
 @dataclass
@@ -47,6 +49,7 @@ class ScopeState:
     in_step: bool = False        # its map was reconciled with the latest link state
     follow: SubtreeWatch | None = None                    # netns = "each": the subtree's signals
     spaces: dict[int, subtree.NsUse] = field(default_factory=dict)   # ... and the namespaces it uses
+    pending: dict[int, float] = field(default_factory=dict)   # reported cookies not registered yet -> give up at
 
     @property
     def each(self) -> bool:
@@ -165,10 +168,19 @@ class Daemon:
         changes, reported = st.follow.drain()
         for cookie, cg_id, pid in reported:
             self.log("netns_reported", scope=st.cgroup, cookie=cookie, pid=pid, cgroup_id=cg_id)
+            st.pending[cookie] = time.monotonic() + PENDING_SECONDS
+        self._rescan(st, force=bool(reported))
+
+    def _rescan(self, st: ScopeState, force: bool = False) -> None:
         before = set(st.spaces)
         st.spaces = subtree.in_use(st.cgroup)
-        if set(st.spaces) != before or reported:
+        if set(st.spaces) != before or force:
             self._rebuild_watches()
+        # a reported namespace not found yet (its process was between two
+        # steps of our scan): looked for again shortly, for a while
+        found = {space.cookie for i, space in self.namespaces.items() if i in st.spaces}
+        now = time.monotonic()
+        st.pending = {c: t for c, t in st.pending.items() if c not in found and t > now}
 
     def _prune_each(self, st: ScopeState) -> None:
         """Entries of namespaces the subtree no longer uses leave the scope's map."""
@@ -331,7 +343,8 @@ class Daemon:
         while True:
             watches = {space.watch.fileno(): space for space in self.namespaces.values()}
             follows = {fd: st for st in self.scopes.values() if st.follow for fd in st.follow.fds()}
-            deadline = min(next_resync, next_retry)
+            pending = [st for st in self.scopes.values() if st.pending and st.follow]
+            deadline = min(next_resync, next_retry, *(time.monotonic() + PENDING_INTERVAL for _ in pending[:1]))
             readable, _, _ = select.select([read_fd, *watches, *follows], [], [],
                                            max(0.0, deadline - time.monotonic()))
             self.heartbeat = time.monotonic()
@@ -360,6 +373,9 @@ class Daemon:
                     for st in self.scopes.values():
                         self._unfollow(st)
                     return 0
+            for st in pending:
+                if st.follow is not None:
+                    self._rescan(st, force=True)
             if time.monotonic() >= next_retry:
                 self._check_namespaces()
                 failed = [s for s in self.scopes.values() if s.error]

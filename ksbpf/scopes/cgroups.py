@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from ksbpf.errors import KsbpfError
-from ksbpf.kernel import bpf, cgroup, libbpf, links, netns, pins, preflight
+from ksbpf.kernel import bpf, cgroup, libbpf, links, netns, pins, preflight, privileges
 from ksbpf.policy import Endpoint, Policy
 from ksbpf.reasons import Family, Reason
 from ksbpf.scopes import subtree
@@ -194,9 +194,10 @@ def attach(cgroup_path: str, policy: Policy, progress: Progress = _quiet,
     each = subtree.is_each(policy)
     ns = None if each else netns.resolve(policy.netns)
 
+    # compiled (seconds) before taking the lock: the daemon's map updates never wait for a compiler
+    progress("loading the policy program (compiled by bcc unless a cached image fits)")
+    prog = bpf.load(policy.options, len(policy.endpoints), policy.events, entries=subtree.entries(policy))
     with pins.locked():
-        progress("loading the policy program (compiled by bcc unless a cached image fits)")
-        prog = bpf.load(policy.options, len(policy.endpoints), policy.events, entries=subtree.entries(policy))
         try:
             if ns is None:   # every namespace the subtree uses now; the daemon follows later ones
                 spaces = subtree.discover(cg.path)
@@ -327,6 +328,7 @@ class ScopeStatus:
     netns_ok: bool = True   # the tunnels' namespace is still the one attached to
     events: tuple[int, int] = (0, 0)   # blocked-packet samples (sent, suppressed) by this program
     namespaces: list[dict] | None = None   # --netns each: every namespace the subtree uses, with its tunnels
+    warnings: list[str] = field(default_factory=list)   # e.g. processes that could bypass the policy
 
     @property
     def dropped_packets(self) -> int:
@@ -348,6 +350,7 @@ class ScopeStatus:
                        "sent": self.events[0], "suppressed": self.events[1]},
             "attached_at": self.attached_at, "problems": self.problems,
             "netns_each": self.namespaces is not None, "namespaces": self.namespaces or [],
+            "warnings": self.warnings,
         }
 
 
@@ -419,10 +422,11 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
                 problems.append("the program is not attached to the cgroup")
     except OSError:
         problems.append("the cgroup no longer exists (run `ksbpf detach` to remove the pins)")
+    warnings = raw_socket_warnings(cg_path)
     if meta.get("netns", {}).get("each"):
         tunnels, namespaces = _each_states(policy, cg_path, entries)
         return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, tunnels, policy, counters,
-                           meta.get("attached_at"), problems, True, event_stats, namespaces)
+                           meta.get("attached_at"), problems, True, event_stats, namespaces, warnings)
     ns = meta_netns(meta)
     present = cookie = None
     ns_ok = netns_alive(ns)
@@ -438,7 +442,21 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
     problems += [f"interface {t.name} is a {t.kind}, not a trusted tunnel kind ({', '.join(policy.tunnel_kinds)}): blocked"
                  for t in tunnels if t.impostor]
     return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, tunnels, policy, counters,
-                       meta.get("attached_at"), problems, ns_ok, event_stats)
+                       meta.get("attached_at"), problems, ns_ok, event_stats, warnings=warnings)
+
+
+def raw_socket_warnings(cg_path: str, limit: int = 10) -> list[str]:
+    """Processes of the scope holding CAP_NET_RAW: a raw AF_PACKET socket bypasses the cgroup hook."""
+    if not os.path.isdir(cg_path):
+        return []
+    found = [(pid, where) for pid, where in subtree.subtree_pids(cg_path)
+             if privileges.holds(pid, privileges.CAP_NET_RAW)]
+    out = [f"process {pid} ({subtree.comm(pid)}, {os.path.relpath(where, cg_path)}) holds CAP_NET_RAW: its raw "
+           "AF_PACKET sockets bypass the policy (start programs with `ksbpf exec --user USER`, "
+           "containers with --cap-drop NET_RAW)" for pid, where in found[:limit]]
+    if len(found) > limit:
+        out.append(f"... and {len(found) - limit} more processes holding CAP_NET_RAW")
+    return out
 
 
 def _each_states(policy: Policy, cg_path: str, entries: list[bpf.TunnelEntry]) -> tuple[list[TunnelState], list[dict]]:

@@ -65,7 +65,7 @@ class NsUse:
         return netns.Netns(self.label, self.path, self.inode)
 
 
-def _comm(pid: int) -> str:
+def comm(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/comm") as f:
             return f.read().strip()
@@ -100,7 +100,7 @@ def in_use(cgroup_path: str) -> dict[int, NsUse]:
     out = {}
     for inode, ((pid, where), n) in found.items():
         rel = os.path.relpath(where, cgroup_path)
-        out[inode] = NsUse(inode, pid, _comm(pid), rel, n)
+        out[inode] = NsUse(inode, pid, comm(pid), rel, n)
     return out
 
 
