@@ -26,6 +26,8 @@ fi
 # --- 1. packages -------------------------------------------------------------
 pkgs=(python3 python3-venv python3-bpfcc libbpf1 bpftool iproute2 wireguard-go wireguard-tools
       tcpdump iperf3 nftables iptables iputils-ping procps prometheus)
+# container tests: real Podman and Docker (runc), images from busybox-static; no service is started
+pkgs+=(podman runc netavark aardvark-dns busybox-static docker.io)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -43,24 +45,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 else
     say "Debian packages present"
 fi
-
-# Container runtimes for the container tests (tests/test_containers.py): Podman and Docker with runc,
-# images made from busybox-static.  No service is started or left enabled (dockerd/containerd run
-# only while a test runs them, in a private mount namespace).
-ctr_pkgs=(podman runc netavark aardvark-dns busybox-static iptables docker.io)
-ctr_missing=()
-for p in "${ctr_pkgs[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || ctr_missing+=("$p")
-done
-if [ ${#ctr_missing[@]} -gt 0 ]; then
-    say "installing container runtimes for the tests: ${ctr_missing[*]}"
-    no_start=/usr/sbin/policy-rc.d
-    [ -e "$no_start" ] || { printf '#!/bin/sh\nexit 101\n' > "$no_start"; chmod +x "$no_start"; trap 'rm -f "$no_start"' EXIT; }
-    apt_install "${ctr_missing[@]}"
-    if command -v systemctl >/dev/null; then
-        systemctl disable docker.service docker.socket containerd.service >/dev/null 2>&1 || true
-    fi
-fi
+command -v systemctl >/dev/null && systemctl disable docker.service docker.socket containerd.service >/dev/null 2>&1 || true
 
 # --- 2. kernel headers for bcc -------------------------------------------------
 rel=$(uname -r)

@@ -88,6 +88,27 @@ def servers(lab):
         yield {"tcp": tcp.port, "udp": udp.port, "icmp": 0}
 
 
+@pytest.fixture
+def run_daemon(tmp_path):
+    """run_daemon(scopes) -> DaemonProcess, ready; stopped (never detaching) at teardown."""
+    from helpers import DaemonProcess, toml_config
+    started: list = []
+
+    def run(scopes: list[dict], wait_ready: bool = True):
+        path = tmp_path / "ksbpf.toml"
+        path.write_text(toml_config(scopes))
+        d = DaemonProcess(str(path))
+        d.config_path = str(path)
+        started.append(d)
+        if wait_ready:
+            d.wait_for("ready")
+        return d
+
+    yield run
+    for d in started:
+        d.stop()
+
+
 _REPORT: list[str] = []
 
 

@@ -19,7 +19,7 @@ import time
 import uuid
 
 import pytest
-from helpers import DaemonProcess, ksbpf, scope_status, toml_config
+from helpers import DaemonProcess, ksbpf, scope_status
 
 from ksbpf.kernel import cgroup
 from ksbpf.lab.containers import FarSide, Runtime, configure_tunnel, delete_link, image_tar, sender
@@ -106,23 +106,6 @@ def ctr(rt, make_cgroup, far):
     c = Containers()
     yield c
     rt.remove(*c.names)
-
-
-@pytest.fixture
-def run_daemon(tmp_path):
-    started: list[DaemonProcess] = []
-
-    def run(scopes: list[dict]) -> DaemonProcess:
-        path = tmp_path / "ksbpf.toml"
-        path.write_text(toml_config(scopes))
-        d = DaemonProcess(str(path))
-        started.append(d)
-        d.wait_for("ready")
-        return d
-
-    yield run
-    for d in started:
-        d.stop()
 
 
 def ports(rt: Runtime, first: int, n: int) -> list[int]:
@@ -275,3 +258,20 @@ def test_cleanup_tools_exist():
     """The clean-up needs these (installed by make setup)."""
     for tool in ("iptables-save", "ip6tables-save", "nsenter", "unshare", "wg", "wireguard-go"):
         assert shutil.which(tool), tool
+
+
+def test_compose_example_is_consistent():
+    """deploy/compose: the services' cgroup_parent is the scope's cgroup, the
+    app shares the VPN's namespace, the scope follows every namespace."""
+    import re
+
+    from ksbpf.daemon import config
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deploy", "compose")
+    compose = open(os.path.join(root, "compose.yaml")).read()
+    cfg = config.load(os.path.join(root, "ksbpf.toml"))
+    (sc,) = cfg.scopes
+    parents = set(re.findall(r"^\s+cgroup_parent:\s*(\S+)", compose, re.M))
+    assert parents == {"vpnkill.slice"} and sc.cgroup == "/sys/fs/cgroup/vpnkill.slice"
+    assert re.search(r'^\s+network_mode:\s*"service:vpn"', compose, re.M)
+    assert sc.policy.netns == "each" and sc.policy.tunnels == ("wg0",) and sc.create_cgroup
+    assert "[Slice]" in open(os.path.join(root, "vpnkill.slice")).read()

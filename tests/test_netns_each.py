@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import pytest
-from helpers import DaemonProcess, ksbpf, scope_status, toml_config
+from helpers import ksbpf, scope_status
 
 from ksbpf.lab.namespaces import Sniffer, probe
 
@@ -42,23 +42,6 @@ def procs():
     for p in started:
         p.kill()
         p.wait()
-
-
-@pytest.fixture
-def run_daemon(tmp_path):
-    started: list[DaemonProcess] = []
-
-    def run(scopes: list[dict]) -> DaemonProcess:
-        path = tmp_path / "ksbpf.toml"
-        path.write_text(toml_config(scopes))
-        d = DaemonProcess(str(path))
-        started.append(d)
-        d.wait_for("ready")
-        return d
-
-    yield run
-    for d in started:
-        d.stop()
 
 
 def wait_ok(lab, cg, dst, port, bound: float) -> float:

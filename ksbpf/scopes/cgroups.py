@@ -39,24 +39,24 @@ def _open_dir(path: str) -> Iterator[int]:
         os.close(fd)
 
 
-def ksbpf_programs(cg_fd: int, effective: bool = False) -> list[int]:
+def ksbpf_programs(cg_fd: int, effective: bool = False, hook: int = EGRESS, name: str = bpf.PROG_NAME) -> list[int]:
     """IDs of ksbpf's programs attached to a cgroup's egress hook (effective:
-    also those inherited from its ancestors)."""
+    also those inherited from its ancestors); or to another hook, by name."""
     found = []
-    for prog_id in libbpf.prog_query(cg_fd, EGRESS, effective):
+    for prog_id in libbpf.prog_query(cg_fd, hook, effective):
         try:
             fd = libbpf.prog_fd_by_id(prog_id)
         except OSError:
             continue  # detached meanwhile
         try:
-            if libbpf.prog_info(fd).name == bpf.PROG_NAME:
+            if libbpf.prog_info(fd).name == name:
                 found.append(prog_id)
         finally:
             os.close(fd)
     return found
 
 
-def _detach_ids(cg_fd: int, prog_ids: list[int]) -> list[int]:
+def _detach_ids(cg_fd: int, prog_ids: list[int], hook: int = EGRESS) -> list[int]:
     done = []
     for prog_id in prog_ids:
         try:
@@ -64,7 +64,7 @@ def _detach_ids(cg_fd: int, prog_ids: list[int]) -> list[int]:
         except OSError:
             continue
         try:
-            libbpf.prog_detach(fd, cg_fd, EGRESS)
+            libbpf.prog_detach(fd, cg_fd, hook)
             done.append(prog_id)
         except OSError as exc:
             if exc.errno != errno.ENOENT:
@@ -72,6 +72,23 @@ def _detach_ids(cg_fd: int, prog_ids: list[int]) -> list[int]:
         finally:
             os.close(fd)
     return done
+
+
+def _sock_programs(cg_fd: int) -> list[int]:
+    """--netns each: ksbpf's sock_create programs on the cgroup."""
+    return ksbpf_programs(cg_fd, hook=subtree.SOCK_CREATE, name=subtree.SOCK_PROG_NAME)
+
+
+def _detach_sock(cg_fd: int) -> list[int]:
+    return _detach_ids(cg_fd, _sock_programs(cg_fd), subtree.SOCK_CREATE)
+
+
+def _swap_sock(cg_fd: int, progs: dict[str, int]) -> None:
+    """Attach the new sock_create program (when loaded), then detach the old ones."""
+    old = _sock_programs(cg_fd)
+    if bpf.ENTRY_SOCK_CREATE in progs:
+        libbpf.prog_attach(progs[bpf.ENTRY_SOCK_CREATE], cg_fd, subtree.SOCK_CREATE, libbpf.BPF_F_ALLOW_MULTI)
+    _detach_ids(cg_fd, old, subtree.SOCK_CREATE)
 
 
 Counters = dict[tuple[Reason, Family], tuple[int, int]]
@@ -238,7 +255,7 @@ def attach(cgroup_path: str, policy: Policy, progress: Progress = _quiet,
                 progress(f"attached program {prog_id} to {cg.path}" + (f"; detaching the previous program {old}" if old else ""))
                 replaced = _detach_ids(cg_fd, old)
                 try:
-                    subtree.swap_sock(cg_fd, prog.progs)
+                    _swap_sock(cg_fd, prog.progs)
                 except OSError as exc:
                     raise KsbpfError(f"cannot attach the sock_create program to {cg.path}: {exc.strerror}",
                                      "check `bpftool cgroup show " + cg.path + "`; the egress policy is in force") from None
@@ -284,7 +301,7 @@ def detach(cgroup_path: str, bpffs: str = pins.BPFFS) -> DetachResult:
         if os.path.exists(real):
             cg = cgroup.resolve(real)
             with _open_dir(cg.path) as cg_fd:
-                result.detached_prog_ids = _detach_ids(cg_fd, ksbpf_programs(cg_fd)) + subtree.detach_sock(cg_fd)
+                result.detached_prog_ids = _detach_ids(cg_fd, ksbpf_programs(cg_fd)) + _detach_sock(cg_fd)
         for d in pins.list_scope_dirs(bpffs):
             if _meta_cgroup(d) == real:
                 pins.remove_dir(d)
@@ -303,7 +320,7 @@ def detach_all(bpffs: str = pins.BPFFS, progress: Progress = _quiet) -> DetachRe
             for path in cgroup.walk(root):
                 try:
                     with _open_dir(path) as cg_fd:
-                        result.detached_prog_ids += _detach_ids(cg_fd, ksbpf_programs(cg_fd)) + subtree.detach_sock(cg_fd)
+                        result.detached_prog_ids += _detach_ids(cg_fd, ksbpf_programs(cg_fd)) + _detach_sock(cg_fd)
                 except FileNotFoundError:
                     continue  # removed while we walked
         root = pins.pin_root(bpffs)

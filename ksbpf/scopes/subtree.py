@@ -9,9 +9,10 @@ registered its non-local traffic is dropped: fail closed.
 
 This module owns: finding the namespaces in use, keeping the tunnel map's
 entries of ONE namespace in step (the other namespaces' entries untouched),
-the `netns_known` map the sock_create program reads, and attaching/detaching
-that program (BPF_CGROUP_INET_SOCK_CREATE) beside the egress one.  It uses
-only the kernel layer: cgroups.py and the daemon call it.
+the `netns_known` map the sock_create program reads, and
+reading that program's reports (cgroups.py attaches it, BPF_CGROUP_INET_SOCK_CREATE,
+beside the egress one).  It uses only the kernel layer: cgroups.py and the
+daemon call it.
 """
 
 from __future__ import annotations
@@ -196,48 +197,8 @@ def register_all(maps: bpf.ScopeMaps, policy: Policy, spaces: list[Space]) -> No
         sync_namespace(maps, policy, s.cookie, s.links)
 
 
-# --- the sock_create program -----------------------------------------------------
-
-def sock_programs(cg_fd: int) -> list[int]:
-    """IDs of ksbpf's sock_create programs attached to the cgroup."""
-    found = []
-    for prog_id in libbpf.prog_query(cg_fd, SOCK_CREATE):
-        try:
-            fd = libbpf.prog_fd_by_id(prog_id)
-        except OSError:
-            continue
-        try:
-            if libbpf.prog_info(fd).name == SOCK_PROG_NAME:
-                found.append(prog_id)
-        finally:
-            os.close(fd)
-    return found
-
-
-def detach_sock(cg_fd: int, prog_ids: list[int] | None = None) -> list[int]:
-    done = []
-    for prog_id in sock_programs(cg_fd) if prog_ids is None else prog_ids:
-        try:
-            fd = libbpf.prog_fd_by_id(prog_id)
-        except OSError:
-            continue
-        try:
-            libbpf.prog_detach(fd, cg_fd, SOCK_CREATE)
-            done.append(prog_id)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-    return done
-
-
-def swap_sock(cg_fd: int, progs: dict[str, int]) -> None:
-    """Attach the new sock_create program (when loaded), then detach the old ones."""
-    old = sock_programs(cg_fd)
-    if bpf.ENTRY_SOCK_CREATE in progs:
-        libbpf.prog_attach(progs[bpf.ENTRY_SOCK_CREATE], cg_fd, SOCK_CREATE, libbpf.BPF_F_ALLOW_MULTI)
-    detach_sock(cg_fd, old)
-
+# --- the sock_create program's reports ----------------------------------------------
+# (attached and detached with the egress program by cgroups.py: SOCK_CREATE, SOCK_PROG_NAME)
 
 class Reports:
     """The reports of the sock_create programs of several scopes (one ring
