@@ -538,3 +538,34 @@ int ksbpf_tc_l3(struct __sk_buff *skb)
 		proto = v >> 4 == 4 ? bpf_htons(ETH_P_IP) : v >> 4 == 6 ? bpf_htons(ETH_P_IPV6) : 0;
 	return ksbpf_verdict(&at, proto) ? TC_ACT_UNSPEC : TC_ACT_SHOT;
 }
+
+/* cgroup/sock_create (--netns each): a socket of the scope is being created
+ * in a network namespace the daemon does not know yet -- a process that moved
+ * into an already populated cgroup, or that entered another namespace, raises
+ * no cgroup event.  The first socket of each unknown namespace is reported to
+ * the daemon (one report per namespace: the entry marked "reported" is the
+ * rate limit); it looks the namespace's tunnels up.  Until then the egress
+ * policy drops that namespace's non-local traffic.  Never refuses a socket. */
+BPF_HASH(netns_known, __u64, __u32, KSBPF_MAX_NETNS);
+BPF_RINGBUF_OUTPUT(netns_events, 1);
+
+int ksbpf_sk_create(struct bpf_sock *sk)
+{
+	__u64 cookie = bpf_get_netns_cookie(sk);
+	__u32 reported = KSBPF_NETNS_REPORTED;
+	struct ksbpf_netns_event *ev;
+
+	if (netns_known.lookup(&cookie))
+		return 1;
+	if (netns_known.insert(&cookie, &reported))
+		return 1;	/* reported meanwhile by another CPU, or the map is full */
+	ev = netns_events.ringbuf_reserve(sizeof(*ev));
+	if (!ev)
+		return 1;
+	ev->netns_cookie = cookie;
+	ev->cgroup_id = bpf_get_current_cgroup_id();
+	ev->pid = bpf_get_current_pid_tgid() >> 32;
+	ev->pad = 0;
+	netns_events.ringbuf_submit(ev, 0);
+	return 1;
+}
