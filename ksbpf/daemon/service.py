@@ -178,6 +178,11 @@ class Daemon:
             st.error = str(exc)
             self.log("node_failed", level="error", scope=st.name, error=st.error, retry_in=RETRY_SECONDS)
 
+    def _named(self, inode: int) -> bool:
+        """Is the namespace one a scope or the node names (not one found by following a subtree)?"""
+        return (any(st.ns and st.ns.inode == inode for st in self.scopes.values())
+                or bool(self.node and self.node.ns and self.node.ns.inode == inode))
+
     def _rebuild_watches(self) -> None:
         needed = {st.ns.inode: st.ns for st in self.scopes.values() if st.ns}
         if self.node and self.node.ns:
@@ -188,7 +193,7 @@ class Daemon:
         for inode in [i for i in self.namespaces if i not in needed]:
             space = self.namespaces.pop(inode)
             space.close()
-            if not any(st.ns and st.ns.inode == inode for st in self.scopes.values()):
+            if not self._named(inode):
                 self.log("netns_gone", netns=space.ns.label, inode=inode)
         for inode, ns in needed.items():
             if inode not in self.namespaces:
@@ -201,7 +206,7 @@ class Daemon:
                     space.watch.close()
                     continue
                 self.namespaces[inode] = space
-                if not any(st.ns and st.ns.inode == inode for st in self.scopes.values()):
+                if not self._named(inode):
                     self.log("netns_found", netns=ns.label, inode=inode, cookie=self.namespaces[inode].cookie)
                 self._resync(self.namespaces[inode])
         for space in self.namespaces.values():
