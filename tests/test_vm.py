@@ -161,3 +161,28 @@ def test_escape_hatch_and_reboot_leave_nothing(guest, first_boot, say):
     assert not r["pins_left"] and r["progs"] == [] and r["all_ksbpf_progs"] == [], r
     grown = r["growth_without_tunnel"]
     assert grown["leak_udp"] > 0 and grown["leak_tcp"] > 0, f"without ksbpf the traffic should flow: {grown}"
+
+
+def test_node_mode_blocks_forwarded_traffic_from_the_first_boot(guest, say):
+    """Scenario 4: with a [node] table, the first boot guards the physical link
+    (present at boot like a NIC, configured after network-pre): forwarded
+    traffic from a container namespace, sent from before the network exists,
+    never arrives over it; the tunnel's own handshake does, and once wg-quick
+    brings the tunnel up the container's traffic passes through it."""
+    r = run(guest("node"), "node", say, "scenario 4 (node mode, first boot)")
+    t = r["times"]
+    assert r["units"]["ksbpf-early.service"]["Result"] == "success", r["journal_early"]
+    assert 0 < t["ksbpf-early.service"]["ExecMainExitTimestampMonotonic"] \
+        <= t["ksbpf-vmtest-ctr.service"]["ExecMainStartTimestampMonotonic"]
+    assert 0 < r["ctr"]["first_send_mono"] <= t["network-pre.target"]["ActiveEnterTimestampMonotonic"] \
+        <= t["ksbpf-demo-peer.service"]["InactiveExitTimestampMonotonic"], t
+    c, g = r["counters"], r["growth"]
+    assert c["node_leak_udp"] == 0 and c["node_leak_tcp"] == 0, f"forwarded traffic leaked over the physical link: {c}"
+    assert c["wireguard"] > 0, f"nothing at all arrived over the physical link: {c}"
+    assert g["node_tunnel_udp"] > 0 and g["node_tunnel_tcp"] > 0 and g["node_leak_udp"] == 0, g
+    assert r["ctr"]["udp_ok"] > 0, r["ctr"]
+    nodes = r["status"]["nodes"]
+    assert len(nodes) == 1 and nodes[0]["attached"], r["status"]
+    ifaces = {i["name"]: i for i in nodes[0]["interfaces"]}
+    assert ifaces["vpn-uplink"]["guarded"] and ifaces["vpn-uplink"]["role"] == "guarded", ifaces
+    assert ifaces["veth-ctr"]["role"] == "internal" and ifaces["wg0"]["role"] == "tunnel", ifaces

@@ -11,9 +11,11 @@ keys=/etc/ksbpf-demo
 case "${1:-}" in
 up)
     [ -e /run/netns/$ns ] || ip netns add $ns          # may exist already (counters added first)
-    ip link del vpn-uplink 2>/dev/null || true
     ip -n $ns link del wgs 2>/dev/null || true
-    ip link add vpn-uplink type veth peer name uplink netns $ns
+    # the link may exist already, like a NIC found at boot: then it is only configured here
+    ip link show vpn-uplink >/dev/null 2>&1 || ip link add vpn-uplink type veth peer name uplink netns $ns
+    ip addr flush dev vpn-uplink
+    ip -n $ns addr flush dev uplink
     ip -n $ns link set lo up
     ip -n $ns addr add 198.51.100.7/32 dev lo
     ip -n $ns addr add 10.99.0.2/24 dev uplink

@@ -32,7 +32,13 @@ STATE = os.environ.get("KSBPF_VMTEST_STATE", "/run/ksbpf-vmtest")
 RESULTS_TTY = "/dev/ttyS1"
 CONFIG = "/etc/ksbpf/ksbpf.toml"
 SCOPE = "/sys/fs/cgroup/vpn.slice"
-COUNTERS = ("leak_udp", "leak_tcp", "tunnel_udp", "tunnel_tcp", "control_udp", "control_tcp")
+COUNTERS = ("leak_udp", "leak_tcp", "tunnel_udp", "tunnel_tcp", "control_udp", "control_tcp",
+            "node_leak_udp", "node_leak_tcp", "node_tunnel_udp", "node_tunnel_tcp", "wireguard")
+NODE_CONFIG = """
+[node]
+tunnels = ["wg0"]
+endpoints = ["10.99.0.2:51820/udp"]
+"""
 NFT = """
 table inet ksbpfvm {
 %s
@@ -44,9 +50,14 @@ table inet ksbpfvm {
         iifname "wgs" ip daddr %s tcp dport 5002 counter name tunnel_tcp
         iifname "uplink" ip daddr %s udp dport 6001 counter name control_udp
         iifname "uplink" ip daddr %s tcp dport 6002 counter name control_tcp
+        iifname "uplink" ip daddr %s udp dport 7001 counter name node_leak_udp
+        iifname "uplink" ip daddr %s tcp dport 7002 counter name node_leak_tcp
+        iifname "wgs" ip daddr %s udp dport 7001 counter name node_tunnel_udp
+        iifname "wgs" ip daddr %s tcp dport 7002 counter name node_tunnel_tcp
+        iifname "uplink" ip daddr 10.99.0.2 udp dport 51820 counter name wireguard
     }
 }
-""" % ("\n".join(f"    counter {c} {{ }}" for c in COUNTERS), *[TARGET] * 6)
+""" % ("\n".join(f"    counter {c} {{ }}" for c in COUNTERS), *[TARGET] * 10)
 
 
 # --- helpers ------------------------------------------------------------------
@@ -178,6 +189,34 @@ def cmd_counters() -> None:
     if not os.path.exists(f"/run/netns/{NS}"):
         sh("ip", "netns", "add", NS)
     subprocess.run(["ip", "netns", "exec", NS, "nft", "-f", "-"], input=NFT, text=True, check=True)
+
+
+def cmd_node_setup() -> None:
+    """Scenario 4's machine, before ksbpf-early: node mode in the configuration, a
+    "container" (namespace ctr behind veth-ctr, masqueraded, forwarded), and the
+    physical link present but not configured, as a NIC found at boot."""
+    with open(CONFIG, "a") as f:
+        f.write(NODE_CONFIG)
+    if not os.path.exists(f"/run/netns/{NS}"):
+        sh("ip", "netns", "add", NS)
+    sh("ip", "link", "add", "vpn-uplink", "type", "veth", "peer", "name", "uplink", "netns", NS)
+    sh("ip", "netns", "add", "ctr")
+    sh("ip", "link", "add", "veth-ctr", "type", "veth", "peer", "name", "eth0", "netns", "ctr")
+    for argv in (["ip", "addr", "add", "10.88.0.1/24", "dev", "veth-ctr"], ["ip", "link", "set", "veth-ctr", "up"],
+                 ["ip", "-n", "ctr", "link", "set", "lo", "up"],
+                 ["ip", "-n", "ctr", "addr", "add", "10.88.0.2/24", "dev", "eth0"],
+                 ["ip", "-n", "ctr", "link", "set", "eth0", "up"],
+                 ["ip", "-n", "ctr", "route", "add", "default", "via", "10.88.0.1"],
+                 ["sysctl", "-qw", "net.ipv4.ip_forward=1"]):
+        sh(*argv)
+    subprocess.run(["nft", "-f", "-"], check=True, text=True, input="""
+table ip ksbpfvmnat {
+    chain post {
+        type nat hook postrouting priority srcnat; policy accept;
+        ip saddr 10.88.0.0/24 oifname != "veth-ctr" masquerade
+    }
+}
+""")
 
 
 # --- a sender ---------------------------------------------------------------------
@@ -368,8 +407,29 @@ def diagnostics() -> dict:
     return out
 
 
+def scenario_node() -> dict:
+    """First boot with node mode: forwarded traffic from a container is blocked on
+    the physical link from the start, and passes once the tunnel is up."""
+    r = common()
+    r["times"] = {u: unit_times(u) for u in ("ksbpf-early.service", "ksbpf-vmtest-ctr.service",
+                                             "network-pre.target", "ksbpf-demo-peer.service",
+                                             "wg-quick@wg0.service")}
+    r["units"] = {u: unit_state(u) for u in ("ksbpf-early.service", "ksbpf.service")}
+    t = time.monotonic()
+    base = counters()
+    wait_for("forwarded traffic through the tunnel",
+             lambda: all(counters()[c] > base[c] for c in ("node_tunnel_udp", "node_tunnel_tcp")), 60)
+    r["tunnel_after_boot_s"] = round(time.monotonic() - t, 2)
+    r["growth"] = growth(COUNTERS, 3)
+    r["counters"] = counters()
+    r["ctr"] = sender("ctr")
+    r["status"] = status()
+    r["journal_early"] = journal("ksbpf-early.service")[-3000:]
+    return r
+
+
 SCENARIOS = {"boot": scenario_boot, "daemon": scenario_daemon, "escape": scenario_escape,
-             "escape-rebooted": scenario_escape_rebooted}
+             "escape-rebooted": scenario_escape_rebooted, "node": scenario_node}
 
 
 def cmd_drive() -> None:
@@ -403,5 +463,7 @@ if __name__ == "__main__":
         cmd_send(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     elif cmd == "drive":
         cmd_drive()
+    elif cmd == "node-setup":
+        cmd_node_setup()
     else:
-        sys.exit("usage: guest.py counters | send NAME UDP_PORT TCP_PORT | drive")
+        sys.exit("usage: guest.py counters | send NAME UDP_PORT TCP_PORT | drive | node-setup")

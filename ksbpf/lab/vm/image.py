@@ -4,10 +4,10 @@ Two layers, so that a code change does not cost a debootstrap:
 
 - base-<key>/root: debootstrap (Debian 12, the mirror of the machine's apt
   sources) and vagrant/provision.sh run in a chroot of it with the repository
-  copied in.  Keyed by the debootstrap inputs and the month (so it follows the
-  mirror's updates), not by the repository: the image layer runs the
-  provisioning again on top, which installs whatever the scripts added since.
-  ~5 min cold.
+  copied in.  Keyed by the debootstrap inputs, the scripts that decide the
+  packages (provision.sh, setup-host.sh) and the month (so it follows the
+  mirror's updates) -- not by the rest of the repository: the image layer runs
+  the provisioning again on top.  ~5 min cold.
 - image-<key>/{disk.img,vmlinuz,initrd.img}: the base under an overlay, the
   current repository copied in, provision.sh run again (idempotent: packages
   present, the venv only refreshed), the test's units added, and an ext4 disk
@@ -39,6 +39,7 @@ SUITE = "bookworm"
 BASE_PACKAGES = ("systemd-sysv", "udev", "dbus", "kmod", "iproute2", "initramfs-tools", "linux-headers-amd64",
                  "wireguard-tools", "python3", "python3-venv", "make", "rsync", "ca-certificates", "procps")
 BUILD_VERSION = "1"   # change when the build steps below change
+BASE_INPUTS = ("vagrant/provision.sh", "deploy/setup-host.sh")   # what decides the installed packages
 UNITS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "units")
 DISK_SIZE = "6G"     # sparse
 KEEP = 2             # images and bases kept in the cache (newest first)
@@ -107,10 +108,10 @@ def _digest(parts: list[bytes]) -> str:
     return h.hexdigest()[:16]
 
 
-def base_key(mirror: str) -> str:
+def base_key(repo: str, mirror: str) -> str:
     month = time.strftime("%Y-%m", time.gmtime())
     return _digest([BUILD_VERSION.encode(), SUITE.encode(), mirror.encode(), " ".join(BASE_PACKAGES).encode(),
-                    month.encode()])
+                    month.encode(), *(open(os.path.join(repo, f), "rb").read() for f in BASE_INPUTS)])
 
 
 def image_key(repo: str, base: str) -> str:
@@ -217,7 +218,7 @@ def ensure_image(repo: str, log: Callable[[str], None] = print, cache: str | Non
     cache = cache or cache_root()
     os.makedirs(cache, mode=0o700, exist_ok=True)
     mirror = apt_mirror()
-    bkey = base_key(mirror)
+    bkey = base_key(repo, mirror)
     ikey = image_key(repo, bkey)
     base_dir = os.path.join(cache, f"base-{bkey}")
     image_dir = os.path.join(cache, f"image-{ikey}")

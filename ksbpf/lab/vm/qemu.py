@@ -66,7 +66,7 @@ class Guest:
                 "-nic", "none", "-nodefaults", "-display", "none", "-no-reboot",
                 "-serial", f"file:{console}", "-serial", f"file:{serial}"]
 
-    def boot(self, scenario: str, timeout: float = 420) -> Boot:
+    def boot(self, scenario: str, timeout: float = 900) -> Boot:
         """Boot until the guest powers off or reboots (qemu exits: -no-reboot)."""
         self.boots += 1
         stem = os.path.join(self.workdir, f"{self.name}-{self.boots}-{scenario}")
