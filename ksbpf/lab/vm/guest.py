@@ -342,11 +342,13 @@ def scenario_daemon() -> dict:
     r["restart"] = {"before": before, "after": unit_state("ksbpf.service"),
                     "progs_before": progs_before, "progs_after": attached_progs()}
 
-    text = open(CONFIG).read().replace('tunnel_kinds = ["wireguard"]', 'tunnel_kinds = ["wireguard"]\nallow_dhcp = true')
+    # a second tunnel: a changed policy that needs no new compile (one would take minutes under emulation)
+    text = open(CONFIG).read().replace('tunnels = ["wg0"]', 'tunnels = ["wg0", "wg1"]', 1)
     with open(CONFIG, "w") as f:
         f.write(text)
     sh("systemctl", "reload", "ksbpf.service")
-    wait_for("the reloaded policy", lambda: any(sc["options"].get("allow_dhcp") for sc in status()["scopes"]), 120, 0.5)
+    wait_for("the reloaded policy", lambda: any("wg1" in [t["name"] for t in sc["tunnels"]] for sc in status()["scopes"]),
+             300, 0.5)
     wait_for("the reloaded daemon's /readyz", ready, 60, 0.5)
     r["after_reload"] = {"status": status(), "progs": attached_progs(), "growth": growth(COUNTERS, 2)}
 
