@@ -41,6 +41,8 @@ if ! dpkg --compare-versions "$(kernel_version "$(newest_kernel)")" ge "$min_ker
 fi
 if [ -e "$kernel_list" ] && dpkg --compare-versions "$(dpkg-query -W -f='${Version}' debianutils)" lt 5.21; then
     install -m 0755 "$here/run-parts-dirs.sh" /usr/local/sbin/run-parts   # the kernel's hooks need it: see there
+    # apt runs dpkg with its own PATH, without /usr/local: put the wrapper first there too
+    echo 'DPkg::Path "/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin";' > /etc/apt/apt.conf.d/50ksbpf-run-parts
 fi
 dpkg --configure -a   # finish a kernel installation that was interrupted
 if [ -n "$need_kernel" ]; then

@@ -1,6 +1,6 @@
 #!/bin/sh
 # run-parts for several directories, installed by vagrant/provision.sh as
-# /usr/local/sbin/run-parts on Debian 12 only: the kernel packages of
+# /usr/local/sbin/run-parts on Debian 12 only (and first in apt's DPkg::Path): the kernel packages of
 # trixie-backports run their hooks with `run-parts OPTIONS DIR1 DIR2`
 # (/etc/kernel/postinst.d and /usr/share/kernel/postinst.d), and Debian 12's
 # run-parts (debianutils < 5.21) takes exactly one directory.  As newer
