@@ -295,13 +295,18 @@ def common() -> dict:
             "wg0_kind": "wireguard" if "wireguard" in sh("ip", "-d", "link", "show", "wg0", check=False) else "?"}
 
 
+def boot_order(sender_unit: str) -> dict:
+    """When the units of this boot started and ended (CLOCK_MONOTONIC, µs), and how the kill switch's went."""
+    units = ("ksbpf-early.service", sender_unit, "network-pre.target", "ksbpf-demo-peer.service",
+             "wg-quick@wg0.service", "ksbpf.service")
+    return {"times": {u: unit_times(u) for u in units},
+            "units": {u: unit_state(u) for u in ("ksbpf-early.service", "ksbpf.service")}}
+
+
 def scenario_boot() -> dict:
     """First boot: protected before the network, nothing leaks, the tunnel then carries it."""
     r = common()
-    r["times"] = {u: unit_times(u) for u in ("ksbpf-early.service", "ksbpf-vmtest-protected.service",
-                                             "network-pre.target", "ksbpf-demo-peer.service",
-                                             "wg-quick@wg0.service", "ksbpf.service")}
-    r["units"] = {u: unit_state(u) for u in ("ksbpf-early.service", "ksbpf.service")}
+    r.update(boot_order("ksbpf-vmtest-protected.service"))
     r["tunnel_after_boot_s"] = tunnel_flowing()
     wait_for("the control's traffic", lambda: counters()["control_udp"] > 0 and counters()["control_tcp"] > 0, 30)
     r["growth"] = growth(COUNTERS, 3)
@@ -413,10 +418,7 @@ def scenario_node() -> dict:
     """First boot with node mode: forwarded traffic from a container is blocked on
     the physical link from the start, and passes once the tunnel is up."""
     r = common()
-    r["times"] = {u: unit_times(u) for u in ("ksbpf-early.service", "ksbpf-vmtest-ctr.service",
-                                             "network-pre.target", "ksbpf-demo-peer.service",
-                                             "wg-quick@wg0.service")}
-    r["units"] = {u: unit_state(u) for u in ("ksbpf-early.service", "ksbpf.service")}
+    r.update(boot_order("ksbpf-vmtest-ctr.service"))
     t = time.monotonic()
     base = counters()
     wait_for("forwarded traffic through the tunnel",

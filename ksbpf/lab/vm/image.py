@@ -257,4 +257,6 @@ def ensure_image(repo: str, log: Callable[[str], None] = print, cache: str | Non
         os.replace(tmp + ".log", os.path.join(tmp, "build.log"))
         os.rename(tmp, image_dir)
         log(f"vm image: image {ikey} made in {time.monotonic() - t:.0f} s")
+        _prune(cache, "image", {image_dir})
+        _prune(cache, "base", {base_dir})
         return Image(image_dir, ikey, True, time.monotonic() - start)
