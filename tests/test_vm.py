@@ -28,9 +28,11 @@ pytestmark = [pytest.mark.root, pytest.mark.vm]
 def say(pytestconfig):
     """Print a line now, through pytest's capture (the time of each slow step)."""
     reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+    capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
 
     def write(msg: str) -> None:
-        reporter.write_line(f"[vm] {msg}")
+        with capture.global_and_fixture_disabled():   # else it is shown only when a test fails
+            reporter.write_line(f"[vm] {msg}")
     return write
 
 
