@@ -42,6 +42,15 @@ BPF_ARRAY(meta, struct ksbpf_meta, 1);
 BPF_RINGBUF_OUTPUT(events, KSBPF_EVENTS_PAGES);
 BPF_PERCPU_ARRAY(bucket, struct ksbpf_bucket, 1);
 
+/* allow_cidrs (Kubernetes: the cluster's service and pod ranges, so cluster
+ * DNS works without letting DNS out of the tunnel): destinations allowed
+ * outside the tunnel, DNS included, counted as KSBPF_ALLOW_LAN.  Longest-
+ * prefix-match tries keyed by (prefix length, address); empty unless set. */
+struct ksbpf_cidr4_key { __u32 prefixlen; __u8 addr[4]; };
+struct ksbpf_cidr6_key { __u32 prefixlen; __u8 addr[16]; };
+BPF_LPM_TRIE(cidrs4, struct ksbpf_cidr4_key, __u8, 256);
+BPF_LPM_TRIE(cidrs6, struct ksbpf_cidr6_key, __u8, 256);
+
 /* What the policy needs to know of a packet. */
 struct ksbpf_pkt {
 	__u8 family;		/* enum ksbpf_family */
@@ -218,6 +227,19 @@ static __always_inline int ksbpf_last_resort(const struct ksbpf_pkt *p, int v6)
 	return KSBPF_DROP_NOT_TUNNEL;
 }
 
+static __always_inline int ksbpf_allowed_cidr(const struct ksbpf_pkt *p)
+{
+	struct ksbpf_cidr4_key k4 = { .prefixlen = 32 };
+	struct ksbpf_cidr6_key k6 = { .prefixlen = 128 };
+
+	if (p->family == KSBPF_FAMILY_IPV4) {
+		__builtin_memcpy(k4.addr, &p->daddr.v4, 4);
+		return cidrs4.lookup(&k4) != 0;
+	}
+	__builtin_memcpy(k6.addr, p->daddr.v6, 16);
+	return cidrs6.lookup(&k6) != 0;
+}
+
 static __always_inline int ksbpf_exceptions4(const struct ksbpf_pkt *p)
 {
 	__be32 addr = p->daddr.v4;
@@ -228,6 +250,8 @@ static __always_inline int ksbpf_exceptions4(const struct ksbpf_pkt *p)
 	ep = endpoints4.lookup(&addr);
 	if (ep)
 		return ksbpf_endpoint(p, ep);
+	if (ksbpf_allowed_cidr(p))
+		return KSBPF_ALLOW_LAN;
 #ifdef KSBPF_OPT_LAN
 	if (ksbpf_lan4(addr))
 		return ksbpf_lan(p);
@@ -246,6 +270,8 @@ static __always_inline int ksbpf_exceptions6(const struct ksbpf_pkt *p)
 	ep = endpoints6.lookup(&key);
 	if (ep)
 		return ksbpf_endpoint(p, ep);
+	if (ksbpf_allowed_cidr(p))
+		return KSBPF_ALLOW_LAN;
 #ifdef KSBPF_OPT_LAN
 	if (ksbpf_lan6(key.addr))
 		return ksbpf_lan(p);

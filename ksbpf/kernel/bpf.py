@@ -22,7 +22,8 @@ from ksbpf.policy import PROTOCOLS, Endpoint, EventSettings, Options
 from ksbpf.reasons import FAMILY_MAX, Family, Reason
 
 PROG_NAME = "ksbpf_cg_egress"  # the entry point; the kernel shows it as the program's name
-MAP_NAMES = ("tunnels", "tunnel_ifindex", "endpoints4", "endpoints6", "counters", "meta", "events", "bucket")
+MAP_NAMES = ("tunnels", "tunnel_ifindex", "endpoints4", "endpoints6", "counters", "meta", "events", "bucket",
+             "cidrs4", "cidrs6")
 IFINDEX_FILTER = 4096  # KSBPF_IFINDEX_FILTER
 META_SIZE = 8192
 EP_PORTS = 8  # (port, protocol) pairs per endpoint address
@@ -168,6 +169,11 @@ class ScopeMaps:
                     if proto in _PROTO_NAMES:
                         out.append(Endpoint(ipaddress.ip_address(key), port, _PROTO_NAMES[proto]))
         return sorted(out, key=Endpoint.sort_key)
+
+    # allowed CIDRs: LPM tries keyed by (prefix length, address)
+    def add_cidr(self, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
+        name = "cidrs4" if net.version == 4 else "cidrs6"
+        libbpf.map_update(self.fds[name], _U32.pack(net.prefixlen) + net.network_address.packed, b"\x01")
 
     # counters
     def _percpu(self, name: str, index: int) -> list[bytes]:

@@ -199,6 +199,8 @@ def attach(cgroup_path: str, policy: Policy, progress: Progress = _quiet,
             tunnels = tunnel_states(policy, ns.label, present, set(tunnel_plan(policy, present)))
             for ep in policy.endpoints:
                 prog.maps.add_endpoint(ep)
+            for net in policy.allow_cidrs:
+                prog.maps.add_cidr(net)
             meta = {
                 "version": META_VERSION, "cgroup": cg.path, "cgroup_id": cg.id,
                 # the endpoints live in their maps (there may be many)
