@@ -286,5 +286,22 @@ def check_config(file, as_json) -> None:
         click.echo(f"    options   {', '.join(opts) or 'none (strict)'}")
 
 
+
+@main.command()
+@click.option("--timeout", type=click.FloatRange(min=0), default=60, show_default=True, metavar="SECONDS",
+              help="Give up (non-zero exit) after this long.")
+@click.option("--tunnel-kind", "kinds", multiple=True, metavar="KIND",
+              help=f"Link kinds not probed, as tunnels (default: {', '.join(DEFAULT_TUNNEL_KINDS)}).")
+def gate(timeout, kinds) -> None:
+    """Wait until this process's egress outside the tunnel is refused (a pod's first init container).
+
+    Unprivileged: sends a UDP datagram with TTL 1 to 192.0.2.1 through each interface
+    that is up and not a tunnel; exits 0 when the kernel refuses it on every one, 1 at the timeout."""
+    from ksbpf.kubernetes import gate as gate_mod
+    ok = gate_mod.wait(timeout, lambda msg: click.echo(f"ksbpf gate: {msg}", err=True),
+                       tuple(kinds) or DEFAULT_TUNNEL_KINDS)
+    sys.exit(0 if ok else 1)
+
+
 if __name__ == "__main__":
     main()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 from ksbpf.errors import KsbpfError
+from ksbpf.kubernetes import settings as kubernetes_settings
 from ksbpf.policy import DEFAULT_TUNNEL_KINDS, Endpoint, EventSettings, Options, Policy
 
 DEFAULT_LISTEN = "127.0.0.1:12479"  # outside the crowded 9100-9999 exporter range
@@ -25,11 +26,12 @@ LOG_FORMATS = ("text", "json")
 
 # Known keys: of the file itself ("") and of each table.
 KEYS: dict[str, tuple[str, ...]] = {
-    "": ("metrics", "daemon", "scope"),
+    "": ("metrics", "daemon", "scope", "kubernetes"),
     "metrics": ("listen",),
     "daemon": ("log_format",),
     "scope": ("cgroup", "tunnels", "endpoints", "netns", "allow_lan", "allow_lan_dns",
               "allow_dhcp", "tunnel_kinds", "create_cgroup", "events_rate", "events_burst"),
+    "kubernetes": kubernetes_settings.KEYS,
 }
 
 KeyPath = tuple[str | int, ...]  # ("scope", 0, "endpoints", 1) is scope[0].endpoints[1]
@@ -59,6 +61,7 @@ class Config:
     listen_port: int
     log_format: str  # "text" | "json"
     scopes: tuple[ScopeConfig, ...]
+    kubernetes: kubernetes_settings.KubernetesSettings = kubernetes_settings.KubernetesSettings()
 
     @property
     def listen(self) -> str:
@@ -67,7 +70,7 @@ class Config:
 
     def to_dict(self) -> dict:
         return {"path": self.path, "listen": self.listen, "log_format": self.log_format,
-                "scopes": [s.to_dict() for s in self.scopes]}
+                "scopes": [s.to_dict() for s in self.scopes], "kubernetes": self.kubernetes.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -272,7 +275,15 @@ class _Checker:
         log_format = self.get(daemon, ("daemon",), "log_format", str, '"text" or "json"') or "text"
         if log_format not in LOG_FORMATS:
             self.issue(("daemon", "log_format"), f'{log_format!r} is not a log format; use "text" or "json"')
-        return Config(self.path, host, port, log_format, self.scopes(data.get("scope", [])))
+        return Config(self.path, host, port, log_format, self.scopes(data.get("scope", [])), self.kubernetes(data))
+
+    def kubernetes(self, data: dict) -> kubernetes_settings.KubernetesSettings:
+        table = self.get(data, (), "kubernetes", dict, "a [kubernetes] table") or {}
+        self.unknown(table, ("kubernetes",), KEYS["kubernetes"])
+        found, issues = kubernetes_settings.check(table)
+        for key, message in issues:
+            self.issue(("kubernetes", key), message)
+        return found
 
     def listen(self, text: str) -> tuple[str, int]:
         try:

@@ -44,6 +44,7 @@ class ScopeState:
     ns: netns.Netns | None = None
     error: str | None = None     # why it could not be applied (retried)
     in_step: bool = False        # its map was reconciled with the latest link state
+    source: str = "config"       # who asked for it: the configuration file, or a source (kubernetes)
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Daemon:
         self.heartbeat = time.monotonic()   # when the main loop last turned (/healthz)
         self.ready = False                  # the first apply is done (/readyz)
         self._signals: list[int] = []
+        self.sources: list = []             # other sources of scopes (Kubernetes pods): fileno, deadline, handle
 
     # -- configuration ---------------------------------------------------------
     def load(self) -> config.Config:
@@ -76,7 +78,7 @@ class Daemon:
         """Bring the kernel to `cfg`: ensure each scope, detach removed ones,
         then (re)build the namespace watches and reconcile."""
         wanted = {sc.cgroup: sc for sc in cfg.scopes}
-        for path in [p for p in self.scopes if p not in wanted]:
+        for path in [p for p, st in self.scopes.items() if p not in wanted and st.source == "config"]:
             result = cgroups.detach(path)
             self.log("scope_removed", scope=path, detached=result.detached_prog_ids)
             del self.scopes[path]
@@ -87,6 +89,26 @@ class Daemon:
                 self.scopes[path] = ScopeState(path, policy, sc.create_cgroup)
                 self._apply_scope(self.scopes[path])
         self._rebuild_watches()
+
+    def add_scope(self, cgroup: str, policy: Policy, source: str) -> ScopeState:
+        """A scope asked for by a source: ensured now (adopted when already in force)."""
+        st = self.scopes.get(cgroup)
+        if st is None or st.policy != policy or st.error:
+            st = self.scopes[cgroup] = ScopeState(cgroup, policy, False, source=source)
+            self._apply_scope(st)
+            self._rebuild_watches()
+        return st
+
+    def remove_scope(self, cgroup: str) -> None:
+        if self.scopes.pop(cgroup, None) is not None:
+            result = cgroups.detach(cgroup)
+            self.log("scope_removed", scope=cgroup, detached=result.detached_prog_ids, pins=result.removed_pins)
+            self._rebuild_watches()
+
+    def _start_sources(self, cfg: config.Config) -> None:
+        if cfg.kubernetes.enabled:
+            from ksbpf.kubernetes.pods import PodSource
+            self.sources.append(PodSource(cfg.kubernetes, self))
 
     def _apply_scope(self, st: ScopeState) -> None:
         try:
@@ -250,6 +272,7 @@ class Daemon:
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         self.apply(cfg)
+        self._start_sources(cfg)
         self.ready = True
         self._serve_metrics(cfg)
         self.log("ready", scopes=len(self.scopes), failed=sum(1 for s in self.scopes.values() if s.error),
@@ -258,8 +281,9 @@ class Daemon:
         next_retry = time.monotonic() + RETRY_SECONDS
         while True:
             watches = {space.watch.fileno(): space for space in self.namespaces.values()}
-            deadline = min(next_resync, next_retry)
-            readable, _, _ = select.select([read_fd, *watches], [], [], max(0.0, deadline - time.monotonic()))
+            sources = {src.fileno(): src for src in self.sources}
+            deadline = min(next_resync, next_retry, *(src.deadline() for src in self.sources))
+            readable, _, _ = select.select([read_fd, *watches, *sources], [], [], max(0.0, deadline - time.monotonic()))
             self.heartbeat = time.monotonic()
             for fd in readable:
                 if fd == read_fd:
@@ -269,8 +293,10 @@ class Daemon:
                                 break
                         except BlockingIOError:
                             break
-                else:
+                elif fd in watches:
                     self._on_events(watches[fd])
+            for src in self.sources:
+                src.handle()   # its queue, and its own timers (cheap when there is nothing to do)
             while self._signals:
                 signum = self._signals.pop(0)
                 if signum == signal.SIGHUP:
@@ -280,6 +306,8 @@ class Daemon:
                              note="enforcement stays in the kernel; `ksbpf detach --all` removes it")
                     for space in self.namespaces.values():
                         space.watch.close()
+                    for src in self.sources:
+                        src.close()
                     return 0
             if time.monotonic() >= next_retry:
                 self._check_namespaces()
