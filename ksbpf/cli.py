@@ -284,6 +284,10 @@ def check_config(file, as_json) -> None:
         click.echo(f"    endpoints {', '.join(map(str, p.endpoints)) or 'none'}")
         opts = [k for k, on in vars(p.options).items() if on]
         click.echo(f"    options   {', '.join(opts) or 'none (strict)'}")
+    if cfg.kubernetes.enabled:
+        k = cfg.kubernetes
+        click.echo(f"  kubernetes: pods of node {k.node_name or '$NODE_NAME'} annotated {k.annotation_prefix}*; "
+                   f"credentials {k.kubeconfig or 'in-cluster'}; cgroups under {k.cgroup_root or 'the cgroup v2 mount'}")
 
 
 
