@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench install clean
+.PHONY: setup demo test bench install clean image
 
 ## setup: Debian packages, kernel headers for bcc, .venv with ksbpf (idempotent)
 setup:
@@ -36,6 +36,12 @@ install: setup
 	install -m 0644 deploy/systemd/ksbpf-early.service deploy/systemd/ksbpf.service /etc/systemd/system/
 	@echo "installed. Next: edit /etc/ksbpf/ksbpf.toml, check it with 'ksbpf check-config /etc/ksbpf/ksbpf.toml',"
 	@echo "then: systemctl daemon-reload && systemctl enable --now ksbpf-early.service ksbpf.service"
+
+## image: the container image (Dockerfile) with podman: localhost/ksbpf:VERSION
+IMAGE ?= localhost/ksbpf:$(shell $(PY) -c 'import importlib.metadata as m; print(m.version("ksbpf"))' 2>/dev/null || echo latest)
+image: setup
+	rm -rf build/wheels && $(PY) -m pip wheel -q --disable-pip-version-check --wheel-dir build/wheels .
+	podman build --network=host -t $(IMAGE) -f Dockerfile .
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

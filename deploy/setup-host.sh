@@ -26,6 +26,7 @@ fi
 # --- 1. packages -------------------------------------------------------------
 pkgs=(python3 python3-venv python3-bpfcc libbpf1 bpftool iproute2 wireguard-go wireguard-tools
       tcpdump iperf3 nftables iptables iputils-ping procps prometheus)
+pkgs+=(podman runc netavark aardvark-dns debootstrap)   # the Kubernetes image test (podman build from a debootstrapped base)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
