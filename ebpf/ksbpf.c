@@ -1,10 +1,15 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* ksbpf: "these processes may send only through this tunnel, and through NO
+/* ksbpf: "this traffic may leave only through this tunnel, and through NO
  * other interface".
  *
  * One policy, ksbpf_policy(), decides every packet and returns a reason
- * (ksbpf.h).  Each hook is a thin wrapper that feeds it the egress context
- * and turns the reason into its own verdict.  Runtime configuration lives in
+ * (ksbpf.h).  Each hook is a thin wrapper that tells it where the network
+ * header starts and which hook it is, and turns the reason into its own
+ * verdict:
+ *   ksbpf_cg_egress  cgroup_skb/egress: the sockets of one cgroup subtree
+ *   ksbpf_tc_eth     tc egress of a guarded Ethernet interface (node mode)
+ *   ksbpf_tc_l3      tc egress of a guarded interface without a link-layer
+ *                    header (tun, ppp, ...)  Runtime configuration lives in
  * maps; options are compile-time switches:
  *   -DKSBPF_OPT_LAN         the fixed private ranges (ksbpf_lan4/6) are allowed
  *   -DKSBPF_OPT_LAN_DNS     ... including DNS (53, 853) to them
@@ -20,6 +25,7 @@
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/ipv6.h>
+#include <uapi/linux/pkt_cls.h>
 #include "ksbpf.h"
 
 #ifndef KSBPF_MAX_TUNNELS
@@ -32,6 +38,8 @@
 #define KSBPF_EVENTS_PAGES 16
 #endif
 #define KSBPF_IPV6_MAX_EXTHDRS 6
+#define KSBPF_VLAN_HLEN 4
+#define KSBPF_ICMPV6 58
 
 BPF_HASH(tunnels, struct ksbpf_tunnel_key, __u32, KSBPF_MAX_TUNNELS);
 BPF_ARRAY(tunnel_ifindex, __u32, KSBPF_IFINDEX_FILTER);
@@ -41,6 +49,7 @@ BPF_PERCPU_ARRAY(counters, struct ksbpf_counter, KSBPF_REASON_MAX * KSBPF_FAMILY
 BPF_ARRAY(meta, struct ksbpf_meta, 1);
 BPF_RINGBUF_OUTPUT(events, KSBPF_EVENTS_PAGES);
 BPF_PERCPU_ARRAY(bucket, struct ksbpf_bucket, 1);
+BPF_ARRAY(exempt, struct ksbpf_exempt, KSBPF_MAX_EXEMPT);
 
 /* allow_cidrs (Kubernetes: the cluster's service and pod ranges, so cluster
  * DNS works without letting DNS out of the tunnel): destinations allowed
@@ -57,6 +66,8 @@ struct ksbpf_pkt {
 	__u8 l4proto;
 	__u8 has_ports;		/* TCP/UDP with its ports read */
 	__u8 fragment;		/* a non-first fragment */
+	__u8 icmp_type;		/* tc: the ICMPv6 type */
+	__u8 hop_limit;		/* tc: the IPv6 hop limit */
 	__be16 sport;
 	__be16 dport;
 	union {
@@ -65,32 +76,54 @@ struct ksbpf_pkt {
 	} daddr;
 };
 
+/* Where the packet is: the context, the network header's offset from
+ * skb->data (0 at the cgroup hook and on L3 devices; 14 or 18 after an
+ * Ethernet header at tc) and the hook, a constant that folds away the other
+ * hooks' code. */
+struct ksbpf_at {
+	struct __sk_buff *skb;
+	void *data;		/* skb->data and skb->data_end, read once by the entry point */
+	void *end;
+	__u32 nh;
+	int hook;
+};
+
+#define KSBPF_AT(ctx, hook_) { .skb = (ctx), .data = (void *)(long)(ctx)->data, \
+			       .end = (void *)(long)(ctx)->data_end, .nh = 0, .hook = (hook_) }
+
 /* Copy len bytes at offset off from the network header: straight from the
- * packet when they are in its linear part, else through the helper. */
+ * packet when they are in its linear part, else through a helper.  At tc the
+ * offsets count from the frame as sent, never from the kernel's idea of the
+ * network header, which a raw AF_PACKET sender sets to the frame's start. */
 #define KSBPF_DIRECT_MAX_OFF 512
-static __always_inline int ksbpf_load(struct __sk_buff *skb, __u32 off, void *to, const __u32 len)
+static __always_inline int ksbpf_load(const struct ksbpf_at *at, __u32 off, void *to, const __u32 len)
 {
-	void *data = (void *)(long)skb->data;
-	void *end = (void *)(long)skb->data_end;
+	struct __sk_buff *skb = at->skb;
 	void *p;
 
-	if (off <= KSBPF_DIRECT_MAX_OFF) {
-		p = data + off;
-		if (p + len <= end) {
+	if (off <= KSBPF_DIRECT_MAX_OFF && at->nh <= KSBPF_DIRECT_MAX_OFF) {
+		p = at->data + at->nh + off;
+		if (p + len <= at->end) {
 			__builtin_memcpy(to, p, len);
 			return 0;
 		}
 	}
+	if (at->hook == KSBPF_HOOK_TC)
+		return bpf_skb_load_bytes(skb, at->nh + off, to, len);
 	return bpf_skb_load_bytes_relative(skb, off, to, len, BPF_HDR_START_NET);
 }
 
-static __always_inline int ksbpf_load_ports(struct __sk_buff *skb, __u32 off, struct ksbpf_pkt *p)
+static __always_inline int ksbpf_load_ports(const struct ksbpf_at *at, __u32 off, struct ksbpf_pkt *p)
 {
 	__be16 ports[2];
 
-	if (p->fragment || (p->l4proto != IPPROTO_TCP && p->l4proto != IPPROTO_UDP))
+	if (p->fragment)
 		return 0;
-	if (ksbpf_load(skb, off, ports, sizeof(ports)))
+	if (at->hook == KSBPF_HOOK_TC && p->l4proto == KSBPF_ICMPV6)
+		return ksbpf_load(at, off, &p->icmp_type, 1);
+	if (p->l4proto != IPPROTO_TCP && p->l4proto != IPPROTO_UDP)
+		return 0;
+	if (ksbpf_load(at, off, ports, sizeof(ports)))
 		return -1;
 	p->sport = ports[0];
 	p->dport = ports[1];
@@ -98,21 +131,21 @@ static __always_inline int ksbpf_load_ports(struct __sk_buff *skb, __u32 off, st
 	return 0;
 }
 
-static __always_inline int ksbpf_parse4(struct __sk_buff *skb, struct ksbpf_pkt *p)
+static __always_inline int ksbpf_parse4(const struct ksbpf_at *at, struct ksbpf_pkt *p)
 {
 	struct iphdr ip;
 
-	if (ksbpf_load(skb, 0, &ip, sizeof(ip)))
+	if (ksbpf_load(at, 0, &ip, sizeof(ip)))
 		return -1;
 	if (ip.version != 4 || ip.ihl < 5)
 		return -1;
 	p->daddr.v4 = ip.daddr;
 	p->l4proto = ip.protocol;
 	p->fragment = (bpf_ntohs(ip.frag_off) & 0x1fff) != 0;
-	return ksbpf_load_ports(skb, ip.ihl * 4, p);
+	return ksbpf_load_ports(at, ip.ihl * 4, p);
 }
 
-static __always_inline int ksbpf_parse6(struct __sk_buff *skb, struct ksbpf_pkt *p)
+static __always_inline int ksbpf_parse6(const struct ksbpf_at *at, struct ksbpf_pkt *p)
 {
 	struct ipv6hdr ip6;
 	__u32 off = sizeof(ip6);
@@ -121,11 +154,12 @@ static __always_inline int ksbpf_parse6(struct __sk_buff *skb, struct ksbpf_pkt 
 	__be16 frag_off;
 	int i;
 
-	if (ksbpf_load(skb, 0, &ip6, sizeof(ip6)))
+	if (ksbpf_load(at, 0, &ip6, sizeof(ip6)))
 		return -1;
 	if (ip6.version != 6)
 		return -1;
 	__builtin_memcpy(p->daddr.v6, &ip6.daddr, 16);
+	p->hop_limit = ip6.hop_limit;
 	nexthdr = ip6.nexthdr;
 
 #pragma unroll
@@ -134,10 +168,10 @@ static __always_inline int ksbpf_parse6(struct __sk_buff *skb, struct ksbpf_pkt 
 		    nexthdr != IPPROTO_DSTOPTS && nexthdr != IPPROTO_FRAGMENT &&
 		    nexthdr != IPPROTO_AH)
 			break;
-		if (ksbpf_load(skb, off, ext, sizeof(ext)))
+		if (ksbpf_load(at, off, ext, sizeof(ext)))
 			return -1;
 		if (nexthdr == IPPROTO_FRAGMENT) {
-			if (ksbpf_load(skb, off + 2, &frag_off, sizeof(frag_off)))
+			if (ksbpf_load(at, off + 2, &frag_off, sizeof(frag_off)))
 				return -1;
 			if (bpf_ntohs(frag_off) & 0xfff8)
 				p->fragment = 1;
@@ -153,7 +187,16 @@ static __always_inline int ksbpf_parse6(struct __sk_buff *skb, struct ksbpf_pkt 
 	    nexthdr == IPPROTO_DSTOPTS || nexthdr == IPPROTO_FRAGMENT || nexthdr == IPPROTO_AH)
 		return -1;	/* longer chain than we follow: fail closed */
 	p->l4proto = nexthdr;
-	return ksbpf_load_ports(skb, off, p);
+	return ksbpf_load_ports(at, off, p);
+}
+
+/* IPv6 router solicitation, neighbour solicitation and advertisement: with
+ * hop limit 255, so no router forwards them (RFC 4861).  The machine needs
+ * them to reach its gateway and the VPN server; DHCPv6 is the DHCP rule. */
+static __always_inline int ksbpf_is_nd(const struct ksbpf_pkt *p)
+{
+	return p->l4proto == KSBPF_ICMPV6 && !p->fragment && p->hop_limit == 255 &&
+	       (p->icmp_type == 133 || p->icmp_type == 135 || p->icmp_type == 136);
 }
 
 static __always_inline int ksbpf_is_dns(const struct ksbpf_pkt *p)
@@ -281,7 +324,8 @@ static __always_inline int ksbpf_exceptions6(const struct ksbpf_pkt *p)
 
 /* Does the packet leave through a registered tunnel?  The ifindex filter
  * (an array: no helper call, no hashing) rules most interfaces out; the
- * (netns cookie, ifindex) hash decides. */
+ * (netns cookie, ifindex) hash decides.  (In node mode tunnels carry no
+ * guard, so only a guarded interface that became a tunnel gets here.) */
 static __always_inline int ksbpf_via_tunnel(struct __sk_buff *skb, __u32 ifindex)
 {
 	struct ksbpf_tunnel_key tk = { .ifindex = ifindex };
@@ -296,11 +340,30 @@ static __always_inline int ksbpf_via_tunnel(struct __sk_buff *skb, __u32 ifindex
 	return tunnels.lookup(&tk) != 0;
 }
 
-/* THE policy.  Returns a reason (ksbpf.h); fills *p as far as it parsed. */
-static __always_inline int ksbpf_policy(struct __sk_buff *skb, struct ksbpf_pkt *p)
+/* Node mode: is the packet from a local socket of an exempted cgroup
+ * subtree?  (A forwarded packet has no socket: never.) */
+static __always_inline int ksbpf_exempted(struct __sk_buff *skb)
 {
-	__u32 ifindex = skb->ifindex;	/* context fields, read once */
-	__be16 proto = skb->protocol;
+	struct ksbpf_exempt *e;
+	int i;
+
+#pragma unroll
+	for (i = 0; i < KSBPF_MAX_EXEMPT; i++) {
+		int k = i;
+
+		e = exempt.lookup(&k);
+		if (!e || !e->cgroup_id)
+			return 0;
+		if (bpf_skb_ancestor_cgroup_id(skb, e->level) == e->cgroup_id)
+			return 1;
+	}
+	return 0;
+}
+
+static __always_inline int ksbpf_decide(const struct ksbpf_at *at, __be16 proto, struct ksbpf_pkt *p)
+{
+	struct __sk_buff *skb = at->skb;
+	__u32 ifindex = skb->ifindex;	/* read once */
 
 	p->family = proto == bpf_htons(ETH_P_IP) ? KSBPF_FAMILY_IPV4 :
 		    proto == bpf_htons(ETH_P_IPV6) ? KSBPF_FAMILY_IPV6 : KSBPF_FAMILY_OTHER;
@@ -309,16 +372,31 @@ static __always_inline int ksbpf_policy(struct __sk_buff *skb, struct ksbpf_pkt 
 	if (ksbpf_via_tunnel(skb, ifindex))
 		return KSBPF_ALLOW_TUNNEL;
 	if (p->family == KSBPF_FAMILY_IPV4) {
-		if (ksbpf_parse4(skb, p))
+		if (ksbpf_parse4(at, p))
 			return KSBPF_DROP_MALFORMED;
 		return ksbpf_exceptions4(p);
 	}
 	if (p->family == KSBPF_FAMILY_IPV6) {
-		if (ksbpf_parse6(skb, p))
+		if (ksbpf_parse6(at, p))
 			return KSBPF_DROP_MALFORMED;
+		if (at->hook == KSBPF_HOOK_TC && ksbpf_is_nd(p))
+			return KSBPF_ALLOW_NEIGH;
 		return ksbpf_exceptions6(p);
 	}
+	if (at->hook == KSBPF_HOOK_TC && proto == bpf_htons(ETH_P_ARP))
+		return KSBPF_ALLOW_NEIGH;
 	return KSBPF_DROP_NOT_IP;
+}
+
+/* THE policy.  proto is the packet's ethertype as sent.  Returns a reason
+ * (ksbpf.h); fills *p as far as it parsed. */
+static __always_inline int ksbpf_policy(const struct ksbpf_at *at, __be16 proto, struct ksbpf_pkt *p)
+{
+	int reason = ksbpf_decide(at, proto, p);
+
+	if (at->hook == KSBPF_HOOK_TC && reason >= KSBPF_FIRST_DROP && ksbpf_exempted(at->skb))
+		return KSBPF_ALLOW_EXEMPT;
+	return reason;
 }
 
 static __always_inline void ksbpf_count(struct __sk_buff *skb, int reason, const struct ksbpf_pkt *p)
@@ -352,8 +430,9 @@ static __always_inline int ksbpf_take_token(struct ksbpf_bucket *b)
 	return 1;
 }
 
-static __always_inline void ksbpf_report(struct __sk_buff *skb, int reason, const struct ksbpf_pkt *p, int hook)
+static __always_inline void ksbpf_report(const struct ksbpf_at *at, int reason, const struct ksbpf_pkt *p)
 {
+	struct __sk_buff *skb = at->skb;
 	int zero = 0;
 	struct ksbpf_bucket *b = bucket.lookup(&zero);
 	struct ksbpf_event *ev;
@@ -381,12 +460,12 @@ static __always_inline void ksbpf_report(struct __sk_buff *skb, int reason, cons
 	ev->reason = reason;
 	ev->family = p->family;
 	ev->proto = p->l4proto;
-	ev->hook = hook;
+	ev->hook = at->hook;
 	if (p->family == KSBPF_FAMILY_IPV4) {
-		bpf_skb_load_bytes_relative(skb, offsetof(struct iphdr, saddr), ev->saddr, 4, BPF_HDR_START_NET);
+		ksbpf_load(at, offsetof(struct iphdr, saddr), ev->saddr, 4);
 		__builtin_memcpy(ev->daddr, &p->daddr.v4, 4);
 	} else if (p->family == KSBPF_FAMILY_IPV6) {
-		bpf_skb_load_bytes_relative(skb, offsetof(struct ipv6hdr, saddr), ev->saddr, 16, BPF_HDR_START_NET);
+		ksbpf_load(at, offsetof(struct ipv6hdr, saddr), ev->saddr, 16);
 		__builtin_memcpy(ev->daddr, p->daddr.v6, 16);
 	}
 	events.ringbuf_submit(ev, 0);
@@ -395,22 +474,57 @@ static __always_inline void ksbpf_report(struct __sk_buff *skb, int reason, cons
 #endif
 
 /* Decide, count, report; returns 1 to let the packet go, 0 to drop it. */
-static __always_inline int ksbpf_verdict(struct __sk_buff *skb, int hook)
+static __always_inline int ksbpf_verdict(const struct ksbpf_at *at, __be16 proto)
 {
 	struct ksbpf_pkt p = {};
-	int reason = ksbpf_policy(skb, &p);
+	int reason = ksbpf_policy(at, proto, &p);
 
-	ksbpf_count(skb, reason, &p);
+	ksbpf_count(at->skb, reason, &p);
 	if (reason < KSBPF_FIRST_DROP)
 		return 1;
 #ifdef KSBPF_EVENTS_INTERVAL_NS
-	ksbpf_report(skb, reason, &p, hook);
+	ksbpf_report(at, reason, &p);
 #endif
 	return 0;
 }
 
-/* cgroup_skb/egress: the processes of one cgroup v2. */
+/* cgroup_skb/egress: the processes of one cgroup v2.  skb->data is the
+ * network header; the kernel set skb->protocol for the socket's packet. */
 int ksbpf_cg_egress(struct __sk_buff *skb)
 {
-	return ksbpf_verdict(skb, KSBPF_HOOK_CGROUP);
+	struct ksbpf_at at = KSBPF_AT(skb, KSBPF_HOOK_CGROUP);
+
+	return ksbpf_verdict(&at, skb->protocol);
+}
+
+/* tc egress of an Ethernet interface: the frame as it will be sent.  The
+ * ethertype is read from the frame (a raw sender chooses skb->protocol),
+ * looking through one 802.1Q/802.1ad tag.  Allow = TC_ACT_UNSPEC, which is
+ * TCX_NEXT: the next program on the interface decides. */
+int ksbpf_tc_eth(struct __sk_buff *skb)
+{
+	struct ksbpf_at at = KSBPF_AT(skb, KSBPF_HOOK_TC);
+	__be16 proto = 0;
+
+	ksbpf_load(&at, ETH_HLEN - 2, &proto, sizeof(proto));
+	at.nh = ETH_HLEN;
+	if (proto == bpf_htons(ETH_P_8021Q) || proto == bpf_htons(ETH_P_8021AD)) {
+		proto = 0;
+		ksbpf_load(&at, 2, &proto, sizeof(proto));	/* the tag's inner ethertype */
+		at.nh = ETH_HLEN + KSBPF_VLAN_HLEN;
+	}
+	return ksbpf_verdict(&at, proto) ? TC_ACT_UNSPEC : TC_ACT_SHOT;
+}
+
+/* tc egress of an interface without a link-layer header (tun, ppp, ...):
+ * the frame is the IP packet; its version says which. */
+int ksbpf_tc_l3(struct __sk_buff *skb)
+{
+	struct ksbpf_at at = KSBPF_AT(skb, KSBPF_HOOK_TC);
+	__u8 v = 0;
+	__be16 proto = 0;
+
+	if (!ksbpf_load(&at, 0, &v, 1))
+		proto = v >> 4 == 4 ? bpf_htons(ETH_P_IP) : v >> 4 == 6 ? bpf_htons(ETH_P_IPV6) : 0;
+	return ksbpf_verdict(&at, proto) ? TC_ACT_UNSPEC : TC_ACT_SHOT;
 }

@@ -14,13 +14,15 @@ enum ksbpf_reason {
 	KSBPF_ALLOW_ENDPOINT = 2,	/* to a VPN endpoint: address + port + protocol */
 	KSBPF_ALLOW_LAN = 3,		/* --allow-lan: fixed private ranges */
 	KSBPF_ALLOW_DHCP = 4,		/* --allow-dhcp: DHCPv4/DHCPv6 client traffic */
-	KSBPF_DROP_NOT_TUNNEL = 5,	/* non-tunnel interface and no exception matched */
-	KSBPF_DROP_ENDPOINT_MISMATCH = 6, /* endpoint address, other port/protocol (TunnelCrack ServerIP) */
-	KSBPF_DROP_LAN_DNS = 7,		/* DNS (53, 853) to a LAN address without --allow-lan-dns */
-	KSBPF_DROP_FRAGMENT = 8,	/* a non-first fragment: no ports to match an exception */
-	KSBPF_DROP_MALFORMED = 9,	/* truncated or unparsable IP header chain */
-	KSBPF_DROP_NOT_IP = 10,		/* neither IPv4 nor IPv6 */
-	KSBPF_REASON_MAX = 11,
+	KSBPF_ALLOW_NEIGH = 5,		/* tc: ARP; IPv6 router/neighbour solicitation and advertisement */
+	KSBPF_ALLOW_EXEMPT = 6,		/* tc: from a local socket of an exempted cgroup subtree */
+	KSBPF_DROP_NOT_TUNNEL = 7,	/* non-tunnel interface and no exception matched */
+	KSBPF_DROP_ENDPOINT_MISMATCH = 8, /* endpoint address, other port/protocol (TunnelCrack ServerIP) */
+	KSBPF_DROP_LAN_DNS = 9,		/* DNS (53, 853) to a LAN address without --allow-lan-dns */
+	KSBPF_DROP_FRAGMENT = 10,	/* a non-first fragment: no ports to match an exception */
+	KSBPF_DROP_MALFORMED = 11,	/* truncated or unparsable IP header chain */
+	KSBPF_DROP_NOT_IP = 12,		/* neither IPv4 nor IPv6 (nor ARP/ND at tc) */
+	KSBPF_REASON_MAX = 13,
 };
 
 #define KSBPF_FIRST_DROP KSBPF_DROP_NOT_TUNNEL
@@ -35,8 +37,9 @@ enum ksbpf_family {
 
 /* Where the decision was taken (the metrics' "hook" label). */
 enum ksbpf_hook {
-	KSBPF_HOOK_CGROUP = 0,
-	KSBPF_HOOK_MAX = 1,
+	KSBPF_HOOK_CGROUP = 0,		/* cgroup_skb/egress: the sockets of one cgroup subtree */
+	KSBPF_HOOK_TC = 1,		/* tc egress: everything leaving a guarded interface */
+	KSBPF_HOOK_MAX = 2,
 };
 
 /* Tunnels are keyed by (network-namespace cookie, ifindex): ifindex numbers
@@ -70,6 +73,16 @@ struct ksbpf_ep_port {
 struct ksbpf_endpoint {
 	__u32 n;
 	struct ksbpf_ep_port ports[KSBPF_EP_PORTS];
+};
+
+/* Node mode: local sockets of these cgroup subtrees pass the tc guard (a
+ * management plane).  A cgroup is matched as the ancestor at its level of
+ * the sending socket's cgroup; the first slot with cgroup_id 0 ends the list. */
+#define KSBPF_MAX_EXEMPT 8
+struct ksbpf_exempt {
+	__u64 cgroup_id;
+	__u32 level;		/* depth in the cgroup v2 hierarchy, the root being 0 */
+	__u32 pad;
 };
 
 struct ksbpf_counter {

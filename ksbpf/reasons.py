@@ -16,12 +16,14 @@ class Reason(IntEnum):
     ALLOW_ENDPOINT = 2
     ALLOW_LAN = 3
     ALLOW_DHCP = 4
-    DROP_NOT_TUNNEL = 5
-    DROP_ENDPOINT_MISMATCH = 6
-    DROP_LAN_DNS = 7
-    DROP_FRAGMENT = 8
-    DROP_MALFORMED = 9
-    DROP_NOT_IP = 10
+    ALLOW_NEIGH = 5
+    ALLOW_EXEMPT = 6
+    DROP_NOT_TUNNEL = 7
+    DROP_ENDPOINT_MISMATCH = 8
+    DROP_LAN_DNS = 9
+    DROP_FRAGMENT = 10
+    DROP_MALFORMED = 11
+    DROP_NOT_IP = 12
 
     @property
     def allowed(self) -> bool:
@@ -56,6 +58,7 @@ class Hook(IntEnum):
     """Mirror of enum ksbpf_hook: where a decision was taken."""
 
     CGROUP = 0
+    TC = 1
 
     @property
     def label(self) -> str:

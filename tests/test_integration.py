@@ -14,7 +14,7 @@ import time
 import pytest
 from helpers import dropped, ksbpf, packets, scope_status
 
-from ksbpf.kernel import cgroup, libbpf
+from ksbpf.kernel import cgroup
 from ksbpf.lab.namespaces import ProbeStream, Sniffer, probe
 from ksbpf.scopes import cgroups
 

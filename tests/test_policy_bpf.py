@@ -1,8 +1,9 @@
-"""The policy, rule by rule and reason by reason, IPv4 and IPv6: crafted
-packets through BPF_PROG_TEST_RUN on the real loaded program, with the
-egress ifindex set through the context.  Each case checks the verdict AND
-that exactly one counter (the expected reason) moved, by one packet and the
-packet's length in bytes."""
+"""The policy, rule by rule and reason by reason, IPv4 and IPv6, through
+every hook: crafted packets through BPF_PROG_TEST_RUN on the real loaded
+programs (the cgroup entry point and the tc entry points, sharing their
+maps), with the egress ifindex set through the context.  Each case checks the
+verdict AND that exactly one counter (the expected reason) moved, by one
+packet and the packet's length in bytes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import ipaddress
 import subprocess
 
 import pytest
-from packets import DSTOPTS, ETH_ARP, FRAGMENT, HOPOPTS, ICMP, ICMPV6, TCP, UDP, eth, frame, ipv4, ipv6
+from packets import DSTOPTS, ETH_ARP, FRAGMENT, HOPOPTS, ICMP, ICMPV6, TCP, UDP, eth, frame, ipv4, ipv6, vlan_frame
 
 from ksbpf.kernel import bpf, libbpf, netns
 from ksbpf.policy import LAN_RANGES, Endpoint, Options
@@ -30,28 +31,36 @@ OPTION_SETS = {
 }
 
 
+ALL_ENTRIES = (bpf.ENTRY_CGROUP, bpf.ENTRY_TC_ETH, bpf.ENTRY_TC_L3)
+HOOKS = {"cgroup": bpf.ENTRY_CGROUP, "tc": bpf.ENTRY_TC_ETH}
+TC_ALLOW, TC_DROP = 0xFFFFFFFF, 2   # TC_ACT_UNSPEC (-1, TCX_NEXT) as the u32 retval; TC_ACT_SHOT
+
+
 @pytest.fixture(scope="module", params=["compiled", "cached"])
 def host(request, tmp_path_factory):
     """A namespace with two interfaces: `tnl` (registered as the tunnel) and
-    `phy` (anything else).  Programs are loaded once per option set, either
-    compiled by bcc or loaded from the cached image of that compilation."""
+    `phy` (anything else), and a tun device `tn0`.  Programs are loaded once
+    per option set, either compiled by bcc or loaded from the cached image of
+    that compilation."""
     import uuid
     name = f"ksbpf-pt{uuid.uuid4().hex[:6]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         subprocess.run(["ip", "-n", name, "link", "add", "tnl", "type", "veth", "peer", "name", "phy"], check=True)
+        subprocess.run(["ip", "-n", name, "tuntap", "add", "mode", "tun", "name", "tn0"], check=True)
         ns = netns.resolve(name)
         env = {"ns": ns, "cookie": netns.cookie(ns), "tnl": netns.ifindex(ns, "tnl"),
-               "phy": netns.ifindex(ns, "phy"), "progs": {}}
+               "phy": netns.ifindex(ns, "phy"), "tn0": netns.ifindex(ns, "tn0"), "progs": {}}
         cache = str(tmp_path_factory.mktemp("cache"))
         for label, opts in OPTION_SETS.items():
-            prog = bpf.load(opts, 3, cache=cache)
+            prog = bpf.load(opts, 3, cache=cache, entries=ALL_ENTRIES)
             assert prog._bcc_object is not None   # compiled
             if request.param == "cached":
-                tag = prog.tag
+                tags = {e: libbpf.prog_info(fd).tag for e, fd in prog.progs.items()}
                 prog.close()
-                prog = bpf.load(opts, 3, cache=cache)
-                assert prog._bcc_object is None and prog.tag == tag   # the same program, no compiler
+                prog = bpf.load(opts, 3, cache=cache, entries=ALL_ENTRIES)
+                assert prog._bcc_object is None   # the same programs, no compiler
+                assert {e: libbpf.prog_info(fd).tag for e, fd in prog.progs.items()} == tags
             prog.maps.add_tunnel(env["cookie"], env["tnl"], 0)
             for ep in (EP4, EP4_TCP, EP6):
                 prog.maps.add_endpoint(ep)
@@ -67,26 +76,38 @@ def family_of(frame_: bytes) -> Family:
     return {0x0800: Family.IPV4, 0x86DD: Family.IPV6}.get(int.from_bytes(frame_[12:14], "big"), Family.OTHER)
 
 
-def decide(host, options: str, packet: bytes, via: str = "phy") -> tuple[int, Reason]:
-    """Run one frame; return (verdict, the one reason whose counter moved)."""
+@pytest.fixture(params=list(HOOKS))
+def hook(request) -> str:
+    return request.param
+
+
+def decide(host, options: str, packet: bytes, via: str = "phy", hook: str = "cgroup",
+           entry: str | None = None, family: Family | None = None) -> tuple[int, Reason]:
+    """Run one frame through a hook's program; return (verdict, the one reason
+    whose counter moved)."""
     prog = host["progs"][options]
+    entry = entry or HOOKS[hook]
     before = prog.maps.counters()
-    ifindex = {"phy": host["phy"], "tnl": host["tnl"], "lo": 1}[via]
-    run = netns.run_in(host["ns"].path, libbpf.prog_test_run, prog.prog_fd, packet, ifindex)
+    ifindex = {"phy": host["phy"], "tnl": host["tnl"], "tn0": host["tn0"], "lo": 1}[via]
+    run = netns.run_in(host["ns"].path, libbpf.prog_test_run, prog.progs[entry], packet, ifindex)
     after = prog.maps.counters()
     moved = {k: (after[k][0] - before[k][0], after[k][1] - before[k][1]) for k in after if after[k] != before[k]}
     assert len(moved) == 1, f"expected exactly one counter to move, got {moved}"
-    ((reason, family), (packets, nbytes)), = moved.items()
-    assert family == family_of(packet)
+    ((reason, fam), (packets, nbytes)), = moved.items()
+    assert fam == (family if family is not None else family_of(packet))
     assert packets == 1
-    assert nbytes == len(packet) - 14  # skb->len: the IP packet, without the Ethernet header
+    # skb->len: the cgroup hook sees the IP packet; tc on Ethernet the whole frame
+    assert nbytes == len(packet) - (14 if entry == bpf.ENTRY_CGROUP else 0)
     return run.retval, reason
 
 
-def check(host, options, packet, expected: Reason, via="phy"):
-    verdict, reason = decide(host, options, packet, via)
+def check(host, options, packet, expected: Reason, via="phy", hook="cgroup"):
+    verdict, reason = decide(host, options, packet, via, hook)
     assert reason == expected
-    assert verdict == (1 if expected.allowed else 0)
+    if hook == "cgroup":
+        assert verdict == (1 if expected.allowed else 0)
+    else:
+        assert verdict == (TC_ALLOW if expected.allowed else TC_DROP)
 
 
 V4, V6 = ipv4, ipv6
@@ -165,30 +186,92 @@ CASES = [
 
 
 @pytest.mark.parametrize("options,packet,via,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_policy(host, options, packet, via, expected):
-    check(host, options, frame(packet), expected, via)
+def test_policy(host, hook, options, packet, via, expected):
+    check(host, options, frame(packet), expected, via, hook)
 
 
-def test_malformed_ipv4_header(host):
+ND = {"rs": 133, "ns": 135, "na": 136}
+TC_CASES = [
+    # id, options, frame, expected at tc, expected at the cgroup hook
+    ("arp", "strict", eth(ETH_ARP, b"\x00\x01\x08\x00\x06\x04\x00\x01" + b"\x00" * 20),
+     Reason.ALLOW_NEIGH, Reason.DROP_NOT_IP),
+    ("nd-ns", "strict", frame(ipv6("ff02::1:ff00:1", ICMPV6, hop_limit=255, icmp_type=ND["ns"])),
+     Reason.ALLOW_NEIGH, Reason.DROP_NOT_TUNNEL),
+    ("nd-na", "strict", frame(ipv6("fe80::1", ICMPV6, hop_limit=255, icmp_type=ND["na"])),
+     Reason.ALLOW_NEIGH, Reason.DROP_NOT_TUNNEL),
+    ("nd-rs", "strict", frame(ipv6("ff02::2", ICMPV6, hop_limit=255, icmp_type=ND["rs"])),
+     Reason.ALLOW_NEIGH, Reason.DROP_NOT_TUNNEL),
+    # a router advertisement, or ND that a router would forward (hop limit below 255), is not ND
+    ("nd-ra-is-not-allowed", "strict", frame(ipv6("ff02::1", ICMPV6, hop_limit=255, icmp_type=134)),
+     Reason.DROP_NOT_TUNNEL, Reason.DROP_NOT_TUNNEL),
+    ("nd-hop-limit-64", "strict", frame(ipv6("2606:2800:220:1::1", ICMPV6, hop_limit=64, icmp_type=ND["ns"])),
+     Reason.DROP_NOT_TUNNEL, Reason.DROP_NOT_TUNNEL),
+    ("nd-fragmented", "strict", frame(ipv6("fe80::1", ICMPV6, hop_limit=255, icmp_type=ND["ns"], ext=(FRAGMENT,), frag_offset=8)),
+     Reason.DROP_FRAGMENT, Reason.DROP_FRAGMENT),
+    ("lldp", "strict", eth(0x88CC, b"\x02\x07\x04" + b"\x00" * 40), Reason.DROP_NOT_IP, Reason.DROP_NOT_IP),
+    ("vlan-endpoint-v4", "strict", vlan_frame(ipv4("203.0.113.5", UDP, dport=51820)),
+     Reason.ALLOW_ENDPOINT, None),
+    ("vlan-public-v4", "strict", vlan_frame(ipv4("93.184.216.34", TCP, dport=443)),
+     Reason.DROP_NOT_TUNNEL, None),
+    ("vlan-public-v6", "strict", vlan_frame(ipv6("2606:2800:220:1::1", UDP, dport=53)),
+     Reason.DROP_NOT_TUNNEL, None),
+]
+
+
+def frame_family(f: bytes) -> Family:
+    ethertype = int.from_bytes(f[12:14], "big")
+    if ethertype == 0x8100:
+        ethertype = int.from_bytes(f[16:18], "big")
+    return {0x0800: Family.IPV4, 0x86DD: Family.IPV6}.get(ethertype, Family.OTHER)
+
+
+@pytest.mark.parametrize("options,frame_,at_tc,at_cgroup", [c[1:] for c in TC_CASES], ids=[c[0] for c in TC_CASES])
+def test_link_layer_rules(host, options, frame_, at_tc, at_cgroup):
+    """ARP and IPv6 ND pass the tc guard (the machine must reach its gateway
+    and the VPN server), never the cgroup hook; other non-IP frames are
+    dropped; the ethertype is read through an 802.1Q tag."""
+    verdict, reason = decide(host, options, frame_, hook="tc", family=frame_family(frame_))
+    assert (reason, verdict) == (at_tc, TC_ALLOW if at_tc.allowed else TC_DROP)
+    if at_cgroup is not None:
+        verdict, reason = decide(host, options, frame_, hook="cgroup", family=frame_family(frame_))
+        assert (reason, verdict) == (at_cgroup, 1 if at_cgroup.allowed else 0)
+
+
+@pytest.mark.parametrize("packet,expected", [
+    (ipv4("203.0.113.5", UDP, dport=51820), Reason.ALLOW_ENDPOINT),
+    (ipv4("93.184.216.34", TCP, dport=443), Reason.DROP_NOT_TUNNEL),
+    (ipv6("2001:db8:5::5", UDP, dport=51820), Reason.ALLOW_ENDPOINT),
+    (ipv6("2606:2800:220:1::1", TCP, dport=443), Reason.DROP_NOT_TUNNEL),
+], ids=["endpoint-v4", "public-v4", "endpoint-v6", "public-v6"])
+def test_tc_on_a_device_without_link_header(host, packet, expected):
+    """The tc entry point for tun-like devices reads the IP version from the
+    packet itself (the test run hands a tc program the buffer as given: here
+    the bare IP packet, as a tun device's egress carries it)."""
+    prog = host["progs"]["strict"]
+    before = prog.maps.counters()
+    run = netns.run_in(host["ns"].path, libbpf.prog_test_run, prog.progs[bpf.ENTRY_TC_L3], packet, host["tn0"])
+    after = prog.maps.counters()
+    moved = [k for k in after if after[k] != before[k]]
+    assert moved == [(expected, family_of(frame(packet)))]
+    assert run.retval == (TC_ALLOW if expected.allowed else TC_DROP)
+
+
+def test_malformed_ipv4_header(host, hook):
     pkt = bytearray(ipv4("203.0.113.5", UDP, dport=51820))
     pkt[0] = 0x44  # IHL 4 (< 5): not a valid IPv4 header
-    check(host, "strict", frame(bytes(pkt)), Reason.DROP_MALFORMED)
+    check(host, "strict", frame(bytes(pkt)), Reason.DROP_MALFORMED, hook=hook)
 
 
-def test_ipv4_header_longer_than_packet(host):
+def test_ipv4_header_longer_than_packet(host, hook):
     pkt = bytearray(ipv4("203.0.113.5", UDP, dport=51820))
     pkt[0] = 0x4F  # IHL 15: the ports would lie past the end of the packet
-    check(host, "strict", frame(bytes(pkt)), Reason.DROP_MALFORMED)
+    check(host, "strict", frame(bytes(pkt)), Reason.DROP_MALFORMED, hook=hook)
 
 
-def test_ipv6_extension_header_past_end(host):
+def test_ipv6_extension_header_past_end(host, hook):
     pkt = bytearray(ipv6("2001:db8:5::5", UDP, dport=51820, ext=(DSTOPTS,)))
     pkt[41] = 200  # the options header claims (200+1)*8 bytes
-    check(host, "strict", frame(bytes(pkt)), Reason.DROP_MALFORMED)
-
-
-def test_not_ip(host):
-    check(host, "strict", eth(ETH_ARP, b"\x00\x01\x08\x00\x06\x04\x00\x01" + b"\x00" * 20), Reason.DROP_NOT_IP)
+    check(host, "strict", frame(bytes(pkt)), Reason.DROP_MALFORMED, hook=hook)
 
 
 def test_tunnel_is_keyed_by_netns(host):
@@ -215,7 +298,8 @@ def test_tunnel_removed_from_map_blocks(host):
 
 def test_every_reason_is_exercised():
     """Guard against a reason added to the enum without a test case."""
-    covered = {c[4] for c in CASES} | {Reason.DROP_MALFORMED, Reason.DROP_NOT_IP}
+    covered = ({c[4] for c in CASES} | {c[3] for c in TC_CASES} | {Reason.DROP_MALFORMED, Reason.DROP_NOT_IP}
+               | {Reason.ALLOW_EXEMPT})   # needs a socket: tests/test_node.py, with real traffic
     assert covered == set(Reason)
 
 
@@ -240,10 +324,10 @@ def lan_probe_points():
 
 
 @pytest.mark.parametrize("net,addr,inside", list(lan_probe_points()), ids=lambda v: str(v))
-def test_compiled_lan_list_matches_the_python_list(host, net, addr, inside):
+def test_compiled_lan_list_matches_the_python_list(host, hook, net, addr, inside):
     build = ipv4 if addr.version == 4 else ipv6
     expected = Reason.ALLOW_LAN if inside else Reason.DROP_NOT_TUNNEL
-    check(host, "lan", frame(build(str(addr), UDP, dport=9)), expected)
+    check(host, "lan", frame(build(str(addr), UDP, dport=9)), expected, hook=hook)
 
 
 def test_ifindex_filter_counts_tunnels_in_every_namespace(host):

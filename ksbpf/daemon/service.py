@@ -27,7 +27,7 @@ from ksbpf.daemon.log import EventLog
 from ksbpf.errors import KsbpfError
 from ksbpf.kernel import bpf, links, netns, pins
 from ksbpf.policy import LAN_RANGES, Policy
-from ksbpf.scopes import cgroups
+from ksbpf.scopes import cgroups, common
 
 RETRY_SECONDS = 5.0     # scopes that could not be applied are retried this often
 RESYNC_SECONDS = 60.0   # full link dump and reconcile, in case an event was ever missed
@@ -154,7 +154,7 @@ class Daemon:
         for st in self._scopes_in(space):
             try:
                 with pins.locked(), bpf.ScopeMaps.from_pins(st.pin_dir) as maps:
-                    result = cgroups.sync_tunnels(maps, st.policy, space.cookie, present)
+                    result = common.sync_tunnels(maps, st.policy, space.cookie, present)
             except (OSError, KsbpfError) as exc:
                 self.log("map_update_failed", level="error", scope=st.cgroup, error=str(exc))
                 st.error, st.in_step = str(exc), False   # re-applied by the retry timer
@@ -231,7 +231,7 @@ class Daemon:
         """A namespace deleted and re-created under the same name is another
         namespace: re-apply its scopes (make-before-break) on the new one."""
         for st in self.scopes.values():
-            if st.ns and not st.error and not cgroups.netns_alive(st.ns):
+            if st.ns and not st.error and not common.netns_alive(st.ns):
                 st.error = f"network namespace {st.ns.label} was replaced"
                 self.log("netns_changed", level="warning", scope=st.cgroup, netns=st.ns.label)
 

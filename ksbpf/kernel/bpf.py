@@ -21,9 +21,19 @@ from ksbpf.kernel import libbpf, preflight
 from ksbpf.policy import PROTOCOLS, Endpoint, EventSettings, Options
 from ksbpf.reasons import FAMILY_MAX, Family, Reason
 
-PROG_NAME = "ksbpf_cg_egress"  # the entry point; the kernel shows it as the program's name
+# The entry points (the kernel shows them as the programs' names), their
+# program types and the names they are pinned under.
+ENTRY_CGROUP = "ksbpf_cg_egress"   # cgroup_skb/egress
+ENTRY_TC_ETH = "ksbpf_tc_eth"      # tc egress, Ethernet interfaces
+ENTRY_TC_L3 = "ksbpf_tc_l3"        # tc egress, interfaces without a link-layer header
+ENTRIES = {ENTRY_CGROUP: libbpf.BPF_PROG_TYPE_CGROUP_SKB,
+           ENTRY_TC_ETH: libbpf.BPF_PROG_TYPE_SCHED_CLS,
+           ENTRY_TC_L3: libbpf.BPF_PROG_TYPE_SCHED_CLS}
+PIN_NAMES = {ENTRY_CGROUP: "prog", ENTRY_TC_ETH: "prog_eth", ENTRY_TC_L3: "prog_l3"}
+TC_ENTRIES = (ENTRY_TC_ETH, ENTRY_TC_L3)
+PROG_NAME = ENTRY_CGROUP
 MAP_NAMES = ("tunnels", "tunnel_ifindex", "endpoints4", "endpoints6", "counters", "meta", "events", "bucket",
-             "cidrs4", "cidrs6")
+             "exempt", "cidrs4", "cidrs6")
 IFINDEX_FILTER = 4096  # KSBPF_IFINDEX_FILTER
 META_SIZE = 8192
 EP_PORTS = 8  # (port, protocol) pairs per endpoint address
@@ -32,6 +42,8 @@ MAX_TUNNELS = 64
 _TUNNEL_KEY = struct.Struct("=QII")   # netns_cookie, ifindex, pad
 _U32 = struct.Struct("=I")
 _COUNTER = struct.Struct("=QQ")       # packets, bytes
+_EXEMPT = struct.Struct("=QII")       # cgroup_id, level, pad
+MAX_EXEMPT = 8                        # KSBPF_MAX_EXEMPT
 _PROTO_NAMES = {v: k for k, v in PROTOCOLS.items()}
 
 
@@ -175,6 +187,24 @@ class ScopeMaps:
         name = "cidrs4" if net.version == 4 else "cidrs6"
         libbpf.map_update(self.fds[name], _U32.pack(net.prefixlen) + net.network_address.packed, b"\x01")
 
+    # node mode: the cgroup subtrees whose local sockets pass the guard
+    def set_exempt(self, cgroups: list[tuple[int, int]]) -> None:
+        """(cgroup id, level) of each exempted cgroup; the rest of the slots emptied."""
+        if len(cgroups) > MAX_EXEMPT:
+            raise KsbpfError(f"more than {MAX_EXEMPT} exempted cgroups", f"exempt at most {MAX_EXEMPT} cgroup subtrees")
+        for i in range(MAX_EXEMPT):
+            cg_id, level = cgroups[i] if i < len(cgroups) else (0, 0)
+            libbpf.map_update(self.fds["exempt"], _U32.pack(i), _EXEMPT.pack(cg_id, level, 0))
+
+    def exempt(self) -> list[tuple[int, int]]:
+        out = []
+        for i in range(MAX_EXEMPT):
+            cg_id, level, _ = _EXEMPT.unpack(libbpf.map_lookup(self.fds["exempt"], _U32.pack(i), _EXEMPT.size))
+            if not cg_id:
+                break
+            out.append((cg_id, level))
+        return out
+
     # counters
     def _percpu(self, name: str, index: int) -> list[bytes]:
         """The value of array `name` at `index`, one bytes per possible CPU."""
@@ -229,69 +259,86 @@ _INSN = struct.Struct("=BBhi")
 
 @dataclass(frozen=True)
 class ProgramImage:
-    """A compiled (and once verified) program that can be loaded again with
-    fresh maps, without the compiler: its instructions, whose map references
-    hold an index into `maps` instead of a file descriptor."""
+    """Compiled (and once verified) programs that can be loaded again with
+    fresh maps, without the compiler: each entry point's type and
+    instructions, whose map references hold an index into `maps` instead of
+    a file descriptor.  Every entry point shares the same maps."""
 
-    insns: bytes
+    progs: dict[str, tuple[int, bytes]]   # entry point -> (program type, instructions)
     maps: tuple[MapSpec, ...]
     license: str
 
-    @classmethod
-    def from_loaded(cls, insns: bytes, fds: dict[str, int], license: str) -> "ProgramImage":
-        names = list(MAP_NAMES)
-        index = {fd: names.index(name) for name, fd in fds.items()}
+    @staticmethod
+    def _relocate(insns: bytes, fd_of) -> bytes:
+        """Rewrite the immediate of every map-loading instruction with fd_of(imm)."""
         out = bytearray(insns)
         for off in range(0, len(out), 8):
             code, regs, o, imm = _INSN.unpack_from(out, off)
             if code == BPF_LD_IMM64 and regs >> 4 == BPF_PSEUDO_MAP_FD:
-                _INSN.pack_into(out, off, code, regs, o, index[imm])
+                _INSN.pack_into(out, off, code, regs, o, fd_of(imm))
+        return bytes(out)
+
+    @classmethod
+    def from_loaded(cls, progs: dict[str, bytes], fds: dict[str, int], license: str) -> "ProgramImage":
+        names = list(MAP_NAMES)
+        index = {fd: names.index(name) for name, fd in fds.items()}
         specs = []
         for name in names:
             i = libbpf.map_info(fds[name])
             specs.append(MapSpec(name, i.type, i.key_size, i.value_size, i.max_entries, i.flags))
-        return cls(bytes(out), tuple(specs), license)
+        return cls({entry: (ENTRIES[entry], cls._relocate(insns, index.__getitem__))
+                    for entry, insns in progs.items()}, tuple(specs), license)
 
     def to_json(self) -> str:
-        return json.dumps({"insns": self.insns.hex(), "license": self.license,
-                           "maps": [vars(m) for m in self.maps]})
+        return json.dumps({"progs": {e: {"type": t, "insns": i.hex()} for e, (t, i) in self.progs.items()},
+                           "license": self.license, "maps": [vars(m) for m in self.maps]})
 
     @classmethod
     def from_json(cls, text: str) -> "ProgramImage":
         d = json.loads(text)
-        return cls(bytes.fromhex(d["insns"]), tuple(MapSpec(**m) for m in d["maps"]), d["license"])
+        return cls({e: (p["type"], bytes.fromhex(p["insns"])) for e, p in d["progs"].items()},
+                   tuple(MapSpec(**m) for m in d["maps"]), d["license"])
 
-    def load(self) -> "LoadedProgram":
+    def load(self, entries: tuple[str, ...]) -> "LoadedProgram":
         fds: dict[str, int] = {}
+        progs: dict[str, int] = {}
         try:
             for m in self.maps:
                 fds[m.name] = libbpf.map_create(m.type, m.name, m.key_size, m.value_size, m.max_entries, m.flags)
             ordered = [fds[m.name] for m in self.maps]
-            insns = bytearray(self.insns)
-            for off in range(0, len(insns), 8):
-                code, regs, o, imm = _INSN.unpack_from(insns, off)
-                if code == BPF_LD_IMM64 and regs >> 4 == BPF_PSEUDO_MAP_FD:
-                    _INSN.pack_into(insns, off, code, regs, o, ordered[imm])
-            prog_fd = libbpf.prog_load(libbpf.BPF_PROG_TYPE_CGROUP_SKB, PROG_NAME, self.license, bytes(insns))
+            for entry in entries:
+                prog_type, insns = self.progs[entry]
+                progs[entry] = libbpf.prog_load(prog_type, entry, self.license,
+                                                self._relocate(insns, ordered.__getitem__))
         except OSError:
-            for fd in fds.values():
+            for fd in [*fds.values(), *progs.values()]:
                 os.close(fd)
             raise
-        return LoadedProgram(prog_fd, ScopeMaps(fds, owned=True), libbpf.prog_info(prog_fd).tag, None)
+        return LoadedProgram(progs, ScopeMaps(fds, owned=True), None)
 
 
 @dataclass
 class LoadedProgram:
-    """A program freshly loaded, with its (empty) maps."""
+    """Programs freshly loaded (one per entry point asked for), sharing their
+    (empty) maps."""
 
-    prog_fd: int
+    progs: dict[str, int]   # entry point -> program fd
     maps: ScopeMaps
-    tag: str
     _bcc_object: object  # bcc's BPF object when bcc loaded it (it owns the fds), else None
+
+    @property
+    def prog_fd(self) -> int:
+        """The first entry point's program (the only one for a cgroup scope)."""
+        return next(iter(self.progs.values()))
+
+    @property
+    def tag(self) -> str:
+        return libbpf.prog_info(self.prog_fd).tag
 
     def pin(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
-        libbpf.obj_pin(self.prog_fd, os.path.join(directory, "prog"))
+        for entry, fd in self.progs.items():
+            libbpf.obj_pin(fd, os.path.join(directory, PIN_NAMES[entry]))
         for name, fd in self.maps.fds.items():
             libbpf.obj_pin(fd, os.path.join(directory, name))
 
@@ -300,7 +347,8 @@ class LoadedProgram:
             self._bcc_object.cleanup()
         else:
             self.maps.close()
-            os.close(self.prog_fd)
+            for fd in self.progs.values():
+                os.close(fd)
 
 
 def cache_dir() -> str | None:
@@ -335,32 +383,33 @@ def image_cached(options: Options, n_endpoints: int = 0, events: EventSettings =
 
 
 def load(options: Options, n_endpoints: int = 0, events: EventSettings = EventSettings(),
-         cache: str | None = "default") -> LoadedProgram:
-    """The cgroup_skb program for these options, with fresh maps.  Compiled
-    with bcc the first time; then loaded from the image cached in the cache
-    directory (keyed by the sources, the flags, the kernel and bcc), without
-    the compiler -- bcc is not even imported then.
-    cache: a directory, None for no cache, "default" for cache_dir()."""
+         cache: str | None = "default", entries: tuple[str, ...] = (ENTRY_CGROUP,)) -> LoadedProgram:
+    """The programs of these entry points for these options, with fresh maps.
+    Compiled with bcc the first time (every entry point at once); then loaded
+    from the image cached in the cache directory (keyed by the sources, the
+    flags, the kernel and bcc), without the compiler -- bcc is not even
+    imported then.  cache: a directory, None for no cache, "default" for
+    cache_dir()."""
     flags = cflags(options, n_endpoints, events)
     cache = cache_dir() if cache == "default" else cache
     cached = _cache_path(cache, flags) if cache else None
     if cached and os.path.exists(cached):
         try:
             with open(cached) as f:
-                return ProgramImage.from_json(f.read()).load()
+                return ProgramImage.from_json(f.read()).load(entries)
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable, or refused by this kernel: compile afresh below
     bcc = preflight.require_compiler()
     try:
         b = bcc.BPF(src_file=source_path().encode(), cflags=flags)
-        fn = b.load_func(PROG_NAME.encode(), bcc.BPF.CGROUP_SKB)
+        loaded = {entry: b.load_func(entry.encode(), prog_type).fd for entry, prog_type in ENTRIES.items()}
     except Exception as exc:  # bcc raises bare Exception on compile/verifier errors
         raise KsbpfError(f"the BPF program did not compile or load: {exc}",
                          "check `make setup` output and the kernel log (dmesg); the messages above come from bcc") from None
     fds = {name: b[name.encode()].map_fd for name in MAP_NAMES}
     if cached:
         try:
-            image = ProgramImage.from_loaded(b.dump_func(PROG_NAME.encode()), fds,
+            image = ProgramImage.from_loaded({e: b.dump_func(e.encode()) for e in ENTRIES}, fds,
                                              bcc.lib.bpf_module_license(b.module).decode())
             os.makedirs(cache, mode=0o700, exist_ok=True)
             tmp = f"{cached}.{os.getpid()}"
@@ -369,4 +418,4 @@ def load(options: Options, n_endpoints: int = 0, events: EventSettings = EventSe
             os.replace(tmp, cached)
         except OSError:
             pass  # no cache: the next load compiles again
-    return LoadedProgram(fn.fd, ScopeMaps(fds, owned=False), libbpf.prog_info(fn.fd).tag, b)
+    return LoadedProgram({e: loaded[e] for e in entries}, ScopeMaps(fds, owned=False), b)

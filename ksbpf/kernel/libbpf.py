@@ -16,6 +16,7 @@ from functools import lru_cache
 
 # enum bpf_attach_type / bpf_prog_type values (include/uapi/linux/bpf.h)
 BPF_CGROUP_INET_EGRESS = 1
+BPF_PROG_TYPE_SCHED_CLS = 3
 BPF_PROG_TYPE_CGROUP_SKB = 8
 BPF_FUNC_get_netns_cookie = 122
 BPF_F_ALLOW_MULTI = 2

@@ -20,7 +20,7 @@ import click
 
 from ksbpf.kernel import cgroup
 from ksbpf.lab.namespaces import Lab, Sniffer, TcpEchoServer, UdpEchoServer, new_lab, probe
-from ksbpf.scopes import cgroups
+from ksbpf.scopes import cgroups, common
 
 KINDS = ("tcp", "udp", "icmp")
 
@@ -76,7 +76,7 @@ class Demo:
 
 def _drops(cg: str) -> str:
     (s,) = [s for s in cgroups.status()[0] if s.cgroup == cg]
-    parts = [f"{r.label} {p}" for r, (p, _b) in cgroups.by_reason(s.counters).items() if p and not r.allowed]
+    parts = [f"{r.label} {p}" for r, (p, _b) in common.by_reason(s.counters).items() if p and not r.allowed]
     return ", ".join(parts) or "none"
 
 

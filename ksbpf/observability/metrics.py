@@ -25,7 +25,7 @@ from prometheus_client.core import CollectorRegistry, CounterMetricFamily, Gauge
 from ksbpf.errors import KsbpfError
 from ksbpf.kernel import pins
 from ksbpf.reasons import Hook
-from ksbpf.scopes import cgroups
+from ksbpf.scopes import cgroups, common, node
 
 
 class Daemon(Protocol):
@@ -55,6 +55,20 @@ class KsbpfCollector:
         self.daemon = daemon
         self.bpffs = bpffs
 
+    def _scopes(self, link_cache: dict):
+        """Every cgroup and node scope, read from its pins; those replaced or
+        removed while we read are skipped (the next scrape sees the new one)."""
+        for pin_dir in pins.list_scope_dirs(self.bpffs):
+            try:
+                yield cgroups.read_scope(pin_dir, link_cache)
+            except (OSError, ValueError, KsbpfError):
+                continue
+        for pin_dir in pins.list_node_dirs(self.bpffs):
+            try:
+                yield node.read_node(pin_dir, link_cache)
+            except (OSError, ValueError, KsbpfError):
+                continue
+
     def collect(self):
         dropped_p = CounterMetricFamily("ksbpf_dropped_packets", "Packets dropped by ksbpf",
                                         labels=["scope", "reason", "family", "hook"])
@@ -66,26 +80,24 @@ class KsbpfCollector:
                                         labels=["scope", "path"])
         tunnel_up = GaugeMetricFamily("ksbpf_tunnel_up", "1 when the tunnel exists and the scope's map allows it",
                                       labels=["scope", "tunnel"])
-        attached = GaugeMetricFamily("ksbpf_scope_attached", "1 when the scope's program is attached to its cgroup",
+        attached = GaugeMetricFamily("ksbpf_scope_attached", "1 when the scope is enforced: its program attached to its cgroup, "
+                                     "or (node mode) a guard on every interface that needs one",
                                      labels=["scope"])
         suppressed = CounterMetricFamily("ksbpf_events_suppressed", "Blocked-packet samples not streamed "
                                          "(in-kernel rate limit or full ring buffer)", labels=["scope"])
-        hook = Hook.CGROUP.label
+        unguarded = GaugeMetricFamily("ksbpf_unguarded_interfaces", "Node mode: interfaces that should carry "
+                                      "a guard and do not (their traffic is not judged)", labels=["scope"])
         link_cache: dict = {}
         seen = set()
-        for pin_dir in pins.list_scope_dirs(self.bpffs):
-            try:
-                st = cgroups.read_scope(pin_dir, link_cache)
-            except (OSError, ValueError, KsbpfError):
-                continue  # replaced or removed while we read: the next scrape sees the new one
-            name = st.cgroup
+        for st in self._scopes(link_cache):
+            name, hook = st.name, st.hook.label
             seen.add(name)
             for (reason, family), (packets, nbytes) in st.counters.items():
                 if reason.allowed:
                     continue
                 dropped_p.add_metric([name, reason.label, family.label, hook], packets)
                 dropped_b.add_metric([name, reason.label, family.label, hook], nbytes)
-            for reason, (packets, nbytes) in cgroups.by_reason(st.counters).items():
+            for reason, (packets, nbytes) in common.by_reason(st.counters).items():
                 if reason.allowed:
                     allowed_p.add_metric([name, reason.label], packets)
                     allowed_b.add_metric([name, reason.label], nbytes)
@@ -93,13 +105,15 @@ class KsbpfCollector:
                 tunnel_up.add_metric([name, t.name], 1 if t.registered else 0)
             attached.add_metric([name], 1 if st.attached else 0)
             suppressed.add_metric([name], st.events[1])
+            if st.hook == Hook.TC:
+                unguarded.add_metric([name], sum(1 for i in st.interfaces if i.unguarded))
         if self.daemon is not None:  # configured but not (or no longer) protected: say so
             for st in list(self.daemon.scopes.values()):
                 if st.cgroup not in seen:
                     attached.add_metric([st.cgroup], 0)
                     for tunnel in st.policy.tunnels:
                         tunnel_up.add_metric([st.cgroup, tunnel], 0)
-        yield from (dropped_p, dropped_b, allowed_p, allowed_b, tunnel_up, attached, suppressed)
+        yield from (dropped_p, dropped_b, allowed_p, allowed_b, tunnel_up, attached, suppressed, unguarded)
         info = GaugeMetricFamily("ksbpf_build_info", "ksbpf's version", labels=["version"])
         info.add_metric([ksbpf_version()], 1)
         yield info
