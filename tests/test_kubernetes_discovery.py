@@ -10,9 +10,9 @@ import time
 import uuid
 
 import pytest
-from kubelet import CONTAINER_DIRS, LAYOUTS, container_dir, pod_dir, start_in
 
 from ksbpf.kubernetes import discovery
+from ksbpf.lab.kubelet import CONTAINER_DIRS, LAYOUTS, container_dir, pod_dir, start_in
 
 pytestmark = pytest.mark.root
 

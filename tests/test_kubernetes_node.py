@@ -19,11 +19,11 @@ import uuid
 import kubernetes_validate
 import pytest
 from helpers import DaemonProcess, scope_status
-from kubeapi import FakeApiServer, make_pod
-from kubelet import container_dir, pod_dir, start_in
 from test_gate import run_gate
 
 from ksbpf.kernel import libbpf, pins
+from ksbpf.lab.kubeapi import FakeApiServer, make_pod
+from ksbpf.lab.kubelet import container_dir, pod_dir, start_in
 from ksbpf.lab.namespaces import ProbeStream, Sniffer, probe
 
 pytestmark = pytest.mark.lab

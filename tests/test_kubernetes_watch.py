@@ -15,10 +15,10 @@ import time
 
 import kubernetes_validate
 import pytest
-from kubeapi import FakeApiServer, make_pod
 
 from ksbpf.kubernetes import api as kube
 from ksbpf.kubernetes.settings import KubernetesSettings
+from ksbpf.lab.kubeapi import FakeApiServer, make_pod
 
 K8S_VERSION = "1.37.0"
 NODE = "node-a"

@@ -1,5 +1,5 @@
 """Pod cgroups laid out exactly as the kubelet makes them, with real
-processes in real network namespaces (for tests)."""
+processes in real network namespaces (for tests and benchmarks)."""
 
 from __future__ import annotations
 

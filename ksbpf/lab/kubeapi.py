@@ -1,4 +1,4 @@
-"""A stand-in for the Kubernetes API server, for tests: no API server can
+"""A stand-in for the Kubernetes API server, for tests and benchmarks: no API server can
 run here (no kube-apiserver, k3s or kind image is reachable).  It serves, on
 loopback only, what ksbpf's watch uses, in the API's own wire format:
 
