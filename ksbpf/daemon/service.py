@@ -17,6 +17,7 @@ kernel's interfaces, from netlink events, and never opens a gap.
 from __future__ import annotations
 
 import os
+import resource
 import select
 import signal
 import time
@@ -31,6 +32,7 @@ from ksbpf.scopes import cgroups, common
 
 RETRY_SECONDS = 5.0     # scopes that could not be applied are retried this often
 RESYNC_SECONDS = 60.0   # full link dump and reconcile, in case an event was ever missed
+COMPILING = "waiting for its program to be compiled (helper process)"
 
 
 @dataclass
@@ -69,6 +71,8 @@ class Daemon:
         self.ready = False                  # the first apply is done (/readyz)
         self._signals: list[int] = []
         self.sources: list = []             # other sources of scopes (Kubernetes pods): fileno, deadline, handle
+        self.compiler = None                # compiles in helper processes once the loop runs (never in the daemon)
+        self.pool = None                    # programs verified ahead of time (with a source of scopes)
 
     # -- configuration ---------------------------------------------------------
     def load(self) -> config.Config:
@@ -93,20 +97,63 @@ class Daemon:
     def add_scope(self, cgroup: str, policy: Policy, source: str) -> ScopeState:
         """A scope asked for by a source: ensured now (adopted when already in force)."""
         st = self.scopes.get(cgroup)
-        if st is None or st.policy != policy or st.error:
+        if st is None or st.policy != policy or (st.error and st.error != COMPILING):
+            old = self.scopes.get(cgroup)
             st = self.scopes[cgroup] = ScopeState(cgroup, policy, False, source=source)
             self._apply_scope(st)
-            self._rebuild_watches()
+            self._watch_one(st)   # only its namespace: adding one scope costs the same with 1 or 1,000
+            if old and old.ns and (not st.ns or old.ns.inode != st.ns.inode):
+                self._unwatch_if_unused(old.ns.inode)
         return st
 
     def remove_scope(self, cgroup: str) -> None:
-        if self.scopes.pop(cgroup, None) is not None:
+        st = self.scopes.pop(cgroup, None)
+        if st is not None:
             result = cgroups.detach(cgroup)
             self.log("scope_removed", scope=cgroup, detached=result.detached_prog_ids, pins=result.removed_pins)
-            self._rebuild_watches()
+            if st.ns:
+                self._unwatch_if_unused(st.ns.inode)
+
+    def _watch_one(self, st: ScopeState) -> None:
+        """Watch (subscribe, then dump) the scope's namespace if nobody does yet, and reconcile it."""
+        if st.ns is None or st.pin_dir is None:
+            return
+        space = self.namespaces.get(st.ns.inode)
+        if space is None:
+            space = self.namespaces[st.ns.inode] = Namespace(st.ns, links.NetlinkWatch(st.ns), netns.cookie(st.ns))
+            self._resync(space)
+        self._reconcile(space)
+
+    def _unwatch_if_unused(self, inode: int) -> None:
+        if inode in self.namespaces and not any(s.ns and s.ns.inode == inode for s in self.scopes.values()):
+            self.namespaces.pop(inode).watch.close()
+
+    def _precompile(self, cfg: config.Config) -> None:
+        """Before the loop: compile what the configured scopes need in helper
+        processes (waited for), so the compiler never sits in the daemon's memory."""
+        from ksbpf.kernel.compiler import compile_now
+        todo = {(sc.policy.options, len(sc.policy.endpoints), sc.policy.events) for sc in cfg.scopes
+                if not bpf.image_cached(sc.policy.options, len(sc.policy.endpoints), sc.policy.events)}
+        for options, n, events in todo:
+            ok, error = compile_now(options, n, events)
+            if not ok:
+                self.log("compile_failed", level="error", error=error[-500:])
+
+    def _compiled(self, ok: bool, error: str) -> None:
+        """A helper compiler ended: apply the scopes that waited for it."""
+        if not ok:
+            self.log("compile_failed", level="error", error=error[-500:])
+        for st in [s for s in self.scopes.values() if s.error == COMPILING]:
+            self._apply_scope(st)
+            self._watch_one(st)
 
     def _start_sources(self, cfg: config.Config) -> None:
+        from ksbpf.kernel.compiler import Compiler
+        self.compiler = Compiler(self._compiled)
+        self.sources.append(self.compiler)
         if cfg.kubernetes.enabled:
+            from ksbpf.kernel.pool import ProgramPool
+            self.pool = ProgramPool()
             from ksbpf.kubernetes.pods import PodSource
             self.sources.append(PodSource(cfg.kubernetes, self))
 
@@ -115,7 +162,14 @@ class Daemon:
             if st.create_cgroup and not os.path.exists(st.cgroup):
                 os.makedirs(st.cgroup)
                 self.log("cgroup_created", scope=st.cgroup)
-            result = cgroups.ensure(st.cgroup, st.policy)
+            if self.compiler and not self.compiler.ready(st.policy.options, len(st.policy.endpoints), st.policy.events):
+                if st.error == COMPILING:
+                    return
+                st.error = COMPILING   # the helper's end retries it
+                self.log("scope_compiling", scope=st.cgroup, note="the program for this option set is compiled "
+                         "in a helper process; the scope is attached when it is done")
+                return
+            result = cgroups.ensure(st.cgroup, st.policy, loader=self.pool.load if self.pool else None)
             st.pin_dir, st.ns, st.error = result.pin_dir, netns.resolve(st.policy.netns), None
             fields = {}
             if result.attach:
@@ -267,10 +321,14 @@ class Daemon:
 
     def run(self) -> int:
         cfg = self.load()   # a bad file raises before anything is changed
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:   # a namespace watch and a few maps per pod: a thousand pods need more than 1024
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(write_fd)
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        self._precompile(cfg)
         self.apply(cfg)
         self._start_sources(cfg)
         self.ready = True
@@ -278,12 +336,13 @@ class Daemon:
         self.log("ready", scopes=len(self.scopes), failed=sum(1 for s in self.scopes.values() if s.error),
                  namespaces=len(self.namespaces), config=self.config_path, pid=os.getpid())
         next_resync = time.monotonic() + RESYNC_SECONDS
+        resync_queue: list[int] = []
         next_retry = time.monotonic() + RETRY_SECONDS
         while True:
             watches = {space.watch.fileno(): space for space in self.namespaces.values()}
             sources = {src.fileno(): src for src in self.sources}
             deadline = min(next_resync, next_retry, *(src.deadline() for src in self.sources))
-            readable, _, _ = select.select([read_fd, *watches, *sources], [], [], max(0.0, deadline - time.monotonic()))
+            readable = _readable([read_fd, *watches, *sources], max(0.0, deadline - time.monotonic()))
             self.heartbeat = time.monotonic()
             for fd in readable:
                 if fd == read_fd:
@@ -318,10 +377,15 @@ class Daemon:
                     self._rebuild_watches()
                 next_retry = time.monotonic() + RETRY_SECONDS
             if time.monotonic() >= next_resync:
-                for space in self.namespaces.values():
+                # one namespace at a time, each every RESYNC_SECONDS: with a thousand
+                # pods' namespaces a full pass at once would stall the loop for seconds
+                if not resync_queue:
+                    resync_queue = list(self.namespaces)
+                space = self.namespaces.get(resync_queue.pop())
+                if space:
                     self._resync(space)
                     self._reconcile(space)
-                next_resync = time.monotonic() + RESYNC_SECONDS
+                next_resync = time.monotonic() + RESYNC_SECONDS / max(1, len(self.namespaces))
 
     def reload(self) -> None:
         try:
@@ -333,6 +397,15 @@ class Daemon:
         self.log("reload", config=self.config_path, scopes=len(cfg.scopes))
         self.apply(cfg)
         self.log("reloaded", scopes=len(self.scopes), failed=sum(1 for s in self.scopes.values() if s.error))
+
+
+def _readable(fds: list[int], timeout: float) -> list[int]:
+    """The fds ready to read (poll(2): select's 1024-descriptor limit is too
+    low for a daemon following a thousand pods' namespaces)."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return [fd for fd, _ in poller.poll(timeout * 1000)]
 
 
 def apply_once(config_path: str, log: EventLog) -> int:

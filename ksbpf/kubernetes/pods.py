@@ -185,6 +185,7 @@ class PodSource:
 
     def _protect(self, st: PodState) -> None:
         """Find the pod on the node and protect it; pending until it is there."""
+        started = time.perf_counter()
         pod_cg = discovery.find_pod(st.uid, self._roots_now())
         if pod_cg is None:
             self._roots = []   # a new kubepods root may have appeared: walk again next time
@@ -207,7 +208,8 @@ class PodSource:
             self.daemon.log("pod_protected", pod=st.name, uid=st.uid, cgroup=pod_cg.path, netns=ns.path,
                             driver=pod_cg.driver, qos=pod_cg.qos, runtimes=pod_cg.runtimes,
                             tunnels=list(parsed.policy.tunnels), blocked=parsed.blocked,
-                            allow_cidrs=[str(n) for n in parsed.policy.allow_cidrs], waited_ms=round(waited * 1000, 1))
+                            allow_cidrs=[str(n) for n in parsed.policy.allow_cidrs], waited_ms=round(waited * 1000, 1),
+                            took_ms=round((time.perf_counter() - started) * 1000, 2))
 
     def _pending(self, st: PodState, why: str) -> None:
         if st.pending_since is None:

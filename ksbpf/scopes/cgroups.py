@@ -12,7 +12,7 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ksbpf.errors import KsbpfError
 from ksbpf.kernel import bpf, cgroup, libbpf, links, netns, pins, preflight
@@ -84,7 +84,7 @@ class AttachResult:
 
 
 def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.quiet,
-           bpffs: str = pins.BPFFS) -> AttachResult:
+           bpffs: str = pins.BPFFS, loader: Callable | None = None) -> AttachResult:
     """Protect a cgroup with `policy`.  If it is already protected, the new
     program is attached before the old one is detached: during the swap both
     run and a packet must pass both, so there is no unprotected moment."""
@@ -96,7 +96,7 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
 
     with pins.locked():
         progress("loading the policy program (compiled by bcc unless a cached image fits)")
-        prog = bpf.load(policy.options, len(policy.endpoints), policy.events)
+        prog = (loader or bpf.load)(policy.options, len(policy.endpoints), policy.events)   # loader: a ProgramPool's
         try:
             present = links.links(ns)
             common.sync_tunnels(prog.maps, policy, netns.cookie(ns), present)
@@ -324,7 +324,7 @@ class EnsureResult:
 
 
 def ensure(cgroup_path: str, policy: Policy, progress: common.Progress = common.quiet,
-           bpffs: str = pins.BPFFS) -> EnsureResult:
+           bpffs: str = pins.BPFFS, loader: Callable | None = None) -> EnsureResult:
     """Make the cgroup protected by exactly `policy`.  A scope already in
     force with that policy (attached by hand, by an earlier daemon, at boot)
     is adopted as it is: no detach, no re-attach.  Otherwise attach()
@@ -339,7 +339,7 @@ def ensure(cgroup_path: str, policy: Policy, progress: common.Progress = common.
             current = None  # damaged pins: rebuild below
         if current and current.attached and current.netns_ok and current.policy == policy:
             return EnsureResult("adopted", cg.path, pin_dir)
-    result = attach(cg.path, policy, progress, bpffs)
+    result = attach(cg.path, policy, progress, bpffs, loader)
     return EnsureResult("replaced" if result.replaced else "attached", cg.path, pin_dir, result)
 
 
