@@ -25,6 +25,7 @@ bench: setup
 	@$(PY) benchmarks/reaction.py --flaps 200
 	@$(PY) benchmarks/footprint.py
 	@$(PY) benchmarks/scrape.py --scopes 1000
+	@$(PY) benchmarks/kubernetes.py --pods 1000 --more 50
 	@$(PY) benchmarks/summary.py
 
 ## install: ksbpf on PATH, the example config and the systemd units (see README)
@@ -34,6 +35,7 @@ install: setup
 	[ -e /etc/ksbpf/ksbpf.toml ] || install -m 0644 deploy/ksbpf.toml.example /etc/ksbpf/ksbpf.toml
 	ln -sfn $(abspath $(VENV))/bin/ksbpf $(PREFIX)/bin/ksbpf
 	install -m 0644 deploy/systemd/ksbpf-early.service deploy/systemd/ksbpf.service /etc/systemd/system/
+	$(VENV)/bin/ksbpf warm-cache
 	@echo "installed. Next: edit /etc/ksbpf/ksbpf.toml, check it with 'ksbpf check-config /etc/ksbpf/ksbpf.toml',"
 	@echo "then: systemctl daemon-reload && systemctl enable --now ksbpf-early.service ksbpf.service"
 

@@ -409,5 +409,22 @@ def gate(timeout, kinds) -> None:
     sys.exit(0 if ok else 1)
 
 
+@main.command("warm-cache")
+def warm_cache() -> None:
+    """Compile every common option set into the image cache (helper processes).
+
+    Run at `make install` and by the DaemonSet's init container on each node: the
+    compiled programs depend on the kernel, so the first pod of each option set is
+    then protected without waiting for the compiler."""
+    from ksbpf.kernel import bpf
+    from ksbpf.kernel.compiler import warm
+    preflight.require_root()
+    try:
+        n = warm(_progress)
+    except RuntimeError as exc:
+        raise KsbpfError(f"compiling failed: {exc}", "check `make setup` (bcc, kernel headers)") from None
+    click.echo(f"image cache {bpf.cache_dir()}: {n} option set(s) compiled now, the others were there")
+
+
 if __name__ == "__main__":
     main()

@@ -87,9 +87,14 @@ def test_daemonset_has_what_the_daemon_needs_and_no_more():
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes[mounts["/sys/fs/bpf"]["name"]]["hostPath"]["path"] == "/sys/fs/bpf"
     assert volumes[mounts["/host/cgroup"]["name"]]["hostPath"]["path"] == "/sys/fs/cgroup"
-    (init,) = pod["initContainers"]                   # the one privileged step: mount bpffs, Bidirectional
+    inits = {c["name"]: c for c in pod["initContainers"]}
+    assert [c["name"] for c in pod["initContainers"]] == ["mount-bpffs", "warm-cache"]
+    init = inits["mount-bpffs"]                      # the one privileged step: mount bpffs, Bidirectional
     assert init["securityContext"] == {"privileged": True}
     assert init["volumeMounts"][0]["mountPropagation"] == "Bidirectional"
+    warm = inits["warm-cache"]
+    assert warm["command"] == ["ksbpf", "warm-cache"] and warm["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert not warm["securityContext"]["privileged"]
     env = {e["name"]: e for e in c["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert ds["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
