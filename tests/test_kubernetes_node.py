@@ -19,23 +19,16 @@ import uuid
 import kubernetes_validate
 import pytest
 from helpers import DaemonProcess, scope_status
+from test_daemon import prog_ids
 from test_gate import run_gate
 
-from ksbpf.kernel import libbpf, pins
+from ksbpf.kernel import pins
 from ksbpf.lab.kubeapi import FakeApiServer, make_pod
 from ksbpf.lab.kubelet import container_dir, pod_dir, start_in
 from ksbpf.lab.namespaces import ProbeStream, Sniffer, probe
 
 pytestmark = pytest.mark.lab
 NODE = "node-test"
-
-
-def prog_ids(cg: str) -> list[int]:
-    fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        return libbpf.prog_query(fd, libbpf.BPF_CGROUP_INET_EGRESS)
-    finally:
-        os.close(fd)
 
 
 def free_port() -> int:

@@ -11,7 +11,6 @@ ahead of time.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ import time
 from typing import Callable
 
 from ksbpf.kernel import bpf
+from ksbpf.kernel.wakeup import Wakeup
 from ksbpf.policy import EventSettings, Options
 
 Key = tuple
@@ -49,7 +49,7 @@ class Compiler:
         self._running: dict[Key, subprocess.Popen] = {}
         self._finished: list[tuple[Key, int, str]] = []
         self._lock = threading.Lock()
-        self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wakeup = Wakeup()
 
     def ready(self, options: Options, n_endpoints: int, events: EventSettings) -> bool:
         """Is the image cached?  If not, a helper is compiling it (started now if needed)."""
@@ -70,23 +70,16 @@ class Compiler:
         with self._lock:
             self._running.pop(key, None)
             self._finished.append((key, proc.returncode, err.strip()))
-        try:
-            os.write(self._write_fd, b"!")
-        except BlockingIOError:
-            pass
+        self._wakeup.wake()
 
     def fileno(self) -> int:
-        return self._read_fd
+        return self._wakeup.fileno()
 
     def deadline(self) -> float:
         return time.monotonic() + 3600
 
     def handle(self) -> None:
-        try:
-            while os.read(self._read_fd, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        self._wakeup.drain()
         with self._lock:
             finished, self._finished = self._finished, []
         for _key_, code, err in finished:
@@ -96,8 +89,7 @@ class Compiler:
         with self._lock:
             for proc in self._running.values():
                 proc.kill()
-        os.close(self._read_fd)
-        os.close(self._write_fd)
+        self._wakeup.close()
 
 
 def warm(progress: Callable[[str], None]) -> int:

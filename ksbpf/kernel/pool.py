@@ -24,6 +24,7 @@ class ProgramPool:
         self.depth = depth
         self._ready: dict[tuple, list[bpf.LoadedProgram]] = {}
         self._wanted: dict[tuple, tuple[Options, int, EventSettings]] = {}
+        self._images: dict[tuple, bpf.ProgramImage] = {}
         self._cond = threading.Condition()
         self.hits = self.misses = 0
         libbpf.num_possible_cpus()   # initialise the library on this thread first
@@ -58,7 +59,11 @@ class ProgramPool:
                     continue
             for key, args in todo:
                 try:
-                    prog = bpf.load(*args)
+                    image = self._images.get(key)
+                    if image is None:   # parsed once: the JSON and its hex cost more than the copy
+                        with open(bpf._cache_path(bpf.cache_dir(), list(key))) as f:
+                            image = self._images[key] = bpf.ProgramImage.from_json(f.read())
+                    prog = image.load((bpf.ENTRY_CGROUP,))
                 except Exception:
                     continue   # refused now (memory?): the caller loads its own
                 with self._cond:

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from ksbpf.kernel.wakeup import Wakeup
 from ksbpf.kubernetes import annotations as notes
 from ksbpf.kubernetes import discovery
 from ksbpf.kubernetes.settings import KubernetesSettings
@@ -30,6 +31,7 @@ from ksbpf.policy import Policy
 
 PENDING_RETRY = 0.1    # seconds between looks for a pending pod's cgroup and namespace
 CHECK_SECONDS = 1.0    # how often protected pods are checked (namespace replaced, scope failed)
+BUDGET_SECONDS = 0.2   # work on pending pods per turn of the loop
 SOURCE = "kubernetes"
 
 
@@ -50,6 +52,7 @@ class PodState:
     cgroup: str | None = None        # protected: the scope's cgroup
     netns: str | None = None
     pending_since: float | None = None
+    tries: int = 0                   # looks for it so far (the least tried go first)
     state: str = ""                  # what was last logged, not to repeat it
     reported: str = ""               # the last Event posted, not to repeat it
 
@@ -82,7 +85,7 @@ class PodSource:
         self.prefix = settings.annotation_prefix
         self.pods: dict[str, PodState] = {}
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wakeup = Wakeup()
         self._next_check = time.monotonic() + CHECK_SECONDS
         self._next_pending = 0.0
         self._roots: list[str] = []
@@ -97,14 +100,11 @@ class PodSource:
     # -- the watch thread's side ------------------------------------------------
     def _post(self, kind: str, payload: object) -> None:
         self._queue.put((kind, payload))
-        try:
-            os.write(self._write_fd, b"!")
-        except BlockingIOError:
-            pass   # the pipe is full: the loop is awake anyway
+        self._wakeup.wake()
 
     # -- the event loop's side ------------------------------------------------------
     def fileno(self) -> int:
-        return self._read_fd
+        return self._wakeup.fileno()
 
     def deadline(self) -> float:
         pending = any(p.pending_since is not None for p in self.pods.values())
@@ -112,16 +112,11 @@ class PodSource:
 
     def close(self) -> None:
         self.watch.stop()
-        os.close(self._read_fd)
-        os.close(self._write_fd)
+        self._wakeup.close()
 
     def handle(self) -> None:
         """Drain the queue, then retry what is pending and check what is protected."""
-        try:
-            while os.read(self._read_fd, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        self._wakeup.drain()
         while True:
             try:
                 kind, payload = self._queue.get_nowait()
@@ -135,10 +130,19 @@ class PodSource:
                 self._update(payload)
         now = time.monotonic()
         if now >= self._next_pending:
-            self._next_pending = now + PENDING_RETRY
-            for st in list(self.pods.values()):
-                if st.pending_since is not None:
-                    self._protect(st)
+            # a bounded slice of work per turn: a list of a thousand pods must not
+            # keep the loop (netlink, /healthz) waiting for minutes
+            budget_end = time.perf_counter() + BUDGET_SECONDS
+            pending = [st for st in self.pods.values() if st.pending_since is not None]
+            pending.sort(key=lambda st: st.tries)
+            for i, st in enumerate(pending):
+                if time.perf_counter() > budget_end:
+                    self._next_pending = 0.0   # more to do: come back at once
+                    break
+                st.tries += 1
+                self._protect(st)
+            else:
+                self._next_pending = now + PENDING_RETRY
         if now >= self._next_check:
             self._next_check = now + CHECK_SECONDS
             for st in list(self.pods.values()):
@@ -153,10 +157,10 @@ class PodSource:
         for uid in [u for u in self.pods if u not in seen]:
             self._forget(uid, "absent from the list")
         for pod in pods:
-            self._update(pod)
+            self._update(pod, now=False)   # protected in slices by handle()
         self._collect_orphans()
 
-    def _update(self, pod: dict) -> None:
+    def _update(self, pod: dict, now: bool = True) -> None:
         uid = pod["metadata"]["uid"]
         wanted = notes.is_annotated((pod.get("metadata") or {}).get("annotations"), self.prefix)
         st = self.pods.get(uid)
@@ -176,7 +180,8 @@ class PodSource:
             return
         if st.pending_since is None:
             st.pending_since = time.monotonic()
-        self._protect(st)
+        if now:
+            self._protect(st)
 
     def _roots_now(self) -> list[str]:
         if not self._roots:
@@ -190,6 +195,7 @@ class PodSource:
         if pod_cg is None:
             self._roots = []   # a new kubepods root may have appeared: walk again next time
             return self._pending(st, "no cgroup yet")
+        found = time.perf_counter()
         ns = discovery.pod_netns(pod_cg, prefer=st.netns or _existing_netns(pod_cg.path))
         if ns is None:
             return self._pending(st, "no process in the pod's network namespace yet")
@@ -197,6 +203,7 @@ class PodSource:
         if parsed.blocked:
             self._report(st, "KsbpfAnnotationInvalid", "invalid ksbpf annotations, so the pod is protected with "
                          "EVERYTHING blocked: " + "; ".join(parsed.errors))
+        applying = time.perf_counter()
         scope = self.daemon.add_scope(pod_cg.path, parsed.policy, SOURCE)
         if scope.error:
             return self._pending(st, scope.error)
@@ -209,7 +216,9 @@ class PodSource:
                             driver=pod_cg.driver, qos=pod_cg.qos, runtimes=pod_cg.runtimes,
                             tunnels=list(parsed.policy.tunnels), blocked=parsed.blocked,
                             allow_cidrs=[str(n) for n in parsed.policy.allow_cidrs], waited_ms=round(waited * 1000, 1),
-                            took_ms=round((time.perf_counter() - started) * 1000, 2))
+                            took_ms=round((time.perf_counter() - started) * 1000, 2),
+                            find_ms=round((found - started) * 1000, 2),
+                            scope_ms=round((time.perf_counter() - applying) * 1000, 2))
 
     def _pending(self, st: PodState, why: str) -> None:
         if st.pending_since is None:
