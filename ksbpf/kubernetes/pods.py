@@ -135,7 +135,7 @@ class PodSource:
             budget_end = time.perf_counter() + BUDGET_SECONDS
             pending = [st for st in self.pods.values() if st.pending_since is not None]
             pending.sort(key=lambda st: st.tries)
-            for i, st in enumerate(pending):
+            for st in pending:
                 if time.perf_counter() > budget_end:
                     self._next_pending = 0.0   # more to do: come back at once
                     break
