@@ -26,7 +26,9 @@ fi
 # --- 1. packages -------------------------------------------------------------
 pkgs=(python3 python3-venv python3-bpfcc libbpf1 bpftool iproute2 wireguard-go wireguard-tools
       tcpdump iperf3 nftables iptables iputils-ping procps prometheus)
-pkgs+=(podman runc netavark aardvark-dns debootstrap)   # the Kubernetes image test (podman build from a debootstrapped base)
+# container tests: real Podman and Docker (runc), images from busybox-static; no service is started
+pkgs+=(podman runc netavark aardvark-dns busybox-static docker.io)
+pkgs+=(debootstrap)   # the Kubernetes image test: podman build from a debootstrapped Debian base
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -44,6 +46,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 else
     say "Debian packages present"
 fi
+command -v systemctl >/dev/null && systemctl disable docker.service docker.socket containerd.service >/dev/null 2>&1 || true
 
 # --- 2. kernel headers for bcc -------------------------------------------------
 rel=$(uname -r)

@@ -26,14 +26,18 @@ from ksbpf.reasons import FAMILY_MAX, Family, Reason
 ENTRY_CGROUP = "ksbpf_cg_egress"   # cgroup_skb/egress
 ENTRY_TC_ETH = "ksbpf_tc_eth"      # tc egress, Ethernet interfaces
 ENTRY_TC_L3 = "ksbpf_tc_l3"        # tc egress, interfaces without a link-layer header
+ENTRY_SOCK_CREATE = "ksbpf_sk_create"  # cgroup/sock_create: reports sockets of unknown namespaces (--netns each)
 ENTRIES = {ENTRY_CGROUP: libbpf.BPF_PROG_TYPE_CGROUP_SKB,
            ENTRY_TC_ETH: libbpf.BPF_PROG_TYPE_SCHED_CLS,
-           ENTRY_TC_L3: libbpf.BPF_PROG_TYPE_SCHED_CLS}
-PIN_NAMES = {ENTRY_CGROUP: "prog", ENTRY_TC_ETH: "prog_eth", ENTRY_TC_L3: "prog_l3"}
+           ENTRY_TC_L3: libbpf.BPF_PROG_TYPE_SCHED_CLS,
+           ENTRY_SOCK_CREATE: libbpf.BPF_PROG_TYPE_CGROUP_SOCK}
+PIN_NAMES = {ENTRY_CGROUP: "prog", ENTRY_TC_ETH: "prog_eth", ENTRY_TC_L3: "prog_l3",
+             ENTRY_SOCK_CREATE: "prog_sock"}
 TC_ENTRIES = (ENTRY_TC_ETH, ENTRY_TC_L3)
 PROG_NAME = ENTRY_CGROUP
 MAP_NAMES = ("tunnels", "tunnel_ifindex", "endpoints4", "endpoints6", "counters", "meta", "events", "bucket",
-             "exempt", "cidrs4", "cidrs6")
+             "exempt", "scope_netns", "verify_nonce", "netns_known", "netns_events",
+             "cidrs4", "cidrs6")
 OPTIONAL_MAPS = ("cidrs4", "cidrs6")   # scopes pinned before allow_cidrs have none (and allow none)
 IFINDEX_FILTER = 4096  # KSBPF_IFINDEX_FILTER
 META_SIZE = 8192
@@ -190,6 +194,10 @@ class ScopeMaps:
     def add_cidr(self, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
         name = "cidrs4" if net.version == 4 else "cidrs6"
         libbpf.map_update(self.fds[name], _U32.pack(net.prefixlen) + net.network_address.packed, b"\x01")
+
+    # node mode: the namespace of the guarded interfaces
+    def set_netns_cookie(self, cookie: int) -> None:
+        libbpf.map_update(self.fds["scope_netns"], _U32.pack(0), struct.pack("=Q", cookie))
 
     # node mode: the cgroup subtrees whose local sockets pass the guard
     def set_exempt(self, cgroups: list[tuple[int, int]]) -> None:

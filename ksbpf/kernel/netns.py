@@ -104,7 +104,12 @@ def run_in(path: str, fn: Callable[..., T], *args, **kwargs) -> T:
 
     def body() -> None:
         own = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY)
-        target = os.open(path, os.O_RDONLY)
+        try:
+            target = os.open(path, os.O_RDONLY)
+        except OSError as exc:   # gone (a process's namespace file): the caller's error
+            os.close(own)
+            result["error"] = exc
+            return
         try:
             _setns(target)
             try:
@@ -123,6 +128,26 @@ def run_in(path: str, fn: Callable[..., T], *args, **kwargs) -> T:
     if "error" in result:
         raise result["error"]  # type: ignore[misc]
     return result["value"]  # type: ignore[return-value]
+
+
+def run_here(path: str, fn: Callable[..., T], *args) -> T:
+    """Call fn(*args) on THIS thread inside the network namespace at `path`,
+    then come back: no thread to start, for callers that must act fast (the
+    daemon guarding a new interface).  Only for code whose other threads do
+    not care what namespace this one is in for the duration."""
+    own = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _setns(target)
+        finally:
+            os.close(target)
+        try:
+            return fn(*args)
+        finally:
+            _setns(own)
+    finally:
+        os.close(own)
 
 
 def _own_cookie() -> int:

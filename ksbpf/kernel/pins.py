@@ -1,7 +1,8 @@
 """The BPF filesystem layout: where each protected scope's objects are pinned.
 
     /sys/fs/bpf/ksbpf/cgroup/<cgroup-id>/{prog,tunnels,endpoints4,endpoints6,counters,
-                                          meta,events,bucket,tunnel_ifindex,exempt}
+                                          meta,events,bucket,tunnel_ifindex,exempt,
+                                          scope_netns}
     /sys/fs/bpf/ksbpf/node/<netns-cookie>/{prog_eth,prog_l3,<the same maps>,
                                            links/<ifindex>}
 
@@ -19,6 +20,7 @@ import ctypes
 import fcntl
 import os
 import shutil
+import zlib
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -103,12 +105,18 @@ def prune(bpffs: str = BPFFS) -> None:
 
 
 @contextmanager
-def locked(lock_file: str = LOCK_FILE) -> Iterator[None]:
-    """Serialise changes to pins and attachments between ksbpf processes."""
+def locked(scope: str | None = None, lock_file: str = LOCK_FILE) -> Iterator[None]:
+    """Serialise changes to pins and attachments between ksbpf processes.
+    locked(scope): one scope's pins ("cgroup-<id>", "node-<cookie>"), while
+    other scopes change alongside -- the daemon guarding a new interface never
+    waits for an attach elsewhere.  locked(): the whole machine (the escape
+    hatch), once no scope is being changed.  POSIX record locks on one file:
+    a scope holds one byte (chosen by its name), the machine the whole file."""
     os.makedirs(os.path.dirname(lock_file), exist_ok=True)
+    length, start = (0, 0) if scope is None else (1, 1 + zlib.crc32(scope.encode()))
     with open(lock_file, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        fcntl.lockf(f, fcntl.LOCK_EX, length, start)
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.lockf(f, fcntl.LOCK_UN, length, start)

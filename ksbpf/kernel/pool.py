@@ -31,13 +31,10 @@ class ProgramPool:
         self._thread = threading.Thread(target=self._fill, name="program-pool", daemon=True)
         self._thread.start()
 
-    @staticmethod
-    def _key(options: Options, n_endpoints: int, events: EventSettings) -> tuple:
-        return tuple(bpf.cflags(options, n_endpoints, events))
-
-    def load(self, options: Options, n_endpoints: int = 0, events: EventSettings = EventSettings()) -> bpf.LoadedProgram:
+    def load(self, options: Options, n_endpoints: int = 0, events: EventSettings = EventSettings(),
+             entries: tuple[str, ...] = (bpf.ENTRY_CGROUP,)) -> bpf.LoadedProgram:
         """bpf.load()'s result, taken from the pool when one is ready."""
-        key = self._key(options, n_endpoints, events)
+        key = (tuple(bpf.cflags(options, n_endpoints, events)), tuple(entries))
         with self._cond:
             ready = self._ready.get(key)
             prog = ready.pop() if ready else None
@@ -47,7 +44,7 @@ class ProgramPool:
             self.hits += 1
             return prog
         self.misses += 1
-        return bpf.load(options, n_endpoints, events)
+        return bpf.load(options, n_endpoints, events, entries=tuple(entries))
 
     def _fill(self) -> None:
         while True:
@@ -59,11 +56,12 @@ class ProgramPool:
                     continue
             for key, args in todo:
                 try:
-                    image = self._images.get(key)
+                    flags, entries = key
+                    image = self._images.get(flags)
                     if image is None:   # parsed once: the JSON and its hex cost more than the copy
-                        with open(bpf._cache_path(bpf.cache_dir(), list(key))) as f:
-                            image = self._images[key] = bpf.ProgramImage.from_json(f.read())
-                    prog = image.load((bpf.ENTRY_CGROUP,))
+                        with open(bpf._cache_path(bpf.cache_dir(), list(flags))) as f:
+                            image = self._images[flags] = bpf.ProgramImage.from_json(f.read())
+                    prog = image.load(entries)
                 except Exception:
                     continue   # refused now (memory?): the caller loads its own
                 with self._cond:

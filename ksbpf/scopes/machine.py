@@ -57,6 +57,6 @@ def detach_all(bpffs: str = pins.BPFFS, progress: common.Progress = common.quiet
         result.detached_prog_ids = cgroups.detach_every_cgroup(progress)
         root = pins.pin_root(bpffs)
         if os.path.isdir(root):
-            result.removed_pins = nodes.removed + pins.list_scope_dirs(bpffs)
+            result.removed_pins = nodes.removed_pins + pins.list_scope_dirs(bpffs)
             pins.remove_dir(root)
     return result

@@ -20,6 +20,8 @@ import errno
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
 
 from ksbpf.errors import KsbpfError
 from ksbpf.kernel import bpf, cgroup, libbpf, links, netns, pins, preflight, tc
@@ -85,9 +87,14 @@ def _prog_ids(pin_dir: str) -> set[int]:
     return ids
 
 
-def guard(pin_dir: str, ns: netns.Netns, link: links.Link, mode: str, pref: int) -> bool:
+Runner = Callable[..., object]   # runner(fn, *args) runs fn inside the namespace
+
+
+def guard(pin_dir: str, ns: netns.Netns, link: links.Link, mode: str, pref: int,
+          runner: Runner | None = None) -> bool:
     """Attach the scope's program to the interface's egress, first in its
-    chain.  False when the interface vanished meanwhile."""
+    chain.  False when the interface vanished meanwhile.  runner: how to run
+    inside the namespace (default: a thread that enters it for the call)."""
     prog_pin = os.path.join(pin_dir, bpf.PIN_NAMES[entry_for(link)])
     try:
         if mode == "clsact":
@@ -95,7 +102,7 @@ def guard(pin_dir: str, ns: netns.Netns, link: links.Link, mode: str, pref: int)
             return True
         prog_fd = libbpf.obj_get(prog_pin)
         try:
-            link_fd = netns.run_in(ns.path, tc.tcx_attach, prog_fd, link.ifindex)
+            link_fd = (runner or partial(netns.run_in, ns.path))(tc.tcx_attach, prog_fd, link.ifindex)
         finally:
             os.close(prog_fd)
         try:
@@ -120,10 +127,12 @@ def guard(pin_dir: str, ns: netns.Netns, link: links.Link, mode: str, pref: int)
         raise
 
 
-def unguard(pin_dir: str, ns: netns.Netns, ifindex: int, ifname: str | None, mode: str, pref: int) -> None:
-    """Remove the scope's guard from one interface (idempotent)."""
+def unguard(pin_dir: str, ifindex: int, mode: str, pref: int,
+            ns: netns.Netns | None = None, ifname: str | None = None) -> None:
+    """Remove the scope's guard from one interface (idempotent).  A clsact
+    filter is found by the interface's namespace and name."""
     if mode == "clsact":
-        if ifname:
+        if ns is not None and ifname:
             tc.clsact_detach(ns.path, ifname, pref)
         return
     path = _link_pin(pin_dir, ifindex)
@@ -164,6 +173,14 @@ def guards_in_force(pin_dir: str, ns: netns.Netns, present: list[links.Link], mo
             for link in present}
 
 
+def unguarded(pin_dir: str, np: NodePolicy, ns: netns.Netns, present: list[links.Link], mode: str) -> list[str]:
+    """The interfaces that should carry this scope's guard and do not (a
+    cheap check for tcx: two syscalls an interface, no lock)."""
+    want = guarded_links(np, present)
+    live = guards_in_force(pin_dir, ns, want, mode)
+    return [link.name for link in want if not live[link.ifindex]]
+
+
 @dataclass
 class GuardSync:
     guarded: list[str] = field(default_factory=list)     # interfaces a guard was put on now
@@ -171,7 +188,7 @@ class GuardSync:
 
 
 def sync_guards(pin_dir: str, np: NodePolicy, ns: netns.Netns, present: list[links.Link],
-                mode: str, pref: int) -> GuardSync:
+                mode: str, pref: int, runner: Runner | None = None) -> GuardSync:
     """Guard every interface that should be guarded and is not (new, or its
     attachment disappeared), and release the ones that no longer should be
     (gone, renamed into a tunnel or an internal name)."""
@@ -182,7 +199,7 @@ def sync_guards(pin_dir: str, np: NodePolicy, ns: netns.Netns, present: list[lin
         for ifindex in _pinned_ifindexes(pin_dir):
             if ifindex not in want or not tcx_guard_alive(pin_dir, ifindex):
                 link = by_index.get(ifindex)
-                unguard(pin_dir, ns, ifindex, link.name if link else None, mode, pref)
+                unguard(pin_dir, ifindex, mode, pref, ns, link.name if link else None)
                 if ifindex not in want:
                     result.released.append(link.name if link else str(ifindex))
         missing = [link for i, link in want.items() if not tcx_guard_alive(pin_dir, i)]
@@ -190,11 +207,11 @@ def sync_guards(pin_dir: str, np: NodePolicy, ns: netns.Netns, present: list[lin
         live = guards_in_force(pin_dir, ns, present, mode)
         for link in present:
             if live.get(link.ifindex) and link.ifindex not in want:
-                unguard(pin_dir, ns, link.ifindex, link.name, mode, pref)
+                unguard(pin_dir, link.ifindex, mode, pref, ns, link.name)
                 result.released.append(link.name)
         missing = [link for i, link in want.items() if not live.get(i)]
     for link in missing:
-        if guard(pin_dir, ns, link, mode, pref):
+        if guard(pin_dir, ns, link, mode, pref, runner):
             result.guarded.append(link.name)
     return result
 
@@ -205,7 +222,7 @@ def _release_all(pin_dir: str, meta: dict, ns: netns.Netns | None) -> None:
     mode, pref = meta.get("tc_mode", "tcx"), meta.get("pref", tc.CLSACT_PREFS[0])
     if mode == "tcx":
         for ifindex in _pinned_ifindexes(pin_dir):
-            unguard(pin_dir, ns or netns.Netns("", "/proc/self/ns/net", 0), ifindex, None, mode, pref)
+            unguard(pin_dir, ifindex, mode, pref)
     elif ns is not None and common.netns_alive(ns):
         ours = _prog_ids(pin_dir)
         for link in links.links(ns):
@@ -257,15 +274,16 @@ def attach(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
     mode = resolve_mode(np.tc_mode)
     exempt = exempt_entries(np)
 
-    with pins.locked():
-        progress("loading the tc programs (compiled by bcc unless a cached image fits)")
-        prog = bpf.load(policy.options, len(policy.endpoints), policy.events, entries=bpf.TC_ENTRIES)
+    progress("loading the tc programs (compiled by bcc unless a cached image fits)")
+    prog = bpf.load(policy.options, len(policy.endpoints), policy.events, entries=bpf.TC_ENTRIES)
+    with pins.locked(f"node-{cookie}"):   # taken after compiling: others wait milliseconds, not the compiler
         try:
             present = links.links(ns)
             common.sync_tunnels(prog.maps, policy, cookie, present)
             for ep in policy.endpoints:
                 prog.maps.add_endpoint(ep)
             prog.maps.set_exempt(exempt)
+            prog.maps.set_netns_cookie(cookie)
             final = pins.node_dir(cookie, bpffs)
             old_meta = _read_meta(final) if os.path.isdir(final) else None
             old_pref = (old_meta or {}).get("pref", tc.CLSACT_PREFS[1])
@@ -291,16 +309,14 @@ def attach(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
                         progress(f"guarding {link.name} (ifindex {link.ifindex}) with {mode}")
             except BaseException:
                 for link in done:   # nothing half-applied
-                    unguard(staging, ns, link.ifindex, link.name, mode, pref)
+                    unguard(staging, link.ifindex, mode, pref, ns, link.name)
                 pins.remove_dir(staging)
                 raise
             replaced = old_meta is not None
             if replaced:
                 progress("removing the previous guards (the new ones are already in front of them)")
                 _release_all(final, old_meta, ns)
-                with bpf.ScopeMaps.from_pins(final) as old_maps:
-                    carried = common.total_counters(old_maps, old_meta)
-                meta["counters_base"] = {common.counter_key(r, f): [p, b] for (r, f), (p, b) in carried.items()}
+                common.carry_counters(final, meta)
                 prog.maps.write_meta(meta)
             pins.remove_dir(final)
             os.rename(staging, final)
@@ -315,11 +331,11 @@ def attach(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
 
 @dataclass
 class NodeDetachResult:
-    removed: list[str] = field(default_factory=list)   # pin directories
+    removed_pins: list[str] = field(default_factory=list)
     detached_links: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"removed_pins": self.removed, "detached_link_ids": self.detached_links}
+        return {"removed_pins": self.removed_pins, "detached_link_ids": self.detached_links}
 
 
 def _remove(pin_dir: str) -> None:
@@ -336,11 +352,12 @@ def detach(netns_spec: str = "", bpffs: str = pins.BPFFS) -> NodeDetachResult:
     preflight.require_root()
     ns = netns.resolve(netns_spec)
     result = NodeDetachResult()
-    with pins.locked():
-        pin_dir = pins.node_dir(netns.cookie(ns), bpffs)
+    cookie = netns.cookie(ns)
+    with pins.locked(f"node-{cookie}"):
+        pin_dir = pins.node_dir(cookie, bpffs)
         if os.path.isdir(pin_dir):
             _remove(pin_dir)
-            result.removed.append(pin_dir)
+            result.removed_pins.append(pin_dir)
         pins.prune(bpffs)
     return result
 
@@ -351,7 +368,7 @@ def detach_all(bpffs: str = pins.BPFFS) -> NodeDetachResult:
     result = NodeDetachResult()
     for pin_dir in pins.list_node_dirs(bpffs):
         _remove(pin_dir)
-        result.removed.append(pin_dir)
+        result.removed_pins.append(pin_dir)
     result.detached_links = tc.detach_tcx_programs(bpf.TC_ENTRIES)
     return result
 
