@@ -175,7 +175,10 @@ def _handler(api: FakeApiServer):
                 return self._json(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404,
                                         "reason": "NotFound", "message": f"{url.path} not found"})
             if query.get("watch") == ["true"]:
-                return self._watch(query)
+                try:
+                    return self._watch(query)
+                except (BrokenPipeError, ConnectionResetError):
+                    return   # the client went away (stopped, or reconnecting)
             with api.cond:
                 items = [copy.deepcopy(p) for p in api.pods.values() if _selected(p, query)]
                 rv = api.rv
