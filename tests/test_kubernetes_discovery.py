@@ -58,3 +58,17 @@ def test_every_layout_is_found(make_cgroup, driver, qos):
         for p in procs:
             p.kill()
             p.wait()
+
+
+def test_a_qos_level_of_another_name_is_found_by_looking(make_cgroup):
+    """The kubelet's own names are tried first; any other level is found by walking."""
+    top = make_cgroup()
+    uid = str(uuid.uuid4())
+    pod = os.path.join(top, "kubepods.slice", "kubepods-burstable.slice", "extra.slice",
+                       f"kubepods-burstable-extra-pod{uid.replace('-', '_')}.slice")
+    os.makedirs(pod)
+    assert discovery.find_pod(uid, discovery.kubepods_roots(top)) is None   # two levels down: not a pod of this root
+    inner = os.path.join(top, "kubepods", "other-level", f"pod{uid}")
+    os.makedirs(inner)
+    found = discovery.find_pod(uid, discovery.kubepods_roots(top))
+    assert found and found.path == inner and found.driver == "cgroupfs" and found.qos == "other-level"

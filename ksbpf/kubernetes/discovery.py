@@ -115,10 +115,37 @@ def containers(pod_path: str) -> tuple[Container, ...]:
     return tuple(out)
 
 
+def _direct(uid: str, root: str) -> PodCgroup | None:
+    """The kubelet's own names tried first (a few stat calls, whatever the
+    number of pods): the QoS levels burstable/besteffort, or
+    <root>-burstable.slice/<root>-besteffort.slice with the systemd driver."""
+    plain, slice_suffix = _pod_names(uid)
+    base = os.path.basename(root)
+    if base.endswith(".slice"):
+        stem = base[:-len(".slice")]
+        parents = [(root, None)] + [(os.path.join(root, f"{stem}-{q}.slice"), q) for q in ("burstable", "besteffort")]
+        for parent, qos in parents:
+            name = f"{os.path.basename(parent)[:-len('.slice')]}-{slice_suffix}"
+            if os.path.isdir(os.path.join(parent, name)):
+                path = os.path.join(parent, name)
+                return PodCgroup(path, "systemd", qos or "guaranteed", containers(path))
+        return None
+    for parent, qos in [(root, None), (os.path.join(root, "burstable"), "burstable"),
+                        (os.path.join(root, "besteffort"), "besteffort")]:
+        if os.path.isdir(os.path.join(parent, plain)):
+            path = os.path.join(parent, plain)
+            return PodCgroup(path, "cgroupfs", qos or "guaranteed", containers(path))
+    return None
+
+
 def find_pod(uid: str, roots: list[str]) -> PodCgroup | None:
     """The pod's cgroup in one of the kubepods roots, or None (not created yet, or gone)."""
-    plain, slice_suffix = _pod_names(uid)
     for root in roots:
+        found = _direct(uid, root)
+        if found:
+            return found
+    plain, slice_suffix = _pod_names(uid)
+    for root in roots:   # other names for the QoS level: look at every directory
         try:
             level0 = [e for e in os.scandir(root) if e.is_dir(follow_symlinks=False)]
         except OSError:
