@@ -9,8 +9,22 @@ from __future__ import annotations
 import ipaddress
 
 from ksbpf.policy import Endpoint
-from ksbpf.verify.packets import (DSTOPTS, ETH_ARP, FRAGMENT, HOPOPTS, ICMP, ICMPV6, ROUTING, TCP, UDP, eth, frame,
-                                  ipv4, ipv6, vlan_frame)
+from ksbpf.verify.packets import (
+    DSTOPTS,
+    ETH_ARP,
+    FRAGMENT,
+    HOPOPTS,
+    ICMP,
+    ICMPV6,
+    ROUTING,
+    TCP,
+    UDP,
+    eth,
+    frame,
+    ipv4,
+    ipv6,
+    vlan_frame,
+)
 
 PUBLIC4, PUBLIC6 = "93.184.216.34", "2606:2800:220:1::1"
 LAN4, LAN6 = "192.168.1.1", "fd00::53"
