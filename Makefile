@@ -32,6 +32,7 @@ bench: setup
 	@$(PY) benchmarks/footprint.py
 	@$(PY) benchmarks/scrape.py --scopes 1000
 	@$(PY) benchmarks/verify_cost.py --rounds 31
+	@$(PY) benchmarks/containers.py --flaps 200 --late 50
 	@$(PY) benchmarks/summary.py
 
 ## install: ksbpf on PATH, the example config and the systemd units (see README)

@@ -50,6 +50,10 @@ BPF_ARRAY(meta, struct ksbpf_meta, 1);
 BPF_RINGBUF_OUTPUT(events, KSBPF_EVENTS_PAGES);
 BPF_PERCPU_ARRAY(bucket, struct ksbpf_bucket, 1);
 BPF_ARRAY(exempt, struct ksbpf_exempt, KSBPF_MAX_EXEMPT);
+/* tc: the cookie of the node scope's namespace, where every guarded interface
+ * lives (bpf_get_netns_cookie answers init_net's for a packet without a
+ * socket, such as a forwarded one). */
+BPF_ARRAY(scope_netns, __u64, 1);
 BPF_ARRAY(verify_nonce, struct ksbpf_nonce, 1);
 
 /* What the policy needs to know of a packet. */
@@ -297,11 +301,23 @@ static __always_inline int ksbpf_exceptions6(const struct ksbpf_pkt *p)
 	return ksbpf_last_resort(p, 1);
 }
 
+/* The network namespace of the egress interface. */
+static __always_inline __u64 ksbpf_netns_cookie(const struct ksbpf_at *at)
+{
+	int zero = 0;
+	__u64 *cookie;
+
+	if (at->hook != KSBPF_HOOK_TC)
+		return bpf_get_netns_cookie(at->skb);
+	cookie = scope_netns.lookup(&zero);
+	return cookie ? *cookie : 0;
+}
+
 /* Does the packet leave through a registered tunnel?  The ifindex filter
  * (an array: no helper call, no hashing) rules most interfaces out; the
  * (netns cookie, ifindex) hash decides.  (In node mode tunnels carry no
  * guard, so only a guarded interface that became a tunnel gets here.) */
-static __always_inline int ksbpf_via_tunnel(struct __sk_buff *skb, __u32 ifindex)
+static __always_inline int ksbpf_via_tunnel(const struct ksbpf_at *at, __u32 ifindex)
 {
 	struct ksbpf_tunnel_key tk = { .ifindex = ifindex };
 	__u32 *n;
@@ -311,7 +327,7 @@ static __always_inline int ksbpf_via_tunnel(struct __sk_buff *skb, __u32 ifindex
 		if (!n || !*n)
 			return 0;
 	}
-	tk.netns_cookie = bpf_get_netns_cookie(skb);
+	tk.netns_cookie = ksbpf_netns_cookie(at);
 	return tunnels.lookup(&tk) != 0;
 }
 
@@ -344,7 +360,7 @@ static __always_inline int ksbpf_decide(const struct ksbpf_at *at, __be16 proto,
 		    proto == bpf_htons(ETH_P_IPV6) ? KSBPF_FAMILY_IPV6 : KSBPF_FAMILY_OTHER;
 	if (ifindex == 1)		/* LOOPBACK_IFINDEX, the same in every netns */
 		return KSBPF_ALLOW_LOOPBACK;
-	if (ksbpf_via_tunnel(skb, ifindex))
+	if (ksbpf_via_tunnel(at, ifindex))
 		return KSBPF_ALLOW_TUNNEL;
 	if (p->family == KSBPF_FAMILY_IPV4) {
 		if (ksbpf_parse4(at, p))
@@ -426,7 +442,7 @@ static __always_inline void ksbpf_report(const struct ksbpf_at *at, int reason, 
 	__builtin_memset(ev, 0, sizeof(*ev));
 	ev->ts_ns = bpf_ktime_get_ns();
 	ev->cgroup_id = bpf_skb_cgroup_id(skb);
-	ev->netns_cookie = bpf_get_netns_cookie(skb);
+	ev->netns_cookie = ksbpf_netns_cookie(at);
 	ev->ifindex = skb->ifindex;
 	ev->uid = bpf_get_socket_uid(skb);
 	ev->len = skb->len;
@@ -521,4 +537,35 @@ int ksbpf_tc_l3(struct __sk_buff *skb)
 	if (!ksbpf_load(&at, 0, &v, 1))
 		proto = v >> 4 == 4 ? bpf_htons(ETH_P_IP) : v >> 4 == 6 ? bpf_htons(ETH_P_IPV6) : 0;
 	return ksbpf_verdict(&at, proto) ? TC_ACT_UNSPEC : TC_ACT_SHOT;
+}
+
+/* cgroup/sock_create (--netns each): a socket of the scope is being created
+ * in a network namespace the daemon does not know yet -- a process that moved
+ * into an already populated cgroup, or that entered another namespace, raises
+ * no cgroup event.  The first socket of each unknown namespace is reported to
+ * the daemon (one report per namespace: the entry marked "reported" is the
+ * rate limit); it looks the namespace's tunnels up.  Until then the egress
+ * policy drops that namespace's non-local traffic.  Never refuses a socket. */
+BPF_HASH(netns_known, __u64, __u32, KSBPF_MAX_NETNS);
+BPF_RINGBUF_OUTPUT(netns_events, 1);
+
+int ksbpf_sk_create(struct bpf_sock *sk)
+{
+	__u64 cookie = bpf_get_netns_cookie(sk);
+	__u32 reported = KSBPF_NETNS_REPORTED;
+	struct ksbpf_netns_event *ev;
+
+	if (netns_known.lookup(&cookie))
+		return 1;
+	if (netns_known.insert(&cookie, &reported))
+		return 1;	/* reported meanwhile by another CPU, or the map is full */
+	ev = netns_events.ringbuf_reserve(sizeof(*ev));
+	if (!ev)
+		return 1;
+	ev->netns_cookie = cookie;
+	ev->cgroup_id = bpf_get_current_cgroup_id();
+	ev->pid = bpf_get_current_pid_tgid() >> 32;
+	ev->pad = 0;
+	netns_events.ringbuf_submit(ev, 0);
+	return 1;
 }

@@ -350,20 +350,8 @@ class _Checker:
                 self.issue(at + ("cgroup",), f"{cgroup} is already the cgroup of {seen[cgroup]}; merge the two scopes or remove one")
             seen.setdefault(cgroup, _key_name(at))
 
-        tunnels = self.strings(table, at, "tunnels", 'an array of interface names such as ["wg0"]')
-        if tunnels == []:
-            self.issue(at + ("tunnels",), 'no tunnel interface given; name at least one, e.g. tunnels = ["wg0"]')
-        endpoints = [self.attempt(at + ("endpoints", j), Endpoint.parse, text) for j, text in
-                     enumerate(self.strings(table, at, "endpoints", 'an array such as ["203.0.113.5:51820/udp"]') or [])]
-        netns = self.get(table, at, "netns", str, 'a namespace name or path, e.g. "vpn" ("" for the daemon\'s own)') or ""
-        flags = [self.get(table, at, key, bool, "true or false") or False for key in ("allow_lan", "allow_lan_dns", "allow_dhcp")]
-
-        kinds = self.strings(table, at, "tunnel_kinds", 'an array of link kinds such as ["wireguard", "tun"]')
         create = self.get(table, at, "create_cgroup", bool, "true or false") or False
-        events = self.events(table, at)
-
-        policy = self.policy(at, tunnels or [], [e for e in endpoints if e], netns, Options(*flags),
-                             DEFAULT_TUNNEL_KINDS if kinds is None else kinds, events)
+        policy = self.policy_keys(table, at, dhcp_default=False)
         if len(self.issues) > before or policy is None or cgroup is None:
             return None
         return ScopeConfig(cgroup, policy, create, self.where.line(at) or 0)
@@ -376,15 +364,7 @@ class _Checker:
         self.unknown(table, at, KEYS["node"])
         if "tunnels" not in table:
             self.issue(at + ("tunnels",), 'missing; [node] needs one, e.g. tunnels = ["wg0"]')
-        tunnels = self.strings(table, at, "tunnels", 'an array of interface names such as ["wg0"]')
-        if tunnels == []:
-            self.issue(at + ("tunnels",), 'no tunnel interface given; name at least one, e.g. tunnels = ["wg0"]')
-        endpoints = [self.attempt(at + ("endpoints", j), Endpoint.parse, text) for j, text in
-                     enumerate(self.strings(table, at, "endpoints", 'an array such as ["203.0.113.5:51820/udp"]') or [])]
-        netns = self.get(table, at, "netns", str, 'a namespace name or path ("" for the daemon\'s own)') or ""
-        lan, lan_dns = (self.get(table, at, key, bool, "true or false") or False for key in ("allow_lan", "allow_lan_dns"))
-        dhcp = self.get(table, at, "allow_dhcp", bool, "true or false")
-        kinds = self.strings(table, at, "tunnel_kinds", 'an array of link kinds such as ["wireguard", "tun"]')
+        policy = self.policy_keys(table, at, dhcp_default=True)
         internal = self.strings(table, at, "internal", 'an array of interface name patterns such as ["docker*"]') or []
         default_internal = self.get(table, at, "default_internal", bool, "true or false")
         exempt = self.strings(table, at, "exempt_cgroups", 'an array of cgroup paths such as ["/sys/fs/cgroup/system.slice/ssh.service"]') or []
@@ -396,15 +376,28 @@ class _Checker:
             if not os.path.isabs(path):
                 self.issue(at + ("exempt_cgroups", j), f"{path!r} is not an absolute path; give the cgroup directory's full path")
         exempt = [os.path.normpath(p) for p in exempt if os.path.isabs(p)]
-        events = self.events(table, at)
-        policy = self.policy(at, tunnels or [], [e for e in endpoints if e], netns,
-                             Options(lan, lan_dns, True if dhcp is None else dhcp),
-                             DEFAULT_TUNNEL_KINDS if kinds is None else kinds, events)
         globs = (DEFAULT_INTERNAL if default_internal is not False else ()) + tuple(internal)
         node = self.attempt(at + ("internal",), NodePolicy, policy, globs, tuple(exempt), tc_mode) if policy else None
         if len(self.issues) > before or node is None:
             return None
         return NodeConfig(node, self.where.line(at) or 0)
+
+    def policy_keys(self, table: dict, at: KeyPath, dhcp_default: bool) -> Policy | None:
+        """The policy keys a [[scope]] and [node] share: tunnels, endpoints,
+        netns, the allow options, tunnel_kinds and the event stream."""
+        tunnels = self.strings(table, at, "tunnels", 'an array of interface names such as ["wg0"]')
+        if tunnels == []:
+            self.issue(at + ("tunnels",), 'no tunnel interface given; name at least one, e.g. tunnels = ["wg0"]')
+        endpoints = [self.attempt(at + ("endpoints", j), Endpoint.parse, text) for j, text in
+                     enumerate(self.strings(table, at, "endpoints", 'an array such as ["203.0.113.5:51820/udp"]') or [])]
+        netns = self.get(table, at, "netns", str, 'a namespace name or path, e.g. "vpn" ("" for the daemon\'s own)') or ""
+        lan, lan_dns = (self.get(table, at, key, bool, "true or false") or False for key in ("allow_lan", "allow_lan_dns"))
+        dhcp = self.get(table, at, "allow_dhcp", bool, "true or false")
+        kinds = self.strings(table, at, "tunnel_kinds", 'an array of link kinds such as ["wireguard", "tun"]')
+        events = self.events(table, at)
+        return self.policy(at, tunnels or [], [e for e in endpoints if e], netns,
+                           Options(lan, lan_dns, dhcp_default if dhcp is None else dhcp),
+                           DEFAULT_TUNNEL_KINDS if kinds is None else kinds, events)
 
     def events(self, table: dict, at: KeyPath) -> EventSettings:
         default = EventSettings()

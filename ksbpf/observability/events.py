@@ -130,7 +130,7 @@ def stream(scopes: list[str] | None, on_event: Callable[[Event], None],
                 with bpf.ScopeMaps.from_pins(pin_dir) as maps:
                     meta = maps.read_meta()
             except (OSError, KsbpfError, ValueError):
-                continue   # pins of another ksbpf version, or removed while we read
+                continue   # removed meanwhile, or pins of another ksbpf version (`ksbpf status` says which)
             path = meta.get("cgroup") or meta.get("name", "?")
             if (scopes and path not in scopes) or meta.get("version") != META_VERSION:
                 continue

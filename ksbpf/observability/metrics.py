@@ -102,8 +102,11 @@ class KsbpfCollector:
                 if reason.allowed:
                     allowed_p.add_metric([name, reason.label], packets)
                     allowed_b.add_metric([name, reason.label], nbytes)
+            up: dict[str, int] = {}   # netns "each": a tunnel name per namespace, counted
             for t in st.tunnels:
-                tunnel_up.add_metric([name, t.name], 1 if t.registered else 0)
+                up[t.name] = up.get(t.name, 0) + (1 if t.registered else 0)
+            for tunnel, n in up.items():
+                tunnel_up.add_metric([name, tunnel], n)
             attached.add_metric([name], 1 if st.attached else 0)
             suppressed.add_metric([name], st.events[1])
             if st.hook == Hook.TC:

@@ -40,6 +40,14 @@ def total_counters(maps: bpf.ScopeMaps, meta: dict) -> Counters:
     return out
 
 
+def carry_counters(old_pin_dir: str, meta: dict) -> None:
+    """Record in `meta` what the scope counted until now, read from the pins of
+    the program being replaced (its counts are final once it is detached)."""
+    with bpf.ScopeMaps.from_pins(old_pin_dir) as old_maps:
+        carried = total_counters(old_maps, old_maps.read_meta())
+    meta["counters_base"] = {counter_key(r, f): [p, b] for (r, f), (p, b) in carried.items()}
+
+
 def counters_dict(counters: Counters) -> dict:
     """The counters as `status --json` shows them: by reason, then by family."""
     return {r.label: {"allowed": r.allowed, "packets": p, "bytes": b,

@@ -126,6 +126,7 @@ class Programs:
         for name, tunnel in IFACES.items():
             if tunnel:
                 self.prog.maps.add_tunnel(env.cookie, env.ifindex[name], 0)
+        self.prog.maps.set_netns_cookie(env.cookie)   # tc: the namespace of the guarded interfaces
         for ep in ENDPOINTS:
             self.prog.maps.add_endpoint(ep)
         self.nonce = new_nonce()
