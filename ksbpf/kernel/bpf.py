@@ -37,6 +37,7 @@ TC_ENTRIES = (ENTRY_TC_ETH, ENTRY_TC_L3)
 PROG_NAME = ENTRY_CGROUP
 MAP_NAMES = ("tunnels", "tunnel_ifindex", "endpoints4", "endpoints6", "counters", "meta", "events", "bucket",
              "exempt", "netns_known", "netns_events")
+OPTIONAL_MAPS = ("netns_known", "netns_events")   # --netns each; absent from pins of scopes made before it
 IFINDEX_FILTER = 4096  # KSBPF_IFINDEX_FILTER
 META_SIZE = 8192
 EP_PORTS = 8  # (port, protocol) pairs per endpoint address
@@ -105,7 +106,7 @@ class ScopeMaps:
     """One scope's maps, by file descriptor."""
 
     def __init__(self, fds: dict[str, int], owned: bool):
-        missing = set(MAP_NAMES) - set(fds)
+        missing = set(MAP_NAMES) - set(OPTIONAL_MAPS) - set(fds)
         if missing:
             raise KsbpfError(f"BPF maps missing: {', '.join(sorted(missing))}",
                              "re-run `ksbpf attach` to rebuild the scope")
@@ -118,7 +119,10 @@ class ScopeMaps:
         fds: dict[str, int] = {}
         try:
             for name in MAP_NAMES:
-                fds[name] = libbpf.obj_get(os.path.join(directory, name))
+                path = os.path.join(directory, name)
+                if name in OPTIONAL_MAPS and not os.path.exists(path):
+                    continue
+                fds[name] = libbpf.obj_get(path)
         except OSError:
             for fd in fds.values():
                 os.close(fd)
