@@ -182,6 +182,12 @@ REMEDIES = {
     "nothing cached": "bcc's compile (≈1.4 s) is the cost. The compiled image is cached, so only the first attach "
                       "of an option set pays it; shipping pre-compiled images for the common option sets, or a "
                       "CO-RE object built at package time, would remove it.",
+    "tunnel in a new namespace ready": "The median is 0 ms (the tunnel is registered before it is even "
+                                       "addressed); the tail is the daemon waiting for ksbpf's machine-wide pins "
+                                       "lock, which other ksbpf processes on this shared machine hold (the "
+                                       "benchmark samples that wait: its p99 is the tail's size). A per-scope "
+                                       "lock, or keeping each scope's maps open in the daemon and taking the "
+                                       "lock only when the pins change, would take it out.",
 }
 
 

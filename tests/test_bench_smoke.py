@@ -81,7 +81,7 @@ def test_summary_reports_every_benchmark(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     report = (tmp_path / "README.md").read_text()
-    for name in ("packet_cost", "throughput", "scaling", "reaction", "footprint", "scrape"):
+    for name in ("packet_cost", "throughput", "scaling", "reaction", "footprint", "scrape", "containers"):
         assert f"[{name}]({name}.md)" in report, name
     assert "not run" not in report
     for plot in ("packet_cost", "throughput", "scaling", "reaction"):
