@@ -40,6 +40,9 @@ from ksbpf.errors import KsbpfError
 from ksbpf.kernel import cgroup, netns
 
 WIREGUARD_GO = "/usr/bin/wireguard-go"
+# what the runtimes create outside their work directory (state, shim sockets, a blob cache):
+# removed at the end unless it existed before
+RUNTIME_PATHS = ("/run/containers", "/run/libpod", "/run/docker", "/run/containerd", "/var/lib/containers")
 BUSYBOX = "/bin/busybox"
 WG_PORT = 51820
 
@@ -211,6 +214,7 @@ class Runtime:
     def start(self, image_tar_path: str) -> float:
         """Start the runtime and import the image; seconds it took."""
         t0 = time.monotonic()
+        self._preexisting = {p for p in RUNTIME_PATHS if os.path.lexists(p)}
         self.host = HostNetState([self.bridge, self.subnet])
         self.mnt = MountNamespace()
         if self.kind == "podman":
@@ -323,6 +327,10 @@ class Runtime:
             _run("ip", "link", "del", self.bridge, check=False)
             if self.host is not None:
                 done = self.host.restore()
+                for path in RUNTIME_PATHS:
+                    if path not in self._preexisting and os.path.lexists(path):
+                        shutil.rmtree(path, ignore_errors=True)
+                        done.append(f"removed {path}")
             shutil.rmtree(self.workdir, ignore_errors=True)
         return done
 
