@@ -144,6 +144,10 @@ def test_vpn_and_app_containers_through_the_tunnel_and_nothing_when_it_is_delete
              "the control container's traffic (outside the protected parent, untouched)")
     status = scope_status(path)
     assert [t["registered"] for t in status["tunnels"] if t["present"]] == [True], status["namespaces"]
+    vpn_ns = [n for n in status["namespaces"] if n["inode"] == os.stat(f"/proc/{rt.pid(vpn)}/ns/net").st_ino]
+    assert [n["container"] for n in vpn_ns] in ([rt.cmd("inspect", "-f", "{{.Id}}", vpn)[:12]],
+                                                [rt.cmd("inspect", "-f", "{{.Id}}", f"ksbpf-app-{ctr.tag}")[:12]])
+    assert f"netns    container {vpn_ns[0]['container']}" in ksbpf("status", check=True).stdout
     assert far.outside.get(far.internet, port_app) == 0 and far.outside.get(far.internet, port_vpn) == 0
 
     # the tunnel deleted: the default route now leads out through the bridge and NAT
