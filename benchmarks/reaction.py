@@ -34,6 +34,7 @@ from ksbpf.scopes import cgroups
 TUNSETIFF = 0x400454CA
 IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
 TARGET_P99_MS = 10.0
+STARTUP_LIMIT_S = 60.0
 POLL_LIMIT_S = 5.0
 
 
@@ -78,13 +79,13 @@ class TunWorker:
         self.thread.join()
 
 
-def _wait(pred) -> float:
+def wait_until(pred, limit: float = POLL_LIMIT_S, what: str = "the map was not updated") -> float:
     """The time at which pred() became true, polled every 0.1 ms (sleeping lets
     the tun worker thread have the GIL)."""
     start = time.perf_counter()
     while not pred():
-        if time.perf_counter() - start > POLL_LIMIT_S:
-            raise RuntimeError("the map was not updated within 5 s: is the daemon running?")
+        if time.perf_counter() - start > limit:
+            raise RuntimeError(f"{what} within {limit:g} s: is the daemon running?")
         time.sleep(0.0001)
     return time.perf_counter()
 
@@ -115,7 +116,9 @@ def run(flaps: int) -> dict:
         daemon = subprocess.Popen([sys.executable, "-m", "ksbpf.cli", "daemon", "--config", config,
                                    "--log-format", "json"], stdout=log, stderr=log)
         pin_dir = pins.scope_dir(cgroup.cgroup_id(cg))
-        _wait(lambda: os.path.exists(os.path.join(pin_dir, "meta")) or daemon.poll() is not None)
+        # the first attach may compile the program (seconds, more on a loaded machine)
+        wait_until(lambda: os.path.exists(os.path.join(pin_dir, "meta")) or daemon.poll() is not None,
+              STARTUP_LIMIT_S, "the daemon did not attach the scope")
         time.sleep(0.5)  # let it finish its start-up reconcile
         worker = TunWorker(netns.resolve(ns_name), tun)
         appear, vanish = [], []
@@ -127,10 +130,10 @@ def run(flaps: int) -> dict:
                     worker.wait_idle()
                     t0 = time.perf_counter()
                     worker.create()
-                    appear.append((_wait(registered) - t0) * 1000)
+                    appear.append((wait_until(registered) - t0) * 1000)
                     t0 = time.perf_counter()
                     worker.remove()
-                    vanish.append((_wait(lambda: not registered()) - t0) * 1000)
+                    vanish.append((wait_until(lambda: not registered()) - t0) * 1000)
         finally:
             worker.stop()
         return {

@@ -62,7 +62,7 @@ from throughput import (  # noqa: E402
 from ksbpf.kernel import bpf, libbpf, netns  # noqa: E402
 from ksbpf.policy import Endpoint, EventSettings, Options, Policy  # noqa: E402
 from ksbpf.reasons import Reason  # noqa: E402
-from ksbpf.scopes import cgroups  # noqa: E402
+from ksbpf.scopes import cgroups, common  # noqa: E402
 
 TARGET_TESTRUN_RATIO = 1.2       # ns/packet at 100,000 endpoints <= 1.2 x at 1
 TARGET_AT = 100_000
@@ -215,7 +215,7 @@ def pps(lab: Netlab, sizes: list[int], variants: tuple[str, ...], rounds: int, s
     checks = {}
     for n in sizes:
         if ("ksbpf", n) in clients:
-            counted = cgroups.by_reason(cgroups.read_scope(clients[("ksbpf", n)]["pin_dir"]).counters)
+            counted = common.by_reason(cgroups.read_scope(clients[("ksbpf", n)]["pin_dir"]).counters)
             checks[f"ksbpf_{n}_endpoint_packets"] = counted[Reason.ALLOW_ENDPOINT][0]
             if not counted[Reason.ALLOW_ENDPOINT][0]:
                 raise RuntimeError(f"ksbpf with {n} endpoints counted no endpoint packet: not in the path")

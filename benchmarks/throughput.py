@@ -51,7 +51,7 @@ import report
 from ksbpf.kernel import cgroup
 from ksbpf.policy import LAN_RANGES, Endpoint, Options, Policy
 from ksbpf.reasons import Reason
-from ksbpf.scopes import cgroups
+from ksbpf.scopes import cgroups, common
 
 PORT = 5201                      # the iperf3 server's port in the server namespace
 TARGET_RATIO = 0.97              # ksbpf >= 0.97 x no filter, and ahead of nftables and iptables
@@ -359,7 +359,7 @@ def measure(rounds: int, seconds: float, variants: tuple[str, ...]) -> dict:
         checks = {}
         if "ksbpf" in clients:
             st = cgroups.read_scope(clients["ksbpf"]["pin_dir"])
-            packets = cgroups.by_reason(st.counters)
+            packets = common.by_reason(st.counters)
             checks["ksbpf_tunnel_packets"] = packets[Reason.ALLOW_TUNNEL][0]
             checks["ksbpf_dropped_packets"] = st.dropped_packets
             if not packets[Reason.ALLOW_TUNNEL][0]:

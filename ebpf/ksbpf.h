@@ -123,6 +123,13 @@ struct ksbpf_meta {
 	char json[KSBPF_META_SIZE];
 };
 
+/* ksbpf verify: a test run whose skb->cb[0..3] equals the scope's nonce
+ * (map verify_nonce; the first word is never 0) is decided as any packet,
+ * but neither counted nor reported. */
+struct ksbpf_nonce {
+	__u32 w[4];
+};
+
 /* --netns each: the network namespaces the daemon knows (netns_known, keyed
  * by cookie), and what the sock_create entry point reports to it (ring
  * buffer netns_events) when a socket of the scope is created in another. */

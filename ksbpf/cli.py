@@ -12,8 +12,18 @@ import click
 from ksbpf.daemon.config import ConfigError
 from ksbpf.errors import KsbpfError
 from ksbpf.kernel import cgroup, preflight
-from ksbpf.policy import DEFAULT_TUNNEL_KINDS, Endpoint, EventSettings, Options, Policy
-from ksbpf.scopes import cgroups
+from ksbpf.policy import (
+    DEFAULT_INTERNAL,
+    DEFAULT_TUNNEL_KINDS,
+    TC_MODES,
+    Endpoint,
+    EventSettings,
+    NodePolicy,
+    Options,
+    Policy,
+)
+from ksbpf.scopes import cgroups, common, machine
+from ksbpf.scopes import node as node_scope
 
 
 def _progress(msg: str) -> None:
@@ -52,31 +62,60 @@ def _endpoint(_ctx, _param, values) -> tuple[Endpoint, ...]:
 
 
 @main.command()
-@click.option("--cgroup", "cgroup_path", required=True, metavar="PATH",
+@click.option("--cgroup", "cgroup_path", metavar="PATH",
               help="cgroup v2 directory whose processes are confined.")
+@click.option("--node", is_flag=True,
+              help="Node mode: guard every interface of the namespace (tc egress), forwarded traffic included.")
 @click.option("--tunnel", "tunnels", multiple=True, required=True, metavar="NAME",
               help="Tunnel interface the scope may use (repeat for several).")
 @click.option("--endpoint", "endpoints", multiple=True, callback=_endpoint, metavar="ADDR:PORT/PROTO",
               help="VPN server the scope may reach outside the tunnel: 203.0.113.5:51820/udp, [2001:db8::5]:51820/udp.")
 @click.option("--netns", default="", metavar="NAME|PATH|each",
-              help="Network namespace where the tunnel names live (default: the caller's); "
-                   "`each`: every namespace a process of the cgroup subtree lives in (containers).")
+              help="Network namespace where the tunnel names live (default: the caller's; node mode: the one "
+                   "guarded); `each`: every namespace a process of the cgroup subtree lives in (containers).")
 @click.option("--allow-lan", is_flag=True, help="Allow the fixed private ranges (not DNS to them).")
 @click.option("--allow-lan-dns", is_flag=True, help="With --allow-lan: also allow DNS (53, 853) to LAN addresses.")
-@click.option("--allow-dhcp", is_flag=True, help="Allow DHCPv4/DHCPv6 client traffic.")
+@click.option("--allow-dhcp", is_flag=True, help="Allow DHCPv4/DHCPv6 client traffic (node mode: the default).")
+@click.option("--block-dhcp", is_flag=True, help="Node mode: do not let the machine's DHCP client through.")
+@click.option("--internal", "internal", multiple=True, metavar="GLOB",
+              help="Node mode: interfaces leading only to local containers/VMs, left unguarded (adds to the defaults).")
+@click.option("--no-default-internal", is_flag=True,
+              help="Node mode: drop the default internal list (Docker, Podman, libvirt, CNI, Cilium bridges and veths).")
+@click.option("--exempt-cgroup", "exempt", multiple=True, metavar="PATH",
+              help="Node mode: local sockets of this cgroup subtree pass the guard (sshd, a node agent).")
+@click.option("--tc-mode", type=click.Choice(TC_MODES), default="auto", show_default=True,
+              help="Node mode: tcx links (kernel 6.6+) or a clsact qdisc filter; auto picks tcx when it exists.")
 @click.option("--tunnel-kind", "kinds", multiple=True, metavar="KIND",
               help=f"Link kind trusted as a tunnel (repeatable; default: {', '.join(DEFAULT_TUNNEL_KINDS)}).")
 @click.option("--events-rate", type=float, default=EventSettings.rate, show_default=True, metavar="N",
               help="Samples of blocked packets streamed per second (`ksbpf events`); 0: off.")
 @click.option("--events-burst", type=int, default=EventSettings.burst, show_default=True, metavar="N")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def attach(cgroup_path, tunnels, endpoints, netns, allow_lan, allow_lan_dns, allow_dhcp, kinds,
-           events_rate, events_burst, as_json) -> None:
-    """Protect a cgroup; replaces its policy if already protected (no gap).
+def attach(cgroup_path, node, tunnels, endpoints, netns, allow_lan, allow_lan_dns, allow_dhcp, block_dhcp,
+           internal, no_default_internal, exempt, tc_mode, kinds, events_rate, events_burst, as_json) -> None:
+    """Protect a cgroup (--cgroup) or the whole machine (--node); replaces
+    the policy if already protected (no gap).
 
     Enforcement stays in the kernel after this command exits."""
-    policy = Policy(tuple(tunnels), endpoints, netns, Options(allow_lan, allow_lan_dns, allow_dhcp),
+    if bool(cgroup_path) == node:
+        raise click.UsageError("give exactly one of --cgroup PATH or --node")
+    node_only = {"--block-dhcp": block_dhcp, "--internal": internal, "--no-default-internal": no_default_internal,
+                 "--exempt-cgroup": exempt, "--tc-mode": tc_mode != "auto"}
+    if cgroup_path and any(node_only.values()):
+        raise click.UsageError(f"{', '.join(k for k, v in node_only.items() if v)} only go with --node")
+    if block_dhcp and allow_dhcp:
+        raise click.UsageError("give --allow-dhcp or --block-dhcp, not both")
+    dhcp = allow_dhcp or (node and not block_dhcp)
+    policy = Policy(tuple(tunnels), endpoints, netns, Options(allow_lan, allow_lan_dns, dhcp),
                     tuple(kinds) or DEFAULT_TUNNEL_KINDS, EventSettings(events_rate, events_burst))
+    if node:
+        np = NodePolicy(policy, (() if no_default_internal else DEFAULT_INTERNAL) + tuple(internal), exempt, tc_mode)
+        result = node_scope.attach(np, progress=_progress)
+        if as_json:
+            _emit_json(result.to_dict())
+            return
+        _print_node_attach(result, np)
+        return
     result = cgroups.attach(cgroup_path, policy, progress=_progress)
     if as_json:
         _emit_json(result.to_dict())
@@ -85,7 +124,24 @@ def attach(cgroup_path, tunnels, endpoints, netns, allow_lan, allow_lan_dns, all
         click.echo("mounted the BPF filesystem at /sys/fs/bpf")
     verb = "re-attached (previous program replaced with no gap)" if result.replaced else "attached"
     click.echo(f"{result.cgroup}: {verb}; program {result.prog_id}, pins in {result.pin_dir}")
-    for t in result.tunnels:
+    _print_tunnels(result.tunnels, policy)
+    if result.each:
+        click.echo(f"  netns each: {len({t.netns for t in result.tunnels})} network namespace(s) in use by the subtree now; "
+                   "tunnels of namespaces that appear later are registered only by the daemon (`ksbpf daemon` with "
+                   "netns = \"each\"): until then their non-local traffic is dropped")
+    for ep in policy.endpoints:
+        click.echo(f"  endpoint {ep}: allowed outside the tunnel")
+    click.echo(f"  options: {_options(policy)}")
+    click.echo("  everything else is dropped; undo with: ksbpf detach --cgroup " + result.cgroup)
+
+
+def _options(policy: Policy) -> str:
+    opts = [k.replace("_", "-") for k, on in vars(policy.options).items() if on]
+    return ", ".join(opts) if opts else "none (strict)"
+
+
+def _print_tunnels(tunnels, policy: Policy) -> None:
+    for t in tunnels:
         if t.registered:
             click.echo(f"  tunnel {t.name}: ifindex {t.ifindex} ({t.kind}) in netns {t.netns}: allowed")
         elif t.impostor:
@@ -94,32 +150,61 @@ def attach(cgroup_path, tunnels, endpoints, netns, allow_lan, allow_lan_dns, all
         else:
             click.echo(f"  NOTICE: tunnel {t.name} does not exist in netns {t.netns} yet: every non-local "
                        f"packet of the scope is dropped until it appears and is registered (re-run attach, or run the daemon)")
-    if result.each:
-        click.echo(f"  netns each: {len({t.netns for t in result.tunnels})} network namespace(s) in use by the subtree now; "
-                   "tunnels of namespaces that appear later are registered only by the daemon (`ksbpf daemon` with "
-                   "netns = \"each\"): until then their non-local traffic is dropped")
-    for ep in policy.endpoints:
+
+
+def _print_interfaces(interfaces) -> None:
+    for i in interfaces:
+        if i.role == "guarded":
+            state = "guarded" if i.guarded else "UNGUARDED: its traffic is NOT judged"
+        else:
+            state = {"tunnel": "tunnel: not touched", "internal": "internal: leads to local containers/VMs",
+                     "loopback": "loopback"}[i.role]
+        click.echo(f"  {'iface':<8} {i.name} (ifindex {i.ifindex}, {i.kind or 'no kind'}): {state}")
+
+
+def _print_node_attach(result, np: NodePolicy) -> None:
+    if result.mounted_bpffs:
+        click.echo("mounted the BPF filesystem at /sys/fs/bpf")
+    verb = "re-attached (previous guards replaced with no gap)" if result.replaced else "attached"
+    click.echo(f"{result.name} (netns {result.netns}): {verb} with {result.mode}; pins in {result.pin_dir}")
+    _print_interfaces(result.interfaces)
+    _print_tunnels(result.tunnels, np.policy)
+    for ep in np.policy.endpoints:
         click.echo(f"  endpoint {ep}: allowed outside the tunnel")
-    opts = [n for n, on in (("allow-lan", allow_lan), ("allow-lan-dns", allow_lan_dns), ("allow-dhcp", allow_dhcp)) if on]
-    click.echo(f"  options: {', '.join(opts) if opts else 'none (strict)'}")
-    click.echo("  everything else is dropped; undo with: ksbpf detach --cgroup " + result.cgroup)
+    click.echo(f"  options: {_options(np.policy)}")
+    if np.exempt_cgroups:
+        click.echo(f"  exempt:  {', '.join(np.exempt_cgroups)} (local sockets only; forwarded packets have none)")
+    click.echo(f"  internal interfaces (not guarded): {' '.join(np.internal) or 'none'}")
+    click.echo("  interfaces that appear later are guarded only by the daemon (`ksbpf daemon` with a [node] table)")
+    click.echo("  everything else is dropped; undo with: ksbpf detach --node" + (f" --netns {np.policy.netns}" if np.policy.netns else ""))
 
 
 @main.command()
 @click.option("--cgroup", "cgroup_path", metavar="PATH", help="The cgroup to release.")
-@click.option("--all", "everything", is_flag=True, help="Remove ksbpf from every cgroup (escape hatch).")
+@click.option("--node", is_flag=True, help="Remove node mode from the namespace (--netns; default: the caller's).")
+@click.option("--netns", default="", metavar="NAME|PATH", help="With --node: the namespace.")
+@click.option("--all", "everything", is_flag=True, help="Remove ksbpf from every cgroup and interface (escape hatch).")
 @click.option("--json", "as_json", is_flag=True)
-def detach(cgroup_path, everything, as_json) -> None:
+def detach(cgroup_path, node, netns, everything, as_json) -> None:
     """Remove ksbpf's programs and pins (idempotent)."""
-    if bool(cgroup_path) == everything:
-        raise click.UsageError("give exactly one of --cgroup PATH or --all")
-    result = cgroups.detach_all(progress=_progress) if everything else cgroups.detach(cgroup_path)
+    if sum(map(bool, (cgroup_path, node, everything))) != 1:
+        raise click.UsageError("give exactly one of --cgroup PATH, --node or --all")
+    if netns and not node:
+        raise click.UsageError("--netns goes with --node")
+    if everything:
+        result = machine.detach_all(progress=_progress)
+        what, n_progs = "every cgroup and interface", len(result.detached_prog_ids) + len(result.detached_link_ids)
+    elif node:
+        result = node_scope.detach(netns)
+        what, n_progs = node_scope.label(netns), 0
+    else:
+        result = cgroups.detach(cgroup_path)
+        what, n_progs = result.cgroup, len(result.detached_prog_ids)
     if as_json:
         _emit_json(result.to_dict())
         return
-    what = "every cgroup" if everything else result.cgroup
-    if result.detached_prog_ids or result.removed_pins:
-        click.echo(f"{what}: detached {len(result.detached_prog_ids)} program(s), removed {len(result.removed_pins)} pin director(ies)")
+    if n_progs or result.removed_pins:
+        click.echo(f"{what}: detached {n_progs} program(s)/link(s), removed {len(result.removed_pins)} pin director(ies)")
     else:
         click.echo(f"{what}: nothing to remove")
 
@@ -128,22 +213,49 @@ def _fmt_time(ts) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds") if ts else "?"
 
 
+def _print_counters(s) -> None:
+    for reason, (packets, bytes_) in common.by_reason(s.counters).items():
+        if packets:
+            verdict = "allow" if reason.allowed else "DROP "
+            click.echo(f"  {verdict} {reason.label:<18} {packets:>12} packets {bytes_:>14} bytes")
+    sent, suppressed = s.events
+    if s.policy.events.rate:
+        click.echo(f"  events   {s.policy.events.rate:g}/s, burst {s.policy.events.burst}: "
+                   f"{sent} streamed, {suppressed} suppressed (`ksbpf events`)")
+    for p in s.problems:
+        click.echo(f"  problem: {p}")
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
 def status(as_json) -> None:
     """Each protected scope: tunnels, endpoints, options, counters by reason."""
-    scopes, unreadable = cgroups.status()
-    for problem in unreadable:
+    st = machine.status()
+    for problem in st.unreadable:
         click.echo(f"ksbpf: warning: {problem}", err=True)
     if as_json:
-        _emit_json({"scopes": [s.to_dict() for s in scopes], "unreadable": unreadable})
+        _emit_json(st.to_dict())
         return
-    if not scopes:
+    if not st.cgroups and not st.nodes:
         click.echo("no protected scopes")
         return
-    for s in scopes:
+    for n in st.nodes:
+        state = "enforced" if n.attached else "NOT FULLY ENFORCED"
+        click.echo(f"{n.name} (netns {n.netns_label})  [{state}, {n.mode}, hook tc, since {_fmt_time(n.attached_at)}]")
+        _print_interfaces(n.interfaces)
+        for t in n.tunnels:
+            where = f"ifindex {t.ifindex} ({t.kind})" if t.present else "absent"
+            click.echo(f"  tunnel   {t.name}: {where}, {'registered' if t.registered else 'not registered'}")
+        for ep in n.policy.endpoints:
+            click.echo(f"  endpoint {ep}")
+        click.echo(f"  options  {_options(n.policy)}")
+        click.echo(f"  internal {' '.join(n.node.internal) or 'none'}")
+        if n.node.exempt_cgroups:
+            click.echo(f"  exempt   {', '.join(n.node.exempt_cgroups)}")
+        _print_counters(n)
+    for s in st.cgroups:
         state = "enforced" if s.attached else "NOT ENFORCED"
-        click.echo(f"{s.cgroup}  [{state}, program {s.prog_id}, since {_fmt_time(s.attached_at)}]")
+        click.echo(f"{s.cgroup}  [{state}, program {s.prog_id}, hook cgroup, since {_fmt_time(s.attached_at)}]")
         if s.namespaces is not None:
             click.echo(f"  netns    each: {len(s.namespaces)} network namespace(s) in use by the subtree")
             for n in s.namespaces:
@@ -157,25 +269,16 @@ def status(as_json) -> None:
             click.echo(f"  tunnel   {t.name} (netns {t.netns}): {where}, {allowed}")
         for ep in s.policy.endpoints:
             click.echo(f"  endpoint {ep}")
-        opts = [k.replace("_", "-") for k, v in vars(s.policy.options).items() if v]
-        click.echo(f"  options  {', '.join(opts) if opts else 'none (strict)'}")
-        for reason, (packets, bytes_) in cgroups.by_reason(s.counters).items():
-            if packets:
-                verdict = "allow" if reason.allowed else "DROP "
-                click.echo(f"  {verdict} {reason.label:<18} {packets:>12} packets {bytes_:>14} bytes")
-        sent, suppressed = s.events
-        if s.policy.events.rate:
-            click.echo(f"  events   {s.policy.events.rate:g}/s, burst {s.policy.events.burst}: "
-                       f"{sent} streamed, {suppressed} suppressed (`ksbpf events`)")
-        for p in s.problems:
-            click.echo(f"  problem: {p}")
+        click.echo(f"  options  {_options(s.policy)}")
+        _print_counters(s)
         for w in s.warnings:
             click.echo(f"  warning: {w}")
 
 
 @main.command()
-@click.option("--scope", "scopes", multiple=True, metavar="CGROUP",
-              help="Only this scope (its cgroup path; repeatable).  Default: every scope.")
+@click.option("--scope", "scopes", multiple=True, metavar="CGROUP|node[:NETNS]",
+              help="Only this scope: its cgroup path, or the node scope as `status` names it (repeatable).  "
+                   "Default: every scope.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def events(scopes, as_json) -> None:
     """Stream the packets ksbpf blocks, as they are blocked.
@@ -185,7 +288,7 @@ def events(scopes, as_json) -> None:
     from ksbpf.observability.events import stream
 
     preflight.require_root()
-    wanted = [os.path.realpath(s) for s in scopes]
+    wanted = [os.path.realpath(s) if s.startswith("/") else s for s in scopes]
     stop: list[int] = []
     import signal as _signal
     for sig in (_signal.SIGINT, _signal.SIGTERM):
@@ -312,6 +415,30 @@ def check_config(file, as_json) -> None:
         click.echo(f"    endpoints {', '.join(map(str, p.endpoints)) or 'none'}")
         opts = [k for k, on in vars(p.options).items() if on]
         click.echo(f"    options   {', '.join(opts) or 'none (strict)'}")
+
+
+@main.command()
+@click.option("--scope", "scope", metavar="PATH|node[:NETNS]", help="Check only this scope: a protected cgroup, or the node scope.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--strict", is_flag=True, help="Warnings fail too (exit status 1).")
+@click.option("--fix", is_flag=True, help="Close the scopes' sockets created outside them (SOCK_DESTROY): "
+              "their applications see the connections reset.")
+@click.option("--lab", is_flag=True, help="Instead: the leak matrix with real packets in throwaway namespaces.")
+def verify(scope, as_json, strict, fix, lab) -> None:
+    """Prove every protected scope does what its policy says, without sending a
+    packet; list what could still get around it.  Exit status 0 only when
+    nothing failed (--strict: and nothing warned)."""
+    if lab:
+        from ksbpf.verify.lab import run_lab
+        sys.exit(0 if run_lab(as_json=as_json) else 1)
+    from ksbpf.verify import check
+
+    report = check.verify(scope, fix=fix)
+    if as_json:
+        _emit_json(report.to_dict(strict))
+    else:
+        click.echo(check.render(report), nl=False)
+    sys.exit(0 if report.ok(strict) else 1)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ protocol) may be reached outside them, and which opt-in exceptions apply.
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import re
 import socket
@@ -163,3 +164,70 @@ class Policy:
     def trusts(self, name: str, kind: str | None) -> bool:
         """Is an interface called `name` of link kind `kind` one of this policy's tunnels?"""
         return name in self.tunnels and kind in self.tunnel_kinds
+
+
+# Node mode: interfaces that lead only to containers and VMs on this machine
+# (their traffic leaves the machine, if at all, through a guarded uplink,
+# where it is judged).  Docker (docker0, br-*, veth*), Podman (podman*,
+# cni-podman*, veth*), libvirt (virbr*, vnet*), CNI plugins (cni*, cbr0,
+# flannel*, cali*, vxlan.calico, tunl0, weave, kube-bridge), Cilium (cilium_*,
+# lxc*), LXC/LXD (lxcbr*, lxdbr*).
+DEFAULT_INTERNAL = ("docker*", "br-*", "veth*", "podman*", "cni*", "cbr0", "virbr*", "vnet*",
+                    "flannel*", "cali*", "vxlan.calico", "tunl0", "weave", "kube-bridge",
+                    "cilium_*", "lxc*", "lxdbr*")
+TC_MODES = ("auto", "tcx", "clsact")
+MAX_EXEMPT = 8  # KSBPF_MAX_EXEMPT
+
+
+@dataclass(frozen=True)
+class NodePolicy:
+    """Node mode: every packet that leaves the namespace (policy.netns)
+    through an interface that is not loopback, not one of the policy's
+    tunnels and not internal is decided by `policy` -- forwarded container
+    and VM traffic included.  Local sockets of the exempted cgroup subtrees
+    pass (a management plane)."""
+
+    policy: Policy
+    internal: tuple[str, ...] = DEFAULT_INTERNAL   # interface name globs (fnmatch)
+    exempt_cgroups: tuple[str, ...] = ()           # cgroup v2 directories
+    tc_mode: str = "auto"                          # "auto" (tcx where the kernel has it), "tcx", "clsact"
+
+    def __post_init__(self) -> None:
+        for glob in self.internal:
+            if not glob or len(glob) > 64 or any(c.isspace() for c in glob) or "/" in glob:
+                raise KsbpfError(f"{glob!r} is not an interface name pattern",
+                                 "give a name or a shell pattern such as 'docker*' (no spaces or '/')")
+        object.__setattr__(self, "internal", tuple(dict.fromkeys(self.internal)))
+        paths = tuple(dict.fromkeys(p.rstrip("/") or "/" for p in self.exempt_cgroups))
+        if len(paths) > MAX_EXEMPT:
+            raise KsbpfError(f"{len(paths)} exempted cgroups, more than {MAX_EXEMPT}",
+                             f"exempt at most {MAX_EXEMPT} cgroup subtrees (a parent covers its children)")
+        if any(not p.startswith("/") for p in paths):
+            raise KsbpfError("an exempted cgroup must be an absolute path", "give e.g. /sys/fs/cgroup/system.slice/ssh.service")
+        object.__setattr__(self, "exempt_cgroups", paths)
+        if self.tc_mode not in TC_MODES:
+            raise KsbpfError(f"tc mode {self.tc_mode!r} is unknown", f"use one of {', '.join(TC_MODES)}")
+
+    def is_internal(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, glob) for glob in self.internal)
+
+    def role(self, name: str, kind: str | None, ifindex: int) -> str:
+        """What node mode does with an interface: "loopback" and "tunnel" are
+        let through untouched, "internal" too (it leads to local containers
+        and VMs), everything else is "guarded"."""
+        if ifindex == 1:
+            return "loopback"
+        if self.policy.trusts(name, kind):
+            return "tunnel"
+        if self.is_internal(name):
+            return "internal"
+        return "guarded"
+
+    def to_dict(self) -> dict:
+        return {**self.policy.to_dict(), "internal": list(self.internal),
+                "exempt_cgroups": list(self.exempt_cgroups), "tc_mode": self.tc_mode}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NodePolicy":
+        return cls(Policy.from_dict(d), tuple(d.get("internal", DEFAULT_INTERNAL)),
+                   tuple(d.get("exempt_cgroups", ())), d.get("tc_mode", "auto"))

@@ -89,6 +89,12 @@ def test_summary_reports_every_benchmark(tmp_path):
 
 
 @pytest.mark.root
+def test_verify_cost_benchmark_runs(tmp_path):
+    result = bench(tmp_path, "verify_cost.py", "--rounds", "1", "--repeat", "10")
+    assert set(result["paths"]) >= {"loopback", "tunnel v4", "drop not_tunnel v4"}
+    assert result["instructions"]["shipped"] > result["instructions"]["without the check"]
+
+
 def test_containers_benchmark_runs(tmp_path):
     result = bench(tmp_path, "containers.py", "--flaps", "3", "--late", "2")
     assert result["tunnel_ready_to_passing"]["n"] == 3 and result["late_discovery"]["n"] == 2

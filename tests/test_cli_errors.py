@@ -13,7 +13,6 @@ from helpers import KSBPF, ksbpf
 
 from ksbpf import cli
 from ksbpf.kernel import bpf, cgroup, libbpf, pins, preflight
-from ksbpf.scopes import cgroups
 
 pytestmark = pytest.mark.root
 
@@ -142,7 +141,7 @@ def test_exec_refuses_unprotected_cgroup(cg):
 
 def test_detach_needs_exactly_one_target():
     proc = ksbpf("detach")
-    assert proc.returncode == 2 and "exactly one of --cgroup PATH or --all" in proc.stderr
+    assert proc.returncode == 2 and "exactly one of --cgroup PATH, --node or --all" in proc.stderr
     proc = ksbpf("detach", "--all", "--cgroup", "/x")
     assert proc.returncode == 2
 

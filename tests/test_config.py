@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from ksbpf import cli
-from ksbpf.daemon.config import DEFAULT_LISTEN, DEFAULT_TUNNEL_KINDS, Config, ConfigError, _Locator, load, parse
+from ksbpf.daemon.config import DEFAULT_LISTEN, DEFAULT_TUNNEL_KINDS, KEYS, Config, ConfigError, _Locator, load, parse
 from ksbpf.errors import KsbpfError
 from ksbpf.policy import Endpoint, Options
 
@@ -300,3 +300,49 @@ def test_check_config_missing_file(tmp_path):
     result = run(str(tmp_path / "none.toml"))
     assert result.exit_code == 1
     assert result.stderr.startswith("ksbpf: error: cannot read the configuration file")
+
+
+def test_example_node_table_parses_when_uncommented():
+    """The example's [node] table is commented out (node mode guards the whole
+    machine: opt in); uncommented, it is valid and shows every key."""
+    with open(EXAMPLE) as f:
+        text = f.read()
+    node_text = text[text.index("# [node]"):]
+    uncommented = "\n".join(line[2:].split("  #")[0] if line.startswith("# ") and ("=" in line or "[node]" in line)
+                            else "" for line in node_text.splitlines())
+    cfg = parse(uncommented)
+    assert cfg.node is not None
+    assert set(KEYS["node"]) == {line.split("=")[0].strip() for line in uncommented.splitlines() if "=" in line}
+    n = cfg.node.node
+    assert n.policy.options.allow_dhcp and "docker*" in n.internal and "tap*" in n.internal
+
+
+def test_node_table():
+    cfg = parse('[node]\ntunnels = ["wg0"]\nendpoints = ["203.0.113.5:51820/udp"]\n'
+                'exempt_cgroups = ["/sys/fs/cgroup/ssh/"]\ninternal = ["tap*"]\ndefault_internal = false\n'
+                'allow_dhcp = false\ntc_mode = "clsact"\n', "n.toml")
+    n = cfg.node.node
+    assert (cfg.node.line, n.internal, n.exempt_cgroups, n.tc_mode) == (1, ("tap*",), ("/sys/fs/cgroup/ssh",), "clsact")
+    assert not n.policy.options.allow_dhcp
+    assert cfg.to_dict()["node"]["tunnels"] == ["wg0"]
+    assert parse('[node]\ntunnels = ["wg0"]\n').node.node.policy.options.allow_dhcp   # on by default
+
+
+@pytest.mark.parametrize("body,key,words", [
+    ('tunnels = ["wg0"]\ntc_mode = "ebpf"', "node.tc_mode", "not a tc mode"),
+    ('tunnels = ["wg0"]\nexempt_cgroups = ["ssh.service"]', "node.exempt_cgroups[0]", "absolute path"),
+    ('tunnels = ["wg0"]\ninternal = ["a b"]', "node.internal", "interface name pattern"),
+    ('endpoints = []', "node.tunnels", "missing"),
+    ('tunnels = ["wg0"]\nexempt = []', "node.exempt", "did you mean 'exempt_cgroups'"),
+])
+def test_node_table_errors(body, key, words):
+    with pytest.raises(ConfigError) as exc:
+        parse(f"[node]\n{body}\n", "n.toml")
+    issues = [i for i in exc.value.errors if i.key == key]
+    assert issues and words in issues[0].message, exc.value.errors
+
+
+def test_node_must_be_a_single_table():
+    with pytest.raises(ConfigError) as exc:
+        parse('[[node]]\ntunnels = ["wg0"]\n', "n.toml")
+    assert "single brackets" in str(exc.value)

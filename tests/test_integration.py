@@ -7,6 +7,7 @@ that does arrive, so a broken capture cannot pass as "no leak"."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -14,8 +15,9 @@ import time
 import pytest
 from helpers import dropped, ksbpf, packets, scope_status
 
-from ksbpf.kernel import cgroup, libbpf
+from ksbpf.kernel import bpf, cgroup, netns, tc
 from ksbpf.lab.namespaces import ProbeStream, Sniffer, probe
+from ksbpf.policy import Options
 from ksbpf.scopes import cgroups
 
 pytestmark = pytest.mark.lab
@@ -159,13 +161,37 @@ def test_detach_restores_traffic(lab, servers, cg):
 
 
 def test_detach_all_is_the_escape_hatch(lab, servers, cg, make_cgroup):
+    """Every cgroup scope and node scope goes, and so does a tcx guard whose
+    pins were removed by hand."""
     other = make_cgroup("-other")
     attach(lab, other)
-    out = ksbpf("detach", "--all", "--json", check=True).stdout
-    assert '"detached_prog_ids"' in out
-    for path in (cg, other):
+    ksbpf("attach", "--node", "--netns", lab.client_path, "--tunnel", lab.wg_client, check=True)
+    phy = netns.ifindex(netns.resolve(lab.client_path), lab.phy_client)
+    assert netns.run_in(lab.client_path, tc.tcx_query, phy)
+    assert not probe(lab, None, "udp", lab.phy4_server, servers["udp"], timeout=BLOCKED_TIMEOUT).ok
+    out = json.loads(ksbpf("detach", "--all", "--json", check=True).stdout)
+    assert len(out["detached_prog_ids"]) >= 2
+    for path in (cg, other, None):
         assert probe(lab, path, "udp", lab.phy4_server, servers["udp"]).ok
-    assert ksbpf("status", "--json", check=True).stdout.count('"cgroup"') == 0
+    assert netns.run_in(lab.client_path, tc.tcx_query, phy) == []
+    st = json.loads(ksbpf("status", "--json", check=True).stdout)
+    assert st["scopes"] == [] and st["nodes"] == []
+
+
+def test_detach_all_finds_guards_without_pins(lab, servers):
+    """The escape hatch finds a tcx guard of ksbpf whose pins are gone (an
+    attachment held by something else than our pins)."""
+    prog = bpf.load(Options(), 0, entries=bpf.TC_ENTRIES)
+    phy = netns.ifindex(netns.resolve(lab.client_path), lab.phy_client)
+    link = netns.run_in(lab.client_path, tc.tcx_attach, prog.progs[bpf.ENTRY_TC_ETH], phy)
+    try:
+        assert not probe(lab, None, "udp", lab.phy4_server, servers["udp"], timeout=BLOCKED_TIMEOUT).ok
+        out = json.loads(ksbpf("detach", "--all", "--json", check=True).stdout)
+        assert out["detached_link_ids"]
+        assert probe(lab, None, "udp", lab.phy4_server, servers["udp"]).ok
+    finally:
+        os.close(link)
+        prog.close()
 
 
 def test_missing_tunnel_is_fail_closed_until_registered(lab, servers, make_cgroup):

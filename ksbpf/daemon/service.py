@@ -7,6 +7,9 @@ kernel's interfaces, from netlink events, and never opens a gap.
 - Per network namespace: subscribe, dump, reconcile, then apply events.  A
   tunnel is an interface with the tunnel's name AND a trusted link kind; one
   that disappears leaves the map at once, one that appears enters it at once.
+- Node mode ([node]): every new interface of the node's namespace that is
+  not a tunnel or internal is guarded the moment netlink reports it, and a
+  guard that disappeared (detached by hand) is put back within a second.
 - SIGHUP reloads the configuration; SIGTERM/SIGINT exit WITHOUT detaching:
   enforcement stays in the kernel, and so it does after kill -9.
 - Routes added outside the tunnel while a scope is protected are reported
@@ -21,17 +24,20 @@ import select
 import signal
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 from ksbpf.daemon import config
 from ksbpf.daemon.follow import SubtreeWatch
 from ksbpf.daemon.log import EventLog
 from ksbpf.errors import KsbpfError
 from ksbpf.kernel import bpf, links, netns, pins
-from ksbpf.policy import LAN_RANGES, Policy
-from ksbpf.scopes import cgroups, subtree
+from ksbpf.policy import LAN_RANGES, NodePolicy, Policy
+from ksbpf.scopes import cgroups, common, subtree
+from ksbpf.scopes import node as node_scope
 
 RETRY_SECONDS = 5.0     # scopes that could not be applied are retried this often
 RESYNC_SECONDS = 60.0   # full link dump and reconcile, in case an event was ever missed
+GUARD_CHECK_SECONDS = 1.0   # node mode: are the guards still attached (nothing tells us when one is removed)
 PENDING_SECONDS = 2.0   # netns "each": a reported namespace not found at once is looked for this long ...
 PENDING_INTERVAL = 0.005   # ... this often
 
@@ -57,6 +63,23 @@ class ScopeState:
 
 
 @dataclass
+class NodeState:
+    """The configured node scope the daemon keeps guarded."""
+
+    node: NodePolicy
+    pin_dir: str | None = None   # set once applied
+    ns: netns.Netns | None = None
+    mode: str = "tcx"
+    pref: int = 1
+    error: str | None = None
+    in_step: bool = False        # every interface that needs a guard has one
+
+    @property
+    def name(self) -> str:
+        return node_scope.label(self.node.policy.netns)
+
+
+@dataclass
 class Namespace:
     """One network namespace watched for the scopes whose tunnels live there."""
 
@@ -65,6 +88,9 @@ class Namespace:
     cookie: int
     links: dict[int, links.Link] = field(default_factory=dict)
 
+    def close(self) -> None:
+        self.watch.close()
+
 
 class Daemon:
     def __init__(self, config_path: str, log: EventLog):
@@ -72,11 +98,13 @@ class Daemon:
         self.log = log
         self.scopes: dict[str, ScopeState] = {}
         self.namespaces: dict[int, Namespace] = {}   # by namespace inode
+        self.node: NodeState | None = None
         self.route_alerts = 0
         self.netlink_events = dict.fromkeys(("RTM_NEWLINK", "RTM_DELLINK", "RTM_NEWROUTE", "RTM_DELROUTE"), 0)
         self.heartbeat = time.monotonic()   # when the main loop last turned (/healthz)
         self.ready = False                  # the first apply is done (/readyz)
         self._signals: list[int] = []
+        self.verifier = None                # the zero-traffic check's thread (ksbpf/daemon/verifier.py)
 
     # -- configuration ---------------------------------------------------------
     def load(self) -> config.Config:
@@ -85,6 +113,7 @@ class Daemon:
     def apply(self, cfg: config.Config) -> None:
         """Bring the kernel to `cfg`: ensure each scope, detach removed ones,
         then (re)build the namespace watches and reconcile."""
+        self._apply_node_config(cfg)
         wanted = {sc.cgroup: sc for sc in cfg.scopes}
         for path in [p for p in self.scopes if p not in wanted]:
             result = cgroups.detach(path)
@@ -115,20 +144,56 @@ class Daemon:
                 fields = {"prog_id": result.attach.prog_id, "replaced": result.attach.replaced}
             self.log(f"scope_{result.action}", scope=st.cgroup, pins=st.pin_dir,
                      tunnels=list(st.policy.tunnels), netns=st.ns.label if st.ns else subtree.EACH, **fields)
+            self._verify_soon()
         except (KsbpfError, OSError) as exc:
             st.error = str(exc)
             self.log("scope_failed", level="error", scope=st.cgroup, error=st.error,
                      retry_in=RETRY_SECONDS)
 
+    def _apply_node_config(self, cfg: config.Config) -> None:
+        want = cfg.node.node if cfg.node else None
+        if self.node is not None and want != self.node.node:
+            if want is None:
+                result = node_scope.detach(self.node.node.policy.netns)
+                self.log("node_removed", scope=self.node.name, pins=result.removed_pins)
+            self.node = None
+        if want is not None and (self.node is None or self.node.error):
+            self.node = NodeState(want)
+            self._apply_node(self.node)
+
+    def _apply_node(self, st: NodeState) -> None:
+        try:
+            result = node_scope.ensure(st.node)
+            status = node_scope.read_node(result.pin_dir)
+            st.pin_dir, st.ns, st.error = result.pin_dir, netns.resolve(st.node.policy.netns), None
+            with bpf.ScopeMaps.from_pins(st.pin_dir) as maps:
+                meta = maps.read_meta()
+            st.mode, st.pref = meta["tc_mode"], meta["pref"]
+            self.log(f"node_{result.action}", scope=st.name, pins=st.pin_dir, tc_mode=st.mode, netns=st.ns.label,
+                     guarded=[i.name for i in status.interfaces if i.guarded],
+                     internal=[i.name for i in status.interfaces if i.role == "internal"],
+                     tunnels=list(st.node.policy.tunnels))
+            self._verify_soon()
+        except (KsbpfError, OSError) as exc:
+            st.error = str(exc)
+            self.log("node_failed", level="error", scope=st.name, error=st.error, retry_in=RETRY_SECONDS)
+
+    def _named(self, inode: int) -> bool:
+        """Is the namespace one a scope or the node names (not one found by following a subtree)?"""
+        return (any(st.ns and st.ns.inode == inode for st in self.scopes.values())
+                or bool(self.node and self.node.ns and self.node.ns.inode == inode))
+
     def _rebuild_watches(self) -> None:
         needed = {st.ns.inode: st.ns for st in self.scopes.values() if st.ns}
+        if self.node and self.node.ns:
+            needed[self.node.ns.inode] = self.node.ns
         for st in self.scopes.values():
             for use in st.spaces.values():
                 needed.setdefault(use.inode, use.netns())
         for inode in [i for i in self.namespaces if i not in needed]:
             space = self.namespaces.pop(inode)
-            space.watch.close()
-            if not any(st.ns and st.ns.inode == inode for st in self.scopes.values()):
+            space.close()
+            if not self._named(inode):
                 self.log("netns_gone", netns=space.ns.label, inode=inode)
         for inode, ns in needed.items():
             if inode not in self.namespaces:
@@ -141,7 +206,7 @@ class Daemon:
                     space.watch.close()
                     continue
                 self.namespaces[inode] = space
-                if not any(st.ns and st.ns.inode == inode for st in self.scopes.values()):
+                if not self._named(inode):
                     self.log("netns_found", netns=ns.label, inode=inode, cookie=self.namespaces[inode].cookie)
                 self._resync(self.namespaces[inode])
         for space in self.namespaces.values():
@@ -208,15 +273,60 @@ class Daemon:
             if old.get(ifindex) != space.links.get(ifindex):
                 self._note_link(space, old.get(ifindex), space.links.get(ifindex))
 
+    def _node_in(self, space: Namespace) -> NodeState | None:
+        st = self.node
+        return st if st and st.ns and st.pin_dir and st.ns.inode == space.ns.inode and not st.error else None
+
+    def _guard(self, space: Namespace) -> None:
+        """Node mode: a guard on every interface that needs one, first of all."""
+        st = self._node_in(space)
+        if st is None:
+            return
+        present = list(space.links.values())
+        try:
+            with pins.locked(f"node-{space.cookie}"):
+                result = node_scope.sync_guards(st.pin_dir, st.node, space.ns, present, st.mode, st.pref,
+                                                partial(netns.run_here, space.ns.path))
+                with bpf.ScopeMaps.from_pins(st.pin_dir) as maps:
+                    tunnels = common.sync_tunnels(maps, st.node.policy, space.cookie, present)
+        except (OSError, KsbpfError) as exc:
+            self.log("guard_failed", level="error", scope=st.name, error=str(exc))
+            st.error, st.in_step = str(exc), False   # re-applied by the retry timer
+            return
+        st.in_step = True
+        by_name = {link.name: link for link in present}
+        for name in result.guarded:
+            self.log("interface_guarded", scope=st.name, interface=name, netns=space.ns.label,
+                     ifindex=by_name[name].ifindex if name in by_name else None, tc_mode=st.mode)
+        for name in result.released:
+            self.log("interface_released", scope=st.name, interface=name, netns=space.ns.label)
+        if tunnels.added or tunnels.removed:
+            self.log("map_update", scope=st.name, added=tunnels.added, removed=tunnels.removed, netns=space.ns.label)
+
+    def _check_guards(self) -> None:
+        """Nothing tells us when someone detaches a guard: look (cheaply), and repair."""
+        for space in self.namespaces.values():
+            st = self._node_in(space)
+            if st is None:
+                continue
+            try:
+                missing = node_scope.unguarded(st.pin_dir, st.node, space.ns, list(space.links.values()), st.mode)
+            except (OSError, KsbpfError):
+                missing = ["?"]
+            if missing:
+                self.log("guard_missing", level="warning", scope=st.name, interfaces=missing, netns=space.ns.label)
+                self._guard(space)
+
     def _reconcile(self, space: Namespace) -> None:
+        self._guard(space)
         present = list(space.links.values())
         for st in self._scopes_in(space):
             try:
-                with pins.locked(), bpf.ScopeMaps.from_pins(st.pin_dir) as maps:
+                with pins.locked(f"cgroup-{os.path.basename(st.pin_dir)}"), bpf.ScopeMaps.from_pins(st.pin_dir) as maps:
                     if st.each:
-                        result = cgroups.SyncResult(*subtree.sync_namespace(maps, st.policy, space.cookie, present))
+                        result = common.SyncResult(*subtree.sync_namespace(maps, st.policy, space.cookie, present))
                     else:
-                        result = cgroups.sync_tunnels(maps, st.policy, space.cookie, present)
+                        result = common.sync_tunnels(maps, st.policy, space.cookie, present)
             except (OSError, KsbpfError) as exc:
                 self.log("map_update_failed", level="error", scope=st.cgroup, error=str(exc))
                 st.error, st.in_step = str(exc), False   # re-applied by the retry timer
@@ -225,6 +335,7 @@ class Daemon:
             if result.added or result.removed:
                 self.log("map_update", scope=st.cgroup, added=result.added, removed=result.removed,
                          netns=space.ns.label)
+                self._verify_soon()
 
     def _note_link(self, space: Namespace, before: links.Link | None, after: links.Link | None) -> None:
         """Log what a link change means for the scopes of this namespace."""
@@ -276,15 +387,18 @@ class Daemon:
             return
         if msg["proto"] == 2 and any(dst.subnet_of(n) for n in LAN_RANGES if n.version == dst.version):
             return  # the kernel's connected route of an ordinary private LAN
-        for st in self._scopes_in(space):
-            if all(space.links.get(oif) and st.policy.trusts(space.links[oif].name, space.links[oif].kind)
+        protected = [(st.cgroup, st.policy) for st in self._scopes_in(space)]
+        if (nst := self._node_in(space)) is not None:
+            protected.append((nst.name, nst.node.policy))
+        for name, policy in protected:
+            if all(space.links.get(oif) and policy.trusts(space.links[oif].name, space.links[oif].kind)
                    for oif in route.oifs):
                 continue  # through the scope's own tunnel
-            if dst.prefixlen == dst.max_prefixlen and any(e.address == dst.network_address for e in st.policy.endpoints):
+            if dst.prefixlen == dst.max_prefixlen and any(e.address == dst.network_address for e in policy.endpoints):
                 continue  # the route to the VPN server itself
             devs = [space.links[o].name if o in space.links else str(o) for o in route.oifs]
             self.route_alerts += 1
-            self.log("route_alert", level="warning", scope=st.cgroup, route=str(route), dev=devs,
+            self.log("route_alert", level="warning", scope=name, route=str(route), dev=devs,
                      netns=space.ns.label,
                      message="a route sends traffic outside the tunnel; ksbpf keeps it blocked "
                              "(route injection, e.g. DHCP option 121: TunnelVision, CVE-2024-3661)")
@@ -293,9 +407,12 @@ class Daemon:
         """A namespace deleted and re-created under the same name is another
         namespace: re-apply its scopes (make-before-break) on the new one."""
         for st in self.scopes.values():
-            if st.ns and not st.error and not cgroups.netns_alive(st.ns):
+            if st.ns and not st.error and not common.netns_alive(st.ns):
                 st.error = f"network namespace {st.ns.label} was replaced"
                 self.log("netns_changed", level="warning", scope=st.cgroup, netns=st.ns.label)
+        if self.node and self.node.ns and not self.node.error and not common.netns_alive(self.node.ns):
+            self.node.error = f"network namespace {self.node.ns.label} was replaced"
+            self.log("netns_changed", level="warning", scope=self.node.name, netns=self.node.ns.label)
 
     def readiness(self) -> list[str]:
         """Why the daemon is not ready; [] when every configured scope is
@@ -303,6 +420,11 @@ class Daemon:
         if not self.ready:
             return ["starting"]
         problems = []
+        if (nst := self.node) is not None:
+            if nst.error:
+                problems.append(f"{nst.name}: {nst.error}")
+            elif not nst.in_step:
+                problems.append(f"{nst.name}: interfaces not guarded yet")
         for st in list(self.scopes.values()):
             if st.error:
                 problems.append(f"{st.cgroup}: {st.error}")
@@ -310,7 +432,27 @@ class Daemon:
                 problems.append(f"{st.cgroup}: tunnel map not reconciled yet")
             elif not cgroups.is_attached(st.pin_dir, st.cgroup):
                 problems.append(f"{st.cgroup}: program not attached (detached by hand?)")
+        if self.verifier is not None:
+            problems += self.verifier.problems
         return problems
+
+    # -- the zero-traffic check (ksbpf verify) ----------------------------------------
+    def _verify_soon(self) -> None:
+        if self.verifier is not None:
+            self.verifier.soon()
+
+    def applied_scopes(self) -> dict[str, str]:
+        """scope (cgroup path, or the node scope's name) -> pin directory of every scope in force."""
+        out = {st.cgroup: st.pin_dir for st in list(self.scopes.values()) if st.pin_dir and not st.error}
+        st = self.node
+        if st is not None and st.pin_dir and not st.error:
+            out[st.name] = st.pin_dir
+        return out
+
+    def _start_verifier(self, cfg: config.Config) -> None:
+        from ksbpf.daemon.verifier import Verifier
+        self.verifier = Verifier(self.log, self.applied_scopes, cfg.verify_interval, cfg.close_stray_sockets)
+        self.verifier.start()
 
     def _serve_metrics(self, cfg: config.Config) -> None:
         from ksbpf.observability.metrics import MetricsServer
@@ -335,16 +477,20 @@ class Daemon:
             signal.signal(sig, self._on_signal)
         self.apply(cfg)
         self.ready = True
+        self._start_verifier(cfg)
         self._serve_metrics(cfg)
         self.log("ready", scopes=len(self.scopes), failed=sum(1 for s in self.scopes.values() if s.error),
+                 node=self.node.name if self.node else None,
                  namespaces=len(self.namespaces), config=self.config_path, pid=os.getpid())
         next_resync = time.monotonic() + RESYNC_SECONDS
         next_retry = time.monotonic() + RETRY_SECONDS
+        next_guard_check = time.monotonic() + GUARD_CHECK_SECONDS
         while True:
             watches = {space.watch.fileno(): space for space in self.namespaces.values()}
             follows = {fd: st for st in self.scopes.values() if st.follow for fd in st.follow.fds()}
             pending = [st for st in self.scopes.values() if st.pending and st.follow]
-            deadline = min(next_resync, next_retry, *(time.monotonic() + PENDING_INTERVAL for _ in pending[:1]))
+            deadline = min(next_resync, next_retry, next_guard_check if self.node else next_retry,
+                           *(time.monotonic() + PENDING_INTERVAL for _ in pending[:1]))
             readable, _, _ = select.select([read_fd, *watches, *follows], [], [],
                                            max(0.0, deadline - time.monotonic()))
             self.heartbeat = time.monotonic()
@@ -369,10 +515,15 @@ class Daemon:
                     self.log("exiting", signal=signal.Signals(signum).name,
                              note="enforcement stays in the kernel; `ksbpf detach --all` removes it")
                     for space in self.namespaces.values():
-                        space.watch.close()
+                        space.close()
                     for st in self.scopes.values():
                         self._unfollow(st)
+                    if self.verifier is not None:
+                        self.verifier.stop()
                     return 0
+            if self.node and time.monotonic() >= next_guard_check:
+                self._check_guards()   # puts back a guard that was removed by hand
+                next_guard_check = time.monotonic() + GUARD_CHECK_SECONDS * (1 if self.node.mode == "tcx" else 10)
             for st in pending:
                 if st.follow is not None:
                     self._rescan(st, force=True)
@@ -381,7 +532,10 @@ class Daemon:
                 failed = [s for s in self.scopes.values() if s.error]
                 for st in failed:
                     self._apply_scope(st)
-                if failed:
+                node_failed = self.node is not None and self.node.error is not None
+                if node_failed:
+                    self._apply_node(self.node)
+                if failed or node_failed:
                     self._rebuild_watches()
                 next_retry = time.monotonic() + RETRY_SECONDS
             if time.monotonic() >= next_resync:
@@ -403,6 +557,9 @@ class Daemon:
             return
         self.log("reload", config=self.config_path, scopes=len(cfg.scopes))
         self.apply(cfg)
+        if self.verifier is not None:
+            self.verifier.interval, self.verifier.close_stray = cfg.verify_interval, cfg.close_stray_sockets
+            self.verifier.soon()
         self.log("reloaded", scopes=len(self.scopes), failed=sum(1 for s in self.scopes.values() if s.error))
 
 
@@ -412,8 +569,8 @@ def apply_once(config_path: str, log: EventLog) -> int:
     cfg = d.load()
     d.apply(cfg)
     for space in d.namespaces.values():
-        space.watch.close()
+        space.close()
     for st in d.scopes.values():
         d._unfollow(st)
     failed = [s for s in d.scopes.values() if s.error]
-    return 1 if failed else 0
+    return 1 if failed or (d.node and d.node.error) else 0

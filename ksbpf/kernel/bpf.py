@@ -36,7 +36,7 @@ PIN_NAMES = {ENTRY_CGROUP: "prog", ENTRY_TC_ETH: "prog_eth", ENTRY_TC_L3: "prog_
 TC_ENTRIES = (ENTRY_TC_ETH, ENTRY_TC_L3)
 PROG_NAME = ENTRY_CGROUP
 MAP_NAMES = ("tunnels", "tunnel_ifindex", "endpoints4", "endpoints6", "counters", "meta", "events", "bucket",
-             "exempt", "netns_known", "netns_events")
+             "exempt", "scope_netns", "verify_nonce", "netns_known", "netns_events")
 OPTIONAL_MAPS = ("netns_known", "netns_events")   # --netns each; absent from pins of scopes made before it
 IFINDEX_FILTER = 4096  # KSBPF_IFINDEX_FILTER
 META_SIZE = 8192
@@ -188,6 +188,10 @@ class ScopeMaps:
                     if proto in _PROTO_NAMES:
                         out.append(Endpoint(ipaddress.ip_address(key), port, _PROTO_NAMES[proto]))
         return sorted(out, key=Endpoint.sort_key)
+
+    # node mode: the namespace of the guarded interfaces
+    def set_netns_cookie(self, cookie: int) -> None:
+        libbpf.map_update(self.fds["scope_netns"], _U32.pack(0), struct.pack("=Q", cookie))
 
     # node mode: the cgroup subtrees whose local sockets pass the guard
     def set_exempt(self, cgroups: list[tuple[int, int]]) -> None:

@@ -72,6 +72,17 @@ def _root_hint(mounts_file: str) -> str:
     return mounts[0] if mounts else "(none mounted: mount -t cgroup2 none /sys/fs/cgroup/unified)"
 
 
+def level(cg: Cgroup, mounts_file: str = PROC_MOUNTS) -> int:
+    """The cgroup's depth in its hierarchy, the root being 0 (what
+    bpf_skb_ancestor_cgroup_id takes)."""
+    for m in sorted(cgroup2_mounts(mounts_file), key=len, reverse=True):
+        if cg.path == m.rstrip("/") or cg.path == m:
+            return 0
+        if cg.path.startswith(m.rstrip("/") + "/"):
+            return cg.path[len(m.rstrip("/")) + 1:].count("/") + 1
+    raise KsbpfError(f"{cg.path} is not under a cgroup v2 mount", "give a cgroup v2 directory")
+
+
 def join(cg: Cgroup, pid: int = 0) -> None:
     """Move process `pid` (0: the caller) into the cgroup."""
     with open(cg.procs_file(), "w") as f:

@@ -30,6 +30,7 @@ from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 from ksbpf.kernel import netns
 
 IFF_UP = 0x1
+ARPHRD_ETHER = 1
 RTN_UNICAST = 1
 RT_TABLE_LOCAL = 255
 RCVBUF = 4 << 20
@@ -41,6 +42,12 @@ class Link:
     name: str
     kind: str | None  # IFLA_INFO_KIND: "wireguard", "tun", "veth", ... (None: no kind, e.g. lo)
     up: bool
+    arphrd: int = ARPHRD_ETHER  # link-layer type (ifi_type): 1 Ethernet, 65534 none (tun), 772 loopback ...
+
+    @property
+    def ethernet(self) -> bool:
+        """Does a frame on this interface start with an Ethernet header?"""
+        return self.arphrd == ARPHRD_ETHER
 
 
 @dataclass(frozen=True)
@@ -60,7 +67,7 @@ class Route:
 def parse_link(msg) -> Link:
     info = msg.get_attr("IFLA_LINKINFO")
     kind = info.get_attr("IFLA_INFO_KIND") if info else None
-    return Link(msg["index"], msg.get_attr("IFLA_IFNAME") or "", kind, bool(msg["flags"] & IFF_UP))
+    return Link(msg["index"], msg.get_attr("IFLA_IFNAME") or "", kind, bool(msg["flags"] & IFF_UP), msg["ifi_type"])
 
 
 def parse_route(msg) -> Route | None:

@@ -130,6 +130,26 @@ def run_in(path: str, fn: Callable[..., T], *args, **kwargs) -> T:
     return result["value"]  # type: ignore[return-value]
 
 
+def run_here(path: str, fn: Callable[..., T], *args) -> T:
+    """Call fn(*args) on THIS thread inside the network namespace at `path`,
+    then come back: no thread to start, for callers that must act fast (the
+    daemon guarding a new interface).  Only for code whose other threads do
+    not care what namespace this one is in for the duration."""
+    own = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _setns(target)
+        finally:
+            os.close(target)
+        try:
+            return fn(*args)
+        finally:
+            _setns(own)
+    finally:
+        os.close(own)
+
+
 def _own_cookie() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")

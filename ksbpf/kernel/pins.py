@@ -1,11 +1,17 @@
 """The BPF filesystem layout: where each protected scope's objects are pinned.
 
     /sys/fs/bpf/ksbpf/cgroup/<cgroup-id>/{prog,tunnels,endpoints4,endpoints6,counters,
-                                          meta,events,bucket,tunnel_ifindex}
+                                          meta,events,bucket,tunnel_ifindex,exempt,
+                                          scope_netns}
+    /sys/fs/bpf/ksbpf/node/<netns-cookie>/{prog_eth,prog_l3,<the same maps>,
+                                           links/<ifindex>}
 
 <cgroup-id> is the kernel's id of the protected cgroup (the inode number of
-its directory, as `stat -c %i` shows).  The pins keep the maps alive after
-`ksbpf attach` exits; the attachment itself keeps the program running.
+its directory, as `stat -c %i` shows); <netns-cookie> the kernel's cookie of
+the node scope's network namespace (unique for the boot, unlike its inode).
+The pins keep the maps alive after `ksbpf attach` exits; the attachment
+itself keeps a cgroup program running, and the pinned tcx links under
+links/ keep a node scope's guards attached.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import ctypes
 import fcntl
 import os
 import shutil
+import zlib
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -34,6 +41,14 @@ def scopes_dir(bpffs: str = BPFFS) -> str:
 
 def scope_dir(cgroup_id: int, bpffs: str = BPFFS) -> str:
     return os.path.join(scopes_dir(bpffs), str(cgroup_id))
+
+
+def nodes_dir(bpffs: str = BPFFS) -> str:
+    return os.path.join(pin_root(bpffs), "node")
+
+
+def node_dir(netns_cookie: int, bpffs: str = BPFFS) -> str:
+    return os.path.join(nodes_dir(bpffs), str(netns_cookie))
 
 
 def is_bpffs(path: str) -> bool:
@@ -58,12 +73,21 @@ def ensure_bpffs(bpffs: str = BPFFS) -> bool:
     return True
 
 
-def list_scope_dirs(bpffs: str = BPFFS) -> list[str]:
-    base = scopes_dir(bpffs)
+def _numbered(base: str) -> list[str]:
     if not os.path.isdir(base):
         return []
     return sorted((os.path.join(base, d) for d in os.listdir(base) if d.isdigit()),
                   key=lambda p: int(os.path.basename(p)))
+
+
+def list_scope_dirs(bpffs: str = BPFFS) -> list[str]:
+    """The pin directories of the cgroup scopes."""
+    return _numbered(scopes_dir(bpffs))
+
+
+def list_node_dirs(bpffs: str = BPFFS) -> list[str]:
+    """The pin directories of the node scopes (one per network namespace)."""
+    return _numbered(nodes_dir(bpffs))
 
 
 def remove_dir(path: str) -> None:
@@ -73,20 +97,26 @@ def remove_dir(path: str) -> None:
 
 def prune(bpffs: str = BPFFS) -> None:
     """Remove ksbpf's directories once no scope is left in them."""
-    for d in (scopes_dir(bpffs), pin_root(bpffs)):
+    for d in (scopes_dir(bpffs), nodes_dir(bpffs), pin_root(bpffs)):
         try:
             os.rmdir(d)
         except OSError:
-            return
+            pass   # absent, or still holds a scope
 
 
 @contextmanager
-def locked(lock_file: str = LOCK_FILE) -> Iterator[None]:
-    """Serialise changes to pins and attachments between ksbpf processes."""
+def locked(scope: str | None = None, lock_file: str = LOCK_FILE) -> Iterator[None]:
+    """Serialise changes to pins and attachments between ksbpf processes.
+    locked(scope): one scope's pins ("cgroup-<id>", "node-<cookie>"), while
+    other scopes change alongside -- the daemon guarding a new interface never
+    waits for an attach elsewhere.  locked(): the whole machine (the escape
+    hatch), once no scope is being changed.  POSIX record locks on one file:
+    a scope holds one byte (chosen by its name), the machine the whole file."""
     os.makedirs(os.path.dirname(lock_file), exist_ok=True)
+    length, start = (0, 0) if scope is None else (1, 1 + zlib.crc32(scope.encode()))
     with open(lock_file, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        fcntl.lockf(f, fcntl.LOCK_EX, length, start)
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.lockf(f, fcntl.LOCK_UN, length, start)

@@ -5,7 +5,9 @@ real WireGuard tunnel (wireguard-go), protects a fresh cgroup in the client
 with the real `ksbpf` command, and shows -- by counting what arrives on the
 far side -- that traffic passes through the tunnel, is blocked on the
 physical link, does not leak when the tunnel dies, and flows again when it
-returns.  Everything is removed at the end, whatever happened.
+returns; then node mode: a container behind a bridge, whose forwarded
+traffic no cgroup rule sees, loses the tunnel and nothing leaks.
+Everything is removed at the end, whatever happened.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import click
 
 from ksbpf.kernel import cgroup
 from ksbpf.lab.namespaces import Lab, Sniffer, TcpEchoServer, UdpEchoServer, new_lab, probe
-from ksbpf.scopes import cgroups
+from ksbpf.scopes import cgroups, common, machine, node
 
 KINDS = ("tcp", "udp", "icmp")
 
@@ -61,10 +63,14 @@ class Demo:
         return proc
 
     # -- traffic ---------------------------------------------------------------
-    def expect(self, lab: Lab, servers: dict, cg: str | None, dst: str, allowed: bool, via: str) -> None:
-        """tcp, udp and ping to dst from the cgroup; count what crosses the physical link."""
+    def expect(self, where: Lab | str, servers: dict, cg: str | None, dst: str, allowed: bool, via: str,
+               lab: Lab | None = None) -> None:
+        """tcp, udp and ping to dst from the cgroup in the lab's client namespace
+        (or from the namespace `where` names, a container of `lab`); count what
+        crosses the physical link."""
+        lab = lab or where
         with Sniffer(lab) as sniffer:
-            results = {k: probe(lab, cg, k, dst, servers[k], timeout=2.0 if allowed else 1.0) for k in KINDS}
+            results = {k: probe(where, cg, k, dst, servers[k], timeout=2.0 if allowed else 1.0) for k in KINDS}
         summary = ", ".join(f"{k} {'ok' if r.ok else 'blocked'}" for k, r in results.items())
         if allowed:
             self.check(all(r.ok for r in results.values()), f"{dst} {via}: {summary}")
@@ -74,9 +80,15 @@ class Demo:
                        f"packets from the client that reached the server over the physical link: {sniffer.count}")
 
 
+def _node_drops(lab: Lab) -> str:
+    (n,) = [n for n in machine.status().nodes if n.netns_label == lab.client_path]
+    parts = [f"{r.label} {p}" for r, (p, _b) in common.by_reason(n.counters).items() if p and not r.allowed]
+    return ", ".join(parts) or "none"
+
+
 def _drops(cg: str) -> str:
     (s,) = [s for s in cgroups.status()[0] if s.cgroup == cg]
-    parts = [f"{r.label} {p}" for r, (p, _b) in cgroups.by_reason(s.counters).items() if p and not r.allowed]
+    parts = [f"{r.label} {p}" for r, (p, _b) in common.by_reason(s.counters).items() if p and not r.allowed]
     return ", ".join(parts) or "none"
 
 
@@ -100,6 +112,8 @@ def run_demo(keep_going: bool = False) -> bool:
         click.echo("Cleaning up: detaching, removing the cgroup and the namespaces.")
         try:
             cgroups.remove_cgroup_tree(cg)
+            if os.path.exists(lab.client_path):
+                node.detach(lab.client_path)
         finally:
             lab.destroy()
     click.echo("")
@@ -160,3 +174,26 @@ def _story(demo: Demo, lab: Lab, cg: str, servers: dict) -> None:
     demo.section("8. The escape hatch: detach, and the physical link works again")
     demo.ksbpf("detach", "--cgroup", cg)
     demo.expect(lab, servers, cg, lab.phy4_server, True, "over the physical link")
+
+    _node_act(demo, lab, servers)
+
+
+def _node_act(demo: Demo, lab: Lab, servers: dict) -> None:
+    """Node mode: containers behind a bridge, forwarded and masqueraded out of
+    the physical link -- no socket of theirs is in any protected cgroup."""
+    (box,) = lab.add_containers(1)
+    demo.section("9. The whole machine: a container behind a bridge (node mode)")
+    click.echo(f"""  The client namespace now also runs a container ({box}) behind the bridge {lab.bridge},
+  forwarding and masquerading its traffic. No cgroup rule sees forwarded packets: node mode
+  guards the way out of the machine instead (tc egress on every interface but the tunnel).""")
+    demo.ksbpf("attach", "--node", "--netns", lab.client_path, "--tunnel", lab.wg_client,
+               "--endpoint", lab.endpoint4)
+    demo.expect(box, servers, None, lab.net4_server, True, "from the container, via the tunnel", lab)
+    lab.tunnel_down()
+    click.echo(f"  deleted {lab.wg_client}: the container's traffic would now be forwarded over the physical link")
+    demo.expect(box, servers, None, lab.net4_server, False, "from the container, tunnel down", lab)
+    demo.expect(lab, servers, None, lab.net6_server, False, "from the host itself (IPv6), tunnel down")
+    drops = _node_drops(lab)
+    demo.check(drops != "none", f"node mode counted why (hook tc): {drops}")
+    demo.ksbpf("detach", "--node", "--netns", lab.client_path)
+    demo.expect(box, servers, None, lab.net4_server, True, "from the container, node mode detached", lab)

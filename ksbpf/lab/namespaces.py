@@ -13,6 +13,12 @@ namespace (the far side) only know each other.
 The client is always .1 / ::1, the server .2 / ::2.  The tunnel runs over
 IPv4 to the server's UDP port `wg_port`.
 
+For node mode the client namespace plays a host with containers
+(add_containers): a bridge br-<tag> (10.77.N.1/24, fd77:N::1/64) with
+container namespaces <prefix>-<tag>-k1, -k2 behind veth<i><tag> (eth0
+10.77.N.1i, fd77:N::1i inside), forwarding on, and their traffic
+masqueraded out of every other interface -- the physical link included.
+
 The server also holds an "internet" address on its loopback (net4_server
 203.0.113.N, net6_server 2001:db8:ffff:N::80) that the client reaches
 through its default routes, like a real VPN client: through the tunnel
@@ -90,6 +96,7 @@ class Lab:
     tun6_server: str = field(init=False)
     net4_server: str = field(init=False)  # "the internet", behind the server
     net6_server: str = field(init=False)
+    containers: list[str] = field(init=False, default_factory=list)   # container namespaces (add_containers)
     _wg: dict[str, subprocess.Popen] = field(init=False, repr=False, default_factory=dict)
     _keydir: str | None = field(init=False, repr=False, default=None)
 
@@ -113,6 +120,23 @@ class Lab:
     @property
     def endpoint6(self) -> str:
         return f"[{self.phy6_server}]:{self.wg_port}/udp"
+
+    @property
+    def bridge(self) -> str:
+        return f"br-{self.tag}"
+
+    def container_addr(self, i: int, family: int = 4) -> str:
+        """Container i's address (i from 1); family 4 or 6."""
+        n = int(self.tag, 16) % 250 + 1
+        return f"10.77.{n}.{10 + i}" if family == 4 else f"fd77:{n}::{10 + i}"
+
+    @property
+    def bridge4(self) -> str:
+        return f"10.77.{int(self.tag, 16) % 250 + 1}.1"
+
+    @property
+    def bridge6(self) -> str:
+        return f"fd77:{int(self.tag, 16) % 250 + 1}::1"
 
     @property
     def client_path(self) -> str:
@@ -181,6 +205,41 @@ class Lab:
             _wait(partial(self._ping, dst), TUNNEL_TIMEOUT,
                   f"a ping to {dst} through {self.wg_client}")
 
+    def add_containers(self, count: int = 2) -> list[str]:
+        """Container namespaces behind a bridge in the client namespace, which
+        forwards and masquerades their traffic; returns their names."""
+        c, n = self.client_ns, int(self.tag, 16) % 250 + 1
+        _run("ip", "-n", c, "link", "add", self.bridge, "type", "bridge")
+        _run("ip", "-n", c, "addr", "add", f"{self.bridge4}/24", "dev", self.bridge)
+        _run("ip", "-n", c, "addr", "add", f"{self.bridge6}/64", "dev", self.bridge, "nodad")
+        _run("ip", "-n", c, "link", "set", self.bridge, "up")
+        for i in range(1, count + 1):
+            name = f"{self.prefix}-{self.tag}-k{i}"
+            _run("ip", "netns", "add", name)
+            self.containers.append(name)
+            host_end = f"veth{i}{self.tag}"
+            _run("ip", "-n", c, "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", name)
+            _run("ip", "-n", c, "link", "set", host_end, "master", self.bridge, "up")
+            _run("ip", "-n", name, "link", "set", "lo", "up")
+            _run("ip", "-n", name, "addr", "add", f"{self.container_addr(i)}/24", "dev", "eth0")
+            _run("ip", "-n", name, "addr", "add", f"{self.container_addr(i, 6)}/64", "dev", "eth0", "nodad")
+            _run("ip", "-n", name, "link", "set", "eth0", "up")
+            _run("ip", "-n", name, "route", "add", "default", "via", self.bridge4)
+            _run("ip", "-n", name, "-6", "route", "add", "default", "via", self.bridge6)
+        _run("ip", "netns", "exec", c, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1",
+             "net.ipv6.conf.all.forwarding=1")
+        subprocess.run(["ip", "netns", "exec", c, "nft", "-f", "-"], check=True, text=True, input=f"""
+            table inet ksbpf_lab {{
+              chain post {{
+                type nat hook postrouting priority 100;
+                oifname != "{self.bridge}" ip saddr 10.77.{n}.0/24 masquerade
+                oifname != "{self.bridge}" ip6 saddr fd77:{n}::/64 masquerade
+              }}
+            }}""")
+        for name in self.containers:
+            _wait(partial(_is_up, name, "eth0"), 5, f"eth0 of {name} to be operationally up")
+        return list(self.containers)
+
     def tunnel_down(self) -> None:
         """Remove the client's tunnel interface (its wireguard-go exits with it)."""
         proc = self._wg.pop(self.wg_client, None)
@@ -193,7 +252,7 @@ class Lab:
 
     def destroy(self) -> None:
         """Remove everything the lab made.  Safe to call more than once."""
-        names = [n for n in (self.client_ns, self.server_ns)
+        names = [n for n in (self.client_ns, self.server_ns, *self.containers)
                  if os.path.exists(os.path.join(netns.NETNS_RUN_DIR, n))]
         pids = {int(p) for n in names
                 for p in subprocess.run(["ip", "netns", "pids", n], capture_output=True,
@@ -204,6 +263,7 @@ class Lab:
         self._wg.clear()
         for n in names:
             subprocess.run(["ip", "netns", "del", n], capture_output=True)
+        self.containers.clear()
         for ifname in (self.wg_client, self.wg_server):
             try:
                 os.unlink(os.path.join(WG_RUN_DIR, f"{ifname}.sock"))

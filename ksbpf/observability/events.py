@@ -10,9 +10,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from ksbpf.errors import KsbpfError
 from ksbpf.kernel import bpf, cgroup, libbpf, links, netns, pins
 from ksbpf.reasons import Family, Hook, Reason
-from ksbpf.scopes.cgroups import META_VERSION, meta_netns
+from ksbpf.scopes.common import META_VERSION, meta_netns
 
 # struct ksbpf_event (ebpf/ksbpf.h)
 EVENT = struct.Struct("=QQQIIIHHBBBB16s16s")
@@ -113,8 +114,9 @@ class Describer:
 
 def stream(scopes: list[str] | None, on_event: Callable[[Event], None],
            should_stop: Callable[[], bool], bpffs: str = pins.BPFFS, poll_ms: int = 200) -> int:
-    """Read the ring buffers of the protected scopes (all, or those whose
-    cgroup path is in `scopes`) until should_stop(); returns how many scopes."""
+    """Read the ring buffers of the protected scopes (all, or those named in
+    `scopes`: a cgroup path, or "node" / "node:NETNS" for a node scope) until
+    should_stop(); returns how many scopes."""
     describer = Describer()
     fds: list[int] = []
 
@@ -123,10 +125,13 @@ def stream(scopes: list[str] | None, on_event: Callable[[Event], None],
 
     rb = libbpf.RingBuffer(on_record)
     try:
-        for pin_dir in pins.list_scope_dirs(bpffs):
-            with bpf.ScopeMaps.from_pins(pin_dir) as maps:
-                meta = maps.read_meta()
-            path = meta.get("cgroup", "?")
+        for pin_dir in pins.list_scope_dirs(bpffs) + pins.list_node_dirs(bpffs):
+            try:
+                with bpf.ScopeMaps.from_pins(pin_dir) as maps:
+                    meta = maps.read_meta()
+            except (OSError, KsbpfError, ValueError):
+                continue   # removed meanwhile, or pins of another ksbpf version (`ksbpf status` says which)
+            path = meta.get("cgroup") or meta.get("name", "?")
             if (scopes and path not in scopes) or meta.get("version") != META_VERSION:
                 continue
             fd = libbpf.obj_get(os.path.join(pin_dir, "events"))

@@ -25,7 +25,7 @@ from prometheus_client.core import CollectorRegistry, CounterMetricFamily, Gauge
 from ksbpf.errors import KsbpfError
 from ksbpf.kernel import pins
 from ksbpf.reasons import Hook
-from ksbpf.scopes import cgroups
+from ksbpf.scopes import cgroups, common, node
 
 
 class Daemon(Protocol):
@@ -33,6 +33,7 @@ class Daemon(Protocol):
     configured scopes, its counters, its heartbeat and its readiness."""
 
     scopes: dict
+    node: object   # NodeState | None: .name, .node (its NodePolicy)
     netlink_events: dict[str, int]
     route_alerts: int
     heartbeat: float
@@ -55,6 +56,20 @@ class KsbpfCollector:
         self.daemon = daemon
         self.bpffs = bpffs
 
+    def _scopes(self, link_cache: dict):
+        """Every cgroup and node scope, read from its pins; those replaced or
+        removed while we read are skipped (the next scrape sees the new one)."""
+        for pin_dir in pins.list_scope_dirs(self.bpffs):
+            try:
+                yield cgroups.read_scope(pin_dir, link_cache)
+            except (OSError, ValueError, KsbpfError):
+                continue
+        for pin_dir in pins.list_node_dirs(self.bpffs):
+            try:
+                yield node.read_node(pin_dir, link_cache)
+            except (OSError, ValueError, KsbpfError):
+                continue
+
     def collect(self):
         dropped_p = CounterMetricFamily("ksbpf_dropped_packets", "Packets dropped by ksbpf",
                                         labels=["scope", "reason", "family", "hook"])
@@ -66,26 +81,24 @@ class KsbpfCollector:
                                         labels=["scope", "path"])
         tunnel_up = GaugeMetricFamily("ksbpf_tunnel_up", "1 when the tunnel exists and the scope's map allows it",
                                       labels=["scope", "tunnel"])
-        attached = GaugeMetricFamily("ksbpf_scope_attached", "1 when the scope's program is attached to its cgroup",
+        attached = GaugeMetricFamily("ksbpf_scope_attached", "1 when the scope is enforced: its program attached to its cgroup, "
+                                     "or (node mode) a guard on every interface that needs one",
                                      labels=["scope"])
         suppressed = CounterMetricFamily("ksbpf_events_suppressed", "Blocked-packet samples not streamed "
                                          "(in-kernel rate limit or full ring buffer)", labels=["scope"])
-        hook = Hook.CGROUP.label
+        unguarded = GaugeMetricFamily("ksbpf_unguarded_interfaces", "Node mode: interfaces that should carry "
+                                      "a guard and do not (their traffic is not judged)", labels=["scope"])
         link_cache: dict = {}
         seen = set()
-        for pin_dir in pins.list_scope_dirs(self.bpffs):
-            try:
-                st = cgroups.read_scope(pin_dir, link_cache)
-            except (OSError, ValueError, KsbpfError):
-                continue  # replaced or removed while we read: the next scrape sees the new one
-            name = st.cgroup
+        for st in self._scopes(link_cache):
+            name, hook = st.name, st.hook.label
             seen.add(name)
             for (reason, family), (packets, nbytes) in st.counters.items():
                 if reason.allowed:
                     continue
                 dropped_p.add_metric([name, reason.label, family.label, hook], packets)
                 dropped_b.add_metric([name, reason.label, family.label, hook], nbytes)
-            for reason, (packets, nbytes) in cgroups.by_reason(st.counters).items():
+            for reason, (packets, nbytes) in common.by_reason(st.counters).items():
                 if reason.allowed:
                     allowed_p.add_metric([name, reason.label], packets)
                     allowed_b.add_metric([name, reason.label], nbytes)
@@ -96,13 +109,18 @@ class KsbpfCollector:
                 tunnel_up.add_metric([name, tunnel], n)
             attached.add_metric([name], 1 if st.attached else 0)
             suppressed.add_metric([name], st.events[1])
+            if st.hook == Hook.TC:
+                unguarded.add_metric([name], sum(1 for i in st.interfaces if i.unguarded))
         if self.daemon is not None:  # configured but not (or no longer) protected: say so
-            for st in list(self.daemon.scopes.values()):
-                if st.cgroup not in seen:
-                    attached.add_metric([st.cgroup], 0)
-                    for tunnel in st.policy.tunnels:
-                        tunnel_up.add_metric([st.cgroup, tunnel], 0)
-        yield from (dropped_p, dropped_b, allowed_p, allowed_b, tunnel_up, attached, suppressed)
+            configured = [(st.cgroup, st.policy) for st in list(self.daemon.scopes.values())]
+            if self.daemon.node is not None:
+                configured.append((self.daemon.node.name, self.daemon.node.node.policy))
+            for name, policy in configured:
+                if name not in seen:
+                    attached.add_metric([name], 0)
+                    for tunnel in policy.tunnels:
+                        tunnel_up.add_metric([name, tunnel], 0)
+        yield from (dropped_p, dropped_b, allowed_p, allowed_b, tunnel_up, attached, suppressed, unguarded)
         info = GaugeMetricFamily("ksbpf_build_info", "ksbpf's version", labels=["version"])
         info.add_metric([ksbpf_version()], 1)
         yield info
@@ -114,6 +132,23 @@ class KsbpfCollector:
             yield events
             yield CounterMetricFamily("ksbpf_route_alerts", "Routes added outside a tunnel while a scope "
                                       "was protected (TunnelVision)", value=self.daemon.route_alerts)
+            verifier = getattr(self.daemon, "verifier", None)
+            if verifier is not None:
+                yield from verify_metrics(verifier)
+
+
+def verify_metrics(verifier):
+    """The daemon's zero-traffic check (ksbpf/daemon/verifier.py): failing
+    findings by scope and check (0 when it passed), and when nothing last failed."""
+    failures = GaugeMetricFamily("ksbpf_verify_failures", "Failed findings of the last zero-traffic check "
+                                 "(ksbpf verify) by scope and check; 0 when the check passed",
+                                 labels=["scope", "check"])
+    for (scope, chk), n in sorted(dict(verifier.failures).items()):
+        failures.add_metric([scope, chk], n)
+    yield failures
+    if verifier.last_success is not None:
+        yield GaugeMetricFamily("ksbpf_verify_last_success_timestamp_seconds", "When a zero-traffic check of every "
+                                "scope last found no failure (Unix time)", value=verifier.last_success)
 
 
 def registry(daemon: Daemon | None = None, bpffs: str = pins.BPFFS) -> CollectorRegistry:

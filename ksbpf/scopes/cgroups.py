@@ -7,27 +7,20 @@ state: the attachment, plus the pins under /sys/fs/bpf/ksbpf (see pins.py).
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Iterator
 
 from ksbpf.errors import KsbpfError
 from ksbpf.kernel import bpf, cgroup, libbpf, links, netns, pins, preflight, privileges
-from ksbpf.policy import Endpoint, Policy
-from ksbpf.reasons import Family, Reason
-from ksbpf.scopes import subtree
+from ksbpf.policy import Policy
+from ksbpf.reasons import Hook
+from ksbpf.scopes import common, subtree
 
-Progress = Callable[[str], None]
 EGRESS = libbpf.BPF_CGROUP_INET_EGRESS
-META_VERSION = 3   # 3: reasons renumbered for the tc hook (neigh, exempt)
-
-
-def _quiet(_msg: str) -> None:
-    pass
 
 
 @contextmanager
@@ -91,96 +84,6 @@ def _swap_sock(cg_fd: int, progs: dict[str, int]) -> None:
     _detach_ids(cg_fd, old, subtree.SOCK_CREATE)
 
 
-Counters = dict[tuple[Reason, Family], tuple[int, int]]
-
-
-def _counter_key(reason: Reason, family: Family) -> str:
-    return f"{reason.label}/{family.label}"
-
-
-def total_counters(maps: bpf.ScopeMaps, meta: dict) -> Counters:
-    """The scope's counters since its first attach: the live map plus what
-    earlier programs of the scope counted before a re-attach replaced them."""
-    base = meta.get("counters_base", {})
-    out = {}
-    for (r, f), (p, b) in maps.counters().items():
-        bp, bb = base.get(_counter_key(r, f), (0, 0))
-        out[(r, f)] = (p + bp, b + bb)
-    return out
-
-
-def by_reason(counters: Counters) -> dict[Reason, tuple[int, int]]:
-    out = {r: (0, 0) for r in Reason}
-    for (r, _f), (p, b) in counters.items():
-        out[r] = (out[r][0] + p, out[r][1] + b)
-    return out
-
-
-@dataclass(frozen=True)
-class TunnelState:
-    name: str
-    netns: str
-    ifindex: int | None   # current ifindex in its namespace, None when absent
-    kind: str | None      # its link kind
-    trusted: bool         # present with a trusted kind (not an impostor)
-    registered: bool      # the policy map allows exactly this interface
-
-    @property
-    def present(self) -> bool:
-        return self.ifindex is not None
-
-    @property
-    def impostor(self) -> bool:
-        return self.present and not self.trusted
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "netns": self.netns, "ifindex": self.ifindex, "kind": self.kind,
-                "present": self.present, "impostor": self.impostor, "registered": self.registered}
-
-
-def tunnel_plan(policy: Policy, present: list[links.Link]) -> dict[int, int]:
-    """ifindex -> tunnel index of the interfaces the policy allows right now:
-    the tunnels' names, with a trusted link kind."""
-    return {link.ifindex: policy.tunnels.index(link.name)
-            for link in present if policy.trusts(link.name, link.kind)}
-
-
-def tunnel_states(policy: Policy, label: str, present: list[links.Link] | None,
-                  registered: set[int]) -> list[TunnelState]:
-    by_name = {link.name: link for link in present or ()}
-    states = []
-    for name in policy.tunnels:
-        link = by_name.get(name)
-        ifindex = link.ifindex if link else None
-        states.append(TunnelState(name, label, ifindex, link.kind if link else None,
-                                  bool(link) and policy.trusts(name, link.kind), ifindex in registered))
-    return states
-
-
-@dataclass(frozen=True)
-class SyncResult:
-    added: list[int]
-    removed: list[int]
-
-
-def sync_tunnels(maps: bpf.ScopeMaps, policy: Policy, cookie: int, present: list[links.Link]) -> SyncResult:
-    """Make the tunnels map allow exactly the policy's tunnels that exist now
-    (stale entries are removed before new ones are added)."""
-    want = tunnel_plan(policy, present)
-    have = {(e.netns_cookie, e.ifindex): e.index for e in maps.tunnels()}
-    removed = []
-    for (c, ifindex), index in have.items():
-        if c != cookie or want.get(ifindex) != index:
-            maps.remove_tunnel(c, ifindex)
-            removed.append(ifindex)
-    added = []
-    for ifindex, index in want.items():
-        if have.get((cookie, ifindex)) != index:
-            maps.add_tunnel(cookie, ifindex, index)
-            added.append(ifindex)
-    return SyncResult(added, removed)
-
-
 @dataclass
 class AttachResult:
     cgroup: str
@@ -188,7 +91,7 @@ class AttachResult:
     pin_dir: str
     prog_id: int
     replaced: list[int]
-    tunnels: list[TunnelState]
+    tunnels: list[common.TunnelState]
     mounted_bpffs: bool
     each: bool = False   # --netns each: tunnels looked up in every namespace of the subtree
 
@@ -199,7 +102,7 @@ class AttachResult:
                 "netns_each": self.each}
 
 
-def attach(cgroup_path: str, policy: Policy, progress: Progress = _quiet,
+def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.quiet,
            bpffs: str = pins.BPFFS) -> AttachResult:
     """Protect a cgroup with `policy`.  If it is already protected, the new
     program is attached before the old one is detached: during the swap both
@@ -211,26 +114,25 @@ def attach(cgroup_path: str, policy: Policy, progress: Progress = _quiet,
     each = subtree.is_each(policy)
     ns = None if each else netns.resolve(policy.netns)
 
-    # compiled (seconds) before taking the lock: the daemon's map updates never wait for a compiler
     progress("loading the policy program (compiled by bcc unless a cached image fits)")
     prog = bpf.load(policy.options, len(policy.endpoints), policy.events, entries=subtree.entries(policy))
-    with pins.locked():
+    with pins.locked(f"cgroup-{cg.id}"):   # taken after compiling: others wait milliseconds, not the compiler
         try:
             if ns is None:   # every namespace the subtree uses now; the daemon follows later ones
                 spaces = subtree.discover(cg.path)
                 subtree.register_all(prog.maps, policy, spaces)
-                tunnels = [t for sp in spaces for t in tunnel_states(policy, sp.use.label, sp.links,
-                                                                     set(subtree.plan(policy, sp.links)))]
+                tunnels = [t for sp in spaces for t in common.tunnel_states(policy, sp.use.label, sp.links,
+                                                                            set(subtree.plan(policy, sp.links)))]
                 ns_meta = {"each": True}
             else:
                 present = links.links(ns)
-                sync_tunnels(prog.maps, policy, netns.cookie(ns), present)
-                tunnels = tunnel_states(policy, ns.label, present, set(tunnel_plan(policy, present)))
+                common.sync_tunnels(prog.maps, policy, netns.cookie(ns), present)
+                tunnels = common.tunnel_states(policy, ns.label, present, set(common.tunnel_plan(policy, present)))
                 ns_meta = {"path": ns.path, "inode": ns.inode}
             for ep in policy.endpoints:
                 prog.maps.add_endpoint(ep)
             meta = {
-                "version": META_VERSION, "cgroup": cg.path, "cgroup_id": cg.id,
+                "version": common.META_VERSION, "cgroup": cg.path, "cgroup_id": cg.id,
                 # the endpoints live in their maps (there may be many)
                 "policy": {k: v for k, v in policy.to_dict().items() if k != "endpoints"},
                 "netns": ns_meta, "attached_at": time.time(),
@@ -260,10 +162,7 @@ def attach(cgroup_path: str, policy: Policy, progress: Progress = _quiet,
                     raise KsbpfError(f"cannot attach the sock_create program to {cg.path}: {exc.strerror}",
                                      "check `bpftool cgroup show " + cg.path + "`; the egress policy is in force") from None
             if replaced and os.path.isdir(final):
-                # the old program is detached: its counts are final; carry them over
-                with bpf.ScopeMaps.from_pins(final) as old_maps:
-                    carried = total_counters(old_maps, old_maps.read_meta())
-                meta["counters_base"] = {_counter_key(r, f): [p, b] for (r, f), (p, b) in carried.items()}
+                common.carry_counters(final, meta)   # the old program is detached: its counts are final
                 prog.maps.write_meta(meta)
             pins.remove_dir(final)
             os.rename(staging, final)
@@ -310,24 +209,19 @@ def detach(cgroup_path: str, bpffs: str = pins.BPFFS) -> DetachResult:
     return result
 
 
-def detach_all(bpffs: str = pins.BPFFS, progress: Progress = _quiet) -> DetachResult:
-    """The escape hatch: every ksbpf program on every cgroup, and every pin."""
-    preflight.require_root()
-    result = DetachResult(None)
-    with pins.locked():
-        for root in cgroup.cgroup2_mounts():
-            progress(f"scanning cgroups under {root}")
-            for path in cgroup.walk(root):
-                try:
-                    with _open_dir(path) as cg_fd:
-                        result.detached_prog_ids += _detach_ids(cg_fd, ksbpf_programs(cg_fd)) + _detach_sock(cg_fd)
-                except FileNotFoundError:
-                    continue  # removed while we walked
-        root = pins.pin_root(bpffs)
-        if os.path.isdir(root):
-            result.removed_pins = pins.list_scope_dirs(bpffs)
-            pins.remove_dir(root)
-    return result
+def detach_every_cgroup(progress: common.Progress = common.quiet) -> list[int]:
+    """Detach every ksbpf program from every cgroup (pins are the caller's
+    business); the ids detached.  Call with pins.locked() held."""
+    detached: list[int] = []
+    for root in cgroup.cgroup2_mounts():
+        progress(f"scanning cgroups under {root}")
+        for path in cgroup.walk(root):
+            try:
+                with _open_dir(path) as cg_fd:
+                    detached += _detach_ids(cg_fd, ksbpf_programs(cg_fd)) + _detach_sock(cg_fd)
+            except FileNotFoundError:
+                continue  # removed while we walked
+    return detached
 
 
 @dataclass
@@ -337,15 +231,21 @@ class ScopeStatus:
     pin_dir: str
     prog_id: int | None
     attached: bool
-    tunnels: list[TunnelState]
+    tunnels: list[common.TunnelState]
     policy: Policy
-    counters: Counters   # since the scope's first attach
+    counters: common.Counters   # since the scope's first attach
     attached_at: float | None
     problems: list[str]
     netns_ok: bool = True   # the tunnels' namespace is still the one attached to
     events: tuple[int, int] = (0, 0)   # blocked-packet samples (sent, suppressed) by this program
     namespaces: list[dict] | None = None   # --netns each: every namespace the subtree uses, with its tunnels
     warnings: list[str] = field(default_factory=list)   # e.g. processes that could bypass the policy
+    hook: Hook = Hook.CGROUP
+
+    @property
+    def name(self) -> str:
+        """The scope's name in metrics and events: its cgroup."""
+        return self.cgroup
 
     @property
     def dropped_packets(self) -> int:
@@ -358,10 +258,7 @@ class ScopeStatus:
             "tunnels": [t.to_dict() for t in self.tunnels],
             "endpoints": [str(e) for e in self.policy.endpoints],
             "options": vars(self.policy.options).copy(), "tunnel_kinds": list(self.policy.tunnel_kinds),
-            "counters": {r.label: {"allowed": r.allowed, "packets": p, "bytes": b,
-                                   "by_family": {f.label: {"packets": fp, "bytes": fb}
-                                                 for (rr, f), (fp, fb) in self.counters.items() if rr == r}}
-                         for r, (p, b) in by_reason(self.counters).items()},
+            "kind": "cgroup", "counters": common.counters_dict(self.counters),
             "dropped_packets": self.dropped_packets,
             "events": {"rate": self.policy.events.rate, "burst": self.policy.events.burst,
                        "sent": self.events[0], "suppressed": self.events[1]},
@@ -369,24 +266,6 @@ class ScopeStatus:
             "netns_each": self.namespaces is not None, "namespaces": self.namespaces or [],
             "warnings": self.warnings,
         }
-
-
-def meta_netns(meta: dict) -> netns.Netns:
-    ref = meta.get("netns", {})
-    return netns.Netns(meta["policy"]["netns"], ref.get("path", ""), ref.get("inode", 0))
-
-
-def policy_from(meta: dict, endpoints: list[Endpoint]) -> Policy:
-    """The policy a scope was attached with, read back from its pins."""
-    return dataclasses.replace(Policy.from_dict(meta["policy"]), endpoints=tuple(endpoints))
-
-
-def netns_alive(ns: netns.Netns) -> bool:
-    """Does ns.path still refer to the namespace the scope was attached in?"""
-    try:
-        return os.stat(ns.path).st_ino == ns.inode
-    except OSError:
-        return False
 
 
 def _pinned_prog_id(pin_dir: str) -> int | None:
@@ -417,12 +296,12 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
     problems: list[str] = []
     with bpf.ScopeMaps.from_pins(pin_dir) as maps:
         meta = maps.read_meta()
-        if meta.get("version") != META_VERSION:
+        if meta.get("version") != common.META_VERSION:
             raise KsbpfError(f"{pin_dir} holds a scope of another ksbpf version ({meta.get('version')})",
                              f"attach it again: ksbpf attach --cgroup {meta.get('cgroup', 'PATH')} ...")
         entries = maps.tunnels()
-        policy = policy_from(meta, maps.endpoints())
-        counters = total_counters(maps, meta)
+        policy = common.policy_from(meta, maps.endpoints())
+        counters = common.total_counters(maps, meta)
         event_stats = maps.event_stats()
     prog_id = _pinned_prog_id(pin_dir)
     if prog_id is None:
@@ -444,9 +323,9 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
         tunnels, namespaces = _each_states(policy, cg_path, entries)
         return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, tunnels, policy, counters,
                            meta.get("attached_at"), problems, True, event_stats, namespaces, warnings)
-    ns = meta_netns(meta)
+    ns = common.meta_netns(meta)
     present = cookie = None
-    ns_ok = netns_alive(ns)
+    ns_ok = common.netns_alive(ns)
     if ns_ok:
         cache = link_cache if link_cache is not None else {}
         if ns.inode not in cache:
@@ -455,7 +334,7 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
     else:
         problems.append(f"network namespace {ns.label} is gone or not the one the scope was attached in")
     registered = {e.ifindex for e in entries if e.netns_cookie == cookie}
-    tunnels = tunnel_states(policy, ns.label, present, registered)
+    tunnels = common.tunnel_states(policy, ns.label, present, registered)
     problems += [f"interface {t.name} is a {t.kind}, not a trusted tunnel kind ({', '.join(policy.tunnel_kinds)}): blocked"
                  for t in tunnels if t.impostor]
     return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, tunnels, policy, counters,
@@ -476,13 +355,14 @@ def raw_socket_warnings(cg_path: str, limit: int = 10) -> list[str]:
     return out
 
 
-def _each_states(policy: Policy, cg_path: str, entries: list[bpf.TunnelEntry]) -> tuple[list[TunnelState], list[dict]]:
+def _each_states(policy: Policy, cg_path: str,
+                 entries: list[bpf.TunnelEntry]) -> tuple[list[common.TunnelState], list[dict]]:
     """--netns each: the tunnels of every namespace the subtree uses, and each namespace."""
     tunnels, namespaces = [], []
     spaces = subtree.discover(cg_path) if os.path.isdir(cg_path) else []
     for sp in sorted(spaces, key=lambda sp: sp.use.pid):
         registered = {e.ifindex for e in entries if e.netns_cookie == sp.cookie}
-        states = tunnel_states(policy, sp.use.label, sp.links, registered)
+        states = common.tunnel_states(policy, sp.use.label, sp.links, registered)
         tunnels += states
         namespaces.append({"inode": sp.use.inode, "cookie": sp.cookie, "pid": sp.use.pid, "comm": sp.use.comm,
                            "container": sp.use.container,
@@ -492,8 +372,7 @@ def _each_states(policy: Policy, cg_path: str, entries: list[bpf.TunnelEntry]) -
 
 
 def status(bpffs: str = pins.BPFFS) -> tuple[list[ScopeStatus], list[str]]:
-    """The protected scopes, and the problems of pin directories that could not be read."""
-    preflight.require_root()
+    """The protected cgroup scopes, and the problems of pin directories that could not be read."""
     scopes, unreadable = [], []
     for d in pins.list_scope_dirs(bpffs):
         try:
@@ -511,7 +390,7 @@ class EnsureResult:
     attach: AttachResult | None = None
 
 
-def ensure(cgroup_path: str, policy: Policy, progress: Progress = _quiet,
+def ensure(cgroup_path: str, policy: Policy, progress: common.Progress = common.quiet,
            bpffs: str = pins.BPFFS) -> EnsureResult:
     """Make the cgroup protected by exactly `policy`.  A scope already in
     force with that policy (attached by hand, by an earlier daemon, at boot)
