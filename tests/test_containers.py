@@ -22,7 +22,7 @@ import pytest
 from helpers import DaemonProcess, ksbpf, scope_status
 
 from ksbpf.kernel import cgroup
-from ksbpf.lab.containers import FarSide, Runtime, configure_tunnel, delete_link, image_tar, sender
+from ksbpf.lab.containers import FarSide, Runtime, configure_tunnel, delete_link, exclusive, image_tar, sender
 
 pytestmark = pytest.mark.lab
 RUNTIMES = {"podman": "/usr/bin/podman", "docker": "/usr/sbin/dockerd"}
@@ -47,6 +47,16 @@ def diagnose(path: str, far: FarSide, d: DaemonProcess | None = None) -> str:
     if d is not None:
         out.append("\n".join(d.lines[-40:]))
     return "\n".join(out)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_run_at_a_time():
+    """Other checkouts on this machine may run these tests at the same time:
+    the host's firewall and forwarding are snapshot and restored per run."""
+    with exclusive() as waited:
+        if waited > 1:
+            print(f"waited {waited:.0f} s for another container test run to finish")
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
+import fcntl
 import ipaddress
 import json
 import os
@@ -45,6 +47,23 @@ WIREGUARD_GO = "/usr/bin/wireguard-go"
 RUNTIME_PATHS = ("/run/containers", "/run/libpod", "/run/docker", "/run/containerd", "/var/lib/containers")
 BUSYBOX = "/bin/busybox"
 WG_PORT = 51820
+
+
+LOCK_FILE = "/run/ksbpf-container-tests.lock"
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: str = LOCK_FILE):
+    """One container test run at a time on the machine: the runtimes share
+    the host's firewall chains, forwarding switch and state directories, which
+    each run snapshots and restores.  Yields the seconds it waited."""
+    with open(lock_file, "a") as f:
+        t0 = time.monotonic()
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield time.monotonic() - t0
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _run(*cmd: str, check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
