@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench install clean
+.PHONY: setup demo test bench install clean fuzz
 
 ## setup: Debian packages, kernel headers for bcc, .venv with ksbpf (idempotent)
 setup:
@@ -17,6 +17,12 @@ demo: setup
 test: setup
 	@$(PY) -m pytest $(PYTEST_ARGS)
 
+## fuzz: differential fuzzing, the policy model against the real programs (ksbpf/verify/fuzz.py);
+## disagreements are saved in tests/fuzz_regressions/, which `make test` replays
+FUZZ_PACKETS ?= 1000000
+fuzz: setup
+	@$(PY) -m ksbpf.verify.fuzz --packets $(FUZZ_PACKETS)
+
 ## bench: benchmarks (never part of `make test`); results in benchmarks/results/
 bench: setup
 	@$(PY) benchmarks/packet_cost.py
@@ -27,6 +33,8 @@ bench: setup
 	@$(PY) benchmarks/node_reaction.py --interfaces 200
 	@$(PY) benchmarks/footprint.py
 	@$(PY) benchmarks/scrape.py --scopes 1000
+	@$(PY) benchmarks/verify_cost.py --rounds 31
+	@$(PY) benchmarks/containers.py --flaps 200 --late 50
 	@$(PY) benchmarks/summary.py
 
 ## install: ksbpf on PATH, the example config and the systemd units (see README)

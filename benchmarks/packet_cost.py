@@ -126,6 +126,7 @@ def build(ns, cache: str | None):
     }
     cookie = netns.cookie(ns)
     for p in progs.values():
+        p.maps.set_netns_cookie(cookie)   # tc: the namespace of the guarded interfaces, as a node scope sets it
         for tunnel in ("tnl", "tun1"):
             p.maps.add_tunnel(cookie, netns.ifindex(ns, tunnel), 0)
         for ep in (EP4, EP6):

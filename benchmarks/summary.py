@@ -97,6 +97,15 @@ def rows_reaction(r):
                f"p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms (n={s['n']})", YES[s["p99_ms"] <= r["target_p99_ms"]])
 
 
+def rows_containers(r):
+    s = r["tunnel_ready_to_passing"]
+    yield (f"containers, a tunnel in a new namespace ready → traffic passes, p99 ≤ {r['target_p99_ms']:g} ms",
+           f"p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms (n={s['n']})", YES[s["p99_ms"] <= r["target_p99_ms"]])
+    s = r["late_discovery"]
+    yield ("containers, a namespace entered without a cgroup event → traffic passes (no target)",
+           f"p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms (n={s['n']})", "—")
+
+
 def rows_throughput(r):
     names = {"tcp": "TCP", "udp": "UDP, 64-byte payloads (packets/s)"}
     for test, t in r["targets"].items():
@@ -288,6 +297,7 @@ BENCHMARKS = [  # name, rows, plot
     ("node_reaction", rows_node_reaction, plot_node_reaction),
     ("footprint", rows_footprint, None),
     ("scrape", rows_scrape, None),
+    ("containers", rows_containers, None),
 ]
 
 

@@ -26,6 +26,8 @@ fi
 # --- 1. packages -------------------------------------------------------------
 pkgs=(python3 python3-venv python3-bpfcc libbpf1 bpftool iproute2 wireguard-go wireguard-tools
       tcpdump iperf3 nftables iptables iputils-ping procps prometheus)
+# container tests: real Podman and Docker (runc), images from busybox-static; no service is started
+pkgs+=(podman runc netavark aardvark-dns busybox-static docker.io)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -43,6 +45,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 else
     say "Debian packages present"
 fi
+command -v systemctl >/dev/null && systemctl disable docker.service docker.socket containerd.service >/dev/null 2>&1 || true
 
 # --- 2. kernel headers for bcc -------------------------------------------------
 rel=$(uname -r)

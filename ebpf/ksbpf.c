@@ -50,6 +50,11 @@ BPF_ARRAY(meta, struct ksbpf_meta, 1);
 BPF_RINGBUF_OUTPUT(events, KSBPF_EVENTS_PAGES);
 BPF_PERCPU_ARRAY(bucket, struct ksbpf_bucket, 1);
 BPF_ARRAY(exempt, struct ksbpf_exempt, KSBPF_MAX_EXEMPT);
+/* tc: the cookie of the node scope's namespace, where every guarded interface
+ * lives (bpf_get_netns_cookie answers init_net's for a packet without a
+ * socket, such as a forwarded one). */
+BPF_ARRAY(scope_netns, __u64, 1);
+BPF_ARRAY(verify_nonce, struct ksbpf_nonce, 1);
 
 /* What the policy needs to know of a packet. */
 struct ksbpf_pkt {
@@ -296,6 +301,18 @@ static __always_inline int ksbpf_exceptions6(const struct ksbpf_pkt *p)
 	return ksbpf_last_resort(p, 1);
 }
 
+/* The network namespace of the egress interface. */
+static __always_inline __u64 ksbpf_netns_cookie(const struct ksbpf_at *at)
+{
+	int zero = 0;
+	__u64 *cookie;
+
+	if (at->hook != KSBPF_HOOK_TC)
+		return bpf_get_netns_cookie(at->skb);
+	cookie = scope_netns.lookup(&zero);
+	return cookie ? *cookie : 0;
+}
+
 /* Does the packet leave through a registered tunnel?  The ifindex filter
  * (an array: inlined by the verifier, no helper call, no hashing) rules most
  * interfaces out, and when a single namespace has a tunnel with that ifindex
@@ -303,7 +320,7 @@ static __always_inline int ksbpf_exceptions6(const struct ksbpf_pkt *p)
  * tunnel in several namespaces (or one past the filter) takes the (netns
  * cookie, ifindex) hash.  (In node mode tunnels carry no guard, so only a
  * guarded interface that became a tunnel gets past the filter.) */
-static __always_inline int ksbpf_via_tunnel(struct __sk_buff *skb, __u32 ifindex)
+static __always_inline int ksbpf_via_tunnel(const struct ksbpf_at *at, __u32 ifindex)
 {
 	struct ksbpf_tunnel_key tk = { .ifindex = ifindex };
 	__u64 who = KSBPF_TUNNEL_SEVERAL;
@@ -315,7 +332,7 @@ static __always_inline int ksbpf_via_tunnel(struct __sk_buff *skb, __u32 ifindex
 		if (!who)
 			return 0;
 	}
-	tk.netns_cookie = bpf_get_netns_cookie(skb);
+	tk.netns_cookie = ksbpf_netns_cookie(at);
 	if (who != KSBPF_TUNNEL_SEVERAL)
 		return who == tk.netns_cookie;
 	return tunnels.lookup(&tk) != 0;
@@ -350,7 +367,7 @@ static __always_inline int ksbpf_decide(const struct ksbpf_at *at, __be16 proto,
 		    proto == bpf_htons(ETH_P_IPV6) ? KSBPF_FAMILY_IPV6 : KSBPF_FAMILY_OTHER;
 	if (ifindex == 1)		/* LOOPBACK_IFINDEX, the same in every netns */
 		return KSBPF_ALLOW_LOOPBACK;
-	if (ksbpf_via_tunnel(skb, ifindex))
+	if (ksbpf_via_tunnel(at, ifindex))
 		return KSBPF_ALLOW_TUNNEL;
 	if (p->family == KSBPF_FAMILY_IPV4) {
 		if (ksbpf_parse4(at, p))
@@ -432,7 +449,7 @@ static __always_inline void ksbpf_report(const struct ksbpf_at *at, int reason, 
 	__builtin_memset(ev, 0, sizeof(*ev));
 	ev->ts_ns = bpf_ktime_get_ns();
 	ev->cgroup_id = bpf_skb_cgroup_id(skb);
-	ev->netns_cookie = bpf_get_netns_cookie(skb);
+	ev->netns_cookie = ksbpf_netns_cookie(at);
 	ev->ifindex = skb->ifindex;
 	ev->uid = bpf_get_socket_uid(skb);
 	ev->len = skb->len;
@@ -454,12 +471,31 @@ static __always_inline void ksbpf_report(const struct ksbpf_at *at, int reason, 
 }
 #endif
 
+/* Is this a `ksbpf verify` test run (skb->cb carries the scope's nonce)?  A
+ * real packet never is: the kernel zeroes cb before a cgroup_skb program
+ * that reads it runs, and at tc whatever another layer left in cb does not
+ * guess 128 random bits.  One context load on every path; the map only
+ * when cb[0] is not zero. */
+static __always_inline int ksbpf_verify_run(struct __sk_buff *skb)
+{
+	struct ksbpf_nonce *n;
+	int zero = 0;
+	__u32 c0 = skb->cb[0];
+
+	if (!c0)
+		return 0;
+	n = verify_nonce.lookup(&zero);
+	return n && n->w[0] == c0 && n->w[1] == skb->cb[1] && n->w[2] == skb->cb[2] && n->w[3] == skb->cb[3];
+}
+
 /* Decide, count, report; returns 1 to let the packet go, 0 to drop it. */
 static __always_inline int ksbpf_verdict(const struct ksbpf_at *at, __be16 proto)
 {
 	struct ksbpf_pkt p = {};
 	int reason = ksbpf_policy(at, proto, &p);
 
+	if (ksbpf_verify_run(at->skb))
+		return reason < KSBPF_FIRST_DROP;
 	ksbpf_count(at->skb, reason, &p);
 	if (reason < KSBPF_FIRST_DROP)
 		return 1;
@@ -508,4 +544,35 @@ int ksbpf_tc_l3(struct __sk_buff *skb)
 	if (!ksbpf_load(&at, 0, &v, 1))
 		proto = v >> 4 == 4 ? bpf_htons(ETH_P_IP) : v >> 4 == 6 ? bpf_htons(ETH_P_IPV6) : 0;
 	return ksbpf_verdict(&at, proto) ? TC_ACT_UNSPEC : TC_ACT_SHOT;
+}
+
+/* cgroup/sock_create (--netns each): a socket of the scope is being created
+ * in a network namespace the daemon does not know yet -- a process that moved
+ * into an already populated cgroup, or that entered another namespace, raises
+ * no cgroup event.  The first socket of each unknown namespace is reported to
+ * the daemon (one report per namespace: the entry marked "reported" is the
+ * rate limit); it looks the namespace's tunnels up.  Until then the egress
+ * policy drops that namespace's non-local traffic.  Never refuses a socket. */
+BPF_HASH(netns_known, __u64, __u32, KSBPF_MAX_NETNS);
+BPF_RINGBUF_OUTPUT(netns_events, 1);
+
+int ksbpf_sk_create(struct bpf_sock *sk)
+{
+	__u64 cookie = bpf_get_netns_cookie(sk);
+	__u32 reported = KSBPF_NETNS_REPORTED;
+	struct ksbpf_netns_event *ev;
+
+	if (netns_known.lookup(&cookie))
+		return 1;
+	if (netns_known.insert(&cookie, &reported))
+		return 1;	/* reported meanwhile by another CPU, or the map is full */
+	ev = netns_events.ringbuf_reserve(sizeof(*ev));
+	if (!ev)
+		return 1;
+	ev->netns_cookie = cookie;
+	ev->cgroup_id = bpf_get_current_cgroup_id();
+	ev->pid = bpf_get_current_pid_tgid() >> 32;
+	ev->pad = 0;
+	netns_events.ringbuf_submit(ev, 0);
+	return 1;
 }

@@ -127,4 +127,24 @@ struct ksbpf_meta {
 	char json[KSBPF_META_SIZE];
 };
 
+/* ksbpf verify: a test run whose skb->cb[0..3] equals the scope's nonce
+ * (map verify_nonce; the first word is never 0) is decided as any packet,
+ * but neither counted nor reported. */
+struct ksbpf_nonce {
+	__u32 w[4];
+};
+
+/* --netns each: the network namespaces the daemon knows (netns_known, keyed
+ * by cookie), and what the sock_create entry point reports to it (ring
+ * buffer netns_events) when a socket of the scope is created in another. */
+#define KSBPF_MAX_NETNS 1024
+#define KSBPF_NETNS_KNOWN 1	/* registered by the daemon */
+#define KSBPF_NETNS_REPORTED 2	/* reported once by the program, not known yet */
+struct ksbpf_netns_event {
+	__u64 netns_cookie;
+	__u64 cgroup_id;	/* the creating task's cgroup */
+	__u32 pid;		/* the creating task (tgid) */
+	__u32 pad;
+};
+
 #endif

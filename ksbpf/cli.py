@@ -70,8 +70,9 @@ def _endpoint(_ctx, _param, values) -> tuple[Endpoint, ...]:
               help="Tunnel interface the scope may use (repeat for several).")
 @click.option("--endpoint", "endpoints", multiple=True, callback=_endpoint, metavar="ADDR:PORT/PROTO",
               help="VPN server the scope may reach outside the tunnel: 203.0.113.5:51820/udp, [2001:db8::5]:51820/udp.")
-@click.option("--netns", default="", metavar="NAME|PATH",
-              help="Network namespace where the tunnel names live (node mode: the one guarded); default: the caller's.")
+@click.option("--netns", default="", metavar="NAME|PATH|each",
+              help="Network namespace where the tunnel names live (default: the caller's; node mode: the one "
+                   "guarded); `each`: every namespace a process of the cgroup subtree lives in (containers).")
 @click.option("--allow-lan", is_flag=True, help="Allow the fixed private ranges (not DNS to them).")
 @click.option("--allow-lan-dns", is_flag=True, help="With --allow-lan: also allow DNS (53, 853) to LAN addresses.")
 @click.option("--allow-dhcp", is_flag=True, help="Allow DHCPv4/DHCPv6 client traffic (node mode: the default).")
@@ -124,6 +125,10 @@ def attach(cgroup_path, node, tunnels, endpoints, netns, allow_lan, allow_lan_dn
     verb = "re-attached (previous program replaced with no gap)" if result.replaced else "attached"
     click.echo(f"{result.cgroup}: {verb}; program {result.prog_id}, pins in {result.pin_dir}")
     _print_tunnels(result.tunnels, policy)
+    if result.each:
+        click.echo(f"  netns each: {len({t.netns for t in result.tunnels})} network namespace(s) in use by the subtree now; "
+                   "tunnels of namespaces that appear later are registered only by the daemon (`ksbpf daemon` with "
+                   "netns = \"each\"): until then their non-local traffic is dropped")
     for ep in policy.endpoints:
         click.echo(f"  endpoint {ep}: allowed outside the tunnel")
     click.echo(f"  options: {_options(policy)}")
@@ -251,7 +256,14 @@ def status(as_json) -> None:
     for s in st.cgroups:
         state = "enforced" if s.attached else "NOT ENFORCED"
         click.echo(f"{s.cgroup}  [{state}, program {s.prog_id}, hook cgroup, since {_fmt_time(s.attached_at)}]")
-        for t in s.tunnels:
+        if s.namespaces is not None:
+            click.echo(f"  netns    each: {len(s.namespaces)} network namespace(s) in use by the subtree")
+            for n in s.namespaces:
+                click.echo(f"  netns    {n['label']} (inode {n['inode']}, {n['processes']} process(es))")
+                for t in n["tunnels"]:
+                    where = f"ifindex {t['ifindex']} ({t['kind']})" if t["present"] else "absent"
+                    click.echo(f"    tunnel {t['name']}: {where}, {'allowed' if t['registered'] else 'blocked'}")
+        for t in s.tunnels if s.namespaces is None else ():
             where = f"ifindex {t.ifindex} ({t.kind})" if t.present else "absent"
             allowed = "allowed" if t.registered else "blocked"
             click.echo(f"  tunnel   {t.name} (netns {t.netns}): {where}, {allowed}")
@@ -259,11 +271,14 @@ def status(as_json) -> None:
             click.echo(f"  endpoint {ep}")
         click.echo(f"  options  {_options(s.policy)}")
         _print_counters(s)
+        for w in s.warnings:
+            click.echo(f"  warning: {w}")
 
 
 @main.command()
-@click.option("--scope", "scopes", multiple=True, metavar="CGROUP",
-              help="Only this scope (its cgroup path; repeatable).  Default: every scope.")
+@click.option("--scope", "scopes", multiple=True, metavar="CGROUP|node[:NETNS]",
+              help="Only this scope: its cgroup path, or the node scope as `status` names it (repeatable).  "
+                   "Default: every scope.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def events(scopes, as_json) -> None:
     """Stream the packets ksbpf blocks, as they are blocked.
@@ -273,7 +288,7 @@ def events(scopes, as_json) -> None:
     from ksbpf.observability.events import stream
 
     preflight.require_root()
-    wanted = [os.path.realpath(s) for s in scopes]
+    wanted = [os.path.realpath(s) if s.startswith("/") else s for s in scopes]
     stop: list[int] = []
     import signal as _signal
     for sig in (_signal.SIGINT, _signal.SIGTERM):
@@ -300,14 +315,28 @@ def metrics() -> None:
 
 @main.command(name="exec", context_settings={"ignore_unknown_options": True})
 @click.option("--cgroup", "cgroup_path", required=True, metavar="PATH")
+@click.option("--user", "user", metavar="USER",
+              help="Run as USER (name or uid): its groups, gid and uid, a clean environment, no capabilities, "
+                   "no-new-privileges.  Default: the sudo caller when run through sudo.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def exec_(cgroup_path, command) -> None:
+def exec_(cgroup_path, user, command) -> None:
     """Run COMMAND inside a protected scope (joins the cgroup, then execs)."""
+    from ksbpf.kernel import privileges
+
     cg = cgroup.resolve(cgroup_path)
     cgroups.require_protected(cg)
+    user = user or privileges.default_user(dict(os.environ))
+    target = privileges.Target.lookup(user) if user else None
     cgroup.join(cg)
+    env = dict(os.environ)
+    if target is not None:
+        env = target.environment(env)
+        privileges.drop_to(target)
+    elif os.geteuid() == 0:
+        click.echo("ksbpf: warning: running the command as root with every capability (raw sockets bypass "
+                   "the scope); give --user USER", err=True)
     try:
-        os.execvp(command[0], list(command))
+        os.execvpe(command[0], list(command), env)
     except OSError as exc:
         raise KsbpfError(f"cannot run {command[0]!r}: {exc.strerror}", "check the command name and PATH") from None
 
@@ -386,6 +415,30 @@ def check_config(file, as_json) -> None:
         click.echo(f"    endpoints {', '.join(map(str, p.endpoints)) or 'none'}")
         opts = [k for k, on in vars(p.options).items() if on]
         click.echo(f"    options   {', '.join(opts) or 'none (strict)'}")
+
+
+@main.command()
+@click.option("--scope", "scope", metavar="PATH|node[:NETNS]", help="Check only this scope: a protected cgroup, or the node scope.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--strict", is_flag=True, help="Warnings fail too (exit status 1).")
+@click.option("--fix", is_flag=True, help="Close the scopes' sockets created outside them (SOCK_DESTROY): "
+              "their applications see the connections reset.")
+@click.option("--lab", is_flag=True, help="Instead: the leak matrix with real packets in throwaway namespaces.")
+def verify(scope, as_json, strict, fix, lab) -> None:
+    """Prove every protected scope does what its policy says, without sending a
+    packet; list what could still get around it.  Exit status 0 only when
+    nothing failed (--strict: and nothing warned)."""
+    if lab:
+        from ksbpf.verify.lab import run_lab
+        sys.exit(0 if run_lab(as_json=as_json) else 1)
+    from ksbpf.verify import check
+
+    report = check.verify(scope, fix=fix)
+    if as_json:
+        _emit_json(report.to_dict(strict))
+    else:
+        click.echo(check.render(report), nl=False)
+    sys.exit(0 if report.ok(strict) else 1)
 
 
 if __name__ == "__main__":

@@ -86,3 +86,41 @@ def servers(lab):
     """Echo servers in the server namespace on every address: port by probe kind."""
     with TcpEchoServer(lab) as tcp, UdpEchoServer(lab) as udp:
         yield {"tcp": tcp.port, "udp": udp.port, "icmp": 0}
+
+
+@pytest.fixture
+def run_daemon(tmp_path):
+    """run_daemon(scopes) -> DaemonProcess, ready; stopped (never detaching) at teardown."""
+    from helpers import DaemonProcess, toml_config
+    started: list = []
+
+    def run(scopes: list[dict], wait_ready: bool = True):
+        path = tmp_path / "ksbpf.toml"
+        path.write_text(toml_config(scopes))
+        d = DaemonProcess(str(path))
+        d.config_path = str(path)
+        started.append(d)
+        if wait_ready:
+            d.wait_for("ready")
+        return d
+
+    yield run
+    for d in started:
+        d.stop()
+
+
+_REPORT: list[str] = []
+
+
+@pytest.fixture
+def report_line():
+    """report_line(text): a line for the end of the test run's output (leak
+    counts of the container tests), shown even when output is captured."""
+    return _REPORT.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _REPORT:
+        terminalreporter.section("what reached the far side outside the tunnel (leak counts)")
+        for line in _REPORT:
+            terminalreporter.write_line(line)

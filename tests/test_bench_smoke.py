@@ -110,3 +110,16 @@ def test_summary_reports_every_benchmark(tmp_path):
     assert "not run" not in report
     for plot in ("packet_cost", "throughput", "scaling", "reaction", "node_throughput", "node_reaction"):
         assert (tmp_path / f"{plot}.png").stat().st_size > 1000
+
+
+@pytest.mark.root
+def test_verify_cost_benchmark_runs(tmp_path):
+    result = bench(tmp_path, "verify_cost.py", "--rounds", "1", "--repeat", "10")
+    assert set(result["paths"]) >= {"loopback", "tunnel v4", "drop not_tunnel v4"}
+    assert result["instructions"]["shipped"] > result["instructions"]["without the check"]
+
+
+def test_containers_benchmark_runs(tmp_path):
+    result = bench(tmp_path, "containers.py", "--flaps", "3", "--late", "2")
+    assert result["tunnel_ready_to_passing"]["n"] == 3 and result["late_discovery"]["n"] == 2
+    assert result["tunnel_created_to_passing"]["p50_ms"] > 0 and result["late_blocked_sends"]["max"] >= 1

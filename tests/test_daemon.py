@@ -8,7 +8,7 @@ import subprocess
 import time
 
 import pytest
-from helpers import DaemonProcess, ksbpf, scope_status, toml_config
+from helpers import ksbpf, scope_status, toml_config
 
 from ksbpf.kernel import libbpf
 from ksbpf.lab.namespaces import ProbeStream, Sniffer, probe
@@ -21,26 +21,6 @@ BLOCKED_TIMEOUT = 1.0
 def scope_of(lab, cg: str, **extra) -> dict:
     return {"cgroup": cg, "tunnels": [lab.wg_client], "netns": lab.client_ns,
             "endpoints": [lab.endpoint4], **extra}
-
-
-@pytest.fixture
-def run_daemon(tmp_path):
-    """run_daemon(scopes) -> DaemonProcess, ready; stopped (never detaching) at teardown."""
-    started: list[DaemonProcess] = []
-
-    def run(scopes: list[dict], wait_ready: bool = True) -> DaemonProcess:
-        path = tmp_path / "ksbpf.toml"
-        path.write_text(toml_config(scopes))
-        d = DaemonProcess(str(path))
-        d.config_path = str(path)
-        started.append(d)
-        if wait_ready:
-            d.wait_for("ready")
-        return d
-
-    yield run
-    for d in started:
-        d.stop()
 
 
 def prog_ids(cg: str) -> list[int]:

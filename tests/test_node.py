@@ -319,14 +319,18 @@ def test_metrics_and_events_carry_the_tc_hook(host, servers, guarded):
     reader.start()
     time.sleep(0.3)
     probe(host.containers[0], None, "udp", host.net4_server, servers["udp"], timeout=BLOCKED)
+    def mine() -> list[dict]:   # the probe's datagram (not, say, an ICMP error to the endpoint)
+        return [e.to_dict() for e in list(seen) if e.dst == host.net4_server]
     deadline = time.monotonic() + 5
-    while not seen and time.monotonic() < deadline:
+    while not mine() and time.monotonic() < deadline:
         time.sleep(0.05)
     done.set()
     reader.join(5)
-    assert seen, "no event from the node scope"
-    ev = seen[0].to_dict()
-    assert (ev["scope"], ev["hook"], ev["reason"], ev["ifname"]) == (name, "tc", "not_tunnel", host.phy_client)
+    assert mine(), f"no event of the probe from the node scope: {seen}"
+    ev = mine()[0]
+    assert (ev["scope"], ev["hook"], ev["reason"], ev["ifname"], ev["proto"]) == (
+        name, "tc", "not_tunnel", host.phy_client, "udp")
+    assert ev["src"] == host.phy4_client   # masqueraded: judged after NAT
     text = ksbpf("metrics", check=True).stdout
     assert f'ksbpf_dropped_packets_total{{family="ipv4",hook="tc",reason="not_tunnel",scope="{name}"}}' in text
     assert f'ksbpf_scope_attached{{scope="{name}"}} 1.0' in text
@@ -437,3 +441,20 @@ def test_daemon_adopts_and_readyz(host, node_daemon):
         assert d2.named("node_adopted"), d2.lines
     finally:
         d2.stop()
+
+
+def test_apply_puts_node_mode_in_force_and_exits(host, servers, tmp_path, request):
+    """`ksbpf apply` (the boot unit) guards the namespace and exits; it fails,
+    with nothing half-applied, when the namespace does not exist."""
+    request.addfinalizer(lambda: node.detach(host.client_path) if os.path.exists(host.client_path) else None)
+    path = tmp_path / "ksbpf.toml"
+    path.write_text(toml_config([], f'[node]\nnetns = "{host.client_path}"\ntunnels = ["{host.wg_client}"]\n'))
+    ksbpf("apply", "--config", str(path), "--log-format", "json", check=True)
+    st = node_status(host)
+    assert st["attached"] and {i["name"] for i in st["interfaces"] if i["guarded"]} == {host.phy_client}
+    host.tunnel_down()
+    assert not probe(host.containers[0], None, "udp", host.net4_server, servers["udp"], timeout=BLOCKED).ok
+    missing = tmp_path / "missing.toml"
+    missing.write_text(toml_config([], '[node]\nnetns = "ksbpf-no-such-netns"\ntunnels = ["wg0"]\n'))
+    proc = ksbpf("apply", "--config", str(missing), "--log-format", "json")
+    assert proc.returncode == 1 and '"node_failed"' in proc.stderr and "does not exist" in proc.stderr

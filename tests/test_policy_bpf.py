@@ -62,6 +62,7 @@ def host(request, tmp_path_factory):
                 assert prog._bcc_object is None   # the same programs, no compiler
                 assert {e: libbpf.prog_info(fd).tag for e, fd in prog.progs.items()} == tags
             prog.maps.add_tunnel(env["cookie"], env["tnl"], 0)
+            prog.maps.set_netns_cookie(env["cookie"])   # tc: the namespace of the guarded interfaces
             for ep in (EP4, EP4_TCP, EP6):
                 prog.maps.add_endpoint(ep)
             env["progs"][label] = prog

@@ -36,7 +36,7 @@ LOG_FORMATS = ("text", "json")
 KEYS: dict[str, tuple[str, ...]] = {
     "": ("metrics", "daemon", "scope", "node"),
     "metrics": ("listen",),
-    "daemon": ("log_format",),
+    "daemon": ("log_format", "close_stray_sockets", "verify_interval"),
     "scope": ("cgroup", "tunnels", "endpoints", "netns", "allow_lan", "allow_lan_dns",
               "allow_dhcp", "tunnel_kinds", "create_cgroup", "events_rate", "events_burst"),
     "node": ("netns", "tunnels", "endpoints", "allow_lan", "allow_lan_dns", "allow_dhcp", "tunnel_kinds",
@@ -82,6 +82,8 @@ class Config:
     log_format: str  # "text" | "json"
     scopes: tuple[ScopeConfig, ...]
     node: NodeConfig | None = None
+    close_stray_sockets: bool = False   # close sockets created outside a scope held by its processes
+    verify_interval: float = 300.0      # seconds between zero-traffic checks of every scope (ksbpf verify)
 
     @property
     def listen(self) -> str:
@@ -90,6 +92,7 @@ class Config:
 
     def to_dict(self) -> dict:
         return {"path": self.path, "listen": self.listen, "log_format": self.log_format,
+                "close_stray_sockets": self.close_stray_sockets, "verify_interval": self.verify_interval,
                 "scopes": [s.to_dict() for s in self.scopes],
                 "node": self.node.to_dict() if self.node else None}
 
@@ -296,11 +299,16 @@ class _Checker:
         log_format = self.get(daemon, ("daemon",), "log_format", str, '"text" or "json"') or "text"
         if log_format not in LOG_FORMATS:
             self.issue(("daemon", "log_format"), f'{log_format!r} is not a log format; use "text" or "json"')
+        close = self.get(daemon, ("daemon",), "close_stray_sockets", bool, "true or false") or False
+        interval = self.get(daemon, ("daemon",), "verify_interval", (int, float), "a number of seconds")
+        if interval is not None and not 10 <= interval <= 86400:
+            self.issue(("daemon", "verify_interval"), f"{interval} is out of range; give 10 to 86400 seconds")
         node = None
         if "node" in data:
             table = self.get(data, (), "node", dict, "a [node] table (single brackets)")
             node = self.node(table, ("node",)) if table is not None else None
-        return Config(self.path, host, port, log_format, self.scopes(data.get("scope", [])), node)
+        return Config(self.path, host, port, log_format, self.scopes(data.get("scope", [])), node, close,
+                      float(interval) if interval is not None else 300.0)
 
     def listen(self, text: str) -> tuple[str, int]:
         try:
@@ -342,20 +350,8 @@ class _Checker:
                 self.issue(at + ("cgroup",), f"{cgroup} is already the cgroup of {seen[cgroup]}; merge the two scopes or remove one")
             seen.setdefault(cgroup, _key_name(at))
 
-        tunnels = self.strings(table, at, "tunnels", 'an array of interface names such as ["wg0"]')
-        if tunnels == []:
-            self.issue(at + ("tunnels",), 'no tunnel interface given; name at least one, e.g. tunnels = ["wg0"]')
-        endpoints = [self.attempt(at + ("endpoints", j), Endpoint.parse, text) for j, text in
-                     enumerate(self.strings(table, at, "endpoints", 'an array such as ["203.0.113.5:51820/udp"]') or [])]
-        netns = self.get(table, at, "netns", str, 'a namespace name or path, e.g. "vpn" ("" for the daemon\'s own)') or ""
-        flags = [self.get(table, at, key, bool, "true or false") or False for key in ("allow_lan", "allow_lan_dns", "allow_dhcp")]
-
-        kinds = self.strings(table, at, "tunnel_kinds", 'an array of link kinds such as ["wireguard", "tun"]')
         create = self.get(table, at, "create_cgroup", bool, "true or false") or False
-        events = self.events(table, at)
-
-        policy = self.policy(at, tunnels or [], [e for e in endpoints if e], netns, Options(*flags),
-                             DEFAULT_TUNNEL_KINDS if kinds is None else kinds, events)
+        policy = self.policy_keys(table, at, dhcp_default=False)
         if len(self.issues) > before or policy is None or cgroup is None:
             return None
         return ScopeConfig(cgroup, policy, create, self.where.line(at) or 0)
@@ -368,15 +364,7 @@ class _Checker:
         self.unknown(table, at, KEYS["node"])
         if "tunnels" not in table:
             self.issue(at + ("tunnels",), 'missing; [node] needs one, e.g. tunnels = ["wg0"]')
-        tunnels = self.strings(table, at, "tunnels", 'an array of interface names such as ["wg0"]')
-        if tunnels == []:
-            self.issue(at + ("tunnels",), 'no tunnel interface given; name at least one, e.g. tunnels = ["wg0"]')
-        endpoints = [self.attempt(at + ("endpoints", j), Endpoint.parse, text) for j, text in
-                     enumerate(self.strings(table, at, "endpoints", 'an array such as ["203.0.113.5:51820/udp"]') or [])]
-        netns = self.get(table, at, "netns", str, 'a namespace name or path ("" for the daemon\'s own)') or ""
-        lan, lan_dns = (self.get(table, at, key, bool, "true or false") or False for key in ("allow_lan", "allow_lan_dns"))
-        dhcp = self.get(table, at, "allow_dhcp", bool, "true or false")
-        kinds = self.strings(table, at, "tunnel_kinds", 'an array of link kinds such as ["wireguard", "tun"]')
+        policy = self.policy_keys(table, at, dhcp_default=True)
         internal = self.strings(table, at, "internal", 'an array of interface name patterns such as ["docker*"]') or []
         default_internal = self.get(table, at, "default_internal", bool, "true or false")
         exempt = self.strings(table, at, "exempt_cgroups", 'an array of cgroup paths such as ["/sys/fs/cgroup/system.slice/ssh.service"]') or []
@@ -388,15 +376,28 @@ class _Checker:
             if not os.path.isabs(path):
                 self.issue(at + ("exempt_cgroups", j), f"{path!r} is not an absolute path; give the cgroup directory's full path")
         exempt = [os.path.normpath(p) for p in exempt if os.path.isabs(p)]
-        events = self.events(table, at)
-        policy = self.policy(at, tunnels or [], [e for e in endpoints if e], netns,
-                             Options(lan, lan_dns, True if dhcp is None else dhcp),
-                             DEFAULT_TUNNEL_KINDS if kinds is None else kinds, events)
         globs = (DEFAULT_INTERNAL if default_internal is not False else ()) + tuple(internal)
         node = self.attempt(at + ("internal",), NodePolicy, policy, globs, tuple(exempt), tc_mode) if policy else None
         if len(self.issues) > before or node is None:
             return None
         return NodeConfig(node, self.where.line(at) or 0)
+
+    def policy_keys(self, table: dict, at: KeyPath, dhcp_default: bool) -> Policy | None:
+        """The policy keys a [[scope]] and [node] share: tunnels, endpoints,
+        netns, the allow options, tunnel_kinds and the event stream."""
+        tunnels = self.strings(table, at, "tunnels", 'an array of interface names such as ["wg0"]')
+        if tunnels == []:
+            self.issue(at + ("tunnels",), 'no tunnel interface given; name at least one, e.g. tunnels = ["wg0"]')
+        endpoints = [self.attempt(at + ("endpoints", j), Endpoint.parse, text) for j, text in
+                     enumerate(self.strings(table, at, "endpoints", 'an array such as ["203.0.113.5:51820/udp"]') or [])]
+        netns = self.get(table, at, "netns", str, 'a namespace name or path, e.g. "vpn" ("" for the daemon\'s own)') or ""
+        lan, lan_dns = (self.get(table, at, key, bool, "true or false") or False for key in ("allow_lan", "allow_lan_dns"))
+        dhcp = self.get(table, at, "allow_dhcp", bool, "true or false")
+        kinds = self.strings(table, at, "tunnel_kinds", 'an array of link kinds such as ["wireguard", "tun"]')
+        events = self.events(table, at)
+        return self.policy(at, tunnels or [], [e for e in endpoints if e], netns,
+                           Options(lan, lan_dns, dhcp_default if dhcp is None else dhcp),
+                           DEFAULT_TUNNEL_KINDS if kinds is None else kinds, events)
 
     def events(self, table: dict, at: KeyPath) -> EventSettings:
         default = EventSettings()

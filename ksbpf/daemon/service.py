@@ -27,16 +27,19 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from ksbpf.daemon import config
+from ksbpf.daemon.follow import SubtreeWatch
 from ksbpf.daemon.log import EventLog
 from ksbpf.errors import KsbpfError
 from ksbpf.kernel import bpf, links, netns, pins
 from ksbpf.policy import LAN_RANGES, NodePolicy, Policy
-from ksbpf.scopes import cgroups, common
+from ksbpf.scopes import cgroups, common, subtree
 from ksbpf.scopes import node as node_scope
 
 RETRY_SECONDS = 5.0     # scopes that could not be applied are retried this often
 RESYNC_SECONDS = 60.0   # full link dump and reconcile, in case an event was ever missed
 GUARD_CHECK_SECONDS = 1.0   # node mode: are the guards still attached (nothing tells us when one is removed)
+PENDING_SECONDS = 2.0   # netns "each": a reported namespace not found at once is looked for this long ...
+PENDING_INTERVAL = 0.005   # ... this often
 
 
 @dataclass
@@ -50,6 +53,13 @@ class ScopeState:
     ns: netns.Netns | None = None
     error: str | None = None     # why it could not be applied (retried)
     in_step: bool = False        # its map was reconciled with the latest link state
+    follow: SubtreeWatch | None = None                    # netns = "each": the subtree's signals
+    spaces: dict[int, subtree.NsUse] = field(default_factory=dict)   # ... and the namespaces it uses
+    pending: dict[int, float] = field(default_factory=dict)   # reported cookies not registered yet -> give up at
+
+    @property
+    def each(self) -> bool:
+        return subtree.is_each(self.policy)
 
 
 @dataclass
@@ -94,6 +104,7 @@ class Daemon:
         self.heartbeat = time.monotonic()   # when the main loop last turned (/healthz)
         self.ready = False                  # the first apply is done (/readyz)
         self._signals: list[int] = []
+        self.verifier = None                # the zero-traffic check's thread (ksbpf/daemon/verifier.py)
 
     # -- configuration ---------------------------------------------------------
     def load(self) -> config.Config:
@@ -107,11 +118,13 @@ class Daemon:
         for path in [p for p in self.scopes if p not in wanted]:
             result = cgroups.detach(path)
             self.log("scope_removed", scope=path, detached=result.detached_prog_ids)
-            del self.scopes[path]
+            self._unfollow(self.scopes.pop(path))
         for path, sc in wanted.items():
             old = self.scopes.get(path)
             policy = sc.policy
             if old is None or old.policy != policy or old.error:
+                if old is not None:
+                    self._unfollow(old)
                 self.scopes[path] = ScopeState(path, policy, sc.create_cgroup)
                 self._apply_scope(self.scopes[path])
         self._rebuild_watches()
@@ -122,12 +135,16 @@ class Daemon:
                 os.makedirs(st.cgroup)
                 self.log("cgroup_created", scope=st.cgroup)
             result = cgroups.ensure(st.cgroup, st.policy)
-            st.pin_dir, st.ns, st.error = result.pin_dir, netns.resolve(st.policy.netns), None
+            st.pin_dir, st.error = result.pin_dir, None
+            st.ns = None if st.each else netns.resolve(st.policy.netns)
+            if st.each:
+                self._follow(st)
             fields = {}
             if result.attach:
                 fields = {"prog_id": result.attach.prog_id, "replaced": result.attach.replaced}
             self.log(f"scope_{result.action}", scope=st.cgroup, pins=st.pin_dir,
-                     tunnels=list(st.policy.tunnels), netns=st.ns.label, **fields)
+                     tunnels=list(st.policy.tunnels), netns=st.ns.label if st.ns else subtree.EACH, **fields)
+            self._verify_soon()
         except (KsbpfError, OSError) as exc:
             st.error = str(exc)
             self.log("scope_failed", level="error", scope=st.cgroup, error=st.error,
@@ -156,27 +173,99 @@ class Daemon:
                      guarded=[i.name for i in status.interfaces if i.guarded],
                      internal=[i.name for i in status.interfaces if i.role == "internal"],
                      tunnels=list(st.node.policy.tunnels))
+            self._verify_soon()
         except (KsbpfError, OSError) as exc:
             st.error = str(exc)
             self.log("node_failed", level="error", scope=st.name, error=st.error, retry_in=RETRY_SECONDS)
+
+    def _named(self, inode: int) -> bool:
+        """Is the namespace one a scope or the node names (not one found by following a subtree)?"""
+        return (any(st.ns and st.ns.inode == inode for st in self.scopes.values())
+                or bool(self.node and self.node.ns and self.node.ns.inode == inode))
 
     def _rebuild_watches(self) -> None:
         needed = {st.ns.inode: st.ns for st in self.scopes.values() if st.ns}
         if self.node and self.node.ns:
             needed[self.node.ns.inode] = self.node.ns
+        for st in self.scopes.values():
+            for use in st.spaces.values():
+                needed.setdefault(use.inode, use.netns())
         for inode in [i for i in self.namespaces if i not in needed]:
-            self.namespaces.pop(inode).close()
+            space = self.namespaces.pop(inode)
+            space.close()
+            if not self._named(inode):
+                self.log("netns_gone", netns=space.ns.label, inode=inode)
         for inode, ns in needed.items():
             if inode not in self.namespaces:
                 # subscribe first, then dump: nothing can fall in between
-                self.namespaces[inode] = Namespace(ns, links.NetlinkWatch(ns), netns.cookie(ns))
+                try:
+                    space = Namespace(ns, links.NetlinkWatch(ns), netns.cookie(ns))
+                except OSError:   # --netns each: its last process exited while we looked
+                    continue
+                if not subtree.still(ns):   # ... or moved to another namespace meanwhile
+                    space.watch.close()
+                    continue
+                self.namespaces[inode] = space
+                if not self._named(inode):
+                    self.log("netns_found", netns=ns.label, inode=inode, cookie=self.namespaces[inode].cookie)
                 self._resync(self.namespaces[inode])
         for space in self.namespaces.values():
             self._reconcile(space)
+        for st in self.scopes.values():
+            if st.each and st.pin_dir:
+                self._prune_each(st)
+
+    # -- netns = "each": following the subtree --------------------------------------
+    def _follow(self, st: ScopeState) -> None:
+        if st.follow is None:
+            st.follow = SubtreeWatch(st.cgroup, st.pin_dir)
+        st.spaces = subtree.in_use(st.cgroup)
+
+    def _unfollow(self, st: ScopeState) -> None:
+        if st.follow is not None:
+            st.follow.close()
+            st.follow = None
+        st.spaces = {}
+
+    def _on_subtree(self, st: ScopeState) -> None:
+        """The subtree changed, or a socket was created in a namespace not yet
+        registered: rescan it and follow its namespaces."""
+        changes, reported = st.follow.drain()
+        for cookie, cg_id, pid in reported:
+            self.log("netns_reported", scope=st.cgroup, cookie=cookie, pid=pid, cgroup_id=cg_id)
+            st.pending[cookie] = time.monotonic() + PENDING_SECONDS
+        self._rescan(st, force=bool(reported))
+
+    def _rescan(self, st: ScopeState, force: bool = False) -> None:
+        before = set(st.spaces)
+        st.spaces = subtree.in_use(st.cgroup)
+        if set(st.spaces) != before or force:
+            self._rebuild_watches()
+        # a reported namespace not found yet (its process was between two
+        # steps of our scan): looked for again shortly, for a while
+        found = {space.cookie for i, space in self.namespaces.items() if i in st.spaces}
+        now = time.monotonic()
+        st.pending = {c: t for c, t in st.pending.items() if c not in found and t > now}
+
+    def _prune_each(self, st: ScopeState) -> None:
+        """Entries of namespaces the subtree no longer uses leave the scope's map."""
+        cookies = {self.namespaces[i].cookie for i in st.spaces if i in self.namespaces}
+        try:
+            with pins.locked(), bpf.ScopeMaps.from_pins(st.pin_dir) as maps:
+                stale = {e.netns_cookie for e in maps.tunnels()} | set(subtree.known(maps))
+                for cookie in stale - cookies:
+                    removed = subtree.forget(maps, cookie)
+                    if removed:
+                        self.log("map_update", scope=st.cgroup, added=[], removed=removed, netns_cookie=cookie,
+                                 note="namespace no longer used by the subtree")
+            st.in_step = True
+        except (OSError, KsbpfError) as exc:
+            self.log("map_update_failed", level="error", scope=st.cgroup, error=str(exc))
 
     # -- keeping maps in step ------------------------------------------------------
     def _scopes_in(self, space: Namespace) -> list[ScopeState]:
-        return [st for st in self.scopes.values() if st.ns and st.ns.inode == space.ns.inode and st.pin_dir]
+        return [st for st in self.scopes.values() if st.pin_dir and
+                ((st.ns and st.ns.inode == space.ns.inode) or space.ns.inode in st.spaces)]
 
     def _resync(self, space: Namespace) -> None:
         old, space.links = space.links, {link.ifindex: link for link in space.watch.links()}
@@ -234,7 +323,10 @@ class Daemon:
         for st in self._scopes_in(space):
             try:
                 with pins.locked(f"cgroup-{os.path.basename(st.pin_dir)}"), bpf.ScopeMaps.from_pins(st.pin_dir) as maps:
-                    result = common.sync_tunnels(maps, st.policy, space.cookie, present)
+                    if st.each:
+                        result = common.SyncResult(*subtree.sync_namespace(maps, st.policy, space.cookie, present))
+                    else:
+                        result = common.sync_tunnels(maps, st.policy, space.cookie, present)
             except (OSError, KsbpfError) as exc:
                 self.log("map_update_failed", level="error", scope=st.cgroup, error=str(exc))
                 st.error, st.in_step = str(exc), False   # re-applied by the retry timer
@@ -243,6 +335,7 @@ class Daemon:
             if result.added or result.removed:
                 self.log("map_update", scope=st.cgroup, added=result.added, removed=result.removed,
                          netns=space.ns.label)
+                self._verify_soon()
 
     def _note_link(self, space: Namespace, before: links.Link | None, after: links.Link | None) -> None:
         """Log what a link change means for the scopes of this namespace."""
@@ -339,7 +432,27 @@ class Daemon:
                 problems.append(f"{st.cgroup}: tunnel map not reconciled yet")
             elif not cgroups.is_attached(st.pin_dir, st.cgroup):
                 problems.append(f"{st.cgroup}: program not attached (detached by hand?)")
+        if self.verifier is not None:
+            problems += self.verifier.problems
         return problems
+
+    # -- the zero-traffic check (ksbpf verify) ----------------------------------------
+    def _verify_soon(self) -> None:
+        if self.verifier is not None:
+            self.verifier.soon()
+
+    def applied_scopes(self) -> dict[str, str]:
+        """scope (cgroup path, or the node scope's name) -> pin directory of every scope in force."""
+        out = {st.cgroup: st.pin_dir for st in list(self.scopes.values()) if st.pin_dir and not st.error}
+        st = self.node
+        if st is not None and st.pin_dir and not st.error:
+            out[st.name] = st.pin_dir
+        return out
+
+    def _start_verifier(self, cfg: config.Config) -> None:
+        from ksbpf.daemon.verifier import Verifier
+        self.verifier = Verifier(self.log, self.applied_scopes, cfg.verify_interval, cfg.close_stray_sockets)
+        self.verifier.start()
 
     def _serve_metrics(self, cfg: config.Config) -> None:
         from ksbpf.observability.metrics import MetricsServer
@@ -364,6 +477,7 @@ class Daemon:
             signal.signal(sig, self._on_signal)
         self.apply(cfg)
         self.ready = True
+        self._start_verifier(cfg)
         self._serve_metrics(cfg)
         self.log("ready", scopes=len(self.scopes), failed=sum(1 for s in self.scopes.values() if s.error),
                  node=self.node.name if self.node else None,
@@ -373,8 +487,12 @@ class Daemon:
         next_guard_check = time.monotonic() + GUARD_CHECK_SECONDS
         while True:
             watches = {space.watch.fileno(): space for space in self.namespaces.values()}
-            deadline = min(next_resync, next_retry, next_guard_check if self.node else next_retry)
-            readable, _, _ = select.select([read_fd, *watches], [], [], max(0.0, deadline - time.monotonic()))
+            follows = {fd: st for st in self.scopes.values() if st.follow for fd in st.follow.fds()}
+            pending = [st for st in self.scopes.values() if st.pending and st.follow]
+            deadline = min(next_resync, next_retry, next_guard_check if self.node else next_retry,
+                           *(time.monotonic() + PENDING_INTERVAL for _ in pending[:1]))
+            readable, _, _ = select.select([read_fd, *watches, *follows], [], [],
+                                           max(0.0, deadline - time.monotonic()))
             self.heartbeat = time.monotonic()
             for fd in readable:
                 if fd == read_fd:
@@ -384,7 +502,10 @@ class Daemon:
                                 break
                         except BlockingIOError:
                             break
-                else:
+                elif fd in follows:
+                    if follows[fd].follow is not None:
+                        self._on_subtree(follows[fd])
+                elif fd in watches and self.namespaces.get(watches[fd].ns.inode) is watches[fd]:
                     self._on_events(watches[fd])
             while self._signals:
                 signum = self._signals.pop(0)
@@ -395,10 +516,17 @@ class Daemon:
                              note="enforcement stays in the kernel; `ksbpf detach --all` removes it")
                     for space in self.namespaces.values():
                         space.close()
+                    for st in self.scopes.values():
+                        self._unfollow(st)
+                    if self.verifier is not None:
+                        self.verifier.stop()
                     return 0
             if self.node and time.monotonic() >= next_guard_check:
                 self._check_guards()   # puts back a guard that was removed by hand
                 next_guard_check = time.monotonic() + GUARD_CHECK_SECONDS * (1 if self.node.mode == "tcx" else 10)
+            for st in pending:
+                if st.follow is not None:
+                    self._rescan(st, force=True)
             if time.monotonic() >= next_retry:
                 self._check_namespaces()
                 failed = [s for s in self.scopes.values() if s.error]
@@ -411,6 +539,10 @@ class Daemon:
                     self._rebuild_watches()
                 next_retry = time.monotonic() + RETRY_SECONDS
             if time.monotonic() >= next_resync:
+                for st in self.scopes.values():
+                    if st.follow is not None:
+                        st.spaces = subtree.in_use(st.cgroup)
+                self._rebuild_watches()
                 for space in self.namespaces.values():
                     self._resync(space)
                     self._reconcile(space)
@@ -425,6 +557,9 @@ class Daemon:
             return
         self.log("reload", config=self.config_path, scopes=len(cfg.scopes))
         self.apply(cfg)
+        if self.verifier is not None:
+            self.verifier.interval, self.verifier.close_stray = cfg.verify_interval, cfg.close_stray_sockets
+            self.verifier.soon()
         self.log("reloaded", scopes=len(self.scopes), failed=sum(1 for s in self.scopes.values() if s.error))
 
 
@@ -435,5 +570,7 @@ def apply_once(config_path: str, log: EventLog) -> int:
     d.apply(cfg)
     for space in d.namespaces.values():
         space.close()
+    for st in d.scopes.values():
+        d._unfollow(st)
     failed = [s for s in d.scopes.values() if s.error]
     return 1 if failed or (d.node and d.node.error) else 0

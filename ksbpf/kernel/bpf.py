@@ -26,14 +26,17 @@ from ksbpf.reasons import FAMILY_MAX, Family, Reason
 ENTRY_CGROUP = "ksbpf_cg_egress"   # cgroup_skb/egress
 ENTRY_TC_ETH = "ksbpf_tc_eth"      # tc egress, Ethernet interfaces
 ENTRY_TC_L3 = "ksbpf_tc_l3"        # tc egress, interfaces without a link-layer header
+ENTRY_SOCK_CREATE = "ksbpf_sk_create"  # cgroup/sock_create: reports sockets of unknown namespaces (--netns each)
 ENTRIES = {ENTRY_CGROUP: libbpf.BPF_PROG_TYPE_CGROUP_SKB,
            ENTRY_TC_ETH: libbpf.BPF_PROG_TYPE_SCHED_CLS,
-           ENTRY_TC_L3: libbpf.BPF_PROG_TYPE_SCHED_CLS}
-PIN_NAMES = {ENTRY_CGROUP: "prog", ENTRY_TC_ETH: "prog_eth", ENTRY_TC_L3: "prog_l3"}
+           ENTRY_TC_L3: libbpf.BPF_PROG_TYPE_SCHED_CLS,
+           ENTRY_SOCK_CREATE: libbpf.BPF_PROG_TYPE_CGROUP_SOCK}
+PIN_NAMES = {ENTRY_CGROUP: "prog", ENTRY_TC_ETH: "prog_eth", ENTRY_TC_L3: "prog_l3",
+             ENTRY_SOCK_CREATE: "prog_sock"}
 TC_ENTRIES = (ENTRY_TC_ETH, ENTRY_TC_L3)
 PROG_NAME = ENTRY_CGROUP
 MAP_NAMES = ("tunnels", "tunnel_ifindex", "endpoints4", "endpoints6", "counters", "meta", "events", "bucket",
-             "exempt")
+             "exempt", "scope_netns", "verify_nonce", "netns_known", "netns_events")
 IFINDEX_FILTER = 4096  # KSBPF_IFINDEX_FILTER
 TUNNEL_SEVERAL = (1 << 64) - 1  # KSBPF_TUNNEL_SEVERAL
 META_SIZE = 8192
@@ -191,6 +194,10 @@ class ScopeMaps:
                     if proto in _PROTO_NAMES:
                         out.append(Endpoint(ipaddress.ip_address(key), port, _PROTO_NAMES[proto]))
         return sorted(out, key=Endpoint.sort_key)
+
+    # node mode: the namespace of the guarded interfaces
+    def set_netns_cookie(self, cookie: int) -> None:
+        libbpf.map_update(self.fds["scope_netns"], _U32.pack(0), struct.pack("=Q", cookie))
 
     # node mode: the cgroup subtrees whose local sockets pass the guard
     def set_exempt(self, cgroups: list[tuple[int, int]]) -> None:

@@ -16,6 +16,8 @@ from functools import lru_cache
 
 # enum bpf_attach_type / bpf_prog_type values (include/uapi/linux/bpf.h)
 BPF_CGROUP_INET_EGRESS = 1
+BPF_CGROUP_INET_SOCK_CREATE = 2
+BPF_PROG_TYPE_CGROUP_SOCK = 9
 BPF_PROG_TYPE_SCHED_CLS = 3
 BPF_PROG_TYPE_CGROUP_SKB = 8
 BPF_FUNC_get_netns_cookie = 122
@@ -113,6 +115,7 @@ def _lib() -> ctypes.CDLL:
         "ring_buffer__poll": (c_int, [vp, c_int]),
         "ring_buffer__consume": (c_int, [vp]),
         "ring_buffer__free": (None, [vp]),
+        "ring_buffer__epoll_fd": (c_int, [vp]),
     }
     for fname, (res, args) in sigs.items():
         fn = getattr(lib, fname)
@@ -334,6 +337,10 @@ class RingBuffer:
         if ret == -4:  # EINTR
             return 0
         return _check(ret, "ring buffer poll")
+
+    def fileno(self) -> int:
+        """An fd that polls readable when records wait (for select)."""
+        return _check(_lib().ring_buffer__epoll_fd(self._rb), "ring buffer epoll fd")
 
     def close(self) -> None:
         if self._rb is not None:

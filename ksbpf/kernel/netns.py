@@ -104,7 +104,12 @@ def run_in(path: str, fn: Callable[..., T], *args, **kwargs) -> T:
 
     def body() -> None:
         own = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY)
-        target = os.open(path, os.O_RDONLY)
+        try:
+            target = os.open(path, os.O_RDONLY)
+        except OSError as exc:   # gone (a process's namespace file): the caller's error
+            os.close(own)
+            result["error"] = exc
+            return
         try:
             _setns(target)
             try:

@@ -1,7 +1,8 @@
 """The BPF filesystem layout: where each protected scope's objects are pinned.
 
     /sys/fs/bpf/ksbpf/cgroup/<cgroup-id>/{prog,tunnels,endpoints4,endpoints6,counters,
-                                          meta,events,bucket,tunnel_ifindex,exempt}
+                                          meta,events,bucket,tunnel_ifindex,exempt,
+                                          scope_netns}
     /sys/fs/bpf/ksbpf/node/<netns-cookie>/{prog_eth,prog_l3,<the same maps>,
                                            links/<ifindex>}
 

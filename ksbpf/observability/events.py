@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from ksbpf.errors import KsbpfError
 from ksbpf.kernel import bpf, cgroup, libbpf, links, netns, pins
 from ksbpf.reasons import Family, Hook, Reason
 from ksbpf.scopes.common import META_VERSION, meta_netns
@@ -125,8 +126,11 @@ def stream(scopes: list[str] | None, on_event: Callable[[Event], None],
     rb = libbpf.RingBuffer(on_record)
     try:
         for pin_dir in pins.list_scope_dirs(bpffs) + pins.list_node_dirs(bpffs):
-            with bpf.ScopeMaps.from_pins(pin_dir) as maps:
-                meta = maps.read_meta()
+            try:
+                with bpf.ScopeMaps.from_pins(pin_dir) as maps:
+                    meta = maps.read_meta()
+            except (OSError, KsbpfError, ValueError):
+                continue   # removed meanwhile, or pins of another ksbpf version (`ksbpf status` says which)
             path = meta.get("cgroup") or meta.get("name", "?")
             if (scopes and path not in scopes) or meta.get("version") != META_VERSION:
                 continue

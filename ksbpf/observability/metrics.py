@@ -102,8 +102,11 @@ class KsbpfCollector:
                 if reason.allowed:
                     allowed_p.add_metric([name, reason.label], packets)
                     allowed_b.add_metric([name, reason.label], nbytes)
+            up: dict[str, int] = {}   # netns "each": a tunnel name per namespace, counted
             for t in st.tunnels:
-                tunnel_up.add_metric([name, t.name], 1 if t.registered else 0)
+                up[t.name] = up.get(t.name, 0) + (1 if t.registered else 0)
+            for tunnel, n in up.items():
+                tunnel_up.add_metric([name, tunnel], n)
             attached.add_metric([name], 1 if st.attached else 0)
             suppressed.add_metric([name], st.events[1])
             if st.hook == Hook.TC:
@@ -129,6 +132,23 @@ class KsbpfCollector:
             yield events
             yield CounterMetricFamily("ksbpf_route_alerts", "Routes added outside a tunnel while a scope "
                                       "was protected (TunnelVision)", value=self.daemon.route_alerts)
+            verifier = getattr(self.daemon, "verifier", None)
+            if verifier is not None:
+                yield from verify_metrics(verifier)
+
+
+def verify_metrics(verifier):
+    """The daemon's zero-traffic check (ksbpf/daemon/verifier.py): failing
+    findings by scope and check (0 when it passed), and when nothing last failed."""
+    failures = GaugeMetricFamily("ksbpf_verify_failures", "Failed findings of the last zero-traffic check "
+                                 "(ksbpf verify) by scope and check; 0 when the check passed",
+                                 labels=["scope", "check"])
+    for (scope, chk), n in sorted(dict(verifier.failures).items()):
+        failures.add_metric([scope, chk], n)
+    yield failures
+    if verifier.last_success is not None:
+        yield GaugeMetricFamily("ksbpf_verify_last_success_timestamp_seconds", "When a zero-traffic check of every "
+                                "scope last found no failure (Unix time)", value=verifier.last_success)
 
 
 def registry(daemon: Daemon | None = None, bpffs: str = pins.BPFFS) -> CollectorRegistry:

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from ksbpf.errors import KsbpfError
-from ksbpf.kernel import bpf, cgroup, libbpf, links, netns, pins, preflight
+from ksbpf.kernel import bpf, cgroup, libbpf, links, netns, pins, preflight, privileges
 from ksbpf.policy import Policy
 from ksbpf.reasons import Hook
-from ksbpf.scopes import common
+from ksbpf.scopes import common, subtree
 
 EGRESS = libbpf.BPF_CGROUP_INET_EGRESS
 
@@ -32,24 +32,24 @@ def _open_dir(path: str) -> Iterator[int]:
         os.close(fd)
 
 
-def ksbpf_programs(cg_fd: int, effective: bool = False) -> list[int]:
+def ksbpf_programs(cg_fd: int, effective: bool = False, hook: int = EGRESS, name: str = bpf.PROG_NAME) -> list[int]:
     """IDs of ksbpf's programs attached to a cgroup's egress hook (effective:
-    also those inherited from its ancestors)."""
+    also those inherited from its ancestors); or to another hook, by name."""
     found = []
-    for prog_id in libbpf.prog_query(cg_fd, EGRESS, effective):
+    for prog_id in libbpf.prog_query(cg_fd, hook, effective):
         try:
             fd = libbpf.prog_fd_by_id(prog_id)
         except OSError:
             continue  # detached meanwhile
         try:
-            if libbpf.prog_info(fd).name == bpf.PROG_NAME:
+            if libbpf.prog_info(fd).name == name:
                 found.append(prog_id)
         finally:
             os.close(fd)
     return found
 
 
-def _detach_ids(cg_fd: int, prog_ids: list[int]) -> list[int]:
+def _detach_ids(cg_fd: int, prog_ids: list[int], hook: int = EGRESS) -> list[int]:
     done = []
     for prog_id in prog_ids:
         try:
@@ -57,7 +57,7 @@ def _detach_ids(cg_fd: int, prog_ids: list[int]) -> list[int]:
         except OSError:
             continue
         try:
-            libbpf.prog_detach(fd, cg_fd, EGRESS)
+            libbpf.prog_detach(fd, cg_fd, hook)
             done.append(prog_id)
         except OSError as exc:
             if exc.errno != errno.ENOENT:
@@ -65,6 +65,23 @@ def _detach_ids(cg_fd: int, prog_ids: list[int]) -> list[int]:
         finally:
             os.close(fd)
     return done
+
+
+def _sock_programs(cg_fd: int) -> list[int]:
+    """--netns each: ksbpf's sock_create programs on the cgroup."""
+    return ksbpf_programs(cg_fd, hook=subtree.SOCK_CREATE, name=subtree.SOCK_PROG_NAME)
+
+
+def _detach_sock(cg_fd: int) -> list[int]:
+    return _detach_ids(cg_fd, _sock_programs(cg_fd), subtree.SOCK_CREATE)
+
+
+def _swap_sock(cg_fd: int, progs: dict[str, int]) -> None:
+    """Attach the new sock_create program (when loaded), then detach the old ones."""
+    old = _sock_programs(cg_fd)
+    if bpf.ENTRY_SOCK_CREATE in progs:
+        libbpf.prog_attach(progs[bpf.ENTRY_SOCK_CREATE], cg_fd, subtree.SOCK_CREATE, libbpf.BPF_F_ALLOW_MULTI)
+    _detach_ids(cg_fd, old, subtree.SOCK_CREATE)
 
 
 @dataclass
@@ -76,11 +93,13 @@ class AttachResult:
     replaced: list[int]
     tunnels: list[common.TunnelState]
     mounted_bpffs: bool
+    each: bool = False   # --netns each: tunnels looked up in every namespace of the subtree
 
     def to_dict(self) -> dict:
         return {"cgroup": self.cgroup, "cgroup_id": self.cgroup_id, "pin_dir": self.pin_dir,
                 "prog_id": self.prog_id, "replaced_prog_ids": self.replaced,
-                "tunnels": [t.to_dict() for t in self.tunnels], "mounted_bpffs": self.mounted_bpffs}
+                "tunnels": [t.to_dict() for t in self.tunnels], "mounted_bpffs": self.mounted_bpffs,
+                "netns_each": self.each}
 
 
 def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.quiet,
@@ -92,22 +111,31 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
     if not bpf.image_cached(policy.options, len(policy.endpoints), policy.events):
         preflight.require_compiler()
     cg = cgroup.resolve(cgroup_path)
-    ns = netns.resolve(policy.netns)
+    each = subtree.is_each(policy)
+    ns = None if each else netns.resolve(policy.netns)
 
     progress("loading the policy program (compiled by bcc unless a cached image fits)")
-    prog = bpf.load(policy.options, len(policy.endpoints), policy.events)
+    prog = bpf.load(policy.options, len(policy.endpoints), policy.events, entries=subtree.entries(policy))
     with pins.locked(f"cgroup-{cg.id}"):   # taken after compiling: others wait milliseconds, not the compiler
         try:
-            present = links.links(ns)
-            common.sync_tunnels(prog.maps, policy, netns.cookie(ns), present)
-            tunnels = common.tunnel_states(policy, ns.label, present, set(common.tunnel_plan(policy, present)))
+            if ns is None:   # every namespace the subtree uses now; the daemon follows later ones
+                spaces = subtree.discover(cg.path)
+                subtree.register_all(prog.maps, policy, spaces)
+                tunnels = [t for sp in spaces for t in common.tunnel_states(policy, sp.use.label, sp.links,
+                                                                            set(subtree.plan(policy, sp.links)))]
+                ns_meta = {"each": True}
+            else:
+                present = links.links(ns)
+                common.sync_tunnels(prog.maps, policy, netns.cookie(ns), present)
+                tunnels = common.tunnel_states(policy, ns.label, present, set(common.tunnel_plan(policy, present)))
+                ns_meta = {"path": ns.path, "inode": ns.inode}
             for ep in policy.endpoints:
                 prog.maps.add_endpoint(ep)
             meta = {
                 "version": common.META_VERSION, "cgroup": cg.path, "cgroup_id": cg.id,
                 # the endpoints live in their maps (there may be many)
                 "policy": {k: v for k, v in policy.to_dict().items() if k != "endpoints"},
-                "netns": {"path": ns.path, "inode": ns.inode}, "attached_at": time.time(),
+                "netns": ns_meta, "attached_at": time.time(),
             }
             prog.maps.write_meta(meta)
             mounted = pins.ensure_bpffs(bpffs)
@@ -128,17 +156,19 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
                         "check `bpftool cgroup show " + cg.path + "`; ksbpf attaches with BPF_F_ALLOW_MULTI") from None
                 progress(f"attached program {prog_id} to {cg.path}" + (f"; detaching the previous program {old}" if old else ""))
                 replaced = _detach_ids(cg_fd, old)
+                try:
+                    _swap_sock(cg_fd, prog.progs)
+                except OSError as exc:
+                    raise KsbpfError(f"cannot attach the sock_create program to {cg.path}: {exc.strerror}",
+                                     "check `bpftool cgroup show " + cg.path + "`; the egress policy is in force") from None
             if replaced and os.path.isdir(final):
-                # the old program is detached: its counts are final; carry them over
-                with bpf.ScopeMaps.from_pins(final) as old_maps:
-                    carried = common.total_counters(old_maps, old_maps.read_meta())
-                meta["counters_base"] = {common.counter_key(r, f): [p, b] for (r, f), (p, b) in carried.items()}
+                common.carry_counters(final, meta)   # the old program is detached: its counts are final
                 prog.maps.write_meta(meta)
             pins.remove_dir(final)
             os.rename(staging, final)
         finally:
             prog.close()
-    return AttachResult(cg.path, cg.id, final, prog_id, replaced, tunnels, mounted)
+    return AttachResult(cg.path, cg.id, final, prog_id, replaced, tunnels, mounted, each)
 
 
 @dataclass
@@ -170,7 +200,7 @@ def detach(cgroup_path: str, bpffs: str = pins.BPFFS) -> DetachResult:
         if os.path.exists(real):
             cg = cgroup.resolve(real)
             with _open_dir(cg.path) as cg_fd:
-                result.detached_prog_ids = _detach_ids(cg_fd, ksbpf_programs(cg_fd))
+                result.detached_prog_ids = _detach_ids(cg_fd, ksbpf_programs(cg_fd)) + _detach_sock(cg_fd)
         for d in pins.list_scope_dirs(bpffs):
             if _meta_cgroup(d) == real:
                 pins.remove_dir(d)
@@ -188,7 +218,7 @@ def detach_every_cgroup(progress: common.Progress = common.quiet) -> list[int]:
         for path in cgroup.walk(root):
             try:
                 with _open_dir(path) as cg_fd:
-                    detached += _detach_ids(cg_fd, ksbpf_programs(cg_fd))
+                    detached += _detach_ids(cg_fd, ksbpf_programs(cg_fd)) + _detach_sock(cg_fd)
             except FileNotFoundError:
                 continue  # removed while we walked
     return detached
@@ -208,6 +238,8 @@ class ScopeStatus:
     problems: list[str]
     netns_ok: bool = True   # the tunnels' namespace is still the one attached to
     events: tuple[int, int] = (0, 0)   # blocked-packet samples (sent, suppressed) by this program
+    namespaces: list[dict] | None = None   # --netns each: every namespace the subtree uses, with its tunnels
+    warnings: list[str] = field(default_factory=list)   # e.g. processes that could bypass the policy
     hook: Hook = Hook.CGROUP
 
     @property
@@ -231,6 +263,8 @@ class ScopeStatus:
             "events": {"rate": self.policy.events.rate, "burst": self.policy.events.burst,
                        "sent": self.events[0], "suppressed": self.events[1]},
             "attached_at": self.attached_at, "problems": self.problems,
+            "netns_each": self.namespaces is not None, "namespaces": self.namespaces or [],
+            "warnings": self.warnings,
         }
 
 
@@ -284,6 +318,11 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
                 problems.append("the program is not attached to the cgroup")
     except OSError:
         problems.append("the cgroup no longer exists (run `ksbpf detach` to remove the pins)")
+    warnings = raw_socket_warnings(cg_path)
+    if meta.get("netns", {}).get("each"):
+        tunnels, namespaces = _each_states(policy, cg_path, entries)
+        return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, tunnels, policy, counters,
+                           meta.get("attached_at"), problems, True, event_stats, namespaces, warnings)
     ns = common.meta_netns(meta)
     present = cookie = None
     ns_ok = common.netns_alive(ns)
@@ -299,7 +338,36 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
     problems += [f"interface {t.name} is a {t.kind}, not a trusted tunnel kind ({', '.join(policy.tunnel_kinds)}): blocked"
                  for t in tunnels if t.impostor]
     return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, tunnels, policy, counters,
-                       meta.get("attached_at"), problems, ns_ok, event_stats)
+                       meta.get("attached_at"), problems, ns_ok, event_stats, warnings=warnings)
+
+
+def raw_socket_warnings(cg_path: str, limit: int = 10) -> list[str]:
+    """Processes of the scope holding CAP_NET_RAW: a raw AF_PACKET socket bypasses the cgroup hook."""
+    if not os.path.isdir(cg_path):
+        return []
+    found = [(pid, where) for pid, where in subtree.subtree_pids(cg_path)
+             if privileges.holds(pid, privileges.CAP_NET_RAW)]
+    out = [f"process {pid} ({subtree.comm(pid)}, {os.path.relpath(where, cg_path)}) holds CAP_NET_RAW: its raw "
+           "AF_PACKET sockets bypass the policy (start programs with `ksbpf exec --user USER`, "
+           "containers with --cap-drop NET_RAW)" for pid, where in found[:limit]]
+    if len(found) > limit:
+        out.append(f"... and {len(found) - limit} more processes holding CAP_NET_RAW")
+    return out
+
+
+def _each_states(policy: Policy, cg_path: str,
+                 entries: list[bpf.TunnelEntry]) -> tuple[list[common.TunnelState], list[dict]]:
+    """--netns each: the tunnels of every namespace the subtree uses, and each namespace."""
+    tunnels, namespaces = [], []
+    spaces = subtree.discover(cg_path) if os.path.isdir(cg_path) else []
+    for sp in sorted(spaces, key=lambda sp: sp.use.pid):
+        registered = {e.ifindex for e in entries if e.netns_cookie == sp.cookie}
+        states = common.tunnel_states(policy, sp.use.label, sp.links, registered)
+        tunnels += states
+        namespaces.append({"inode": sp.use.inode, "cookie": sp.cookie, "pid": sp.use.pid, "comm": sp.use.comm,
+                           "cgroup": sp.use.cgroup, "processes": sp.use.processes, "label": sp.use.label,
+                           "tunnels": [t.to_dict() for t in states]})
+    return tunnels, namespaces
 
 
 def status(bpffs: str = pins.BPFFS) -> tuple[list[ScopeStatus], list[str]]:

@@ -15,7 +15,7 @@ from ksbpf.policy import Endpoint, Policy
 from ksbpf.reasons import Family, Reason
 
 Progress = Callable[[str], None]
-META_VERSION = 3   # of the record in every scope's meta map; 3: reasons renumbered for the tc hook
+META_VERSION = 4   # of the record in every scope's meta map; 3: reasons renumbered for the tc hook; 4: the verify_nonce map
 
 
 def quiet(_msg: str) -> None:
@@ -38,6 +38,14 @@ def total_counters(maps: bpf.ScopeMaps, meta: dict) -> Counters:
         bp, bb = base.get(counter_key(r, f), (0, 0))
         out[(r, f)] = (p + bp, b + bb)
     return out
+
+
+def carry_counters(old_pin_dir: str, meta: dict) -> None:
+    """Record in `meta` what the scope counted until now, read from the pins of
+    the program being replaced (its counts are final once it is detached)."""
+    with bpf.ScopeMaps.from_pins(old_pin_dir) as old_maps:
+        carried = total_counters(old_maps, old_maps.read_meta())
+    meta["counters_base"] = {counter_key(r, f): [p, b] for (r, f), (p, b) in carried.items()}
 
 
 def counters_dict(counters: Counters) -> dict:

@@ -127,10 +127,12 @@ def guard(pin_dir: str, ns: netns.Netns, link: links.Link, mode: str, pref: int,
         raise
 
 
-def unguard(pin_dir: str, ns: netns.Netns, ifindex: int, ifname: str | None, mode: str, pref: int) -> None:
-    """Remove the scope's guard from one interface (idempotent)."""
+def unguard(pin_dir: str, ifindex: int, mode: str, pref: int,
+            ns: netns.Netns | None = None, ifname: str | None = None) -> None:
+    """Remove the scope's guard from one interface (idempotent).  A clsact
+    filter is found by the interface's namespace and name."""
     if mode == "clsact":
-        if ifname:
+        if ns is not None and ifname:
             tc.clsact_detach(ns.path, ifname, pref)
         return
     path = _link_pin(pin_dir, ifindex)
@@ -206,7 +208,7 @@ def sync_guards(pin_dir: str, np: NodePolicy, ns: netns.Netns, present: list[lin
             alive = tcx_guard_alive(pin_dir, ifindex)
             if ifindex not in want or not alive:
                 link = by_index.get(ifindex)
-                unguard(pin_dir, ns, ifindex, link.name if link else None, mode, pref)
+                unguard(pin_dir, ifindex, mode, pref, ns, link.name if link else None)
                 if ifindex not in want:
                     result.released.append(link.name if link else str(ifindex))
                 else:
@@ -215,7 +217,7 @@ def sync_guards(pin_dir: str, np: NodePolicy, ns: netns.Netns, present: list[lin
         live = guards_in_force(pin_dir, ns, present, mode)
         for link in present:
             if live.get(link.ifindex) and link.ifindex not in want:
-                unguard(pin_dir, ns, link.ifindex, link.name, mode, pref)
+                unguard(pin_dir, link.ifindex, mode, pref, ns, link.name)
                 result.released.append(link.name)
         missing = [link for i, link in want.items() if not live.get(i)]
     for link in missing:
@@ -230,7 +232,7 @@ def _release_all(pin_dir: str, meta: dict, ns: netns.Netns | None) -> None:
     mode, pref = meta.get("tc_mode", "tcx"), meta.get("pref", tc.CLSACT_PREFS[0])
     if mode == "tcx":
         for ifindex in _pinned_ifindexes(pin_dir):
-            unguard(pin_dir, ns or netns.Netns("", "/proc/self/ns/net", 0), ifindex, None, mode, pref)
+            unguard(pin_dir, ifindex, mode, pref)
     elif ns is not None and common.netns_alive(ns):
         ours = _prog_ids(pin_dir)
         for link in links.links(ns):
@@ -291,6 +293,7 @@ def attach(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
             for ep in policy.endpoints:
                 prog.maps.add_endpoint(ep)
             prog.maps.set_exempt(exempt)
+            prog.maps.set_netns_cookie(cookie)
             final = pins.node_dir(cookie, bpffs)
             old_meta = _read_meta(final) if os.path.isdir(final) else None
             old_pref = (old_meta or {}).get("pref", tc.CLSACT_PREFS[1])
@@ -316,16 +319,14 @@ def attach(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
                         progress(f"guarding {link.name} (ifindex {link.ifindex}) with {mode}")
             except BaseException:
                 for link in done:   # nothing half-applied
-                    unguard(staging, ns, link.ifindex, link.name, mode, pref)
+                    unguard(staging, link.ifindex, mode, pref, ns, link.name)
                 pins.remove_dir(staging)
                 raise
             replaced = old_meta is not None
             if replaced:
                 progress("removing the previous guards (the new ones are already in front of them)")
                 _release_all(final, old_meta, ns)
-                with bpf.ScopeMaps.from_pins(final) as old_maps:
-                    carried = common.total_counters(old_maps, old_meta)
-                meta["counters_base"] = {common.counter_key(r, f): [p, b] for (r, f), (p, b) in carried.items()}
+                common.carry_counters(final, meta)
                 prog.maps.write_meta(meta)
             pins.remove_dir(final)
             os.rename(staging, final)

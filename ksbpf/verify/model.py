@@ -1,0 +1,246 @@
+"""The policy model: what ksbpf's program must decide for a packet, computed
+in Python, independently of ebpf/ksbpf.c.
+
+`ksbpf verify` trusts this model as the judge of the programs attached in
+the kernel, and `make fuzz` proves that the two agree on millions of random
+and mutated packets (ksbpf/verify/fuzz.py).  It follows the README's rule
+table, and the program's parsing limits where they decide the outcome: at
+most six IPv6 extension headers are followed (a longer chain is malformed),
+a header that runs past the end of the packet is malformed, a non-first
+fragment has no ports.
+
+Inputs: the bytes as the hook sees them, the egress interface and the scope
+(its options, its endpoints, which interfaces are its registered tunnels).
+Output: the Reason (and the counter family).  Nothing here touches the kernel.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass, field
+
+from ksbpf.policy import LAN_RANGES, Endpoint, Options
+from ksbpf.reasons import Family, Reason
+
+# The hooks, by the name of their entry point in ebpf/ksbpf.c.
+CGROUP, TC_ETH, TC_L3 = "ksbpf_cg_egress", "ksbpf_tc_eth", "ksbpf_tc_l3"
+HOOKS = (CGROUP, TC_ETH, TC_L3)
+
+ETH_P_IP, ETH_P_IPV6, ETH_P_ARP = 0x0800, 0x86DD, 0x0806
+ETH_P_8021Q, ETH_P_8021AD = 0x8100, 0x88A8
+ETH_P_802_3, ETH_P_802_2 = 0x0001, 0x0004
+ETH_HLEN, VLAN_HLEN = 14, 4
+TCP, UDP, ICMPV6 = 6, 17, 58
+HOPOPTS, ROUTING, FRAGMENT, AH, DSTOPTS = 0, 43, 44, 51, 60
+EXT_HEADERS = frozenset((HOPOPTS, ROUTING, FRAGMENT, AH, DSTOPTS))
+MAX_EXT_HEADERS = 6          # the program follows at most this many, then fails closed
+DNS_PORTS = (53, 853)
+ND_TYPES = (133, 135, 136)   # router solicitation, neighbour solicitation, advertisement
+LOOPBACK_IFINDEX = 1
+
+_LAN4 = tuple(n for n in LAN_RANGES if n.version == 4)
+_LAN6 = tuple(n for n in LAN_RANGES if n.version == 6)
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What the model knows of a scope: its options, its endpoints (address ->
+    allowed (port, protocol) pairs), the ifindexes, in the namespace the
+    packet leaves from, of its tunnels, and (node mode) whether the packet's
+    socket belongs to an exempted cgroup subtree."""
+
+    options: Options = field(default_factory=Options)
+    endpoints: tuple[Endpoint, ...] = ()
+    tunnels: frozenset[int] = frozenset()
+    exempt: bool = False
+
+    def __post_init__(self) -> None:
+        table: dict[bytes, list[tuple[int, int]]] = {}
+        for ep in self.endpoints:
+            table.setdefault(ep.address.packed, []).append((ep.port, ep.proto_number))
+        object.__setattr__(self, "_endpoints", {k: frozenset(v) for k, v in table.items()})
+
+    def endpoint_ports(self, address: bytes) -> frozenset[tuple[int, int]] | None:
+        return self._endpoints.get(address)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Decision:
+    reason: Reason
+    family: Family
+
+    @property
+    def allowed(self) -> bool:
+        return self.reason.allowed
+
+
+class _Truncated(Exception):
+    """A header runs past the end of the packet."""
+
+
+@dataclass
+class _Packet:
+    v6: bool
+    daddr: bytes
+    l4proto: int = 0
+    fragment: bool = False
+    ports: tuple[int, int] | None = None   # (sport, dport) of TCP/UDP
+    icmp_type: int | None = None            # tc: the ICMPv6 type
+    hop_limit: int = 0
+
+
+def _take(data: bytes, off: int, n: int) -> bytes:
+    if off + n > len(data):
+        raise _Truncated()
+    return data[off:off + n]
+
+
+def _ports(data: bytes, off: int, p: _Packet, tc: bool) -> None:
+    if p.fragment:
+        return
+    if tc and p.l4proto == ICMPV6:   # the program reads the ICMPv6 type at tc, in both families
+        p.icmp_type = _take(data, off, 1)[0]
+        return
+    if p.l4proto in (TCP, UDP):
+        p.ports = struct.unpack("!HH", _take(data, off, 4))
+
+
+def _parse4(data: bytes, tc: bool) -> _Packet:
+    hdr = _take(data, 0, 20)
+    if hdr[0] >> 4 != 4 or hdr[0] & 0xF < 5:
+        raise _Truncated()
+    frag = struct.unpack_from("!H", hdr, 6)[0]
+    p = _Packet(False, hdr[16:20], hdr[9], (frag & 0x1FFF) != 0)
+    _ports(data, (hdr[0] & 0xF) * 4, p, tc)
+    return p
+
+
+def _parse6(data: bytes, tc: bool) -> _Packet:
+    hdr = _take(data, 0, 40)
+    if hdr[0] >> 4 != 6:
+        raise _Truncated()
+    p = _Packet(True, hdr[24:40], hop_limit=hdr[7])
+    nexthdr, off = hdr[6], 40
+    for _ in range(MAX_EXT_HEADERS):
+        if nexthdr not in EXT_HEADERS:
+            break
+        ext = _take(data, off, 2)
+        if nexthdr == FRAGMENT:
+            if struct.unpack("!H", _take(data, off + 2, 2))[0] & 0xFFF8:
+                p.fragment = True
+            off += 8
+        elif nexthdr == AH:
+            off += (ext[1] + 2) * 4
+        else:
+            off += (ext[1] + 1) * 8
+        nexthdr = ext[0]
+    if nexthdr in EXT_HEADERS:
+        raise _Truncated()   # a longer chain than the program follows: fail closed
+    p.l4proto = nexthdr
+    _ports(data, off, p, tc)
+    return p
+
+
+def _lan(daddr: bytes, v6: bool) -> bool:
+    addr = ipaddress.ip_address(daddr)
+    return any(addr in n for n in (_LAN6 if v6 else _LAN4))
+
+
+def _exceptions(p: _Packet, scope: Scope) -> Reason:
+    """Endpoint, LAN, DHCP -- in that order -- for a packet that does not leave
+    through a tunnel."""
+    if p.fragment:
+        return Reason.DROP_FRAGMENT
+    allowed = scope.endpoint_ports(p.daddr)
+    if allowed is not None:
+        if p.ports is not None and (p.ports[1], p.l4proto) in allowed:
+            return Reason.ALLOW_ENDPOINT
+        return Reason.DROP_ENDPOINT_MISMATCH
+    opts = scope.options
+    if opts.allow_lan and _lan(p.daddr, p.v6):
+        if not opts.allow_lan_dns and p.ports is not None and p.ports[1] in DNS_PORTS:
+            return Reason.DROP_LAN_DNS
+        return Reason.ALLOW_LAN
+    if opts.allow_dhcp and p.ports is not None and p.l4proto == UDP:
+        if p.ports == ((546, 547) if p.v6 else (68, 67)):
+            return Reason.ALLOW_DHCP
+    return Reason.DROP_NOT_TUNNEL
+
+
+def _family(proto: int) -> Family:
+    return {ETH_P_IP: Family.IPV4, ETH_P_IPV6: Family.IPV6}.get(proto, Family.OTHER)
+
+
+def decide_l3(data: bytes, proto: int, ifindex: int, scope: Scope, tc: bool) -> Decision:
+    """The policy for `data` starting at the network header; `proto` is the
+    packet's ethertype (the cgroup hook: skb->protocol; tc: read from the frame).
+    At tc, a drop of a packet from an exempted cgroup's socket is let through."""
+    d = _decide_l3(data, proto, ifindex, scope, tc)
+    if tc and scope.exempt and not d.allowed:
+        return Decision(Reason.ALLOW_EXEMPT, d.family)
+    return d
+
+
+def _decide_l3(data: bytes, proto: int, ifindex: int, scope: Scope, tc: bool) -> Decision:
+    family = _family(proto)
+    if ifindex == LOOPBACK_IFINDEX:
+        return Decision(Reason.ALLOW_LOOPBACK, family)
+    if ifindex in scope.tunnels:
+        return Decision(Reason.ALLOW_TUNNEL, family)
+    if family == Family.OTHER:
+        return Decision(Reason.ALLOW_NEIGH if tc and proto == ETH_P_ARP else Reason.DROP_NOT_IP, family)
+    try:
+        p = _parse6(data, tc) if family == Family.IPV6 else _parse4(data, tc)
+    except _Truncated:
+        return Decision(Reason.DROP_MALFORMED, family)
+    if (tc and p.v6 and p.l4proto == ICMPV6 and not p.fragment and p.hop_limit == 255
+            and p.icmp_type in ND_TYPES):
+        return Decision(Reason.ALLOW_NEIGH, family)
+    return Decision(_exceptions(p, scope), family)
+
+
+def eth_type_trans(frame: bytes) -> int:
+    """skb->protocol as the kernel sets it for a received Ethernet frame (what a
+    cgroup_skb test run sees)."""
+    proto = struct.unpack_from("!H", frame, 12)[0]
+    if proto >= 0x0600:
+        return proto
+    return ETH_P_802_3 if frame[14:16] == b"\xff\xff" else ETH_P_802_2
+
+
+def decide(hook: str, data: bytes, ifindex: int, scope: Scope, protocol: int | None = None) -> Decision:
+    """The decision of entry point `hook` on `data` as that hook sees it:
+    CGROUP: the IP packet (protocol: skb->protocol, by default from the IP version);
+    TC_ETH: the Ethernet frame (one 802.1Q/802.1ad tag looked through);
+    TC_L3: the bare IP packet of a device without a link-layer header."""
+    if hook == CGROUP:
+        if protocol is None:
+            v = data[0] >> 4 if data else 0
+            protocol = ETH_P_IP if v == 4 else ETH_P_IPV6 if v == 6 else 0
+        return decide_l3(data, protocol, ifindex, scope, tc=False)
+    if hook == TC_ETH:
+        proto, nh = struct.unpack_from("!H", data, 12)[0] if len(data) >= ETH_HLEN else 0, ETH_HLEN
+        if proto in (ETH_P_8021Q, ETH_P_8021AD):
+            inner = data[ETH_HLEN + 2:ETH_HLEN + 4]
+            proto, nh = (struct.unpack("!H", inner)[0] if len(inner) == 2 else 0), ETH_HLEN + VLAN_HLEN
+        return decide_l3(data[nh:], proto, ifindex, scope, tc=True)
+    if hook == TC_L3:
+        v = data[0] >> 4 if data else 0
+        proto = ETH_P_IP if v == 4 else ETH_P_IPV6 if v == 6 else 0
+        return decide_l3(data, proto, ifindex, scope, tc=True)
+    raise ValueError(f"unknown hook {hook!r}")
+
+
+def decide_test_run(hook: str, buffer: bytes, ifindex: int, scope: Scope) -> Decision:
+    """The decision for `buffer` handed to BPF_PROG_TEST_RUN of `hook`: the
+    cgroup hook gets what follows the Ethernet header, with skb->protocol from
+    it; tc gets the buffer as it is."""
+    if hook == CGROUP:
+        return decide_l3(buffer[ETH_HLEN:], eth_type_trans(buffer), ifindex, scope, tc=False)
+    return decide(hook, buffer, ifindex, scope)
+
+
+def skb_len(hook: str, buffer: bytes) -> int:
+    """skb->len of a test run (what the byte counters add)."""
+    return len(buffer) - ETH_HLEN if hook == CGROUP else len(buffer)
