@@ -37,7 +37,7 @@ import time
 import uuid
 
 import report
-from reaction import POLL_LIMIT_S, TARGET_P99_MS, percentile, summary
+from reaction import TARGET_P99_MS, _wait, percentile, summary, table_row
 
 from ksbpf.kernel import bpf, libbpf, netns, pins, tc
 from ksbpf.scopes import node as node_scope
@@ -90,15 +90,6 @@ class LinkListener:
         self._stop = True
         self._thread.join()
         self._sock.close()
-
-
-def _wait(pred, what: str) -> float:
-    start = time.perf_counter()
-    while not pred():
-        if time.perf_counter() - start > POLL_LIMIT_S:
-            raise RuntimeError(f"{what}: not within {POLL_LIMIT_S:g} s: is the daemon running?")
-        time.sleep(0.0001)
-    return time.perf_counter()
 
 
 def _node_prog_ids(pin_dir: str) -> set[int]:
@@ -211,7 +202,7 @@ def run(count: int) -> dict:
             f.write(f'[node]\nnetns = "{ns_name}"\ntunnels = ["wgb{tag}"]\n'
                     f'endpoints = ["198.51.100.1:51820/udp"]\n')
         with open(log_path, "w") as log:
-            daemon = subprocess.Popen([*os.environ.get("KSBPF_BENCH_WRAP", "").split(), sys.executable, "-m", "ksbpf.cli", "daemon", "--config", config,
+            daemon = subprocess.Popen([sys.executable, "-m", "ksbpf.cli", "daemon", "--config", config,
                                        "--log-format", "json"], stdout=log, stderr=log)
         pin_dir = pins.node_dir(netns.cookie(netns.resolve(ns_name)))
         _wait(lambda: os.path.exists(os.path.join(pin_dir, "meta")) or daemon.poll() is not None, "node mode")
@@ -267,9 +258,7 @@ def table(r: dict) -> str:
             ("creating the veth pair (kernel, for scale)", r["create"], False),
             ("one tcx attach by itself, no daemon (BPF_LINK_CREATE, kernel)", r["kernel_tcx_attach"], False))
     for label, s, judged in rows:
-        target = f"≤ {r['target_p99_ms']:g}" if judged else ""
-        met = ("yes" if s["p99_ms"] <= r["target_p99_ms"] else "NO") if judged else "—"
-        lines.append(f"| {label} | {s['n']} | {s['p50_ms']} | {s['p99_ms']} | {s['max_ms']} | {target} | {met} |")
+        lines.append(table_row(label, s, r["target_p99_ms"] if judged else None))
     lines.append(f"\nThe daemon logged {r['daemon_guarded_events']} `interface_guarded` events for "
                  f"{r['interfaces']} interfaces.")
     return "\n".join(lines)

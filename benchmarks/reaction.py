@@ -78,15 +78,22 @@ class TunWorker:
         self.thread.join()
 
 
-def _wait(pred) -> float:
+def _wait(pred, what: str = "the map update") -> float:
     """The time at which pred() became true, polled every 0.1 ms (sleeping lets
     the tun worker thread have the GIL)."""
     start = time.perf_counter()
     while not pred():
         if time.perf_counter() - start > POLL_LIMIT_S:
-            raise RuntimeError("the map was not updated within 5 s: is the daemon running?")
+            raise RuntimeError(f"{what}: not within {POLL_LIMIT_S:g} s: is the daemon running?")
         time.sleep(0.0001)
     return time.perf_counter()
+
+
+def table_row(label: str, s: dict, target_ms: float | None) -> str:
+    """A Markdown row of a latency summary; target_ms None: shown, not judged."""
+    target = f"≤ {target_ms:g}" if target_ms is not None else ""
+    met = "—" if target_ms is None else "yes" if s["p99_ms"] <= target_ms else "NO"
+    return f"| {label} | {s['n']} | {s['p50_ms']} | {s['p99_ms']} | {s['max_ms']} | {target} | {met} |"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -154,10 +161,7 @@ def run(flaps: int) -> dict:
 def table(r: dict) -> str:
     lines = ["| reaction | n | p50 ms | p99 ms | max ms | target p99 | met |", "|---|---|---|---|---|---|---|"]
     for key in ("appear", "disappear"):
-        s = r[key]
-        met = "yes" if s["p99_ms"] <= r["target_p99_ms"] else "NO"
-        lines.append(f"| tunnel {key}s → map | {s['n']} | {s['p50_ms']} | {s['p99_ms']} | {s['max_ms']} "
-                     f"| ≤ {r['target_p99_ms']:g} | {met} |")
+        lines.append(table_row(f"tunnel {key}s → map", r[key], r["target_p99_ms"]))
     return "\n".join(lines)
 
 
