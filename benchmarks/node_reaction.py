@@ -37,7 +37,7 @@ import time
 import uuid
 
 import report
-from reaction import TARGET_P99_MS, _wait, percentile, summary, table_row
+from reaction import START_LIMIT_S, TARGET_P99_MS, _wait, percentile, summary, table_row
 
 from ksbpf.kernel import bpf, libbpf, netns, pins, tc
 from ksbpf.scopes import node as node_scope
@@ -205,7 +205,8 @@ def run(count: int) -> dict:
             daemon = subprocess.Popen([sys.executable, "-m", "ksbpf.cli", "daemon", "--config", config,
                                        "--log-format", "json"], stdout=log, stderr=log)
         pin_dir = pins.node_dir(netns.cookie(netns.resolve(ns_name)))
-        _wait(lambda: os.path.exists(os.path.join(pin_dir, "meta")) or daemon.poll() is not None, "node mode")
+        _wait(lambda: os.path.exists(os.path.join(pin_dir, "meta")) or daemon.poll() is not None, "node mode",
+              START_LIMIT_S)
         if daemon.poll() is not None:
             raise RuntimeError(f"the daemon exited: {open(log_path).read()[-2000:]}")
         time.sleep(0.5)  # let it finish its start-up reconcile

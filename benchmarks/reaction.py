@@ -35,6 +35,7 @@ TUNSETIFF = 0x400454CA
 IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
 TARGET_P99_MS = 10.0
 POLL_LIMIT_S = 5.0
+START_LIMIT_S = 120.0   # the daemon's start-up: bcc may compile, on a loaded machine
 
 
 class TunWorker:
@@ -78,13 +79,13 @@ class TunWorker:
         self.thread.join()
 
 
-def _wait(pred, what: str = "the map update") -> float:
+def _wait(pred, what: str = "the map update", limit: float = POLL_LIMIT_S) -> float:
     """The time at which pred() became true, polled every 0.1 ms (sleeping lets
     the tun worker thread have the GIL)."""
     start = time.perf_counter()
     while not pred():
-        if time.perf_counter() - start > POLL_LIMIT_S:
-            raise RuntimeError(f"{what}: not within {POLL_LIMIT_S:g} s: is the daemon running?")
+        if time.perf_counter() - start > limit:
+            raise RuntimeError(f"{what}: not within {limit:g} s: is the daemon running?")
         time.sleep(0.0001)
     return time.perf_counter()
 
@@ -122,7 +123,8 @@ def run(flaps: int) -> dict:
         daemon = subprocess.Popen([sys.executable, "-m", "ksbpf.cli", "daemon", "--config", config,
                                    "--log-format", "json"], stdout=log, stderr=log)
         pin_dir = pins.scope_dir(cgroup.cgroup_id(cg))
-        _wait(lambda: os.path.exists(os.path.join(pin_dir, "meta")) or daemon.poll() is not None)
+        _wait(lambda: os.path.exists(os.path.join(pin_dir, "meta")) or daemon.poll() is not None,
+              "the daemon's start", START_LIMIT_S)
         time.sleep(0.5)  # let it finish its start-up reconcile
         worker = TunWorker(netns.resolve(ns_name), tun)
         appear, vanish = [], []
