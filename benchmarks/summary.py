@@ -301,6 +301,13 @@ BENCHMARKS = [  # name, rows, plot
 ]
 
 
+def _load_note(results: str) -> str:
+    """The 1-minute load averages the benchmarks recorded (results from before it was recorded: none)."""
+    loads = [r["machine"]["loadavg_1min"] for name, _rows, _plot in BENCHMARKS
+             if (r := load(results, name)) and "loadavg_1min" in r.get("machine", {})]
+    return f" (1-minute load average {min(loads):g}–{max(loads):g} while they ran)" if loads else ""
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", default=report.RESULTS)
@@ -309,6 +316,10 @@ def main() -> int:
              "Made by `make bench` on one machine, in one run. Every figure is measured side by side with "
              "its baseline and reported with its target; a missed target is reported as missed. "
              "Details, spreads and the machine are in each benchmark's page.", "",
+             "This run shared its machine (2 CPUs) with other sessions running test suites, VMs and "
+             "benchmarks at the same time" + _load_note(a.results) + ": spreads are wider than on an idle "
+             "machine, and the A/A controls (no filter against no filter) show how far that noise alone moves "
+             "a ratio.", "",
              "| benchmark | figure | measured | target |", "|---|---|---|---|"]
     all_rows = []
     for name, rows, plot in BENCHMARKS:
