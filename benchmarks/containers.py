@@ -35,7 +35,7 @@ import time
 import uuid
 
 import report
-from reaction import STARTUP_LIMIT_S, TunWorker, percentile, summary, wait_until
+from reaction import START_LIMIT_S, TunWorker, percentile, summary, wait_until
 
 from ksbpf.kernel import bpf, cgroup, netns, pins
 from ksbpf.scopes import cgroups
@@ -127,7 +127,7 @@ def run(flaps: int, late: int) -> dict:
                                    "--log-format", "json"], stdout=log, stderr=log)
         pin_dir = pins.scope_dir(cgroup.cgroup_id(cg))
         wait_until(lambda: os.path.exists(os.path.join(pin_dir, "meta")) or daemon.poll() is not None,
-                   STARTUP_LIMIT_S, "the daemon did not attach the scope")
+                   "the daemon's start", START_LIMIT_S)
         time.sleep(0.5)
         path_a, path_b = (os.path.join(netns.NETNS_RUN_DIR, n) for n in (ns_a, ns_b))
         cookie_b = netns.cookie(netns.resolve(ns_b))
@@ -158,7 +158,7 @@ def run(flaps: int, late: int) -> dict:
                     created_ms.append((r["ok"] - t_create) * 1000)
                     t0 = time.perf_counter()
                     worker.remove()
-                    wait_until(lambda: not maps.tunnels(), LIMIT_S, "the entry did not leave")
+                    wait_until(lambda: not maps.tunnels(), "the entry leaving", LIMIT_S)
                     gone_ms.append((time.perf_counter() - t0) * 1000)
         finally:
             worker.stop()
@@ -177,7 +177,7 @@ def run(flaps: int, late: int) -> dict:
             def b_registered() -> bool:
                 return any(e.netns_cookie == cookie_b for e in maps.tunnels())
             for _ in range(late):
-                wait_until(lambda: not b_registered(), LIMIT_S, "namespace B was not forgotten")
+                wait_until(lambda: not b_registered(), "namespace B forgotten", LIMIT_S)
                 out = subprocess.run([sys.executable, "-c", SENDER, cg, path_b, "10.98.0.2", "once"],
                                      capture_output=True, text=True, timeout=30, check=True).stdout
                 r = json.loads(out)
