@@ -29,6 +29,8 @@ bench: setup
 	@$(PY) benchmarks/throughput.py --rounds 5 --seconds 3
 	@$(PY) benchmarks/scaling.py --sizes 1,100,10000,100000 --rounds 3 --seconds 2
 	@$(PY) benchmarks/reaction.py --flaps 200
+	@$(PY) benchmarks/node_throughput.py --rounds 5 --seconds 2
+	@$(PY) benchmarks/node_reaction.py --interfaces 200
 	@$(PY) benchmarks/footprint.py
 	@$(PY) benchmarks/scrape.py --scopes 1000
 	@$(PY) benchmarks/verify_cost.py --rounds 31

@@ -42,7 +42,7 @@
 #define KSBPF_ICMPV6 58
 
 BPF_HASH(tunnels, struct ksbpf_tunnel_key, __u32, KSBPF_MAX_TUNNELS);
-BPF_ARRAY(tunnel_ifindex, __u32, KSBPF_IFINDEX_FILTER);
+BPF_ARRAY(tunnel_ifindex, __u64, KSBPF_IFINDEX_FILTER);
 BPF_HASH(endpoints4, __be32, struct ksbpf_endpoint, KSBPF_MAX_ENDPOINTS);
 BPF_HASH(endpoints6, struct ksbpf_ep6_key, struct ksbpf_endpoint, KSBPF_MAX_ENDPOINTS);
 BPF_PERCPU_ARRAY(counters, struct ksbpf_counter, KSBPF_REASON_MAX * KSBPF_FAMILY_MAX);
@@ -340,20 +340,27 @@ static __always_inline __u64 ksbpf_netns_cookie(const struct ksbpf_at *at)
 }
 
 /* Does the packet leave through a registered tunnel?  The ifindex filter
- * (an array: no helper call, no hashing) rules most interfaces out; the
- * (netns cookie, ifindex) hash decides.  (In node mode tunnels carry no
- * guard, so only a guarded interface that became a tunnel gets here.) */
+ * (an array: inlined by the verifier, no helper call, no hashing) rules most
+ * interfaces out, and when a single namespace has a tunnel with that ifindex
+ * it holds that namespace's cookie, which decides; only an ifindex that is a
+ * tunnel in several namespaces (or one past the filter) takes the (netns
+ * cookie, ifindex) hash.  (In node mode tunnels carry no guard, so only a
+ * guarded interface that became a tunnel gets past the filter.) */
 static __always_inline int ksbpf_via_tunnel(const struct ksbpf_at *at, __u32 ifindex)
 {
 	struct ksbpf_tunnel_key tk = { .ifindex = ifindex };
-	__u32 *n;
+	__u64 who = KSBPF_TUNNEL_SEVERAL;
+	__u64 *f;
 
 	if (ifindex < KSBPF_IFINDEX_FILTER) {
-		n = tunnel_ifindex.lookup(&ifindex);
-		if (!n || !*n)
+		f = tunnel_ifindex.lookup(&ifindex);
+		who = f ? *f : 0;	/* read once: the daemon may rewrite it meanwhile */
+		if (!who)
 			return 0;
 	}
 	tk.netns_cookie = ksbpf_netns_cookie(at);
+	if (who != KSBPF_TUNNEL_SEVERAL)
+		return who == tk.netns_cookie;
 	return tunnels.lookup(&tk) != 0;
 }
 

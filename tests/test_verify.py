@@ -169,7 +169,7 @@ def test_tunnel_filter_entry_removed(scope):
     """The ifindex filter in front of the tunnel hash zeroed: only the packets show it."""
     ns = netns.resolve(scope.ns)
     with bpf.ScopeMaps.from_pins(scope.pin_dir) as maps:
-        libbpf.map_update(maps.fds["tunnel_ifindex"], netns.ifindex(ns, "tun0").to_bytes(4, "little"), bytes(4))
+        libbpf.map_update(maps.fds["tunnel_ifindex"], netns.ifindex(ns, "tun0").to_bytes(4, "little"), bytes(8))   # a __u64
     rc, found = verify(scope)
     assert rc == 1 and verdicts(found)["tunnels"] == {"ok"} and verdicts(found)["policy"] == {"fail"}
 

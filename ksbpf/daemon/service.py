@@ -381,6 +381,23 @@ class Daemon:
         if tunnels.added or tunnels.removed:
             self.log("map_update", scope=st.name, added=tunnels.added, removed=tunnels.removed, netns=space.ns.label)
 
+    def _guard_new(self, space: Namespace, link: links.Link) -> None:
+        """Node mode: an interface that just appeared is guarded at once, before
+        the rest of its batch is handled (the full sync follows)."""
+        st = self._node_in(space)
+        if st is None or st.node.role(link.name, link.kind, link.ifindex) != "guarded":
+            return
+        try:
+            with pins.locked(f"node-{space.cookie}"):
+                done = node_scope.guard(st.pin_dir, space.ns, link, st.mode, st.pref,
+                                        partial(netns.run_here, space.ns.path))
+        except (OSError, KsbpfError) as exc:
+            self.log("guard_failed", level="error", scope=st.name, interface=link.name, error=str(exc))
+            return   # the full sync that follows tries again
+        if done:
+            self.log("interface_guarded", scope=st.name, interface=link.name, netns=space.ns.label,
+                     ifindex=link.ifindex, tc_mode=st.mode)
+
     def _check_guards(self) -> None:
         """Nothing tells us when someone detaches a guard: look (cheaply), and repair."""
         for space in self.namespaces.values():
@@ -447,6 +464,8 @@ class Daemon:
                     self._note_link(space, before, None)
                 else:
                     space.links[link.ifindex] = link
+                    if before is None:
+                        self._guard_new(space, link)   # first of all: before the rest of the batch
                     self._note_link(space, before, link)
             else:
                 route = links.parse_route(msg)

@@ -368,6 +368,7 @@ def _each_states(policy: Policy, cg_path: str,
         states = common.tunnel_states(policy, sp.use.label, sp.links, registered)
         tunnels += states
         namespaces.append({"inode": sp.use.inode, "cookie": sp.cookie, "pid": sp.use.pid, "comm": sp.use.comm,
+                           "container": sp.use.container,
                            "cgroup": sp.use.cgroup, "processes": sp.use.processes, "label": sp.use.label,
                            "tunnels": [t.to_dict() for t in states]})
     return tunnels, namespaces
