@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test vm-test bench install clean fuzz
+.PHONY: setup demo test vm-test bench install clean fuzz image
 
 ## setup: Debian packages, kernel headers for bcc, .venv with ksbpf (idempotent)
 setup:
@@ -34,10 +34,13 @@ bench: setup
 	@$(PY) benchmarks/throughput.py --rounds 5 --seconds 3
 	@$(PY) benchmarks/scaling.py --sizes 1,100,10000,100000 --rounds 3 --seconds 2
 	@$(PY) benchmarks/reaction.py --flaps 200
+	@$(PY) benchmarks/node_throughput.py --rounds 5 --seconds 2
+	@$(PY) benchmarks/node_reaction.py --interfaces 200
 	@$(PY) benchmarks/footprint.py
 	@$(PY) benchmarks/scrape.py --scopes 1000
 	@$(PY) benchmarks/verify_cost.py --rounds 31
 	@$(PY) benchmarks/containers.py --flaps 200 --late 50
+	@$(PY) benchmarks/kubernetes.py --pods 1000 --more 50
 	@$(PY) benchmarks/summary.py
 
 ## install: ksbpf on PATH, the example config and the systemd units (see README)
@@ -47,8 +50,15 @@ install: setup
 	[ -e /etc/ksbpf/ksbpf.toml ] || install -m 0644 deploy/ksbpf.toml.example /etc/ksbpf/ksbpf.toml
 	ln -sfn $(abspath $(VENV))/bin/ksbpf $(PREFIX)/bin/ksbpf
 	install -m 0644 deploy/systemd/ksbpf-early.service deploy/systemd/ksbpf.service /etc/systemd/system/
+	$(VENV)/bin/ksbpf warm-cache
 	@echo "installed. Next: edit /etc/ksbpf/ksbpf.toml, check it with 'ksbpf check-config /etc/ksbpf/ksbpf.toml',"
 	@echo "then: systemctl daemon-reload && systemctl enable --now ksbpf-early.service ksbpf.service"
+
+## image: the container image (Dockerfile) with podman: localhost/ksbpf:VERSION
+IMAGE ?= localhost/ksbpf:$(shell $(PY) -c 'import importlib.metadata as m; print(m.version("ksbpf"))' 2>/dev/null || echo latest)
+image: setup
+	rm -rf build/wheels && $(PY) -m pip wheel -q --disable-pip-version-check --wheel-dir build/wheels .
+	podman build --network=host -t $(IMAGE) -f Dockerfile .
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -36,7 +36,8 @@ def machine() -> dict:
     import bcc
     return {"kernel": platform.release(), "cpu": _cpu(), "cpus": os.cpu_count(),
             "python": platform.python_version(), "bcc": getattr(bcc, "__version__", None),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "loadavg_1min": round(os.getloadavg()[0], 2)}   # others' work on the machine shows here
 
 
 def parser(doc: str) -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import report  # noqa: E402
 
-YES = {True: "met", False: "**missed**"}
+YES = {True: "met", False: "**missed**", None: "**undecided**"}
 
 
 def load(results: str, name: str) -> dict | None:
@@ -30,16 +30,27 @@ def load(results: str, name: str) -> dict | None:
         return None
 
 
+def _hooks(r: dict) -> dict:
+    """packet_cost's paths by hook (results from before the tc hooks: cgroup only)."""
+    return r.get("hooks") or {"cgroup": {"paths": r["paths"], "floor_ns": r["floor_ns"]}}
+
+
 def plot_packet_cost(r: dict, path: str) -> None:
-    labels = list(r["paths"])
-    med = [r["paths"][k]["ratio_median"] for k in labels]
-    lo = [m - r["paths"][k]["ratio_min"] for k, m in zip(labels, med)]
-    hi = [r["paths"][k]["ratio_max"] - m for k, m in zip(labels, med)]
-    fig, ax = plt.subplots(figsize=(8, 0.32 * len(labels) + 1.2))
-    ax.barh(labels, med, xerr=[lo, hi], color=["#4c72b0" if m <= r["target_ratio"] else "#c44e52" for m in med])
+    rows = [(f"{hook}: {label}", v) for hook, h in _hooks(r).items() for label, v in h["paths"].items()]
+    labels = [k for k, _v in rows]
+    med = [v["ratio_median"] for _k, v in rows]
+    lo = [m - v["ratio_min"] for (_k, v), m in zip(rows, med)]
+    hi = [v["ratio_max"] - m for (_k, v), m in zip(rows, med)]
+    limits = [v.get("target", r["target_ratio"]) for _k, v in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.22 * len(labels) + 1.2))
+    ax.barh(labels, med, xerr=[lo, hi], color=["#4c72b0" if m <= t else "#c44e52" for m, t in zip(med, limits)])
     ax.axvline(r["target_ratio"], color="k", linestyle="--", label=f"target ≤ {r['target_ratio']:g}× floor")
+    if "hot_target_ratio" in r:
+        ax.axvline(r["hot_target_ratio"], color="grey", linestyle=":",
+                   label=f"tunnel path target ≤ {r['hot_target_ratio']:g}×")
     ax.invert_yaxis()
-    ax.set_xlabel(f"cost per packet, × floor ({r['floor_ns']['median']} ns); bars: median, whiskers: min–max")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_xlabel("cost per packet, × its hook's floor; bars: median, whiskers: min–max")
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -63,11 +74,20 @@ def plot_reaction(r: dict, path: str) -> None:
 
 
 def rows_packet_cost(r):
-    worst = max(r["paths"].items(), key=lambda kv: kv[1]["ratio_median"])
-    missed = [k for k, v in r["paths"].items() if not v["met"]]
-    yield ("per-packet cost, every path ≤ 3× floor",
-           f"floor {r['floor_ns']['median']} ns; worst: {worst[0]} {worst[1]['ratio_median']}×; "
-           f"{len(r['paths']) - len(missed)}/{len(r['paths'])} paths within", YES[r["met"]])
+    hooks = _hooks(r)
+    every = [(f"{hook}: {label}", v) for hook, h in hooks.items() for label, v in h["paths"].items()]
+    worst = max(every, key=lambda kv: kv[1]["ratio_median"])
+    within = [k for k, v in every if v["ratio_median"] <= r["target_ratio"]]
+    floors = ", ".join(f"{hook} {h['floor_ns']['median']} ns" for hook, h in hooks.items())
+    yield (f"per-packet cost, every path of every hook ≤ {r['target_ratio']:g}× floor",
+           f"floors: {floors}; worst: {worst[0]} {worst[1]['ratio_median']}×; {len(within)}/{len(every)} paths within",
+           YES[len(within) == len(every)])
+    if "hot_target_ratio" in r:
+        hot = [(hook, label, h["paths"][label]) for hook, h in hooks.items() for label in r["hot_paths"]
+               if label in h["paths"]]
+        yield (f"per-packet cost, the tunnel path (hot) ≤ {r['hot_target_ratio']:g}× floor, every hook",
+               "; ".join(f"{hook} {label.removeprefix('tunnel ')} {v['ratio_median']}×" for hook, label, v in hot),
+               YES[all(v["ratio_median"] <= r["hot_target_ratio"] for _h, _l, v in hot)])
 
 
 def rows_reaction(r):
@@ -153,6 +173,64 @@ def plot_scaling(r: dict, path: str) -> None:
     plt.close(fig)
 
 
+def rows_node_throughput(r):
+    for name, t in r["targets"].items():
+        on = f" (judged on {t['judged_on']})" if t["judged_on"] else " (A/A control too noisy on both measures)"
+        ct, cc = t["control_throughput"], t["control_cpu"]
+        yield (f"node, {name}: ksbpf ≥ {r['target_ratio']}× no filter and ahead of nftables and iptables{on}",
+               f"throughput {t['throughput_ratio']}×, CPU/packet {t['cpu_ratio']}×; A/A control: throughput "
+               f"{ct['min']}–{ct['max']}, CPU {cc['min']}–{cc['max']}", YES[t["met"]])
+
+
+def plot_node_throughput(r: dict, path: str) -> None:
+    names = list(r["targets"])
+    variants = [v for v in r["variants"] if v != "no filter"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, (measure, key) in zip(axes, (("throughput", None), ("CPU per packet", "cpu_ns_per_packet_ratio"))):
+        width = 0.8 / len(variants)
+        for j, v in enumerate(variants):
+            med, lo, hi = [], [], []
+            for name in names:
+                flow, test = name.rsplit(", ", 1)
+                row = r["tests"][flow][test][v]
+                k = key or ("bps_ratio" if test == "tcp" else "rx_pps_ratio")
+                med.append(row[k]["median"])
+                lo.append(row[k]["median"] - row[k]["min"])
+                hi.append(row[k]["max"] - row[k]["median"])
+            ax.bar([i + j * width for i in range(len(names))], med, width, yerr=[lo, hi], label=v)
+        ax.axhline(1.0, color="k", linewidth=0.5)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))])
+        ax.set_xticklabels(names, rotation=25, ha="right", fontsize=7)
+        ax.set_ylabel(f"{measure}, × no filter (median, min–max)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def rows_node_reaction(r):
+    s, k = r["from_event"], r["kernel_tcx_attach"]
+    yield (f"guard reaction, new interface → guard in force, p99 ≤ {r['target_p99_ms']:g} ms",
+           f"p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms (n={s['n']}); one tcx attach by itself (kernel): "
+           f"p50 {k['p50_ms']} ms, p99 {k['p99_ms']} ms", YES[s["p99_ms"] <= r["target_p99_ms"]])
+
+
+def plot_node_reaction(r: dict, path: str) -> None:
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    xs = sorted(r["samples_ms"])
+    ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label="new interface → guard in force")
+    ax.axvline(r["target_p99_ms"], color="k", linestyle="--", label=f"target p99 ≤ {r['target_p99_ms']:g} ms")
+    ax.axvline(r["kernel_tcx_attach"]["p50_ms"], color="grey", linestyle=":", label="one tcx attach (kernel), p50")
+    ax.axhline(0.99, color="grey", linewidth=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("ms from the netlink event to the guard refusing frames (log)")
+    ax.set_ylabel("fraction of interfaces")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def rows_scrape(r):
     yield (f"scrape with {r['scopes']} scopes (no target)", f"{r['scrape_s']['median']} s", "—")
 
@@ -169,10 +247,24 @@ def rows_footprint(r):
 
 
 # What it would take, for each target that can be missed (shown when it is).
-REMEDIES = {
+REMEDIES = {   # the first key found in a figure's name applies
+    "guard reaction": "The kernel's own tcx attach (BPF_LINK_CREATE) takes most of it: it runs under the RTNL lock "
+                      "and waits for an RCU grace period (synchronize_rcu) -- on this loaded 2-CPU VM several ms, "
+                      "and tens of ms when other sessions hold RTNL (namespaces being created and deleted). The "
+                      "daemon's own part (netlink event to the attach call) is about 1 ms since it guards "
+                      "interfaces without a pin first. A guard cannot exist before its interface; closing the "
+                      "window would need the kernel (a tcx program on the namespace's interfaces as they are "
+                      "created) or a quiet machine.",
+    "node, ": "Node mode's program costs tens of ns per packet (packet_cost) against microseconds per packet of "
+              "forwarding, masquerading and wireguard-go here; where a flow is missed or undecided, the A/A "
+              "control's spread (no filter against no filter) shows that this loaded 2-CPU VM moves a ratio "
+              "by more than the target's 3% margin: a quiet machine with pinned cores and more rounds would "
+              "decide it.",
     "per-packet cost": "Already done: direct packet access, one endpoint lookup per address, the LAN list "
-                       "compiled in, an ifindex filter in front of the tunnel hash, a coarse-clock token bucket. "
-                       "Left: keying tunnels per namespace to drop the netns-cookie helper on the tunnel path.",
+                       "compiled in, an ifindex filter in front of the tunnel hash that holds the namespace's "
+                       "cookie when a single namespace has a tunnel at that ifindex (the tunnel path skips the "
+                       "hash), a coarse-clock token bucket. Left: the netns-cookie helper call on the tunnel "
+                       "path, and the endpoint hash lookup on the others.",
     "no filter and ahead": "The program costs well under 100 ns per packet (packet_cost: 1-3x a `return 1` "
                            "program), about 1-2% of a ~6 us 64-byte UDP packet and far less of a TCP segment, "
                            "so 0.97 and the order between filters sit within this VM's run-to-run noise: the "
@@ -182,16 +274,23 @@ REMEDIES = {
     "nothing cached": "bcc's compile (≈1.4 s) is the cost. The compiled image is cached, so only the first attach "
                       "of an option set pays it; shipping pre-compiled images for the common option sets, or a "
                       "CO-RE object built at package time, would remove it.",
+    "tunnel in a new namespace ready": "The median is 0 ms (the tunnel is registered before it is even "
+                                       "addressed); the tail is the daemon waiting for ksbpf's machine-wide pins "
+                                       "lock, which other ksbpf processes on this shared machine hold (the "
+                                       "benchmark samples that wait: its p99 is the tail's size). A per-scope "
+                                       "lock, or keeping each scope's maps open in the daemon and taking the "
+                                       "lock only when the pins change, would take it out.",
 }
 
 
 def remedies(rows: list[tuple[str, str, str]]) -> list[str]:
     out = []
     for figure, _measured, met in rows:
-        if met == YES[False]:
+        if met in (YES[False], YES[None]):
             for key, text in REMEDIES.items():
                 if key in figure:
                     out.append(f"- **{figure}** — {text}")
+                    break
     return out
 
 
@@ -200,10 +299,19 @@ BENCHMARKS = [  # name, rows, plot
     ("throughput", rows_throughput, plot_throughput),
     ("scaling", rows_scaling, plot_scaling),
     ("reaction", rows_reaction, plot_reaction),
+    ("node_throughput", rows_node_throughput, plot_node_throughput),
+    ("node_reaction", rows_node_reaction, plot_node_reaction),
     ("footprint", rows_footprint, None),
     ("scrape", rows_scrape, None),
     ("containers", rows_containers, None),
 ]
+
+
+def _load_note(results: str) -> str:
+    """The 1-minute load averages the benchmarks recorded (results from before it was recorded: none)."""
+    loads = [r["machine"]["loadavg_1min"] for name, _rows, _plot in BENCHMARKS
+             if (r := load(results, name)) and "loadavg_1min" in r.get("machine", {})]
+    return f" (1-minute load average {min(loads):g}–{max(loads):g} while they ran)" if loads else ""
 
 
 def main() -> int:
@@ -214,6 +322,10 @@ def main() -> int:
              "Made by `make bench` on one machine, in one run. Every figure is measured side by side with "
              "its baseline and reported with its target; a missed target is reported as missed. "
              "Details, spreads and the machine are in each benchmark's page.", "",
+             "This run shared its machine (2 CPUs) with other sessions running test suites, VMs and "
+             "benchmarks at the same time" + _load_note(a.results) + ": spreads are wider than on an idle "
+             "machine, and the A/A controls (no filter against no filter) show how far that noise alone moves "
+             "a ratio.", "",
              "| benchmark | figure | measured | target |", "|---|---|---|---|"]
     all_rows = []
     for name, rows, plot in BENCHMARKS:
@@ -228,7 +340,7 @@ def main() -> int:
             lines.append(f"| [{name}]({name}.md) | {figure} | {measured} | {met} |")
     missed = remedies(all_rows)
     if missed:
-        lines += ["", "## Missed targets, and what it would take", "", *missed]
+        lines += ["", "## Missed (or undecided) targets, and what it would take", "", *missed]
     lines += ["", "Plots: " + ", ".join(f"[{n}]({n}.png)" for n, _r, p in BENCHMARKS
                                         if p and os.path.exists(os.path.join(a.results, f"{n}.png")))]
     with open(os.path.join(a.results, "README.md"), "w") as f:

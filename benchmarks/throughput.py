@@ -30,7 +30,7 @@ Variants are interleaved round after round (the order rotates); figures are
 medians with their spread (min-max).  The iperf3 client is pinned to CPU 0
 and the server to CPU 1 when there are two CPUs or more.
 
-ksbpf on tc: not implemented yet; cgroup only.
+ksbpf on tc (node mode, forwarded traffic): benchmarks/node_throughput.py.
 
     python benchmarks/throughput.py [--rounds 5] [--seconds 3] [--variants ...] [--out benchmarks/results]
 """
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -198,14 +199,18 @@ def iperf3_server(lab: Netlab, ns: str, bind: str | None = None) -> subprocess.P
 
 def iperf3(ns: str, cg: str | None, dst: str, seconds: float, udp: bool, tries: int = 3) -> dict:
     """One iperf3 run from namespace ns (and cgroup cg).  TCP: bits/s received;
-    UDP (64-byte payloads, no rate limit): packets/s received and sent."""
+    UDP (64-byte payloads, no rate limit): packets/s received and sent.
+    Also the client's CPU seconds (user + system, its rusage)."""
     client_cpu, _ = pin_cpus()
     args = ["iperf3", "-c", dst, "-p", str(PORT), "-t", f"{seconds:g}", "-J",
             *(("-A", client_cpu) if client_cpu else ()),
             *(("-u", "-l", "64", "-b", "0") if udp else ())]
     last = ""
     for _ in range(tries):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run(in_ns(ns, cg, *args), capture_output=True, text=True, timeout=seconds + 60)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        client_cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         try:
             out = json.loads(proc.stdout)
         except ValueError:
@@ -213,10 +218,10 @@ def iperf3(ns: str, cg: str | None, dst: str, seconds: float, udp: bool, tries: 
         if proc.returncode == 0 and "error" not in out:
             end = out["end"]
             if not udp:
-                return {"bps": end["sum_received"]["bits_per_second"]}
+                return {"bps": end["sum_received"]["bits_per_second"], "client_cpu_s": client_cpu_s}
             rx, tx = end["sum_received"], end["sum_sent"]
             return {"rx_pps": (rx["packets"] - rx["lost_packets"]) / rx["seconds"],
-                    "tx_pps": tx["packets"] / tx["seconds"]}
+                    "tx_pps": tx["packets"] / tx["seconds"], "client_cpu_s": client_cpu_s}
         last = out.get("error", "")
         time.sleep(0.5)  # "the server is busy": the previous test is still being torn down
     raise RuntimeError(f"iperf3 from {ns} to {dst} failed {tries} times: {last}")
@@ -244,36 +249,59 @@ def _v6(nets) -> list:
     return [n for n in nets if n.version == 6]
 
 
-def nft_ruleset(tunnel: str, endpoints=ENDPOINTS, lan=LAN_RANGES) -> str:
+def nft_ruleset(tunnel: str, endpoints=ENDPOINTS, lan=LAN_RANGES, hook: str = "output",
+                passed: tuple[str, ...] = (), dhcp: bool = False, nd: bool = False) -> str:
+    """The policy as an nftables `inet` table with one base chain on `hook`
+    (output: a host's own sockets; postrouting: everything leaving, forwarded
+    traffic included).  passed: more interface names (globs) let through like
+    the tunnel (node mode's internal interfaces); dhcp: DHCP client traffic;
+    nd: IPv6 router/neighbour solicitation and advertisement (tc's rules)."""
     def eps(version: int, match: str) -> list[str]:
         return [f"\t\t{match} daddr {e.address} {e.proto} dport {e.port} accept"
                 for e in endpoints if e.address.version == version]
     lan4, lan6 = ", ".join(map(str, _v4(lan))), ", ".join(map(str, _v6(lan)))
+    sets = [f"\tset lan4 {{ type ipv4_addr; flags interval; elements = {{ {lan4} }} }}"] if lan4 else []
+    sets += [f"\tset lan6 {{ type ipv6_addr; flags interval; elements = {{ {lan6} }} }}"] if lan6 else []
+    lan_rules = (["\t\tip daddr @lan4 meta l4proto { tcp, udp } th dport { 53, 853 } drop"] if lan4 else []) + \
+                (["\t\tip6 daddr @lan6 meta l4proto { tcp, udp } th dport { 53, 853 } drop"] if lan6 else []) + \
+                (["\t\tip daddr @lan4 accept"] if lan4 else []) + (["\t\tip6 daddr @lan6 accept"] if lan6 else [])
     return "\n".join([
         f"table inet {TABLE} {{",
-        f"\tset lan4 {{ type ipv4_addr; flags interval; elements = {{ {lan4} }} }}",
-        f"\tset lan6 {{ type ipv6_addr; flags interval; elements = {{ {lan6} }} }}",
-        "\tchain output {",
-        "\t\ttype filter hook output priority filter; policy drop;",
+        *sets,
+        f"\tchain {hook} {{",
+        f"\t\ttype filter hook {hook} priority filter; policy drop;",
         '\t\toif "lo" accept',
-        f'\t\toifname "{tunnel}" accept',
+        *(f'\t\toifname "{name}" accept' for name in (tunnel, *passed)),
         *eps(4, "ip"), *eps(6, "ip6"),
-        "\t\tip daddr @lan4 meta l4proto { tcp, udp } th dport { 53, 853 } drop",
-        "\t\tip6 daddr @lan6 meta l4proto { tcp, udp } th dport { 53, 853 } drop",
-        "\t\tip daddr @lan4 accept",
-        "\t\tip6 daddr @lan6 accept",
+        *lan_rules,
+        *(["\t\tudp sport 68 udp dport 67 accept", "\t\tudp sport 546 udp dport 547 accept"] if dhcp else []),
+        *(["\t\tip6 hoplimit 255 icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert } accept"]
+          if nd else []),
         "\t}",
         "}", ""])
 
 
-def iptables_ruleset(version: int, tunnel: str, endpoints=ENDPOINTS, lan=LAN_RANGES) -> str:
+def iptables_ruleset(version: int, tunnel: str, endpoints=ENDPOINTS, lan=LAN_RANGES, table: str = "filter",
+                     chain: str = "OUTPUT", passed: tuple[str, ...] = (), dhcp: bool = False,
+                     nd: bool = False) -> str:
+    """The policy for iptables-restore / ip6tables-restore on one chain of one
+    table (filter OUTPUT: a host's own sockets; mangle POSTROUTING: everything
+    leaving).  passed, dhcp, nd: as nft_ruleset (iptables globs end in '+')."""
     nets = _v4(lan) if version == 4 else _v6(lan)
-    rules = ["-A OUTPUT -o lo -j ACCEPT", f"-A OUTPUT -o {tunnel} -j ACCEPT"]
-    rules += [f"-A OUTPUT -d {e.address} -p {e.proto} -m {e.proto} --dport {e.port} -j ACCEPT"
+    a = f"-A {chain}"
+    rules = [f"{a} -o lo -j ACCEPT", *(f"{a} -o {name.replace('*', '+')} -j ACCEPT" for name in (tunnel, *passed))]
+    rules += [f"{a} -d {e.address} -p {e.proto} -m {e.proto} --dport {e.port} -j ACCEPT"
               for e in endpoints if e.address.version == version]
-    rules += [f"-A OUTPUT -d {n} -p {p} -m multiport --dports 53,853 -j DROP" for n in nets for p in ("udp", "tcp")]
-    rules += [f"-A OUTPUT -d {n} -j ACCEPT" for n in nets]
-    return "\n".join(["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT DROP [0:0]",
+    rules += [f"{a} -d {n} -p {p} -m multiport --dports 53,853 -j DROP" for n in nets for p in ("udp", "tcp")]
+    rules += [f"{a} -d {n} -j ACCEPT" for n in nets]
+    if dhcp:
+        sport, dport = (68, 67) if version == 4 else (546, 547)
+        rules.append(f"{a} -p udp -m udp --sport {sport} --dport {dport} -j ACCEPT")
+    if nd and version == 6:
+        rules += [f"{a} -p ipv6-icmp -m hl --hl-eq 255 -m icmp6 --icmpv6-type {t} -j ACCEPT" for t in (133, 135, 136)]
+    chains = {"filter": ("INPUT", "FORWARD", "OUTPUT"),
+              "mangle": ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")}[table]
+    return "\n".join([f"*{table}", *(f":{c} {'DROP' if c == chain else 'ACCEPT'} [0:0]" for c in chains),
                       *rules, "COMMIT", ""])
 
 
@@ -376,7 +404,7 @@ METRICS = {"tcp": ("bps",), "udp": ("rx_pps", "tx_pps")}
 def summarize(samples, variants, rounds, seconds, load_s, checks, tools) -> dict:
     result: dict = {"benchmark": "throughput", "rounds": rounds, "seconds": seconds,
                     "variants": list(variants), "target_ratio": TARGET_RATIO,
-                    "tc_hook": "not implemented yet; cgroup only", "pinned_cpus": pin_cpus(),
+                    "tc_hook": "cgroup hook here; the tc hook (node mode) in node_throughput", "pinned_cpus": pin_cpus(),
                     "load_s": load_s, "checks": checks, "tools": tools, "tests": {}}
     for test in TESTS:
         rows = {}
@@ -439,7 +467,7 @@ def table(r: dict) -> str:
             lines.append(f"- noise, {test.upper()}: the A/A control (no filter against no filter) gives "
                          f"{c['median']:.3f} ({c['min']:.3f}–{c['max']:.3f}); differences within that spread are "
                          "not resolved on this machine")
-    lines.append("- ksbpf on tc: not implemented yet; cgroup only.")
+    lines.append("- ksbpf here is the cgroup hook; node mode's tc hook (forwarded traffic): node_throughput.")
     return "\n".join(lines)
 
 
@@ -462,7 +490,7 @@ def main() -> int:
                  f"with 64-byte payloads (-b 0) in packets/s received by the server and sent by the client. "
                  f"Same policy in each filter: loopback, the tunnel, endpoints, LAN minus DNS, drop. "
                  f"iptables: {backend}. Target: ksbpf ≥ {TARGET_RATIO} × no filter and ahead of "
-                 f"nftables and iptables. ksbpf on tc: not implemented yet; cgroup only.", table(result))
+                 f"nftables and iptables. ksbpf here is the cgroup hook; node mode's tc hook: node_throughput.", table(result))
     return 0
 
 

@@ -42,7 +42,7 @@
 #define KSBPF_ICMPV6 58
 
 BPF_HASH(tunnels, struct ksbpf_tunnel_key, __u32, KSBPF_MAX_TUNNELS);
-BPF_ARRAY(tunnel_ifindex, __u32, KSBPF_IFINDEX_FILTER);
+BPF_ARRAY(tunnel_ifindex, __u64, KSBPF_IFINDEX_FILTER);
 BPF_HASH(endpoints4, __be32, struct ksbpf_endpoint, KSBPF_MAX_ENDPOINTS);
 BPF_HASH(endpoints6, struct ksbpf_ep6_key, struct ksbpf_endpoint, KSBPF_MAX_ENDPOINTS);
 BPF_PERCPU_ARRAY(counters, struct ksbpf_counter, KSBPF_REASON_MAX * KSBPF_FAMILY_MAX);
@@ -55,6 +55,15 @@ BPF_ARRAY(exempt, struct ksbpf_exempt, KSBPF_MAX_EXEMPT);
  * socket, such as a forwarded one). */
 BPF_ARRAY(scope_netns, __u64, 1);
 BPF_ARRAY(verify_nonce, struct ksbpf_nonce, 1);
+
+/* allow_cidrs (Kubernetes: the cluster's service and pod ranges, so cluster
+ * DNS works without letting DNS out of the tunnel): destinations allowed
+ * outside the tunnel, DNS included, counted as KSBPF_ALLOW_LAN.  Longest-
+ * prefix-match tries keyed by (prefix length, address); empty unless set. */
+struct ksbpf_cidr4_key { __u32 prefixlen; __u8 addr[4]; };
+struct ksbpf_cidr6_key { __u32 prefixlen; __u8 addr[16]; };
+BPF_LPM_TRIE(cidrs4, struct ksbpf_cidr4_key, __u8, 256);
+BPF_LPM_TRIE(cidrs6, struct ksbpf_cidr6_key, __u8, 256);
 
 /* What the policy needs to know of a packet. */
 struct ksbpf_pkt {
@@ -266,6 +275,19 @@ static __always_inline int ksbpf_last_resort(const struct ksbpf_pkt *p, int v6)
 	return KSBPF_DROP_NOT_TUNNEL;
 }
 
+static __always_inline int ksbpf_allowed_cidr(const struct ksbpf_pkt *p)
+{
+	struct ksbpf_cidr4_key k4 = { .prefixlen = 32 };
+	struct ksbpf_cidr6_key k6 = { .prefixlen = 128 };
+
+	if (p->family == KSBPF_FAMILY_IPV4) {
+		__builtin_memcpy(k4.addr, &p->daddr.v4, 4);
+		return cidrs4.lookup(&k4) != 0;
+	}
+	__builtin_memcpy(k6.addr, p->daddr.v6, 16);
+	return cidrs6.lookup(&k6) != 0;
+}
+
 static __always_inline int ksbpf_exceptions4(const struct ksbpf_pkt *p)
 {
 	__be32 addr = p->daddr.v4;
@@ -276,6 +298,8 @@ static __always_inline int ksbpf_exceptions4(const struct ksbpf_pkt *p)
 	ep = endpoints4.lookup(&addr);
 	if (ep)
 		return ksbpf_endpoint(p, ep);
+	if (ksbpf_allowed_cidr(p))
+		return KSBPF_ALLOW_LAN;
 #ifdef KSBPF_OPT_LAN
 	if (ksbpf_lan4(addr))
 		return ksbpf_lan(p);
@@ -294,6 +318,8 @@ static __always_inline int ksbpf_exceptions6(const struct ksbpf_pkt *p)
 	ep = endpoints6.lookup(&key);
 	if (ep)
 		return ksbpf_endpoint(p, ep);
+	if (ksbpf_allowed_cidr(p))
+		return KSBPF_ALLOW_LAN;
 #ifdef KSBPF_OPT_LAN
 	if (ksbpf_lan6(key.addr))
 		return ksbpf_lan(p);
@@ -314,20 +340,27 @@ static __always_inline __u64 ksbpf_netns_cookie(const struct ksbpf_at *at)
 }
 
 /* Does the packet leave through a registered tunnel?  The ifindex filter
- * (an array: no helper call, no hashing) rules most interfaces out; the
- * (netns cookie, ifindex) hash decides.  (In node mode tunnels carry no
- * guard, so only a guarded interface that became a tunnel gets here.) */
+ * (an array: inlined by the verifier, no helper call, no hashing) rules most
+ * interfaces out, and when a single namespace has a tunnel with that ifindex
+ * it holds that namespace's cookie, which decides; only an ifindex that is a
+ * tunnel in several namespaces (or one past the filter) takes the (netns
+ * cookie, ifindex) hash.  (In node mode tunnels carry no guard, so only a
+ * guarded interface that became a tunnel gets past the filter.) */
 static __always_inline int ksbpf_via_tunnel(const struct ksbpf_at *at, __u32 ifindex)
 {
 	struct ksbpf_tunnel_key tk = { .ifindex = ifindex };
-	__u32 *n;
+	__u64 who = KSBPF_TUNNEL_SEVERAL;
+	__u64 *f;
 
 	if (ifindex < KSBPF_IFINDEX_FILTER) {
-		n = tunnel_ifindex.lookup(&ifindex);
-		if (!n || !*n)
+		f = tunnel_ifindex.lookup(&ifindex);
+		who = f ? *f : 0;	/* read once: the daemon may rewrite it meanwhile */
+		if (!who)
 			return 0;
 	}
 	tk.netns_cookie = ksbpf_netns_cookie(at);
+	if (who != KSBPF_TUNNEL_SEVERAL)
+		return who == tk.netns_cookie;
 	return tunnels.lookup(&tk) != 0;
 }
 

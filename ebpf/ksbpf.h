@@ -43,11 +43,15 @@ enum ksbpf_hook {
 };
 
 /* Tunnels are keyed by (network-namespace cookie, ifindex): ifindex numbers
- * repeat across namespaces.  tunnel_ifindex[ifindex] (for ifindex below
- * KSBPF_IFINDEX_FILTER) counts the tunnels with that ifindex in any
- * namespace: a zero there answers "not a tunnel" without the cookie and the
- * hash lookup. */
+ * repeat across namespaces.  tunnel_ifindex[ifindex] (a __u64, for ifindex
+ * below KSBPF_IFINDEX_FILTER) says which namespaces have a tunnel with that
+ * ifindex: 0 none -- "not a tunnel" without the cookie and the hash lookup;
+ * the namespace's cookie when exactly one has -- "a tunnel" iff the packet's
+ * namespace is that one, without the hash lookup (the hot path);
+ * KSBPF_TUNNEL_SEVERAL when more than one has -- the hash decides.  (Cookies
+ * count up from 1: neither 0 nor all ones is a namespace.) */
 #define KSBPF_IFINDEX_FILTER 4096
+#define KSBPF_TUNNEL_SEVERAL 0xffffffffffffffffULL
 struct ksbpf_tunnel_key {
 	__u64 netns_cookie;
 	__u32 ifindex;

@@ -415,6 +415,44 @@ def check_config(file, as_json) -> None:
         click.echo(f"    endpoints {', '.join(map(str, p.endpoints)) or 'none'}")
         opts = [k for k, on in vars(p.options).items() if on]
         click.echo(f"    options   {', '.join(opts) or 'none (strict)'}")
+    if cfg.kubernetes.enabled:
+        k = cfg.kubernetes
+        click.echo(f"  kubernetes: pods of node {k.node_name or '$NODE_NAME'} annotated {k.annotation_prefix}*; "
+                   f"credentials {k.kubeconfig or 'in-cluster'}; cgroups under {k.cgroup_root or 'the cgroup v2 mount'}")
+
+
+
+@main.command()
+@click.option("--timeout", type=click.FloatRange(min=0), default=60, show_default=True, metavar="SECONDS",
+              help="Give up (non-zero exit) after this long.")
+@click.option("--tunnel-kind", "kinds", multiple=True, metavar="KIND",
+              help=f"Link kinds not probed, as tunnels (default: {', '.join(DEFAULT_TUNNEL_KINDS)}).")
+def gate(timeout, kinds) -> None:
+    """Wait until this process's egress outside the tunnel is refused (a pod's first init container).
+
+    Unprivileged: sends a UDP datagram with TTL 1 to 192.0.2.1 through each interface
+    that is up and not a tunnel; exits 0 when the kernel refuses it on every one, 1 at the timeout."""
+    from ksbpf.kubernetes import gate as gate_mod
+    ok = gate_mod.wait(timeout, lambda msg: click.echo(f"ksbpf gate: {msg}", err=True),
+                       tuple(kinds) or DEFAULT_TUNNEL_KINDS)
+    sys.exit(0 if ok else 1)
+
+
+@main.command("warm-cache")
+def warm_cache() -> None:
+    """Compile every common option set into the image cache (helper processes).
+
+    Run at `make install` and by the DaemonSet's init container on each node: the
+    compiled programs depend on the kernel, so the first pod of each option set is
+    then protected without waiting for the compiler."""
+    from ksbpf.kernel import bpf
+    from ksbpf.kernel.compiler import warm
+    preflight.require_root()
+    try:
+        n = warm(_progress)
+    except RuntimeError as exc:
+        raise KsbpfError(f"compiling failed: {exc}", "check `make setup` (bcc, kernel headers)") from None
+    click.echo(f"image cache {bpf.cache_dir()}: {n} option set(s) compiled now, the others were there")
 
 
 @main.command()

@@ -17,6 +17,8 @@ from typing import Union
 from ksbpf.errors import KsbpfError
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+MAX_CIDRS = 256  # entries of each LPM trie (cidrs4, cidrs6)
 PROTOCOLS = {"udp": socket.IPPROTO_UDP, "tcp": socket.IPPROTO_TCP}
 ENDPOINT_PORTS = 8  # port/protocol pairs per endpoint address (KSBPF_EP_PORTS)
 IFNAMSIZ = 16
@@ -120,6 +122,9 @@ class Policy:
     options: Options = field(default_factory=Options)
     tunnel_kinds: tuple[str, ...] = DEFAULT_TUNNEL_KINDS
     events: EventSettings = field(default_factory=EventSettings)
+    # destinations allowed outside the tunnel, DNS included (Kubernetes: the
+    # cluster's service and pod ranges); counted as `lan`
+    allow_cidrs: tuple[IPNetwork, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.tunnels:
@@ -143,6 +148,14 @@ class Policy:
             if per_address[ep.address] > ENDPOINT_PORTS:
                 raise KsbpfError(f"more than {ENDPOINT_PORTS} endpoints on {ep.address}",
                                  f"give at most {ENDPOINT_PORTS} port/protocol pairs per address")
+        cidrs = tuple(sorted(set(self.allow_cidrs), key=lambda n: (n.version, n.network_address.packed, n.prefixlen)))
+        object.__setattr__(self, "allow_cidrs", cidrs)
+        for net in cidrs:
+            if net.prefixlen == 0:
+                raise KsbpfError(f"allowed CIDR {net} is every address: it would open everything outside the tunnel",
+                                 "give the cluster's service and pod ranges, e.g. 10.96.0.0/12")
+        if max(sum(1 for n in cidrs if n.version == v) for v in (4, 6)) > MAX_CIDRS:
+            raise KsbpfError(f"more than {MAX_CIDRS} allowed CIDRs of one address family", "merge them into fewer ranges")
 
     def to_dict(self) -> dict:
         return {
@@ -152,6 +165,7 @@ class Policy:
             "options": asdict(self.options),
             "tunnel_kinds": list(self.tunnel_kinds),
             "events": asdict(self.events),
+            **({"allow_cidrs": [str(n) for n in self.allow_cidrs]} if self.allow_cidrs else {}),
         }
 
     @classmethod
@@ -159,7 +173,8 @@ class Policy:
         """The inverse of to_dict()."""
         return cls(tuple(d["tunnels"]), tuple(Endpoint.parse(e) for e in d.get("endpoints", ())),
                    d.get("netns", ""), Options(**d.get("options", {})),
-                   tuple(d.get("tunnel_kinds", DEFAULT_TUNNEL_KINDS)), EventSettings(**d.get("events", {})))
+                   tuple(d.get("tunnel_kinds", DEFAULT_TUNNEL_KINDS)), EventSettings(**d.get("events", {})),
+                   tuple(parse_cidr(n) for n in d.get("allow_cidrs", ())))
 
     def trusts(self, name: str, kind: str | None) -> bool:
         """Is an interface called `name` of link kind `kind` one of this policy's tunnels?"""
@@ -231,3 +246,12 @@ class NodePolicy:
     def from_dict(cls, d: dict) -> "NodePolicy":
         return cls(Policy.from_dict(d), tuple(d.get("internal", DEFAULT_INTERNAL)),
                    tuple(d.get("exempt_cgroups", ())), d.get("tc_mode", "auto"))
+
+
+def parse_cidr(text: str) -> IPNetwork:
+    """An address range such as 10.96.0.0/12 or fd00:10:96::/112 (host bits must be zero)."""
+    try:
+        return ipaddress.ip_network(text.strip())
+    except ValueError as exc:
+        raise KsbpfError(f"{text!r} is not an address range: {exc}",
+                         "write it as ADDRESS/PREFIX with the host bits zero, e.g. 10.96.0.0/12") from None

@@ -34,6 +34,10 @@ def test_packet_cost_benchmark_runs(tmp_path):
     result = bench(tmp_path, "packet_cost.py", "--rounds", "2", "--repeat", "10")
     assert result["floor_ns"]["median"] > 0
     assert set(result["paths"]) >= {"tunnel v4", "endpoint v6", "drop, events off", "drop, events on (flood: rate-limited)"}
+    assert set(result["hooks"]) == {"cgroup", "tc eth", "tc l3"}   # every hook, each against its own floor
+    for hook in result["hooks"].values():
+        assert hook["floor_ns"]["median"] > 0 and hook["paths"]["tunnel v4"]["target"] == result["hot_target_ratio"]
+    assert {"arp", "drop not_ip (lldp)"} <= set(result["hooks"]["tc eth"]["paths"])
 
 
 @pytest.mark.root
@@ -56,7 +60,26 @@ def test_throughput_benchmark_runs(tmp_path):
         for variant in ("no filter", "no filter (control)", "ksbpf", "nftables", "iptables"):
             assert result["tests"][test][variant][metric]["median"] > 0, (test, variant)
     assert result["checks"]["ksbpf_tunnel_packets"] > 0  # the scope was in the path
-    assert set(result["targets"]) == {"tcp", "udp"} and result["tc_hook"].startswith("not implemented")
+    assert set(result["targets"]) == {"tcp", "udp"} and "node_throughput" in result["tc_hook"]
+
+
+@pytest.mark.root
+def test_node_throughput_benchmark_runs(tmp_path):
+    result = bench(tmp_path, "node_throughput.py", "--rounds", "1", "--seconds", "1")
+    for flow in ("host", "container -> endpoint", "container -> tunnel"):
+        for test, metric in (("tcp", "bps"), ("udp", "rx_pps")):
+            for variant in ("no filter", "no filter (control)", "ksbpf", "nftables", "iptables"):
+                row = result["tests"][flow][test][variant]
+                assert row[metric]["median"] > 0 and row["cpu_ns_per_packet"]["median"] > 0, (flow, test, variant)
+    assert result["checks"]["ksbpf_endpoint_packets"] > 0   # the guard was in the path
+    assert len(result["targets"]) == 6
+
+
+@pytest.mark.root
+def test_node_reaction_benchmark_runs(tmp_path):
+    result = bench(tmp_path, "node_reaction.py", "--interfaces", "3")
+    assert result["from_event"]["n"] == 3 and result["from_event"]["p50_ms"] > 0
+    assert result["daemon_guarded_events"] >= 3 and result["kernel_tcx_attach"]["n"] >= 1
 
 
 @pytest.mark.root
@@ -81,10 +104,11 @@ def test_summary_reports_every_benchmark(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     report = (tmp_path / "README.md").read_text()
-    for name in ("packet_cost", "throughput", "scaling", "reaction", "footprint", "scrape"):
+    for name in ("packet_cost", "throughput", "scaling", "reaction", "node_throughput", "node_reaction",
+                 "footprint", "scrape", "containers"):
         assert f"[{name}]({name}.md)" in report, name
     assert "not run" not in report
-    for plot in ("packet_cost", "throughput", "scaling", "reaction"):
+    for plot in ("packet_cost", "throughput", "scaling", "reaction", "node_throughput", "node_reaction"):
         assert (tmp_path / f"{plot}.png").stat().st_size > 1000
 
 

@@ -22,7 +22,7 @@ import pytest
 from helpers import DaemonProcess, ksbpf, scope_status
 
 from ksbpf.kernel import cgroup
-from ksbpf.lab.containers import FarSide, Runtime, configure_tunnel, delete_link, image_tar, sender
+from ksbpf.lab.containers import FarSide, Runtime, configure_tunnel, delete_link, exclusive, image_tar, sender
 
 pytestmark = pytest.mark.lab
 RUNTIMES = {"podman": "/usr/bin/podman", "docker": "/usr/sbin/dockerd"}
@@ -47,6 +47,16 @@ def diagnose(path: str, far: FarSide, d: DaemonProcess | None = None) -> str:
     if d is not None:
         out.append("\n".join(d.lines[-40:]))
     return "\n".join(out)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_run_at_a_time():
+    """Other checkouts on this machine may run these tests at the same time:
+    the host's firewall and forwarding are snapshot and restored per run."""
+    with exclusive() as waited:
+        if waited > 1:
+            print(f"waited {waited:.0f} s for another container test run to finish")
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +154,10 @@ def test_vpn_and_app_containers_through_the_tunnel_and_nothing_when_it_is_delete
              "the control container's traffic (outside the protected parent, untouched)")
     status = scope_status(path)
     assert [t["registered"] for t in status["tunnels"] if t["present"]] == [True], status["namespaces"]
+    vpn_ns = [n for n in status["namespaces"] if n["inode"] == os.stat(f"/proc/{rt.pid(vpn)}/ns/net").st_ino]
+    assert [n["container"] for n in vpn_ns] in ([rt.cmd("inspect", "-f", "{{.Id}}", vpn)[:12]],
+                                                [rt.cmd("inspect", "-f", "{{.Id}}", f"ksbpf-app-{ctr.tag}")[:12]])
+    assert f"netns    container {vpn_ns[0]['container']}" in ksbpf("status", check=True).stdout
     assert far.outside.get(far.internet, port_app) == 0 and far.outside.get(far.internet, port_vpn) == 0
 
     # the tunnel deleted: the default route now leads out through the bridge and NAT

@@ -127,13 +127,18 @@ def test_clean_scope_is_clean(scope):
     assert "9 ok, 0 fixed, 0 warning(s), 0 failure(s)" in text.stdout
 
 
-def test_program_detached_by_hand(scope):
-    fd = libbpf.obj_get(os.path.join(scope.pin_dir, "prog"))
+def detach_by_hand(pin_dir: str, cg: str) -> None:
+    """What `bpftool cgroup detach` does: the scope's pinned program off its cgroup."""
+    fd = libbpf.obj_get(os.path.join(pin_dir, "prog"))
     try:
-        with cgroups._open_dir(scope.cg) as cg_fd:
+        with cgroups._open_dir(cg) as cg_fd:
             libbpf.prog_detach(fd, cg_fd, cgroups.EGRESS)
     finally:
         os.close(fd)
+
+
+def test_program_detached_by_hand(scope):
+    detach_by_hand(scope.pin_dir, scope.cg)
     rc, found = verify(scope)
     assert rc == 1
     assert verdicts(found)["attached"] == {"fail"}
@@ -164,7 +169,7 @@ def test_tunnel_filter_entry_removed(scope):
     """The ifindex filter in front of the tunnel hash zeroed: only the packets show it."""
     ns = netns.resolve(scope.ns)
     with bpf.ScopeMaps.from_pins(scope.pin_dir) as maps:
-        libbpf.map_update(maps.fds["tunnel_ifindex"], netns.ifindex(ns, "tun0").to_bytes(4, "little"), bytes(4))
+        libbpf.map_update(maps.fds["tunnel_ifindex"], netns.ifindex(ns, "tun0").to_bytes(4, "little"), bytes(8))   # a __u64
     rc, found = verify(scope)
     assert rc == 1 and verdicts(found)["tunnels"] == {"ok"} and verdicts(found)["policy"] == {"fail"}
 

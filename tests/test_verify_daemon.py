@@ -5,7 +5,6 @@ ksbpf_verify_last_success_timestamp_seconds, failures logged and reported by
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,10 +13,7 @@ import time
 import pytest
 from helpers import DaemonProcess, toml_config
 from test_observability import free_port, get, sample
-from test_verify import STRAY, Scope
-
-from ksbpf.kernel import libbpf
-from ksbpf.scopes import cgroups
+from test_verify import STRAY, Scope, detach_by_hand
 
 pytestmark = pytest.mark.root
 
@@ -72,12 +68,7 @@ def test_daemon_verifies_and_reports_a_failure(daemon_scope):
     assert wait_metric(url, "ksbpf_verify_last_success_timestamp_seconds", lambda v: v > 0) <= time.time()
     assert get(url + "/readyz")[0] == 200
     # detached by hand; a reload (a change) runs the check again
-    fd = libbpf.obj_get(os.path.join(sc.pin_dir, "prog"))
-    try:
-        with cgroups._open_dir(sc.cg) as cg_fd:
-            libbpf.prog_detach(fd, cg_fd, cgroups.EGRESS)
-    finally:
-        os.close(fd)
+    detach_by_hand(sc.pin_dir, sc.cg)
     mark = len(d.events)
     d.proc.send_signal(signal.SIGHUP)
     failed = d.wait_for("verify_failed", after=mark, scope=sc.cg, check="attached", timeout=20)

@@ -19,6 +19,7 @@ from typing import Any, Callable, TypeVar
 
 from ksbpf.daemon import trust
 from ksbpf.errors import KsbpfError
+from ksbpf.kubernetes import settings as kubernetes_settings
 from ksbpf.policy import (
     DEFAULT_INTERNAL,
     DEFAULT_TUNNEL_KINDS,
@@ -35,13 +36,14 @@ LOG_FORMATS = ("text", "json")
 
 # Known keys: of the file itself ("") and of each table.
 KEYS: dict[str, tuple[str, ...]] = {
-    "": ("metrics", "daemon", "scope", "node"),
+    "": ("metrics", "daemon", "scope", "node", "kubernetes"),
     "metrics": ("listen",),
     "daemon": ("log_format", "close_stray_sockets", "verify_interval"),
     "scope": ("cgroup", "tunnels", "endpoints", "netns", "allow_lan", "allow_lan_dns",
               "allow_dhcp", "tunnel_kinds", "create_cgroup", "events_rate", "events_burst"),
     "node": ("netns", "tunnels", "endpoints", "allow_lan", "allow_lan_dns", "allow_dhcp", "tunnel_kinds",
              "internal", "default_internal", "exempt_cgroups", "tc_mode", "events_rate", "events_burst"),
+    "kubernetes": kubernetes_settings.KEYS,
 }
 
 KeyPath = tuple[str | int, ...]  # ("scope", 0, "endpoints", 1) is scope[0].endpoints[1]
@@ -85,6 +87,7 @@ class Config:
     node: NodeConfig | None = None
     close_stray_sockets: bool = False   # close sockets created outside a scope held by its processes
     verify_interval: float = 300.0      # seconds between zero-traffic checks of every scope (ksbpf verify)
+    kubernetes: kubernetes_settings.KubernetesSettings = kubernetes_settings.KubernetesSettings()
 
     @property
     def listen(self) -> str:
@@ -95,7 +98,8 @@ class Config:
         return {"path": self.path, "listen": self.listen, "log_format": self.log_format,
                 "close_stray_sockets": self.close_stray_sockets, "verify_interval": self.verify_interval,
                 "scopes": [s.to_dict() for s in self.scopes],
-                "node": self.node.to_dict() if self.node else None}
+                "node": self.node.to_dict() if self.node else None,
+                "kubernetes": self.kubernetes.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -310,7 +314,15 @@ class _Checker:
             table = self.get(data, (), "node", dict, "a [node] table (single brackets)")
             node = self.node(table, ("node",)) if table is not None else None
         return Config(self.path, host, port, log_format, self.scopes(data.get("scope", [])), node, close,
-                      float(interval) if interval is not None else 300.0)
+                      float(interval) if interval is not None else 300.0, self.kubernetes(data))
+
+    def kubernetes(self, data: dict) -> kubernetes_settings.KubernetesSettings:
+        table = self.get(data, (), "kubernetes", dict, "a [kubernetes] table") or {}
+        self.unknown(table, ("kubernetes",), KEYS["kubernetes"])
+        found, issues = kubernetes_settings.check(table)
+        for key, message in issues:
+            self.issue(("kubernetes", key), message)
+        return found
 
     def listen(self, text: str) -> tuple[str, int]:
         try:

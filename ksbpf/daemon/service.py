@@ -20,6 +20,7 @@ kernel's interfaces, from netlink events, and never opens a gap.
 from __future__ import annotations
 
 import os
+import resource
 import select
 import signal
 import time
@@ -37,6 +38,7 @@ from ksbpf.scopes import node as node_scope
 
 RETRY_SECONDS = 5.0     # scopes that could not be applied are retried this often
 RESYNC_SECONDS = 60.0   # full link dump and reconcile, in case an event was ever missed
+COMPILING = "waiting for its program to be compiled (helper process)"
 GUARD_CHECK_SECONDS = 1.0   # node mode: are the guards still attached (nothing tells us when one is removed)
 PENDING_SECONDS = 2.0   # netns "each": a reported namespace not found at once is looked for this long ...
 PENDING_INTERVAL = 0.005   # ... this often
@@ -53,6 +55,7 @@ class ScopeState:
     ns: netns.Netns | None = None
     error: str | None = None     # why it could not be applied (retried)
     in_step: bool = False        # its map was reconciled with the latest link state
+    source: str = "config"       # who asked for it: the configuration file, or a source (kubernetes)
     follow: SubtreeWatch | None = None                    # netns = "each": the subtree's signals
     spaces: dict[int, subtree.NsUse] = field(default_factory=dict)   # ... and the namespaces it uses
     pending: dict[int, float] = field(default_factory=dict)   # reported cookies not registered yet -> give up at
@@ -104,6 +107,9 @@ class Daemon:
         self.heartbeat = time.monotonic()   # when the main loop last turned (/healthz)
         self.ready = False                  # the first apply is done (/readyz)
         self._signals: list[int] = []
+        self.sources: list = []             # other sources of scopes (Kubernetes pods): fileno, deadline, handle
+        self.compiler = None                # compiles in helper processes once the loop runs (never in the daemon)
+        self.pool = None                    # programs verified ahead of time (with a source of scopes)
         self.verifier = None                # the zero-traffic check's thread (ksbpf/daemon/verifier.py)
 
     # -- configuration ---------------------------------------------------------
@@ -115,7 +121,7 @@ class Daemon:
         then (re)build the namespace watches and reconcile."""
         self._apply_node_config(cfg)
         wanted = {sc.cgroup: sc for sc in cfg.scopes}
-        for path in [p for p in self.scopes if p not in wanted]:
+        for path in [p for p, st in self.scopes.items() if p not in wanted and st.source == "config"]:
             result = cgroups.detach(path)
             self.log("scope_removed", scope=path, detached=result.detached_prog_ids)
             self._unfollow(self.scopes.pop(path))
@@ -129,12 +135,84 @@ class Daemon:
                 self._apply_scope(self.scopes[path])
         self._rebuild_watches()
 
+    def add_scope(self, cgroup: str, policy: Policy, source: str) -> ScopeState:
+        """A scope asked for by a source: ensured now (adopted when already in force)."""
+        st = self.scopes.get(cgroup)
+        if st is None or st.policy != policy or (st.error and st.error != COMPILING):
+            old = self.scopes.get(cgroup)
+            st = self.scopes[cgroup] = ScopeState(cgroup, policy, False, source=source)
+            self._apply_scope(st)
+            self._watch_one(st)   # only its namespace: adding one scope costs the same with 1 or 1,000
+            if old and old.ns and (not st.ns or old.ns.inode != st.ns.inode):
+                self._unwatch_if_unused(old.ns.inode)
+        return st
+
+    def remove_scope(self, cgroup: str) -> None:
+        st = self.scopes.pop(cgroup, None)
+        if st is not None:
+            result = cgroups.detach(cgroup)
+            self.log("scope_removed", scope=cgroup, detached=result.detached_prog_ids, pins=result.removed_pins)
+            if st.ns:
+                self._unwatch_if_unused(st.ns.inode)
+
+    def _watch_one(self, st: ScopeState) -> None:
+        """Watch (subscribe, then dump) the scope's namespace if nobody does yet, and reconcile it."""
+        if st.ns is None or st.pin_dir is None:
+            return
+        space = self.namespaces.get(st.ns.inode)
+        if space is None:
+            space = self.namespaces[st.ns.inode] = Namespace(st.ns, links.NetlinkWatch(st.ns), netns.cookie(st.ns))
+            self._resync(space)
+        self._reconcile(space)
+
+    def _unwatch_if_unused(self, inode: int) -> None:
+        used = any((s.ns and s.ns.inode == inode) or any(u.inode == inode for u in s.spaces.values())
+                   for s in self.scopes.values())
+        if inode in self.namespaces and not used and not (self.node and self.node.ns and self.node.ns.inode == inode):
+            self.namespaces.pop(inode).close()
+
+    def _precompile(self, cfg: config.Config) -> None:
+        """Before the loop: compile what the configured scopes need in helper
+        processes (waited for), so the compiler never sits in the daemon's memory."""
+        from ksbpf.kernel.compiler import compile_now
+        todo = {(sc.policy.options, len(sc.policy.endpoints), sc.policy.events) for sc in cfg.scopes
+                if not bpf.image_cached(sc.policy.options, len(sc.policy.endpoints), sc.policy.events)}
+        for options, n, events in todo:
+            ok, error = compile_now(options, n, events)
+            if not ok:
+                self.log("compile_failed", level="error", error=error[-500:])
+
+    def _compiled(self, ok: bool, error: str) -> None:
+        """A helper compiler ended: apply the scopes that waited for it."""
+        if not ok:
+            self.log("compile_failed", level="error", error=error[-500:])
+        for st in [s for s in self.scopes.values() if s.error == COMPILING]:
+            self._apply_scope(st)
+            self._watch_one(st)
+
+    def _start_sources(self, cfg: config.Config) -> None:
+        from ksbpf.kernel.compiler import Compiler
+        self.compiler = Compiler(self._compiled)
+        self.sources.append(self.compiler)
+        if cfg.kubernetes.enabled:
+            from ksbpf.kernel.pool import ProgramPool
+            self.pool = ProgramPool()
+            from ksbpf.kubernetes.pods import PodSource
+            self.sources.append(PodSource(cfg.kubernetes, self))
+
     def _apply_scope(self, st: ScopeState) -> None:
         try:
             if st.create_cgroup and not os.path.exists(st.cgroup):
                 os.makedirs(st.cgroup)
                 self.log("cgroup_created", scope=st.cgroup)
-            result = cgroups.ensure(st.cgroup, st.policy)
+            if self.compiler and not self.compiler.ready(st.policy.options, len(st.policy.endpoints), st.policy.events):
+                if st.error == COMPILING:
+                    return
+                st.error = COMPILING   # the helper's end retries it
+                self.log("scope_compiling", scope=st.cgroup, note="the program for this option set is compiled "
+                         "in a helper process; the scope is attached when it is done")
+                return
+            result = cgroups.ensure(st.cgroup, st.policy, loader=self.pool.load if self.pool else None)
             st.pin_dir, st.error = result.pin_dir, None
             st.ns = None if st.each else netns.resolve(st.policy.netns)
             if st.each:
@@ -303,6 +381,23 @@ class Daemon:
         if tunnels.added or tunnels.removed:
             self.log("map_update", scope=st.name, added=tunnels.added, removed=tunnels.removed, netns=space.ns.label)
 
+    def _guard_new(self, space: Namespace, link: links.Link) -> None:
+        """Node mode: an interface that just appeared is guarded at once, before
+        the rest of its batch is handled (the full sync follows)."""
+        st = self._node_in(space)
+        if st is None or st.node.role(link.name, link.kind, link.ifindex) != "guarded":
+            return
+        try:
+            with pins.locked(f"node-{space.cookie}"):
+                done = node_scope.guard(st.pin_dir, space.ns, link, st.mode, st.pref,
+                                        partial(netns.run_here, space.ns.path))
+        except (OSError, KsbpfError) as exc:
+            self.log("guard_failed", level="error", scope=st.name, interface=link.name, error=str(exc))
+            return   # the full sync that follows tries again
+        if done:
+            self.log("interface_guarded", scope=st.name, interface=link.name, netns=space.ns.label,
+                     ifindex=link.ifindex, tc_mode=st.mode)
+
     def _check_guards(self) -> None:
         """Nothing tells us when someone detaches a guard: look (cheaply), and repair."""
         for space in self.namespaces.values():
@@ -369,6 +464,8 @@ class Daemon:
                     self._note_link(space, before, None)
                 else:
                     space.links[link.ifindex] = link
+                    if before is None:
+                        self._guard_new(space, link)   # first of all: before the rest of the batch
                     self._note_link(space, before, link)
             else:
                 route = links.parse_route(msg)
@@ -471,11 +568,16 @@ class Daemon:
 
     def run(self) -> int:
         cfg = self.load()   # a bad file raises before anything is changed
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:   # a namespace watch and a few maps per pod: a thousand pods need more than 1024
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(write_fd)
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        self._precompile(cfg)
         self.apply(cfg)
+        self._start_sources(cfg)
         self.ready = True
         self._start_verifier(cfg)
         self._serve_metrics(cfg)
@@ -483,16 +585,18 @@ class Daemon:
                  node=self.node.name if self.node else None,
                  namespaces=len(self.namespaces), config=self.config_path, pid=os.getpid())
         next_resync = time.monotonic() + RESYNC_SECONDS
+        resync_queue: list[int] = []
         next_retry = time.monotonic() + RETRY_SECONDS
         next_guard_check = time.monotonic() + GUARD_CHECK_SECONDS
         while True:
             watches = {space.watch.fileno(): space for space in self.namespaces.values()}
+            sources = {src.fileno(): src for src in self.sources}
             follows = {fd: st for st in self.scopes.values() if st.follow for fd in st.follow.fds()}
             pending = [st for st in self.scopes.values() if st.pending and st.follow]
             deadline = min(next_resync, next_retry, next_guard_check if self.node else next_retry,
-                           *(time.monotonic() + PENDING_INTERVAL for _ in pending[:1]))
-            readable, _, _ = select.select([read_fd, *watches, *follows], [], [],
-                                           max(0.0, deadline - time.monotonic()))
+                           *(time.monotonic() + PENDING_INTERVAL for _ in pending[:1]),
+                           *(src.deadline() for src in self.sources))
+            readable = _readable([read_fd, *watches, *follows, *sources], max(0.0, deadline - time.monotonic()))
             self.heartbeat = time.monotonic()
             for fd in readable:
                 if fd == read_fd:
@@ -507,6 +611,8 @@ class Daemon:
                         self._on_subtree(follows[fd])
                 elif fd in watches and self.namespaces.get(watches[fd].ns.inode) is watches[fd]:
                     self._on_events(watches[fd])
+            for src in self.sources:
+                src.handle()   # its queue, and its own timers (cheap when there is nothing to do)
             while self._signals:
                 signum = self._signals.pop(0)
                 if signum == signal.SIGHUP:
@@ -520,6 +626,8 @@ class Daemon:
                         self._unfollow(st)
                     if self.verifier is not None:
                         self.verifier.stop()
+                    for src in self.sources:
+                        src.close()
                     return 0
             if self.node and time.monotonic() >= next_guard_check:
                 self._check_guards()   # puts back a guard that was removed by hand
@@ -539,14 +647,20 @@ class Daemon:
                     self._rebuild_watches()
                 next_retry = time.monotonic() + RETRY_SECONDS
             if time.monotonic() >= next_resync:
-                for st in self.scopes.values():
-                    if st.follow is not None:
-                        st.spaces = subtree.in_use(st.cgroup)
-                self._rebuild_watches()
-                for space in self.namespaces.values():
+                # one namespace at a time, each every RESYNC_SECONDS: with a thousand
+                # pods' namespaces a full pass at once would stall the loop for seconds
+                if not resync_queue:
+                    if any(st.follow is not None for st in self.scopes.values()):
+                        for st in self.scopes.values():
+                            if st.follow is not None:
+                                st.spaces = subtree.in_use(st.cgroup)
+                        self._rebuild_watches()
+                    resync_queue = list(self.namespaces)
+                space = self.namespaces.get(resync_queue.pop()) if resync_queue else None
+                if space:
                     self._resync(space)
                     self._reconcile(space)
-                next_resync = time.monotonic() + RESYNC_SECONDS
+                next_resync = time.monotonic() + RESYNC_SECONDS / max(1, len(self.namespaces))
 
     def reload(self) -> None:
         try:
@@ -561,6 +675,15 @@ class Daemon:
             self.verifier.interval, self.verifier.close_stray = cfg.verify_interval, cfg.close_stray_sockets
             self.verifier.soon()
         self.log("reloaded", scopes=len(self.scopes), failed=sum(1 for s in self.scopes.values() if s.error))
+
+
+def _readable(fds: list[int], timeout: float) -> list[int]:
+    """The fds ready to read (poll(2): select's 1024-descriptor limit is too
+    low for a daemon following a thousand pods' namespaces)."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return [fd for fd, _ in poller.poll(timeout * 1000)]
 
 
 def apply_once(config_path: str, log: EventLog) -> int:

@@ -25,6 +25,7 @@ from ksbpf.verify import check
 
 JOIN_POLL_SECONDS = 2.0
 CONFIRM_SECONDS = 1.0
+QUIET_SECONDS = 0.5     # after a change, wait this long without another (a flapping tunnel: one check)
 
 
 class Verifier:
@@ -39,6 +40,7 @@ class Verifier:
         self.last_success: float | None = None
         self.runs = 0
         self._wake = threading.Event()
+        self._due = 0.0   # monotonic time of the check asked for by the last change
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="verify", daemon=True)
@@ -53,7 +55,8 @@ class Verifier:
         self._thread.join(timeout=30)
 
     def soon(self) -> None:
-        """Run the check as soon as the thread is free (after a change)."""
+        """Run the check once changes have been quiet for QUIET_SECONDS."""
+        self._due = time.monotonic() + QUIET_SECONDS
         self._wake.set()
 
     def wait_for_run(self, after: int, timeout: float) -> bool:
@@ -71,6 +74,8 @@ class Verifier:
                 timeout = min(timeout, JOIN_POLL_SECONDS)
             if self._wake.wait(timeout):
                 self._wake.clear()
+                while not self._stop.is_set() and time.monotonic() < self._due:
+                    self._stop.wait(self._due - time.monotonic())   # soon() may push it further
                 next_check = time.monotonic()
             if self._stop.is_set():
                 return

@@ -36,14 +36,19 @@ PIN_NAMES = {ENTRY_CGROUP: "prog", ENTRY_TC_ETH: "prog_eth", ENTRY_TC_L3: "prog_
 TC_ENTRIES = (ENTRY_TC_ETH, ENTRY_TC_L3)
 PROG_NAME = ENTRY_CGROUP
 MAP_NAMES = ("tunnels", "tunnel_ifindex", "endpoints4", "endpoints6", "counters", "meta", "events", "bucket",
-             "exempt", "scope_netns", "verify_nonce", "netns_known", "netns_events")
+             "exempt", "scope_netns", "verify_nonce", "netns_known", "netns_events",
+             "cidrs4", "cidrs6")
+# absent from pins of scopes made before them: --netns each's maps; allow_cidrs' tries (those allow none)
+OPTIONAL_MAPS = ("netns_known", "netns_events", "cidrs4", "cidrs6")
 IFINDEX_FILTER = 4096  # KSBPF_IFINDEX_FILTER
+TUNNEL_SEVERAL = (1 << 64) - 1  # KSBPF_TUNNEL_SEVERAL
 META_SIZE = 8192
 EP_PORTS = 8  # (port, protocol) pairs per endpoint address
 MAX_TUNNELS = 64
 
 _TUNNEL_KEY = struct.Struct("=QII")   # netns_cookie, ifindex, pad
 _U32 = struct.Struct("=I")
+_U64 = struct.Struct("=Q")
 _COUNTER = struct.Struct("=QQ")       # packets, bytes
 _EXEMPT = struct.Struct("=QII")       # cgroup_id, level, pad
 MAX_EXEMPT = 8                        # KSBPF_MAX_EXEMPT
@@ -105,7 +110,7 @@ class ScopeMaps:
     """One scope's maps, by file descriptor."""
 
     def __init__(self, fds: dict[str, int], owned: bool):
-        missing = set(MAP_NAMES) - set(fds)
+        missing = set(MAP_NAMES) - set(OPTIONAL_MAPS) - set(fds)
         if missing:
             raise KsbpfError(f"BPF maps missing: {', '.join(sorted(missing))}",
                              "re-run `ksbpf attach` to rebuild the scope")
@@ -118,7 +123,10 @@ class ScopeMaps:
         fds: dict[str, int] = {}
         try:
             for name in MAP_NAMES:
-                fds[name] = libbpf.obj_get(os.path.join(directory, name))
+                path = os.path.join(directory, name)
+                if name in OPTIONAL_MAPS and not os.path.exists(path):
+                    continue
+                fds[name] = libbpf.obj_get(path)
         except OSError:
             for fd in fds.values():
                 os.close(fd)
@@ -138,19 +146,27 @@ class ScopeMaps:
         self.close()
 
     # tunnels: the (cookie, ifindex) hash, and the per-ifindex filter in front of it
-    def _filter_ifindex(self, ifindex: int) -> None:
-        """tunnel_ifindex[ifindex] = how many tunnels have that ifindex (in any namespace)."""
-        if ifindex < IFINDEX_FILTER:
-            n = sum(1 for t in self.tunnels() if t.ifindex == ifindex)
-            libbpf.map_update(self.fds["tunnel_ifindex"], _U32.pack(ifindex), _U32.pack(n))
+    def _filter_ifindex(self, ifindex: int, leaving: int | None = None) -> None:
+        """tunnel_ifindex[ifindex]: 0 when no namespace has a tunnel with that
+        ifindex, the namespace's cookie when exactly one has, TUNNEL_SEVERAL
+        when more do (ksbpf.h); `leaving`: a cookie about to be removed.  (A
+        scope pinned before the filter held cookies holds a count: kept so.)"""
+        if ifindex >= IFINDEX_FILTER:
+            return
+        cookies = {t.netns_cookie for t in self.tunnels() if t.ifindex == ifindex} - {leaving}
+        if self._value_size["tunnel_ifindex"] == _U32.size:
+            value = _U32.pack(len(cookies))
+        else:
+            value = _U64.pack(0 if not cookies else next(iter(cookies)) if len(cookies) == 1 else TUNNEL_SEVERAL)
+        libbpf.map_update(self.fds["tunnel_ifindex"], _U32.pack(ifindex), value)
 
     def add_tunnel(self, netns_cookie: int, ifindex: int, index: int) -> None:
         libbpf.map_update(self.fds["tunnels"], tunnel_key(netns_cookie, ifindex), _U32.pack(index))
         self._filter_ifindex(ifindex)   # after: the filter never says "tunnel" before the hash does
 
     def remove_tunnel(self, netns_cookie: int, ifindex: int) -> None:
+        self._filter_ifindex(ifindex, leaving=netns_cookie)   # before: the filter decides without the hash
         libbpf.map_delete(self.fds["tunnels"], tunnel_key(netns_cookie, ifindex))
-        self._filter_ifindex(ifindex)
 
     def tunnels(self) -> list[TunnelEntry]:
         fd = self.fds["tunnels"]
@@ -184,6 +200,11 @@ class ScopeMaps:
                     if proto in _PROTO_NAMES:
                         out.append(Endpoint(ipaddress.ip_address(key), port, _PROTO_NAMES[proto]))
         return sorted(out, key=Endpoint.sort_key)
+
+    # allowed CIDRs: LPM tries keyed by (prefix length, address)
+    def add_cidr(self, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
+        name = "cidrs4" if net.version == 4 else "cidrs6"
+        libbpf.map_update(self.fds[name], _U32.pack(net.prefixlen) + net.network_address.packed, b"\x01")
 
     # node mode: the namespace of the guarded interfaces
     def set_netns_cookie(self, cookie: int) -> None:

@@ -104,6 +104,7 @@ def _lib() -> ctypes.CDLL:
         "bpf_map_update_elem": (c_int, [c_int, vp, vp, ctypes.c_uint64]),
         "bpf_map_delete_elem": (c_int, [c_int, vp]),
         "bpf_map_get_next_key": (c_int, [c_int, vp, vp]),
+        "bpf_map_lookup_batch": (c_int, [c_int, vp, vp, vp, vp, vp, vp]),
         "bpf_prog_test_run_opts": (c_int, [c_int, vp]),
         "libbpf_probe_bpf_prog_type": (c_int, [c_int, vp]),
         "libbpf_probe_bpf_helper": (c_int, [c_int, c_int, vp]),
@@ -265,6 +266,20 @@ def map_keys(fd: int, key_size: int) -> list[bytes]:
         _check(ret, "map iterate")
         keys.append(nxt.raw)
         cur = ctypes.create_string_buffer(nxt.raw, key_size)
+
+
+def map_lookup_batch(fd: int, key_size: int, value_size: int, count: int) -> tuple[bytes, bytes, int]:
+    """Up to `count` entries from the start of a map in one system call:
+    (keys, values, how many).  value_size: per entry as the kernel lays them
+    out (per-CPU maps: round_up(value_size, 8) * possible CPUs)."""
+    keys = ctypes.create_string_buffer(key_size * count)
+    values = ctypes.create_string_buffer(value_size * count)
+    out_batch = ctypes.create_string_buffer(max(key_size, 8))
+    n = ctypes.c_uint32(count)
+    ret = _lib().bpf_map_lookup_batch(fd, None, out_batch, keys, values, ctypes.byref(n), None)
+    if ret < 0 and -ret != 2:   # ENOENT: the end of the map was reached
+        _check(ret, "map batch lookup")
+    return keys.raw, values.raw, n.value
 
 
 def num_possible_cpus() -> int:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
+import fcntl
 import ipaddress
 import json
 import os
@@ -40,8 +42,28 @@ from ksbpf.errors import KsbpfError
 from ksbpf.kernel import cgroup, netns
 
 WIREGUARD_GO = "/usr/bin/wireguard-go"
+# what the runtimes create outside their work directory (state, shim sockets, a blob cache):
+# removed at the end unless it existed before
+RUNTIME_PATHS = ("/run/containers", "/run/libpod", "/run/docker", "/run/containerd", "/var/lib/containers")
 BUSYBOX = "/bin/busybox"
 WG_PORT = 51820
+
+
+LOCK_FILE = "/run/ksbpf-container-tests.lock"
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: str = LOCK_FILE):
+    """One container test run at a time on the machine: the runtimes share
+    the host's firewall chains, forwarding switch and state directories, which
+    each run snapshots and restores.  Yields the seconds it waited."""
+    with open(lock_file, "a") as f:
+        t0 = time.monotonic()
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield time.monotonic() - t0
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _run(*cmd: str, check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
@@ -211,6 +233,7 @@ class Runtime:
     def start(self, image_tar_path: str) -> float:
         """Start the runtime and import the image; seconds it took."""
         t0 = time.monotonic()
+        self._preexisting = {p for p in RUNTIME_PATHS if os.path.lexists(p)}
         self.host = HostNetState([self.bridge, self.subnet])
         self.mnt = MountNamespace()
         if self.kind == "podman":
@@ -323,6 +346,10 @@ class Runtime:
             _run("ip", "link", "del", self.bridge, check=False)
             if self.host is not None:
                 done = self.host.restore()
+                for path in RUNTIME_PATHS:
+                    if path not in self._preexisting and os.path.lexists(path):
+                        shutil.rmtree(path, ignore_errors=True)
+                        done.append(f"removed {path}")
             shutil.rmtree(self.workdir, ignore_errors=True)
         return done
 

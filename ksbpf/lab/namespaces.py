@@ -298,11 +298,19 @@ class Lab:
         self._wg[ifname] = proc
 
         def ready() -> bool:
+            """The socket answers: it exists between wireguard-go's bind() and
+            listen() too, and a `wg` refused there falls back to kernel
+            WireGuard ("Protocol not supported")."""
             if proc.poll() is not None:
                 raise KsbpfError(f"lab: wireguard-go {ifname} exited with status {proc.returncode}")
-            return os.path.exists(sock)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe_sock:
+                try:
+                    probe_sock.connect(sock)
+                except OSError:
+                    return False
+            return True
 
-        _wait(ready, 5, f"wireguard-go to create {sock}")
+        _wait(ready, 10, f"wireguard-go to listen on {sock}")
         assert self._keydir is not None
         with open(os.path.join(self._keydir, f"{peer}.pub")) as f:
             peer_pub = f.read().strip()

@@ -165,13 +165,17 @@ class MetricsServer:
     """/metrics, /healthz and /readyz on a background thread."""
 
     def __init__(self, daemon: Daemon, host: str, port: int):
-        reg = registry(daemon)
+        from ksbpf.observability.scrape import Scraper
+        scraper = Scraper(daemon)   # the daemon's fast path: maps kept open, its own netlink view
+        lock = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
-                    self._send(200, generate_latest(reg), CONTENT_TYPE_LATEST)
+                    with lock:   # one scrape at a time: the scraper's open maps are shared
+                        body = scraper.render()
+                    self._send(200, body, CONTENT_TYPE_LATEST)
                 elif path == "/healthz":
                     age = time.monotonic() - daemon.heartbeat
                     ok = age < HEALTHY_WITHIN

@@ -12,7 +12,7 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ksbpf.errors import KsbpfError
 from ksbpf.kernel import bpf, cgroup, libbpf, links, netns, pins, preflight, privileges
@@ -103,7 +103,7 @@ class AttachResult:
 
 
 def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.quiet,
-           bpffs: str = pins.BPFFS) -> AttachResult:
+           bpffs: str = pins.BPFFS, loader: Callable | None = None) -> AttachResult:
     """Protect a cgroup with `policy`.  If it is already protected, the new
     program is attached before the old one is detached: during the swap both
     run and a packet must pass both, so there is no unprotected moment."""
@@ -115,7 +115,8 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
     ns = None if each else netns.resolve(policy.netns)
 
     progress("loading the policy program (compiled by bcc unless a cached image fits)")
-    prog = bpf.load(policy.options, len(policy.endpoints), policy.events, entries=subtree.entries(policy))
+    prog = (loader or bpf.load)(policy.options, len(policy.endpoints), policy.events,   # loader: a ProgramPool's
+                                entries=subtree.entries(policy))
     with pins.locked(f"cgroup-{cg.id}"):   # taken after compiling: others wait milliseconds, not the compiler
         try:
             if ns is None:   # every namespace the subtree uses now; the daemon follows later ones
@@ -131,6 +132,8 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
                 ns_meta = {"path": ns.path, "inode": ns.inode}
             for ep in policy.endpoints:
                 prog.maps.add_endpoint(ep)
+            for net in policy.allow_cidrs:
+                prog.maps.add_cidr(net)
             meta = {
                 "version": common.META_VERSION, "cgroup": cg.path, "cgroup_id": cg.id,
                 # the endpoints live in their maps (there may be many)
@@ -365,6 +368,7 @@ def _each_states(policy: Policy, cg_path: str,
         states = common.tunnel_states(policy, sp.use.label, sp.links, registered)
         tunnels += states
         namespaces.append({"inode": sp.use.inode, "cookie": sp.cookie, "pid": sp.use.pid, "comm": sp.use.comm,
+                           "container": sp.use.container,
                            "cgroup": sp.use.cgroup, "processes": sp.use.processes, "label": sp.use.label,
                            "tunnels": [t.to_dict() for t in states]})
     return tunnels, namespaces
@@ -390,7 +394,7 @@ class EnsureResult:
 
 
 def ensure(cgroup_path: str, policy: Policy, progress: common.Progress = common.quiet,
-           bpffs: str = pins.BPFFS) -> EnsureResult:
+           bpffs: str = pins.BPFFS, loader: Callable | None = None) -> EnsureResult:
     """Make the cgroup protected by exactly `policy`.  A scope already in
     force with that policy (attached by hand, by an earlier daemon, at boot)
     is adopted as it is: no detach, no re-attach.  Otherwise attach()
@@ -405,7 +409,7 @@ def ensure(cgroup_path: str, policy: Policy, progress: common.Progress = common.
             current = None  # damaged pins: rebuild below
         if current and current.attached and current.netns_ok and current.policy == policy:
             return EnsureResult("adopted", cg.path, pin_dir)
-    result = attach(cg.path, policy, progress, bpffs)
+    result = attach(cg.path, policy, progress, bpffs, loader)
     return EnsureResult("replaced" if result.replaced else "attached", cg.path, pin_dir, result)
 
 

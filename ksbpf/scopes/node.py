@@ -196,13 +196,23 @@ def sync_guards(pin_dir: str, np: NodePolicy, ns: netns.Netns, present: list[lin
     want = {link.ifindex: link for link in guarded_links(np, present)}
     by_index = {link.ifindex: link for link in present}
     if mode == "tcx":
-        for ifindex in _pinned_ifindexes(pin_dir):
-            if ifindex not in want or not tcx_guard_alive(pin_dir, ifindex):
+        # First the interfaces that have no pin at all: surely unguarded (one that
+        # just appeared), and guarded before the pins of the others are looked at.
+        pinned = _pinned_ifindexes(pin_dir)
+        for ifindex in sorted(want.keys() - set(pinned)):
+            if guard(pin_dir, ns, want[ifindex], mode, pref, runner):
+                result.guarded.append(want[ifindex].name)
+        # Then every pin, looked at once: released, or its link detached (put back).
+        missing = []
+        for ifindex in pinned:
+            alive = tcx_guard_alive(pin_dir, ifindex)
+            if ifindex not in want or not alive:
                 link = by_index.get(ifindex)
                 unguard(pin_dir, ifindex, mode, pref, ns, link.name if link else None)
                 if ifindex not in want:
                     result.released.append(link.name if link else str(ifindex))
-        missing = [link for i, link in want.items() if not tcx_guard_alive(pin_dir, i)]
+                else:
+                    missing.append(want[ifindex])
     else:
         live = guards_in_force(pin_dir, ns, present, mode)
         for link in present:

@@ -18,6 +18,7 @@ daemon call it.
 from __future__ import annotations
 
 import os
+import re
 import struct
 from dataclasses import dataclass
 
@@ -59,8 +60,16 @@ class NsUse:
         return f"/proc/{self.pid}/ns/net"
 
     @property
+    def container(self) -> str | None:
+        """The container's id (12 characters, as `docker ps`/`podman ps` show it),
+        from its cgroup: <id>, libpod-<id>, docker-<id>.scope, libpod-<id>.scope."""
+        m = re.search(r"(?:^|[/-])([0-9a-f]{64})(?:\.scope)?(?:/|$)", self.cgroup)
+        return m[1][:12] if m else None
+
+    @property
     def label(self) -> str:
-        return f"{self.comm}[{self.pid}] in {self.cgroup}"
+        who = f"container {self.container}, " if self.container else ""
+        return f"{who}{self.comm}[{self.pid}] in {self.cgroup}"
 
     def netns(self) -> netns.Netns:
         return netns.Netns(self.label, self.path, self.inode)

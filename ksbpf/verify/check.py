@@ -298,20 +298,29 @@ class _ScopeCheck:
     def add(self, check: str, verdict: str, detail: str, fix: str = "") -> None:
         self.findings.append(Finding(self.scope, check, verdict, detail, fix))
 
-    def run(self) -> list[Finding]:
+    def _open(self, name_key: str, kind: str | None, again: str) -> tuple[bpf.ScopeMaps, dict] | None:
+        """The scope's maps and meta record; None (after a FAIL finding) when
+        they cannot be read or are of another ksbpf version."""
         try:
             maps = bpf.ScopeMaps.from_pins(self.pin_dir)
         except (OSError, KsbpfError) as exc:
-            self.add("pins", FAIL, f"{self.pin_dir}: the scope's maps cannot be opened: {exc}",
-                     "attach the scope again (ksbpf attach ...), or remove the stale pins: ksbpf detach --cgroup PATH")
+            self.add("pins", FAIL, f"{self.pin_dir}: the scope's maps cannot be opened: {exc}", again)
+            return None
+        meta = maps.read_meta()
+        self.scope = meta.get(name_key, self.pin_dir)
+        if meta.get("version") != common.META_VERSION or (kind and meta.get("kind") != kind):
+            maps.close()
+            self.add("pins", FAIL, f"pins of another ksbpf version ({meta.get('version')})",
+                     f"attach it again with this ksbpf ({again})")
+            return None
+        return maps, meta
+
+    def run(self) -> list[Finding]:
+        opened = self._open("cgroup", None, "ksbpf attach --cgroup PATH ..., or remove the pins: ksbpf detach --cgroup PATH")
+        if opened is None:
             return self.findings
+        maps, meta = opened
         with maps:
-            meta = maps.read_meta()
-            self.scope = meta.get("cgroup", self.pin_dir)
-            if meta.get("version") != common.META_VERSION:
-                self.add("pins", FAIL, f"pins of another ksbpf version ({meta.get('version')})",
-                         f"attach the scope again with this ksbpf: ksbpf attach --cgroup {self.scope} ...")
-                return self.findings
             try:
                 policy = common.policy_from(meta, maps.endpoints())
             except (KeyError, ValueError, KsbpfError) as exc:
@@ -521,19 +530,11 @@ class _NodeCheck(_ScopeCheck):
     programs decide as the policy says on each of them."""
 
     def run(self) -> list[Finding]:
-        try:
-            maps = bpf.ScopeMaps.from_pins(self.pin_dir)
-        except (OSError, KsbpfError) as exc:
-            self.add("pins", FAIL, f"{self.pin_dir}: the node scope's maps cannot be opened: {exc}",
-                     "attach it again (ksbpf attach --node ...), or remove it: ksbpf detach --node")
+        opened = self._open("name", "node", "ksbpf attach --node ..., or remove it: ksbpf detach --node")
+        if opened is None:
             return self.findings
+        maps, meta = opened
         with maps:
-            meta = maps.read_meta()
-            self.scope = meta.get("name", self.pin_dir)
-            if meta.get("version") != common.META_VERSION or meta.get("kind") != "node":
-                self.add("pins", FAIL, f"pins of another ksbpf version ({meta.get('version')})",
-                         "attach it again with this ksbpf: ksbpf attach --node ...")
-                return self.findings
             np = NodePolicy.from_dict({**meta["policy"], "endpoints": [str(e) for e in maps.endpoints()]})
             self._node(maps, meta, np)
         return self.findings

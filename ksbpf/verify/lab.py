@@ -319,41 +319,38 @@ class LeakLab:
         self.cell(f"the tunnel's ifindex ({index}) in another namespace", "udp", self.other4[1], port,
                   ns=self.other_ns, far=self.far_other)
 
-    def _reattach_under_load(self) -> None:
-        lab = self.lab
-        far = self.far
+    def _stream_cell(self, vector: str, dst: str, ports: tuple[int, int], meanwhile: Callable[[], None],
+                     note: Callable[[dict], str]) -> None:
+        """A 1/ms udp stream from the cgroup (to ports[0]) and a control stream
+        from outside it (to ports[1]) while `meanwhile` happens."""
+        lab, far = self.lab, self.far
         far.reset()
-        port_p, port_c = 33500, 33501
-        protected = _Stream(lab.client_ns, self.cg, lab.phy4_server, port_p, 1.5)
-        control = _Stream(lab.client_ns, None, lab.phy4_server, port_c, 1.5)
-        for _ in range(3):
-            cgroups.attach(self.cg, self.policy)   # make-before-break, under load
+        protected = _Stream(lab.client_ns, self.cg, dst, ports[0], 1.5)
+        control = _Stream(lab.client_ns, None, dst, ports[1], 1.5)
+        meanwhile()
         got = protected.wait()
         control.wait()
         time.sleep(SETTLE)
-        cell = Cell("re-attach (3x, make-before-break) under a 1/ms udp stream", far.count(dport=port_p),
-                    far.count(dport=port_c),
-                    f"{got.get('errors', {}).get('EPERM', 0)} datagrams refused, {got.get('sent', 0)} sent")
+        cell = Cell(vector, far.count(dport=ports[0]), far.count(dport=ports[1]), note(got))
         self.matrix.cells.append(cell)
         self.progress(f"{cell.vector}: {cell.verdict}")
 
+    def _reattach_under_load(self) -> None:
+        def reattach() -> None:
+            for _ in range(3):
+                cgroups.attach(self.cg, self.policy)   # make-before-break, under load
+        self._stream_cell("re-attach (3x, make-before-break) under a 1/ms udp stream", self.lab.phy4_server,
+                          (33500, 33501), reattach,
+                          lambda got: f"{got.get('errors', {}).get('EPERM', 0)} datagrams refused, {got.get('sent', 0)} sent")
+
     def _tunnel_deleted_mid_stream(self) -> None:
-        lab = self.lab
-        far = self.far
-        far.reset()
-        port_p, port_c = 33600, 33601
-        protected = _Stream(lab.client_ns, self.cg, lab.net4_server, port_p, 1.5)
-        control = _Stream(lab.client_ns, None, lab.net4_server, port_c, 1.5)
-        time.sleep(0.3)   # both flow through the tunnel ...
-        lab.tunnel_down()   # ... which is deleted: the default route now leads over the physical link
-        got = protected.wait()
-        control.wait()
-        time.sleep(SETTLE)
-        cell = Cell("the tunnel deleted mid-stream (route falls back to the physical link)", far.count(dport=port_p),
-                    far.count(dport=port_c), f"{got.get('sent', 0)} datagrams sent through the tunnel, "
-                    f"{got.get('errors', {}).get('EPERM', 0)} refused after it was deleted")
-        self.matrix.cells.append(cell)
-        self.progress(f"{cell.vector}: {cell.verdict}")
+        def delete() -> None:
+            time.sleep(0.3)            # both flow through the tunnel ...
+            self.lab.tunnel_down()     # ... which is deleted: the default route now leads over the physical link
+        self._stream_cell("the tunnel deleted mid-stream (route falls back to the physical link)", self.lab.net4_server,
+                          (33600, 33601), delete,
+                          lambda got: f"{got.get('sent', 0)} datagrams sent through the tunnel, "
+                                      f"{got.get('errors', {}).get('EPERM', 0)} refused after it was deleted")
 
 
 def run_lab(as_json: bool = False, progress: Callable[[str], None] | None = None) -> bool:
