@@ -229,4 +229,17 @@ class Scraper:
                    for k, n in sorted(dict(self.daemon.netlink_events).items()))
         family("ksbpf_route_alerts_total", "counter", "Routes added outside a tunnel while a scope was protected (TunnelVision)")
         out.append(f"ksbpf_route_alerts_total {self.daemon.route_alerts}.0\n")
+        verifier = getattr(self.daemon, "verifier", None)
+        if verifier is not None:   # the daemon's zero-traffic check: few samples, rendered by prometheus_client
+            from prometheus_client import generate_latest
+            from prometheus_client.core import CollectorRegistry
+
+            from ksbpf.observability.metrics import verify_metrics
+
+            class _Verify:
+                def collect(self):
+                    return verify_metrics(verifier)
+            reg = CollectorRegistry(auto_describe=False)
+            reg.register(_Verify())
+            out.append(generate_latest(reg).decode())
         return "".join(out).encode()
