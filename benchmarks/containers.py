@@ -35,7 +35,7 @@ import time
 import uuid
 
 import report
-from reaction import START_LIMIT_S, TunWorker, percentile, summary, wait_until
+from reaction import TunWorker, percentile, start_daemon, summary, wait_until
 
 from ksbpf.kernel import bpf, cgroup, netns, pins
 from ksbpf.scopes import cgroups
@@ -111,7 +111,6 @@ def run(flaps: int, late: int) -> dict:
     ns_a, ns_b, tun = f"ksbpf-bcA-{tag}", f"ksbpf-bcB-{tag}", f"tunc{tag}"
     cg = os.path.join(cgroup.cgroup2_root(), f"ksbpf-bench-{tag}")
     workdir = tempfile.mkdtemp(prefix="ksbpf-bench-")
-    config = os.path.join(workdir, "ksbpf.toml")
     made_ns: list[str] = []
     daemon = sender = worker_b = None
     try:
@@ -120,14 +119,9 @@ def run(flaps: int, late: int) -> dict:
             made_ns.append(name)
             _ip("-n", name, "link", "set", "lo", "up")
         os.mkdir(cg)
-        with open(config, "w") as f:
-            f.write(f'[[scope]]\ncgroup = "{cg}"\ntunnels = ["{tun}"]\nnetns = "each"\nevents_rate = 0\n')
-        log = open(os.path.join(workdir, "daemon.log"), "w")
-        daemon = subprocess.Popen([sys.executable, "-m", "ksbpf.cli", "daemon", "--config", config,
-                                   "--log-format", "json"], stdout=log, stderr=log)
         pin_dir = pins.scope_dir(cgroup.cgroup_id(cg))
-        wait_until(lambda: os.path.exists(os.path.join(pin_dir, "meta")) or daemon.poll() is not None,
-                   "the daemon's start", START_LIMIT_S)
+        daemon = start_daemon(workdir, f'[[scope]]\ncgroup = "{cg}"\ntunnels = ["{tun}"]\nnetns = "each"\n'
+                                       'events_rate = 0\n', pin_dir)
         time.sleep(0.5)
         path_a, path_b = (os.path.join(netns.NETNS_RUN_DIR, n) for n in (ns_a, ns_b))
         cookie_b = netns.cookie(netns.resolve(ns_b))

@@ -37,7 +37,7 @@ import time
 import uuid
 
 import report
-from reaction import START_LIMIT_S, TARGET_P99_MS, percentile, summary, table_row, wait_until
+from reaction import TARGET_P99_MS, percentile, start_daemon, summary, table_row, wait_until
 
 from ksbpf.kernel import bpf, libbpf, netns, pins, tc
 from ksbpf.scopes import node as node_scope
@@ -191,24 +191,15 @@ def run(count: int) -> dict:
     tag = uuid.uuid4().hex[:6]
     ns_name = f"ksbpf-bench-{tag}"
     workdir = tempfile.mkdtemp(prefix="ksbpf-bench-")
-    config = os.path.join(workdir, "ksbpf.toml")
     subprocess.run(["ip", "netns", "add", ns_name], check=True)
     ns_path = os.path.join(netns.NETNS_RUN_DIR, ns_name)
     daemon = listener = None
     log_path = os.path.join(workdir, "daemon.log")
     try:
         subprocess.run(["ip", "-n", ns_name, "link", "set", "lo", "up"], check=True)
-        with open(config, "w") as f:
-            f.write(f'[node]\nnetns = "{ns_name}"\ntunnels = ["wgb{tag}"]\n'
-                    f'endpoints = ["198.51.100.1:51820/udp"]\n')
-        with open(log_path, "w") as log:
-            daemon = subprocess.Popen([sys.executable, "-m", "ksbpf.cli", "daemon", "--config", config,
-                                       "--log-format", "json"], stdout=log, stderr=log)
         pin_dir = pins.node_dir(netns.cookie(netns.resolve(ns_name)))
-        wait_until(lambda: os.path.exists(os.path.join(pin_dir, "meta")) or daemon.poll() is not None, "node mode",
-              START_LIMIT_S)
-        if daemon.poll() is not None:
-            raise RuntimeError(f"the daemon exited: {open(log_path).read()[-2000:]}")
+        daemon = start_daemon(workdir, f'[node]\nnetns = "{ns_name}"\ntunnels = ["wgb{tag}"]\n'
+                                       f'endpoints = ["198.51.100.1:51820/udp"]\n', pin_dir)
         time.sleep(0.5)  # let it finish its start-up reconcile
         ours = _node_prog_ids(pin_dir)
         listener = LinkListener(ns_path)

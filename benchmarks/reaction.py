@@ -102,6 +102,24 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
+def start_daemon(workdir: str, config_text: str, pin_dir: str) -> subprocess.Popen:
+    """`ksbpf daemon` on this configuration (written to workdir, its log beside
+    it), once it has pinned the scope at pin_dir -- its first attach may
+    compile the program: seconds, more on a loaded machine."""
+    config = os.path.join(workdir, "ksbpf.toml")
+    with open(config, "w") as f:
+        f.write(config_text)
+    with open(os.path.join(workdir, "daemon.log"), "w") as log:
+        daemon = subprocess.Popen([sys.executable, "-m", "ksbpf.cli", "daemon", "--config", config,
+                                   "--log-format", "json"], stdout=log, stderr=log)
+    wait_until(lambda: os.path.exists(os.path.join(pin_dir, "meta")) or daemon.poll() is not None,
+               "the daemon's start", START_LIMIT_S)
+    if daemon.poll() is not None:
+        with open(os.path.join(workdir, "daemon.log")) as f:
+            raise RuntimeError(f"the daemon exited: {f.read()[-2000:]}")
+    return daemon
+
+
 def summary(ms: list[float]) -> dict:
     return {"n": len(ms), "p50_ms": round(percentile(ms, 50), 3), "p99_ms": round(percentile(ms, 99), 3),
             "max_ms": round(max(ms), 3), "mean_ms": round(statistics.fmean(ms), 3)}
@@ -112,19 +130,13 @@ def run(flaps: int) -> dict:
     ns_name, tun = f"ksbpf-bench-{tag}", f"tunb{tag}"
     cg = os.path.join(cgroup.cgroup2_root(), f"ksbpf-bench-{tag}")
     workdir = tempfile.mkdtemp(prefix="ksbpf-bench-")
-    config = os.path.join(workdir, "ksbpf.toml")
     subprocess.run(["ip", "netns", "add", ns_name], check=True)
     os.mkdir(cg)
     daemon = None
     try:
-        with open(config, "w") as f:
-            f.write(f'[[scope]]\ncgroup = "{cg}"\ntunnels = ["{tun}"]\nnetns = "{ns_name}"\n')
-        log = open(os.path.join(workdir, "daemon.log"), "w")
-        daemon = subprocess.Popen([sys.executable, "-m", "ksbpf.cli", "daemon", "--config", config,
-                                   "--log-format", "json"], stdout=log, stderr=log)
         pin_dir = pins.scope_dir(cgroup.cgroup_id(cg))
-        wait_until(lambda: os.path.exists(os.path.join(pin_dir, "meta")) or daemon.poll() is not None,
-                   "the daemon's start", START_LIMIT_S)
+        daemon = start_daemon(workdir, f'[[scope]]\ncgroup = "{cg}"\ntunnels = ["{tun}"]\nnetns = "{ns_name}"\n',
+                              pin_dir)
         time.sleep(0.5)  # let it finish its start-up reconcile
         worker = TunWorker(netns.resolve(ns_name), tun)
         appear, vanish = [], []
