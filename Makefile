@@ -50,7 +50,7 @@ install: setup
 	[ -e /etc/ksbpf/ksbpf.toml ] || install -m 0644 deploy/ksbpf.toml.example /etc/ksbpf/ksbpf.toml
 	ln -sfn $(abspath $(VENV))/bin/ksbpf $(PREFIX)/bin/ksbpf
 	install -m 0644 deploy/systemd/ksbpf-early.service deploy/systemd/ksbpf.service /etc/systemd/system/
-	$(VENV)/bin/ksbpf warm-cache
+	$(VENV)/bin/ksbpf warm-cache || echo "install: the program cache was not warmed (no BPF here: a chroot, an image build?); the first attach compiles instead"
 	@echo "installed. Next: edit /etc/ksbpf/ksbpf.toml, check it with 'ksbpf check-config /etc/ksbpf/ksbpf.toml',"
 	@echo "then: systemctl daemon-reload && systemctl enable --now ksbpf-early.service ksbpf.service"
 
