@@ -415,6 +415,15 @@ def check_config(file, as_json) -> None:
         click.echo(f"    endpoints {', '.join(map(str, p.endpoints)) or 'none'}")
         opts = [k for k, on in vars(p.options).items() if on]
         click.echo(f"    options   {', '.join(opts) or 'none (strict)'}")
+    if cfg.node is not None:
+        n, p = cfg.node.node, cfg.node.node.policy
+        click.echo(f"  node mode (line {cfg.node.line}): netns {p.netns or 'own'}, guards every interface but the tunnels "
+                   f"and the internal ones ({' '.join(n.internal) or 'none'}); tc mode {n.tc_mode}")
+        click.echo(f"    tunnels   {', '.join(p.tunnels)} (kinds {', '.join(p.tunnel_kinds)})")
+        click.echo(f"    endpoints {', '.join(map(str, p.endpoints)) or 'none'}")
+        click.echo(f"    options   {', '.join(k for k, on in vars(p.options).items() if on) or 'none (strict)'}")
+        if n.exempt_cgroups:
+            click.echo(f"    exempt    {', '.join(n.exempt_cgroups)}")
     if cfg.kubernetes.enabled:
         k = cfg.kubernetes
         click.echo(f"  kubernetes: pods of node {k.node_name or '$NODE_NAME'} annotated {k.annotation_prefix}*; "
