@@ -6,9 +6,13 @@ another test namespace), and passes once the cgroup is protected."""
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 import pytest
 
@@ -36,13 +40,34 @@ def pod_ns(tag):
             subprocess.run(["ip", "netns", "del", n])
 
 
+@contextmanager
+def searchable_by_all(path: str) -> Iterator[None]:
+    """Let any user traverse the directories above `path` (a checkout cloned
+    into a private directory, as mktemp -d makes): nobody must reach the
+    code it runs.  Restored afterwards."""
+    changed = []
+    d = os.path.dirname(os.path.realpath(path))
+    while d != "/":
+        mode = stat.S_IMODE(os.stat(d).st_mode)
+        if not mode & stat.S_IXOTH:
+            os.chmod(d, mode | stat.S_IXOTH)
+            changed.append((d, mode))
+        d = os.path.dirname(d)
+    try:
+        yield
+    finally:
+        for d, mode in changed:
+            os.chmod(d, mode)
+
+
 def run_gate(cg: str, ns: str, timeout: float) -> subprocess.CompletedProcess:
     """The gate as `nobody` with no capabilities, in the cgroup and the namespace."""
     inner = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--inh-caps=-all",
              "--bounding-set=-all", "--no-new-privs", sys.executable, "-m", "ksbpf.cli", "gate",
              "--timeout", str(timeout)]
     cmd = ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec ip netns exec {ns} "$@"', "sh", *inner]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 30)
+    with searchable_by_all(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))):
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 30)
 
 
 def test_gate_fails_closed_without_protection_and_passes_once_protected(pod_ns, make_cgroup):
