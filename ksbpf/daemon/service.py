@@ -58,6 +58,7 @@ class ScopeState:
     source: str = "config"       # who asked for it: the configuration file, or a source (kubernetes)
     follow: SubtreeWatch | None = None                    # netns = "each": the subtree's signals
     spaces: dict[int, subtree.NsUse] = field(default_factory=dict)   # ... and the namespaces it uses
+    denied: bool = False                                  # ... some of whose processes we may not open
     pending: dict[int, float] = field(default_factory=dict)   # reported cookies not registered yet -> give up at
 
     @property
@@ -297,7 +298,15 @@ class Daemon:
     def _follow(self, st: ScopeState) -> None:
         if st.follow is None:
             st.follow = SubtreeWatch(st.cgroup, st.pin_dir)
-        st.spaces = subtree.in_use(st.cgroup)
+        st.spaces = self._in_use(st)
+
+    def _in_use(self, st: ScopeState) -> dict:
+        denied: list[int] = []
+        spaces = subtree.in_use(st.cgroup, denied)
+        if denied and not st.denied:
+            self.log("netns_denied", level="error", scope=st.cgroup, pids=denied[:10], error=subtree.DENIED_HINT)
+        st.denied = bool(denied)
+        return spaces
 
     def _unfollow(self, st: ScopeState) -> None:
         if st.follow is not None:
@@ -316,7 +325,7 @@ class Daemon:
 
     def _rescan(self, st: ScopeState, force: bool = False) -> None:
         before = set(st.spaces)
-        st.spaces = subtree.in_use(st.cgroup)
+        st.spaces = self._in_use(st)
         if set(st.spaces) != before or force:
             self._rebuild_watches()
         # a reported namespace not found yet (its process was between two
@@ -653,7 +662,7 @@ class Daemon:
                     if any(st.follow is not None for st in self.scopes.values()):
                         for st in self.scopes.values():
                             if st.follow is not None:
-                                st.spaces = subtree.in_use(st.cgroup)
+                                st.spaces = self._in_use(st)
                         self._rebuild_watches()
                     resync_queue = list(self.namespaces)
                 space = self.namespaces.get(resync_queue.pop()) if resync_queue else None

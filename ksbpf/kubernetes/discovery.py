@@ -176,11 +176,37 @@ def pids(path: str) -> list[int]:
     return out
 
 
-def _netns_inode(pid: int) -> int | None:
+class NetnsDenied(Exception):
+    """The pod's processes exist but their network namespace cannot be opened:
+    /proc/PID/ns/net of another user's process needs ptrace read access."""
+
+
+DENIED_HINT = ("permission denied opening /proc/PID/ns/net of the pod's processes (they belong to other users): "
+               "the daemon needs CAP_SYS_PTRACE (the DaemonSet grants it; a /proc mounted with hidepid hides "
+               "them without it too)")
+
+
+def _netns_inode(pid: int, denied: list[int] | None = None) -> int | None:
     try:
         return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except (PermissionError, FileNotFoundError) as exc:
+        # EACCES/EPERM: no ptrace access.  ENOENT while /proc/PID exists: hidden by hidepid=invisible
+        if denied is not None and (isinstance(exc, PermissionError) or _hidden(pid)):
+            denied.append(pid)
+        return None
     except OSError:
         return None
+
+
+def _hidden(pid: int) -> bool:
+    """Is the process alive but invisible in this /proc (hidepid=invisible, ProtectProc=invisible)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return not os.path.exists(f"/proc/{pid}")
 
 
 def pod_netns(pod: PodCgroup, prefer: str | None = None) -> PodNetns | None:
@@ -188,10 +214,15 @@ def pod_netns(pod: PodCgroup, prefer: str | None = None) -> PodNetns | None:
     the node's own (CRI-O's conmon runs in the pod's cgroup but in the node's
     namespace).  `prefer` (a /proc/PID/ns/net path already in use) is kept
     while it still names that namespace, so a restarted daemon adopts the
-    scope unchanged.  None when no process of the pod is in its namespace yet."""
+    scope unchanged.  None when no process of the pod is in its namespace yet;
+    NetnsDenied when its processes are there but their namespaces cannot be
+    opened (no CAP_SYS_PTRACE)."""
     host = os.stat("/proc/self/ns/net").st_ino
-    by_pid = {pid: ino for pid in pids(pod.path) if (ino := _netns_inode(pid)) is not None and ino != host}
+    denied: list[int] = []
+    by_pid = {pid: ino for pid in pids(pod.path) if (ino := _netns_inode(pid, denied)) is not None and ino != host}
     if not by_pid:
+        if denied:
+            raise NetnsDenied(DENIED_HINT)
         return None
     inode = Counter(by_pid.values()).most_common(1)[0][0]
     if prefer:

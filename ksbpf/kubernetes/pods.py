@@ -196,7 +196,10 @@ class PodSource:
             self._roots = []   # a new kubepods root may have appeared: walk again next time
             return self._pending(st, "no cgroup yet")
         found = time.perf_counter()
-        ns = discovery.pod_netns(pod_cg, prefer=st.netns or _existing_netns(pod_cg.path))
+        try:
+            ns = discovery.pod_netns(pod_cg, prefer=st.netns or _existing_netns(pod_cg.path))
+        except discovery.NetnsDenied as exc:
+            return self._pending(st, str(exc))
         if ns is None:
             return self._pending(st, "no process in the pod's network namespace yet")
         parsed = notes.parse((st.pod.get("metadata") or {}).get("annotations") or {}, self.prefix, ns.path)
