@@ -12,7 +12,11 @@ The kubelet names a pod's cgroup after its UID, under a "kubepods" root:
     systemd   BestEffort   kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid_>.slice
 
 (uid_: the UID with "_" for "-").  The kubepods root itself may sit below
-the kubelet's --cgroup-root (kind, nested nodes).  Nothing here assumes one
+the kubelet's --cgroup-root (nested nodes), and with the systemd driver it is
+then named after it: kind's kubelet.slice/kubelet-kubepods.slice/
+kubelet-kubepods-burstable.slice/kubelet-kubepods-burstable-pod<uid_>.slice.
+Only the cgroup v2 hierarchy is searched: on hybrid hosts the v1 controllers'
+trees (blkio/kubepods.slice, ...) carry the same names.  Nothing here assumes one
 layout: the roots are found by walking the hierarchy, the pod by its name in
 a root or one level below it (the QoS level), whatever that level is called.
 Container cgroups below the pod: cri-containerd-<id>.scope (containerd),
@@ -35,7 +39,7 @@ ROOT_DEPTH = 4   # how deep below the cgroup v2 mount a kubepods root may be
 _ID = r"[0-9a-f]{64}"
 RUNTIMES = (
     (re.compile(rf"cri-containerd-({_ID})\.scope"), "containerd"),
-    (re.compile(rf"crio-conmon-({_ID})\.scope"), "cri-o-conmon"),
+    (re.compile(rf"crio-conmon-({_ID})(?:\.scope)?"), "cri-o-conmon"),
     (re.compile(rf"crio-({_ID})(?:\.scope)?"), "cri-o"),
     (re.compile(rf"docker-({_ID})\.scope"), "docker"),
     (re.compile(rf"({_ID})"), "containerd-or-docker"),
@@ -68,15 +72,33 @@ class PodNetns:
     pid: int
 
 
+def is_root_name(name: str) -> bool:
+    """kubepods, kubepods.slice, or <cgroup-root>-kubepods.slice (the systemd
+    driver with a --cgroup-root: kind's kubelet-kubepods.slice)."""
+    return name in ROOT_NAMES or name.endswith("-kubepods.slice")
+
+
+def cgroup2_tops(top: str, mounts_file: str = cgroup.PROC_MOUNTS) -> list[str]:
+    """Where to look for kubepods roots below `top`: `top` itself when it is in
+    the cgroup v2 hierarchy, else the cgroup v2 mounts below it (a hybrid
+    host's /sys/fs/cgroup/unified) -- never a cgroup v1 controller's tree
+    (blkio/kubepods.slice has the same names and cannot be attached to)."""
+    top = os.path.normpath(top)
+    mounts = [os.path.normpath(m) for m in cgroup.cgroup2_mounts(mounts_file)]
+    if any(top == m or top.startswith(m.rstrip("/") + "/") for m in mounts):
+        return [top]
+    return sorted(m for m in mounts if m.startswith(top.rstrip("/") + "/"))
+
+
 def kubepods_roots(top: str | None = None, depth: int = ROOT_DEPTH) -> list[str]:
     """Every kubepods root at most `depth` levels below `top` (default: the
-    cgroup v2 mount), not descending into a root once found."""
-    top = top or cgroup.cgroup2_root()
-    found, level = [], [top]
+    cgroup v2 mount) in the cgroup v2 hierarchy, not descending into a root
+    once found."""
+    found, level = [], cgroup2_tops(top) if top else [cgroup.cgroup2_root()]
     for _ in range(depth + 1):
         below = []
         for path in level:
-            if os.path.basename(path) in ROOT_NAMES:
+            if is_root_name(os.path.basename(path)):
                 found.append(path)
                 continue
             try:
@@ -159,7 +181,7 @@ def find_pod(uid: str, roots: list[str]) -> PodCgroup | None:
             for e in entries:
                 if e.name == plain:
                     return PodCgroup(e.path, "cgroupfs", _qos(parent), containers(e.path))
-                if e.name.endswith("-" + slice_suffix) and e.name.startswith("kubepods"):
+                if e.name.endswith("-" + slice_suffix) and "kubepods" in e.name:
                     return PodCgroup(e.path, "systemd", _qos(parent), containers(e.path))
     return None
 
