@@ -67,7 +67,8 @@ def test_kustomization_lists_every_manifest_and_only_those():
     top = {name for name in manifests() if "/" not in name}
     assert listed == top
     names = {d["metadata"].get("namespace") for p in top for d in manifests()[p] if d["kind"] not in
-             ("Namespace", "ClusterRole", "ClusterRoleBinding")}
+             ("Namespace", "ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolicy",
+              "ValidatingAdmissionPolicyBinding")}
     assert names == {"ksbpf-system"}
 
 
