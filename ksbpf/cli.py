@@ -436,14 +436,19 @@ def check_config(file, as_json) -> None:
               help="Give up (non-zero exit) after this long.")
 @click.option("--tunnel-kind", "kinds", multiple=True, metavar="KIND",
               help=f"Link kinds not probed, as tunnels (default: {', '.join(DEFAULT_TUNNEL_KINDS)}).")
-def gate(timeout, kinds) -> None:
-    """Wait until this process's egress outside the tunnel is refused (a pod's first init container).
+@click.option("--annotations", default="/etc/ksbpf-pod/annotations", show_default=True, metavar="FILE",
+              help="The pod's annotations (a downward API volume): the daemon's ksbpf.io/protected is read there.")
+@click.option("--prefix", default="ksbpf.io/", show_default=True, help="The annotation prefix the daemon uses.")
+def gate(timeout, kinds, annotations, prefix) -> None:
+    """Wait until ksbpf protects this pod (a pod's first init container).
 
-    Unprivileged: sends a UDP datagram with TTL 1 to 192.0.2.1 through each interface
-    that is up and not a tunnel; exits 0 when the kernel refuses it on every one, 1 at the timeout."""
+    Unprivileged.  Passes when the daemon's ksbpf.io/protected annotation (read from
+    --annotations) matches the pod's ksbpf annotations AND a UDP datagram with TTL 1 to
+    192.0.2.1 / 2001:db8::1 through each interface that is up and not a tunnel is refused
+    by the kernel (IPv6: or has no route); exits 1 at the timeout."""
     from ksbpf.kubernetes import gate as gate_mod
     ok = gate_mod.wait(timeout, lambda msg: click.echo(f"ksbpf gate: {msg}", err=True),
-                       tuple(kinds) or DEFAULT_TUNNEL_KINDS)
+                       tuple(kinds) or DEFAULT_TUNNEL_KINDS, annotations=annotations, prefix=prefix)
     sys.exit(0 if ok else 1)
 
 

@@ -39,7 +39,7 @@ import uuid
 import pytest
 import yaml
 from helpers import DaemonProcess
-from test_gate import run_gate
+from test_gate import downward, run_gate
 from test_kubernetes_privileges import as_user, grantable
 
 from ksbpf.lab.kubeapi import FakeApiServer, make_pod
@@ -205,8 +205,9 @@ def test_daemonset_as_deployed_protects_the_example_pod(podman, ksbpf_image, nod
                    timeout=600)
             assert len([n for n in os.listdir(cache) if n.endswith(".json")]) == 6, os.listdir(cache)
 
-            # 3. the gate before the daemon: fails closed
-            gate = run_gate(gate_cg, lab.client_ns, timeout=1)
+            # 3. the gate before the daemon: fails closed (its downward API file: the pod's annotations)
+            gate = run_gate(gate_cg, lab.client_ns, timeout=1,
+                            annotations=downward(api.pod(uid)["metadata"]["annotations"], protected=False))
             assert gate.returncode == 1 and "timed out" in gate.stderr, gate.stderr
 
             # 4. the daemon, as the DaemonSet runs it
@@ -216,7 +217,10 @@ def test_daemonset_as_deployed_protects_the_example_pod(podman, ksbpf_image, nod
                 protected = d.wait_for("pod_protected", pod="default/vpn-app", timeout=120)
                 assert protected["cgroup"] == f"/host/cgroup/{os.path.relpath(pod_cg, node.cgroup_top)}"
                 assert (protected["driver"], protected["qos"], protected["blocked"]) == ("systemd", "burstable", False)
-                gate = run_gate(gate_cg, lab.client_ns, timeout=30)
+                # the daemon's word on the pod, which the kubelet puts in the gate's downward API file
+                api.wait(lambda: "ksbpf.io/protected" in api.pods[uid]["metadata"]["annotations"])
+                said = downward(api.pod(uid)["metadata"]["annotations"], protected=False)
+                gate = run_gate(gate_cg, lab.client_ns, timeout=30, annotations=said)
                 assert gate.returncode == 0, gate.stderr
                 assert f"{lab.phy_client}: refused" in gate.stderr
 

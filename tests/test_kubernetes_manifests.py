@@ -137,7 +137,10 @@ def test_rbac_allows_pods_read_and_events_create_only():
     rules = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
     assert {("", "pods", v) for v in ("get", "list", "watch")} <= rules
     assert ("", "events", "create") in rules
-    assert all(r == "events" or v in ("get", "list", "watch") for _g, r, v in rules)
+    assert ("", "pods", "patch") in rules                                   # ksbpf.io/protected
+    assert {("", "nodes", "get"), ("", "nodes", "patch")} <= rules         # its node's not-ready taint
+    assert all(r in ("events", "pods", "nodes") for _g, r, _v in rules)
+    assert all(v in ("get", "list", "watch", "create", "patch") for _g, _r, v in rules)   # never delete or update
     binding = find("ClusterRoleBinding")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ksbpf", "namespace": "ksbpf-system"}]
     assert find("DaemonSet")["spec"]["template"]["spec"]["serviceAccountName"] == "ksbpf"

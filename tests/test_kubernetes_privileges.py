@@ -29,7 +29,7 @@ import uuid
 import pytest
 import yaml
 from helpers import DaemonProcess
-from test_gate import run_gate
+from test_gate import downward, run_gate
 
 from ksbpf.lab.kubeapi import FakeApiServer, make_pod
 from ksbpf.lab.kubelet import container_dir, pod_dir
@@ -94,7 +94,7 @@ def free_port() -> int:
 
 @pytest.fixture
 def pod_of_other_users(lab, make_cgroup, tmp_path):
-    """(pod cgroup, app container cgroup, config path, api) -- a Burstable pod of the
+    """(pod cgroup, app container cgroup, config path, api, pod uid) -- a Burstable pod of the
     systemd driver whose pause runs as 65535 and whose app runs as 65534."""
     top = make_cgroup()
     uid = str(uuid.uuid4())
@@ -109,20 +109,22 @@ def pod_of_other_users(lab, make_cgroup, tmp_path):
         cfg.write_text(f'[metrics]\nlisten = "127.0.0.1:{free_port()}"\n[kubernetes]\nenabled = true\n'
                        f'node_name = "{NODE}"\nkubeconfig = "{api.kubeconfig(tmp_path / "kubeconfig")}"\n'
                        f'cgroup_root = "{top}"\n')
-        yield cg, app, str(cfg)
+        yield cg, app, str(cfg), api, uid
     for p in procs:
         p.kill()
         p.wait()
 
 
 def test_daemonset_capabilities_reach_pods_of_other_users(lab, servers, pod_of_other_users):
-    cg, app, cfg = pod_of_other_users
+    cg, app, cfg, api, uid = pod_of_other_users
     caps = grantable(daemonset_caps())
     assert "sys_ptrace" in caps
     d = DaemonProcess(cfg, prefix=tuple(setpriv(caps)))
     try:
         d.wait_for("pod_protected", pod="default/vpn-app", cgroup=cg)
-        gate = run_gate(app, lab.client_ns, timeout=20)
+        api.wait(lambda: "ksbpf.io/protected" in api.pods[uid]["metadata"]["annotations"])
+        gate = run_gate(app, lab.client_ns, timeout=20,
+                        annotations=downward(api.pod(uid)["metadata"]["annotations"], protected=False))
         assert gate.returncode == 0, gate.stderr
         assert probe(lab, app, "udp", lab.net4_server, servers["udp"]).ok                        # the tunnel
         assert not probe(lab, app, "udp", lab.phy4_server, servers["udp"], timeout=0.5).ok      # outside it
@@ -131,15 +133,19 @@ def test_daemonset_capabilities_reach_pods_of_other_users(lab, servers, pod_of_o
 
 
 def test_without_sys_ptrace_the_pod_stays_pending_and_says_why(lab, pod_of_other_users):
-    cg, app, cfg = pod_of_other_users
+    cg, app, cfg, api, uid = pod_of_other_users
     caps = [c for c in grantable(daemonset_caps()) if c != "sys_ptrace"]
     d = DaemonProcess(cfg, prefix=tuple(setpriv(caps)))
     try:
         pending = d.wait_for("pod_pending", pod="default/vpn-app", timeout=30)
         while "CAP_SYS_PTRACE" not in pending["why"]:   # first "no cgroup yet" is possible, never protected
             pending = d.wait_for("pod_pending", pod="default/vpn-app", after=d.events.index(pending) + 1)
-        gate = run_gate(app, lab.client_ns, timeout=1)
+        api.wait(lambda: any(e["reason"] == "KsbpfBlocked" for e in api.events))
+        assert "CAP_SYS_PTRACE" in [e for e in api.events if e["reason"] == "KsbpfBlocked"][0]["message"]
+        gate = run_gate(app, lab.client_ns, timeout=1,
+                        annotations=downward(api.pod(uid)["metadata"]["annotations"], protected=False))
         assert gate.returncode == 1 and "timed out" in gate.stderr, gate.stderr
+        assert "has not published" in gate.stderr
         assert not d.named("pod_protected")
     finally:
         d.stop()
