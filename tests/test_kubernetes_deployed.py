@@ -18,9 +18,11 @@ fails the test, so the two cannot drift), against a node made of:
 The sequence: mount-bpffs mounts the BPF filesystem (Bidirectional: the node
 sees it); warm-cache fills the empty cache with its own capabilities; the
 gate fails before the daemon runs and passes once it has attached the pod's
-policy; the sidecar's tunnel comes up and is registered; the app's traffic
-goes through it and nowhere else; the tunnel dies and nothing leaks (a
-control outside the pod must arrive).
+policy and said so on the pod (ksbpf.io/protected, in the gate's downward API
+file); the daemon removes the node's ksbpf.io/agent-not-ready taint; the
+sidecar's tunnel comes up and is registered; the app's traffic goes through
+it and nowhere else; the tunnel dies and nothing leaks (a control outside
+the pod must arrive).
 
 Not translated, said here: the ConfigMap's ksbpf.toml is used with three
 values changed (the metrics port, a free one: hostNetwork is this machine's
@@ -174,6 +176,7 @@ def test_daemonset_as_deployed_protects_the_example_pod(podman, ksbpf_image, nod
     assert gate_sc["runAsUser"] == 65534 and gate_sc["capabilities"] == {"drop": ["ALL"]}   # as run_gate runs it
 
     with FakeApiServer() as api:
+        api.put_node(NODE, taints=[{"key": "ksbpf.io/agent-not-ready", "effect": "NoSchedule"}])
         # the configuration: the ConfigMap's, three values changed (see the module's docstring)
         toml = manifest("configmap.yaml")["data"]["ksbpf.toml"]
         shutil.copy(api.kubeconfig(tmp_path / "kubeconfig"), os.path.join(node.config_dir, "kubeconfig"))
@@ -215,6 +218,9 @@ def test_daemonset_as_deployed_protects_the_example_pod(podman, ksbpf_image, nod
                               env=podman.env)
             try:
                 protected = d.wait_for("pod_protected", pod="default/vpn-app", timeout=120)
+                d.wait_for("node_taint_removed", node=NODE)          # with the DaemonSet's RBAC's verbs
+                assert api.nodes[NODE]["spec"]["taints"] == []
+                assert not d.named("kubernetes_write_failed")
                 assert protected["cgroup"] == f"/host/cgroup/{os.path.relpath(pod_cg, node.cgroup_top)}"
                 assert (protected["driver"], protected["qos"], protected["blocked"]) == ("systemd", "burstable", False)
                 # the daemon's word on the pod, which the kubelet puts in the gate's downward API file

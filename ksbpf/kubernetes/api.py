@@ -211,6 +211,7 @@ class EventPoster:
                 self.log("node_taint_removed", node=self.node, taint=arg)
 
     def _run(self) -> None:
+        from kubernetes.client.exceptions import ApiException
         while True:
             what, arg = self._queue.get()
             for attempt in range(5):
@@ -218,8 +219,12 @@ class EventPoster:
                     self._do(what, arg)
                     break
                 except Exception as exc:
-                    if attempt == 4:
+                    # no such object, or not allowed: trying again changes nothing (and holds the queue)
+                    final = isinstance(exc, ApiException) and exc.status in (401, 403, 404)
+                    if attempt == 4 or final:
                         self.log("kubernetes_write_failed", level="warning", what=what,
                                  target=arg["involvedObject"]["name"] if what == "event" else str(arg)[:200],
                                  reason=arg["reason"] if what == "event" else None, error=str(exc)[:200])
+                        if final:
+                            break
                     time.sleep(0.5 * (attempt + 1))
