@@ -125,3 +125,17 @@ def forced_netns_identity(identity: str) -> Iterator[None]:
 def summary() -> str:
     """One line: every feature, and what ksbpf does where one is missing."""
     return "this kernel: " + "; ".join(f.line for f in probe())
+
+
+def short() -> str:
+    """One line for `status` and `verify`: what is missing and what ksbpf does
+    instead (or that nothing is)."""
+    missing = [f.line for f in probe() if not f.present]
+    ident = "socket storage" if netns_identity() == NETNS_STORAGE else "bpf_get_netns_cookie"
+    head = f"this kernel ({os.uname().release}): cgroup scopes learn a packet's namespace from {ident}"
+    return head + ("; " + "; ".join(missing) if missing else f"; every other feature ksbpf uses is present")
+
+
+def as_dict() -> dict:
+    return {"release": os.uname().release, "netns_identity": netns_identity(),
+            "features": [f.to_dict() for f in probe()]}
