@@ -68,7 +68,8 @@ class Podman:
         """Containers and builds never get a network of their own (no bridge, veth or NAT chain)."""
         if args and args[0] in ("run", "build"):
             nets = [a for a in args if a.startswith("--network=")]
-            assert nets and all(a in ("--network=host", "--network=none") for a in nets), args
+            assert nets and all(a in ("--network=host", "--network=none") or a.startswith("--network=ns:/proc/")
+                                for a in nets), args   # ns: joins an existing (pod) namespace
 
     def sh(self, script: str) -> subprocess.CompletedProcess:
         """A shell command in the runtime's mount namespace (where its mounts are)."""

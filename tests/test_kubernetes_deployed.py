@@ -11,8 +11,10 @@ fails the test, so the two cannot drift), against a node made of:
 - the example pod (deploy/kubernetes/example/vpn-pod.yaml's annotations):
   its sandbox (pause) runs as 65535 and its app as 65534, in a network
   namespace of the lab; its VPN sidecar is a real wireguard-go, root with
-  CAP_NET_ADMIN only, in the pod's cgroup; the gate runs as nobody with no
-  capability, as the example declares;
+  CAP_NET_ADMIN only, in the pod's cgroup; its gate is the example's init
+  container run from the image by Podman (translated the same way: user
+  65534, no capability, read-only root, the downward API volume) in the
+  pod's namespace and below its cgroup;
 - the API server: the replaying one (ksbpf/lab/kubeapi.py).
 
 The sequence: mount-bpffs mounts the BPF filesystem (Bidirectional: the node
@@ -44,6 +46,7 @@ from helpers import DaemonProcess
 from test_gate import downward, run_gate
 from test_kubernetes_privileges import as_user, grantable
 
+from ksbpf.kernel import cgroup
 from ksbpf.lab.kubeapi import FakeApiServer, make_pod
 from ksbpf.lab.kubelet import container_dir, pod_dir
 from ksbpf.lab.namespaces import Sniffer, probe
@@ -57,8 +60,8 @@ KNOWN_POD = {"serviceAccountName", "priorityClassName", "hostNetwork", "hostPID"
              "terminationGracePeriodSeconds", "tolerations", "initContainers", "containers", "volumes"}
 KNOWN_CONTAINER = {"name", "image", "imagePullPolicy", "command", "env", "ports", "livenessProbe", "readinessProbe",
                    "startupProbe", "resources", "securityContext", "volumeMounts"}
-KNOWN_SC = {"privileged", "runAsUser", "allowPrivilegeEscalation", "readOnlyRootFilesystem", "capabilities",
-            "seccompProfile", "appArmorProfile"}
+KNOWN_SC = {"privileged", "runAsUser", "runAsGroup", "runAsNonRoot", "allowPrivilegeEscalation",
+            "readOnlyRootFilesystem", "capabilities", "seccompProfile", "appArmorProfile"}
 KNOWN_MOUNT = {"name", "mountPath", "readOnly", "mountPropagation"}
 PROPAGATION = {None: "rprivate", "None": "rprivate", "HostToContainer": "rslave", "Bidirectional": "rshared"}
 
@@ -91,12 +94,20 @@ class Node:
         return local
 
 
-def podman_run(pod: dict, c: dict, node: Node, image: str, name: str) -> list[str]:
-    """`podman run` arguments for container `c` of pod spec `pod`, as a kubelet would run it."""
+def podman_run(pod: dict, c: dict, node: Node, image: str, name: str, sandbox: tuple[str, str] | None = None,
+               files: dict[str, str] | None = None) -> list[str]:
+    """`podman run` arguments for container `c` of pod spec `pod`, as a kubelet would run it.
+    sandbox: (network namespace path, container cgroup) of the pod it belongs to;
+    files: downward API volume name -> the directory holding its files."""
     assert set(pod) <= KNOWN_POD, set(pod) - KNOWN_POD
     assert set(c) <= KNOWN_CONTAINER, set(c) - KNOWN_CONTAINER
     args = ["run", "--rm", "--name", name, "--cgroupns=private", "--ipc=private"]
-    args += ["--network=host"] if pod.get("hostNetwork") else ["--network=none"]
+    if sandbox:        # a container of the pod: its namespace, a cgroup below its container cgroup
+        assert not pod.get("hostNetwork")
+        parent = "/" + os.path.relpath(sandbox[1], cgroup.cgroup2_root())   # a cgroup path, not a file path
+        args += [f"--network=ns:{sandbox[0]}", f"--cgroup-parent={parent}"]
+    else:
+        args += ["--network=host"] if pod.get("hostNetwork") else ["--network=none"]
     if pod.get("hostPID"):
         args.append("--pid=host")
     sc = c.get("securityContext", {})
@@ -109,13 +120,15 @@ def podman_run(pod: dict, c: dict, node: Node, image: str, name: str) -> list[st
         args.append("--cap-drop=all")
         args += [f"--cap-add=CAP_{cap.upper()}" for cap in grantable([n.lower() for n in caps.get("add", [])])]
     if "runAsUser" in sc:
-        args += ["--user", str(sc["runAsUser"])]
+        args += ["--user", f"{sc['runAsUser']}:{sc['runAsGroup']}" if "runAsGroup" in sc else str(sc["runAsUser"])]
+    if sc.get("runAsNonRoot"):
+        assert sc.get("runAsUser", 0) != 0, sc
     if sc.get("readOnlyRootFilesystem"):
         args += ["--read-only", "--read-only-tmpfs=false"]   # only the volumes are writable
     if sc.get("allowPrivilegeEscalation") is False:
         args += ["--security-opt", "no-new-privileges"]
     for key, opt in (("seccompProfile", "seccomp"), ("appArmorProfile", "apparmor")):
-        if key in sc:
+        if key in sc and sc[key] != {"type": "RuntimeDefault"}:   # RuntimeDefault: podman's own profile
             assert sc[key] == {"type": "Unconfined"}, sc[key]
             args += ["--security-opt", f"{opt}=unconfined"]
     volumes = {v["name"]: v for v in pod["volumes"]}
@@ -129,6 +142,10 @@ def podman_run(pod: dict, c: dict, node: Node, image: str, name: str) -> list[st
         elif "configMap" in vol:
             assert vol["configMap"]["name"] == "ksbpf-config"
             args += ["-v", f"{node.config_dir}:{m['mountPath']}:ro"]
+        elif "downwardAPI" in vol:
+            assert vol["downwardAPI"]["items"] == [{"path": "annotations",
+                                                   "fieldRef": {"fieldPath": "metadata.annotations"}}], vol
+            args += ["-v", f"{files[m['name']]}:{m['mountPath']}:ro"]
         elif "emptyDir" in vol:
             if vol["emptyDir"].get("medium") == "Memory":
                 args += ["--mount", f"type=tmpfs,destination={m['mountPath']}"]
@@ -172,8 +189,7 @@ def test_daemonset_as_deployed_protects_the_example_pod(podman, ksbpf_image, nod
     inits = {c["name"]: c for c in spec["initContainers"]}
     (daemon_c,) = spec["containers"]
     example = manifest("example/vpn-pod.yaml")
-    gate_sc = example["spec"]["initContainers"][0]["securityContext"]
-    assert gate_sc["runAsUser"] == 65534 and gate_sc["capabilities"] == {"drop": ["ALL"]}   # as run_gate runs it
+    gate_c = example["spec"]["initContainers"][0]
 
     with FakeApiServer() as api:
         api.put_node(NODE, taints=[{"key": "ksbpf.io/agent-not-ready", "effect": "NoSchedule"}])
@@ -226,9 +242,15 @@ def test_daemonset_as_deployed_protects_the_example_pod(podman, ksbpf_image, nod
                 # the daemon's word on the pod, which the kubelet puts in the gate's downward API file
                 api.wait(lambda: "ksbpf.io/protected" in api.pods[uid]["metadata"]["annotations"])
                 said = downward(api.pod(uid)["metadata"]["annotations"], protected=False)
-                gate = run_gate(gate_cg, lab.client_ns, timeout=30, annotations=said)
-                assert gate.returncode == 0, gate.stderr
-                assert f"{lab.phy_client}: refused" in gate.stderr
+                # the example's gate, from the image, as the example declares it (user, no capability,
+                # read-only root, its downward API volume), in the pod's namespace and cgroup
+                gate_c["image"] = ksbpf_image
+                argv = podman_run(example["spec"], gate_c, node, ksbpf_image, "ksbpf-gate",
+                                  sandbox=(f"/proc/{procs[0].pid}/ns/net", gate_cg),
+                                  files={"ksbpf-pod": os.path.dirname(said)})
+                gate = podman(*argv, what="ksbpf-gate (the example's)", check=False, timeout=180)
+                assert gate.returncode == 0, gate.stdout + gate.stderr
+                assert f"{lab.phy_client}: refused" in gate.stderr and "enforces this pod's annotations" in gate.stderr
 
                 # 5. the sidecar's tunnel: wireguard-go in the pod, root with only NET_ADMIN
                 mark = len(d.events)
