@@ -156,6 +156,9 @@ def _print_interfaces(interfaces) -> None:
     for i in interfaces:
         if i.role == "guarded":
             state = "guarded" if i.guarded else "UNGUARDED: its traffic is NOT judged"
+            if i.guarded and getattr(i, "in_front", ()):
+                state = (f"guarded but NOT FIRST: {', '.join(map(str, i.in_front))} run(s) before the guard "
+                         "and can pass what it would drop")
         else:
             state = {"tunnel": "tunnel: not touched", "internal": "internal: leads to local containers/VMs",
                      "loopback": "loopback"}[i.role]

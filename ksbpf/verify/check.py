@@ -569,6 +569,7 @@ class _NodeCheck(_ScopeCheck):
                 self.add("guarded", PASS, f"every non-internal interface guarded ({mode}): "
                          + (", ".join(link.name for link in want) or "none") + (f"; not guarded by design: {others}"
                                                                                if others else ""))
+            self._first(ns, [link for link in want if live[link.ifindex]], mode)
             self._pins(maps, list(fds.values()), again)
             self._tunnels(maps, policy, ns, present)
             nonce = ensure_nonce(maps)
@@ -589,6 +590,24 @@ class _NodeCheck(_ScopeCheck):
         finally:
             for fd in fds.values():
                 os.close(fd)
+
+
+    def _first(self, ns: netns.Netns, guarded: list[links.Link], mode: str) -> None:
+        """Each guard runs first on its interface's egress: a program in front of
+        it can pass (TCX_PASS, TC_ACT_OK) what the guard would drop."""
+        bad = []
+        for link in guarded:
+            front = node_scope.programs_in_front(self.pin_dir, ns, link, mode)
+            if front:
+                bad.append((link, front))
+        if bad:
+            self.add("first", FAIL, "; ".join(f"on {link.name} (ifindex {link.ifindex}) "
+                                              f"{', '.join(map(str, front))} run(s) BEFORE the guard: what "
+                                              "it passes is never judged" for link, front in bad),
+                     " / ".join(node_scope.front_fix(link.name, front, mode) for link, front in bad))
+        else:
+            self.add("first", PASS, f"each guard runs first on its interface's egress ({mode}): "
+                     + (", ".join(link.name for link in guarded) or "none"))
 
 
 def open_dir(path: str):
