@@ -433,7 +433,9 @@ class Daemon:
                      fix=node_scope.front_fix(link.name, front, st.mode))
             try:
                 with pins.locked(f"node-{space.cookie}"):
-                    done = node_scope.put_first(st.pin_dir, space.ns, link, st.mode, runner)
+                    # looked at again under the lock: a `ksbpf attach --node` may have just put a new guard first
+                    still = node_scope.programs_in_front(st.pin_dir, space.ns, link, st.mode, runner)
+                    done = not still or node_scope.put_first(st.pin_dir, space.ns, link, st.mode, runner)
             except (OSError, KsbpfError) as exc:
                 done, error = False, str(exc)
             else:

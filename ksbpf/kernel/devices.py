@@ -20,6 +20,7 @@ next device program (cgroup programs of one hook must all agree).
 from __future__ import annotations
 
 import os
+import stat
 import struct
 
 from ksbpf.kernel import libbpf
@@ -69,17 +70,19 @@ def load_deny_tun() -> int:
 # -- who holds a tun device ----------------------------------------------------------
 
 def holds_tun(pid: int) -> bool:
-    """Does the process hold an open /dev/net/tun (a tun or tap device it can write into)?"""
+    """Does the process hold an open tun device (/dev/net/tun, char 10:200,
+    whatever path it was opened by): a tun or tap device it can write into?"""
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
         return False
     for fd in fds:
         try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/net/tun":
-                return True
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
+        if stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == (TUN_MAJOR, TUN_MINOR):
+            return True
     return False
 
 

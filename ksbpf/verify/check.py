@@ -96,7 +96,7 @@ def attach_command(cg: str, policy: Policy) -> str:
     if policy.netns:
         argv += ["--netns", policy.netns]
     for flag, on in (("--allow-lan", policy.options.allow_lan), ("--allow-lan-dns", policy.options.allow_lan_dns),
-                     ("--allow-dhcp", policy.options.allow_dhcp)):
+                     ("--allow-dhcp", policy.options.allow_dhcp), ("--deny-tun", policy.deny_tun)):
         if on:
             argv.append(flag)
     return " ".join(shlex.quote(a) for a in argv)
@@ -370,7 +370,7 @@ class _ScopeCheck:
                 self._network(policy, ns, present)
         finally:
             os.close(prog_fd)
-        self._processes(cg_path)
+        self._processes(cg_path, policy)
 
     def _inherited(self, cg_path: str, prog_id: int, again: str) -> None:
         missing = []
@@ -457,7 +457,7 @@ class _ScopeCheck:
         else:
             self.add("ipv6", PASS, "no global IPv6 address outside the tunnel that the tunnel lacks")
 
-    def _processes(self, cg_path: str) -> None:
+    def _processes(self, cg_path: str, policy: Policy | None = None) -> None:
         strays = stray_sockets(cg_path)
         if strays and self.fix:
             closed, errors = close_stray(strays)
@@ -494,6 +494,25 @@ class _ScopeCheck:
                      "run it without CAP_NET_RAW (capsh --drop=cap_net_raw --, or CapabilityBoundingSet=~CAP_NET_RAW)")
         else:
             self.add("raw", PASS, "no process of the scope can open raw packet sockets")
+        self._tun(cg_path, policy)
+
+    def _tun(self, cg_path: str, policy: Policy | None) -> None:
+        """A tun device a scope process can write into: what it writes is
+        forwarded (ip_forward) or answered by the kernel, outside the hook."""
+        wanted = bool(policy and policy.deny_tun)
+        in_force = cgroups.deny_tun_in_force(cg_path)
+        if wanted and not in_force:
+            self.add("tun", FAIL, "--deny-tun's device program is NOT attached to the cgroup: its processes can "
+                     "open /dev/net/tun", attach_command(cg_path, policy))
+            return
+        found = cgroups.tun_warnings(cg_path, in_force)
+        if found:
+            self.add("tun", WARN, "; ".join(found[:4]) + (" ..." if len(found) > 4 else ""),
+                     "ksbpf attach ... --deny-tun (config deny_tun = true) refuses /dev/net/tun to the scope; "
+                     "then restart the processes that hold one")
+        else:
+            self.add("tun", PASS, "no process of the scope can write into a tun device"
+                     + (" (--deny-tun in force)" if in_force else ""))
 
 
 def _own_cgroup() -> str | None:
