@@ -76,14 +76,6 @@ def _detach_sock(cg_fd: int) -> list[int]:
     return _detach_ids(cg_fd, _sock_programs(cg_fd), subtree.SOCK_CREATE)
 
 
-def _swap_sock(cg_fd: int, progs: dict[str, int]) -> None:
-    """Attach the new sock_create program (when loaded), then detach the old ones."""
-    old = _sock_programs(cg_fd)
-    if bpf.ENTRY_SOCK_CREATE in progs:
-        libbpf.prog_attach(progs[bpf.ENTRY_SOCK_CREATE], cg_fd, subtree.SOCK_CREATE, libbpf.BPF_F_ALLOW_MULTI)
-    _detach_ids(cg_fd, old, subtree.SOCK_CREATE)
-
-
 def _dev_programs(cg_fd: int) -> list[int]:
     """--deny-tun: ksbpf's device programs on the cgroup."""
     return ksbpf_programs(cg_fd, hook=devices.BPF_CGROUP_DEVICE, name=devices.PROG_NAME)
@@ -91,14 +83,6 @@ def _dev_programs(cg_fd: int) -> list[int]:
 
 def _detach_dev(cg_fd: int) -> list[int]:
     return _detach_ids(cg_fd, _dev_programs(cg_fd), devices.BPF_CGROUP_DEVICE)
-
-
-def _swap_dev(cg_fd: int, dev_fd: int | None) -> None:
-    """Attach the new device program (--deny-tun), then detach the old ones."""
-    old = _dev_programs(cg_fd)
-    if dev_fd is not None:
-        libbpf.prog_attach(dev_fd, cg_fd, devices.BPF_CGROUP_DEVICE, libbpf.BPF_F_ALLOW_MULTI)
-    _detach_ids(cg_fd, old, devices.BPF_CGROUP_DEVICE)
 
 
 def deny_tun_in_force(cg_path: str) -> bool:
@@ -120,12 +104,17 @@ class AttachResult:
     tunnels: list[common.TunnelState]
     mounted_bpffs: bool
     each: bool = False   # --netns each: tunnels looked up in every namespace of the subtree
+    netns_identity: str = "helper"   # how the program learns a packet's namespace (features.NETNS_*)
+    # socket storage, first attach: processes of the subtree that were running already (their older
+    # sockets have no recorded namespace: blocked until reopened)
+    processes_before: int = 0
 
     def to_dict(self) -> dict:
         return {"cgroup": self.cgroup, "cgroup_id": self.cgroup_id, "pin_dir": self.pin_dir,
                 "prog_id": self.prog_id, "replaced_prog_ids": self.replaced,
                 "tunnels": [t.to_dict() for t in self.tunnels], "mounted_bpffs": self.mounted_bpffs,
-                "netns_each": self.each}
+                "netns_each": self.each, "netns_identity": self.netns_identity,
+                "processes_before": self.processes_before}
 
 
 def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.quiet,
@@ -141,8 +130,18 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
     ns = None if each else netns.resolve(policy.netns)
 
     progress("loading the policy program (compiled by bcc unless a cached image fits)")
-    prog = (loader or bpf.load)(policy.options, len(policy.endpoints), policy.events,   # loader: a ProgramPool's
-                                entries=subtree.entries(policy))
+    keep = bpf.kept_maps(pins.scope_dir(cg.id, bpffs))   # a re-attach: the sockets' namespaces stay known
+    keep_used = bool(keep)
+    try:
+        if keep:
+            prog = bpf.load(policy.options, len(policy.endpoints), policy.events,
+                            entries=subtree.entries(policy), keep=keep)
+        else:
+            prog = (loader or bpf.load)(policy.options, len(policy.endpoints), policy.events,   # loader: a pool's
+                                        entries=subtree.entries(policy))
+    finally:
+        for fd in keep.values():
+            os.close(fd)
     with pins.locked(f"cgroup-{cg.id}"):   # taken after compiling: others wait milliseconds, not the compiler
         try:
             if ns is None:   # every namespace the subtree uses now; the daemon follows later ones
@@ -153,7 +152,9 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
                 ns_meta = {"each": True}
             else:
                 present = links.links(ns)
-                common.sync_tunnels(prog.maps, policy, netns.cookie(ns), present)
+                cookie = netns.cookie(ns)
+                common.sync_tunnels(prog.maps, policy, cookie, present)
+                subtree.mark_known(prog.maps, cookie)
                 tunnels = common.tunnel_states(policy, ns.label, present, set(common.tunnel_plan(policy, present)))
                 ns_meta = {"path": ns.path, "inode": ns.inode}
             for ep in policy.endpoints:
@@ -165,6 +166,7 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
                 # the endpoints live in their maps (there may be many)
                 "policy": {k: v for k, v in policy.to_dict().items() if k != "endpoints"},
                 "netns": ns_meta, "attached_at": time.time(),
+                "netns_identity": "storage" if "sk_netns" in prog.maps.fds else "helper",
             }
             prog.maps.write_meta(meta)
             mounted = pins.ensure_bpffs(bpffs)
@@ -180,29 +182,41 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
                 libbpf.obj_pin(dev_fd, os.path.join(staging, devices.PIN_NAME))
             with _open_dir(cg.path) as cg_fd:
                 old = ksbpf_programs(cg_fd)
+                old_sock = _sock_programs(cg_fd)
+                old_dev = _dev_programs(cg_fd)
                 try:
-                    libbpf.prog_attach(prog.prog_fd, cg_fd, EGRESS, libbpf.BPF_F_ALLOW_MULTI)
-                except OSError as exc:
-                    pins.remove_dir(staging)
-                    raise KsbpfError(
-                        f"cannot attach to {cg.path}: {exc.strerror} (another tool may hold its egress hook without multi-attach)",
-                        "check `bpftool cgroup show " + cg.path + "`; ksbpf attaches with BPF_F_ALLOW_MULTI") from None
-                progress(f"attached program {prog_id} to {cg.path}" + (f"; detaching the previous program {old}" if old else ""))
-                replaced = _detach_ids(cg_fd, old)
-                try:
-                    _swap_sock(cg_fd, prog.progs)
-                except OSError as exc:
-                    raise KsbpfError(f"cannot attach the sock_create program to {cg.path}: {exc.strerror}",
-                                     "check `bpftool cgroup show " + cg.path + "`; the egress policy is in force") from None
-                try:
-                    _swap_dev(cg_fd, dev_fd)
-                except OSError as exc:
-                    raise KsbpfError(f"cannot attach the --deny-tun device program to {cg.path}: {exc.strerror}",
-                                     "check `bpftool cgroup show " + cg.path + "` (another device program attached "
-                                     "without multi-attach?); the egress policy is in force") from None
+                    if dev_fd is not None:   # first: if it is refused, nothing has changed
+                        try:
+                            libbpf.prog_attach(dev_fd, cg_fd, devices.BPF_CGROUP_DEVICE, libbpf.BPF_F_ALLOW_MULTI)
+                        except OSError as exc:
+                            pins.remove_dir(staging)
+                            raise KsbpfError(
+                                f"cannot attach the --deny-tun device program to {cg.path}: {exc.strerror} (another "
+                                "device program may hold the hook without multi-attach)",
+                                "check `bpftool cgroup show " + cg.path + "`, or attach without --deny-tun") from None
+                    # the sock_create program first: every socket made from now on has its namespace recorded
+                    # before the egress program that reads it is in force
+                    sock = prog.progs.get(bpf.ENTRY_SOCK_CREATE)
+                    try:
+                        if sock is not None:
+                            libbpf.prog_attach(sock, cg_fd, subtree.SOCK_CREATE, libbpf.BPF_F_ALLOW_MULTI)
+                        libbpf.prog_attach(prog.prog_fd, cg_fd, EGRESS, libbpf.BPF_F_ALLOW_MULTI)
+                    except OSError as exc:
+                        if sock is not None:
+                            _detach_ids(cg_fd, [libbpf.prog_info(sock).id], subtree.SOCK_CREATE)
+                        if dev_fd is not None:
+                            _detach_ids(cg_fd, [libbpf.prog_info(dev_fd).id], devices.BPF_CGROUP_DEVICE)
+                        pins.remove_dir(staging)
+                        raise KsbpfError(
+                            f"cannot attach to {cg.path}: {exc.strerror} (another tool may hold its hooks without multi-attach)",
+                            "check `bpftool cgroup show " + cg.path + "`; ksbpf attaches with BPF_F_ALLOW_MULTI") from None
                 finally:
                     if dev_fd is not None:
                         os.close(dev_fd)
+                progress(f"attached program {prog_id} to {cg.path}" + (f"; detaching the previous program {old}" if old else ""))
+                replaced = _detach_ids(cg_fd, old)
+                _detach_ids(cg_fd, old_sock, subtree.SOCK_CREATE)
+                _detach_ids(cg_fd, old_dev, devices.BPF_CGROUP_DEVICE)
             if replaced and os.path.isdir(final):
                 common.carry_counters(final, meta)   # the old program is detached: its counts are final
                 prog.maps.write_meta(meta)
@@ -210,7 +224,11 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
             os.rename(staging, final)
         finally:
             prog.close()
-    return AttachResult(cg.path, cg.id, final, prog_id, replaced, tunnels, mounted, each)
+    identity = meta["netns_identity"]
+    before = 0
+    if identity == "storage" and not keep_used:
+        before = sum(1 for _ in subtree.subtree_pids(cg.path))
+    return AttachResult(cg.path, cg.id, final, prog_id, replaced, tunnels, mounted, each, identity, before)
 
 
 @dataclass
@@ -284,6 +302,7 @@ class ScopeStatus:
     namespaces: list[dict] | None = None   # --netns each: every namespace the subtree uses, with its tunnels
     warnings: list[str] = field(default_factory=list)   # e.g. processes that could bypass the policy
     hook: Hook = Hook.CGROUP
+    netns_identity: str = "helper"   # how its program learns a packet's namespace (features.NETNS_*)
     deny_tun: bool = False   # --deny-tun's device program is attached to the cgroup
 
     @property
@@ -308,7 +327,7 @@ class ScopeStatus:
                        "sent": self.events[0], "suppressed": self.events[1]},
             "attached_at": self.attached_at, "problems": self.problems,
             "netns_each": self.namespaces is not None, "namespaces": self.namespaces or [],
-            "warnings": self.warnings, "deny_tun": self.deny_tun,
+            "warnings": self.warnings, "netns_identity": self.netns_identity, "deny_tun": self.deny_tun,
         }
 
 
@@ -371,7 +390,7 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
         tunnels, namespaces = _each_states(policy, cg_path, entries)
         return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, tunnels, policy, counters,
                            meta.get("attached_at"), problems, True, event_stats, namespaces, warnings,
-                           deny_tun=deny_tun)
+                           netns_identity=meta.get("netns_identity", "helper"), deny_tun=deny_tun)
     ns = common.meta_netns(meta)
     present = cookie = None
     ns_ok = common.netns_alive(ns)
@@ -387,7 +406,8 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
     problems += [f"interface {t.name} is a {t.kind}, not a trusted tunnel kind ({', '.join(policy.tunnel_kinds)}): blocked"
                  for t in tunnels if t.impostor]
     return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, tunnels, policy, counters,
-                       meta.get("attached_at"), problems, ns_ok, event_stats, warnings=warnings, deny_tun=deny_tun)
+                       meta.get("attached_at"), problems, ns_ok, event_stats, warnings=warnings,
+                       netns_identity=meta.get("netns_identity", "helper"), deny_tun=deny_tun)
 
 
 def raw_socket_warnings(cg_path: str, limit: int = 10) -> list[str]:
