@@ -14,6 +14,7 @@ import os
 import socket
 import struct
 import subprocess
+import time
 
 import pytest
 from helpers import DaemonProcess, ksbpf, toml_config
@@ -66,8 +67,10 @@ class Front:
         self.link_id = tc.link_info(self.link).id
 
     def close(self) -> None:
-        tc.link_detach(self.link)
-        os.close(self.link)
+        if self.link >= 0:
+            tc.link_detach(self.link)
+            os.close(self.link)
+            self.link = -1
 
 
 @pytest.fixture
@@ -231,14 +234,16 @@ def test_clsact_fallback_names_what_runs_before_it(host, server, front):
         os.unlink(pin)
 
 
-def test_daemon_puts_its_guard_first_again(host, server, front, tmp_path, request):
+def run_daemon(host, tmp_path, request, *extra: str) -> tuple[DaemonProcess, str]:
     path = tmp_path / "ksbpf.toml"
     port = free_port()
+    lines = "\n".join(extra)
     path.write_text(toml_config([], f"""
 [node]
 netns = "{host.client_path}"
 tunnels = ["{host.wg_client}"]
 endpoints = ["{host.endpoint4}"]
+{lines}
 
 [metrics]
 listen = "127.0.0.1:{port}"
@@ -246,6 +251,23 @@ listen = "127.0.0.1:{port}"
     d = DaemonProcess(str(path))
     request.addfinalizer(d.stop)
     d.wait_for("ready")
+    return d, f"http://127.0.0.1:{port}/metrics"
+
+
+def metric(url: str, line_start: str, timeout: float = 20) -> str:
+    """The first sample line of the daemon's /metrics that starts with line_start (waited for)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _, text = get(url)
+        found = [ln for ln in text.splitlines() if ln.startswith(line_start)]
+        if found:
+            return found[0]
+        assert time.monotonic() < deadline, f"no {line_start} in:\n{text}"
+        time.sleep(0.2)
+
+
+def test_daemon_puts_its_guard_first_again(host, server, front, tmp_path, request):
+    d, url = run_daemon(host, tmp_path, request)
     host.tunnel_down()
     after = len(d.events)
     rogue = front(TCX_PASS, "passall")
@@ -262,5 +284,27 @@ listen = "127.0.0.1:{port}"
     print(f"row 6 with the daemon: after it put its guard first, {n} of {SENT} arrived ({wg} endpoint packets)")
     assert n == 0 and total == 0 and wg >= 1
     assert node_status(host)["attached"]
-    _, text = get(f"http://127.0.0.1:{port}/metrics")
-    assert "ksbpf_guards_displaced_total 1.0" in text or "ksbpf_guards_displaced_total 2.0" in text, text
+    assert metric(url, "ksbpf_guards_displaced_total ") == "ksbpf_guards_displaced_total 1.0"
+
+
+def test_daemon_clsact_reports_what_it_cannot_get_ahead_of(host, server, front, tmp_path, request):
+    """clsact: a tcx program runs before every clsact filter.  The daemon
+    cannot put its filter in front of it: it says so once, and its
+    zero-traffic check exports the failure until the program is removed."""
+    d, url = run_daemon(host, tmp_path, request, 'tc_mode = "clsact"')
+    host.tunnel_down()
+    scope = f'scope="node:{host.client_path}"'
+    assert metric(url, f'ksbpf_verify_failures{{check="first",{scope}}}').endswith(" 0.0")
+    after = len(d.events)
+    rogue = front(TCX_PASS, "passall")
+    ev = d.wait_for("guard_not_first_kept", after=after, interface=host.phy_client, timeout=30)
+    assert f"bpftool link detach id {rogue.link_id}" in ev["fix"]
+    assert leaked(host, server)[0] == SENT      # still in front: the failure is real
+    deadline = time.monotonic() + 30
+    while not metric(url, f'ksbpf_verify_failures{{check="first",{scope}}}').endswith(" 1.0"):
+        assert time.monotonic() < deadline, "ksbpf_verify_failures{check=first} never became 1"
+        time.sleep(0.3)
+    assert len([e for e in d.events[after:] if e.get("event") == "guard_not_first"]) == 1   # said once
+    rogue.close()
+    n, wg, total = leaked(host, server)
+    assert n == 0 and total == 0 and wg >= 1    # the filter judges again once it is removed

@@ -76,6 +76,9 @@ class NodeState:
     pref: int = 1
     error: str | None = None
     in_step: bool = False        # every interface that needs a guard has one
+    # ifindex -> ids of the programs found in front of its guard that could not be got ahead of
+    # (reported once, not every check)
+    front_kept: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -424,7 +427,10 @@ class Daemon:
             except (OSError, KsbpfError) as exc:
                 self.log("guard_check_failed", level="error", scope=st.name, interface=link.name, error=str(exc))
                 continue
-            if not front:
+            key = tuple(p.prog_id for p in front)
+            if not front or st.front_kept.get(link.ifindex) == key:
+                if not front:
+                    st.front_kept.pop(link.ifindex, None)
                 continue
             self.guards_displaced += 1
             self.log("guard_not_first", level="error", scope=st.name, interface=link.name, netns=space.ns.label,
@@ -441,10 +447,13 @@ class Daemon:
             else:
                 error = None if done else f"{st.mode}: no way to run before {front[0]}"
             if done:
+                st.front_kept.pop(link.ifindex, None)
                 self.log("guard_put_first", level="warning", scope=st.name, interface=link.name,
                          netns=space.ns.label, ifindex=link.ifindex, behind=[p.prog_id for p in front])
             else:
-                self.log("guard_not_first_kept", level="error", scope=st.name, interface=link.name, error=error)
+                st.front_kept[link.ifindex] = key   # verify keeps failing (ksbpf_verify_failures) until it is removed
+                self.log("guard_not_first_kept", level="error", scope=st.name, interface=link.name, error=error,
+                         fix=node_scope.front_fix(link.name, front, st.mode))
             if self.verifier is not None:
                 self.verifier.soon()
 
