@@ -104,7 +104,7 @@ class Capture:
 
 @pytest.fixture
 def lab(request):
-    lab = new_lab("ksbpft")
+    lab = new_lab("ksdtun")
     request.addfinalizer(lab.destroy)
     lab.create()
     lab.tunnel_up()

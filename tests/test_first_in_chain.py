@@ -37,7 +37,7 @@ def tc_program(verdict: int, name: str) -> int:
 
 @pytest.fixture
 def host(request):
-    lab = new_lab("ksbpfc")
+    lab = new_lab("ksfirst")
     request.addfinalizer(lab.destroy)
     lab.create()
     lab.tunnel_up()
