@@ -635,7 +635,11 @@ def read_node(pin_dir: str, link_cache: dict | None = None) -> NodeStatus:
         live = guards_in_force(pin_dir, ns, present, mode)
         for link in present:
             role = np.role(link.name, link.kind, link.ifindex)
-            front = programs_in_front(pin_dir, ns, link, mode) if role == "guarded" and live[link.ifindex] else []
+            try:
+                front = programs_in_front(pin_dir, ns, link, mode) if role == "guarded" and live[link.ifindex] else []
+            except (OSError, KsbpfError) as exc:
+                front = []
+                problems.append(f"the egress chain of {link.name} cannot be read: {exc}")
             interfaces.append(InterfaceState(link.ifindex, link.name, link.kind, role, live[link.ifindex],
                                              tuple(front)))
         problems += [f"UNGUARDED: {i.name} (ifindex {i.ifindex}): its traffic is not judged "

@@ -616,7 +616,12 @@ class _NodeCheck(_ScopeCheck):
         it can pass (TCX_PASS, TC_ACT_OK) what the guard would drop."""
         bad = []
         for link in guarded:
-            front = node_scope.programs_in_front(self.pin_dir, ns, link, mode)
+            try:
+                front = node_scope.programs_in_front(self.pin_dir, ns, link, mode)
+            except (OSError, KsbpfError) as exc:
+                self.add("first", FAIL, f"the egress chain of {link.name} cannot be read: {exc}",
+                         "run verify as root; check `bpftool net show`")
+                return
             if front:
                 bad.append((link, front))
         if bad:
