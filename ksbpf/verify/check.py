@@ -23,6 +23,15 @@ For each cgroup scope (a pin directory under /sys/fs/bpf/ksbpf/cgroup/):
              socket (those bypass the cgroup hook)
   routes     a route sends non-local destinations outside the tunnel (TunnelVision)
   ipv6       a non-tunnel interface has a global IPv6 address and the tunnel none
+  tun        a process of the scope holds a tun device, or a tun device of its
+             namespace belongs to one of its users (without --deny-tun): what it
+             writes in is forwarded or answered by the kernel, outside the hook;
+             FAIL when --deny-tun's device program is missing
+
+For the node scope: guarded (every interface that needs a guard has one),
+first (each guard runs first in its interface's egress chain: a program in
+front of it is named), pins, tunnels, policy (the tc programs' verdicts),
+routes, ipv6.
 """
 
 from __future__ import annotations
