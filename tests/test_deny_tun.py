@@ -247,3 +247,30 @@ def test_deny_tun_program_refuses_only_the_tun_device(make_cgroup, request):
     assert out.split("\n")[:2] == ["/dev/null ok", "/dev/net/tun 1"], out
     outside = subprocess.run(["/usr/bin/python3", "-c", code], capture_output=True, text=True, check=True).stdout
     assert "/dev/net/tun ok" in outside    # control: root outside the cgroup opens it
+
+
+def test_daemon_applies_deny_tun_from_the_configuration(make_cgroup, tag, tmp_path, request):
+    """deny_tun = true in a [[scope]]: the daemon attaches the device program
+    with the scope, and adopts it untouched on restart."""
+    from helpers import DaemonProcess, toml_config
+    ns = f"ksdtun-d{tag}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    request.addfinalizer(lambda: subprocess.run(["ip", "netns", "del", ns]))
+    cg = make_cgroup()
+    request.addfinalizer(lambda: cgroups.detach(cg))
+    path = tmp_path / "ksbpf.toml"
+    path.write_text(toml_config([{"cgroup": cg, "tunnels": ["tun0"], "netns": ns, "deny_tun": True}]))
+    for expected in ("scope_attached", "scope_adopted"):
+        d = DaemonProcess(str(path))
+        try:
+            d.wait_for("ready")
+            assert d.named(expected), d.lines
+        finally:
+            d.stop()
+        assert cgroups.deny_tun_in_force(cg)
+    st = status_of(cg)
+    assert st["deny_tun"] and not st["problems"]
+    code = "import os\ntry: os.open('/dev/net/tun', os.O_RDWR); print('ok')\nexcept OSError as e: print(e.errno)\n"
+    out = subprocess.run(["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', cg, "/usr/bin/python3", "-c", code],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "1"   # EPERM, even for root inside the scope
