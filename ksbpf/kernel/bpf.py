@@ -74,6 +74,8 @@ def cflags(options: Options, n_endpoints: int, events: EventSettings = EventSett
         flags.append("-DKSBPF_OPT_LAN_DNS")
     if options.allow_dhcp:
         flags.append("-DKSBPF_OPT_DHCP")
+    if options.allow_cidrs:
+        flags.append("-DKSBPF_OPT_CIDRS")
     if events.rate > 0:
         # each CPU gets an equal share of the rate and of the burst
         ncpu = libbpf.num_possible_cpus()
