@@ -661,11 +661,19 @@ static __always_inline int ksbpf_take_token(struct ksbpf_bucket *b)
 #ifdef KSBPF_NO_COARSE_CLOCK
 		now = bpf_ktime_get_ns();
 #else
+		/* The coarse clock moves only when the tick moves jiffies: within
+		 * the tick of the last reading it says what it said then, which
+		 * earned nothing.  bpf_jiffies64 is a load (the verifier inlines
+		 * it), the clock a helper call: a flood of drops pays the load. */
+		now = bpf_jiffies64();
+		if (now == b->last_jiffies)
+			return 0;
+		b->last_jiffies = now;
 		now = bpf_ktime_get_coarse_ns();
 #endif
+		if (now - b->last_ns < KSBPF_EVENTS_INTERVAL_NS)
+			return 0;	/* no token earned yet, and no division */
 		earned = (now - b->last_ns) / KSBPF_EVENTS_INTERVAL_NS;
-		if (!earned)
-			return 0;
 		b->tokens = earned < KSBPF_EVENTS_BURST ? earned : KSBPF_EVENTS_BURST;
 		b->last_ns = earned < KSBPF_EVENTS_BURST ? b->last_ns + earned * KSBPF_EVENTS_INTERVAL_NS : now;
 	}

@@ -119,6 +119,7 @@ struct ksbpf_bucket {
 	__u64 last_ns;
 	__u64 sent;		/* samples sent to the ring buffer */
 	__u64 suppressed;	/* rate-limited, or the ring buffer was full */
+	__u64 last_jiffies;	/* when the clock was last read: within a tick it cannot have moved */
 };
 
 /* The scope's policy as the user gave it (JSON), read back by `ksbpf status`. */

@@ -257,7 +257,7 @@ class ScopeMaps:
 
     def event_stats(self) -> tuple[int, int]:
         """(samples sent to the ring buffer, samples suppressed), summed over CPUs
-        (struct ksbpf_bucket: tokens, last_ns, sent, suppressed)."""
+        (struct ksbpf_bucket: tokens, last_ns, sent, suppressed, last_jiffies)."""
         per_cpu = [struct.unpack_from("=QQQQ", v)[2:] for v in self._percpu("bucket", 0)]
         return sum(s for s, _ in per_cpu), sum(x for _, x in per_cpu)
 
