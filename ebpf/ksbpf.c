@@ -64,6 +64,9 @@ BPF_HASH(tunnels, struct ksbpf_tunnel_key, __u32, KSBPF_MAX_TUNNELS);
 BPF_ARRAY(tunnel_ifindex, __u64, KSBPF_IFINDEX_FILTER);
 BPF_HASH(endpoints4, __be32, struct ksbpf_endpoint, KSBPF_MAX_ENDPOINTS);
 BPF_HASH(endpoints6, struct ksbpf_ep6_key, struct ksbpf_endpoint, KSBPF_MAX_ENDPOINTS);
+/* In front of the endpoint hashes (ksbpf.h): a drop would pay a hash lookup
+ * only to learn that its destination is no endpoint. */
+BPF_ARRAY(ep_slots, struct ksbpf_ep_slot, KSBPF_EP_SLOTS);
 BPF_PERCPU_ARRAY(counters, struct ksbpf_counter, KSBPF_REASON_MAX * KSBPF_FAMILY_MAX);
 BPF_ARRAY(meta, struct ksbpf_meta, 1);
 BPF_RINGBUF_OUTPUT(events, KSBPF_EVENTS_PAGES);
@@ -400,6 +403,41 @@ static __always_inline int ksbpf_dhcp(const struct ksbpf_at *at, const struct ks
 }
 #endif
 
+/* The endpoint entry of an address: its slot, or the hash when the slot is
+ * shared; 0 when the address is no endpoint. */
+static __always_inline struct ksbpf_endpoint *ksbpf_endpoint4(__be32 addr)
+{
+	const __u8 *a = (const __u8 *)&addr;
+	__u32 slot = a[2] ^ a[3];
+	struct ksbpf_ep_slot *s = ep_slots.lookup(&slot);
+	__u32 n;
+
+	if (!s)
+		return 0;
+	n = s->count;
+	if (n == 1)
+		return *(__u32 *)s->addr == addr ? &s->ep : 0;
+	return n ? endpoints4.lookup(&addr) : 0;
+}
+
+static __always_inline struct ksbpf_endpoint *ksbpf_endpoint6(struct ksbpf_ep6_key *key)
+{
+	const __u32 *a = (const __u32 *)key->addr;
+	__u32 slot = 256 + (key->addr[14] ^ key->addr[15]);
+	struct ksbpf_ep_slot *s = ep_slots.lookup(&slot);
+	const __u32 *b;
+	__u32 n;
+
+	if (!s)
+		return 0;
+	n = s->count;
+	if (n == 1) {
+		b = (const __u32 *)s->addr;
+		return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] ? &s->ep : 0;
+	}
+	return n ? endpoints6.lookup(key) : 0;
+}
+
 /* The exceptions for traffic that does not leave through a tunnel, in
  * order: endpoint (one lookup: the address, then its ports), LAN, DHCP. */
 static __always_inline int ksbpf_endpoint(const struct ksbpf_pkt *p, const struct ksbpf_endpoint *ep)
@@ -458,7 +496,7 @@ static __always_inline int ksbpf_exceptions4(const struct ksbpf_at *at, const st
 
 	if (p->fragment)
 		return KSBPF_DROP_FRAGMENT;
-	ep = endpoints4.lookup(&addr);
+	ep = ksbpf_endpoint4(addr);
 	if (ep)
 		return ksbpf_endpoint(p, ep);
 #ifdef KSBPF_OPT_CIDRS
@@ -480,7 +518,7 @@ static __always_inline int ksbpf_exceptions6(const struct ksbpf_at *at, const st
 	if (p->fragment)
 		return KSBPF_DROP_FRAGMENT;
 	__builtin_memcpy(key.addr, p->daddr.v6, 16);
-	ep = endpoints6.lookup(&key);
+	ep = ksbpf_endpoint6(&key);
 	if (ep)
 		return ksbpf_endpoint(p, ep);
 #ifdef KSBPF_OPT_CIDRS

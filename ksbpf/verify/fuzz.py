@@ -67,6 +67,8 @@ ENDPOINTS = tuple(Endpoint.parse(e) for e in (
     "[2001:db8:5::5]:51820/udp",
     "[::ffff:198.51.100.9]:4500/udp",     # an IPv4-mapped address as an IPv6 endpoint
     "10.9.8.7:53/udp", "[fd00::1]:853/tcp",   # endpoints inside LAN ranges: the endpoint rule comes first
+    # sharing an ep_slots slot with 203.0.113.5 and 2001:db8:5::5: the hash decides
+    "192.0.116.0:500/udp", "[2001:db8:6::5]:4500/udp",
 ))
 
 # Interfaces of the fuzz namespace: name -> registered as a tunnel?
