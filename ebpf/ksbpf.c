@@ -115,6 +115,7 @@ struct ksbpf_pkt {
 	__u8 fragment;		/* a non-first fragment */
 	__u8 icmp_type;		/* tc: the ICMPv6 type */
 	__u8 hop_limit;		/* tc: the IPv6 hop limit */
+	__u64 src64;		/* tc: the first 64 bits of the IPv6 source (its /64) */
 	__be16 sport;
 	__be16 dport;
 	union {
@@ -207,6 +208,7 @@ static __always_inline int ksbpf_parse6(const struct ksbpf_at *at, struct ksbpf_
 		return -1;
 	__builtin_memcpy(p->daddr.v6, &ip6.daddr, 16);
 	p->hop_limit = ip6.hop_limit;
+	__builtin_memcpy(&p->src64, &ip6.saddr, 8);
 	nexthdr = ip6.nexthdr;
 
 #pragma unroll
@@ -290,14 +292,20 @@ static __always_inline int ksbpf_on_link6(const struct ksbpf_at *at, const struc
 
 /* tc: neighbour discovery toward the link itself -- to a link-local or
  * link-scoped multicast address, or to a neighbour on that link -- and no
- * bigger than ND needs.  ND to a routed destination is not ND. */
+ * bigger than ND needs.  ND to a routed destination is not ND.  A global
+ * neighbour shares the /64 of the address ND is sent from (its own on that
+ * link): checked first, so that ND to a routed address is dropped without
+ * the FIB lookup (~150 ns), which decides the rest. */
 static __always_inline int ksbpf_nd(const struct ksbpf_at *at, const struct ksbpf_pkt *p)
 {
+	__u64 dst64;
+
 	if (!ksbpf_is_nd(p) || ksbpf_l3_len(at) > KSBPF_ND_MAX)
 		return 0;
 	if (ksbpf_link_local6(p->daddr.v6) || ksbpf_link_mcast6(p->daddr.v6))
 		return 1;
-	return ksbpf_on_link6(at, p);
+	__builtin_memcpy(&dst64, p->daddr.v6, 8);
+	return dst64 == p->src64 && ksbpf_on_link6(at, p);
 }
 
 /* tc: an ARP message -- Ethernet/IPv4, request or reply, 28 bytes, or padded

@@ -273,10 +273,19 @@ TC_CASES = [
      Reason.DROP_NOT_IP),
     ("arp-not-ethernet", "strict", eth(ETH_ARP, b"\x00\x06" + ARP_REQUEST[2:]), Reason.DROP_NOT_IP, Reason.DROP_NOT_IP),
     # neighbour discovery toward the link itself, no bigger than ND needs
-    ("nd-ns-on-link", "strict", nd("2001:db8:1::2", "ns"), Reason.ALLOW_NEIGH, Reason.DROP_NOT_TUNNEL),
-    ("nd-na-on-link", "strict", nd("2001:db8:1::2", "na"), Reason.ALLOW_NEIGH, Reason.DROP_NOT_TUNNEL),
+    ("nd-ns-on-link", "strict", nd("2001:db8:1::2", "ns", src="2001:db8:1::1"), Reason.ALLOW_NEIGH,
+     Reason.DROP_NOT_TUNNEL),
+    ("nd-na-on-link", "strict", nd("2001:db8:1::2", "na", src="2001:db8:1::1"), Reason.ALLOW_NEIGH,
+     Reason.DROP_NOT_TUNNEL),
+    # from an address outside the neighbour's /64: not ND toward the link (no FIB lookup needed)
+    ("nd-ns-on-link-other-source", "strict", nd("2001:db8:1::2", "ns"), Reason.DROP_NOT_TUNNEL, Reason.DROP_NOT_TUNNEL),
     ("nd-ns-routed", "strict", nd("2001:db8:99::2", "ns"), Reason.DROP_NOT_TUNNEL, Reason.DROP_NOT_TUNNEL),
     ("nd-na-routed", "strict", nd("2001:db8:99::2", "na"), Reason.DROP_NOT_TUNNEL, Reason.DROP_NOT_TUNNEL),
+    # the source forged into the routed destination's /64: the FIB says it is beyond a gateway
+    ("nd-ns-routed-forged-source", "strict", nd("2001:db8:99::2", "ns", src="2001:db8:99::1"), Reason.DROP_NOT_TUNNEL,
+     Reason.DROP_NOT_TUNNEL),
+    ("nd-na-no-route-forged-source", "strict", nd("2606:2800:220:1::1", "na", src="2606:2800:220:1::2"),
+     Reason.DROP_NOT_TUNNEL, Reason.DROP_NOT_TUNNEL),
     ("nd-rs-no-route", "strict", nd("2606:2800:220:1::1", "rs"), Reason.DROP_NOT_TUNNEL, Reason.DROP_NOT_TUNNEL),
     ("nd-ns-big", "strict", nd("ff02::1:ff00:1", "ns", payload=b"x" * 1200), Reason.DROP_NOT_TUNNEL,
      Reason.DROP_NOT_TUNNEL),

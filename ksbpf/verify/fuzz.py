@@ -350,8 +350,11 @@ class Generator:
         if self.nd:
             hop = 255 if r.random() < 0.9 else hop
             dst = r.choice(ND_DESTS) if r.random() < 0.7 else dst
+        src = r.randbytes(16)
+        if self.nd and r.random() < 0.6:   # a global neighbour is ND's only from an address in its /64
+            src = dst[:8] + r.randbytes(8)
         hdr = struct.pack("!IHBB16s16s", version << 28 | r.getrandbits(28), len(payload), chain[0], hop,
-                          r.randbytes(16), dst)
+                          src, dst)
         return hdr + payload
 
     def arp(self) -> bytes:

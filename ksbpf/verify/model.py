@@ -108,6 +108,7 @@ class _Packet:
     ports: tuple[int, int] | None = None   # (sport, dport) of TCP/UDP
     icmp_type: int | None = None            # tc: the ICMPv6 type
     hop_limit: int = 0
+    src64: bytes = b""                      # IPv6: the source's first 64 bits
 
 
 def _take(data: bytes, off: int, n: int) -> bytes:
@@ -140,7 +141,7 @@ def _parse6(data: bytes, tc: bool) -> _Packet:
     hdr = _take(data, 0, 40)
     if hdr[0] >> 4 != 6:
         raise _Truncated()
-    p = _Packet(True, hdr[24:40], hop_limit=hdr[7])
+    p = _Packet(True, hdr[24:40], hop_limit=hdr[7], src64=hdr[8:16])
     nexthdr, off = hdr[6], 40
     for _ in range(MAX_EXT_HEADERS):
         if nexthdr not in EXT_HEADERS:
@@ -189,7 +190,8 @@ def _nd(p: _Packet, length: int, ifindex: int, scope: Scope) -> bool:
     a = ipaddress.IPv6Address(p.daddr)
     if a in _LINK_LOCAL6 or a in _LINK_MCAST6:
         return True
-    return scope.on_link is not None and scope.on_link(ifindex, p.daddr)
+    # a global neighbour shares the /64 of the address ND is sent from; then the FIB decides
+    return p.daddr[:8] == p.src64 and scope.on_link is not None and scope.on_link(ifindex, p.daddr)
 
 
 def _arp(data: bytes) -> bool:
