@@ -275,7 +275,7 @@ class Generator:
         payload = r.randbytes(r.choice((0, 1, 8, 32)))
         if self.dhcp and r.random() < 0.9:
             sport, dport = r.choice(((68, 67), (546, 547)))
-            payload = r.randbytes(r.choice(DHCP_PAYLOADS))
+            payload = r.randbytes(r.choice(DHCP_PAYLOADS) if r.random() < 0.5 else r.choice((0, 8, 300)))
         if proto == 6:
             doff = 5 if r.random() < 0.8 else r.randrange(16)
             return struct.pack("!HHIIBBHHH", sport, dport, r.getrandbits(32), r.getrandbits(32), doff << 4,
@@ -379,7 +379,7 @@ class Generator:
     def gen(self) -> tuple[bytes, bytes]:
         r = self.r
         self.target = r.choice(ENDPOINTS) if r.random() < 0.25 else None
-        self.dhcp = self.target is None and r.random() < 0.05   # DHCP client ports, either family
+        self.dhcp = self.target is None and r.random() < 0.15   # DHCP client ports, either family
         self.nd = self.target is None and not self.dhcp and r.random() < 0.06
         dst_mac, src_mac = b"\x02\x00\x00\x00\x00\x02", b"\x02\x00\x00\x00\x00\x01"
         if self.target is None and not self.dhcp and not self.nd and r.random() < 0.04:
