@@ -64,6 +64,7 @@ struct ksbpf_tunnel_key {
  * endpoint's address on another port or protocol" (TunnelCrack ServerIP). */
 #define KSBPF_EP_PORTS 8
 
+
 struct ksbpf_ep6_key {
 	__u8 addr[16];
 };
@@ -77,6 +78,19 @@ struct ksbpf_ep_port {
 struct ksbpf_endpoint {
 	__u32 n;
 	struct ksbpf_ep_port ports[KSBPF_EP_PORTS];
+};
+
+/* ep_slots: an array in front of the endpoint hashes, so that most packets
+ * learn with an array load (the verifier inlines it) what a hash lookup
+ * would tell.  An address's slot: IPv4 a[2] ^ a[3] (0-255), IPv6 256 +
+ * (a[14] ^ a[15]).  count: how many endpoint addresses fall into the slot --
+ * 0: the address is no endpoint; 1: it is one iff it is addr (IPv4 in the
+ * first 4 bytes, the rest 0), whose ports ep holds; more: the hash decides. */
+#define KSBPF_EP_SLOTS 512
+struct ksbpf_ep_slot {
+	__u32 count;
+	__u8 addr[16];
+	struct ksbpf_endpoint ep;
 };
 
 /* Node mode: local sockets of these cgroup subtrees pass the tc guard (a
@@ -119,6 +133,7 @@ struct ksbpf_bucket {
 	__u64 last_ns;
 	__u64 sent;		/* samples sent to the ring buffer */
 	__u64 suppressed;	/* rate-limited, or the ring buffer was full */
+	__u64 last_jiffies;	/* when the clock was last read: within a tick it cannot have moved */
 };
 
 /* The scope's policy as the user gave it (JSON), read back by `ksbpf status`. */

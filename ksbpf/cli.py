@@ -151,7 +151,7 @@ def attach(cgroup_path, node, tunnels, endpoints, netns, allow_lan, allow_lan_dn
 
 
 def _options(policy: Policy) -> str:
-    opts = [k.replace("_", "-") for k, on in vars(policy.options).items() if on]
+    opts = [k.replace("_", "-") for k, on in policy.options.to_dict().items() if on]
     return ", ".join(opts) if opts else "none (strict)"
 
 
@@ -436,7 +436,7 @@ def check_config(file, as_json) -> None:
         click.echo(f"  {sc.cgroup} (line {sc.line}){', created if missing' if sc.create_cgroup else ''}")
         click.echo(f"    tunnels   {', '.join(p.tunnels)} (netns {p.netns or 'own'}; kinds {', '.join(p.tunnel_kinds)})")
         click.echo(f"    endpoints {', '.join(map(str, p.endpoints)) or 'none'}")
-        opts = [k for k, on in vars(p.options).items() if on]
+        opts = [k for k, on in p.options.to_dict().items() if on]
         click.echo(f"    options   {', '.join(opts) or 'none (strict)'}")
     if cfg.node is not None:
         n, p = cfg.node.node, cfg.node.node.policy
@@ -444,7 +444,7 @@ def check_config(file, as_json) -> None:
                    f"and the internal ones ({' '.join(n.internal) or 'none'}); tc mode {n.tc_mode}")
         click.echo(f"    tunnels   {', '.join(p.tunnels)} (kinds {', '.join(p.tunnel_kinds)})")
         click.echo(f"    endpoints {', '.join(map(str, p.endpoints)) or 'none'}")
-        click.echo(f"    options   {', '.join(k for k, on in vars(p.options).items() if on) or 'none (strict)'}")
+        click.echo(f"    options   {', '.join(k for k, on in p.options.to_dict().items() if on) or 'none (strict)'}")
         if n.exempt_cgroups:
             click.echo(f"    exempt    {', '.join(n.exempt_cgroups)}")
     if cfg.kubernetes.enabled:

@@ -11,7 +11,7 @@ import fnmatch
 import ipaddress
 import re
 import socket
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Union
 
 from ksbpf.errors import KsbpfError
@@ -103,9 +103,20 @@ class EventSettings:
 
 @dataclass(frozen=True)
 class Options:
+    """The compile-time switches of the program (bpf.cflags).  allow_cidrs is
+    not the user's to set: a Policy sets it when it has allowed CIDRs, so a
+    program without them never pays for their lookups."""
+
     allow_lan: bool = False
     allow_lan_dns: bool = False
     allow_dhcp: bool = False
+    allow_cidrs: bool = False
+
+    def to_dict(self) -> dict:
+        """The user's options (allow_cidrs follows the policy's allow_cidrs)."""
+        d = asdict(self)
+        del d["allow_cidrs"]
+        return d
 
 
 # Link kinds trusted as tunnels: kernel WireGuard, and tun devices (wireguard-go,
@@ -153,6 +164,8 @@ class Policy:
                                  f"give at most {ENDPOINT_PORTS} port/protocol pairs per address")
         cidrs = tuple(sorted(set(self.allow_cidrs), key=lambda n: (n.version, n.network_address.packed, n.prefixlen)))
         object.__setattr__(self, "allow_cidrs", cidrs)
+        if self.options.allow_cidrs != bool(cidrs):   # the tries are looked up only when there are CIDRs
+            object.__setattr__(self, "options", replace(self.options, allow_cidrs=bool(cidrs)))
         for net in cidrs:
             if net.prefixlen == 0:
                 raise KsbpfError(f"allowed CIDR {net} is every address: it would open everything outside the tunnel",
@@ -165,7 +178,7 @@ class Policy:
             "tunnels": list(self.tunnels),
             "endpoints": [str(e) for e in self.endpoints],
             "netns": self.netns,
-            "options": asdict(self.options),
+            "options": self.options.to_dict(),
             "tunnel_kinds": list(self.tunnel_kinds),
             "events": asdict(self.events),
             **({"allow_cidrs": [str(n) for n in self.allow_cidrs]} if self.allow_cidrs else {}),

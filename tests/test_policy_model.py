@@ -78,3 +78,19 @@ def test_at_most_eight_endpoints_per_address():
     assert len(Policy(("wg0",), eight).endpoints) == 8
     with pytest.raises(KsbpfError, match="more than 8 endpoints on 203.0.113.5"):
         Policy(("wg0",), eight + (Endpoint.parse("203.0.113.5:9/tcp"),))
+
+
+def test_allow_cidrs_is_a_compile_time_option_that_follows_the_policy():
+    """The LPM tries are compiled in only when the policy has allowed CIDRs
+    (-DKSBPF_OPT_CIDRS): a policy without them never pays for the lookups,
+    whatever Options the caller passed; the scope's description is unchanged."""
+    from ksbpf.kernel import bpf
+    cidr = ipaddress.ip_network("10.96.0.0/12")
+    with_cidrs = Policy(("wg0",), allow_cidrs=(cidr,))
+    without = Policy(("wg0",), options=Options(allow_cidrs=True))
+    assert with_cidrs.options.allow_cidrs and not without.options.allow_cidrs
+    assert "-DKSBPF_OPT_CIDRS" in bpf.cflags(with_cidrs.options, 0)
+    assert "-DKSBPF_OPT_CIDRS" not in bpf.cflags(without.options, 0)
+    assert "allow_cidrs" not in with_cidrs.to_dict()["options"]
+    assert Policy.from_dict(with_cidrs.to_dict()) == with_cidrs
+    assert Policy.from_dict(without.to_dict()) == without

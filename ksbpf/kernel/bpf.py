@@ -38,10 +38,11 @@ TC_ENTRIES = (ENTRY_TC_ETH, ENTRY_TC_L3)
 PROG_NAME = ENTRY_CGROUP
 MAP_NAMES = ("tunnels", "tunnel_ifindex", "endpoints4", "endpoints6", "counters", "meta", "events", "bucket",
              "exempt", "scope_netns", "verify_nonce", "netns_known", "netns_events",
-             "cidrs4", "cidrs6", "sk_netns")
+             "cidrs4", "cidrs6", "sk_netns", "ep_slots")
 # absent from pins of scopes made before them: --netns each's maps; allow_cidrs' tries (those allow none);
+# the endpoint slots (those programs look the hashes up without them);
 # and from programs that ask the kernel for the namespace instead of reading socket storage (sk_netns)
-OPTIONAL_MAPS = ("netns_known", "netns_events", "cidrs4", "cidrs6", "sk_netns")
+OPTIONAL_MAPS = ("netns_known", "netns_events", "cidrs4", "cidrs6", "sk_netns", "ep_slots")
 # maps a scope keeps across a re-attach: each socket's namespace, recorded when it was created
 KEPT_MAPS = ("sk_netns",)
 IFINDEX_FILTER = 4096  # KSBPF_IFINDEX_FILTER
@@ -78,6 +79,8 @@ def cflags(options: Options, n_endpoints: int, events: EventSettings = EventSett
         flags.append("-DKSBPF_OPT_LAN_DNS")
     if options.allow_dhcp:
         flags.append("-DKSBPF_OPT_DHCP")
+    if options.allow_cidrs:
+        flags.append("-DKSBPF_OPT_CIDRS")
     if features.netns_identity() == features.NETNS_HELPER:
         flags.append("-DKSBPF_NETNS_HELPER")
     if not features.has("coarse_clock"):
@@ -94,6 +97,11 @@ def cflags(options: Options, n_endpoints: int, events: EventSettings = EventSett
 
 def tunnel_key(netns_cookie: int, ifindex: int) -> bytes:
     return _TUNNEL_KEY.pack(netns_cookie, ifindex, 0)
+
+
+def ep_slot(packed: bytes) -> int:
+    """The slot of an endpoint address in ep_slots (struct ksbpf_ep_slot in ksbpf.h)."""
+    return packed[2] ^ packed[3] if len(packed) == 4 else 256 + (packed[14] ^ packed[15])
 
 
 def _endpoint_value(ports: list[tuple[int, int]]) -> bytes:
@@ -197,7 +205,30 @@ class ScopeMaps:
         if len(ports) >= EP_PORTS:
             raise KsbpfError(f"more than {EP_PORTS} endpoints on {ep.address}",
                              f"give at most {EP_PORTS} port/protocol pairs per address")
-        libbpf.map_update(self.fds[name], key, _endpoint_value(ports + [(ep.port, ep.proto_number)]))
+        value = _endpoint_value(ports + [(ep.port, ep.proto_number)])
+        libbpf.map_update(self.fds[name], key, value)   # first: a shared slot sends the program to the hash
+        if "ep_slots" in self.fds:
+            self._update_slot(ep.address)
+
+    def _update_slot(self, address) -> None:
+        """ep_slots[slot of address] from the hash: how many endpoint addresses
+        share the slot, and the one address with its ports when it is alone."""
+        name = "endpoints4" if address.version == 4 else "endpoints6"
+        slot = ep_slot(address.packed)
+        members = getattr(self, "_slot_members", None)
+        if members is None:   # once: every endpoint address by slot (then kept up to date here)
+            members = self._slot_members = {}
+            for n, size in (("endpoints4", 4), ("endpoints6", 16)):
+                for k in libbpf.map_keys(self.fds[n], size):
+                    members.setdefault(ep_slot(k), set()).add(k)
+        members.setdefault(slot, set()).add(address.packed)
+        same = sorted(members[slot])
+        if len(same) == 1:
+            value = libbpf.map_lookup(self.fds[name], same[0], self._value_size[name])
+            entry = _U32.pack(1) + same[0].ljust(16, b"\0") + value
+        else:
+            entry = _U32.pack(len(same)) + bytes(16 + self._value_size[name])
+        libbpf.map_update(self.fds["ep_slots"], _U32.pack(slot), entry)
 
     def endpoints(self) -> list[Endpoint]:
         out = []
@@ -255,7 +286,7 @@ class ScopeMaps:
 
     def event_stats(self) -> tuple[int, int]:
         """(samples sent to the ring buffer, samples suppressed), summed over CPUs
-        (struct ksbpf_bucket: tokens, last_ns, sent, suppressed)."""
+        (struct ksbpf_bucket: tokens, last_ns, sent, suppressed, last_jiffies)."""
         per_cpu = [struct.unpack_from("=QQQQ", v)[2:] for v in self._percpu("bucket", 0)]
         return sum(s for s, _ in per_cpu), sum(x for _, x in per_cpu)
 

@@ -320,7 +320,7 @@ class ScopeStatus:
             "prog_id": self.prog_id, "attached": self.attached,
             "tunnels": [t.to_dict() for t in self.tunnels],
             "endpoints": [str(e) for e in self.policy.endpoints],
-            "options": vars(self.policy.options).copy(), "tunnel_kinds": list(self.policy.tunnel_kinds),
+            "options": self.policy.options.to_dict(), "tunnel_kinds": list(self.policy.tunnel_kinds),
             "kind": "cgroup", "counters": common.counters_dict(self.counters),
             "dropped_packets": self.dropped_packets,
             "events": {"rate": self.policy.events.rate, "burst": self.policy.events.burst,

@@ -601,7 +601,7 @@ class NodeStatus:
             "tunnels": [t.to_dict() for t in self.tunnels],
             "internal": list(self.node.internal), "exempt_cgroups": list(self.node.exempt_cgroups),
             "endpoints": [str(e) for e in self.policy.endpoints],
-            "options": vars(self.policy.options).copy(), "tunnel_kinds": list(self.policy.tunnel_kinds),
+            "options": self.policy.options.to_dict(), "tunnel_kinds": list(self.policy.tunnel_kinds),
             "counters": common.counters_dict(self.counters), "dropped_packets": self.dropped_packets,
             "events": {"rate": self.policy.events.rate, "burst": self.policy.events.burst,
                        "sent": self.events[0], "suppressed": self.events[1]},

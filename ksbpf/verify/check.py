@@ -243,6 +243,41 @@ def _dump_routes_and_addrs() -> tuple[list, list]:
         return list(ipr.route("dump")), list(ipr.get_addr(family=socket.AF_INET6))
 
 
+def on_link_table(present: list[links.Link]):
+    """(In the namespace.)  The model's view of the FIB helper that decides
+    whether IPv6 neighbour discovery goes to a neighbour on the egress link:
+    the main table's longest-prefix unicast route to the destination has no
+    gateway and leaves through that interface, and the interface forwards IPv6
+    (the helper answers nothing otherwise).  Routes through nexthop objects or
+    several nexthops count as through a gateway."""
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        routes = list(ipr.get_routes(family=socket.AF_INET6, table=254))
+    forwarding = set()
+    for link in present:
+        try:
+            with open(f"/proc/sys/net/ipv6/conf/{link.name}/forwarding") as f:
+                if f.read().strip() == "1":
+                    forwarding.add(link.ifindex)
+        except OSError:
+            pass
+    table = []   # (network, direct through this ifindex or None)
+    for r in routes:
+        dst = r.get_attr("RTA_DST") or "::"
+        net = ipaddress.IPv6Network(f"{dst}/{r['dst_len']}", strict=False)
+        direct = (r["type"] == 1 and not r.get_attr("RTA_GATEWAY") and not r.get_attr("RTA_MULTIPATH")
+                  and not r.get_attr("RTA_NH_ID"))
+        table.append((net, r.get_attr("RTA_OIF") if direct else None))
+
+    def on_link(ifindex: int, daddr: bytes) -> bool:
+        if ifindex not in forwarding:
+            return False
+        a = ipaddress.IPv6Address(daddr)
+        best = max((n.prefixlen for n, _ in table if a in n), default=None)
+        return best is not None and any(n.prefixlen == best and a in n and oif == ifindex for n, oif in table)
+    return on_link
+
+
 def hijacking_routes(policy: Policy, present: dict[int, links.Link], routes: list) -> list[str]:
     """Routes that send non-local destinations through a non-tunnel interface:
     the same test as the daemon's route_alert (TunnelVision), applied to the
@@ -605,8 +640,9 @@ class _NodeCheck(_ScopeCheck):
             exempt = bool(own) and any(own == e or own.startswith(e.rstrip("/") + "/")
                                        for e in (os.path.realpath(x) for x in np.exempt_cgroups))
             tunnels = frozenset(link.ifindex for link in present if policy.trusts(link.name, link.kind))
-            scope = model.Scope(policy.options, policy.endpoints, tunnels, exempt)
             judged = [link for link in present if roles[link.name] in ("guarded", "tunnel")]
+            scope = model.Scope(policy.options, policy.endpoints, tunnels, exempt,
+                                on_link=netns.run_in(ns.path, on_link_table, judged))
             runs, mismatches = netns.run_in(ns.path, _node_runs, fds, nonce, judged, scope, policy.endpoints)
             if mismatches:
                 self.add("policy", FAIL, f"{len(mismatches)} of {runs} verdicts differ from the policy: "
