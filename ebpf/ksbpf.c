@@ -9,8 +9,13 @@
  *   ksbpf_cg_egress  cgroup_skb/egress: the sockets of one cgroup subtree
  *   ksbpf_tc_eth     tc egress of a guarded Ethernet interface (node mode)
  *   ksbpf_tc_l3      tc egress of a guarded interface without a link-layer
- *                    header (tun, ppp, ...)  Runtime configuration lives in
- * maps; options are compile-time switches:
+ *                    header (tun, ppp, ...)
+ *   ksbpf_nf         netfilter NF_INET_POST_ROUTING of a node scope's
+ *                    namespace (IPv4 and IPv6): every IP packet leaving it,
+ *                    on every interface, also one created after attaching
+ *                    (compiled only when the loader passes the kernel's
+ *                    struct offsets, -DKSBPF_OFF_*, read from its BTF)
+ * Runtime configuration lives in maps; options are compile-time switches:
  *   -DKSBPF_OPT_LAN         the fixed private ranges (ksbpf_lan4/6) are allowed
  *   -DKSBPF_OPT_LAN_DNS     ... including DNS (53, 853) to them
  *   -DKSBPF_OPT_DHCP        DHCPv4/DHCPv6 client traffic is allowed
@@ -86,11 +91,15 @@ struct ksbpf_pkt {
  * Ethernet header at tc) and the hook, a constant that folds away the other
  * hooks' code. */
 struct ksbpf_at {
-	struct __sk_buff *skb;
-	void *data;		/* skb->data and skb->data_end, read once by the entry point */
+	struct __sk_buff *skb;	/* cgroup and tc; NULL at netfilter */
+	void *data;		/* skb->data and skb->data_end, read once by the entry point;
+				 * netfilter: the network header (kernel memory) */
 	void *end;
 	__u32 nh;
 	int hook;
+	__u32 ifindex;		/* netfilter: the output device */
+	__u32 len;		/* netfilter: skb->len */
+	__u32 linear;		/* netfilter: bytes from the network header to the linear data's end */
 };
 
 #define KSBPF_AT(ctx, hook_) { .skb = (ctx), .data = (void *)(long)(ctx)->data, \
@@ -106,6 +115,12 @@ static __always_inline int ksbpf_load(const struct ksbpf_at *at, __u32 off, void
 	struct __sk_buff *skb = at->skb;
 	void *p;
 
+	if (at->hook == KSBPF_HOOK_NF) {
+		/* The IP stack keeps the headers in the linear part. */
+		if (off > KSBPF_DIRECT_MAX_OFF || off + len > at->linear)
+			return -1;
+		return bpf_probe_read_kernel(to, len, at->data + off);
+	}
 	if (off <= KSBPF_DIRECT_MAX_OFF && at->nh <= KSBPF_DIRECT_MAX_OFF) {
 		p = at->data + at->nh + off;
 		if (p + len <= at->end) {
@@ -124,7 +139,7 @@ static __always_inline int ksbpf_load_ports(const struct ksbpf_at *at, __u32 off
 
 	if (p->fragment)
 		return 0;
-	if (at->hook == KSBPF_HOOK_TC && p->l4proto == KSBPF_ICMPV6)
+	if (at->hook != KSBPF_HOOK_CGROUP && p->l4proto == KSBPF_ICMPV6)
 		return ksbpf_load(at, off, &p->icmp_type, 1);
 	if (p->l4proto != IPPROTO_TCP && p->l4proto != IPPROTO_UDP)
 		return 0;
@@ -333,7 +348,7 @@ static __always_inline __u64 ksbpf_netns_cookie(const struct ksbpf_at *at)
 	int zero = 0;
 	__u64 *cookie;
 
-	if (at->hook != KSBPF_HOOK_TC)
+	if (at->hook == KSBPF_HOOK_CGROUP)
 		return bpf_get_netns_cookie(at->skb);
 	cookie = scope_netns.lookup(&zero);
 	return cookie ? *cookie : 0;
@@ -386,8 +401,7 @@ static __always_inline int ksbpf_exempted(struct __sk_buff *skb)
 
 static __always_inline int ksbpf_decide(const struct ksbpf_at *at, __be16 proto, struct ksbpf_pkt *p)
 {
-	struct __sk_buff *skb = at->skb;
-	__u32 ifindex = skb->ifindex;	/* read once */
+	__u32 ifindex = at->hook == KSBPF_HOOK_NF ? at->ifindex : at->skb->ifindex;	/* read once */
 
 	p->family = proto == bpf_htons(ETH_P_IP) ? KSBPF_FAMILY_IPV4 :
 		    proto == bpf_htons(ETH_P_IPV6) ? KSBPF_FAMILY_IPV6 : KSBPF_FAMILY_OTHER;
@@ -403,7 +417,7 @@ static __always_inline int ksbpf_decide(const struct ksbpf_at *at, __be16 proto,
 	if (p->family == KSBPF_FAMILY_IPV6) {
 		if (ksbpf_parse6(at, p))
 			return KSBPF_DROP_MALFORMED;
-		if (at->hook == KSBPF_HOOK_TC && ksbpf_is_nd(p))
+		if (at->hook != KSBPF_HOOK_CGROUP && ksbpf_is_nd(p))
 			return KSBPF_ALLOW_NEIGH;
 		return ksbpf_exceptions6(p);
 	}
@@ -423,14 +437,14 @@ static __always_inline int ksbpf_policy(const struct ksbpf_at *at, __be16 proto,
 	return reason;
 }
 
-static __always_inline void ksbpf_count(struct __sk_buff *skb, int reason, const struct ksbpf_pkt *p)
+static __always_inline void ksbpf_count(const struct ksbpf_at *at, int reason, const struct ksbpf_pkt *p)
 {
 	int key = reason * KSBPF_FAMILY_MAX + p->family;
 	struct ksbpf_counter *c = counters.lookup(&key);
 
 	if (c) {
 		c->packets++;
-		c->bytes += skb->len;
+		c->bytes += at->hook == KSBPF_HOOK_NF ? at->len : at->skb->len;
 	}
 }
 
@@ -438,12 +452,13 @@ static __always_inline void ksbpf_count(struct __sk_buff *skb, int reason, const
 /* May this CPU send another sample?  A token bucket: one token per
  * KSBPF_EVENTS_INTERVAL_NS, at most KSBPF_EVENTS_BURST saved up.  It reads
  * the coarse clock (no TSC read: a flood pays little for being limited). */
-static __always_inline int ksbpf_take_token(struct ksbpf_bucket *b)
+static __always_inline int ksbpf_take_token(struct ksbpf_bucket *b, int hook)
 {
 	__u64 now, earned;
 
 	if (!b->tokens) {
-		now = bpf_ktime_get_coarse_ns();
+		/* netfilter programs may not read the coarse clock */
+		now = hook == KSBPF_HOOK_NF ? bpf_ktime_get_ns() : bpf_ktime_get_coarse_ns();
 		earned = (now - b->last_ns) / KSBPF_EVENTS_INTERVAL_NS;
 		if (!earned)
 			return 0;
@@ -456,14 +471,13 @@ static __always_inline int ksbpf_take_token(struct ksbpf_bucket *b)
 
 static __always_inline void ksbpf_report(const struct ksbpf_at *at, int reason, const struct ksbpf_pkt *p)
 {
-	struct __sk_buff *skb = at->skb;
 	int zero = 0;
 	struct ksbpf_bucket *b = bucket.lookup(&zero);
 	struct ksbpf_event *ev;
 
 	if (!b)
 		return;
-	if (!ksbpf_take_token(b)) {
+	if (!ksbpf_take_token(b, at->hook)) {
 		b->suppressed++;
 		return;
 	}
@@ -474,11 +488,17 @@ static __always_inline void ksbpf_report(const struct ksbpf_at *at, int reason, 
 	}
 	__builtin_memset(ev, 0, sizeof(*ev));
 	ev->ts_ns = bpf_ktime_get_ns();
-	ev->cgroup_id = bpf_skb_cgroup_id(skb);
 	ev->netns_cookie = ksbpf_netns_cookie(at);
-	ev->ifindex = skb->ifindex;
-	ev->uid = bpf_get_socket_uid(skb);
-	ev->len = skb->len;
+	if (at->hook == KSBPF_HOOK_NF) {
+		ev->ifindex = at->ifindex;	/* no cgroup helpers at netfilter: cgroup 0 */
+		ev->uid = 65534;
+		ev->len = at->len;
+	} else {
+		ev->cgroup_id = bpf_skb_cgroup_id(at->skb);
+		ev->ifindex = at->skb->ifindex;
+		ev->uid = bpf_get_socket_uid(at->skb);
+		ev->len = at->skb->len;
+	}
 	ev->sport = p->sport;
 	ev->dport = p->dport;
 	ev->reason = reason;
@@ -520,9 +540,9 @@ static __always_inline int ksbpf_verdict(const struct ksbpf_at *at, __be16 proto
 	struct ksbpf_pkt p = {};
 	int reason = ksbpf_policy(at, proto, &p);
 
-	if (ksbpf_verify_run(at->skb))
+	if (at->hook != KSBPF_HOOK_NF && ksbpf_verify_run(at->skb))
 		return reason < KSBPF_FIRST_DROP;
-	ksbpf_count(at->skb, reason, &p);
+	ksbpf_count(at, reason, &p);
 	if (reason < KSBPF_FIRST_DROP)
 		return 1;
 #ifdef KSBPF_EVENTS_INTERVAL_NS
@@ -571,6 +591,60 @@ int ksbpf_tc_l3(struct __sk_buff *skb)
 		proto = v >> 4 == 4 ? bpf_htons(ETH_P_IP) : v >> 4 == 6 ? bpf_htons(ETH_P_IPV6) : 0;
 	return ksbpf_verdict(&at, proto) ? TC_ACT_UNSPEC : TC_ACT_SHOT;
 }
+
+#ifdef KSBPF_OFF_NF_HOOK_STATE_OUT
+/* Netfilter NF_INET_POST_ROUTING (node mode, IPv4 and IPv6 links): every IP
+ * packet leaving the namespace, local or forwarded, with its output device --
+ * on interfaces created after attaching too, which no tc guard can cover
+ * before it exists.  nf_pass[ifindex] (kept by the loader and the daemon) is
+ * set for the interfaces this hook leaves to others: loopback, the tunnels,
+ * the internal interfaces and the interfaces whose tc guard is in force (the
+ * guard judges and counts them, exemptions included).  Everything else is
+ * decided by the policy.  Struct offsets come from the running kernel's BTF
+ * (-DKSBPF_OFF_*, ksbpf/kernel/btf.py); every kernel structure is read with
+ * bpf_probe_read_kernel.  Returns NF_DROP (0) or NF_ACCEPT (1). */
+#define KSBPF_NF_DROP 0
+#define KSBPF_NF_ACCEPT 1
+#define KSBPF_NFPROTO_IPV4 2
+#define KSBPF_NFPROTO_IPV6 10
+BPF_ARRAY(nf_pass, __u32, KSBPF_IFINDEX_FILTER);
+
+struct ksbpf_nf_ctx {	/* struct bpf_nf_ctx */
+	void *state;	/* const struct nf_hook_state * */
+	void *skb;	/* struct sk_buff * */
+};
+
+int ksbpf_nf(struct ksbpf_nf_ctx *ctx)
+{
+	void *state = ctx->state;
+	void *kskb = ctx->skb;
+	void *dev = 0, *head = 0;
+	__u32 *pass, ifindex = 0, tail = 0, len = 0;
+	__u16 nh = 0;
+	__u8 pf = 0;
+
+	bpf_probe_read_kernel(&dev, sizeof(dev), state + KSBPF_OFF_NF_HOOK_STATE_OUT);
+	if (dev)
+		bpf_probe_read_kernel(&ifindex, sizeof(ifindex), dev + KSBPF_OFF_NET_DEVICE_IFINDEX);
+	pass = nf_pass.lookup(&ifindex);
+	if (pass && *pass)
+		return KSBPF_NF_ACCEPT;
+	bpf_probe_read_kernel(&pf, sizeof(pf), state + KSBPF_OFF_NF_HOOK_STATE_PF);
+	bpf_probe_read_kernel(&head, sizeof(head), kskb + KSBPF_OFF_SK_BUFF_HEAD);
+	bpf_probe_read_kernel(&nh, sizeof(nh), kskb + KSBPF_OFF_SK_BUFF_NETWORK_HEADER);
+	bpf_probe_read_kernel(&tail, sizeof(tail), kskb + KSBPF_OFF_SK_BUFF_TAIL);
+	bpf_probe_read_kernel(&len, sizeof(len), kskb + KSBPF_OFF_SK_BUFF_LEN);
+	{
+		/* built after the reads: its hook must be a constant the compiler sees */
+		struct ksbpf_at at = { .skb = 0, .data = head + nh, .end = 0, .nh = 0, .hook = KSBPF_HOOK_NF,
+				       .ifindex = ifindex, .len = len, .linear = tail > nh ? tail - nh : 0 };
+
+		return ksbpf_verdict(&at, pf == KSBPF_NFPROTO_IPV4 ? bpf_htons(ETH_P_IP) :
+					  pf == KSBPF_NFPROTO_IPV6 ? bpf_htons(ETH_P_IPV6) : 0) ?
+		       KSBPF_NF_ACCEPT : KSBPF_NF_DROP;
+	}
+}
+#endif
 
 /* cgroup/sock_create (--netns each): a socket of the scope is being created
  * in a network namespace the daemon does not know yet -- a process that moved

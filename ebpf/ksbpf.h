@@ -39,7 +39,8 @@ enum ksbpf_family {
 enum ksbpf_hook {
 	KSBPF_HOOK_CGROUP = 0,		/* cgroup_skb/egress: the sockets of one cgroup subtree */
 	KSBPF_HOOK_TC = 1,		/* tc egress: everything leaving a guarded interface */
-	KSBPF_HOOK_MAX = 2,
+	KSBPF_HOOK_NF = 2,		/* netfilter POST_ROUTING: every IP packet leaving the namespace */
+	KSBPF_HOOK_MAX = 3,
 };
 
 /* Tunnels are keyed by (network-namespace cookie, ifindex): ifindex numbers

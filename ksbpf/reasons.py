@@ -59,6 +59,7 @@ class Hook(IntEnum):
 
     CGROUP = 0
     TC = 1
+    NF = 2
 
     @property
     def label(self) -> str:

@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass
 
 from ksbpf.errors import KsbpfError
-from ksbpf.kernel import libbpf, pins, preflight
+from ksbpf.kernel import btf, libbpf, nf, pins, preflight
 from ksbpf.policy import PROTOCOLS, Endpoint, EventSettings, Options
 from ksbpf.reasons import FAMILY_MAX, Family, Reason
 
@@ -27,19 +27,24 @@ ENTRY_CGROUP = "ksbpf_cg_egress"   # cgroup_skb/egress
 ENTRY_TC_ETH = "ksbpf_tc_eth"      # tc egress, Ethernet interfaces
 ENTRY_TC_L3 = "ksbpf_tc_l3"        # tc egress, interfaces without a link-layer header
 ENTRY_SOCK_CREATE = "ksbpf_sk_create"  # cgroup/sock_create: reports sockets of unknown namespaces (--netns each)
+ENTRY_NF = "ksbpf_nf"              # netfilter POST_ROUTING of a node scope's namespace (kernels with netfilter links)
 ENTRIES = {ENTRY_CGROUP: libbpf.BPF_PROG_TYPE_CGROUP_SKB,
            ENTRY_TC_ETH: libbpf.BPF_PROG_TYPE_SCHED_CLS,
            ENTRY_TC_L3: libbpf.BPF_PROG_TYPE_SCHED_CLS,
-           ENTRY_SOCK_CREATE: libbpf.BPF_PROG_TYPE_CGROUP_SOCK}
+           ENTRY_SOCK_CREATE: libbpf.BPF_PROG_TYPE_CGROUP_SOCK,
+           ENTRY_NF: nf.BPF_PROG_TYPE_NETFILTER}
+EXPECTED_ATTACH = {ENTRY_NF: nf.BPF_NETFILTER}   # entry points that must be loaded for one attach type
 PIN_NAMES = {ENTRY_CGROUP: "prog", ENTRY_TC_ETH: "prog_eth", ENTRY_TC_L3: "prog_l3",
-             ENTRY_SOCK_CREATE: "prog_sock"}
+             ENTRY_SOCK_CREATE: "prog_sock", ENTRY_NF: "prog_nf"}
 TC_ENTRIES = (ENTRY_TC_ETH, ENTRY_TC_L3)
+NODE_ENTRIES = (*TC_ENTRIES, ENTRY_NF)   # what node mode loads (the last where the kernel has netfilter links)
 PROG_NAME = ENTRY_CGROUP
 MAP_NAMES = ("tunnels", "tunnel_ifindex", "endpoints4", "endpoints6", "counters", "meta", "events", "bucket",
              "exempt", "scope_netns", "verify_nonce", "netns_known", "netns_events",
-             "cidrs4", "cidrs6")
-# absent from pins of scopes made before them: --netns each's maps; allow_cidrs' tries (those allow none)
-OPTIONAL_MAPS = ("netns_known", "netns_events", "cidrs4", "cidrs6")
+             "cidrs4", "cidrs6", "nf_pass")
+# absent from pins of scopes made before them: --netns each's maps; allow_cidrs' tries (those allow none);
+# nf_pass: only compiled where the kernel has netfilter links
+OPTIONAL_MAPS = ("netns_known", "netns_events", "cidrs4", "cidrs6", "nf_pass")
 IFINDEX_FILTER = 4096  # KSBPF_IFINDEX_FILTER
 TUNNEL_SEVERAL = (1 << 64) - 1  # KSBPF_TUNNEL_SEVERAL
 META_SIZE = 8192
@@ -74,12 +79,32 @@ def cflags(options: Options, n_endpoints: int, events: EventSettings = EventSett
         flags.append("-DKSBPF_OPT_LAN_DNS")
     if options.allow_dhcp:
         flags.append("-DKSBPF_OPT_DHCP")
+    if nf.supported():
+        try:
+            flags += btf.nf_cflags()   # compiles the netfilter entry point, for this kernel's struct layout
+        except btf.BtfError:
+            pass   # no BTF: no netfilter entry point (compiled_entries() says so)
     if events.rate > 0:
         # each CPU gets an equal share of the rate and of the burst
         ncpu = libbpf.num_possible_cpus()
         flags += [f"-DKSBPF_EVENTS_INTERVAL_NS={max(1, round(ncpu * 1e9 / events.rate))}ULL",
                   f"-DKSBPF_EVENTS_BURST={max(1, -(-events.burst // ncpu))}ULL"]
     return flags
+
+
+def nf_compiled(flags: list[str]) -> bool:
+    """Does an image compiled with these flags have the netfilter entry point?"""
+    return any(f.startswith("-DKSBPF_OFF_NF_HOOK_STATE_OUT=") for f in flags)
+
+
+def compiled_entries(flags: list[str]) -> tuple[str, ...]:
+    return tuple(e for e in ENTRIES if e != ENTRY_NF or nf_compiled(flags))
+
+
+def nf_available(options: Options = Options(), n_endpoints: int = 0,
+                 events: EventSettings = EventSettings()) -> bool:
+    """Can node mode add its from-birth layer (the netfilter entry point) here?"""
+    return nf_compiled(cflags(options, n_endpoints, events))
 
 
 # --- key/value codecs -----------------------------------------------------------
@@ -206,6 +231,24 @@ class ScopeMaps:
         name = "cidrs4" if net.version == 4 else "cidrs6"
         libbpf.map_update(self.fds[name], _U32.pack(net.prefixlen) + net.network_address.packed, b"\x01")
 
+    # node mode, netfilter hook: the interfaces it leaves to others (tc guard in force, internal, tunnel)
+    def set_nf_pass(self, ifindexes: set[int]) -> None:
+        """nf_pass[i] = 1 for these interfaces, 0 for every other one it held."""
+        if "nf_pass" not in self.fds:
+            return
+        fd = self.fds["nf_pass"]
+        for i in sorted(ifindexes):
+            if i < IFINDEX_FILTER:
+                libbpf.map_update(fd, _U32.pack(i), _U32.pack(1))
+        for i in self.nf_pass() - set(ifindexes):
+            libbpf.map_update(fd, _U32.pack(i), _U32.pack(0))
+
+    def nf_pass(self) -> set[int]:
+        if "nf_pass" not in self.fds:
+            return set()
+        keys, values, n = libbpf.map_lookup_batch(self.fds["nf_pass"], 4, 4, IFINDEX_FILTER)
+        return {i for i in range(n) if _U32.unpack_from(values, 4 * i)[0]}
+
     # node mode: the namespace of the guarded interfaces
     def set_netns_cookie(self, cookie: int) -> None:
         libbpf.map_update(self.fds["scope_netns"], _U32.pack(0), struct.pack("=Q", cookie))
@@ -303,7 +346,7 @@ class ProgramImage:
 
     @classmethod
     def from_loaded(cls, progs: dict[str, bytes], fds: dict[str, int], license: str) -> "ProgramImage":
-        names = list(MAP_NAMES)
+        names = [n for n in MAP_NAMES if n in fds]
         index = {fd: names.index(name) for name, fd in fds.items()}
         specs = []
         for name in names:
@@ -330,9 +373,12 @@ class ProgramImage:
                 fds[m.name] = libbpf.map_create(m.type, m.name, m.key_size, m.value_size, m.max_entries, m.flags)
             ordered = [fds[m.name] for m in self.maps]
             for entry in entries:
+                if entry not in self.progs:
+                    continue   # the netfilter entry point, not compiled for this kernel
                 prog_type, insns = self.progs[entry]
                 progs[entry] = libbpf.prog_load(prog_type, entry, self.license,
-                                                self._relocate(insns, ordered.__getitem__))
+                                                self._relocate(insns, ordered.__getitem__),
+                                                EXPECTED_ATTACH.get(entry))
         except OSError:
             for fd in [*fds.values(), *progs.values()]:
                 os.close(fd)
@@ -425,14 +471,23 @@ def load(options: Options, n_endpoints: int = 0, events: EventSettings = EventSe
     bcc = preflight.require_compiler()
     try:
         b = bcc.BPF(src_file=source_path().encode(), cflags=flags)
-        loaded = {entry: b.load_func(entry.encode(), prog_type).fd for entry, prog_type in ENTRIES.items()}
+        compiled = compiled_entries(flags)
+        loaded = {entry: b.load_func(entry.encode(), ENTRIES[entry], attach_type=EXPECTED_ATTACH.get(entry, -1)).fd
+                  for entry in compiled}
     except Exception as exc:  # bcc raises bare Exception on compile/verifier errors
         raise KsbpfError(f"the BPF program did not compile or load: {exc}",
                          "check `make setup` output and the kernel log (dmesg); the messages above come from bcc") from None
-    fds = {name: b[name.encode()].map_fd for name in MAP_NAMES}
+    fds = {}
+    for name in MAP_NAMES:
+        try:
+            fds[name] = b[name.encode()].map_fd
+        except KeyError:
+            if name not in OPTIONAL_MAPS:
+                raise
+
     if cached:
         try:
-            image = ProgramImage.from_loaded({e: b.dump_func(e.encode()) for e in ENTRIES}, fds,
+            image = ProgramImage.from_loaded({e: b.dump_func(e.encode()) for e in compiled}, fds,
                                              bcc.lib.bpf_module_license(b.module).decode())
             os.makedirs(cache, mode=0o700, exist_ok=True)
             tmp = f"{cached}.{os.getpid()}"
@@ -441,4 +496,4 @@ def load(options: Options, n_endpoints: int = 0, events: EventSettings = EventSe
             os.replace(tmp, cached)
         except OSError:
             pass  # no cache: the next load compiles again
-    return LoadedProgram({e: loaded[e] for e in entries}, ScopeMaps(fds, owned=False), b)
+    return LoadedProgram({e: loaded[e] for e in entries if e in loaded}, ScopeMaps(fds, owned=False), b)
