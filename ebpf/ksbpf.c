@@ -623,17 +623,18 @@ int ksbpf_nf(struct ksbpf_nf_ctx *ctx)
 	__u16 nh = 0;
 	__u8 pf = 0;
 
-	bpf_probe_read_kernel(&dev, sizeof(dev), state + KSBPF_OFF_NF_HOOK_STATE_OUT);
-	if (dev)
-		bpf_probe_read_kernel(&ifindex, sizeof(ifindex), dev + KSBPF_OFF_NET_DEVICE_IFINDEX);
+	/* Plain loads, checked by the verifier against the kernel's BTF (and
+	 * fault-safe: a NULL device reads as ifindex 0). */
+	dev = *(void **)(state + KSBPF_OFF_NF_HOOK_STATE_OUT);
+	ifindex = *(__u32 *)(dev + KSBPF_OFF_NET_DEVICE_IFINDEX);
 	pass = nf_pass.lookup(&ifindex);
 	if (pass && *pass)
 		return KSBPF_NF_ACCEPT;
-	bpf_probe_read_kernel(&pf, sizeof(pf), state + KSBPF_OFF_NF_HOOK_STATE_PF);
-	bpf_probe_read_kernel(&head, sizeof(head), kskb + KSBPF_OFF_SK_BUFF_HEAD);
-	bpf_probe_read_kernel(&nh, sizeof(nh), kskb + KSBPF_OFF_SK_BUFF_NETWORK_HEADER);
-	bpf_probe_read_kernel(&tail, sizeof(tail), kskb + KSBPF_OFF_SK_BUFF_TAIL);
-	bpf_probe_read_kernel(&len, sizeof(len), kskb + KSBPF_OFF_SK_BUFF_LEN);
+	pf = *(__u8 *)(state + KSBPF_OFF_NF_HOOK_STATE_PF);
+	head = *(void **)(kskb + KSBPF_OFF_SK_BUFF_HEAD);
+	nh = *(__u16 *)(kskb + KSBPF_OFF_SK_BUFF_NETWORK_HEADER);
+	tail = *(__u32 *)(kskb + KSBPF_OFF_SK_BUFF_TAIL);
+	len = *(__u32 *)(kskb + KSBPF_OFF_SK_BUFF_LEN);
 	{
 		/* built after the reads: its hook must be a constant the compiler sees */
 		struct ksbpf_at at = { .skb = 0, .data = head + nh, .end = 0, .nh = 0, .hook = KSBPF_HOOK_NF,

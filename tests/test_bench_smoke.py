@@ -41,6 +41,16 @@ def test_packet_cost_benchmark_runs(tmp_path):
 
 
 @pytest.mark.root
+def test_nf_cost_benchmark_runs(tmp_path):
+    from ksbpf.kernel import nf
+    if not nf.supported():
+        pytest.skip("this kernel has no netfilter BPF links (Linux 6.4+)")
+    result = bench(tmp_path, "nf_cost.py", "--rounds", "2", "--packets", "300")
+    assert set(result["paths"]) == {"tunnel", "guarded", "endpoint", "drop"}
+    assert all(p["trivial_ns"] > 0 and p["ksbpf_ns"] > 0 for p in result["paths"].values())
+
+
+@pytest.mark.root
 def test_scrape_benchmark_runs(tmp_path):
     result = bench(tmp_path, "scrape.py", "--scopes", "3", "--scrapes", "1")
     assert result["scopes"] == 3 and result["body_bytes"] > 0
