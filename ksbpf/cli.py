@@ -11,7 +11,7 @@ import click
 
 from ksbpf.daemon.config import ConfigError
 from ksbpf.errors import KsbpfError
-from ksbpf.kernel import cgroup, preflight
+from ksbpf.kernel import cgroup, features, preflight
 from ksbpf.policy import (
     DEFAULT_INTERNAL,
     DEFAULT_TUNNEL_KINDS,
@@ -241,6 +241,7 @@ def status(as_json) -> None:
     if as_json:
         _emit_json(st.to_dict())
         return
+    click.echo(features.short())
     if not st.cgroups and not st.nodes:
         click.echo("no protected scopes")
         return
@@ -277,6 +278,8 @@ def status(as_json) -> None:
         for ep in s.policy.endpoints:
             click.echo(f"  endpoint {ep}")
         click.echo(f"  options  {_options(s.policy)}")
+        click.echo("  netns    " + ("from socket storage (sockets created before the attach are blocked until reopened)"
+                                   if s.netns_identity == features.NETNS_STORAGE else "from bpf_get_netns_cookie"))
         _print_counters(s)
         for w in s.warnings:
             click.echo(f"  warning: {w}")
