@@ -663,8 +663,10 @@ int ksbpf_tc_l3(struct __sk_buff *skb)
  * the internal interfaces and the interfaces whose tc guard is in force (the
  * guard judges and counts them, exemptions included).  Everything else is
  * decided by the policy.  Struct offsets come from the running kernel's BTF
- * (-DKSBPF_OFF_*, ksbpf/kernel/btf.py); every kernel structure is read with
- * bpf_probe_read_kernel.  Returns NF_DROP (0) or NF_ACCEPT (1). */
+ * (-DKSBPF_OFF_*, ksbpf/kernel/btf.py); struct fields are plain loads the
+ * verifier checks against BTF, packet bytes are read with
+ * bpf_probe_read_kernel within the linear data.  Returns NF_DROP (0) or
+ * NF_ACCEPT (1). */
 #define KSBPF_NF_DROP 0
 #define KSBPF_NF_ACCEPT 1
 #define KSBPF_NFPROTO_IPV4 2
