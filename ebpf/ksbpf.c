@@ -709,6 +709,83 @@ int ksbpf_nf(struct ksbpf_nf_ctx *ctx)
 		       KSBPF_NF_ACCEPT : KSBPF_NF_DROP;
 	}
 }
+/* Netfilter NF_INET_POST_ROUTING in each namespace where a cgroup scope's
+ * tunnel lives (IPv4 and IPv6 links): a packet whose SOURCE address is one of
+ * the scope's tunnel addresses (map tunnel_src, kept by the loader and the
+ * daemon) may leave only through that tunnel.  The kernel sends packets for a
+ * scope without the scope's socket -- TIME_WAIT answers and RSTs from TCP's
+ * control socket (whose cgroup is the root), ICMP errors -- which the cgroup
+ * hook never sees; here they are dropped (tunnel_source) when the tunnel is
+ * gone or a route sends them elsewhere.  Everything else is not this hook's
+ * business: NF_ACCEPT. */
+BPF_HASH(tunnel_src, struct ksbpf_src_key, struct ksbpf_src, KSBPF_MAX_TUNNEL_ADDRS);
+
+int ksbpf_nf_src(struct ksbpf_nf_ctx *ctx)
+{
+	void *state = ctx->state;
+	void *kskb = ctx->skb;
+	struct ksbpf_src_key key = {};
+	struct ksbpf_src *src;
+	void *dev, *head, *net;
+	__u32 ifindex, tail, len, linear;
+	__u16 nh;
+	__u8 pf;
+
+	dev = *(void **)(state + KSBPF_OFF_NF_HOOK_STATE_OUT);
+	ifindex = *(__u32 *)(dev + KSBPF_OFF_NET_DEVICE_IFINDEX);
+	if (ifindex == 1)	/* loopback: to the machine itself */
+		return KSBPF_NF_ACCEPT;
+	pf = *(__u8 *)(state + KSBPF_OFF_NF_HOOK_STATE_PF);
+	head = *(void **)(kskb + KSBPF_OFF_SK_BUFF_HEAD);
+	nh = *(__u16 *)(kskb + KSBPF_OFF_SK_BUFF_NETWORK_HEADER);
+	tail = *(__u32 *)(kskb + KSBPF_OFF_SK_BUFF_TAIL);
+	net = *(void **)(state + KSBPF_OFF_NF_HOOK_STATE_NET);
+	key.netns_cookie = *(__u64 *)(net + KSBPF_OFF_NET_NET_COOKIE);
+	linear = tail > nh ? tail - nh : 0;
+	if (pf == KSBPF_NFPROTO_IPV4) {
+		if (linear < sizeof(struct iphdr) ||
+		    bpf_probe_read_kernel(&key.addr[12], 4, head + nh + offsetof(struct iphdr, saddr)))
+			return KSBPF_NF_ACCEPT;
+		key.addr[10] = 0xff;
+		key.addr[11] = 0xff;
+	} else if (pf == KSBPF_NFPROTO_IPV6) {
+		if (linear < sizeof(struct ipv6hdr) ||
+		    bpf_probe_read_kernel(key.addr, 16, head + nh + offsetof(struct ipv6hdr, saddr)))
+			return KSBPF_NF_ACCEPT;
+	} else {
+		return KSBPF_NF_ACCEPT;
+	}
+	src = tunnel_src.lookup(&key);
+	if (!src)
+		return KSBPF_NF_ACCEPT;
+	if (src->ifindex && src->ifindex == ifindex)
+		return KSBPF_NF_ACCEPT;
+	{
+		char name[16] = {};
+		__u64 *a = (__u64 *)name, *b = (__u64 *)src->name;
+
+		if (!bpf_probe_read_kernel(name, sizeof(name), dev + KSBPF_OFF_NET_DEVICE_NAME) &&
+		    src->name[0] && a[0] == b[0] && a[1] == b[1])
+			return KSBPF_NF_ACCEPT;	/* the tunnel, re-created with another ifindex */
+	}
+	len = *(__u32 *)(kskb + KSBPF_OFF_SK_BUFF_LEN);
+	{
+		struct ksbpf_at at = { .skb = 0, .data = head + nh, .end = 0, .nh = 0, .hook = KSBPF_HOOK_NF,
+				       .ifindex = ifindex, .len = len, .linear = linear };
+		struct ksbpf_pkt p = {};
+
+		p.family = pf == KSBPF_NFPROTO_IPV4 ? KSBPF_FAMILY_IPV4 : KSBPF_FAMILY_IPV6;
+		if (p.family == KSBPF_FAMILY_IPV4)
+			ksbpf_parse4(&at, &p);	/* for the event sample only: the verdict is made */
+		else
+			ksbpf_parse6(&at, &p);
+		ksbpf_count(&at, KSBPF_DROP_TUNNEL_SOURCE, &p);
+#ifdef KSBPF_EVENTS_INTERVAL_NS
+		ksbpf_report(&at, KSBPF_DROP_TUNNEL_SOURCE, &p);
+#endif
+	}
+	return KSBPF_NF_DROP;
+}
 #endif
 
 /* cgroup/sock_create: a socket of the scope is being created.

@@ -280,6 +280,8 @@ def status(as_json) -> None:
         click.echo(f"  options  {_options(s.policy)}")
         click.echo("  netns    " + ("from socket storage (sockets created before the attach are blocked until reopened)"
                                    if s.netns_identity == features.NETNS_STORAGE else "from bpf_get_netns_cookie"))
+        click.echo("  tunnel source elsewhere: " + ("dropped (netfilter hook)" if s.tunnel_source == "on"
+                                                     else s.tunnel_source))
         _print_counters(s)
         for w in s.warnings:
             click.echo(f"  warning: {w}")

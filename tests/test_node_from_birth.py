@@ -200,6 +200,12 @@ def test_links_are_pinned_with_the_scope_and_removed_by_detach(host, one_shot):
     assert {i.pf for i in state.values()} == {nf.NFPROTO_IPV4, nf.NFPROTO_IPV6}
     ids = {i.id for i in state.values()}
     assert ids <= set(tc.link_ids())
+    # what the hook leaves to others: loopback, the guarded uplink, the bridge and its veths (internal)
+    by_name = {i["name"]: i["ifindex"] for i in one_shot["interfaces"]}
+    with bpf.ScopeMaps.from_pins(pin_dir) as maps:
+        passed = maps.nf_pass()
+    assert passed == {by_name["lo"], by_name[host.phy_client], by_name[host.bridge], by_name[f"veth1{host.tag}"]} | (
+        {by_name[host.wg_client]} if host.wg_client in by_name else set()), (passed, by_name)
     # re-attach: make-before-break at the other priority
     again = json.loads(ksbpf("attach", "--node", "--netns", host.client_path, "--tunnel", host.wg_client,
                              "--endpoint", host.endpoint4, "--json", check=True).stdout)

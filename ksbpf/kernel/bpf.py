@@ -29,24 +29,27 @@ ENTRY_TC_L3 = "ksbpf_tc_l3"        # tc egress, interfaces without a link-layer 
 ENTRY_SOCK_CREATE = "ksbpf_sk_create"  # cgroup/sock_create: records each socket's namespace (socket storage);
                                        # reports sockets of unknown namespaces (--netns each)
 ENTRY_NF = "ksbpf_nf"              # netfilter POST_ROUTING of a node scope's namespace (kernels with netfilter links)
+ENTRY_NF_SRC = "ksbpf_nf_src"      # netfilter POST_ROUTING where a cgroup scope's tunnel lives: tunnel source addresses
+NF_ENTRIES = (ENTRY_NF, ENTRY_NF_SRC)
 ENTRIES = {ENTRY_CGROUP: libbpf.BPF_PROG_TYPE_CGROUP_SKB,
            ENTRY_TC_ETH: libbpf.BPF_PROG_TYPE_SCHED_CLS,
            ENTRY_TC_L3: libbpf.BPF_PROG_TYPE_SCHED_CLS,
            ENTRY_SOCK_CREATE: libbpf.BPF_PROG_TYPE_CGROUP_SOCK,
-           ENTRY_NF: nf.BPF_PROG_TYPE_NETFILTER}
-EXPECTED_ATTACH = {ENTRY_NF: nf.BPF_NETFILTER}   # entry points that must be loaded for one attach type
+           ENTRY_NF: nf.BPF_PROG_TYPE_NETFILTER,
+           ENTRY_NF_SRC: nf.BPF_PROG_TYPE_NETFILTER}
+EXPECTED_ATTACH = {ENTRY_NF: nf.BPF_NETFILTER, ENTRY_NF_SRC: nf.BPF_NETFILTER}   # entry points that must be loaded for one attach type
 PIN_NAMES = {ENTRY_CGROUP: "prog", ENTRY_TC_ETH: "prog_eth", ENTRY_TC_L3: "prog_l3",
-             ENTRY_SOCK_CREATE: "prog_sock", ENTRY_NF: "prog_nf"}
+             ENTRY_SOCK_CREATE: "prog_sock", ENTRY_NF: "prog_nf", ENTRY_NF_SRC: "prog_nf_src"}
 TC_ENTRIES = (ENTRY_TC_ETH, ENTRY_TC_L3)
 NODE_ENTRIES = (*TC_ENTRIES, ENTRY_NF)   # what node mode loads (the last where the kernel has netfilter links)
 PROG_NAME = ENTRY_CGROUP
 MAP_NAMES = ("tunnels", "tunnel_ifindex", "endpoints4", "endpoints6", "counters", "meta", "events", "bucket",
              "exempt", "scope_netns", "verify_nonce", "netns_known", "netns_events",
-             "cidrs4", "cidrs6", "sk_netns", "nf_pass")
+             "cidrs4", "cidrs6", "sk_netns", "nf_pass", "tunnel_src")
 # absent from pins of scopes made before them: --netns each's maps; allow_cidrs' tries (those allow none);
 # and from programs that ask the kernel for the namespace instead of reading socket storage (sk_netns);
-# nf_pass: only compiled where the kernel has netfilter links
-OPTIONAL_MAPS = ("netns_known", "netns_events", "cidrs4", "cidrs6", "sk_netns", "nf_pass")
+# nf_pass, tunnel_src: only compiled where the kernel has netfilter links
+OPTIONAL_MAPS = ("netns_known", "netns_events", "cidrs4", "cidrs6", "sk_netns", "nf_pass", "tunnel_src")
 # maps a scope keeps across a re-attach: each socket's namespace, recorded when it was created
 KEPT_MAPS = ("sk_netns",)
 IFINDEX_FILTER = 4096  # KSBPF_IFINDEX_FILTER
@@ -60,6 +63,8 @@ _U32 = struct.Struct("=I")
 _U64 = struct.Struct("=Q")
 _COUNTER = struct.Struct("=QQ")       # packets, bytes
 _EXEMPT = struct.Struct("=QII")       # cgroup_id, level, pad
+_SRC_KEY = struct.Struct("=Q16s")     # struct ksbpf_src_key: netns_cookie, addr
+_SRC = struct.Struct("=II16s")        # struct ksbpf_src: ifindex, pad, name
 MAX_EXEMPT = 8                        # KSBPF_MAX_EXEMPT
 _PROTO_NAMES = {v: k for k, v in PROTOCOLS.items()}
 
@@ -106,7 +111,7 @@ def nf_compiled(flags: list[str]) -> bool:
 
 
 def compiled_entries(flags: list[str]) -> tuple[str, ...]:
-    return tuple(e for e in ENTRIES if e != ENTRY_NF or nf_compiled(flags))
+    return tuple(e for e in ENTRIES if e not in NF_ENTRIES or nf_compiled(flags))
 
 
 def nf_available(options: Options = Options(), n_endpoints: int = 0,
@@ -256,6 +261,28 @@ class ScopeMaps:
             return set()
         keys, values, n = libbpf.map_lookup_batch(self.fds["nf_pass"], 4, 4, IFINDEX_FILTER)
         return {i for i in range(n) if _U32.unpack_from(values, 4 * i)[0]}
+
+    # cgroup scopes: the addresses of their tunnels (tunnel_src), never forgotten while the scope lives
+    def tunnel_sources(self) -> dict[tuple[int, ipaddress.IPv4Address | ipaddress.IPv6Address], tuple[int, str]]:
+        """(netns cookie, address) -> (the tunnel's ifindex (0: gone), its name)."""
+        if "tunnel_src" not in self.fds:
+            return {}
+        fd, out = self.fds["tunnel_src"], {}
+        for key in libbpf.map_keys(fd, _SRC_KEY.size):
+            value = libbpf.map_lookup(fd, key, _SRC.size)
+            if value is None:
+                continue
+            cookie, raw = _SRC_KEY.unpack(key)
+            addr = ipaddress.IPv6Address(raw)
+            ifindex, _pad, name = _SRC.unpack(value)
+            out[(cookie, addr.ipv4_mapped or addr)] = (ifindex, name.split(b"\0", 1)[0].decode())
+        return out
+
+    def set_tunnel_source(self, cookie: int, addr, ifindex: int, name: str) -> None:
+        if "tunnel_src" not in self.fds:
+            return
+        raw = addr.packed if addr.version == 6 else b"\0" * 10 + b"\xff\xff" + addr.packed
+        libbpf.map_update(self.fds["tunnel_src"], _SRC_KEY.pack(cookie, raw), _SRC.pack(ifindex, 0, name.encode()))
 
     # node mode: the namespace of the guarded interfaces
     def set_netns_cookie(self, cookie: int) -> None:

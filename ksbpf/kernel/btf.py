@@ -141,7 +141,10 @@ class Btf:
 NF_FIELDS = (
     ("nf_hook_state", "pf", 1),
     ("nf_hook_state", "out", 8),
+    ("nf_hook_state", "net", 8),
+    ("net", "net_cookie", 8),
     ("net_device", "ifindex", 4),
+    ("net_device", "name", 16),
     ("sk_buff", "len", 4),
     ("sk_buff", "head", 8),
     ("sk_buff", "network_header", 2),

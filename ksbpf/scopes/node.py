@@ -474,7 +474,8 @@ def detach_all(bpffs: str = pins.BPFFS) -> NodeDetachResult:
         result.removed_pins.append(pin_dir)
     result.detached_links = tc.detach_tcx_programs(bpf.TC_ENTRIES)
     if nf.supported():
-        result.detached_links += nf.detach_programs((bpf.ENTRY_NF,))
+        # every netfilter link of a ksbpf program: node mode's, and the cgroup scopes' tunnel-source hooks
+        result.detached_links += nf.detach_programs(bpf.NF_ENTRIES)
     return result
 
 
