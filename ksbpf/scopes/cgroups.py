@@ -86,12 +86,17 @@ class AttachResult:
     tunnels: list[common.TunnelState]
     mounted_bpffs: bool
     each: bool = False   # --netns each: tunnels looked up in every namespace of the subtree
+    netns_identity: str = "helper"   # how the program learns a packet's namespace (features.NETNS_*)
+    # socket storage, first attach: processes of the subtree that were running already (their older
+    # sockets have no recorded namespace: blocked until reopened)
+    processes_before: int = 0
 
     def to_dict(self) -> dict:
         return {"cgroup": self.cgroup, "cgroup_id": self.cgroup_id, "pin_dir": self.pin_dir,
                 "prog_id": self.prog_id, "replaced_prog_ids": self.replaced,
                 "tunnels": [t.to_dict() for t in self.tunnels], "mounted_bpffs": self.mounted_bpffs,
-                "netns_each": self.each}
+                "netns_each": self.each, "netns_identity": self.netns_identity,
+                "processes_before": self.processes_before}
 
 
 def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.quiet,
@@ -109,6 +114,7 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
     progress("loading the policy program (compiled by bcc unless a cached image fits)")
     keep = bpf.kept_maps(pins.scope_dir(cg.id, bpffs))   # a re-attach: the sockets' namespaces stay known
     entries = subtree.entries(policy) + (() if each else (bpf.ENTRY_NF_SRC,))
+    keep_used = bool(keep)
     try:
         if keep:
             prog = bpf.load(policy.options, len(policy.endpoints), policy.events,
@@ -198,7 +204,11 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
             os.rename(staging, final)
         finally:
             prog.close()
-    return AttachResult(cg.path, cg.id, final, prog_id, replaced, tunnels, mounted, each)
+    identity = meta["netns_identity"]
+    before = 0
+    if identity == "storage" and not keep_used:
+        before = sum(1 for _ in subtree.subtree_pids(cg.path))
+    return AttachResult(cg.path, cg.id, final, prog_id, replaced, tunnels, mounted, each, identity, before)
 
 
 @dataclass
