@@ -38,6 +38,7 @@ bench: setup
 	@$(PY) benchmarks/reaction.py --flaps 200
 	@$(PY) benchmarks/node_throughput.py --rounds 5 --seconds 2
 	@$(PY) benchmarks/node_reaction.py --interfaces 200
+	@$(PY) benchmarks/new_uplink.py --tries 20
 	@$(PY) benchmarks/footprint.py
 	@$(PY) benchmarks/scrape.py --scopes 1000
 	@$(PY) benchmarks/verify_cost.py --rounds 31

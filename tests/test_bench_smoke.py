@@ -41,6 +41,12 @@ def test_packet_cost_benchmark_runs(tmp_path):
 
 
 @pytest.mark.root
+def test_new_uplink_benchmark_runs(tmp_path):
+    result = bench(tmp_path, "new_uplink.py", "--tries", "1")
+    assert len(result["rows"]) == 1 and result["rows"][0]["ip_sent"] + result["rows"][0]["ip_refused"] > 0
+
+
+@pytest.mark.root
 def test_nf_cost_benchmark_runs(tmp_path):
     from ksbpf.kernel import nf
     if not nf.supported():
