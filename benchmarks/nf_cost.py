@@ -15,6 +15,11 @@ Local UDP senders in that namespace exercise each path of the hook:
 - drop: the same new uplink, another port: the whole policy, dropped
   (not_tunnel, the sender gets EPERM).
 
+A cgroup scope whose tunnel is the same tun device adds its tunnel-source
+hook (ksbpf_nf_src) in the namespace: it runs on the same packets too (the
+tunnel path: its address, through the tunnel; the others: a source address
+that is not the tunnel's), and is measured the same way.
+
 The kernel's own statistics (kernel.bpf_stats_enabled: run_time_ns and
 run_cnt of each program) give the mean cost per packet; rounds interleave
 the paths, each figure is the median over rounds with its spread, as a ratio
@@ -37,8 +42,9 @@ import uuid
 
 import report
 
-from ksbpf.kernel import libbpf, netns, nf
+from ksbpf.kernel import cgroup, libbpf, netns, nf, pins
 from ksbpf.policy import Endpoint, NodePolicy, Options, Policy
+from ksbpf.scopes import cgroups, tunnel_source
 from ksbpf.scopes import node as node_scope
 
 TARGET_TUNNEL = 1.5
@@ -64,6 +70,7 @@ class Bench:
         self.h, self.s = f"ksbpfnfc-{t}-h", f"ksbpfnfc-{t}-s"
         self.path = f"/var/run/netns/{self.h}"
         self.trivial_fd = self.trivial_link = None
+        self.cg = os.path.join(cgroup.cgroup2_root(), f"ksbpf-nfc-{t}")
 
     def create(self) -> None:
         n, h, s = self.n, self.h, self.s
@@ -91,11 +98,17 @@ class Bench:
         self.trivial_fd = libbpf.prog_load(nf.BPF_PROG_TYPE_NETFILTER, "nf_trivial", "GPL", RETURN_ACCEPT,
                                            nf.BPF_NETFILTER)
         self.trivial_link = netns.run_in(self.path, nf.attach, self.trivial_fd, nf.NFPROTO_IPV4, -200)
+        os.mkdir(self.cg)
+        cgroups.attach(self.cg, Policy(("tnl",), (), self.path, Options()))
 
-    def prog_ids(self) -> tuple[int, int]:
-        pin_dir = node_scope.pins.node_dir(netns.cookie(netns.resolve(self.path)))
+    def prog_ids(self) -> tuple[int, int, int]:
+        pin_dir = pins.node_dir(netns.cookie(netns.resolve(self.path)))
         ours = node_scope.nf_links(pin_dir)["ipv4"].prog_id
-        return ours, libbpf.prog_info(self.trivial_fd).id
+        scope_dir = pins.scope_dir(cgroup.resolve(self.cg).id)
+        src = nf.pinned_info(os.path.join(scope_dir, tunnel_source.DIR, "ipv4"))
+        if src is None:
+            raise RuntimeError("the cgroup scope attached no tunnel-source hook")
+        return ours, libbpf.prog_info(self.trivial_fd).id, src.prog_id
 
     def send(self, path: str, count: int) -> None:
         dst = {"tunnel": (f"100.64.{self.n}.2", PORT), "guarded": (f"198.18.{self.n}.2", PORT),
@@ -118,6 +131,8 @@ class Bench:
             os.close(self.trivial_link)   # the only reference: the link goes
         if self.trivial_fd is not None:
             os.close(self.trivial_fd)
+        if os.path.isdir(self.cg):
+            cgroups.remove_cgroup_tree(self.cg)
         if os.path.exists(self.path):
             node_scope.detach(self.path)
         for ns in (self.h, self.s):
@@ -128,22 +143,23 @@ def measure(rounds: int, packets: int) -> dict:
     with open("/proc/sys/kernel/bpf_stats_enabled") as f:
         stats_before = f.read().strip()
     b = Bench()
-    samples: dict[str, list[tuple[float, float]]] = {p: [] for p in PATHS}
+    samples: dict[str, list[tuple[float, float, float]]] = {p: [] for p in PATHS}
     try:
         b.create()
         b.attach()
-        ours, trivial = b.prog_ids()
+        ours, trivial, src = b.prog_ids()
         with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
             f.write("1")
         for p in PATHS:   # warm-up: ARP, route caches
             b.send(p, 200)
         for r in range(rounds):
             for p in PATHS[r % len(PATHS):] + PATHS[:r % len(PATHS)]:
-                o0, t0 = _stats(ours), _stats(trivial)
+                o0, t0, s0 = _stats(ours), _stats(trivial), _stats(src)
                 b.send(p, packets)
-                o1, t1 = _stats(ours), _stats(trivial)
-                if o1[1] > o0[1] and t1[1] > t0[1]:
-                    samples[p].append(((o1[0] - o0[0]) / (o1[1] - o0[1]), (t1[0] - t0[0]) / (t1[1] - t0[1])))
+                o1, t1, s1 = _stats(ours), _stats(trivial), _stats(src)
+                if o1[1] > o0[1] and t1[1] > t0[1] and s1[1] > s0[1]:
+                    samples[p].append(((o1[0] - o0[0]) / (o1[1] - o0[1]), (t1[0] - t0[0]) / (t1[1] - t0[1]),
+                                       (s1[0] - s0[0]) / (s1[1] - s0[1])))
     finally:
         with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
             f.write(stats_before)
@@ -152,12 +168,16 @@ def measure(rounds: int, packets: int) -> dict:
                     "target_tunnel_ratio": TARGET_TUNNEL,
                     "machine_load": "other sessions were running tests on this machine at the same time"}
     for p, rows in samples.items():
-        ratios = [o / t for o, t in rows]
+        ratios = [o / t for o, t, _ in rows]
+        src_ratios = [s / t for _, t, s in rows]
         result["paths"][p] = {
-            "ksbpf_ns": round(statistics.median(o for o, _ in rows), 1),
-            "trivial_ns": round(statistics.median(t for _, t in rows), 1),
+            "ksbpf_ns": round(statistics.median(o for o, _, _ in rows), 1),
+            "trivial_ns": round(statistics.median(t for _, t, _ in rows), 1),
             "ratio": {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3),
                       "max": round(max(ratios), 3)},
+            "tunnel_source_ns": round(statistics.median(s for _, _, s in rows), 1),
+            "tunnel_source_ratio": {"median": round(statistics.median(src_ratios), 3),
+                                    "min": round(min(src_ratios), 3), "max": round(max(src_ratios), 3)},
         }
     result["tunnel_met"] = result["paths"]["tunnel"]["ratio"]["median"] <= TARGET_TUNNEL
     result["machine"] = report.machine()
@@ -165,12 +185,14 @@ def measure(rounds: int, packets: int) -> dict:
 
 
 def table(r: dict) -> str:
-    lines = ["| path | ksbpf_nf ns/packet (median) | trivial ns/packet (median) | × trivial (min–max) |",
-             "|---|---|---|---|"]
+    lines = ["| path | ksbpf_nf ns/packet (median) | trivial ns/packet (median) | × trivial (min–max) "
+             "| ksbpf_nf_src (cgroup scope) ns/packet | × trivial (min–max) |",
+             "|---|---|---|---|---|---|"]
     for p, row in r["paths"].items():
-        q = row["ratio"]
+        q, sq = row["ratio"], row["tunnel_source_ratio"]
         lines.append(f"| {p} | {row['ksbpf_ns']:.0f} | {row['trivial_ns']:.0f} | "
-                     f"{q['median']:.2f} ({q['min']:.2f}–{q['max']:.2f}) |")
+                     f"{q['median']:.2f} ({q['min']:.2f}–{q['max']:.2f}) | {row['tunnel_source_ns']:.0f} | "
+                     f"{sq['median']:.2f} ({sq['min']:.2f}–{sq['max']:.2f}) |")
     lines.append("")
     lines.append(f"- Tunnel path ≤ {r['target_tunnel_ratio']}× trivial: "
                  f"**{'met' if r['tunnel_met'] else 'MISSED'}**.")

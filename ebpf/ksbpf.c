@@ -712,7 +712,9 @@ int ksbpf_nf(struct ksbpf_nf_ctx *ctx)
 /* Netfilter NF_INET_POST_ROUTING in each namespace where a cgroup scope's
  * tunnel lives (IPv4 and IPv6 links): a packet whose SOURCE address is one of
  * the scope's tunnel addresses (map tunnel_src, kept by the loader and the
- * daemon) may leave only through that tunnel.  The kernel sends packets for a
+ * daemon) may leave only through that tunnel (or another registered tunnel
+ * of the namespace: the hot path, one array lookup, decides without the
+ * packet).  The kernel sends packets for a
  * scope without the scope's socket -- TIME_WAIT answers and RSTs from TCP's
  * control socket (whose cgroup is the root), ICMP errors -- which the cgroup
  * hook never sees; here they are dropped (tunnel_source) when the tunnel is
@@ -735,12 +737,19 @@ int ksbpf_nf_src(struct ksbpf_nf_ctx *ctx)
 	ifindex = *(__u32 *)(dev + KSBPF_OFF_NET_DEVICE_IFINDEX);
 	if (ifindex == 1)	/* loopback: to the machine itself */
 		return KSBPF_NF_ACCEPT;
+	net = *(void **)(state + KSBPF_OFF_NF_HOOK_STATE_NET);
+	key.netns_cookie = *(__u64 *)(net + KSBPF_OFF_NET_NET_COOKIE);
+	if (ifindex < KSBPF_IFINDEX_FILTER) {
+		/* the hot path: out through a registered tunnel of this namespace, whatever the source */
+		__u64 *f = tunnel_ifindex.lookup(&ifindex);
+
+		if (f && *f == key.netns_cookie)
+			return KSBPF_NF_ACCEPT;
+	}
 	pf = *(__u8 *)(state + KSBPF_OFF_NF_HOOK_STATE_PF);
 	head = *(void **)(kskb + KSBPF_OFF_SK_BUFF_HEAD);
 	nh = *(__u16 *)(kskb + KSBPF_OFF_SK_BUFF_NETWORK_HEADER);
 	tail = *(__u32 *)(kskb + KSBPF_OFF_SK_BUFF_TAIL);
-	net = *(void **)(state + KSBPF_OFF_NF_HOOK_STATE_NET);
-	key.netns_cookie = *(__u64 *)(net + KSBPF_OFF_NET_NET_COOKIE);
 	linear = tail > nh ? tail - nh : 0;
 	if (pf == KSBPF_NFPROTO_IPV4) {
 		if (linear < sizeof(struct iphdr) ||

@@ -105,6 +105,8 @@ def test_model_tunnel_source():
     assert model.decide_tunnel_source(v4("100.64.1.1", "198.18.1.2"), 3, sources, "eth0") == Reason.DROP_TUNNEL_SOURCE
     gone = {tun4: (0, "wg0")}
     assert model.decide_tunnel_source(v4("100.64.1.1", "198.18.1.2"), 7, gone, "eth0") == Reason.DROP_TUNNEL_SOURCE
+    # out through another registered tunnel of the namespace: the hot path lets it go
+    assert model.decide_tunnel_source(v4("100.64.1.1", "198.18.1.2"), 3, sources, "wg1", frozenset({3})) is None
     # the tunnel re-created by its name (a new ifindex) before the daemon followed it
     assert model.decide_tunnel_source(v4("100.64.1.1", "198.18.1.2"), 9, gone, "wg0") is None
     assert not Reason.DROP_TUNNEL_SOURCE.allowed and Reason.DROP_TUNNEL_SOURCE.label == "tunnel_source"

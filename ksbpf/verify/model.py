@@ -205,14 +205,15 @@ NF_SRC = "ksbpf_nf_src"
 
 
 def decide_tunnel_source(data: bytes, ifindex: int, sources: dict[bytes, tuple[int, str]],
-                         name: str = "") -> Reason | None:
+                         name: str = "", tunnels: frozenset[int] = frozenset()) -> Reason | None:
     """What ksbpf_nf_src decides for the IP packet `data` leaving through
     the interface (ifindex, name): DROP_TUNNEL_SOURCE when its source address
     is one of the scope's tunnel addresses (sources: packed address -> that
     tunnel's (ifindex, 0 when it is gone; name)) and it does not leave through
     that tunnel -- its ifindex, or its name (re-created) -- nor through
-    loopback; None when it is not this hook's business (accepted, uncounted)."""
-    if ifindex == LOOPBACK_IFINDEX or not data:
+    loopback nor through any registered tunnel of the namespace (`tunnels`);
+    None when it is not this hook's business (accepted, uncounted)."""
+    if ifindex == LOOPBACK_IFINDEX or ifindex in tunnels or not data:
         return None
     v = data[0] >> 4
     if v == 4 and len(data) >= 20:
