@@ -125,6 +125,9 @@ class Policy:
     # destinations allowed outside the tunnel, DNS included (Kubernetes: the
     # cluster's service and pod ranges); counted as `lan`
     allow_cidrs: tuple[IPNetwork, ...] = ()
+    # cgroup scopes: a device program refuses /dev/net/tun to the scope's processes
+    # (ksbpf/kernel/devices.py); off by default: a VPN client in the scope may need it
+    deny_tun: bool = False
 
     def __post_init__(self) -> None:
         if not self.tunnels:
@@ -166,6 +169,7 @@ class Policy:
             "tunnel_kinds": list(self.tunnel_kinds),
             "events": asdict(self.events),
             **({"allow_cidrs": [str(n) for n in self.allow_cidrs]} if self.allow_cidrs else {}),
+            **({"deny_tun": True} if self.deny_tun else {}),
         }
 
     @classmethod
@@ -174,7 +178,7 @@ class Policy:
         return cls(tuple(d["tunnels"]), tuple(Endpoint.parse(e) for e in d.get("endpoints", ())),
                    d.get("netns", ""), Options(**d.get("options", {})),
                    tuple(d.get("tunnel_kinds", DEFAULT_TUNNEL_KINDS)), EventSettings(**d.get("events", {})),
-                   tuple(parse_cidr(n) for n in d.get("allow_cidrs", ())))
+                   tuple(parse_cidr(n) for n in d.get("allow_cidrs", ())), bool(d.get("deny_tun", False)))
 
     def trusts(self, name: str, kind: str | None) -> bool:
         """Is an interface called `name` of link kind `kind` one of this policy's tunnels?"""

@@ -110,7 +110,7 @@ def verdicts(by_check) -> dict[str, set[str]]:
     return {c: {f["verdict"] for f in fs} for c, fs in by_check.items()}
 
 
-CHECKS = {"attached", "inherited", "pins", "tunnels", "policy", "routes", "ipv6", "sockets", "raw"}
+CHECKS = {"attached", "inherited", "pins", "tunnels", "policy", "routes", "ipv6", "sockets", "raw", "tun"}
 if nf.supported():
     CHECKS.add("tunnel_source")   # the netfilter hook on the tunnel's source addresses
 
