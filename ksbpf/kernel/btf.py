@@ -16,6 +16,10 @@ string section.  Members of anonymous structs and unions (sk_buff's
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import os
+import platform
 import struct
 from dataclasses import dataclass
 
@@ -152,11 +156,49 @@ NF_FIELDS = (
 )
 
 
+def _cache_file(path: str) -> str | None:
+    """Where the offsets read from this BTF file are kept ($KSBPF_CACHE_DIR,
+    as the program images): keyed by the kernel, the file's size and mtime
+    and the fields asked for.  Reading the BTF costs ~0.1 s a process."""
+    cache = os.environ.get("KSBPF_CACHE_DIR", "/var/cache/ksbpf")
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not cache:
+        return None
+    key = json.dumps([platform.release(), st.st_size, st.st_mtime_ns, NF_FIELDS]).encode()
+    return os.path.join(cache, f"btf-{hashlib.sha256(key).hexdigest()[:24]}.json")
+
+
 @functools.lru_cache(maxsize=1)
 def nf_offsets(path: str = VMLINUX) -> dict[str, int]:
     """{"nf_hook_state.out": offset, ...} for NF_FIELDS, from the running
     kernel's BTF.  BtfError when the BTF is missing or a member is not there
     with the size the program reads."""
+    cached = _cache_file(path)
+    if cached:
+        try:
+            with open(cached) as f:
+                found = json.load(f)
+            if set(found) == {f"{s}.{m}" for s, m, _ in NF_FIELDS}:
+                return found
+        except (OSError, ValueError):
+            pass
+    out = _read_offsets(path)
+    if cached:
+        try:
+            os.makedirs(os.path.dirname(cached), mode=0o700, exist_ok=True)
+            tmp = f"{cached}.{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(out, f)
+            os.replace(tmp, cached)
+        except OSError:
+            pass   # read again next time
+    return out
+
+
+def _read_offsets(path: str) -> dict[str, int]:
     try:
         with open(path, "rb") as f:
             btf = Btf(f.read())
