@@ -28,7 +28,7 @@ from ksbpf.kernel import bpf, libbpf, netns  # noqa: E402
 from ksbpf.policy import Endpoint, EventSettings, Options  # noqa: E402
 from ksbpf.verify.fuzz import FuzzEnv  # noqa: E402
 
-CALL = "\tif (ksbpf_verify_run(at->skb))\n\t\treturn reason < KSBPF_FIRST_DROP;\n"
+CALL = "\tif (at->hook != KSBPF_HOOK_NF && ksbpf_verify_run(at->skb))\n\t\treturn reason < KSBPF_FIRST_DROP;\n"
 EP4 = Endpoint.parse("203.0.113.5:51820/udp")
 PATHS = {
     "loopback": ("lo", frame(ipv4("127.0.0.1", TCP, dport=80))),

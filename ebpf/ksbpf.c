@@ -9,8 +9,13 @@
  *   ksbpf_cg_egress  cgroup_skb/egress: the sockets of one cgroup subtree
  *   ksbpf_tc_eth     tc egress of a guarded Ethernet interface (node mode)
  *   ksbpf_tc_l3      tc egress of a guarded interface without a link-layer
- *                    header (tun, ppp, ...)  Runtime configuration lives in
- * maps; options are compile-time switches:
+ *                    header (tun, ppp, ...)
+ *   ksbpf_nf         netfilter NF_INET_POST_ROUTING of a node scope's
+ *                    namespace (IPv4 and IPv6): every IP packet leaving it,
+ *                    on every interface, also one created after attaching
+ *                    (compiled only when the loader passes the kernel's
+ *                    struct offsets, -DKSBPF_OFF_*, read from its BTF)
+ * Runtime configuration lives in maps; options are compile-time switches:
  *   -DKSBPF_OPT_LAN         the fixed private ranges (ksbpf_lan4/6) are allowed
  *   -DKSBPF_OPT_LAN_DNS     ... including DNS (53, 853) to them
  *   -DKSBPF_OPT_DHCP        DHCPv4/DHCPv6 client traffic is allowed (the machine's
@@ -129,11 +134,16 @@ struct ksbpf_pkt {
  * Ethernet header at tc) and the hook, a constant that folds away the other
  * hooks' code. */
 struct ksbpf_at {
-	struct __sk_buff *skb;
-	void *data;		/* skb->data and skb->data_end, read once by the entry point */
+	struct __sk_buff *skb;	/* cgroup and tc; NULL at netfilter */
+	void *data;		/* skb->data and skb->data_end, read once by the entry point;
+				 * netfilter: the network header (kernel memory) */
 	void *end;
 	__u32 nh;
 	int hook;
+	__u32 ifindex;		/* netfilter: the output device */
+	__u32 len;		/* netfilter: skb->len */
+	void *sk;		/* netfilter: skb->sk (none: a forwarded packet) */
+	__u32 linear;		/* netfilter: bytes from the network header to the linear data's end */
 };
 
 #define KSBPF_AT(ctx, hook_) { .skb = (ctx), .data = (void *)(long)(ctx)->data, \
@@ -149,6 +159,12 @@ static __always_inline int ksbpf_load(const struct ksbpf_at *at, __u32 off, void
 	struct __sk_buff *skb = at->skb;
 	void *p;
 
+	if (at->hook == KSBPF_HOOK_NF) {
+		/* The IP stack keeps the headers in the linear part. */
+		if (off > KSBPF_DIRECT_MAX_OFF || off + len > at->linear)
+			return -1;
+		return bpf_probe_read_kernel(to, len, at->data + off);
+	}
 	if (off <= KSBPF_DIRECT_MAX_OFF && at->nh <= KSBPF_DIRECT_MAX_OFF) {
 		p = at->data + at->nh + off;
 		if (p + len <= at->end) {
@@ -167,7 +183,7 @@ static __always_inline int ksbpf_load_ports(const struct ksbpf_at *at, __u32 off
 
 	if (p->fragment)
 		return 0;
-	if (at->hook == KSBPF_HOOK_TC && p->family == KSBPF_FAMILY_IPV6 && p->l4proto == KSBPF_ICMPV6)
+	if (at->hook != KSBPF_HOOK_CGROUP && p->family == KSBPF_FAMILY_IPV6 && p->l4proto == KSBPF_ICMPV6)
 		return ksbpf_load(at, off, &p->icmp_type, 1);	/* IPv6 only: protocol 58 in IPv4 is no ICMPv6 */
 	if (p->l4proto != IPPROTO_TCP && p->l4proto != IPPROTO_UDP)
 		return 0;
@@ -251,7 +267,7 @@ static __always_inline int ksbpf_is_nd(const struct ksbpf_pkt *p)
 /* The length from the network header to the end of the packet. */
 static __always_inline __u32 ksbpf_l3_len(const struct ksbpf_at *at)
 {
-	__u32 len = at->skb->len;
+	__u32 len = at->hook == KSBPF_HOOK_NF ? at->len : at->skb->len;
 
 	return len > at->nh ? len - at->nh : 0;
 }
@@ -305,7 +321,9 @@ static __always_inline int ksbpf_nd(const struct ksbpf_at *at, const struct ksbp
 	if (ksbpf_link_local6(p->daddr.v6) || ksbpf_link_mcast6(p->daddr.v6))
 		return 1;
 	__builtin_memcpy(&dst64, p->daddr.v6, 8);
-	return dst64 == p->src64 && ksbpf_on_link6(at, p);
+	/* netfilter (an interface not guarded yet): no FIB helper there, so
+	 * only ND to link-local and link-scoped multicast addresses */
+	return dst64 == p->src64 && at->hook == KSBPF_HOOK_TC && ksbpf_on_link6(at, p);
 }
 
 /* tc: an ARP message -- Ethernet/IPv4, request or reply, 28 bytes, or padded
@@ -372,8 +390,10 @@ static __always_inline int ksbpf_own_socket(const struct ksbpf_at *at)
 	int zero = 0;
 	__u64 *cookie;
 
-	if (at->hook != KSBPF_HOOK_TC)
+	if (at->hook == KSBPF_HOOK_CGROUP)
 		return 1;
+	if (at->hook == KSBPF_HOOK_NF)		/* the hook is the node namespace's: a local socket, or forwarded */
+		return at->sk != 0;
 	if (!bpf_skb_cgroup_id(at->skb))	/* no full socket */
 		return 0;
 	cookie = scope_netns.lookup(&zero);
@@ -579,7 +599,7 @@ static __always_inline __u64 ksbpf_netns_cookie(const struct ksbpf_at *at)
 	int zero = 0;
 	__u64 *cookie;
 
-	if (at->hook != KSBPF_HOOK_TC) {
+	if (at->hook == KSBPF_HOOK_CGROUP) {
 #ifdef KSBPF_NETNS_HELPER
 		return bpf_get_netns_cookie(at->skb);
 #else
@@ -647,8 +667,7 @@ static __always_inline int ksbpf_exempted(struct __sk_buff *skb)
 
 static __always_inline int ksbpf_decide(const struct ksbpf_at *at, __be16 proto, struct ksbpf_pkt *p)
 {
-	struct __sk_buff *skb = at->skb;
-	__u32 ifindex = skb->ifindex;	/* read once */
+	__u32 ifindex = at->hook == KSBPF_HOOK_NF ? at->ifindex : at->skb->ifindex;	/* read once */
 
 	p->family = proto == bpf_htons(ETH_P_IP) ? KSBPF_FAMILY_IPV4 :
 		    proto == bpf_htons(ETH_P_IPV6) ? KSBPF_FAMILY_IPV6 : KSBPF_FAMILY_OTHER;
@@ -664,7 +683,7 @@ static __always_inline int ksbpf_decide(const struct ksbpf_at *at, __be16 proto,
 	if (p->family == KSBPF_FAMILY_IPV6) {
 		if (ksbpf_parse6(at, p))
 			return KSBPF_DROP_MALFORMED;
-		if (at->hook == KSBPF_HOOK_TC && ksbpf_nd(at, p))
+		if (at->hook != KSBPF_HOOK_CGROUP && ksbpf_nd(at, p))
 			return KSBPF_ALLOW_NEIGH;
 		return ksbpf_exceptions6(at, p);
 	}
@@ -684,14 +703,14 @@ static __always_inline int ksbpf_policy(const struct ksbpf_at *at, __be16 proto,
 	return reason;
 }
 
-static __always_inline void ksbpf_count(struct __sk_buff *skb, int reason, const struct ksbpf_pkt *p)
+static __always_inline void ksbpf_count(const struct ksbpf_at *at, int reason, const struct ksbpf_pkt *p)
 {
 	int key = reason * KSBPF_FAMILY_MAX + p->family;
 	struct ksbpf_counter *c = counters.lookup(&key);
 
 	if (c) {
 		c->packets++;
-		c->bytes += skb->len;
+		c->bytes += at->hook == KSBPF_HOOK_NF ? at->len : at->skb->len;
 	}
 }
 
@@ -699,23 +718,28 @@ static __always_inline void ksbpf_count(struct __sk_buff *skb, int reason, const
 /* May this CPU send another sample?  A token bucket: one token per
  * KSBPF_EVENTS_INTERVAL_NS, at most KSBPF_EVENTS_BURST saved up.  It reads
  * the coarse clock (no TSC read: a flood pays little for being limited). */
-static __always_inline int ksbpf_take_token(struct ksbpf_bucket *b)
+static __always_inline int ksbpf_take_token(struct ksbpf_bucket *b, int hook)
 {
 	__u64 now, earned;
 
 	if (!b->tokens) {
+		/* netfilter programs may not read the coarse clock */
 #ifdef KSBPF_NO_COARSE_CLOCK
 		now = bpf_ktime_get_ns();
 #else
-		/* The coarse clock moves only when the tick moves jiffies: within
-		 * the tick of the last reading it says what it said then, which
-		 * earned nothing.  bpf_jiffies64 is a load (the verifier inlines
-		 * it), the clock a helper call: a flood of drops pays the load. */
-		now = bpf_jiffies64();
-		if (now == b->last_jiffies)
-			return 0;
-		b->last_jiffies = now;
-		now = bpf_ktime_get_coarse_ns();
+		if (hook == KSBPF_HOOK_NF) {
+			now = bpf_ktime_get_ns();
+		} else {
+			/* The coarse clock moves only when the tick moves jiffies: within
+			 * the tick of the last reading it says what it said then, which
+			 * earned nothing.  bpf_jiffies64 is a load (the verifier inlines
+			 * it), the clock a helper call: a flood of drops pays the load. */
+			now = bpf_jiffies64();
+			if (now == b->last_jiffies)
+				return 0;
+			b->last_jiffies = now;
+			now = bpf_ktime_get_coarse_ns();
+		}
 #endif
 		if (now - b->last_ns < KSBPF_EVENTS_INTERVAL_NS)
 			return 0;	/* no token earned yet, and no division */
@@ -729,14 +753,13 @@ static __always_inline int ksbpf_take_token(struct ksbpf_bucket *b)
 
 static __always_inline void ksbpf_report(const struct ksbpf_at *at, int reason, const struct ksbpf_pkt *p)
 {
-	struct __sk_buff *skb = at->skb;
 	int zero = 0;
 	struct ksbpf_bucket *b = bucket.lookup(&zero);
 	struct ksbpf_event *ev;
 
 	if (!b)
 		return;
-	if (!ksbpf_take_token(b)) {
+	if (!ksbpf_take_token(b, at->hook)) {
 		b->suppressed++;
 		return;
 	}
@@ -747,11 +770,17 @@ static __always_inline void ksbpf_report(const struct ksbpf_at *at, int reason, 
 	}
 	__builtin_memset(ev, 0, sizeof(*ev));
 	ev->ts_ns = bpf_ktime_get_ns();
-	ev->cgroup_id = bpf_skb_cgroup_id(skb);
 	ev->netns_cookie = ksbpf_netns_cookie(at);
-	ev->ifindex = skb->ifindex;
-	ev->uid = bpf_get_socket_uid(skb);
-	ev->len = skb->len;
+	if (at->hook == KSBPF_HOOK_NF) {
+		ev->ifindex = at->ifindex;	/* no cgroup helpers at netfilter: cgroup 0 */
+		ev->uid = 65534;
+		ev->len = at->len;
+	} else {
+		ev->cgroup_id = bpf_skb_cgroup_id(at->skb);
+		ev->ifindex = at->skb->ifindex;
+		ev->uid = bpf_get_socket_uid(at->skb);
+		ev->len = at->skb->len;
+	}
 	ev->sport = p->sport;
 	ev->dport = p->dport;
 	ev->reason = reason;
@@ -776,9 +805,9 @@ static __always_inline int ksbpf_verdict(const struct ksbpf_at *at, __be16 proto
 	struct ksbpf_pkt p = {};
 	int reason = ksbpf_policy(at, proto, &p);
 
-	if (ksbpf_verify_run(at->skb))
+	if (at->hook != KSBPF_HOOK_NF && ksbpf_verify_run(at->skb))
 		return reason < KSBPF_FIRST_DROP;
-	ksbpf_count(at->skb, reason, &p);
+	ksbpf_count(at, reason, &p);
 	if (reason < KSBPF_FIRST_DROP)
 		return 1;
 #ifdef KSBPF_EVENTS_INTERVAL_NS
@@ -827,6 +856,150 @@ int ksbpf_tc_l3(struct __sk_buff *skb)
 		proto = v >> 4 == 4 ? bpf_htons(ETH_P_IP) : v >> 4 == 6 ? bpf_htons(ETH_P_IPV6) : 0;
 	return ksbpf_verdict(&at, proto) ? TC_ACT_UNSPEC : TC_ACT_SHOT;
 }
+
+#ifdef KSBPF_OFF_NF_HOOK_STATE_OUT
+/* Netfilter NF_INET_POST_ROUTING (node mode, IPv4 and IPv6 links): every IP
+ * packet leaving the namespace, local or forwarded, with its output device --
+ * on interfaces created after attaching too, which no tc guard can cover
+ * before it exists.  nf_pass[ifindex] (kept by the loader and the daemon) is
+ * set for the interfaces this hook leaves to others: loopback, the tunnels,
+ * the internal interfaces and the interfaces whose tc guard is in force (the
+ * guard judges and counts them, exemptions included).  Everything else is
+ * decided by the policy.  Struct offsets come from the running kernel's BTF
+ * (-DKSBPF_OFF_*, ksbpf/kernel/btf.py); struct fields are plain loads the
+ * verifier checks against BTF, packet bytes are read with
+ * bpf_probe_read_kernel within the linear data.  Returns NF_DROP (0) or
+ * NF_ACCEPT (1). */
+#define KSBPF_NF_DROP 0
+#define KSBPF_NF_ACCEPT 1
+#define KSBPF_NFPROTO_IPV4 2
+#define KSBPF_NFPROTO_IPV6 10
+BPF_ARRAY(nf_pass, __u32, KSBPF_IFINDEX_FILTER);
+
+struct ksbpf_nf_ctx {	/* struct bpf_nf_ctx */
+	void *state;	/* const struct nf_hook_state * */
+	void *skb;	/* struct sk_buff * */
+};
+
+int ksbpf_nf(struct ksbpf_nf_ctx *ctx)
+{
+	void *state = ctx->state;
+	void *kskb = ctx->skb;
+	void *dev = 0, *head = 0, *sk = 0;
+	__u32 *pass, ifindex = 0, tail = 0, len = 0;
+	__u16 nh = 0;
+	__u8 pf = 0;
+
+	/* Plain loads, checked by the verifier against the kernel's BTF (and
+	 * fault-safe: a NULL device reads as ifindex 0). */
+	dev = *(void **)(state + KSBPF_OFF_NF_HOOK_STATE_OUT);
+	ifindex = *(__u32 *)(dev + KSBPF_OFF_NET_DEVICE_IFINDEX);
+	pass = nf_pass.lookup(&ifindex);
+	if (pass && *pass)
+		return KSBPF_NF_ACCEPT;
+	pf = *(__u8 *)(state + KSBPF_OFF_NF_HOOK_STATE_PF);
+	head = *(void **)(kskb + KSBPF_OFF_SK_BUFF_HEAD);
+	nh = *(__u16 *)(kskb + KSBPF_OFF_SK_BUFF_NETWORK_HEADER);
+	tail = *(__u32 *)(kskb + KSBPF_OFF_SK_BUFF_TAIL);
+	len = *(__u32 *)(kskb + KSBPF_OFF_SK_BUFF_LEN);
+	sk = *(void **)(kskb + KSBPF_OFF_SK_BUFF_SK);
+	{
+		/* built after the reads: its hook must be a constant the compiler sees */
+		struct ksbpf_at at = { .skb = 0, .data = head + nh, .end = 0, .nh = 0, .hook = KSBPF_HOOK_NF,
+				       .ifindex = ifindex, .len = len, .linear = tail > nh ? tail - nh : 0, .sk = sk };
+
+		return ksbpf_verdict(&at, pf == KSBPF_NFPROTO_IPV4 ? bpf_htons(ETH_P_IP) :
+					  pf == KSBPF_NFPROTO_IPV6 ? bpf_htons(ETH_P_IPV6) : 0) ?
+		       KSBPF_NF_ACCEPT : KSBPF_NF_DROP;
+	}
+}
+/* Netfilter NF_INET_POST_ROUTING in each namespace where a cgroup scope's
+ * tunnel lives (IPv4 and IPv6 links): a packet whose SOURCE address is one of
+ * the scope's tunnel addresses (map tunnel_src, kept by the loader and the
+ * daemon) may leave only through that tunnel (or another registered tunnel
+ * of the namespace: the hot path, one array lookup, decides without the
+ * packet).  The kernel sends packets for a
+ * scope without the scope's socket -- TIME_WAIT answers and RSTs from TCP's
+ * control socket (whose cgroup is the root), ICMP errors -- which the cgroup
+ * hook never sees; here they are dropped (tunnel_source) when the tunnel is
+ * gone or a route sends them elsewhere.  Everything else is not this hook's
+ * business: NF_ACCEPT. */
+BPF_HASH(tunnel_src, struct ksbpf_src_key, struct ksbpf_src, KSBPF_MAX_TUNNEL_ADDRS);
+
+int ksbpf_nf_src(struct ksbpf_nf_ctx *ctx)
+{
+	void *state = ctx->state;
+	void *kskb = ctx->skb;
+	struct ksbpf_src_key key = {};
+	struct ksbpf_src *src;
+	void *dev, *head, *net;
+	__u32 ifindex, tail, len, linear;
+	__u16 nh;
+	__u8 pf;
+
+	dev = *(void **)(state + KSBPF_OFF_NF_HOOK_STATE_OUT);
+	ifindex = *(__u32 *)(dev + KSBPF_OFF_NET_DEVICE_IFINDEX);
+	if (ifindex == 1)	/* loopback: to the machine itself */
+		return KSBPF_NF_ACCEPT;
+	net = *(void **)(state + KSBPF_OFF_NF_HOOK_STATE_NET);
+	key.netns_cookie = *(__u64 *)(net + KSBPF_OFF_NET_NET_COOKIE);
+	if (ifindex < KSBPF_IFINDEX_FILTER) {
+		/* the hot path: out through a registered tunnel of this namespace, whatever the source */
+		__u64 *f = tunnel_ifindex.lookup(&ifindex);
+
+		if (f && *f == key.netns_cookie)
+			return KSBPF_NF_ACCEPT;
+	}
+	pf = *(__u8 *)(state + KSBPF_OFF_NF_HOOK_STATE_PF);
+	head = *(void **)(kskb + KSBPF_OFF_SK_BUFF_HEAD);
+	nh = *(__u16 *)(kskb + KSBPF_OFF_SK_BUFF_NETWORK_HEADER);
+	tail = *(__u32 *)(kskb + KSBPF_OFF_SK_BUFF_TAIL);
+	linear = tail > nh ? tail - nh : 0;
+	if (pf == KSBPF_NFPROTO_IPV4) {
+		if (linear < sizeof(struct iphdr) ||
+		    bpf_probe_read_kernel(&key.addr[12], 4, head + nh + offsetof(struct iphdr, saddr)))
+			return KSBPF_NF_ACCEPT;
+		key.addr[10] = 0xff;
+		key.addr[11] = 0xff;
+	} else if (pf == KSBPF_NFPROTO_IPV6) {
+		if (linear < sizeof(struct ipv6hdr) ||
+		    bpf_probe_read_kernel(key.addr, 16, head + nh + offsetof(struct ipv6hdr, saddr)))
+			return KSBPF_NF_ACCEPT;
+	} else {
+		return KSBPF_NF_ACCEPT;
+	}
+	src = tunnel_src.lookup(&key);
+	if (!src)
+		return KSBPF_NF_ACCEPT;
+	if (src->ifindex && src->ifindex == ifindex)
+		return KSBPF_NF_ACCEPT;
+	{
+		char name[16] = {};
+		__u64 *a = (__u64 *)name, *b = (__u64 *)src->name;
+
+		if (!bpf_probe_read_kernel(name, sizeof(name), dev + KSBPF_OFF_NET_DEVICE_NAME) &&
+		    src->name[0] && a[0] == b[0] && a[1] == b[1])
+			return KSBPF_NF_ACCEPT;	/* the tunnel, re-created with another ifindex */
+	}
+	len = *(__u32 *)(kskb + KSBPF_OFF_SK_BUFF_LEN);
+	{
+		struct ksbpf_at at = { .skb = 0, .data = head + nh, .end = 0, .nh = 0, .hook = KSBPF_HOOK_NF,
+				       .ifindex = ifindex, .len = len, .linear = linear };
+		struct ksbpf_pkt p = {};
+
+		p.family = pf == KSBPF_NFPROTO_IPV4 ? KSBPF_FAMILY_IPV4 : KSBPF_FAMILY_IPV6;
+		if (p.family == KSBPF_FAMILY_IPV4)
+			ksbpf_parse4(&at, &p);	/* for the event sample only: the verdict is made */
+		else
+			ksbpf_parse6(&at, &p);
+		ksbpf_count(&at, KSBPF_DROP_TUNNEL_SOURCE, &p);
+#ifdef KSBPF_EVENTS_INTERVAL_NS
+		ksbpf_report(&at, KSBPF_DROP_TUNNEL_SOURCE, &p);
+#endif
+	}
+	return KSBPF_NF_DROP;
+}
+#endif
 
 /* cgroup/sock_create: a socket of the scope is being created.
  *

@@ -22,7 +22,8 @@ enum ksbpf_reason {
 	KSBPF_DROP_FRAGMENT = 10,	/* a non-first fragment: no ports to match an exception */
 	KSBPF_DROP_MALFORMED = 11,	/* truncated or unparsable IP header chain */
 	KSBPF_DROP_NOT_IP = 12,		/* neither IPv4 nor IPv6 (nor ARP/ND at tc) */
-	KSBPF_REASON_MAX = 13,
+	KSBPF_DROP_TUNNEL_SOURCE = 13,	/* netfilter: a registered tunnel's source address, leaving elsewhere */
+	KSBPF_REASON_MAX = 14,
 };
 
 #define KSBPF_FIRST_DROP KSBPF_DROP_NOT_TUNNEL
@@ -39,7 +40,8 @@ enum ksbpf_family {
 enum ksbpf_hook {
 	KSBPF_HOOK_CGROUP = 0,		/* cgroup_skb/egress: the sockets of one cgroup subtree */
 	KSBPF_HOOK_TC = 1,		/* tc egress: everything leaving a guarded interface */
-	KSBPF_HOOK_MAX = 2,
+	KSBPF_HOOK_NF = 2,		/* netfilter POST_ROUTING: every IP packet leaving the namespace */
+	KSBPF_HOOK_MAX = 3,
 };
 
 /* Tunnels are keyed by (network-namespace cookie, ifindex): ifindex numbers
@@ -101,6 +103,26 @@ struct ksbpf_exempt {
 	__u64 cgroup_id;
 	__u32 level;		/* depth in the cgroup v2 hierarchy, the root being 0 */
 	__u32 pad;
+};
+
+/* Cgroup scopes: the addresses of their tunnels, per namespace (map
+ * tunnel_src).  A packet with such a source address may leave only through
+ * that tunnel: the kernel sends some for a scope without the scope's socket
+ * (TIME_WAIT answers, RSTs from TCP's control socket, ICMP errors), which the
+ * cgroup hook never sees.  IPv4 addresses are IPv4-mapped (::ffff:a.b.c.d).
+ * ifindex 0: the tunnel is gone (its last-known addresses are kept).  A
+ * packet leaves "through the tunnel" when its output device has the tunnel's
+ * ifindex or, without the daemon to follow a re-created tunnel, its name. */
+#define KSBPF_MAX_TUNNEL_ADDRS 256
+struct ksbpf_src_key {
+	__u64 netns_cookie;
+	__u8 addr[16];
+};
+
+struct ksbpf_src {
+	__u32 ifindex;
+	__u32 pad;
+	char name[16];		/* the tunnel's name: a tunnel re-created (new ifindex) by that name is still it */
 };
 
 struct ksbpf_counter {

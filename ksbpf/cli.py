@@ -193,7 +193,12 @@ def _print_node_attach(result, np: NodePolicy) -> None:
     if np.exempt_cgroups:
         click.echo(f"  exempt:  {', '.join(np.exempt_cgroups)} (local sockets only; forwarded packets have none)")
     click.echo(f"  internal interfaces (not guarded): {' '.join(np.internal) or 'none'}")
-    click.echo("  interfaces that appear later are guarded only by the daemon (`ksbpf daemon` with a [node] table)")
+    if result.from_birth == "on":
+        click.echo("  from birth: a netfilter hook (IPv4, IPv6) judges the IP traffic of interfaces that appear later;"
+                   " their raw frames (AF_PACKET) and non-IP wait for the daemon's tc guard")
+    else:
+        click.echo(f"  from birth: {result.from_birth}")
+        click.echo("  interfaces that appear later are guarded only by the daemon (`ksbpf daemon` with a [node] table)")
     click.echo("  everything else is dropped; undo with: ksbpf detach --node" + (f" --netns {np.policy.netns}" if np.policy.netns else ""))
 
 
@@ -260,7 +265,9 @@ def status(as_json) -> None:
         return
     for n in st.nodes:
         state = "enforced" if n.attached else "NOT FULLY ENFORCED"
-        click.echo(f"{n.name} (netns {n.netns_label})  [{state}, {n.mode}, hook tc, since {_fmt_time(n.attached_at)}]")
+        hooks = "hooks tc+netfilter" if n.from_birth == "on" else "hook tc"
+        click.echo(f"{n.name} (netns {n.netns_label})  [{state}, {n.mode}, {hooks}, since {_fmt_time(n.attached_at)}]")
+        click.echo(f"  from birth {n.from_birth}")
         _print_interfaces(n.interfaces)
         for t in n.tunnels:
             where = f"ifindex {t.ifindex} ({t.kind})" if t.present else "absent"
@@ -293,6 +300,8 @@ def status(as_json) -> None:
             click.echo(f"  deny-tun {'in force: /dev/net/tun refused to the scope' if s.deny_tun else 'NOT in force'}")
         click.echo("  netns    " + ("from socket storage (sockets created before the attach are blocked until reopened)"
                                    if s.netns_identity == features.NETNS_STORAGE else "from bpf_get_netns_cookie"))
+        click.echo("  tunnel source elsewhere: " + ("dropped (netfilter hook)" if s.tunnel_source == "on"
+                                                     else s.tunnel_source))
         _print_counters(s)
         for w in s.warnings:
             click.echo(f"  warning: {w}")

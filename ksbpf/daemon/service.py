@@ -33,7 +33,7 @@ from ksbpf.daemon.log import EventLog
 from ksbpf.errors import KsbpfError
 from ksbpf.kernel import bpf, features, links, netns, pins
 from ksbpf.policy import LAN_RANGES, NodePolicy, Policy
-from ksbpf.scopes import cgroups, common, subtree
+from ksbpf.scopes import cgroups, common, subtree, tunnel_source
 from ksbpf.scopes import node as node_scope
 
 RETRY_SECONDS = 5.0     # scopes that could not be applied are retried this often
@@ -469,18 +469,31 @@ class Daemon:
     def _reconcile(self, space: Namespace) -> None:
         self._guard(space)
         present = list(space.links.values())
+        addresses = None
         for st in self._scopes_in(space):
+            sources: list[str] = []
             try:
                 with pins.locked(f"cgroup-{os.path.basename(st.pin_dir)}"), bpf.ScopeMaps.from_pins(st.pin_dir) as maps:
                     if st.each:
                         result = common.SyncResult(*subtree.sync_namespace(maps, st.policy, space.cookie, present))
                     else:
                         result = common.sync_tunnels(maps, st.policy, space.cookie, present)
+                        if "tunnel_src" in maps.fds:   # the tunnel's addresses, for the netfilter hook
+                            if addresses is None:
+                                addresses = space.watch.addresses()
+                            sources = common.sync_tunnel_sources(maps, st.policy, space.cookie, present, addresses)
+                            priority = tunnel_source.ensure(st.pin_dir, space.ns, maps, space.cookie,
+                                                            partial(netns.run_here, space.ns.path))
+                            if priority is not None:
+                                self.log("tunnel_source_hook", scope=st.cgroup, netns=space.ns.label,
+                                         priority=priority)
             except (OSError, KsbpfError) as exc:
                 self.log("map_update_failed", level="error", scope=st.cgroup, error=str(exc))
                 st.error, st.in_step = str(exc), False   # re-applied by the retry timer
                 continue
             st.in_step = True
+            if sources:
+                self.log("tunnel_sources", scope=st.cgroup, added=sources, netns=space.ns.label)
             if result.added or result.removed:
                 self.log("map_update", scope=st.cgroup, added=result.added, removed=result.removed,
                          netns=space.ns.label)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pyroute2.netlink import NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
 from pyroute2.netlink.rtnl import (
     RTM_DELLINK,
+    RTM_GETADDR,
     RTM_DELROUTE,
     RTM_GETLINK,
     RTM_NEWLINK,
@@ -123,6 +124,23 @@ class NetlinkWatch:
                 continue
         raise OSError(errno.EAGAIN, "link dump kept being interrupted")
 
+    def addresses(self) -> dict[int, list[ipaddress.IPv4Address | ipaddress.IPv6Address]]:
+        """ifindex -> the interface's IPv4 and IPv6 addresses (a consistent dump)."""
+        for _ in range(10):
+            try:
+                msgs = self._dump(RTM_GETADDR, struct.pack("=BBBBI", 0, 0, 0, 0, 0))
+            except DumpInterrupted:
+                continue
+            out: dict[int, list] = {}
+            for m in msgs:
+                if m["family"] not in (socket.AF_INET, socket.AF_INET6):
+                    continue
+                a = m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS")
+                if a:
+                    out.setdefault(m["index"], []).append(ipaddress.ip_address(a))
+            return out
+        raise OSError(errno.EAGAIN, "address dump kept being interrupted")
+
     def _dump(self, msg_type: int, payload: bytes) -> list:
         self._seq += 1
         seq = self._seq
@@ -169,6 +187,15 @@ def links(ns: netns.Netns) -> list[Link]:
     w = NetlinkWatch(ns, groups=0)
     try:
         return w.links()
+    finally:
+        w.close()
+
+
+def addresses(ns: netns.Netns) -> dict[int, list[ipaddress.IPv4Address | ipaddress.IPv6Address]]:
+    """One dump of the namespace's addresses, by ifindex."""
+    w = NetlinkWatch(ns, groups=0)
+    try:
+        return w.addresses()
     finally:
         w.close()
 

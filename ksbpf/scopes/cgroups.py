@@ -18,7 +18,7 @@ from ksbpf.errors import KsbpfError
 from ksbpf.kernel import bpf, cgroup, devices, libbpf, links, netns, pins, preflight, privileges
 from ksbpf.policy import Policy
 from ksbpf.reasons import Hook
-from ksbpf.scopes import common, subtree
+from ksbpf.scopes import common, subtree, tunnel_source
 
 EGRESS = libbpf.BPF_CGROUP_INET_EGRESS
 
@@ -131,14 +131,15 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
 
     progress("loading the policy program (compiled by bcc unless a cached image fits)")
     keep = bpf.kept_maps(pins.scope_dir(cg.id, bpffs))   # a re-attach: the sockets' namespaces stay known
+    entries = subtree.entries(policy) + (() if each else (bpf.ENTRY_NF_SRC,))
     keep_used = bool(keep)
     try:
         if keep:
             prog = bpf.load(policy.options, len(policy.endpoints), policy.events,
-                            entries=subtree.entries(policy), keep=keep)
+                            entries=entries, keep=keep)
         else:
             prog = (loader or bpf.load)(policy.options, len(policy.endpoints), policy.events,   # loader: a pool's
-                                        entries=subtree.entries(policy))
+                                        entries=entries)
     finally:
         for fd in keep.values():
             os.close(fd)
@@ -155,6 +156,15 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
                 cookie = netns.cookie(ns)
                 common.sync_tunnels(prog.maps, policy, cookie, present)
                 subtree.mark_known(prog.maps, cookie)
+                old_dir = pins.scope_dir(cg.id, bpffs)
+                if os.path.isdir(old_dir):   # the last-known addresses of the scope's tunnels stay
+                    try:
+                        with bpf.ScopeMaps.from_pins(old_dir) as old_maps:
+                            for (c, addr), (_ifindex, name) in old_maps.tunnel_sources().items():
+                                prog.maps.set_tunnel_source(c, addr, 0, name)
+                    except (OSError, KsbpfError):
+                        pass
+                common.sync_tunnel_sources(prog.maps, policy, cookie, present, links.addresses(ns))
                 tunnels = common.tunnel_states(policy, ns.label, present, set(common.tunnel_plan(policy, present)))
                 ns_meta = {"path": ns.path, "inode": ns.inode}
             for ep in policy.endpoints:
@@ -176,6 +186,15 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
             progress(f"pinning maps under {final}")
             prog.pin(staging)
             prog_id = libbpf.prog_info(prog.prog_fd).id
+            if ns is not None and bpf.ENTRY_NF_SRC in prog.progs:
+                try:
+                    priority = tunnel_source.ensure(staging, ns, prog.maps, netns.cookie(ns))
+                except BaseException:
+                    pins.remove_dir(staging)   # unpinned: the links go with their pins
+                    raise
+                if priority is not None:
+                    progress(f"netfilter hook in {ns.label} (priority {priority}): packets with the tunnel's "
+                             "source address leave only through the tunnel")
             dev_fd = None
             if policy.deny_tun:   # small and separate from the packet policy, pinned with the scope
                 dev_fd = devices.load_deny_tun()
@@ -303,6 +322,7 @@ class ScopeStatus:
     warnings: list[str] = field(default_factory=list)   # e.g. processes that could bypass the policy
     hook: Hook = Hook.CGROUP
     netns_identity: str = "helper"   # how its program learns a packet's namespace (features.NETNS_*)
+    tunnel_source: str = "absent"    # the netfilter hook on the tunnel's source addresses: on, absent, MISSING
     deny_tun: bool = False   # --deny-tun's device program is attached to the cgroup
 
     @property
@@ -327,7 +347,8 @@ class ScopeStatus:
                        "sent": self.events[0], "suppressed": self.events[1]},
             "attached_at": self.attached_at, "problems": self.problems,
             "netns_each": self.namespaces is not None, "namespaces": self.namespaces or [],
-            "warnings": self.warnings, "netns_identity": self.netns_identity, "deny_tun": self.deny_tun,
+            "warnings": self.warnings, "netns_identity": self.netns_identity,
+            "tunnel_source": self.tunnel_source, "deny_tun": self.deny_tun,
         }
 
 
@@ -405,9 +426,18 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
     tunnels = common.tunnel_states(policy, ns.label, present, registered)
     problems += [f"interface {t.name} is a {t.kind}, not a trusted tunnel kind ({', '.join(policy.tunnel_kinds)}): blocked"
                  for t in tunnels if t.impostor]
+    try:
+        with bpf.ScopeMaps.from_pins(pin_dir) as maps:
+            source_layer = tunnel_source.layer(pin_dir, meta, maps)
+    except (OSError, KsbpfError):
+        source_layer = "MISSING: the scope's maps cannot be read"
+    if source_layer.startswith("MISSING"):
+        problems.append(f"tunnel-source hook {source_layer}: the kernel's answers for the scope's connections "
+                        "(TIME_WAIT, RSTs) may leave outside the tunnel (`ksbpf attach` again)")
     return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, tunnels, policy, counters,
                        meta.get("attached_at"), problems, ns_ok, event_stats, warnings=warnings,
-                       netns_identity=meta.get("netns_identity", "helper"), deny_tun=deny_tun)
+                       netns_identity=meta.get("netns_identity", "helper"), tunnel_source=source_layer,
+                       deny_tun=deny_tun)
 
 
 def raw_socket_warnings(cg_path: str, limit: int = 10) -> list[str]:

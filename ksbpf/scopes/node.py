@@ -9,6 +9,16 @@ directory (pins.node_dir), or a clsact direct-action filter where the kernel
 has no tcx.  Guards are replaced make-before-break: the new program is
 attached in front of the old one, then the old one is removed.
 
+Where the kernel has netfilter BPF links (6.4+), node mode also attaches a
+per-namespace hook (ksbpf_nf, IPv4 and IPv6, NF_INET_POST_ROUTING), pinned
+under the scope's directory (nf/ipv4, nf/ipv6): the "from birth" layer.  It
+sees every IP packet leaving the namespace, on every interface -- also one
+created after attaching, before any guard can exist on it -- and decides it
+with the same policy, except on the interfaces it leaves to others (map
+nf_pass: loopback, tunnels, internal interfaces, and every interface whose
+tc guard is in force: the guard judges those).  Replaced make-before-break at
+the other of two priorities.
+
 This module owns the life of a node scope -- attach, guarding interfaces as
 they come and go (sync_guards, used by the daemon), detach, status.  The
 kernel is the only state: the attachments, plus the pins.
@@ -24,12 +34,15 @@ from functools import partial
 from typing import Callable
 
 from ksbpf.errors import KsbpfError
-from ksbpf.kernel import bpf, cgroup, libbpf, links, netns, pins, preflight, tc
+from ksbpf.kernel import bpf, cgroup, libbpf, links, netns, nf, pins, preflight, tc
 from ksbpf.policy import NodePolicy
 from ksbpf.reasons import Hook
 from ksbpf.scopes import common
 
 LINKS_DIR = "links"
+NF_DIR = "nf"
+NF_ABSENT = ("absent: this kernel has no netfilter BPF links (Linux 6.4+, CONFIG_NETFILTER_BPF_LINK): an interface "
+             "created after attaching is not judged until the daemon guards it")
 
 
 def label(policy_netns: str) -> str:
@@ -157,6 +170,71 @@ def tcx_guard_alive(pin_dir: str, ifindex: int) -> bool:
         return tc.link_info(fd).ifindex == ifindex
     finally:
         os.close(fd)
+
+
+# -- the from-birth layer: netfilter links ------------------------------------------
+
+def _nf_pin(pin_dir: str, family: str) -> str:
+    return os.path.join(pin_dir, NF_DIR, family)
+
+
+def nf_pass_set(np: NodePolicy, present: list[links.Link], live: dict[int, bool]) -> set[int]:
+    """The interfaces the netfilter hook leaves to others: loopback, tunnels,
+    internal interfaces, and the guarded ones whose tc guard is in force."""
+    return {link.ifindex for link in present
+            if np.role(link.name, link.kind, link.ifindex) != "guarded" or live.get(link.ifindex)}
+
+
+def nf_attach(pin_dir: str, ns: netns.Netns, priority: int, runner: Runner | None = None) -> None:
+    """Attach the scope's netfilter program in the namespace, IPv4 and IPv6,
+    and pin the links (nothing half-applied: both or neither)."""
+    prog_fd = libbpf.obj_get(os.path.join(pin_dir, bpf.PIN_NAMES[bpf.ENTRY_NF]))
+    done: list[str] = []
+    try:
+        os.makedirs(os.path.join(pin_dir, NF_DIR), exist_ok=True)
+        for family, pf in nf.FAMILIES.items():
+            try:
+                link_fd = (runner or partial(netns.run_in, ns.path))(nf.attach, prog_fd, pf, priority)
+            except OSError as exc:
+                if nf.busy(exc):
+                    raise KsbpfError(f"another netfilter BPF link holds priority {priority} at {family} "
+                                     f"POST_ROUTING in {ns.label}",
+                                     "remove it (bpftool link show; type 10), or `ksbpf detach --node` and attach again") from None
+                raise
+            try:
+                libbpf.obj_pin(link_fd, _nf_pin(pin_dir, family))
+            except OSError:
+                tc.link_detach(link_fd)
+                raise
+            finally:
+                os.close(link_fd)
+            done.append(family)
+    except BaseException:
+        for family in done:
+            nf.unpin(_nf_pin(pin_dir, family))
+        raise
+    finally:
+        os.close(prog_fd)
+
+
+def nf_release(pin_dir: str) -> None:
+    for family in nf.FAMILIES:
+        nf.unpin(_nf_pin(pin_dir, family))
+
+
+def nf_links(pin_dir: str) -> dict[str, nf.NfLinkInfo | None]:
+    """family -> the scope's pinned netfilter link (None: no pin)."""
+    return {family: nf.pinned_info(_nf_pin(pin_dir, family)) for family in nf.FAMILIES}
+
+
+def sync_nf_pass(pin_dir: str, np: NodePolicy, ns: netns.Netns, present: list[links.Link], mode: str) -> None:
+    """Tell the netfilter hook which interfaces it leaves to others (no-op
+    for a scope without the from-birth layer)."""
+    if not os.path.isdir(os.path.join(pin_dir, NF_DIR)):
+        return
+    live = guards_in_force(pin_dir, ns, present, mode)
+    with bpf.ScopeMaps.from_pins(pin_dir) as maps:
+        maps.set_nf_pass(nf_pass_set(np, present, live))
 
 
 def _pinned_ifindexes(pin_dir: str) -> list[int]:
@@ -377,6 +455,7 @@ def sync_guards(pin_dir: str, np: NodePolicy, ns: netns.Netns, present: list[lin
     for link in missing:
         if guard(pin_dir, ns, link, mode, pref, runner):
             result.guarded.append(link.name)
+    sync_nf_pass(pin_dir, np, ns, present, mode)
     return result
 
 
@@ -384,6 +463,7 @@ def _release_all(pin_dir: str, meta: dict, ns: netns.Netns | None) -> None:
     """Remove every guard a node scope's pins record (the scope's tcx links;
     its clsact filters on the namespace's interfaces)."""
     mode, pref = meta.get("tc_mode", "tcx"), meta.get("pref", tc.CLSACT_PREFS[0])
+    nf_release(pin_dir)
     if mode == "tcx":
         for ifindex in _pinned_ifindexes(pin_dir):
             unguard(pin_dir, ifindex, mode, pref)
@@ -409,10 +489,12 @@ class NodeAttachResult:
     interfaces: list["InterfaceState"]
     tunnels: list[common.TunnelState]
     mounted_bpffs: bool
+    from_birth: str = "absent"
 
     def to_dict(self) -> dict:
         return {"scope": self.name, "netns": self.netns, "netns_cookie": self.netns_cookie,
                 "pin_dir": self.pin_dir, "tc_mode": self.mode, "prog_ids": self.prog_ids,
+                "from_birth": self.from_birth,
                 "replaced": self.replaced, "interfaces": [i.to_dict() for i in self.interfaces],
                 "tunnels": [t.to_dict() for t in self.tunnels], "mounted_bpffs": self.mounted_bpffs}
 
@@ -438,8 +520,9 @@ def attach(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
     mode = resolve_mode(np.tc_mode)
     exempt = exempt_entries(np)
 
-    progress("loading the tc programs (compiled by bcc unless a cached image fits)")
-    prog = bpf.load(policy.options, len(policy.endpoints), policy.events, entries=bpf.TC_ENTRIES)
+    progress("loading the tc and netfilter programs (compiled by bcc unless a cached image fits)")
+    prog = bpf.load(policy.options, len(policy.endpoints), policy.events, entries=bpf.NODE_ENTRIES)
+    from_birth = bpf.ENTRY_NF in prog.progs
     with pins.locked(f"node-{cookie}"):   # taken after compiling: others wait milliseconds, not the compiler
         try:
             present = links.links(ns)
@@ -452,11 +535,14 @@ def attach(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
             old_meta = _read_meta(final) if os.path.isdir(final) else None
             old_pref = (old_meta or {}).get("pref", tc.CLSACT_PREFS[1])
             pref = tc.CLSACT_PREFS[0] if old_pref != tc.CLSACT_PREFS[0] else tc.CLSACT_PREFS[1]
+            old_nf = (old_meta or {}).get("nf_priority")
+            nf_priority = nf.PRIORITIES[0] if old_nf != nf.PRIORITIES[0] else nf.PRIORITIES[1]
             meta = {
                 "version": common.META_VERSION, "kind": "node", "name": label(policy.netns),
                 "policy": {k: v for k, v in np.to_dict().items() if k != "endpoints"},
                 "netns": {"path": ns.path, "inode": ns.inode, "cookie": cookie},
                 "tc_mode": mode, "pref": pref, "attached_at": time.time(),
+                "nf_priority": nf_priority if from_birth else None,
             }
             prog.maps.write_meta(meta)
             mounted = pins.ensure_bpffs(bpffs)
@@ -471,9 +557,16 @@ def attach(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
                     if guard(staging, ns, link, mode, pref):
                         done.append(link)
                         progress(f"guarding {link.name} (ifindex {link.ifindex}) with {mode}")
+                if from_birth:
+                    live = {link.ifindex: True for link in done}
+                    prog.maps.set_nf_pass(nf_pass_set(np, present, live))
+                    progress(f"attaching the netfilter hook (IPv4, IPv6 POST_ROUTING, priority {nf_priority}): "
+                             "interfaces created later are judged from birth")
+                    nf_attach(staging, ns, nf_priority)
             except BaseException:
                 for link in done:   # nothing half-applied
                     unguard(staging, link.ifindex, mode, pref, ns, link.name)
+                nf_release(staging)
                 pins.remove_dir(staging)
                 raise
             replaced = old_meta is not None
@@ -488,7 +581,7 @@ def attach(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
             prog.close()
     status = read_node(final)
     return NodeAttachResult(label(policy.netns), ns.label, cookie, final, mode, prog_ids, replaced,
-                            status.interfaces, status.tunnels, mounted)
+                            status.interfaces, status.tunnels, mounted, status.from_birth)
 
 
 # -- detach ---------------------------------------------------------------------------
@@ -534,6 +627,9 @@ def detach_all(bpffs: str = pins.BPFFS) -> NodeDetachResult:
         _remove(pin_dir)
         result.removed_pins.append(pin_dir)
     result.detached_links = tc.detach_tcx_programs(bpf.TC_ENTRIES)
+    if nf.supported():
+        # every netfilter link of a ksbpf program: node mode's, and the cgroup scopes' tunnel-source hooks
+        result.detached_links += nf.detach_programs(bpf.NF_ENTRIES)
     return result
 
 
@@ -579,6 +675,7 @@ class NodeStatus:
     events: tuple[int, int] = (0, 0)
     netns_ok: bool = True
     hook: Hook = Hook.TC
+    from_birth: str = "absent"   # the netfilter layer: "on", "absent" (kernel), "MISSING"
 
     @property
     def policy(self):
@@ -596,7 +693,7 @@ class NodeStatus:
     def to_dict(self) -> dict:
         return {
             "scope": self.name, "kind": "node", "netns": self.netns_label, "pin_dir": self.pin_dir,
-            "tc_mode": self.mode, "attached": self.attached,
+            "tc_mode": self.mode, "attached": self.attached, "from_birth": self.from_birth,
             "interfaces": [i.to_dict() for i in self.interfaces],
             "tunnels": [t.to_dict() for t in self.tunnels],
             "internal": list(self.node.internal), "exempt_cgroups": list(self.node.exempt_cgroups),
@@ -651,8 +748,25 @@ def read_node(pin_dir: str, link_cache: dict | None = None) -> NodeStatus:
         problems.append(f"network namespace {ns.label} is gone or not the one the scope was attached in")
     registered = {e.ifindex for e in entries if e.netns_cookie == cookie}
     tunnels = common.tunnel_states(np.policy, ns.label, present, registered)
+    from_birth = nf_layer(pin_dir, meta)
+    if from_birth.startswith("MISSING"):
+        problems.append(f"from-birth layer {from_birth}: an interface created now leaves unjudged until the daemon "
+                        "guards it (`ksbpf attach --node` again)")
     return NodeStatus(meta.get("name", label(np.policy.netns)), pin_dir, np, mode, ns.label, interfaces, tunnels,
-                      counters, meta.get("attached_at"), problems, event_stats, ns_ok)
+                      counters, meta.get("attached_at"), problems, event_stats, ns_ok, from_birth=from_birth)
+
+
+def nf_layer(pin_dir: str, meta: dict) -> str:
+    """The from-birth layer of a node scope: "on" (both netfilter links
+    attached), "absent: ..." (the kernel has none, or the scope was attached
+    without), "MISSING: ..." (attached, and a link is gone)."""
+    if meta.get("nf_priority") is None:
+        return NF_ABSENT if not nf.supported() else "absent: attached without it (`ksbpf attach --node` again adds it)"
+    state = nf_links(pin_dir)
+    gone = [family for family, info in state.items() if info is None or not info.alive]
+    if gone:
+        return f"MISSING: the {' and '.join(gone)} netfilter link is not attached"
+    return "on"
 
 
 @dataclass
@@ -673,7 +787,9 @@ def ensure(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
             current = read_node(pin_dir)
         except (OSError, KsbpfError, ValueError):
             current = None
-        if current and current.attached and current.node == np:
+        layer_ok = current is not None and (current.from_birth == "on" or (
+            current.from_birth.startswith("absent") and not bpf.nf_available(np.policy.options)))
+        if current and current.attached and current.node == np and layer_ok:
             return NodeEnsureResult("adopted", pin_dir)
     result = attach(np, progress, bpffs)
     return NodeEnsureResult("replaced" if result.replaced else "attached", pin_dir, result)

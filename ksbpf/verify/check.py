@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from ksbpf.errors import KsbpfError
 from ksbpf.kernel import bpf, cgroup, features, libbpf, links, netns, pins, preflight
 from ksbpf.policy import LAN_RANGES, NodePolicy, Policy
-from ksbpf.scopes import cgroups, common
+from ksbpf.scopes import cgroups, common, tunnel_source
 from ksbpf.scopes import node as node_scope
 from ksbpf.verify import crafted, model, sockdiag
 from ksbpf.verify.nonce import ensure_nonce
@@ -404,6 +404,19 @@ class _ScopeCheck:
                          + (f" (also ksbpf program(s) {others}: left by an interrupted attach?)" if others else ""))
             self._inherited(cg_path, prog_id, again)
             self._pins(maps, [prog_fd], again)
+            layer = tunnel_source.layer(self.pin_dir, meta, maps)
+            if layer == "on":
+                self.add("tunnel_source", PASS, "netfilter hook in the tunnel's namespace: packets with the tunnel's "
+                         "source address (TIME_WAIT answers, RSTs of TCP's control socket) leave only through it")
+            elif layer.startswith("MISSING"):
+                self.add("tunnel_source", FAIL, f"tunnel-source hook {layer}: the kernel's answers for the scope's "
+                         "connections can leave outside the tunnel", again)
+            elif layer.startswith("waiting"):
+                self.add("tunnel_source", PASS, f"tunnel-source hook {layer} (the daemon, or `ksbpf attach` again, "
+                         "attaches it)")
+            elif not layer.startswith("absent: not with"):
+                self.add("tunnel_source", WARN, f"tunnel-source hook {layer}: the kernel's answers for the scope's "
+                         "connections (TIME_WAIT, RSTs) are not judged", again)
             ns = common.meta_netns(meta)
             if not common.netns_alive(ns):
                 self.add("tunnels", FAIL, f"network namespace {ns.label} is gone or was replaced", again)
@@ -634,6 +647,16 @@ class _NodeCheck(_ScopeCheck):
                                                                                if others else ""))
             self._first(ns, [link for link in want if live[link.ifindex]], mode)
             self._pins(maps, list(fds.values()), again)
+            layer = node_scope.nf_layer(self.pin_dir, meta)
+            if layer == "on":
+                self.add("from_birth", PASS, "netfilter hook (IPv4, IPv6 POST_ROUTING) attached: the IP traffic of "
+                         "interfaces created later is judged before any guard exists on them")
+            elif layer.startswith("absent"):
+                self.add("from_birth", WARN, f"from-birth layer {layer}",
+                         "a kernel with netfilter BPF links (Linux 6.4+), or run the daemon" if "kernel" in layer
+                         else again)
+            else:
+                self.add("from_birth", FAIL, f"from-birth layer {layer}", again)
             self._tunnels(maps, policy, ns, present)
             nonce = ensure_nonce(maps)
             own = _own_cgroup()

@@ -250,6 +250,34 @@ def _decide_l3(data: bytes, proto: int, ifindex: int, scope: Scope, tc: bool) ->
     return Decision(_exceptions(p, scope, len(data), tc), family)
 
 
+# The netfilter hook of a cgroup scope's tunnel namespace (ebpf/ksbpf.c ksbpf_nf_src).
+NF_SRC = "ksbpf_nf_src"
+
+
+def decide_tunnel_source(data: bytes, ifindex: int, sources: dict[bytes, tuple[int, str]],
+                         name: str = "", tunnels: frozenset[int] = frozenset()) -> Reason | None:
+    """What ksbpf_nf_src decides for the IP packet `data` leaving through
+    the interface (ifindex, name): DROP_TUNNEL_SOURCE when its source address
+    is one of the scope's tunnel addresses (sources: packed address -> that
+    tunnel's (ifindex, 0 when it is gone; name)) and it does not leave through
+    that tunnel -- its ifindex, or its name (re-created) -- nor through
+    loopback nor through any registered tunnel of the namespace (`tunnels`);
+    None when it is not this hook's business (accepted, uncounted)."""
+    if ifindex == LOOPBACK_IFINDEX or ifindex in tunnels or not data:
+        return None
+    v = data[0] >> 4
+    if v == 4 and len(data) >= 20:
+        src = data[12:16]
+    elif v == 6 and len(data) >= 40:
+        src = data[8:24]
+    else:
+        return None
+    tunnel = sources.get(src)
+    if tunnel is None or (tunnel[0] and tunnel[0] == ifindex) or (tunnel[1] and tunnel[1] == name):
+        return None
+    return Reason.DROP_TUNNEL_SOURCE
+
+
 def eth_type_trans(frame: bytes) -> int:
     """skb->protocol as the kernel sets it for a received Ethernet frame (what a
     cgroup_skb test run sees)."""
