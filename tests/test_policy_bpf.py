@@ -406,7 +406,8 @@ def test_tunnel_removed_from_map_blocks(host):
 def test_every_reason_is_exercised():
     """Guard against a reason added to the enum without a test case."""
     covered = ({c[4] for c in CASES} | {c[3] for c in TC_CASES} | {Reason.DROP_MALFORMED, Reason.DROP_NOT_IP}
-               | {Reason.ALLOW_EXEMPT})   # needs a socket: tests/test_node.py, with real traffic
+               | {Reason.ALLOW_EXEMPT}     # needs a socket: tests/test_node.py, with real traffic
+               | {Reason.DROP_TUNNEL_SOURCE})   # the netfilter source hook's: tests/test_tunnel_source.py
     assert covered == set(Reason)
 
 

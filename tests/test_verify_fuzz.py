@@ -34,8 +34,9 @@ def test_fuzz_ten_thousand_packets(tmp_path, program_cache):
     assert result.packets >= 10_000
     assert not result.disagreements, "\n".join(f"{d.options} {d.hook} {d.iface}: model {d.model}, kernel {d.kernel}: {d.buffer}"
                                                 for d in result.disagreements)
-    # every reason was reached (exempt: the test run's socket is in the exempted root cgroup)
-    assert set(result.by_reason) == {r.label for r in Reason}
+    # every reason of the policy was reached (exempt: the test run's socket is in the exempted root
+    # cgroup); tunnel_source is the netfilter source hook's, not the policy's (tests/test_tunnel_source.py)
+    assert set(result.by_reason) == {r.label for r in Reason} - {Reason.DROP_TUNNEL_SOURCE.label}
 
 
 CASES_SAVED = fuzz.load_cases()
