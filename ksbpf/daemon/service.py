@@ -33,7 +33,7 @@ from ksbpf.daemon.log import EventLog
 from ksbpf.errors import KsbpfError
 from ksbpf.kernel import bpf, features, links, netns, pins
 from ksbpf.policy import LAN_RANGES, NodePolicy, Policy
-from ksbpf.scopes import cgroups, common, subtree
+from ksbpf.scopes import cgroups, common, followed, subtree
 from ksbpf.scopes import node as node_scope
 
 RETRY_SECONDS = 5.0     # scopes that could not be applied are retried this often
@@ -42,6 +42,10 @@ COMPILING = "waiting for its program to be compiled (helper process)"
 GUARD_CHECK_SECONDS = 1.0   # node mode: are the guards still attached (nothing tells us when one is removed)
 PENDING_SECONDS = 2.0   # netns "each": a reported namespace not found at once is looked for this long ...
 PENDING_INTERVAL = 0.005   # ... this often
+# --endpoint auto: WireGuard tells nobody when a peer's endpoint changes, so it is asked
+FOLLOW_SECONDS = 0.25        # this often,
+FOLLOW_FAST_SECONDS = 0.02   # ... and this often
+FOLLOW_FAST_FOR = 5.0        # ... for this long after a tunnel appears or changes (its first handshake)
 
 
 @dataclass
@@ -59,6 +63,13 @@ class ScopeState:
     follow: SubtreeWatch | None = None                    # netns = "each": the subtree's signals
     spaces: dict[int, subtree.NsUse] = field(default_factory=dict)   # ... and the namespaces it uses
     pending: dict[int, float] = field(default_factory=dict)   # reported cookies not registered yet -> give up at
+    follow_at: float = 0.0       # --endpoint auto: when the tunnels' endpoints are read next
+    follow_fast_until: float = 0.0
+    follow_failed: tuple[str, ...] = ()   # the sources that could not be read last time (logged once)
+
+    @property
+    def name(self) -> str:
+        return self.cgroup
 
     @property
     def each(self) -> bool:
@@ -76,10 +87,17 @@ class NodeState:
     pref: int = 1
     error: str | None = None
     in_step: bool = False        # every interface that needs a guard has one
+    follow_at: float = 0.0       # --endpoint auto (see ScopeState)
+    follow_fast_until: float = 0.0
+    follow_failed: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
         return node_scope.label(self.node.policy.netns)
+
+    @property
+    def policy(self) -> Policy:
+        return self.node.policy
 
 
 @dataclass
@@ -414,6 +432,8 @@ class Daemon:
 
     def _reconcile(self, space: Namespace) -> None:
         self._guard(space)
+        if (nst := self._node_in(space)) is not None and nst.policy.follow:
+            self._follow_endpoints(nst, space)
         present = list(space.links.values())
         for st in self._scopes_in(space):
             try:
@@ -431,9 +451,61 @@ class Daemon:
                 self.log("map_update", scope=st.cgroup, added=result.added, removed=result.removed,
                          netns=space.ns.label)
                 self._verify_soon()
+            if st.policy.follow and not st.each:
+                self._follow_endpoints(st, space)
+
+    # -- --endpoint auto: the endpoint maps follow the tunnels --------------------------
+    def _followers(self) -> list:
+        """The scopes (and the node) whose endpoints follow their tunnels."""
+        out = [st for st in self.scopes.values() if st.policy.follow and st.pin_dir and st.ns and not st.error]
+        if self.node and self.node.policy.follow and self.node.pin_dir and self.node.ns and not self.node.error:
+            out.append(self.node)
+        return out
+
+    def _follow_endpoints(self, st, space: Namespace) -> None:
+        """Read what the tunnels use now and bring the endpoint maps to it
+        (the new endpoint in before the old one leaves)."""
+        now = time.monotonic()
+        st.follow_at = now + (FOLLOW_FAST_SECONDS if now < st.follow_fast_until else FOLLOW_SECONDS)
+        try:
+            found, failed = followed.read_now(st.policy, space.ns, list(space.links.values()))
+            lock = f"node-{space.cookie}" if st is self.node else f"cgroup-{os.path.basename(st.pin_dir)}"
+            with pins.locked(lock), bpf.ScopeMaps.from_pins(st.pin_dir) as maps:
+                result = followed.sync(maps, st.policy, found, failed)
+        except (OSError, KsbpfError) as exc:
+            self.log("endpoints_follow_failed", level="error", scope=st.name, error=str(exc))
+            return
+        if tuple(result.failed) != st.follow_failed:
+            st.follow_failed = tuple(result.failed)
+            if result.failed:
+                self.log("endpoint_source_unreadable", level="warning", scope=st.name, problems=result.failed,
+                         note="the endpoints last read from these sources stay allowed")
+        if result.changed:
+            self.log("endpoints_followed", scope=st.name, added=result.added, removed=result.removed,
+                     now=[f.describe() for f in result.followed], netns=space.ns.label)
+            self._verify_soon()
+
+    def _follow_due(self) -> None:
+        now = time.monotonic()
+        for st in self._followers():
+            if st.follow_at <= now:
+                space = self.namespaces.get(st.ns.inode)
+                if space is not None:
+                    self._follow_endpoints(st, space)
+
+    def _follow_fast(self, space: Namespace, name: str) -> None:
+        """A tunnel of this namespace appeared or changed: read its endpoints
+        at once and often for a while (its first handshake must not be lost)."""
+        now = time.monotonic()
+        for st in self._followers():
+            if st.ns.inode == space.ns.inode and name in st.policy.tunnels:
+                st.follow_fast_until, st.follow_at = now + FOLLOW_FAST_FOR, now
 
     def _note_link(self, space: Namespace, before: links.Link | None, after: links.Link | None) -> None:
         """Log what a link change means for the scopes of this namespace."""
+        for link in (before, after):
+            if link is not None:
+                self._follow_fast(space, link.name)
         for st in self._scopes_in(space):
             names = st.policy.tunnels
             if before and before.name in names and (after is None or after.name != before.name):
@@ -598,7 +670,8 @@ class Daemon:
             pending = [st for st in self.scopes.values() if st.pending and st.follow]
             deadline = min(next_resync, next_retry, next_guard_check if self.node else next_retry,
                            *(time.monotonic() + PENDING_INTERVAL for _ in pending[:1]),
-                           *(src.deadline() for src in self.sources))
+                           *(src.deadline() for src in self.sources),
+                           *(st.follow_at for st in self._followers()))
             readable = _readable([read_fd, *watches, *follows, *sources], max(0.0, deadline - time.monotonic()))
             self.heartbeat = time.monotonic()
             for fd in readable:
@@ -638,6 +711,7 @@ class Daemon:
             for st in pending:
                 if st.follow is not None:
                     self._rescan(st, force=True)
+            self._follow_due()
             if time.monotonic() >= next_retry:
                 self._check_namespaces()
                 failed = [s for s in self.scopes.values() if s.error]

@@ -18,7 +18,7 @@ from ksbpf.errors import KsbpfError
 from ksbpf.kernel import bpf, cgroup, libbpf, links, netns, pins, preflight, privileges
 from ksbpf.policy import Policy
 from ksbpf.reasons import Hook
-from ksbpf.scopes import common, subtree
+from ksbpf.scopes import common, followed, subtree
 
 EGRESS = libbpf.BPF_CGROUP_INET_EGRESS
 
@@ -86,12 +86,15 @@ class AttachResult:
     tunnels: list[common.TunnelState]
     mounted_bpffs: bool
     each: bool = False   # --netns each: tunnels looked up in every namespace of the subtree
+    followed: list = field(default_factory=list)       # --endpoint auto: the endpoints read from the tunnels now
+    follow_failed: list = field(default_factory=list)  # ... and the sources that could not be read
 
     def to_dict(self) -> dict:
         return {"cgroup": self.cgroup, "cgroup_id": self.cgroup_id, "pin_dir": self.pin_dir,
                 "prog_id": self.prog_id, "replaced_prog_ids": self.replaced,
                 "tunnels": [t.to_dict() for t in self.tunnels], "mounted_bpffs": self.mounted_bpffs,
-                "netns_each": self.each}
+                "netns_each": self.each, "followed": [f.to_dict() for f in self.followed],
+                "follow_failed": self.follow_failed}
 
 
 def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.quiet,
@@ -145,6 +148,9 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
                 "netns_identity": "storage" if "sk_netns" in prog.maps.fds else "helper",
             }
             prog.maps.write_meta(meta)
+            follow = followed.SyncResult()
+            if policy.follow and ns is not None:   # --endpoint auto: what the tunnels use now
+                follow = followed.sync(prog.maps, policy, *followed.read_now(policy, ns, present))
             mounted = pins.ensure_bpffs(bpffs)
             final = pins.scope_dir(cg.id, bpffs)
             staging = final + "_new"  # bpffs refuses names with dots
@@ -179,7 +185,7 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
             os.rename(staging, final)
         finally:
             prog.close()
-    return AttachResult(cg.path, cg.id, final, prog_id, replaced, tunnels, mounted, each)
+    return AttachResult(cg.path, cg.id, final, prog_id, replaced, tunnels, mounted, each, follow.followed, follow.failed)
 
 
 @dataclass
@@ -253,6 +259,7 @@ class ScopeStatus:
     warnings: list[str] = field(default_factory=list)   # e.g. processes that could bypass the policy
     hook: Hook = Hook.CGROUP
     netns_identity: str = "helper"   # how its program learns a packet's namespace (features.NETNS_*)
+    followed: list = field(default_factory=list)   # --endpoint auto: the endpoints followed now (Followed)
 
     @property
     def name(self) -> str:
@@ -277,6 +284,7 @@ class ScopeStatus:
             "attached_at": self.attached_at, "problems": self.problems,
             "netns_each": self.namespaces is not None, "namespaces": self.namespaces or [],
             "warnings": self.warnings, "netns_identity": self.netns_identity,
+            "follow": list(self.policy.follow), "followed": [f.to_dict() for f in self.followed],
         }
 
 
@@ -335,7 +343,7 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
         tunnels, namespaces = _each_states(policy, cg_path, entries)
         return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, tunnels, policy, counters,
                            meta.get("attached_at"), problems, True, event_stats, namespaces, warnings,
-                           netns_identity=meta.get("netns_identity", "helper"))
+                           netns_identity=meta.get("netns_identity", "helper"), followed=followed.recorded(meta))
     ns = common.meta_netns(meta)
     present = cookie = None
     ns_ok = common.netns_alive(ns)
@@ -352,7 +360,7 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
                  for t in tunnels if t.impostor]
     return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, tunnels, policy, counters,
                        meta.get("attached_at"), problems, ns_ok, event_stats, warnings=warnings,
-                       netns_identity=meta.get("netns_identity", "helper"))
+                       netns_identity=meta.get("netns_identity", "helper"), followed=followed.recorded(meta))
 
 
 def raw_socket_warnings(cg_path: str, limit: int = 10) -> list[str]:
@@ -418,7 +426,7 @@ def ensure(cgroup_path: str, policy: Policy, progress: common.Progress = common.
             current = read_scope(pin_dir)
         except (OSError, KsbpfError, ValueError):
             current = None  # damaged pins: rebuild below
-        if current and current.attached and current.netns_ok and current.policy == policy:
+        if current and current.attached and current.netns_ok and policy.same_but_followed(current.policy):
             return EnsureResult("adopted", cg.path, pin_dir)
     result = attach(cg.path, policy, progress, bpffs, loader)
     return EnsureResult("replaced" if result.replaced else "attached", cg.path, pin_dir, result)

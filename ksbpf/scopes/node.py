@@ -16,6 +16,7 @@ kernel is the only state: the attachments, plus the pins.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import time
@@ -27,7 +28,7 @@ from ksbpf.errors import KsbpfError
 from ksbpf.kernel import bpf, cgroup, libbpf, links, netns, pins, preflight, tc
 from ksbpf.policy import NodePolicy
 from ksbpf.reasons import Hook
-from ksbpf.scopes import common
+from ksbpf.scopes import common, followed
 
 LINKS_DIR = "links"
 
@@ -255,12 +256,15 @@ class NodeAttachResult:
     interfaces: list["InterfaceState"]
     tunnels: list[common.TunnelState]
     mounted_bpffs: bool
+    followed: list = field(default_factory=list)       # --endpoint auto: the endpoints read from the tunnels now
+    follow_failed: list = field(default_factory=list)  # ... and the sources that could not be read
 
     def to_dict(self) -> dict:
         return {"scope": self.name, "netns": self.netns, "netns_cookie": self.netns_cookie,
                 "pin_dir": self.pin_dir, "tc_mode": self.mode, "prog_ids": self.prog_ids,
                 "replaced": self.replaced, "interfaces": [i.to_dict() for i in self.interfaces],
-                "tunnels": [t.to_dict() for t in self.tunnels], "mounted_bpffs": self.mounted_bpffs}
+                "tunnels": [t.to_dict() for t in self.tunnels], "mounted_bpffs": self.mounted_bpffs,
+                "followed": [f.to_dict() for f in self.followed], "follow_failed": self.follow_failed}
 
 
 def _read_meta(pin_dir: str) -> dict | None:
@@ -305,6 +309,9 @@ def attach(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
                 "tc_mode": mode, "pref": pref, "attached_at": time.time(),
             }
             prog.maps.write_meta(meta)
+            follow = followed.SyncResult()
+            if policy.follow:   # --endpoint auto: what the tunnels use now
+                follow = followed.sync(prog.maps, policy, *followed.read_now(policy, ns, present))
             mounted = pins.ensure_bpffs(bpffs)
             staging = final + "_new"
             pins.remove_dir(staging)  # left over by a crash
@@ -334,7 +341,7 @@ def attach(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
             prog.close()
     status = read_node(final)
     return NodeAttachResult(label(policy.netns), ns.label, cookie, final, mode, prog_ids, replaced,
-                            status.interfaces, status.tunnels, mounted)
+                            status.interfaces, status.tunnels, mounted, follow.followed, follow.failed)
 
 
 # -- detach ---------------------------------------------------------------------------
@@ -418,6 +425,7 @@ class NodeStatus:
     events: tuple[int, int] = (0, 0)
     netns_ok: bool = True
     hook: Hook = Hook.TC
+    followed: list = field(default_factory=list)   # --endpoint auto: the endpoints followed now (Followed)
 
     @property
     def policy(self):
@@ -445,6 +453,7 @@ class NodeStatus:
             "events": {"rate": self.policy.events.rate, "burst": self.policy.events.burst,
                        "sent": self.events[0], "suppressed": self.events[1]},
             "attached_at": self.attached_at, "problems": self.problems,
+            "follow": list(self.policy.follow), "followed": [f.to_dict() for f in self.followed],
         }
 
 
@@ -482,7 +491,8 @@ def read_node(pin_dir: str, link_cache: dict | None = None) -> NodeStatus:
     registered = {e.ifindex for e in entries if e.netns_cookie == cookie}
     tunnels = common.tunnel_states(np.policy, ns.label, present, registered)
     return NodeStatus(meta.get("name", label(np.policy.netns)), pin_dir, np, mode, ns.label, interfaces, tunnels,
-                      counters, meta.get("attached_at"), problems, event_stats, ns_ok)
+                      counters, meta.get("attached_at"), problems, event_stats, ns_ok,
+                      followed=followed.recorded(meta))
 
 
 @dataclass
@@ -490,6 +500,12 @@ class NodeEnsureResult:
     action: str   # "adopted", "attached", "replaced"
     pin_dir: str
     attach: NodeAttachResult | None = None
+
+
+def _same_but_followed(np: NodePolicy, current: NodePolicy) -> bool:
+    """current (read back, the followed endpoints in its maps) is np."""
+    return (np.policy.same_but_followed(current.policy)
+            and dataclasses.replace(current, policy=np.policy) == np)
 
 
 def ensure(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str = pins.BPFFS) -> NodeEnsureResult:
@@ -503,7 +519,7 @@ def ensure(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
             current = read_node(pin_dir)
         except (OSError, KsbpfError, ValueError):
             current = None
-        if current and current.attached and current.node == np:
+        if current and current.attached and _same_but_followed(np, current.node):
             return NodeEnsureResult("adopted", pin_dir)
     result = attach(np, progress, bpffs)
     return NodeEnsureResult("replaced" if result.replaced else "attached", pin_dir, result)
