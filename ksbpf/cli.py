@@ -153,6 +153,11 @@ def attach(cgroup_path, node, tunnels, endpoints, netns, allow_lan, allow_lan_dn
         click.echo("  endpoint auto: read once now; only the daemon (`ksbpf daemon`, endpoints = [\"auto\"]) "
                    "follows a server switch")
     click.echo(f"  options: {_options(policy)}")
+    if result.processes_before:
+        click.echo(f"  notice: this kernel's cgroup programs cannot ask a packet's namespace (Linux 6.17 can): each "
+                   f"socket's is recorded when it is created; the {result.processes_before} process(es) already in "
+                   "the scope keep sockets opened before now blocked, even through the tunnel, until they reopen "
+                   "them (fail closed)")
     click.echo("  everything else is dropped; undo with: ksbpf detach --cgroup " + result.cgroup)
 
 

@@ -63,7 +63,9 @@ def test_socket_older_than_the_attach_is_blocked_even_through_the_tunnel(lab, se
     cg = make_cgroup()
     with ProbeStream(lab, cg, lab.tun4_server, servers["udp"], interval_ms=2) as old:
         time.sleep(0.1)
-        attach(lab, cg)
+        out = ksbpf("attach", "--cgroup", cg, "--tunnel", lab.wg_client, "--netns", lab.client_ns,
+                    "--endpoint", lab.endpoint4, check=True).stdout
+        assert "process(es) already in the scope keep sockets opened before now blocked" in out   # said at attach
         with ProbeStream(lab, cg, lab.tun4_server, servers["udp"], interval_ms=2) as new:
             time.sleep(0.3)
     assert old.result.blocked > 0, old.result

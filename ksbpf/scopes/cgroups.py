@@ -86,6 +86,10 @@ class AttachResult:
     tunnels: list[common.TunnelState]
     mounted_bpffs: bool
     each: bool = False   # --netns each: tunnels looked up in every namespace of the subtree
+    netns_identity: str = "helper"   # how the program learns a packet's namespace (features.NETNS_*)
+    # socket storage, first attach: processes of the subtree that were running already (their older
+    # sockets have no recorded namespace: blocked until reopened)
+    processes_before: int = 0
     followed: list = field(default_factory=list)       # --endpoint auto: the endpoints read from the tunnels now
     follow_failed: list = field(default_factory=list)  # ... and the sources that could not be read
 
@@ -93,7 +97,8 @@ class AttachResult:
         return {"cgroup": self.cgroup, "cgroup_id": self.cgroup_id, "pin_dir": self.pin_dir,
                 "prog_id": self.prog_id, "replaced_prog_ids": self.replaced,
                 "tunnels": [t.to_dict() for t in self.tunnels], "mounted_bpffs": self.mounted_bpffs,
-                "netns_each": self.each, "followed": [f.to_dict() for f in self.followed],
+                "netns_each": self.each, "netns_identity": self.netns_identity,
+                "processes_before": self.processes_before, "followed": [f.to_dict() for f in self.followed],
                 "follow_failed": self.follow_failed}
 
 
@@ -111,6 +116,7 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
 
     progress("loading the policy program (compiled by bcc unless a cached image fits)")
     keep = bpf.kept_maps(pins.scope_dir(cg.id, bpffs))   # a re-attach: the sockets' namespaces stay known
+    keep_used = bool(keep)
     try:
         if keep:
             prog = bpf.load(policy.options, len(policy.endpoints), policy.events,
@@ -185,7 +191,12 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
             os.rename(staging, final)
         finally:
             prog.close()
-    return AttachResult(cg.path, cg.id, final, prog_id, replaced, tunnels, mounted, each, follow.followed, follow.failed)
+    identity = meta["netns_identity"]
+    before = 0
+    if identity == "storage" and not keep_used:
+        before = sum(1 for _ in subtree.subtree_pids(cg.path))
+    return AttachResult(cg.path, cg.id, final, prog_id, replaced, tunnels, mounted, each, identity, before,
+                        follow.followed, follow.failed)
 
 
 @dataclass
