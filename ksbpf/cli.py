@@ -85,9 +85,8 @@ def _print_endpoints(policy: Policy, followed_now: list, failed: list, fixed_not
               help="Tunnel interface the scope may use (repeat for several).")
 @click.option("--endpoint", "endpoints", multiple=True, callback=_endpoint, metavar="ADDR:PORT/PROTO|auto",
               help="VPN server the scope may reach outside the tunnel: 203.0.113.5:51820/udp, [2001:db8::5]:51820/udp; "
-                   "`auto`: the endpoints the tunnels use (WireGuard peers, OpenVPN's /run/openvpn/TUNNEL.sock "
-                   "management socket), read now, followed by the daemon; `auto:/PATH.sock`: another OpenVPN "
-                   "management socket.")
+                   "`auto`: the endpoints the WireGuard tunnels' peers use, read now, followed by the daemon; "
+                   "`auto:/run/openvpn/NAME.sock`: the remote of the OpenVPN client with that management socket.")
 @click.option("--netns", default="", metavar="NAME|PATH|each",
               help="Network namespace where the tunnel names live (default: the caller's; node mode: the one "
                    "guarded); `each`: every namespace a process of the cgroup subtree lives in (containers).")

@@ -243,3 +243,118 @@ def test_one_shot_attach_reads_the_tunnel_once(lab, make_cgroup):
     st = scope_status(cg)
     assert st["endpoints"] == [lab.endpoint4] and st["follow"] == ["auto"], st
     assert st["followed"][0]["source"] == lab.wg_client
+
+
+# -- OpenVPN: its management interface ------------------------------------------------------
+OVPN_PORT = 1194
+OVPN_CIPHER = ("--cipher", "AES-256-CBC", "--data-ciphers", "AES-256-CBC", "--proto", "udp")
+
+
+class OpenVPN:
+    """Static-key OpenVPN (Debian's 2.6): a server in each server namespace, a
+    client in the client namespace with two remotes and a management socket
+    that asks which remote to use (management-query-remote)."""
+
+    def __init__(self, lab, second, workdir):
+        n = int(lab.tag, 16) % 250 + 1
+        self.lab, self.second, self.dir = lab, second, str(workdir)
+        self.key = os.path.join(self.dir, "static.key")
+        self.sock = f"/tmp/ksbpf-ovpn-{lab.tag}.sock"
+        self.tun = f"tvc{lab.tag}"
+        self.tun_client, self.tun_server = f"10.70.{n}.2", f"10.70.{n}.1"
+        self.pids: dict[str, str] = {}
+
+    def start_server(self, name: str, ns: str, local: str) -> None:
+        pid = os.path.join(self.dir, f"{name}.pid")
+        _run("ip", "netns", "exec", ns, "openvpn", "--daemon", f"ovs{name}", "--writepid", pid,
+             "--log", os.path.join(self.dir, f"{name}.log"), "--secret", self.key, *OVPN_CIPHER,
+             "--dev", f"tvs{self.lab.tag}", "--dev-type", "tun", "--ifconfig", self.tun_server, self.tun_client,
+             "--local", local, "--port", str(OVPN_PORT))
+        self.pids[name] = pid
+
+    def start(self) -> None:
+        _run("openvpn", "--genkey", "secret", self.key)
+        self.start_server("s1", self.lab.server_ns, self.lab.phy4_server)
+        self.start_server("s2", self.second.ns, self.second.addr)
+        pid = os.path.join(self.dir, "client.pid")
+        _run("ip", "netns", "exec", self.lab.client_ns, "openvpn", "--daemon", "ovc", "--writepid", pid,
+             "--log", os.path.join(self.dir, "client.log"), "--secret", self.key, *OVPN_CIPHER,
+             "--dev", self.tun, "--dev-type", "tun", "--ifconfig", self.tun_client, self.tun_server,
+             "--remote", self.lab.phy4_server, str(OVPN_PORT), "--remote", self.second.addr, str(OVPN_PORT),
+             "--management", self.sock, "unix", "--management-query-remote",
+             "--ping", "1", "--ping-restart", "3", "--connect-retry", "1")
+        self.pids["client"] = pid
+
+    def stop(self, name: str) -> None:
+        path = self.pids.pop(name, None)
+        if path and os.path.exists(path):
+            with open(path) as f:
+                pid = int(f.read().strip())
+            try:
+                os.kill(pid, 15)
+            except ProcessLookupError:
+                return
+            wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 10, f"openvpn {name} to exit")
+
+    def stop_all(self) -> None:
+        for name in list(self.pids):
+            self.stop(name)
+        for path in (self.sock,):
+            if os.path.exists(path):
+                os.unlink(path)
+
+    def ping(self) -> bool:
+        return subprocess.run(["ip", "netns", "exec", self.lab.client_ns, "ping", "-n", "-q", "-c1", "-W0.5",
+                               self.tun_server], capture_output=True).returncode == 0
+
+    def log(self, name: str) -> str:
+        with open(os.path.join(self.dir, f"{name}.log")) as f:
+            return f.read()
+
+
+def test_openvpn_server_switch_is_followed(lab, second, tmp_path, request):
+    ovpn = OpenVPN(lab, second, tmp_path)
+    request.addfinalizer(ovpn.stop_all)
+    ovpn.start()   # it waits for its management client before it sends anything
+    path = tmp_path / "ksbpf.toml"
+    path.write_text(toml_config([], f'[node]\nnetns = "{lab.client_path}"\ntunnels = ["{ovpn.tun}"]\n'
+                                    f'endpoints = ["auto:{ovpn.sock}"]\n'))
+    d = DaemonProcess(str(path))
+
+    def stop_and_detach() -> None:
+        d.stop()
+        if os.path.exists(lab.client_path):
+            node.detach(lab.client_path)
+    request.addfinalizer(stop_and_detach)
+    d.wait_for("ready")
+    first = f"{lab.phy4_server}:{OVPN_PORT}/udp"
+    # followed at once: by the attach, or by the daemon when OpenVPN asks
+    wait_until(lambda: [f["endpoint"] for f in node_status(lab)["followed"]] == [first], 20, "the first remote followed")
+    wait_until(ovpn.ping, 20, "a ping through the OpenVPN tunnel (first server)")
+    text = ksbpf("status", check=True).stdout
+    assert f"auto: {first} from {ovpn.sock}" in text, text
+
+    s1 = Arrivals(lab.server_path, lab.phy_server)
+    s2 = Arrivals(second.path, second.phy_server)
+    try:
+        # the first server goes away: the client restarts on its next remote
+        mark = len(d.events)
+        ovpn.stop("s1")
+        ev = d.wait_for("endpoints_followed", after=mark, timeout=60)
+        assert ev["added"] == [f"{second.addr}:{OVPN_PORT}/udp"] and ev["removed"] == [first], ev
+        wait_until(ovpn.ping, 30, "a ping through the OpenVPN tunnel (second server)")
+        assert f"Peer Connection Initiated with [AF_INET]{second.addr_client}:" in ovpn.log("s2"), ovpn.log("s2")
+
+        # the old remote is closed, the new one open (control), nothing else reaches either
+        before2 = s2.count(second.addr, OVPN_PORT)
+        send_marked(lab, lab.phy4_server, OVPN_PORT)
+        for dst in (lab.phy4_server, second.addr):
+            send_marked(lab, dst, OVPN_PORT + 1)
+        send_marked(lab, second.addr, OVPN_PORT)
+        wait_until(lambda: s2.count(second.addr, OVPN_PORT) > before2, 10, "the control to the new server arriving")
+        time.sleep(0.2)   # packets in flight (the control arrived after them)
+        assert s1.count(lab.phy4_server, OVPN_PORT) == 0
+        assert s1.count(lab.phy4_server, OVPN_PORT + 1) == 0 and s2.count(second.addr, OVPN_PORT + 1) == 0
+    finally:
+        s1.close()
+        s2.close()

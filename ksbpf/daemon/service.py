@@ -31,7 +31,7 @@ from ksbpf.daemon import config
 from ksbpf.daemon.follow import SubtreeWatch
 from ksbpf.daemon.log import EventLog
 from ksbpf.errors import KsbpfError
-from ksbpf.kernel import bpf, features, links, netns, pins
+from ksbpf.kernel import bpf, features, links, netns, pins, vpn_endpoints
 from ksbpf.policy import LAN_RANGES, NodePolicy, Policy
 from ksbpf.scopes import cgroups, common, followed, subtree
 from ksbpf.scopes import node as node_scope
@@ -129,6 +129,7 @@ class Daemon:
         self.compiler = None                # compiles in helper processes once the loop runs (never in the daemon)
         self.pool = None                    # programs verified ahead of time (with a source of scopes)
         self.verifier = None                # the zero-traffic check's thread (ksbpf/daemon/verifier.py)
+        self.openvpn: dict[str, vpn_endpoints.OpenVPNManagement] = {}   # --endpoint auto:PATH, held open
 
     # -- configuration ---------------------------------------------------------
     def load(self) -> config.Config:
@@ -468,7 +469,7 @@ class Daemon:
         now = time.monotonic()
         st.follow_at = now + (FOLLOW_FAST_SECONDS if now < st.follow_fast_until else FOLLOW_SECONDS)
         try:
-            found, failed = followed.read_now(st.policy, space.ns, list(space.links.values()))
+            found, failed = followed.read_now(st.policy, space.ns, list(space.links.values()), self._openvpn_said)
             lock = f"node-{space.cookie}" if st is self.node else f"cgroup-{os.path.basename(st.pin_dir)}"
             with pins.locked(lock), bpf.ScopeMaps.from_pins(st.pin_dir) as maps:
                 result = followed.sync(maps, st.policy, found, failed)
@@ -485,8 +486,46 @@ class Daemon:
                      now=[f.describe() for f in result.followed], netns=space.ns.label)
             self._verify_soon()
 
+    def _openvpn_said(self, path: str):
+        m = self.openvpn.get(path)
+        return m.followed() if m else None
+
+    def _openvpn_connect(self) -> None:
+        """Hold a connection to every OpenVPN management socket a scope follows
+        (OpenVPN may start after us, and restart)."""
+        wanted = {f for st in self._followers() for f in st.policy.follow if f != "auto"}
+        for path in [p for p in self.openvpn if p not in wanted]:
+            self.openvpn.pop(path).close()
+        for path in wanted:
+            m = self.openvpn.setdefault(path, vpn_endpoints.OpenVPNManagement(path))
+            if not m.connected:
+                try:
+                    m.connect()
+                    self.log("openvpn_management_connected", socket=path)
+                except vpn_endpoints.NotThere:
+                    pass
+                except OSError as exc:
+                    self.log("openvpn_management_failed", level="warning", socket=path, error=str(exc))
+
+    def _on_openvpn(self, m) -> None:
+        """OpenVPN said something: a remote it is about to connect to is allowed
+        (new before old) before it is told to go on."""
+        was = m.connected
+        if m.feed() or m.pending_accept:
+            if m.problem:
+                self.log("openvpn_remote_not_followed", level="warning", socket=m.path, problem=m.problem)
+            for st in self._followers():
+                space = self.namespaces.get(st.ns.inode)
+                if m.path in st.policy.follow and space is not None:
+                    self._follow_endpoints(st, space)
+            m.accept()
+        if was and not m.connected:
+            self.log("openvpn_management_closed", socket=m.path,
+                     note="the endpoint it used stays allowed until it says another")
+
     def _follow_due(self) -> None:
         now = time.monotonic()
+        self._openvpn_connect()
         for st in self._followers():
             if st.follow_at <= now:
                 space = self.namespaces.get(st.ns.inode)
@@ -668,11 +707,12 @@ class Daemon:
             sources = {src.fileno(): src for src in self.sources}
             follows = {fd: st for st in self.scopes.values() if st.follow for fd in st.follow.fds()}
             pending = [st for st in self.scopes.values() if st.pending and st.follow]
+            ovpn = {m.fileno(): m for m in self.openvpn.values() if m.connected}
             deadline = min(next_resync, next_retry, next_guard_check if self.node else next_retry,
                            *(time.monotonic() + PENDING_INTERVAL for _ in pending[:1]),
                            *(src.deadline() for src in self.sources),
                            *(st.follow_at for st in self._followers()))
-            readable = _readable([read_fd, *watches, *follows, *sources], max(0.0, deadline - time.monotonic()))
+            readable = _readable([read_fd, *watches, *follows, *sources, *ovpn], max(0.0, deadline - time.monotonic()))
             self.heartbeat = time.monotonic()
             for fd in readable:
                 if fd == read_fd:
@@ -685,6 +725,8 @@ class Daemon:
                 elif fd in follows:
                     if follows[fd].follow is not None:
                         self._on_subtree(follows[fd])
+                elif fd in ovpn:
+                    self._on_openvpn(ovpn[fd])
                 elif fd in watches and self.namespaces.get(watches[fd].ns.inode) is watches[fd]:
                     self._on_events(watches[fd])
             for src in self.sources:

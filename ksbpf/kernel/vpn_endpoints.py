@@ -8,7 +8,8 @@
   family (or the device is not its own), so the cross-platform UAPI socket
   /var/run/wireguard/IFACE.sock answers `get=1` with the same data.
 - OpenVPN: its management interface (`management /run/openvpn/NAME.sock
-  unix`) reports, in its state history, the remote it is connected to.
+  unix` and `management-query-remote`) asks which remote to connect to
+  before it sends anything; a connected TLS client also reports its remote.
 
 WireGuard tells nobody when an endpoint changes (`wg set ... endpoint`, a
 roaming peer): the daemon asks again on a short poll.
@@ -21,14 +22,15 @@ import errno
 import ipaddress
 import os
 import socket
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 from ksbpf.errors import KsbpfError
 from ksbpf.kernel import netns
 from ksbpf.policy import Endpoint
 
 UAPI_DIR = "/var/run/wireguard"
-OPENVPN_DIR = "/run/openvpn"
 TIMEOUT = 1.0   # a client that does not answer within this is skipped this round
 
 
@@ -161,87 +163,179 @@ def wireguard(ns: netns.Netns, ifname: str, directory: str = UAPI_DIR) -> list[F
 
 
 # -- OpenVPN: the management interface --------------------------------------------------
-def parse_openvpn_state(text: str) -> Endpoint | None:
-    """The remote of the latest state line that names one (`state all`:
-    time,STATE,detail,tun-ip,remote-ip,remote-port,local-ip,local-port,tun-ipv6);
-    TCP when that remote was reached by a TCP_CONNECT."""
-    remote, tcp = None, set()
-    for line in text.splitlines():
-        fields = line.split(",")
-        if len(fields) < 6 or not fields[0].isdigit():
-            continue
-        state, host, port = fields[1], fields[4], fields[5]
-        if host and port.isdigit():
-            ep = _endpoint(host, int(port))
-            if ep is not None:
-                remote = ep
-                if state == "TCP_CONNECT":
-                    tcp.add((ep.address, ep.port))
-    if remote is not None and (remote.address, remote.port) in tcp:
-        remote = Endpoint(remote.address, remote.port, "tcp")
-    return remote
+def parse_remote(line: str) -> tuple[Endpoint | None, str]:
+    """`>REMOTE:HOST,PORT,PROTO` (--management-query-remote: the remote OpenVPN
+    is about to connect to, before it sends anything) -> the endpoint, or
+    None and why (a host name: ksbpf does not resolve names)."""
+    host, _, rest = line.removeprefix(">REMOTE:").strip().partition(",")
+    port, _, proto = rest.partition(",")
+    if not port.isdigit():
+        return None, f"unreadable remote {line.strip()!r}"
+    ep = _endpoint(host, int(port))
+    if ep is None:
+        return None, (f"remote {host!r} is a host name: give OpenVPN the server's address "
+                      "(`remote ADDRESS PORT`), or add the addresses it resolves to as fixed endpoints")
+    return Endpoint(ep.address, ep.port, "tcp" if proto.lower().startswith("tcp") else "udp"), ""
 
 
-def openvpn(path: str) -> list[Followed]:
-    """The remote an OpenVPN client is connected to, from its management socket."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(TIMEOUT)
+def parse_state(line: str, last_proto: dict) -> Endpoint | None:
+    """A state line (`state` or `>STATE:`) that names the remote: CONNECTED
+    (TLS modes) and RECONNECTING carry it as field 5 and 6."""
+    fields = line.removeprefix(">STATE:").strip().split(",")
+    if len(fields) < 6 or fields[1] != "CONNECTED" or not fields[5].isdigit():
+        return None
+    ep = _endpoint(fields[4], int(fields[5]))
+    return Endpoint(ep.address, ep.port, last_proto.get((ep.address, ep.port), "udp")) if ep else None
+
+
+class OpenVPNManagement:
+    """A connection to OpenVPN's management socket, held open: with
+    `management-query-remote`, OpenVPN asks before each connection attempt
+    which remote to use (`>REMOTE:`), and waits for the answer: the endpoint
+    is allowed first, then ksbpf answers `remote ACCEPT` -- the first
+    packet to a new server is never dropped.  OpenVPN takes one management
+    client at a time."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.sock: socket.socket | None = None
+        self.buf = b""
+        self.current: Endpoint | None = None
+        self.known = False          # False: nothing said since we connected (keep what was followed)
+        self.pending_accept = False
+        self.problem = ""           # why the last remote could not be followed
+        self._proto: dict = {}
+
+    def connect(self) -> None:
+        """NotThere when nothing listens at the path."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            s.connect(path)
+            s.connect(self.path)
         except (FileNotFoundError, ConnectionRefusedError):
-            raise NotThere(f"no OpenVPN management socket {path}") from None
-        s.sendall(b"state all\n")
-        data = b""
-        while b"\nEND\r\n" not in data and b"\nEND\n" not in data:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        try:
-            s.sendall(b"quit\n")
+            s.close()
+            raise NotThere(f"no OpenVPN management socket {self.path}") from None
         except OSError:
-            pass
-    ep = parse_openvpn_state(data.decode(errors="replace"))
-    return [Followed(ep, path, "openvpn")] if ep else []
+            s.close()
+            raise
+        s.setblocking(False)
+        self.sock, self.buf, self.known, self.pending_accept = s, b"", False, False
+        self._send(b"state\n")   # a connected TLS client says its remote here
+
+    @property
+    def connected(self) -> bool:
+        return self.sock is not None
+
+    def fileno(self) -> int:
+        return self.sock.fileno() if self.sock else -1
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except (OSError, AttributeError):
+            self.close()
+
+    def feed(self) -> bool:
+        """Read what OpenVPN said; did the remote change (or become known)?"""
+        changed = False
+        while self.sock is not None:
+            try:
+                chunk = self.sock.recv(65536)
+            except BlockingIOError:
+                break
+            except OSError:
+                chunk = b""
+            if not chunk:   # OpenVPN exited or restarts: what it said last is kept until it says more
+                self.close()
+                break
+            self.buf += chunk
+        *lines, self.buf = self.buf.split(b"\n")
+        for raw in lines:
+            line = raw.decode(errors="replace").strip()
+            if line.startswith(">REMOTE:"):
+                ep, self.problem = parse_remote(line)
+                if ep is not None:
+                    self._proto[(ep.address, ep.port)] = ep.proto
+                changed |= not self.known or ep != self.current
+                self.current, self.known, self.pending_accept = ep, True, True
+            else:
+                ep = parse_state(line, self._proto)
+                if ep is not None:
+                    changed |= not self.known or ep != self.current
+                    self.current, self.known = ep, True
+        return changed
+
+    def accept(self) -> None:
+        """Let OpenVPN go on to the remote it asked about."""
+        if self.pending_accept and self.sock is not None:
+            self.pending_accept = False
+            self._send(b"remote ACCEPT\n")
+
+    def followed(self) -> list[Followed] | None:
+        """The endpoint OpenVPN uses now; None when it has said nothing yet."""
+        if not self.known:
+            return None
+        return [Followed(self.current, self.path, "openvpn")] if self.current else []
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self.known = False
 
 
-def openvpn_path(tunnel: str, directory: str = OPENVPN_DIR) -> str:
-    return os.path.join(directory, f"{tunnel}.sock")
+def openvpn(path: str, wait: float = 0.3) -> list[Followed]:
+    """One look (the one-shot `attach`): a remote OpenVPN waits to be told
+    about, or the one a connected TLS client reports; [] when it says neither."""
+    m = OpenVPNManagement(path)
+    m.connect()
+    try:
+        deadline = time.monotonic() + wait
+        while m.connected and time.monotonic() < deadline:
+            m.feed()
+            if m.known:
+                break
+            time.sleep(0.01)
+        found = m.followed() or []
+        m.accept()
+        return found
+    finally:
+        m.close()
 
 
-def read(ns: netns.Netns, tunnel: str, sockets: tuple[str, ...] = (), present: bool = True,
-         uapi_dir: str = UAPI_DIR, openvpn_dir: str = OPENVPN_DIR) -> list[Followed]:
-    """Every endpoint a tunnel named `tunnel` uses now: WireGuard (kernel or
-    userspace) by the device's name, else an OpenVPN management socket named
-    after it.  [] when the tunnel is not there."""
+def read(ns: netns.Netns, tunnel: str, present: bool = True, uapi_dir: str = UAPI_DIR) -> list[Followed]:
+    """Every endpoint WireGuard device `tunnel` (kernel or userspace) uses
+    now.  [] when the tunnel is not there, or not WireGuard."""
     if not present:
         return []
     try:
         return wireguard(ns, tunnel, uapi_dir)
     except NotThere:
-        pass
-    try:
-        return openvpn(openvpn_path(tunnel, openvpn_dir))
-    except NotThere:
         return []
 
 
 def read_all(ns: netns.Netns, tunnels: dict[str, bool], sockets: tuple[str, ...] = (),
-             uapi_dir: str = UAPI_DIR, openvpn_dir: str = OPENVPN_DIR) -> tuple[list[Followed], list[str]]:
-    """The endpoints of every tunnel (name -> present now) and of every named
-    OpenVPN management socket; and the sources that could not be read (their
-    previous endpoints are kept)."""
+             held: Callable[[str], list[Followed] | None] | None = None,
+             uapi_dir: str = UAPI_DIR) -> tuple[list[Followed], list[str]]:
+    """The endpoints of every tunnel (name -> present now) and of every
+    OpenVPN management socket (`held`: the daemon's open connections, else
+    one look each); and the sources that could not be read or have said
+    nothing yet ("SOURCE: why": their previous endpoints are kept)."""
     out, failed = [], []
     for name, present in tunnels.items():
         try:
-            out += read(ns, name, present=present, uapi_dir=uapi_dir, openvpn_dir=openvpn_dir)
+            out += read(ns, name, present=present, uapi_dir=uapi_dir)
         except Exception as exc:   # a client that answers badly must not stop the daemon
             failed.append(f"{name}: {exc}")
     for path in sockets:
         try:
-            out += openvpn(path)
+            found = held(path) if held else openvpn(path)
         except NotThere:
-            pass
-        except (OSError, ValueError) as exc:
+            found = []
+        except Exception as exc:
             failed.append(f"{path}: {exc}")
+            continue
+        if found is None:
+            failed.append(f"{path}: OpenVPN has not said which remote it uses yet")
+        else:
+            out += found
     return out, failed

@@ -32,7 +32,8 @@ class SyncResult:
         return bool(self.added or self.removed)
 
 
-def read_now(policy: Policy, ns: netns.Netns, present: list[links.Link] | None = None) -> tuple[list[Followed], list[str]]:
+def read_now(policy: Policy, ns: netns.Netns, present: list[links.Link] | None = None,
+             held=None) -> tuple[list[Followed], list[str]]:
     """What the policy's tunnels (and OpenVPN sockets) use now; the sources
     that could not be read.  A tunnel that is not there (or not of a trusted
     kind) has no endpoints."""
@@ -43,7 +44,7 @@ def read_now(policy: Policy, ns: netns.Netns, present: list[links.Link] | None =
         by_name = {link.name: link for link in present}
         tunnels = {name: name in by_name and policy.trusts(name, by_name[name].kind) for name in policy.tunnels}
     sockets = tuple(f for f in policy.follow if f != AUTO)
-    return vpn_endpoints.read_all(ns, tunnels, sockets)
+    return vpn_endpoints.read_all(ns, tunnels, sockets, held)
 
 
 def recorded(meta: dict) -> list[Followed]:
