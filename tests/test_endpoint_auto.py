@@ -234,6 +234,27 @@ def test_server_switch_is_followed_and_the_old_endpoint_closes(lab, second, auto
     assert d.proc.poll() is None
 
 
+def test_endpoints_leave_with_the_tunnel_and_come_back_with_it(lab, make_cgroup, run_daemon):
+    """wg-quick down: the tunnel's endpoints leave the maps; up again: they are
+    read as the link appears (WireGuard says nothing: the daemon asks)."""
+    cg = make_cgroup()
+    d = run_daemon([{"cgroup": cg, "tunnels": [lab.wg_client], "netns": lab.client_ns, "endpoints": ["auto"]}])
+    assert scope_status(cg)["endpoints"] == [lab.endpoint4]
+    for _ in range(2):
+        mark = len(d.events)
+        lab.tunnel_down()
+        ev = d.wait_for("endpoints_followed", after=mark)
+        assert ev["removed"] == [lab.endpoint4] and ev["added"] == [] and ev["now"] == []
+        assert scope_status(cg)["endpoints"] == [] and scope_status(cg)["followed"] == []
+        mark = len(d.events)
+        lab.tunnel_up()
+        ev = d.wait_for("endpoints_followed", after=mark)
+        assert ev["added"] == [lab.endpoint4] and ev["removed"] == []
+        st = scope_status(cg)
+        assert st["endpoints"] == [lab.endpoint4] and st["followed"][0]["peer"] == server_key(lab)
+    assert d.proc.poll() is None
+
+
 def test_one_shot_attach_reads_the_tunnel_once(lab, make_cgroup):
     cg = make_cgroup()
     out = ksbpf("attach", "--cgroup", cg, "--tunnel", lab.wg_client, "--netns", lab.client_path,
@@ -358,3 +379,14 @@ def test_openvpn_server_switch_is_followed(lab, second, tmp_path, request):
     finally:
         s1.close()
         s2.close()
+
+    # a daemon restarted with another policy (re-attached, make-before-break) while OpenVPN
+    # is connected: OpenVPN names no remote until it reconnects; what was followed is kept
+    d.stop()
+    path.write_text(path.read_text() + "allow_lan = true\n")
+    d = DaemonProcess(str(path))
+    d.wait_for("ready")
+    assert d.named("node_replaced"), d.lines
+    st = node_status(lab)
+    assert st["endpoints"] == [f"{second.addr}:{OVPN_PORT}/udp"] and st["options"]["allow_lan"], st
+    wait_until(ovpn.ping, 10, "a ping through the OpenVPN tunnel after the re-attach")

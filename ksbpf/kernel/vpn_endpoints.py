@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ksbpf.errors import KsbpfError
 from ksbpf.kernel import netns
 from ksbpf.policy import Endpoint
 
@@ -283,9 +282,10 @@ class OpenVPNManagement:
         self.known = False
 
 
-def openvpn(path: str, wait: float = 0.3) -> list[Followed]:
+def openvpn(path: str, wait: float = 0.3) -> list[Followed] | None:
     """One look (the one-shot `attach`): a remote OpenVPN waits to be told
-    about, or the one a connected TLS client reports; [] when it says neither."""
+    about, or the one a connected TLS client reports; None when it says
+    neither (or serves another management client: the daemon)."""
     m = OpenVPNManagement(path)
     m.connect()
     try:
@@ -295,7 +295,7 @@ def openvpn(path: str, wait: float = 0.3) -> list[Followed]:
             if m.known:
                 break
             time.sleep(0.01)
-        found = m.followed() or []
+        found = m.followed()
         m.accept()
         return found
     finally:

@@ -156,7 +156,8 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
             prog.maps.write_meta(meta)
             follow = followed.SyncResult()
             if policy.follow and ns is not None:   # --endpoint auto: what the tunnels use now
-                follow = followed.sync(prog.maps, policy, *followed.read_now(policy, ns, present))
+                follow = followed.sync(prog.maps, policy, *followed.read_now(policy, ns, present),
+                                       previous=followed.previously(pins.scope_dir(cg.id, bpffs)))
             mounted = pins.ensure_bpffs(bpffs)
             final = pins.scope_dir(cg.id, bpffs)
             staging = final + "_new"  # bpffs refuses names with dots

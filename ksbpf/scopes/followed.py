@@ -57,12 +57,14 @@ def recorded(meta: dict) -> list[Followed]:
     return out
 
 
-def sync(maps: bpf.ScopeMaps, policy: Policy, followed: list[Followed], failed: list[str] = ()) -> SyncResult:
+def sync(maps: bpf.ScopeMaps, policy: Policy, followed: list[Followed], failed: list[str] = (),
+         previous: list[Followed] | None = None) -> SyncResult:
     """Bring the endpoint maps to the fixed endpoints and `followed`; the
-    endpoints of sources in `failed` (not read this time) stay as they were.
+    endpoints of sources in `failed` (not read this time) stay as they were
+    (`previous`: what was followed before, when the maps are new: a re-attach).
     New ones first, then the old ones leave."""
     meta = maps.read_meta()
-    before = recorded(meta)
+    before = recorded(meta) if previous is None else previous
     failed_sources = {f.split(": ", 1)[0] for f in failed}
     keep = [f for f in before if f.source in failed_sources]
     wanted_followed = list(dict.fromkeys(followed + keep))
@@ -98,3 +100,12 @@ def sync(maps: bpf.ScopeMaps, policy: Policy, followed: list[Followed], failed: 
 def describe(meta: dict) -> list[str]:
     """The followed endpoints as `ksbpf status` shows them."""
     return [f.describe() for f in recorded(meta)]
+
+
+def previously(pin_dir: str) -> list[Followed]:
+    """What a scope in force follows now (a re-attach carries it over)."""
+    try:
+        with bpf.ScopeMaps.from_pins(pin_dir) as maps:
+            return recorded(maps.read_meta())
+    except (OSError, KsbpfError, ValueError):
+        return []

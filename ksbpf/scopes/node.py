@@ -311,7 +311,8 @@ def attach(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
             prog.maps.write_meta(meta)
             follow = followed.SyncResult()
             if policy.follow:   # --endpoint auto: what the tunnels use now
-                follow = followed.sync(prog.maps, policy, *followed.read_now(policy, ns, present))
+                follow = followed.sync(prog.maps, policy, *followed.read_now(policy, ns, present),
+                                       previous=followed.previously(final) if old_meta else [])
             mounted = pins.ensure_bpffs(bpffs)
             staging = final + "_new"
             pins.remove_dir(staging)  # left over by a crash
