@@ -111,6 +111,7 @@ class Namespace:
 
     def close(self) -> None:
         self.watch.close()
+        vpn_endpoints.forget(self.ns.inode)   # --endpoint auto: its WireGuard genl socket, if one was opened
 
 
 class Daemon:

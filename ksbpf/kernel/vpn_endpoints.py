@@ -71,33 +71,65 @@ def _endpoint(host: str, port: int) -> Endpoint | None:
 
 
 # -- WireGuard: generic netlink -------------------------------------------------------
-def _genl_read(ifname: str) -> list[tuple[str, Endpoint]]:
+GENL_RECHECK = 10.0   # seconds: a kernel without the family is asked again this often (a module loaded later)
+_genl_absent_until = 0.0
+_genl_sockets: dict[int, object] = {}   # namespace inode -> an open pyroute2.WireGuard socket in it
+
+
+def _genl_socket(ns: netns.Netns):
+    """A WireGuard genl socket inside `ns`, opened once (opening one costs
+    milliseconds: too much for a poll); NotThere without the family."""
+    global _genl_absent_until
+    if time.monotonic() < _genl_absent_until:
+        raise NotThere("no WireGuard generic netlink family (no kernel module)")
+    wg = _genl_sockets.get(ns.inode)
+    if wg is not None:
+        return wg
     from pyroute2 import WireGuard
     from pyroute2.netlink.exceptions import NetlinkError
     try:
-        wg = WireGuard()
+        wg = netns.run_here(ns.path, WireGuard)
     except NetlinkError as exc:
         if exc.code == errno.ENOENT:
+            _genl_absent_until = time.monotonic() + GENL_RECHECK
             raise NotThere("no WireGuard generic netlink family (no kernel module)") from None
         raise
+    _genl_sockets[ns.inode] = wg
+    return wg
+
+
+def _genl_read(ns: netns.Netns, ifname: str) -> list[tuple[str, Endpoint]]:
+    from pyroute2.netlink.exceptions import NetlinkError
+    wg = _genl_socket(ns)
     try:
+        messages = wg.info(ifname)
+    except NetlinkError as exc:
+        if exc.code in (errno.ENODEV, errno.ENOENT, errno.EOPNOTSUPP):
+            raise NotThere(f"{ifname} is not a kernel WireGuard device") from None
+        forget(ns.inode)
+        raise
+    except Exception:
+        forget(ns.inode)   # a broken socket: a new one next time
+        raise
+    out = []
+    for msg in messages:
+        for peer in msg.get_attrs("WGDEVICE_A_PEERS") or []:
+            key = (peer.get_attr("WGPEER_A_PUBLIC_KEY") or {}).get("value", b"")
+            ep = peer.get_attr("WGPEER_A_ENDPOINT")
+            endpoint = _endpoint(ep["addr"], ep["port"]) if ep else None
+            if endpoint is not None:
+                out.append((key.decode() if isinstance(key, bytes) else str(key), endpoint))
+    return out
+
+
+def forget(ns_inode: int) -> None:
+    """A namespace no longer followed: its genl socket is closed."""
+    wg = _genl_sockets.pop(ns_inode, None)
+    if wg is not None:
         try:
-            messages = wg.info(ifname)
-        except NetlinkError as exc:
-            if exc.code in (errno.ENODEV, errno.ENOENT, errno.EOPNOTSUPP):
-                raise NotThere(f"{ifname} is not a kernel WireGuard device") from None
-            raise
-        out = []
-        for msg in messages:
-            for peer in msg.get_attrs("WGDEVICE_A_PEERS") or []:
-                key = (peer.get_attr("WGPEER_A_PUBLIC_KEY") or {}).get("value", b"")
-                ep = peer.get_attr("WGPEER_A_ENDPOINT")
-                endpoint = _endpoint(ep["addr"], ep["port"]) if ep else None
-                if endpoint is not None:
-                    out.append((key.decode() if isinstance(key, bytes) else str(key), endpoint))
-        return out
-    finally:
-        wg.close()
+            wg.close()
+        except Exception:
+            pass
 
 
 # -- WireGuard: the userspace implementations' UAPI socket -----------------------------
@@ -151,7 +183,7 @@ def wireguard(ns: netns.Netns, ifname: str, directory: str = UAPI_DIR) -> list[F
     namespace `ns`: generic netlink where the kernel runs it, else its UAPI
     socket.  NotThere when neither knows the device."""
     try:
-        peers = netns.run_here(ns.path, _genl_read, ifname)
+        peers = _genl_read(ns, ifname)
         via = "wireguard"
     except NotThere:
         # the UAPI sockets are files, not per namespace: the same name in two
