@@ -44,7 +44,7 @@ def compile_variant(src_dir: str, flags: list[str]):
     import bcc
     b = bcc.BPF(src_file=os.path.join(src_dir, "ksbpf.c").encode(), cflags=[f"-I{src_dir}", *flags[1:]])
     fd = b.load_func(bpf.ENTRY_CGROUP.encode(), libbpf.BPF_PROG_TYPE_CGROUP_SKB).fd
-    maps = bpf.ScopeMaps({n: b[n.encode()].map_fd for n in bpf.MAP_NAMES}, owned=False)
+    maps = bpf.ScopeMaps(bpf.bcc_map_fds(b), owned=False)
     return b, fd, maps
 
 

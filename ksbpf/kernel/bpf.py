@@ -464,6 +464,18 @@ def image_cached(options: Options, n_endpoints: int = 0, events: EventSettings =
     return bool(cache) and os.path.exists(_cache_path(cache, cflags(options, n_endpoints, events)))
 
 
+def bcc_map_fds(b) -> dict[str, int]:
+    """The maps of MAP_NAMES a bcc-compiled program has (socket storage is not
+    one bcc's tables can open: ask its module for the fd)."""
+    import bcc
+    fds = {}
+    for name in MAP_NAMES:
+        fd = bcc.lib.bpf_table_fd(b.module, name.encode())
+        if fd >= 0:
+            fds[name] = fd
+    return fds
+
+
 def load(options: Options, n_endpoints: int = 0, events: EventSettings = EventSettings(),
          cache: str | None = "default", entries: tuple[str, ...] = (ENTRY_CGROUP,),
          keep: dict[str, int] | None = None) -> LoadedProgram:
@@ -489,11 +501,7 @@ def load(options: Options, n_endpoints: int = 0, events: EventSettings = EventSe
     except Exception as exc:  # bcc raises bare Exception on compile/verifier errors
         raise KsbpfError(f"the BPF program did not compile or load: {exc}",
                          "check `make setup` output and the kernel log (dmesg); the messages above come from bcc") from None
-    fds = {}
-    for name in MAP_NAMES:
-        fd = bcc.lib.bpf_table_fd(b.module, name.encode())
-        if fd >= 0:
-            fds[name] = fd
+    fds = bcc_map_fds(b)
     image = None
     if cached or keep:
         image = ProgramImage.from_loaded({e: b.dump_func(e.encode()) for e in ENTRIES}, fds,
