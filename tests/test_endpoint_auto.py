@@ -19,7 +19,7 @@ import pytest
 from helpers import DaemonProcess, ksbpf, scope_status, toml_config
 
 from ksbpf.kernel import netns, vpn_endpoints
-from ksbpf.lab.namespaces import WG_RUN_DIR
+from ksbpf.lab.namespaces import WG_RUN_DIR, probe
 from ksbpf.policy import Endpoint
 from ksbpf.scopes import node
 
@@ -253,6 +253,21 @@ def test_endpoints_leave_with_the_tunnel_and_come_back_with_it(lab, make_cgroup,
         st = scope_status(cg)
         assert st["endpoints"] == [lab.endpoint4] and st["followed"][0]["peer"] == server_key(lab)
     assert d.proc.poll() is None
+
+
+def test_node_mode_tunnel_recreated_comes_back_through_its_followed_endpoint(lab, second, auto_node, servers):
+    """Node mode judges the VPN client's own packets: a re-created tunnel
+    handshakes again only because its endpoint is read as the link appears."""
+    d = auto_node
+    mark = len(d.events)
+    lab.tunnel_down()
+    d.wait_for("endpoints_followed", after=mark, removed=[lab.endpoint4])
+    assert node_status(lab)["endpoints"] == []
+    mark = len(d.events)
+    lab.tunnel_up()   # waits until pings pass through the new tunnel
+    d.wait_for("endpoints_followed", after=mark, added=[lab.endpoint4])
+    assert probe(lab, None, "udp", lab.net4_server, servers["udp"]).ok   # traffic flows again (through the tunnel)
+    assert node_status(lab)["endpoints"] == [lab.endpoint4]
 
 
 def test_one_shot_attach_reads_the_tunnel_once(lab, make_cgroup):
