@@ -162,6 +162,9 @@ class Policy:
         for spec in self.follow:
             if spec != AUTO and not spec.startswith("/"):
                 raise KsbpfError(f"cannot follow {spec!r}", "give auto, or auto:/run/openvpn/NAME.sock")
+        if self.follow and self.netns == "each":
+            raise KsbpfError("endpoint auto is not followed across the namespaces of netns each",
+                             "give the endpoints as ADDR:PORT/udp, or name the tunnel's namespace")
         if not self.tunnels:
             raise KsbpfError("no tunnel interface given", "name the tunnel with --tunnel NAME (e.g. --tunnel wg0)")
         for name in self.tunnels:

@@ -194,3 +194,8 @@ def test_status_line_names_the_source_and_the_peer():
     f = Followed(Endpoint.parse("203.0.113.5:51820/udp"), "wg0", "wireguard", "ABCDEFGHIJKLMNOP=")
     assert f.describe() == "auto: 203.0.113.5:51820/udp from wg0 peer ABCDEFGH…"
     assert Followed.from_dict(f.to_dict()) == f
+
+
+def test_auto_does_not_go_with_netns_each():
+    with pytest.raises(KsbpfError, match="netns each"):
+        Policy(("wg0",), netns="each", follow=("auto",))
