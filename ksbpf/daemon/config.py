@@ -407,6 +407,10 @@ class _Checker:
                  enumerate(self.strings(table, at, "endpoints", 'an array such as ["203.0.113.5:51820/udp"] or ["auto"]') or [])]
         endpoints = [e for e in specs if isinstance(e, Endpoint)]
         follow = tuple(dict.fromkeys(e for e in specs if isinstance(e, str)))
+        if follow and table.get("netns") == "each":
+            self.issue(at + ("endpoints",), 'endpoints "auto" is not followed across the namespaces of netns = "each"; '
+                       "give the endpoints as ADDR:PORT/udp, or name the tunnel's namespace")
+            follow = ()
         netns = self.get(table, at, "netns", str, 'a namespace name or path, e.g. "vpn" ("" for the daemon\'s own)') or ""
         lan, lan_dns = (self.get(table, at, key, bool, "true or false") or False for key in ("allow_lan", "allow_lan_dns"))
         dhcp = self.get(table, at, "allow_dhcp", bool, "true or false")
