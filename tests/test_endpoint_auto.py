@@ -270,6 +270,19 @@ def test_node_mode_tunnel_recreated_comes_back_through_its_followed_endpoint(lab
     assert node_status(lab)["endpoints"] == [lab.endpoint4]
 
 
+def test_a_route_to_the_followed_endpoint_is_no_alert(lab, make_cgroup, run_daemon):
+    """OpenVPN's redirect-gateway adds a /32 route to its server outside the
+    tunnel: with endpoints = ["auto"] that server is the followed one."""
+    cg = make_cgroup()
+    d = run_daemon([{"cgroup": cg, "tunnels": [lab.wg_client], "netns": lab.client_ns, "endpoints": ["auto"]}])
+    c, phy, via = lab.client_ns, lab.phy_client, lab.phy4_server
+    for cmd in (f"ip -n {c} route add {via}/32 dev {phy}",               # the followed endpoint: quiet
+                f"ip -n {c} route add 198.51.100.7/32 via {via} dev {phy}"):   # anywhere else: an alert
+        subprocess.run(cmd.split(), check=True)
+    d.wait_for("route_alert", route=f"198.51.100.7/32 via {via}")
+    assert [e["route"] for e in d.named("route_alert")] == [f"198.51.100.7/32 via {via}"]
+
+
 def test_one_shot_attach_reads_the_tunnel_once(lab, make_cgroup):
     cg = make_cgroup()
     out = ksbpf("attach", "--cgroup", cg, "--tunnel", lab.wg_client, "--netns", lab.client_path,

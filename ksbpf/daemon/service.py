@@ -66,6 +66,7 @@ class ScopeState:
     follow_at: float = 0.0       # --endpoint auto: when the tunnels' endpoints are read next
     follow_fast_until: float = 0.0
     follow_failed: tuple[str, ...] = ()   # the sources that could not be read last time (logged once)
+    followed_addrs: frozenset = frozenset()   # the addresses followed now (a route to one is no TunnelVision)
 
     @property
     def name(self) -> str:
@@ -90,6 +91,7 @@ class NodeState:
     follow_at: float = 0.0       # --endpoint auto (see ScopeState)
     follow_fast_until: float = 0.0
     follow_failed: tuple[str, ...] = ()
+    followed_addrs: frozenset = frozenset()
 
     @property
     def name(self) -> str:
@@ -477,6 +479,7 @@ class Daemon:
         except (OSError, KsbpfError) as exc:
             self.log("endpoints_follow_failed", level="error", scope=st.name, error=str(exc))
             return
+        st.followed_addrs = frozenset(f.endpoint.address for f in result.followed)
         if tuple(result.failed) != st.follow_failed:
             st.follow_failed = tuple(result.failed)
             if result.failed:
@@ -596,15 +599,16 @@ class Daemon:
             return
         if msg["proto"] == 2 and any(dst.subnet_of(n) for n in LAN_RANGES if n.version == dst.version):
             return  # the kernel's connected route of an ordinary private LAN
-        protected = [(st.cgroup, st.policy) for st in self._scopes_in(space)]
+        protected = [(st.cgroup, st.policy, st.followed_addrs) for st in self._scopes_in(space)]
         if (nst := self._node_in(space)) is not None:
-            protected.append((nst.name, nst.node.policy))
-        for name, policy in protected:
+            protected.append((nst.name, nst.node.policy, nst.followed_addrs))
+        for name, policy, followed_addrs in protected:
             if all(space.links.get(oif) and policy.trusts(space.links[oif].name, space.links[oif].kind)
                    for oif in route.oifs):
                 continue  # through the scope's own tunnel
-            if dst.prefixlen == dst.max_prefixlen and any(e.address == dst.network_address for e in policy.endpoints):
-                continue  # the route to the VPN server itself
+            if dst.prefixlen == dst.max_prefixlen and (any(e.address == dst.network_address for e in policy.endpoints)
+                                                       or dst.network_address in followed_addrs):
+                continue  # the route to the VPN server itself (typed, or followed: --endpoint auto)
             devs = [space.links[o].name if o in space.links else str(o) for o in route.oifs]
             self.route_alerts += 1
             self.log("route_alert", level="warning", scope=name, route=str(route), dev=devs,
