@@ -181,6 +181,9 @@ def test_uapi_reads_wireguard_go_peers(lab):
     assert found[0].via in ("wireguard-uapi", "wireguard") and found[0].peer == server_key(lab)
     with pytest.raises(vpn_endpoints.NotThere):
         vpn_endpoints.wireguard(netns.resolve(lab.client_path), "nosuch" + lab.tag)
+    # the same device name asked about in another namespace: not that tunnel
+    with pytest.raises(vpn_endpoints.NotThere, match="another network namespace"):
+        vpn_endpoints.wireguard(netns.resolve(lab.server_path), lab.wg_client)
 
 
 def test_server_switch_is_followed_and_the_old_endpoint_closes(lab, second, auto_node):

@@ -22,6 +22,7 @@ import errno
 import ipaddress
 import os
 import socket
+import struct
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -160,7 +161,16 @@ def uapi_path(ifname: str, directory: str = UAPI_DIR) -> str:
     return os.path.join(directory, f"{ifname}.sock")
 
 
-def _uapi_read(ifname: str, directory: str = UAPI_DIR) -> list[tuple[str, Endpoint]]:
+def _peer_netns_inode(s: socket.socket) -> int | None:
+    """The network namespace of the process that listens on a unix socket."""
+    pid = struct.unpack("=iII", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
+
+
+def _uapi_read(ifname: str, directory: str = UAPI_DIR, ns_inode: int | None = None) -> list[tuple[str, Endpoint]]:
     path = uapi_path(ifname, directory)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(TIMEOUT)
@@ -168,6 +178,11 @@ def _uapi_read(ifname: str, directory: str = UAPI_DIR) -> list[tuple[str, Endpoi
             s.connect(path)
         except (FileNotFoundError, ConnectionRefusedError):
             raise NotThere(f"no WireGuard UAPI socket {path}") from None
+        # the sockets are files, not per namespace: a device of the same name in
+        # another namespace is another tunnel
+        owner = _peer_netns_inode(s)
+        if ns_inode is not None and owner is not None and owner != ns_inode:
+            raise NotThere(f"{path} belongs to a WireGuard device of another network namespace")
         s.sendall(b"get=1\n\n")
         data = b""
         while not data.endswith(b"\n\n"):
@@ -186,9 +201,7 @@ def wireguard(ns: netns.Netns, ifname: str, directory: str = UAPI_DIR) -> list[F
         peers = _genl_read(ns, ifname)
         via = "wireguard"
     except NotThere:
-        # the UAPI sockets are files, not per namespace: the same name in two
-        # namespaces would be ambiguous, so the socket's owner must be in ns
-        peers = _uapi_read(ifname, directory)
+        peers = _uapi_read(ifname, directory, ns.inode)
         via = "wireguard-uapi"
     return [Followed(ep, ifname, via, key) for key, ep in peers]
 
