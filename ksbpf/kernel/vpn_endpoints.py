@@ -374,8 +374,9 @@ def read_all(ns: netns.Netns, tunnels: dict[str, bool], sockets: tuple[str, ...]
     for path in sockets:
         try:
             found = held(path) if held else openvpn(path)
-        except NotThere:
-            found = []
+        except NotThere as exc:   # OpenVPN not running (yet): what it used last is kept
+            failed.append(f"{path}: {exc} (is OpenVPN running, with `management {path} unix`?)")
+            continue
         except Exception as exc:
             failed.append(f"{path}: {exc}")
             continue
