@@ -102,6 +102,10 @@ def _print_endpoints(policy: Policy, followed_now: list, failed: list, fixed_not
               help="Node mode: local sockets of this cgroup subtree pass the guard (sshd, a node agent).")
 @click.option("--tc-mode", type=click.Choice(TC_MODES), default="auto", show_default=True,
               help="Node mode: tcx links (kernel 6.6+) or a clsact qdisc filter; auto picks tcx when it exists.")
+@click.option("--deny-tun", is_flag=True,
+              help="cgroup scopes: refuse /dev/net/tun to the scope's processes (a tun device they write into "
+                   "is forwarded or answered by the kernel, outside the hook); off by default: a VPN client "
+                   "inside the scope needs it.")
 @click.option("--tunnel-kind", "kinds", multiple=True, metavar="KIND",
               help=f"Link kind trusted as a tunnel (repeatable; default: {', '.join(DEFAULT_TUNNEL_KINDS)}).")
 @click.option("--events-rate", type=float, default=EventSettings.rate, show_default=True, metavar="N",
@@ -109,13 +113,16 @@ def _print_endpoints(policy: Policy, followed_now: list, failed: list, fixed_not
 @click.option("--events-burst", type=int, default=EventSettings.burst, show_default=True, metavar="N")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def attach(cgroup_path, node, tunnels, endpoints, netns, allow_lan, allow_lan_dns, allow_dhcp, block_dhcp,
-           internal, no_default_internal, exempt, tc_mode, kinds, events_rate, events_burst, as_json) -> None:
+           internal, no_default_internal, exempt, tc_mode, deny_tun, kinds, events_rate, events_burst,
+           as_json) -> None:
     """Protect a cgroup (--cgroup) or the whole machine (--node); replaces
     the policy if already protected (no gap).
 
     Enforcement stays in the kernel after this command exits."""
     if bool(cgroup_path) == node:
         raise click.UsageError("give exactly one of --cgroup PATH or --node")
+    if node and deny_tun:
+        raise click.UsageError("--deny-tun goes with --cgroup (node mode judges forwarded packets at tc already)")
     node_only = {"--block-dhcp": block_dhcp, "--internal": internal, "--no-default-internal": no_default_internal,
                  "--exempt-cgroup": exempt, "--tc-mode": tc_mode != "auto"}
     if cgroup_path and any(node_only.values()):
@@ -125,7 +132,8 @@ def attach(cgroup_path, node, tunnels, endpoints, netns, allow_lan, allow_lan_dn
     dhcp = allow_dhcp or (node and not block_dhcp)
     fixed, follow = endpoints
     policy = Policy(tuple(tunnels), fixed, netns, Options(allow_lan, allow_lan_dns, dhcp),
-                    tuple(kinds) or DEFAULT_TUNNEL_KINDS, EventSettings(events_rate, events_burst), follow=follow)
+                    tuple(kinds) or DEFAULT_TUNNEL_KINDS, EventSettings(events_rate, events_burst),
+                    deny_tun=deny_tun, follow=follow)
     if node:
         np = NodePolicy(policy, (() if no_default_internal else DEFAULT_INTERNAL) + tuple(internal), exempt, tc_mode)
         result = node_scope.attach(np, progress=_progress)
@@ -152,6 +160,8 @@ def attach(cgroup_path, node, tunnels, endpoints, netns, allow_lan, allow_lan_dn
         click.echo("  endpoint auto: read once now; only the daemon (`ksbpf daemon`, endpoints = [\"auto\"]) "
                    "follows a server switch")
     click.echo(f"  options: {_options(policy)}")
+    if policy.deny_tun:
+        click.echo("  deny-tun: the scope's processes cannot open /dev/net/tun (devices opened before stay usable)")
     if result.processes_before:
         click.echo(f"  notice: this kernel's cgroup programs cannot ask a packet's namespace (Linux 6.17 can): each "
                    f"socket's is recorded when it is created; the {result.processes_before} process(es) already in "
@@ -181,6 +191,9 @@ def _print_interfaces(interfaces) -> None:
     for i in interfaces:
         if i.role == "guarded":
             state = "guarded" if i.guarded else "UNGUARDED: its traffic is NOT judged"
+            if i.guarded and getattr(i, "in_front", ()):
+                state = (f"guarded but NOT FIRST: {', '.join(map(str, i.in_front))} run(s) before the guard "
+                         "and can pass what it would drop")
         else:
             state = {"tunnel": "tunnel: not touched", "internal": "internal: leads to local containers/VMs",
                      "loopback": "loopback"}[i.role]
@@ -308,6 +321,8 @@ def status(as_json) -> None:
             click.echo(f"  tunnel   {t.name} (netns {t.netns}): {where}, {allowed}")
         _status_endpoints(s.policy, s.followed)
         click.echo(f"  options  {_options(s.policy)}")
+        if s.policy.deny_tun or s.deny_tun:
+            click.echo(f"  deny-tun {'in force: /dev/net/tun refused to the scope' if s.deny_tun else 'NOT in force'}")
         click.echo("  netns    " + ("from socket storage (sockets created before the attach are blocked until reopened)"
                                    if s.netns_identity == features.NETNS_STORAGE else "from bpf_get_netns_cookie"))
         _print_counters(s)

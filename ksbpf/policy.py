@@ -153,6 +153,9 @@ class Policy:
     # destinations allowed outside the tunnel, DNS included (Kubernetes: the
     # cluster's service and pod ranges); counted as `lan`
     allow_cidrs: tuple[IPNetwork, ...] = ()
+    # cgroup scopes: a device program refuses /dev/net/tun to the scope's processes
+    # (ksbpf/kernel/devices.py); off by default: a VPN client in the scope may need it
+    deny_tun: bool = False
     # --endpoint auto: "auto" (the tunnels' own endpoints) and OpenVPN management
     # sockets; the endpoints read from them are kept in the maps beside the fixed ones
     follow: tuple[str, ...] = ()
@@ -204,6 +207,7 @@ class Policy:
             "tunnel_kinds": list(self.tunnel_kinds),
             "events": asdict(self.events),
             **({"allow_cidrs": [str(n) for n in self.allow_cidrs]} if self.allow_cidrs else {}),
+            **({"deny_tun": True} if self.deny_tun else {}),
             **({"follow": list(self.follow)} if self.follow else {}),
         }
 
@@ -213,7 +217,8 @@ class Policy:
         return cls(tuple(d["tunnels"]), tuple(Endpoint.parse(e) for e in d.get("endpoints", ())),
                    d.get("netns", ""), Options(**d.get("options", {})),
                    tuple(d.get("tunnel_kinds", DEFAULT_TUNNEL_KINDS)), EventSettings(**d.get("events", {})),
-                   tuple(parse_cidr(n) for n in d.get("allow_cidrs", ())), tuple(d.get("follow", ())))
+                   tuple(parse_cidr(n) for n in d.get("allow_cidrs", ())), bool(d.get("deny_tun", False)),
+                   tuple(d.get("follow", ())))
 
     def endpoint_specs(self) -> list[str]:
         """The endpoints as the user gives them: fixed ones, `auto`, `auto:PATH`."""

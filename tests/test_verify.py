@@ -110,7 +110,7 @@ def verdicts(by_check) -> dict[str, set[str]]:
     return {c: {f["verdict"] for f in fs} for c, fs in by_check.items()}
 
 
-CHECKS = {"attached", "inherited", "pins", "tunnels", "policy", "routes", "ipv6", "sockets", "raw"}
+CHECKS = {"attached", "inherited", "pins", "tunnels", "policy", "routes", "ipv6", "sockets", "raw", "tun"}
 
 
 def test_clean_scope_is_clean(scope):
@@ -125,7 +125,7 @@ def test_clean_scope_is_clean(scope):
     assert text.returncode == 0
     assert text.stdout.splitlines()[0].startswith("this kernel (")   # what it can do, and what ksbpf does instead
     assert text.stdout.splitlines()[1].split() == ["SCOPE", "CHECK", "VERDICT", "FINDING", "/", "WHAT", "TO", "DO"]
-    assert "9 ok, 0 fixed, 0 warning(s), 0 failure(s)" in text.stdout
+    assert "10 ok, 0 fixed, 0 warning(s), 0 failure(s)" in text.stdout
 
 
 def detach_by_hand(pin_dir: str, cg: str) -> None:

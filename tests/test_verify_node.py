@@ -59,7 +59,7 @@ def test_clean_node_scope(guarded):
     before = node_counters(guarded)
     rc, found = verify_node(guarded)
     assert rc == 0, found
-    assert set(found) == {"guarded", "pins", "tunnels", "policy", "routes", "ipv6"}
+    assert set(found) == {"guarded", "first", "pins", "tunnels", "policy", "routes", "ipv6"}
     assert all(f["verdict"] == "ok" for f in found.values()), found
     assert "eth0" in found["guarded"]["detail"] and "tun9" in found["guarded"]["detail"]
     assert "docker0 internal" in found["guarded"]["detail"] and "tun0 tunnel" in found["guarded"]["detail"]

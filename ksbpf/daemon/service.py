@@ -88,6 +88,9 @@ class NodeState:
     pref: int = 1
     error: str | None = None
     in_step: bool = False        # every interface that needs a guard has one
+    # ifindex -> ids of the programs found in front of its guard that could not be got ahead of
+    # (reported once, not every check)
+    front_kept: dict[int, tuple[int, ...]] = field(default_factory=dict)
     follow_at: float = 0.0       # --endpoint auto (see ScopeState)
     follow_fast_until: float = 0.0
     follow_failed: tuple[str, ...] = ()
@@ -124,6 +127,7 @@ class Daemon:
         self.namespaces: dict[int, Namespace] = {}   # by namespace inode
         self.node: NodeState | None = None
         self.route_alerts = 0
+        self.guards_displaced = 0   # node mode: times a program was found in front of a guard
         self.netlink_events = dict.fromkeys(("RTM_NEWLINK", "RTM_DELLINK", "RTM_NEWROUTE", "RTM_DELROUTE"), 0)
         self.heartbeat = time.monotonic()   # when the main loop last turned (/healthz)
         self.ready = False                  # the first apply is done (/readyz)
@@ -433,6 +437,47 @@ class Daemon:
             if missing:
                 self.log("guard_missing", level="warning", scope=st.name, interfaces=missing, netns=space.ns.label)
                 self._guard(space)
+            self._check_first(space, st)
+
+    def _check_first(self, space: Namespace, st: NodeState) -> None:
+        """A program put in front of a guard can pass what the guard would drop:
+        say so, and put the guard first again (make before break, tcx)."""
+        runner = partial(netns.run_here, space.ns.path)
+        for link in node_scope.guarded_links(st.node, list(space.links.values())):
+            try:
+                front = node_scope.programs_in_front(st.pin_dir, space.ns, link, st.mode, runner)
+            except (OSError, KsbpfError) as exc:
+                self.log("guard_check_failed", level="error", scope=st.name, interface=link.name, error=str(exc))
+                continue
+            key = tuple(p.prog_id for p in front)
+            if not front or st.front_kept.get(link.ifindex) == key:
+                if not front:
+                    st.front_kept.pop(link.ifindex, None)
+                continue
+            self.guards_displaced += 1
+            self.log("guard_not_first", level="error", scope=st.name, interface=link.name, netns=space.ns.label,
+                     ifindex=link.ifindex, in_front=[p.to_dict() for p in front],
+                     note="a program in front of the guard can pass what it would drop",
+                     fix=node_scope.front_fix(link.name, front, st.mode))
+            try:
+                with pins.locked(f"node-{space.cookie}"):
+                    # looked at again under the lock: a `ksbpf attach --node` may have just put a new guard first
+                    still = node_scope.programs_in_front(st.pin_dir, space.ns, link, st.mode, runner)
+                    done = not still or node_scope.put_first(st.pin_dir, space.ns, link, st.mode, runner)
+            except (OSError, KsbpfError) as exc:
+                done, error = False, str(exc)
+            else:
+                error = None if done else f"{st.mode}: no way to run before {front[0]}"
+            if done:
+                st.front_kept.pop(link.ifindex, None)
+                self.log("guard_put_first", level="warning", scope=st.name, interface=link.name,
+                         netns=space.ns.label, ifindex=link.ifindex, behind=[p.prog_id for p in front])
+            else:
+                st.front_kept[link.ifindex] = key   # verify keeps failing (ksbpf_verify_failures) until it is removed
+                self.log("guard_not_first_kept", level="error", scope=st.name, interface=link.name, error=error,
+                         fix=node_scope.front_fix(link.name, front, st.mode))
+            if self.verifier is not None:
+                self.verifier.soon()
 
     def _reconcile(self, space: Namespace) -> None:
         self._guard(space)

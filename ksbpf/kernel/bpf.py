@@ -379,6 +379,18 @@ class ProgramImage:
                 os.close(btf_fd)
         return LoadedProgram(progs, ScopeMaps(fds, owned=True), None, tuple(kept))
 
+    def instance(self, entry: str, map_fds: dict[str, int]) -> int:
+        """Another instance of one entry point, on existing maps (a scope's pinned
+        ones): the kernel refuses the same program twice in one tcx chain, so a
+        guard put in front of its own interface's chain again needs a twin."""
+        missing = [m.name for m in self.maps if m.name not in map_fds]
+        if missing:
+            raise KsbpfError(f"the scope's pins lack map(s) {', '.join(missing)} of this ksbpf's program",
+                             "attach the scope again with this ksbpf")
+        ordered = [map_fds[m.name] for m in self.maps]
+        prog_type, insns = self.progs[entry]
+        return libbpf.prog_load(prog_type, entry, self.license, self._relocate(insns, ordered.__getitem__))
+
 
 def _same_layout(fd: int, spec: MapSpec) -> bool:
     i = libbpf.map_info(fd)
@@ -519,3 +531,24 @@ def load(options: Options, n_endpoints: int = 0, events: EventSettings = EventSe
         b.cleanup()
         return image.load(entries, keep)   # bcc made fresh maps: load again, sharing the kept ones
     return LoadedProgram({e: loaded[e] for e in entries}, ScopeMaps(fds, owned=False), b)
+
+
+def image(options: Options, n_endpoints: int = 0, events: EventSettings = EventSettings(),
+          cache: str | None = "default") -> ProgramImage:
+    """The compiled programs for these options as an image: the cached one,
+    else compiled now with bcc (and cached)."""
+    cache = cache_dir() if cache == "default" else cache
+    cached = _cache_path(cache, cflags(options, n_endpoints, events)) if cache else None
+    if cached and os.path.exists(cached):
+        try:
+            with open(cached) as f:
+                return ProgramImage.from_json(f.read())
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    loaded = load(options, n_endpoints, events, cache=None, entries=tuple(ENTRIES))
+    try:
+        b = loaded._bcc_object
+        return ProgramImage.from_loaded({e: b.dump_func(e.encode()) for e in ENTRIES}, loaded.maps.fds,
+                                        preflight.require_compiler().lib.bpf_module_license(b.module).decode())
+    finally:
+        loaded.close()

@@ -179,3 +179,30 @@ def is_link_event(msg) -> bool:
 
 def is_deleted(msg) -> bool:
     return msg["header"]["type"] == RTM_DELLINK
+
+
+def tun_owners(path: str) -> list[tuple[str, int]]:
+    """(name, owner uid) of each tun/tap device of the namespace at `path`
+    that belongs to a user (IFLA_TUN_OWNER; devices without an owner left out)."""
+    w = NetlinkWatch(netns.Netns("", path, 0), groups=0)
+    try:
+        for _ in range(10):
+            try:
+                msgs = w._dump(RTM_GETLINK, struct.pack("=BxHiII", 0, 0, 0, 0, 0))
+                break
+            except DumpInterrupted:
+                continue
+        else:
+            raise OSError(errno.EAGAIN, "link dump kept being interrupted")
+    finally:
+        w.close()
+    out = []
+    for msg in msgs:
+        info = msg.get_attr("IFLA_LINKINFO")
+        if not info or info.get_attr("IFLA_INFO_KIND") != "tun":
+            continue
+        data = info.get_attr("IFLA_INFO_DATA")
+        owner = data.get_attr("IFLA_TUN_OWNER") if data else None
+        if owner is not None and owner != 0xFFFFFFFF:
+            out.append((msg.get_attr("IFLA_IFNAME") or "", owner))
+    return out

@@ -182,6 +182,160 @@ def unguarded(pin_dir: str, np: NodePolicy, ns: netns.Netns, present: list[links
     return [link.name for link in want if not live[link.ifindex]]
 
 
+# -- first in the chain ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FrontProgram:
+    """A program that runs before the scope's guard on an interface's egress:
+    whatever it passes (TCX_PASS, TC_ACT_OK) the guard never sees."""
+    prog_id: int
+    name: str
+    where: str          # "tcx" or "clsact pref N"
+    link_id: int = 0    # the tcx link holding it (0: attached without a link, or a clsact filter)
+
+    def __str__(self) -> str:
+        link = f", link {self.link_id}" if self.link_id else ""
+        return f"program {self.prog_id} ({self.name or 'no name'}; {self.where}{link})"
+
+    def to_dict(self) -> dict:
+        return {"prog_id": self.prog_id, "name": self.name, "where": self.where, "link_id": self.link_id}
+
+
+def front_fix(ifname: str, front: list[FrontProgram], mode: str) -> str:
+    """What to do about programs in front of a guard."""
+    how = []
+    for p in front:
+        if p.link_id:
+            how.append(f"bpftool link detach id {p.link_id}")
+        elif p.where.startswith("clsact pref "):
+            how.append(f"tc filter del dev {ifname} egress pref {p.where.split()[-1]}")
+        else:
+            how.append(f"have its owner detach program {p.prog_id}")
+    again = ("then `ksbpf attach --node` again (it puts the guard first); the daemon does it by itself"
+             if mode == "tcx" else "then `ksbpf attach --node` again")
+    return f"find who put it there and remove it ({'; '.join(how)}), or {again}"
+
+
+def _prog_name(prog_id: int) -> str:
+    try:
+        fd = libbpf.prog_fd_by_id(prog_id)
+    except OSError:
+        return ""
+    try:
+        return libbpf.prog_info(fd).name
+    finally:
+        os.close(fd)
+
+
+def _tcx_chain(ifindex: int) -> list[tuple[int, int]]:
+    """The interface's tcx egress chain in the order it runs ([] without tcx)."""
+    try:
+        return tc.tcx_query(ifindex)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOSYS):
+            return []
+        raise
+
+
+def programs_in_front(pin_dir: str, ns: netns.Netns, link: links.Link, mode: str,
+                      runner: Runner | None = None) -> list[FrontProgram]:
+    """The programs that run before this scope's guard on the interface's
+    egress ([] when the guard is first, or absent: unguarded is another
+    finding).  tcx runs before clsact, and a tcx program that returns
+    anything but TCX_NEXT ends the interface's egress processing: in clsact
+    mode every tcx program is in front, and every filter listed before ours."""
+    run = runner or partial(netns.run_in, ns.path)
+    chain = run(_tcx_chain, link.ifindex)
+    if mode == "tcx":
+        try:
+            fd = libbpf.obj_get(_link_pin(pin_dir, link.ifindex))
+        except OSError:
+            return []
+        try:
+            ours = tc.link_info(fd)
+        finally:
+            os.close(fd)
+        ids = [lid for _pid, lid in chain]
+        if ours.ifindex != link.ifindex or ours.id not in ids:
+            return []
+        return [FrontProgram(pid, _prog_name(pid), "tcx", lid) for pid, lid in chain[:ids.index(ours.id)]]
+    front = [FrontProgram(pid, _prog_name(pid), "tcx", lid) for pid, lid in chain]
+    mine = _prog_ids(pin_dir)
+    filters = tc.clsact_filters(ns.path, link.name)
+    if not any(f.prog_id in mine for f in filters):
+        return []
+    for f in filters:
+        if f.prog_id in mine:
+            break
+        front.append(FrontProgram(f.prog_id, _prog_name(f.prog_id) or f.name, f"clsact pref {f.pref}"))
+    return front
+
+
+def _guard_instance(pin_dir: str, entry: str) -> int:
+    """A twin of the scope's pinned program for `entry`, on the scope's pinned
+    maps, from the same compiled image (its tag must be the pinned one's: the
+    same instructions, or it is refused)."""
+    with bpf.ScopeMaps.from_pins(pin_dir) as maps:
+        meta = maps.read_meta()
+        np = NodePolicy.from_dict({**meta["policy"], "endpoints": [str(e) for e in maps.endpoints()]})
+        image = bpf.image(np.policy.options, len(np.policy.endpoints), np.policy.events)
+        fd = image.instance(entry, maps.fds)
+    try:
+        pinned = libbpf.obj_get(os.path.join(pin_dir, bpf.PIN_NAMES[entry]))
+        try:
+            same = libbpf.prog_info(pinned).tag == libbpf.prog_info(fd).tag
+        finally:
+            os.close(pinned)
+        if not same:
+            raise KsbpfError("the guard cannot be put first: this ksbpf's program differs from the attached one",
+                             "attach again: ksbpf attach --node ... (or restart the daemon)")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def put_first(pin_dir: str, ns: netns.Netns, link: links.Link, mode: str,
+              runner: Runner | None = None) -> bool:
+    """Put the scope's guard first on the interface's egress again, make
+    before break: a twin of the program is attached in front of everything
+    (BPF_F_BEFORE), its link pinned in place of the old one, then the old
+    link is detached -- the interface is never without a guard in the chain.
+    tcx only (False for clsact: no filter can run before a tcx program, nor
+    before one at preference 1; and False when the interface vanished)."""
+    if mode != "tcx":
+        return False
+    path = _link_pin(pin_dir, link.ifindex)
+    old_fd = libbpf.obj_get(path)
+    try:
+        prog_fd = _guard_instance(pin_dir, entry_for(link))
+        try:
+            try:
+                new_fd = (runner or partial(netns.run_in, ns.path))(tc.tcx_attach, prog_fd, link.ifindex)
+            except OSError as exc:
+                if exc.errno in (errno.ENODEV, errno.ENXIO, errno.ENOENT):
+                    return False
+                raise
+        finally:
+            os.close(prog_fd)
+        try:
+            tmp = path + "_new"   # bpffs refuses names with a dot
+            try:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                libbpf.obj_pin(new_fd, tmp)
+                os.rename(tmp, path)   # atomic: the pin never goes missing
+            except OSError:
+                tc.link_detach(new_fd)   # keep the old guard, pinned as it was
+                raise
+            tc.link_detach(old_fd)
+        finally:
+            os.close(new_fd)
+        return True
+    finally:
+        os.close(old_fd)
+
+
 @dataclass
 class GuardSync:
     guarded: list[str] = field(default_factory=list)     # interfaces a guard was put on now
@@ -400,15 +554,22 @@ class InterfaceState:
     kind: str | None
     role: str          # loopback, tunnel, internal, guarded
     guarded: bool      # this scope's program is attached to it
+    in_front: tuple[FrontProgram, ...] = ()   # programs that run before the guard (it is not first)
 
     @property
     def unguarded(self) -> bool:
         """Should be guarded and is not: its traffic is NOT judged."""
         return self.role == "guarded" and not self.guarded
 
+    @property
+    def enforced(self) -> bool:
+        """Guarded and first in the chain: every packet is judged."""
+        return self.role != "guarded" or (self.guarded and not self.in_front)
+
     def to_dict(self) -> dict:
         return {"ifindex": self.ifindex, "name": self.name, "kind": self.kind, "role": self.role,
-                "guarded": self.guarded, "unguarded": self.unguarded}
+                "guarded": self.guarded, "unguarded": self.unguarded, "first": not self.in_front,
+                "in_front": [p.to_dict() for p in self.in_front]}
 
 
 @dataclass
@@ -434,8 +595,8 @@ class NodeStatus:
 
     @property
     def attached(self) -> bool:
-        """Enforced: every interface that should be guarded is."""
-        return self.netns_ok and not any(i.unguarded for i in self.interfaces)
+        """Enforced: every interface that should be guarded is, its guard first in its chain."""
+        return self.netns_ok and all(i.enforced for i in self.interfaces)
 
     @property
     def dropped_packets(self) -> int:
@@ -483,10 +644,19 @@ def read_node(pin_dir: str, link_cache: dict | None = None) -> NodeStatus:
         cookie, present = cache[ns.inode]
         live = guards_in_force(pin_dir, ns, present, mode)
         for link in present:
-            interfaces.append(InterfaceState(link.ifindex, link.name, link.kind,
-                                             np.role(link.name, link.kind, link.ifindex), live[link.ifindex]))
+            role = np.role(link.name, link.kind, link.ifindex)
+            try:
+                front = programs_in_front(pin_dir, ns, link, mode) if role == "guarded" and live[link.ifindex] else []
+            except (OSError, KsbpfError) as exc:
+                front = []
+                problems.append(f"the egress chain of {link.name} cannot be read: {exc}")
+            interfaces.append(InterfaceState(link.ifindex, link.name, link.kind, role, live[link.ifindex],
+                                             tuple(front)))
         problems += [f"UNGUARDED: {i.name} (ifindex {i.ifindex}): its traffic is not judged "
                      f"(run the daemon, or `ksbpf attach --node` again)" for i in interfaces if i.unguarded]
+        problems += [f"NOT FIRST: on {i.name} (ifindex {i.ifindex}) {', '.join(map(str, i.in_front))} "
+                     f"run(s) before the guard and can pass what it would drop: "
+                     f"{front_fix(i.name, list(i.in_front), mode)}" for i in interfaces if i.in_front]
     else:
         problems.append(f"network namespace {ns.label} is gone or not the one the scope was attached in")
     registered = {e.ifindex for e in entries if e.netns_cookie == cookie}

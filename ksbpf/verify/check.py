@@ -23,6 +23,15 @@ For each cgroup scope (a pin directory under /sys/fs/bpf/ksbpf/cgroup/):
              socket (those bypass the cgroup hook)
   routes     a route sends non-local destinations outside the tunnel (TunnelVision)
   ipv6       a non-tunnel interface has a global IPv6 address and the tunnel none
+  tun        a process of the scope holds a tun device, or a tun device of its
+             namespace belongs to one of its users (without --deny-tun): what it
+             writes in is forwarded or answered by the kernel, outside the hook;
+             FAIL when --deny-tun's device program is missing
+
+For the node scope: guarded (every interface that needs a guard has one),
+first (each guard runs first in its interface's egress chain: a program in
+front of it is named), pins, tunnels, policy (the tc programs' verdicts),
+routes, ipv6.
 """
 
 from __future__ import annotations
@@ -96,7 +105,7 @@ def attach_command(cg: str, policy: Policy) -> str:
     if policy.netns:
         argv += ["--netns", policy.netns]
     for flag, on in (("--allow-lan", policy.options.allow_lan), ("--allow-lan-dns", policy.options.allow_lan_dns),
-                     ("--allow-dhcp", policy.options.allow_dhcp)):
+                     ("--allow-dhcp", policy.options.allow_dhcp), ("--deny-tun", policy.deny_tun)):
         if on:
             argv.append(flag)
     return " ".join(shlex.quote(a) for a in argv)
@@ -370,7 +379,7 @@ class _ScopeCheck:
                 self._network(policy, ns, present)
         finally:
             os.close(prog_fd)
-        self._processes(cg_path)
+        self._processes(cg_path, policy)
 
     def _inherited(self, cg_path: str, prog_id: int, again: str) -> None:
         missing = []
@@ -457,7 +466,7 @@ class _ScopeCheck:
         else:
             self.add("ipv6", PASS, "no global IPv6 address outside the tunnel that the tunnel lacks")
 
-    def _processes(self, cg_path: str) -> None:
+    def _processes(self, cg_path: str, policy: Policy | None = None) -> None:
         strays = stray_sockets(cg_path)
         if strays and self.fix:
             closed, errors = close_stray(strays)
@@ -494,6 +503,25 @@ class _ScopeCheck:
                      "run it without CAP_NET_RAW (capsh --drop=cap_net_raw --, or CapabilityBoundingSet=~CAP_NET_RAW)")
         else:
             self.add("raw", PASS, "no process of the scope can open raw packet sockets")
+        self._tun(cg_path, policy)
+
+    def _tun(self, cg_path: str, policy: Policy | None) -> None:
+        """A tun device a scope process can write into: what it writes is
+        forwarded (ip_forward) or answered by the kernel, outside the hook."""
+        wanted = bool(policy and policy.deny_tun)
+        in_force = cgroups.deny_tun_in_force(cg_path)
+        if wanted and not in_force:
+            self.add("tun", FAIL, "--deny-tun's device program is NOT attached to the cgroup: its processes can "
+                     "open /dev/net/tun", attach_command(cg_path, policy))
+            return
+        found = cgroups.tun_warnings(cg_path, in_force)
+        if found:
+            self.add("tun", WARN, "; ".join(found[:4]) + (" ..." if len(found) > 4 else ""),
+                     "ksbpf attach ... --deny-tun (config deny_tun = true) refuses /dev/net/tun to the scope; "
+                     "then restart the processes that hold one")
+        else:
+            self.add("tun", PASS, "no process of the scope can write into a tun device"
+                     + (" (--deny-tun in force)" if in_force else ""))
 
 
 def _own_cgroup() -> str | None:
@@ -569,6 +597,7 @@ class _NodeCheck(_ScopeCheck):
                 self.add("guarded", PASS, f"every non-internal interface guarded ({mode}): "
                          + (", ".join(link.name for link in want) or "none") + (f"; not guarded by design: {others}"
                                                                                if others else ""))
+            self._first(ns, [link for link in want if live[link.ifindex]], mode)
             self._pins(maps, list(fds.values()), again)
             self._tunnels(maps, policy, ns, present)
             nonce = ensure_nonce(maps)
@@ -589,6 +618,29 @@ class _NodeCheck(_ScopeCheck):
         finally:
             for fd in fds.values():
                 os.close(fd)
+
+
+    def _first(self, ns: netns.Netns, guarded: list[links.Link], mode: str) -> None:
+        """Each guard runs first on its interface's egress: a program in front of
+        it can pass (TCX_PASS, TC_ACT_OK) what the guard would drop."""
+        bad = []
+        for link in guarded:
+            try:
+                front = node_scope.programs_in_front(self.pin_dir, ns, link, mode)
+            except (OSError, KsbpfError) as exc:
+                self.add("first", FAIL, f"the egress chain of {link.name} cannot be read: {exc}",
+                         "run verify as root; check `bpftool net show`")
+                return
+            if front:
+                bad.append((link, front))
+        if bad:
+            self.add("first", FAIL, "; ".join(f"on {link.name} (ifindex {link.ifindex}) "
+                                              f"{', '.join(map(str, front))} run(s) BEFORE the guard: what "
+                                              "it passes is never judged" for link, front in bad),
+                     " / ".join(node_scope.front_fix(link.name, front, mode) for link, front in bad))
+        else:
+            self.add("first", PASS, f"each guard runs first on its interface's egress ({mode}): "
+                     + (", ".join(link.name for link in guarded) or "none"))
 
 
 def open_dir(path: str):
