@@ -448,7 +448,7 @@ class _Checker:
             return None
         kinds_ok = self.attempt(at + ("tunnel_kinds",), Policy, names, (), "", Options(), tuple(kinds))
         policy = self.attempt(at + ("allow_lan_dns",), Policy, names, tuple(endpoints), netns, options,
-                              tuple(kinds) if kinds_ok else DEFAULT_TUNNEL_KINDS, events, follow=follow)
+                              tuple(kinds) if kinds_ok else DEFAULT_TUNNEL_KINDS, events, (), False, follow)
         return policy if kinds_ok else None
 
 
