@@ -108,6 +108,13 @@ def rows_reaction(r):
                f"p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms (n={s['n']})", YES[s["p99_ms"] <= r["target_p99_ms"]])
 
 
+def rows_endpoint_follow(r):
+    for key, what in (("allowed", "new endpoint allowed"), ("old_gone", "old endpoint gone")):
+        s = r[key]
+        yield (f"endpoint auto, `wg set … endpoint` → {what}, p99 ≤ {r['target_p99_ms']:g} ms (poll {r['poll_s'] * 1000:g} ms)",
+               f"p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms (n={s['n']})", YES[s["p99_ms"] <= r["target_p99_ms"]])
+
+
 def rows_containers(r):
     s = r["tunnel_ready_to_passing"]
     yield (f"containers, a tunnel in a new namespace ready → traffic passes, p99 ≤ {r['target_p99_ms']:g} ms",
@@ -311,6 +318,7 @@ BENCHMARKS = [  # name, rows, plot
     ("throughput", rows_throughput, plot_throughput),
     ("scaling", rows_scaling, plot_scaling),
     ("reaction", rows_reaction, plot_reaction),
+    ("endpoint_follow", rows_endpoint_follow, None),
     ("node_throughput", rows_node_throughput, plot_node_throughput),
     ("node_reaction", rows_node_reaction, plot_node_reaction),
     ("footprint", rows_footprint, None),

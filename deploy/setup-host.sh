@@ -28,6 +28,7 @@ pkgs=(python3 python3-venv python3-bpfcc libbpf1 bpftool iproute2 wireguard-go w
       tcpdump iperf3 nftables iptables iputils-ping procps prometheus)
 # container tests: real Podman and Docker (runc), images from busybox-static; no service is started
 pkgs+=(podman runc netavark aardvark-dns busybox-static docker.io)
+pkgs+=(openvpn)   # --endpoint auto: a real OpenVPN 2.6 client and servers in the lab (no service is started)
 pkgs+=(debootstrap)   # the Kubernetes image test: podman build from a debootstrapped Debian base
 # the VM test (tests/test_vm.py) builds and boots a Debian guest (vagrant/provision.sh: not in a VM)
 [ "${KSBPF_SETUP_VM_TOOLS:-yes}" = no ] || pkgs+=(qemu-system-x86 qemu-utils debootstrap e2fsprogs rsync systemd)

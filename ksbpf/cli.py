@@ -21,6 +21,7 @@ from ksbpf.policy import (
     NodePolicy,
     Options,
     Policy,
+    split_endpoint_specs,
 )
 from ksbpf.scopes import cgroups, common, machine
 from ksbpf.scopes import node as node_scope
@@ -57,8 +58,22 @@ def main() -> None:
     no other interface, whether the tunnel is up or not."""
 
 
-def _endpoint(_ctx, _param, values) -> tuple[Endpoint, ...]:
-    return tuple(Endpoint.parse(v) for v in values)
+def _endpoint(_ctx, _param, values) -> tuple[tuple[Endpoint, ...], tuple[str, ...]]:
+    return split_endpoint_specs(values)
+
+
+def _print_endpoints(policy: Policy, followed_now: list, failed: list, fixed_note: str = "") -> None:
+    """Fixed endpoints, then the followed ones with where they came from."""
+    for ep in policy.endpoints:
+        click.echo(f"  endpoint {ep}{fixed_note}")
+    for f in followed_now:
+        click.echo(f"  endpoint {f.describe()}")
+    if policy.follow:
+        sources = ", ".join("the tunnels" if f == "auto" else f for f in policy.follow)
+        if not followed_now:
+            click.echo(f"  endpoint auto: none in use now by {sources}")
+    for problem in failed:
+        click.echo(f"  warning: endpoint source not read: {problem}")
 
 
 @main.command()
@@ -68,8 +83,10 @@ def _endpoint(_ctx, _param, values) -> tuple[Endpoint, ...]:
               help="Node mode: guard every interface of the namespace (tc egress), forwarded traffic included.")
 @click.option("--tunnel", "tunnels", multiple=True, required=True, metavar="NAME",
               help="Tunnel interface the scope may use (repeat for several).")
-@click.option("--endpoint", "endpoints", multiple=True, callback=_endpoint, metavar="ADDR:PORT/PROTO",
-              help="VPN server the scope may reach outside the tunnel: 203.0.113.5:51820/udp, [2001:db8::5]:51820/udp.")
+@click.option("--endpoint", "endpoints", multiple=True, callback=_endpoint, metavar="ADDR:PORT/PROTO|auto",
+              help="VPN server the scope may reach outside the tunnel: 203.0.113.5:51820/udp, [2001:db8::5]:51820/udp; "
+                   "`auto`: the endpoints the WireGuard tunnels' peers use, read now, followed by the daemon; "
+                   "`auto:/run/openvpn/NAME.sock`: the remote of the OpenVPN client with that management socket.")
 @click.option("--netns", default="", metavar="NAME|PATH|each",
               help="Network namespace where the tunnel names live (default: the caller's; node mode: the one "
                    "guarded); `each`: every namespace a process of the cgroup subtree lives in (containers).")
@@ -113,9 +130,10 @@ def attach(cgroup_path, node, tunnels, endpoints, netns, allow_lan, allow_lan_dn
     if block_dhcp and allow_dhcp:
         raise click.UsageError("give --allow-dhcp or --block-dhcp, not both")
     dhcp = allow_dhcp or (node and not block_dhcp)
-    policy = Policy(tuple(tunnels), endpoints, netns, Options(allow_lan, allow_lan_dns, dhcp),
+    fixed, follow = endpoints
+    policy = Policy(tuple(tunnels), fixed, netns, Options(allow_lan, allow_lan_dns, dhcp),
                     tuple(kinds) or DEFAULT_TUNNEL_KINDS, EventSettings(events_rate, events_burst),
-                    deny_tun=deny_tun)
+                    deny_tun=deny_tun, follow=follow)
     if node:
         np = NodePolicy(policy, (() if no_default_internal else DEFAULT_INTERNAL) + tuple(internal), exempt, tc_mode)
         result = node_scope.attach(np, progress=_progress)
@@ -137,8 +155,10 @@ def attach(cgroup_path, node, tunnels, endpoints, netns, allow_lan, allow_lan_dn
         click.echo(f"  netns each: {len({t.netns for t in result.tunnels})} network namespace(s) in use by the subtree now; "
                    "tunnels of namespaces that appear later are registered only by the daemon (`ksbpf daemon` with "
                    "netns = \"each\"): until then their non-local traffic is dropped")
-    for ep in policy.endpoints:
-        click.echo(f"  endpoint {ep}: allowed outside the tunnel")
+    _print_endpoints(policy, result.followed, result.follow_failed, ": allowed outside the tunnel")
+    if policy.follow:
+        click.echo("  endpoint auto: read once now; only the daemon (`ksbpf daemon`, endpoints = [\"auto\"]) "
+                   "follows a server switch")
     click.echo(f"  options: {_options(policy)}")
     if policy.deny_tun:
         click.echo("  deny-tun: the scope's processes cannot open /dev/net/tun (devices opened before stay usable)")
@@ -187,8 +207,10 @@ def _print_node_attach(result, np: NodePolicy) -> None:
     click.echo(f"{result.name} (netns {result.netns}): {verb} with {result.mode}; pins in {result.pin_dir}")
     _print_interfaces(result.interfaces)
     _print_tunnels(result.tunnels, np.policy)
-    for ep in np.policy.endpoints:
-        click.echo(f"  endpoint {ep}: allowed outside the tunnel")
+    _print_endpoints(np.policy, result.followed, result.follow_failed, ": allowed outside the tunnel")
+    if np.policy.follow:
+        click.echo("  endpoint auto: read once now; only the daemon (`ksbpf daemon`, endpoints = [\"auto\"]) "
+                   "follows a server switch")
     click.echo(f"  options: {_options(np.policy)}")
     if np.exempt_cgroups:
         click.echo(f"  exempt:  {', '.join(np.exempt_cgroups)} (local sockets only; forwarded packets have none)")
@@ -249,6 +271,18 @@ def _print_counters(s) -> None:
         click.echo(f"  problem: {p}")
 
 
+def _status_endpoints(policy: Policy, followed_now: list) -> None:
+    """The maps' endpoints: the followed ones say where they came from."""
+    auto = {f.endpoint: f for f in followed_now}
+    for ep in policy.endpoints:
+        if ep not in auto:
+            click.echo(f"  endpoint {ep}")
+    for f in followed_now:
+        click.echo(f"  endpoint {f.describe()}")
+    if policy.follow and not followed_now:
+        click.echo("  endpoint auto: none followed now (no tunnel up, or the daemon is not running)")
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
 def status(as_json) -> None:
@@ -272,8 +306,7 @@ def status(as_json) -> None:
         for t in n.tunnels:
             where = f"ifindex {t.ifindex} ({t.kind})" if t.present else "absent"
             click.echo(f"  tunnel   {t.name}: {where}, {'registered' if t.registered else 'not registered'}")
-        for ep in n.policy.endpoints:
-            click.echo(f"  endpoint {ep}")
+        _status_endpoints(n.policy, n.followed)
         click.echo(f"  options  {_options(n.policy)}")
         click.echo(f"  internal {' '.join(n.node.internal) or 'none'}")
         if n.node.exempt_cgroups:
@@ -293,8 +326,7 @@ def status(as_json) -> None:
             where = f"ifindex {t.ifindex} ({t.kind})" if t.present else "absent"
             allowed = "allowed" if t.registered else "blocked"
             click.echo(f"  tunnel   {t.name} (netns {t.netns}): {where}, {allowed}")
-        for ep in s.policy.endpoints:
-            click.echo(f"  endpoint {ep}")
+        _status_endpoints(s.policy, s.followed)
         click.echo(f"  options  {_options(s.policy)}")
         if s.policy.deny_tun or s.deny_tun:
             click.echo(f"  deny-tun {'in force: /dev/net/tun refused to the scope' if s.deny_tun else 'NOT in force'}")
@@ -444,7 +476,7 @@ def check_config(file, as_json) -> None:
         p = sc.policy
         click.echo(f"  {sc.cgroup} (line {sc.line}){', created if missing' if sc.create_cgroup else ''}")
         click.echo(f"    tunnels   {', '.join(p.tunnels)} (netns {p.netns or 'own'}; kinds {', '.join(p.tunnel_kinds)})")
-        click.echo(f"    endpoints {', '.join(map(str, p.endpoints)) or 'none'}")
+        click.echo(f"    endpoints {', '.join(p.endpoint_specs()) or 'none'}")
         opts = [k for k, on in p.options.to_dict().items() if on]
         click.echo(f"    options   {', '.join(opts) or 'none (strict)'}")
     if cfg.node is not None:
@@ -452,7 +484,7 @@ def check_config(file, as_json) -> None:
         click.echo(f"  node mode (line {cfg.node.line}): netns {p.netns or 'own'}, guards every interface but the tunnels "
                    f"and the internal ones ({' '.join(n.internal) or 'none'}); tc mode {n.tc_mode}")
         click.echo(f"    tunnels   {', '.join(p.tunnels)} (kinds {', '.join(p.tunnel_kinds)})")
-        click.echo(f"    endpoints {', '.join(map(str, p.endpoints)) or 'none'}")
+        click.echo(f"    endpoints {', '.join(p.endpoint_specs()) or 'none'}")
         click.echo(f"    options   {', '.join(k for k, on in p.options.to_dict().items() if on) or 'none (strict)'}")
         if n.exempt_cgroups:
             click.echo(f"    exempt    {', '.join(n.exempt_cgroups)}")

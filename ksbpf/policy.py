@@ -86,6 +86,34 @@ class Endpoint:
         return cls(address, int(port_text), proto)
 
 
+AUTO = "auto"
+
+
+def parse_endpoint_spec(text: str) -> "Endpoint | str":
+    """An endpoint, or what to follow: `auto` (the endpoints the tunnels use
+    now, kept in step by the daemon) or `auto:PATH` (an OpenVPN management
+    socket, for a client whose socket is not /run/openvpn/TUNNEL.sock)."""
+    raw = text.strip()
+    if raw == AUTO:
+        return AUTO
+    if raw.startswith(AUTO + ":"):
+        path = raw[len(AUTO) + 1:]
+        if not path.startswith("/") or any(c.isspace() for c in path):
+            raise KsbpfError(f"endpoint {text!r}: {path!r} is not an absolute socket path",
+                             "write auto:/run/openvpn/NAME.sock (an OpenVPN `management PATH unix` socket)")
+        return path
+    return Endpoint.parse(raw)
+
+
+def split_endpoint_specs(texts) -> tuple[tuple["Endpoint", ...], tuple[str, ...]]:
+    """--endpoint values -> (fixed endpoints, what to follow)."""
+    fixed, follow = [], []
+    for text in texts:
+        spec = parse_endpoint_spec(text)
+        (follow if isinstance(spec, str) else fixed).append(spec)
+    return tuple(fixed), tuple(dict.fromkeys(follow))
+
+
 @dataclass(frozen=True)
 class EventSettings:
     """The stream of blocked packets: at most `rate` samples a second (0: off),
@@ -139,8 +167,18 @@ class Policy:
     # cgroup scopes: a device program refuses /dev/net/tun to the scope's processes
     # (ksbpf/kernel/devices.py); off by default: a VPN client in the scope may need it
     deny_tun: bool = False
+    # --endpoint auto: "auto" (the tunnels' own endpoints) and OpenVPN management
+    # sockets; the endpoints read from them are kept in the maps beside the fixed ones
+    follow: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "follow", tuple(dict.fromkeys(self.follow)))
+        for spec in self.follow:
+            if spec != AUTO and not spec.startswith("/"):
+                raise KsbpfError(f"cannot follow {spec!r}", "give auto, or auto:/run/openvpn/NAME.sock")
+        if self.follow and self.netns == "each":
+            raise KsbpfError("endpoint auto is not followed across the namespaces of netns each",
+                             "give the endpoints as ADDR:PORT/udp, or name the tunnel's namespace")
         if not self.tunnels:
             raise KsbpfError("no tunnel interface given", "name the tunnel with --tunnel NAME (e.g. --tunnel wg0)")
         for name in self.tunnels:
@@ -183,6 +221,7 @@ class Policy:
             "events": asdict(self.events),
             **({"allow_cidrs": [str(n) for n in self.allow_cidrs]} if self.allow_cidrs else {}),
             **({"deny_tun": True} if self.deny_tun else {}),
+            **({"follow": list(self.follow)} if self.follow else {}),
         }
 
     @classmethod
@@ -191,7 +230,21 @@ class Policy:
         return cls(tuple(d["tunnels"]), tuple(Endpoint.parse(e) for e in d.get("endpoints", ())),
                    d.get("netns", ""), Options(**d.get("options", {})),
                    tuple(d.get("tunnel_kinds", DEFAULT_TUNNEL_KINDS)), EventSettings(**d.get("events", {})),
-                   tuple(parse_cidr(n) for n in d.get("allow_cidrs", ())), bool(d.get("deny_tun", False)))
+                   tuple(parse_cidr(n) for n in d.get("allow_cidrs", ())), bool(d.get("deny_tun", False)),
+                   tuple(d.get("follow", ())))
+
+    def endpoint_specs(self) -> list[str]:
+        """The endpoints as the user gives them: fixed ones, `auto`, `auto:PATH`."""
+        return [str(e) for e in self.endpoints] + [AUTO if f == AUTO else f"{AUTO}:{f}" for f in self.follow]
+
+    def same_but_followed(self, current: "Policy") -> bool:
+        """Is `current` (read back from a scope's pins, whose maps hold the
+        followed endpoints too) this policy?  With nothing to follow: equal."""
+        if not self.follow:
+            return current == self
+        import dataclasses
+        return (set(self.endpoints) <= set(current.endpoints)
+                and dataclasses.replace(current, endpoints=self.endpoints) == self)
 
     def trusts(self, name: str, kind: str | None) -> bool:
         """Is an interface called `name` of link kind `kind` one of this policy's tunnels?"""

@@ -30,6 +30,13 @@ def test_reaction_benchmark_runs(tmp_path):
 
 
 @pytest.mark.root
+def test_endpoint_follow_benchmark_runs(tmp_path):
+    result = bench(tmp_path, "endpoint_follow.py", "--switches", "3")
+    for key in ("allowed", "old_gone"):
+        assert result[key]["n"] == 3 and result[key]["p50_ms"] > 0
+
+
+@pytest.mark.root
 def test_packet_cost_benchmark_runs(tmp_path):
     result = bench(tmp_path, "packet_cost.py", "--rounds", "2", "--repeat", "10")
     assert result["floor_ns"]["median"] > 0

@@ -93,6 +93,7 @@ def test_cgroup_v1_path_is_refused(cg):
     ("203.0.113.5:51820/sctp", "unknown protocol"),
     ("203.0.113.5/udp", "no port"),
     ("2001:db8::5:51820/udp", "brackets"),
+    ("auto:run/openvpn/client.sock", "not an absolute socket path"),
 ])
 def test_malformed_endpoint(cg, endpoint, says):
     before = system_state(cg)

@@ -139,6 +139,8 @@ SCOPE = '[[scope]]\ncgroup = "/sys/fs/cgroup/a"\ntunnels = ["wg0"]\n'  # lines 1
     # The policy's own checks (shared with the CLI), said in config words.
     (SCOPE + 'endpoints = ["203.0.113.5:51820/udp", "203.0.113.5/udp"]\n', 4, "scope[0].endpoints[1]", "has no port"),
     (SCOPE + 'endpoints = ["vpn.example.com:51820/udp"]\n', 4, "scope[0].endpoints[0]", "not an IP address"),
+    (SCOPE + 'endpoints = ["auto", "auto:run/openvpn/x.sock"]\n', 4, "scope[0].endpoints[1]", "not an absolute socket path"),
+    (SCOPE + 'netns = "each"\nendpoints = ["auto"]\n', 5, "scope[0].endpoints", "not followed across the namespaces"),
     ('[[scope]]\ncgroup = "/a"\ntunnels = ["wg0", "a-name-far-too-long"]\n', 3, "scope[0].tunnels[1]", "not a valid interface name"),
     ('[[scope]]\ncgroup = "/a"\ntunnels = ["wg0", "wg0"]\n', 3, "scope[0].tunnels", "named twice"),
     (SCOPE + 'allow_lan_dns = true\n', 4, "scope[0].allow_lan_dns", "allow_lan_dns only widens allow_lan; add allow_lan"),
@@ -350,3 +352,12 @@ def test_node_must_be_a_single_table():
     with pytest.raises(ConfigError) as exc:
         parse('[[node]]\ntunnels = ["wg0"]\n', "n.toml")
     assert "single brackets" in str(exc.value)
+
+
+def test_endpoints_auto_follow_the_tunnel():
+    cfg = parse('[[scope]]\ncgroup = "/a"\ntunnels = ["wg0", "tun0"]\n'
+                'endpoints = ["auto", "203.0.113.5:51820/udp", "auto:/run/openvpn/client.sock", "auto"]\n', "t.toml")
+    policy = cfg.scopes[0].policy
+    assert policy.follow == ("auto", "/run/openvpn/client.sock")   # once each, in order
+    assert [str(e) for e in policy.endpoints] == ["203.0.113.5:51820/udp"]
+    assert policy.endpoint_specs() == ["203.0.113.5:51820/udp", "auto", "auto:/run/openvpn/client.sock"]

@@ -29,6 +29,7 @@ from ksbpf.policy import (
     EventSettings,
     NodePolicy,
     Options,
+    parse_endpoint_spec,
     Policy,
 )
 
@@ -406,16 +407,22 @@ class _Checker:
         tunnels = self.strings(table, at, "tunnels", 'an array of interface names such as ["wg0"]')
         if tunnels == []:
             self.issue(at + ("tunnels",), 'no tunnel interface given; name at least one, e.g. tunnels = ["wg0"]')
-        endpoints = [self.attempt(at + ("endpoints", j), Endpoint.parse, text) for j, text in
-                     enumerate(self.strings(table, at, "endpoints", 'an array such as ["203.0.113.5:51820/udp"]') or [])]
+        specs = [self.attempt(at + ("endpoints", j), parse_endpoint_spec, text) for j, text in
+                 enumerate(self.strings(table, at, "endpoints", 'an array such as ["203.0.113.5:51820/udp"] or ["auto"]') or [])]
+        endpoints = [e for e in specs if isinstance(e, Endpoint)]
+        follow = tuple(dict.fromkeys(e for e in specs if isinstance(e, str)))
+        if follow and table.get("netns") == "each":
+            self.issue(at + ("endpoints",), 'endpoints "auto" is not followed across the namespaces of netns = "each"; '
+                       "give the endpoints as ADDR:PORT/udp, or name the tunnel's namespace")
+            follow = ()
         netns = self.get(table, at, "netns", str, 'a namespace name or path, e.g. "vpn" ("" for the daemon\'s own)') or ""
         lan, lan_dns = (self.get(table, at, key, bool, "true or false") or False for key in ("allow_lan", "allow_lan_dns"))
         dhcp = self.get(table, at, "allow_dhcp", bool, "true or false")
         kinds = self.strings(table, at, "tunnel_kinds", 'an array of link kinds such as ["wireguard", "tun"]')
         events = self.events(table, at)
-        return self.policy(at, tunnels or [], [e for e in endpoints if e], netns,
+        return self.policy(at, tunnels or [], endpoints, netns,
                            Options(lan, lan_dns, dhcp_default if dhcp is None else dhcp),
-                           DEFAULT_TUNNEL_KINDS if kinds is None else kinds, events)
+                           DEFAULT_TUNNEL_KINDS if kinds is None else kinds, events, follow)
 
     def events(self, table: dict, at: KeyPath) -> EventSettings:
         default = EventSettings()
@@ -429,7 +436,8 @@ class _Checker:
         return self.attempt(at + ("events_rate",), EventSettings, rate, burst) or default
 
     def policy(self, at: KeyPath, tunnels: list[str], endpoints: list[Endpoint], netns: str,
-               options: Options, kinds: list[str] | tuple[str, ...], events: EventSettings) -> Policy | None:
+               options: Options, kinds: list[str] | tuple[str, ...], events: EventSettings,
+               follow: tuple[str, ...] = ()) -> Policy | None:
         """The Policy, built with the CLI's own checks in steps so that each problem
         is blamed on its key: each name, the names together, the kinds, the options."""
         if not tunnels:
@@ -440,7 +448,7 @@ class _Checker:
             return None
         kinds_ok = self.attempt(at + ("tunnel_kinds",), Policy, names, (), "", Options(), tuple(kinds))
         policy = self.attempt(at + ("allow_lan_dns",), Policy, names, tuple(endpoints), netns, options,
-                              tuple(kinds) if kinds_ok else DEFAULT_TUNNEL_KINDS, events)
+                              tuple(kinds) if kinds_ok else DEFAULT_TUNNEL_KINDS, events, (), False, follow)
         return policy if kinds_ok else None
 
 

@@ -31,9 +31,9 @@ from ksbpf.daemon import config
 from ksbpf.daemon.follow import SubtreeWatch
 from ksbpf.daemon.log import EventLog
 from ksbpf.errors import KsbpfError
-from ksbpf.kernel import bpf, features, links, netns, pins
+from ksbpf.kernel import bpf, features, links, netns, pins, vpn_endpoints
 from ksbpf.policy import LAN_RANGES, NodePolicy, Policy
-from ksbpf.scopes import cgroups, common, subtree, tunnel_source
+from ksbpf.scopes import cgroups, common, followed, subtree, tunnel_source
 from ksbpf.scopes import node as node_scope
 
 RETRY_SECONDS = 5.0     # scopes that could not be applied are retried this often
@@ -42,6 +42,10 @@ COMPILING = "waiting for its program to be compiled (helper process)"
 GUARD_CHECK_SECONDS = 1.0   # node mode: are the guards still attached (nothing tells us when one is removed)
 PENDING_SECONDS = 2.0   # netns "each": a reported namespace not found at once is looked for this long ...
 PENDING_INTERVAL = 0.005   # ... this often
+# --endpoint auto: WireGuard tells nobody when a peer's endpoint changes, so it is asked
+FOLLOW_SECONDS = 0.1         # this often (a UAPI or genl round trip per tunnel: ~0.1 ms),
+FOLLOW_FAST_SECONDS = 0.02   # ... and this often
+FOLLOW_FAST_FOR = 5.0        # ... for this long after a tunnel appears or changes (its first handshake)
 
 
 @dataclass
@@ -60,6 +64,14 @@ class ScopeState:
     spaces: dict[int, subtree.NsUse] = field(default_factory=dict)   # ... and the namespaces it uses
     denied: bool = False                                  # ... some of whose processes we may not open
     pending: dict[int, float] = field(default_factory=dict)   # reported cookies not registered yet -> give up at
+    follow_at: float = 0.0       # --endpoint auto: when the tunnels' endpoints are read next
+    follow_fast_until: float = 0.0
+    follow_failed: tuple[str, ...] = ()   # the sources that could not be read last time (logged once)
+    followed_addrs: frozenset = frozenset()   # the addresses followed now (a route to one is no TunnelVision)
+
+    @property
+    def name(self) -> str:
+        return self.cgroup
 
     @property
     def each(self) -> bool:
@@ -80,10 +92,18 @@ class NodeState:
     # ifindex -> ids of the programs found in front of its guard that could not be got ahead of
     # (reported once, not every check)
     front_kept: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    follow_at: float = 0.0       # --endpoint auto (see ScopeState)
+    follow_fast_until: float = 0.0
+    follow_failed: tuple[str, ...] = ()
+    followed_addrs: frozenset = frozenset()
 
     @property
     def name(self) -> str:
         return node_scope.label(self.node.policy.netns)
+
+    @property
+    def policy(self) -> Policy:
+        return self.node.policy
 
 
 @dataclass
@@ -97,6 +117,7 @@ class Namespace:
 
     def close(self) -> None:
         self.watch.close()
+        vpn_endpoints.forget(self.ns.inode)   # --endpoint auto: its WireGuard genl socket, if one was opened
 
 
 class Daemon:
@@ -116,6 +137,7 @@ class Daemon:
         self.compiler = None                # compiles in helper processes once the loop runs (never in the daemon)
         self.pool = None                    # programs verified ahead of time (with a source of scopes)
         self.verifier = None                # the zero-traffic check's thread (ksbpf/daemon/verifier.py)
+        self.openvpn: dict[str, vpn_endpoints.OpenVPNManagement] = {}   # --endpoint auto:PATH, held open
 
     # -- configuration ---------------------------------------------------------
     def load(self) -> config.Config:
@@ -468,6 +490,8 @@ class Daemon:
 
     def _reconcile(self, space: Namespace) -> None:
         self._guard(space)
+        if (nst := self._node_in(space)) is not None and nst.policy.follow:
+            self._follow_endpoints(nst, space)
         present = list(space.links.values())
         addresses = None
         for st in self._scopes_in(space):
@@ -498,9 +522,100 @@ class Daemon:
                 self.log("map_update", scope=st.cgroup, added=result.added, removed=result.removed,
                          netns=space.ns.label)
                 self._verify_soon()
+            if st.policy.follow and not st.each:
+                self._follow_endpoints(st, space)
+
+    # -- --endpoint auto: the endpoint maps follow the tunnels --------------------------
+    def _followers(self) -> list:
+        """The scopes (and the node) whose endpoints follow their tunnels."""
+        out = [st for st in self.scopes.values() if st.policy.follow and st.pin_dir and st.ns and not st.error]
+        if self.node and self.node.policy.follow and self.node.pin_dir and self.node.ns and not self.node.error:
+            out.append(self.node)
+        return out
+
+    def _follow_endpoints(self, st, space: Namespace) -> None:
+        """Read what the tunnels use now and bring the endpoint maps to it
+        (the new endpoint in before the old one leaves)."""
+        now = time.monotonic()
+        st.follow_at = now + (FOLLOW_FAST_SECONDS if now < st.follow_fast_until else FOLLOW_SECONDS)
+        try:
+            found, failed = followed.read_now(st.policy, space.ns, list(space.links.values()), self._openvpn_said)
+            lock = f"node-{space.cookie}" if st is self.node else f"cgroup-{os.path.basename(st.pin_dir)}"
+            with pins.locked(lock), bpf.ScopeMaps.from_pins(st.pin_dir) as maps:
+                result = followed.sync(maps, st.policy, found, failed)
+        except (OSError, KsbpfError) as exc:
+            self.log("endpoints_follow_failed", level="error", scope=st.name, error=str(exc))
+            return
+        st.followed_addrs = frozenset(f.endpoint.address for f in result.followed)
+        if tuple(result.failed) != st.follow_failed:
+            st.follow_failed = tuple(result.failed)
+            if result.failed:
+                self.log("endpoint_source_unreadable", level="warning", scope=st.name, problems=result.failed,
+                         note="the endpoints last read from these sources stay allowed")
+        if result.changed:
+            self.log("endpoints_followed", scope=st.name, added=result.added, removed=result.removed,
+                     now=[f.describe() for f in result.followed], netns=space.ns.label)
+            self._verify_soon()
+
+    def _openvpn_said(self, path: str):
+        m = self.openvpn.get(path)
+        return m.followed() if m else None
+
+    def _openvpn_connect(self) -> None:
+        """Hold a connection to every OpenVPN management socket a scope follows
+        (OpenVPN may start after us, and restart)."""
+        wanted = {f for st in self._followers() for f in st.policy.follow if f != "auto"}
+        for path in [p for p in self.openvpn if p not in wanted]:
+            self.openvpn.pop(path).close()
+        for path in wanted:
+            m = self.openvpn.setdefault(path, vpn_endpoints.OpenVPNManagement(path))
+            if not m.connected:
+                try:
+                    m.connect()
+                    self.log("openvpn_management_connected", socket=path)
+                except vpn_endpoints.NotThere:
+                    pass
+                except OSError as exc:
+                    self.log("openvpn_management_failed", level="warning", socket=path, error=str(exc))
+
+    def _on_openvpn(self, m) -> None:
+        """OpenVPN said something: a remote it is about to connect to is allowed
+        (new before old) before it is told to go on."""
+        was = m.connected
+        if m.feed() or m.pending_accept:
+            if m.problem:
+                self.log("openvpn_remote_not_followed", level="warning", socket=m.path, problem=m.problem)
+            for st in self._followers():
+                space = self.namespaces.get(st.ns.inode)
+                if m.path in st.policy.follow and space is not None:
+                    self._follow_endpoints(st, space)
+            m.accept()
+        if was and not m.connected:
+            self.log("openvpn_management_closed", socket=m.path,
+                     note="the endpoint it used stays allowed until it says another")
+
+    def _follow_due(self) -> None:
+        now = time.monotonic()
+        self._openvpn_connect()
+        for st in self._followers():
+            if st.follow_at <= now:
+                space = self.namespaces.get(st.ns.inode)
+                if space is not None:
+                    self._follow_endpoints(st, space)
+
+    def _follow_fast(self, space: Namespace, name: str) -> None:
+        """A tunnel of this namespace appeared or changed: read its endpoints
+        at once and often for a while (its first handshake must not be lost)."""
+        now = time.monotonic()
+        for st in self._followers():
+            if st.ns.inode == space.ns.inode and name in st.policy.tunnels:
+                st.follow_fast_until, st.follow_at = now + FOLLOW_FAST_FOR, now
 
     def _note_link(self, space: Namespace, before: links.Link | None, after: links.Link | None) -> None:
         """Log what a link change means for the scopes of this namespace."""
+        for link in (before, after):
+            if link is not None:
+                self._follow_fast(space, link.name)
         for st in self._scopes_in(space):
             names = st.policy.tunnels
             if before and before.name in names and (after is None or after.name != before.name):
@@ -551,15 +666,16 @@ class Daemon:
             return
         if msg["proto"] == 2 and any(dst.subnet_of(n) for n in LAN_RANGES if n.version == dst.version):
             return  # the kernel's connected route of an ordinary private LAN
-        protected = [(st.cgroup, st.policy) for st in self._scopes_in(space)]
+        protected = [(st.cgroup, st.policy, st.followed_addrs) for st in self._scopes_in(space)]
         if (nst := self._node_in(space)) is not None:
-            protected.append((nst.name, nst.node.policy))
-        for name, policy in protected:
+            protected.append((nst.name, nst.node.policy, nst.followed_addrs))
+        for name, policy, followed_addrs in protected:
             if all(space.links.get(oif) and policy.trusts(space.links[oif].name, space.links[oif].kind)
                    for oif in route.oifs):
                 continue  # through the scope's own tunnel
-            if dst.prefixlen == dst.max_prefixlen and any(e.address == dst.network_address for e in policy.endpoints):
-                continue  # the route to the VPN server itself
+            if dst.prefixlen == dst.max_prefixlen and (any(e.address == dst.network_address for e in policy.endpoints)
+                                                       or dst.network_address in followed_addrs):
+                continue  # the route to the VPN server itself (typed, or followed: --endpoint auto)
             devs = [space.links[o].name if o in space.links else str(o) for o in route.oifs]
             self.route_alerts += 1
             self.log("route_alert", level="warning", scope=name, route=str(route), dev=devs,
@@ -663,10 +779,12 @@ class Daemon:
             sources = {src.fileno(): src for src in self.sources}
             follows = {fd: st for st in self.scopes.values() if st.follow for fd in st.follow.fds()}
             pending = [st for st in self.scopes.values() if st.pending and st.follow]
+            ovpn = {m.fileno(): m for m in self.openvpn.values() if m.connected}
             deadline = min(next_resync, next_retry, next_guard_check if self.node else next_retry,
                            *(time.monotonic() + PENDING_INTERVAL for _ in pending[:1]),
-                           *(src.deadline() for src in self.sources))
-            readable = _readable([read_fd, *watches, *follows, *sources], max(0.0, deadline - time.monotonic()))
+                           *(src.deadline() for src in self.sources),
+                           *(st.follow_at for st in self._followers()))
+            readable = _readable([read_fd, *watches, *follows, *sources, *ovpn], max(0.0, deadline - time.monotonic()))
             self.heartbeat = time.monotonic()
             for fd in readable:
                 if fd == read_fd:
@@ -679,6 +797,8 @@ class Daemon:
                 elif fd in follows:
                     if follows[fd].follow is not None:
                         self._on_subtree(follows[fd])
+                elif fd in ovpn:
+                    self._on_openvpn(ovpn[fd])
                 elif fd in watches and self.namespaces.get(watches[fd].ns.inode) is watches[fd]:
                     self._on_events(watches[fd])
             for src in self.sources:
@@ -705,6 +825,7 @@ class Daemon:
             for st in pending:
                 if st.follow is not None:
                     self._rescan(st, force=True)
+            self._follow_due()
             if time.monotonic() >= next_retry:
                 self._check_namespaces()
                 failed = [s for s in self.scopes.values() if s.error]

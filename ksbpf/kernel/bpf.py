@@ -260,6 +260,21 @@ class ScopeMaps:
             entry = _U32.pack(len(same)) + bytes(16 + self._value_size[name])
         libbpf.map_update(self.fds["ep_slots"], _U32.pack(slot), entry)
 
+    def remove_endpoint(self, ep: Endpoint) -> None:
+        """The endpoint leaves its address's (port, protocol) list; the address
+        leaves the map with its last pair."""
+        name = "endpoints4" if ep.address.version == 4 else "endpoints6"
+        key = ep.address.packed
+        value = libbpf.map_lookup(self.fds[name], key, self._value_size[name])
+        ports = _endpoint_ports(value) if value else []
+        if (ep.port, ep.proto_number) not in ports:
+            return
+        rest = [p for p in ports if p != (ep.port, ep.proto_number)]
+        if rest:
+            libbpf.map_update(self.fds[name], key, _endpoint_value(rest))
+        else:
+            libbpf.map_delete(self.fds[name], key)
+
     def endpoints(self) -> list[Endpoint]:
         out = []
         for name, size in (("endpoints4", 4), ("endpoints6", 16)):

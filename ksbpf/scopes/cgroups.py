@@ -18,7 +18,7 @@ from ksbpf.errors import KsbpfError
 from ksbpf.kernel import bpf, cgroup, devices, libbpf, links, netns, pins, preflight, privileges
 from ksbpf.policy import Policy
 from ksbpf.reasons import Hook
-from ksbpf.scopes import common, subtree, tunnel_source
+from ksbpf.scopes import common, followed, subtree, tunnel_source
 
 EGRESS = libbpf.BPF_CGROUP_INET_EGRESS
 
@@ -108,13 +108,16 @@ class AttachResult:
     # socket storage, first attach: processes of the subtree that were running already (their older
     # sockets have no recorded namespace: blocked until reopened)
     processes_before: int = 0
+    followed: list = field(default_factory=list)       # --endpoint auto: the endpoints read from the tunnels now
+    follow_failed: list = field(default_factory=list)  # ... and the sources that could not be read
 
     def to_dict(self) -> dict:
         return {"cgroup": self.cgroup, "cgroup_id": self.cgroup_id, "pin_dir": self.pin_dir,
                 "prog_id": self.prog_id, "replaced_prog_ids": self.replaced,
                 "tunnels": [t.to_dict() for t in self.tunnels], "mounted_bpffs": self.mounted_bpffs,
                 "netns_each": self.each, "netns_identity": self.netns_identity,
-                "processes_before": self.processes_before}
+                "processes_before": self.processes_before, "followed": [f.to_dict() for f in self.followed],
+                "follow_failed": self.follow_failed}
 
 
 def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.quiet,
@@ -179,6 +182,10 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
                 "netns_identity": "storage" if "sk_netns" in prog.maps.fds else "helper",
             }
             prog.maps.write_meta(meta)
+            follow = followed.SyncResult()
+            if policy.follow and ns is not None:   # --endpoint auto: what the tunnels use now
+                follow = followed.sync(prog.maps, policy, *followed.read_now(policy, ns, present),
+                                       previous=followed.previously(pins.scope_dir(cg.id, bpffs)))
             mounted = pins.ensure_bpffs(bpffs)
             final = pins.scope_dir(cg.id, bpffs)
             staging = final + "_new"  # bpffs refuses names with dots
@@ -247,7 +254,8 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
     before = 0
     if identity == "storage" and not keep_used:
         before = sum(1 for _ in subtree.subtree_pids(cg.path))
-    return AttachResult(cg.path, cg.id, final, prog_id, replaced, tunnels, mounted, each, identity, before)
+    return AttachResult(cg.path, cg.id, final, prog_id, replaced, tunnels, mounted, each, identity, before,
+                        follow.followed, follow.failed)
 
 
 @dataclass
@@ -324,6 +332,7 @@ class ScopeStatus:
     netns_identity: str = "helper"   # how its program learns a packet's namespace (features.NETNS_*)
     tunnel_source: str = "absent"    # the netfilter hook on the tunnel's source addresses: on, absent, MISSING
     deny_tun: bool = False   # --deny-tun's device program is attached to the cgroup
+    followed: list = field(default_factory=list)   # --endpoint auto: the endpoints followed now (Followed)
 
     @property
     def name(self) -> str:
@@ -349,6 +358,7 @@ class ScopeStatus:
             "netns_each": self.namespaces is not None, "namespaces": self.namespaces or [],
             "warnings": self.warnings, "netns_identity": self.netns_identity,
             "tunnel_source": self.tunnel_source, "deny_tun": self.deny_tun,
+            "follow": list(self.policy.follow), "followed": [f.to_dict() for f in self.followed],
         }
 
 
@@ -411,7 +421,8 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
         tunnels, namespaces = _each_states(policy, cg_path, entries)
         return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, tunnels, policy, counters,
                            meta.get("attached_at"), problems, True, event_stats, namespaces, warnings,
-                           netns_identity=meta.get("netns_identity", "helper"), deny_tun=deny_tun)
+                           netns_identity=meta.get("netns_identity", "helper"), deny_tun=deny_tun,
+                           followed=followed.recorded(meta))
     ns = common.meta_netns(meta)
     present = cookie = None
     ns_ok = common.netns_alive(ns)
@@ -437,7 +448,7 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
     return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, tunnels, policy, counters,
                        meta.get("attached_at"), problems, ns_ok, event_stats, warnings=warnings,
                        netns_identity=meta.get("netns_identity", "helper"), tunnel_source=source_layer,
-                       deny_tun=deny_tun)
+                       deny_tun=deny_tun, followed=followed.recorded(meta))
 
 
 def raw_socket_warnings(cg_path: str, limit: int = 10) -> list[str]:
@@ -569,7 +580,7 @@ def ensure(cgroup_path: str, policy: Policy, progress: common.Progress = common.
             current = read_scope(pin_dir)
         except (OSError, KsbpfError, ValueError):
             current = None  # damaged pins: rebuild below
-        if (current and current.attached and current.netns_ok and current.policy == policy
+        if (current and current.attached and current.netns_ok and policy.same_but_followed(current.policy)
                 and (current.deny_tun or not policy.deny_tun)):
             return EnsureResult("adopted", cg.path, pin_dir)
     result = attach(cg.path, policy, progress, bpffs, loader)

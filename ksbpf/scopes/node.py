@@ -26,6 +26,7 @@ kernel is the only state: the attachments, plus the pins.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import time
@@ -37,7 +38,7 @@ from ksbpf.errors import KsbpfError
 from ksbpf.kernel import bpf, cgroup, libbpf, links, netns, nf, pins, preflight, tc
 from ksbpf.policy import NodePolicy
 from ksbpf.reasons import Hook
-from ksbpf.scopes import common
+from ksbpf.scopes import common, followed
 
 LINKS_DIR = "links"
 NF_DIR = "nf"
@@ -490,13 +491,16 @@ class NodeAttachResult:
     tunnels: list[common.TunnelState]
     mounted_bpffs: bool
     from_birth: str = "absent"
+    followed: list = field(default_factory=list)       # --endpoint auto: the endpoints read from the tunnels now
+    follow_failed: list = field(default_factory=list)  # ... and the sources that could not be read
 
     def to_dict(self) -> dict:
         return {"scope": self.name, "netns": self.netns, "netns_cookie": self.netns_cookie,
                 "pin_dir": self.pin_dir, "tc_mode": self.mode, "prog_ids": self.prog_ids,
                 "from_birth": self.from_birth,
                 "replaced": self.replaced, "interfaces": [i.to_dict() for i in self.interfaces],
-                "tunnels": [t.to_dict() for t in self.tunnels], "mounted_bpffs": self.mounted_bpffs}
+                "tunnels": [t.to_dict() for t in self.tunnels], "mounted_bpffs": self.mounted_bpffs,
+                "followed": [f.to_dict() for f in self.followed], "follow_failed": self.follow_failed}
 
 
 def _read_meta(pin_dir: str) -> dict | None:
@@ -545,6 +549,10 @@ def attach(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
                 "nf_priority": nf_priority if from_birth else None,
             }
             prog.maps.write_meta(meta)
+            follow = followed.SyncResult()
+            if policy.follow:   # --endpoint auto: what the tunnels use now
+                follow = followed.sync(prog.maps, policy, *followed.read_now(policy, ns, present),
+                                       previous=followed.previously(final) if old_meta else [])
             mounted = pins.ensure_bpffs(bpffs)
             staging = final + "_new"
             pins.remove_dir(staging)  # left over by a crash
@@ -581,7 +589,8 @@ def attach(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
             prog.close()
     status = read_node(final)
     return NodeAttachResult(label(policy.netns), ns.label, cookie, final, mode, prog_ids, replaced,
-                            status.interfaces, status.tunnels, mounted, status.from_birth)
+                            status.interfaces, status.tunnels, mounted, status.from_birth,
+                            follow.followed, follow.failed)
 
 
 # -- detach ---------------------------------------------------------------------------
@@ -676,6 +685,7 @@ class NodeStatus:
     netns_ok: bool = True
     hook: Hook = Hook.TC
     from_birth: str = "absent"   # the netfilter layer: "on", "absent" (kernel), "MISSING"
+    followed: list = field(default_factory=list)   # --endpoint auto: the endpoints followed now (Followed)
 
     @property
     def policy(self):
@@ -703,6 +713,7 @@ class NodeStatus:
             "events": {"rate": self.policy.events.rate, "burst": self.policy.events.burst,
                        "sent": self.events[0], "suppressed": self.events[1]},
             "attached_at": self.attached_at, "problems": self.problems,
+            "follow": list(self.policy.follow), "followed": [f.to_dict() for f in self.followed],
         }
 
 
@@ -753,7 +764,8 @@ def read_node(pin_dir: str, link_cache: dict | None = None) -> NodeStatus:
         problems.append(f"from-birth layer {from_birth}: an interface created now leaves unjudged until the daemon "
                         "guards it (`ksbpf attach --node` again)")
     return NodeStatus(meta.get("name", label(np.policy.netns)), pin_dir, np, mode, ns.label, interfaces, tunnels,
-                      counters, meta.get("attached_at"), problems, event_stats, ns_ok, from_birth=from_birth)
+                      counters, meta.get("attached_at"), problems, event_stats, ns_ok, from_birth=from_birth,
+                      followed=followed.recorded(meta))
 
 
 def nf_layer(pin_dir: str, meta: dict) -> str:
@@ -776,6 +788,12 @@ class NodeEnsureResult:
     attach: NodeAttachResult | None = None
 
 
+def _same_but_followed(np: NodePolicy, current: NodePolicy) -> bool:
+    """current (read back, the followed endpoints in its maps) is np."""
+    return (np.policy.same_but_followed(current.policy)
+            and dataclasses.replace(current, policy=np.policy) == np)
+
+
 def ensure(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str = pins.BPFFS) -> NodeEnsureResult:
     """Make the namespace guarded by exactly `np`: a node scope already in
     force with that policy and every guard in place is adopted untouched."""
@@ -789,7 +807,7 @@ def ensure(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
             current = None
         layer_ok = current is not None and (current.from_birth == "on" or (
             current.from_birth.startswith("absent") and not bpf.nf_available(np.policy.options)))
-        if current and current.attached and current.node == np and layer_ok:
+        if current and current.attached and _same_but_followed(np, current.node) and layer_ok:
             return NodeEnsureResult("adopted", pin_dir)
     result = attach(np, progress, bpffs)
     return NodeEnsureResult("replaced" if result.replaced else "attached", pin_dir, result)
