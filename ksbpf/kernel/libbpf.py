@@ -362,8 +362,41 @@ def probe_map_type(map_type: int) -> bool:
     return _lib().libbpf_probe_bpf_map_type(map_type, None) == 1
 
 
+class _ProgLoadOptsLog(ctypes.Structure):
+    """struct bpf_prog_load_opts of libbpf 1.1, up to the verifier log."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("attempts", ctypes.c_int), ("expected_attach_type", ctypes.c_uint32),
+                ("prog_btf_fd", ctypes.c_uint32), ("prog_flags", ctypes.c_uint32), ("prog_ifindex", ctypes.c_uint32),
+                ("kern_version", ctypes.c_uint32), ("attach_btf_id", ctypes.c_uint32),
+                ("attach_prog_fd", ctypes.c_uint32), ("attach_btf_obj_fd", ctypes.c_uint32),
+                ("fd_array", ctypes.c_void_p), ("func_info", ctypes.c_void_p), ("func_info_cnt", ctypes.c_uint32),
+                ("func_info_rec_size", ctypes.c_uint32), ("line_info", ctypes.c_void_p),
+                ("line_info_cnt", ctypes.c_uint32), ("line_info_rec_size", ctypes.c_uint32),
+                ("log_level", ctypes.c_uint32), ("log_size", ctypes.c_uint32), ("log_buf", ctypes.c_void_p)]
+
+
+# What the verifier says of a helper a program type may not call, across kernel versions
+# ("unknown func" up to 6.x, "program of this type cannot use helper" since): libbpf 1.1's
+# own probe knows only the first two, and takes a newer kernel's refusal for a yes.
+_HELPER_REFUSED = (b"unknown func ", b"invalid func ", b"cannot use helper")
+
+
 def probe_helper(prog_type: int, helper_id: int) -> bool:
-    return _lib().libbpf_probe_bpf_helper(prog_type, helper_id, None) == 1
+    """May programs of this type call this helper?  A two-instruction program
+    calling it: loaded, or refused for its arguments (the helper is known to
+    the type), means yes; refused as unknown or not allowed for the type, no."""
+    insns = struct.pack("=BBhi", 0x85, 0, 0, helper_id) + struct.pack("=BBhi", 0x95, 0, 0, 0)   # call; exit
+    log = ctypes.create_string_buffer(16384)
+    opts = _ProgLoadOptsLog(sz=ctypes.sizeof(_ProgLoadOptsLog), log_level=1, log_size=len(log),
+                            log_buf=ctypes.cast(log, ctypes.c_void_p))
+    if prog_type == BPF_PROG_TYPE_CGROUP_SOCK:
+        opts.expected_attach_type = BPF_CGROUP_INET_SOCK_CREATE
+    buf = ctypes.create_string_buffer(insns, len(insns))
+    fd = _lib().bpf_prog_load(prog_type, None, b"GPL", buf, 2, ctypes.byref(opts))
+    if fd >= 0:
+        os.close(fd)
+        return True
+    return not any(m in log.value for m in _HELPER_REFUSED)
 
 
 RingBufferCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
