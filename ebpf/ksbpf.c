@@ -51,6 +51,11 @@
 #ifndef KSBPF_EVENTS_PAGES
 #define KSBPF_EVENTS_PAGES 16
 #endif
+/* bpf_probe_read_kernel by its number (BPF_FUNC_probe_read_kernel): bcc
+ * defines the name as bpf_probe_read wherever its own probe of the helper
+ * fails (a container without the privileges it probes with), and netfilter
+ * programs may not call bpf_probe_read. */
+static long (*ksbpf_read_kernel)(void *dst, __u32 size, const void *src) = (void *)113;
 #define KSBPF_IPV6_MAX_EXTHDRS 6
 #define KSBPF_VLAN_HLEN 4
 #define KSBPF_ICMPV6 58
@@ -163,7 +168,7 @@ static __always_inline int ksbpf_load(const struct ksbpf_at *at, __u32 off, void
 		/* The IP stack keeps the headers in the linear part. */
 		if (off > KSBPF_DIRECT_MAX_OFF || off + len > at->linear)
 			return -1;
-		return bpf_probe_read_kernel(to, len, at->data + off);
+		return ksbpf_read_kernel(to, len, at->data + off);
 	}
 	if (off <= KSBPF_DIRECT_MAX_OFF && at->nh <= KSBPF_DIRECT_MAX_OFF) {
 		p = at->data + at->nh + off;
@@ -957,13 +962,13 @@ int ksbpf_nf_src(struct ksbpf_nf_ctx *ctx)
 	linear = tail > nh ? tail - nh : 0;
 	if (pf == KSBPF_NFPROTO_IPV4) {
 		if (linear < sizeof(struct iphdr) ||
-		    bpf_probe_read_kernel(&key.addr[12], 4, head + nh + offsetof(struct iphdr, saddr)))
+		    ksbpf_read_kernel(&key.addr[12], 4, head + nh + offsetof(struct iphdr, saddr)))
 			return KSBPF_NF_ACCEPT;
 		key.addr[10] = 0xff;
 		key.addr[11] = 0xff;
 	} else if (pf == KSBPF_NFPROTO_IPV6) {
 		if (linear < sizeof(struct ipv6hdr) ||
-		    bpf_probe_read_kernel(key.addr, 16, head + nh + offsetof(struct ipv6hdr, saddr)))
+		    ksbpf_read_kernel(key.addr, 16, head + nh + offsetof(struct ipv6hdr, saddr)))
 			return KSBPF_NF_ACCEPT;
 	} else {
 		return KSBPF_NF_ACCEPT;
@@ -977,7 +982,7 @@ int ksbpf_nf_src(struct ksbpf_nf_ctx *ctx)
 		char name[16] = {};
 		__u64 *a = (__u64 *)name, *b = (__u64 *)src->name;
 
-		if (!bpf_probe_read_kernel(name, sizeof(name), dev + KSBPF_OFF_NET_DEVICE_NAME) &&
+		if (!ksbpf_read_kernel(name, sizeof(name), dev + KSBPF_OFF_NET_DEVICE_NAME) &&
 		    src->name[0] && a[0] == b[0] && a[1] == b[1])
 			return KSBPF_NF_ACCEPT;	/* the tunnel, re-created with another ifindex */
 	}

@@ -20,6 +20,11 @@ def compiler_mapped(pid: int) -> list[str]:
         return sorted({line.split()[-1] for line in f if "libbcc" in line or "LLVM" in line})
 
 
+def images(cache) -> list[str]:
+    """The compiled program images in a cache directory (beside them: the BTF offsets, btf-*.json)."""
+    return [n for n in os.listdir(cache) if not n.startswith("btf-")]
+
+
 def test_daemon_compiles_in_helper_processes(make_cgroup, tmp_path, monkeypatch):
     monkeypatch.setenv("KSBPF_CACHE_DIR", str(tmp_path / "empty-cache"))
     cg = make_cgroup()
@@ -28,13 +33,13 @@ def test_daemon_compiles_in_helper_processes(make_cgroup, tmp_path, monkeypatch)
     d = DaemonProcess(str(path))
     try:
         d.wait_for("scope_attached", scope=cg, timeout=120)
-        assert len(os.listdir(tmp_path / "empty-cache")) == 1
+        assert len(images(tmp_path / "empty-cache")) == 1
         path.write_text(toml_config([{"cgroup": cg, "tunnels": ["wg0"], "allow_dhcp": True}]))
         mark = len(d.events)
         d.proc.send_signal(signal.SIGHUP)
         d.wait_for("scope_compiling", scope=cg, after=mark, timeout=30)
         d.wait_for("scope_replaced", scope=cg, after=mark, timeout=120)
-        assert len(os.listdir(tmp_path / "empty-cache")) == 2
+        assert len(images(tmp_path / "empty-cache")) == 2
         assert compiler_mapped(d.proc.pid) == []
     finally:
         d.stop()
