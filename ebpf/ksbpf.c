@@ -31,6 +31,9 @@
  *                           it); without it the namespace is the one the
  *                           socket was created in, recorded by ksbpf_sk_create
  *                           in socket-local storage (sk_netns, Linux >= 5.12)
+ *   -DKSBPF_TC_NETNS_HELPER tc programs may ask bpf_get_netns_cookie (Linux
+ *                           6.15): node mode's DHCP exception checks that the
+ *                           socket is the node namespace's own
  *   -DKSBPF_NO_COARSE_CLOCK the event bucket reads bpf_ktime_get_ns (kernels
  *                           without bpf_ktime_get_coarse_ns, < 5.11)
  */
@@ -401,8 +404,15 @@ static __always_inline int ksbpf_own_socket(const struct ksbpf_at *at)
 		return at->sk != 0;
 	if (!bpf_skb_cgroup_id(at->skb))	/* no full socket */
 		return 0;
+#ifdef KSBPF_TC_NETNS_HELPER
 	cookie = scope_netns.lookup(&zero);
 	return cookie && *cookie == bpf_get_netns_cookie(at->skb);
+#else
+	/* tc programs cannot ask a socket's namespace before Linux 6.15: a
+	 * socket, whichever namespace's (the destination and size rules above
+	 * still bound what it may send) */
+	return 1;
+#endif
 }
 
 /* DHCP client traffic of the machine's own client: DHCPv4 68 -> 67 to the

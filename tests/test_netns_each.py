@@ -4,6 +4,7 @@ lab's client namespace (the "container"), with and without the daemon."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -80,6 +81,11 @@ def test_one_shot_attach_registers_the_namespaces_in_use(lab, servers, make_cgro
     assert sniffer.count == 0
     text = ksbpf("status", check=True).stdout
     assert "netns    sleep[" in text and f"tunnel {lab.wg_client}: ifindex" in text
+    # verify judges the scope in each namespace in use (the container's), not "the" namespace
+    report = json.loads(ksbpf("verify", "--scope", cg, "--json").stdout)
+    failed = [f for f in report["findings"] if f["verdict"] == "fail"]
+    assert not failed, failed
+    assert any(f["check"] == "policy" and f["verdict"] == "ok" for f in report["findings"]), report
     # two programs: the egress policy and the sock_create reporter; detach removes both
     assert "detached 2 program" in ksbpf("detach", "--cgroup", cg, check=True).stdout
     assert probe(lab, cg, "udp", lab.phy6_server, servers["udp"]).ok

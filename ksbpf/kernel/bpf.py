@@ -98,6 +98,8 @@ def cflags(options: Options, n_endpoints: int, events: EventSettings = EventSett
             pass   # no BTF: no netfilter entry point (compiled_entries() says so)
     if features.netns_identity() == features.NETNS_HELPER:
         flags.append("-DKSBPF_NETNS_HELPER")
+    if features.has("netns_cookie_tc"):
+        flags.append("-DKSBPF_TC_NETNS_HELPER")
     if not features.has("coarse_clock"):
         flags.append("-DKSBPF_NO_COARSE_CLOCK")
     if events.rate > 0:

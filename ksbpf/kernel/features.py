@@ -78,6 +78,9 @@ PROBES: dict[str, tuple[Callable[[], bool], str, str]] = {
                                 "Linux 6.17",
                                 "a socket's namespace is recorded when it is created (socket storage); "
                                 "sockets older than the attach are blocked until reopened"),
+    "netns_cookie_tc": (_helper(libbpf.BPF_PROG_TYPE_SCHED_CLS, libbpf.BPF_FUNC_get_netns_cookie), "Linux 6.15",
+                        "node mode's DHCP exception takes any local socket's packets, not only the node "
+                        "namespace's (still only to the broadcast address or a LAN server, at most 576 bytes)"),
     "sk_storage": (_sk_storage, "Linux 5.12",
                    "cgroup scopes need bpf_get_netns_cookie in cgroup_skb instead"),
     "ringbuf": (_map(libbpf.BPF_MAP_TYPE_RINGBUF), "Linux 5.8", "ksbpf cannot run"),

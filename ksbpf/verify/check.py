@@ -48,6 +48,7 @@ from ksbpf.errors import KsbpfError
 from ksbpf.kernel import bpf, cgroup, features, libbpf, links, netns, pins, preflight
 from ksbpf.policy import LAN_RANGES, NodePolicy, Policy
 from ksbpf.scopes import cgroups, common, tunnel_source
+from ksbpf.scopes import subtree as subtree_scope
 from ksbpf.scopes import node as node_scope
 from ksbpf.verify import crafted, model, sockdiag
 from ksbpf.verify.nonce import ensure_nonce
@@ -417,8 +418,9 @@ class _ScopeCheck:
             elif not layer.startswith("absent: not with"):
                 self.add("tunnel_source", WARN, f"tunnel-source hook {layer}: the kernel's answers for the scope's "
                          "connections (TIME_WAIT, RSTs) are not judged", again)
-            ns = common.meta_netns(meta)
-            if not common.netns_alive(ns):
+            if meta.get("netns", {}).get("each"):
+                self._each(maps, policy, cg_path, prog_fd)
+            elif not common.netns_alive(ns := common.meta_netns(meta)):
                 self.add("tunnels", FAIL, f"network namespace {ns.label} is gone or was replaced", again)
             else:
                 present = links.links(ns)
@@ -461,10 +463,33 @@ class _ScopeCheck:
         else:
             self.add("pins", PASS, f"the {len(used)} maps the program{'s use' if len(prog_fds) > 1 else ' uses'} are the pinned ones")
 
-    def _tunnels(self, maps: bpf.ScopeMaps, policy: Policy, ns: netns.Netns, present: list[links.Link]) -> None:
+    def _each(self, maps: bpf.ScopeMaps, policy: Policy, cg_path: str, prog_fd: int) -> None:
+        """`netns = "each"`: every namespace a process of the subtree lives in,
+        judged as a scope of that namespace; entries of namespaces no longer
+        in use are stale."""
+        spaces = subtree_scope.discover(cg_path)
+        in_use = {sp.cookie for sp in spaces}
+        stale = sorted({e.netns_cookie for e in maps.tunnels()} - in_use)
+        if stale:
+            self.add("tunnels", FAIL, f"tunnel entries of {len(stale)} namespace(s) no process of the subtree uses "
+                     "any more (a namespace that takes that cookie cannot exist, but the map is out of step)",
+                     "run the daemon (ksbpf daemon) with netns = \"each\"")
+        if not spaces:
+            self.add("tunnels", PASS, "netns each: no process of the subtree lives in any namespace yet "
+                     "(whatever starts there is blocked until its tunnel is registered)")
+        for sp in spaces:
+            ns = sp.use.netns()
+            self._tunnels(maps, policy, ns, sp.links, only_this_namespace=True)
+            self._policy(maps, policy, ns, sp.links, prog_fd)
+            self._network(policy, ns, sp.links)
+
+    def _tunnels(self, maps: bpf.ScopeMaps, policy: Policy, ns: netns.Netns, present: list[links.Link],
+                 only_this_namespace: bool = False) -> None:
         cookie = netns.cookie(ns)
         want = {link.ifindex: link.name for link in present if policy.trusts(link.name, link.kind)}
         have = maps.tunnels()
+        if only_this_namespace:   # netns each: the other namespaces' entries are theirs
+            have = [e for e in have if e.netns_cookie == cookie]
         extra = [e for e in have if e.netns_cookie != cookie or e.ifindex not in want]
         missing = [f"{name} (ifindex {i})" for i, name in want.items()
                    if not any(e.netns_cookie == cookie and e.ifindex == i for e in have)]
