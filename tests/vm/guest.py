@@ -33,7 +33,20 @@ RESULTS_TTY = "/dev/ttyS1"
 CONFIG = "/etc/ksbpf/ksbpf.toml"
 SCOPE = "/sys/fs/cgroup/vpn.slice"
 COUNTERS = ("leak_udp", "leak_tcp", "tunnel_udp", "tunnel_tcp", "control_udp", "control_tcp",
-            "node_leak_udp", "node_leak_tcp", "node_tunnel_udp", "node_tunnel_tcp", "wireguard")
+            "node_leak_udp", "node_leak_tcp", "node_tunnel_udp", "node_tunnel_tcp", "wireguard",
+            "each_leak_udp", "each_leak_tcp", "each_tunnel_udp", "each_tunnel_tcp", "each_control_udp")
+# ksbpf's own one-line refusal of a kernel that lacks a feature (a KsbpfError: "this kernel lacks ...")
+REFUSAL = re.compile(r"this kernel (?:lacks|cannot|has no|does not)\b.*")
+# scenario "each": a container-like namespace whose processes are in a netns = "each" scope
+EACH_NS, EACH_CGROUP = "ctr1", "/sys/fs/cgroup/ctr.slice"
+EACH_CONFIG = """
+[[scope]]
+cgroup = "/sys/fs/cgroup/ctr.slice"
+create_cgroup = true
+netns = "each"
+tunnels = ["wg0"]
+endpoints = ["10.99.0.2:51820/udp"]
+"""
 NODE_CONFIG = """
 [node]
 tunnels = ["wg0"]
@@ -55,9 +68,14 @@ table inet ksbpfvm {
         iifname "wgs" ip daddr %s udp dport 7001 counter name node_tunnel_udp
         iifname "wgs" ip daddr %s tcp dport 7002 counter name node_tunnel_tcp
         iifname "uplink" ip daddr 10.99.0.2 udp dport 51820 counter name wireguard
+        iifname "uplink" ip daddr %s udp dport 8001 counter name each_leak_udp
+        iifname "uplink" ip daddr %s tcp dport 8002 counter name each_leak_tcp
+        iifname "wgs" ip daddr %s udp dport 8001 counter name each_tunnel_udp
+        iifname "wgs" ip daddr %s tcp dport 8002 counter name each_tunnel_tcp
+        iifname "uplink" ip daddr %s udp dport 8003 counter name each_control_udp
     }
 }
-""" % ("\n".join(f"    counter {c} {{ }}" for c in COUNTERS), *[TARGET] * 10)
+""" % ("\n".join(f"    counter {c} {{ }}" for c in COUNTERS), *[TARGET] * 15)
 
 
 # --- helpers ------------------------------------------------------------------
@@ -288,6 +306,34 @@ def cmd_send(name: str, udp_port: int, tcp_port: int) -> None:
 
 # --- scenarios ----------------------------------------------------------------------
 
+def refusal(*texts: str) -> str | None:
+    """ksbpf's one-line refusal of this kernel (it lacks a feature), if one of the texts has it."""
+    for text in texts:
+        for line in text.splitlines():
+            m = REFUSAL.search(line)
+            if m:
+                return m[0].strip()
+    return None
+
+
+def unit_refusal(*units: str) -> str | None:
+    """The refusal of a ksbpf unit that failed (or restarted) because of this kernel."""
+    for unit in units:
+        st = unit_state(unit)
+        if st.get("Result", "success") != "success" or int(st.get("NRestarts") or 0) > 0 \
+                or st.get("ActiveState") == "failed":
+            found = refusal(journal(unit))
+            if found:
+                return found
+    return None
+
+
+def features() -> str:
+    """What ksbpf says about this kernel's features (`ksbpf status`' lines that mention the kernel)."""
+    out = subprocess.run(["ksbpf", "status"], capture_output=True, text=True)
+    return "\n".join(line for line in (out.stdout + out.stderr).splitlines() if "kernel" in line.lower())[-1000:]
+
+
 def common() -> dict:
     return {"kernel": os.uname().release, "system": system_running(),
             "failed_units": sh("systemctl", "--failed", "--plain", "--no-legend", check=False).strip(),
@@ -432,7 +478,121 @@ def scenario_node() -> dict:
     return r
 
 
-SCENARIOS = {"boot": scenario_boot, "daemon": scenario_daemon, "escape": scenario_escape,
+def scenario_lab() -> dict:
+    """The leak matrix with its controls: `ksbpf verify --lab` on this kernel."""
+    r = common()
+    t = time.monotonic()
+    proc = subprocess.run(["ksbpf", "verify", "--lab", "--json"], capture_output=True, text=True, timeout=1500)
+    r["lab_seconds"] = round(time.monotonic() - t, 1)
+    r["lab_rc"] = proc.returncode
+    r["lab_stderr"] = proc.stderr[-3000:]
+    try:
+        r["lab"] = json.loads(proc.stdout)
+    except ValueError:
+        r["lab"] = None
+        r["lab_stdout"] = proc.stdout[-3000:]
+    err = proc.stderr.strip().splitlines()
+    if proc.returncode != 0 and r["lab"] is None and err:
+        r["refusal"] = refusal(err[-1])
+    return r
+
+
+def each_counters() -> dict[str, int]:
+    return {k: v for k, v in counters().items() if k.startswith("each_")}
+
+
+def cmd_each_setup() -> None:
+    """A container-like namespace ctr1 (veth to the machine, forwarded and masqueraded out of
+    the physical link), no tunnel in it yet."""
+    sh("ip", "netns", "add", EACH_NS)
+    sh("ip", "link", "add", "veth-c1", "type", "veth", "peer", "name", "eth0", "netns", EACH_NS)
+    for argv in (["ip", "addr", "add", "10.87.0.1/24", "dev", "veth-c1"], ["ip", "link", "set", "veth-c1", "up"],
+                 ["ip", "-n", EACH_NS, "link", "set", "lo", "up"],
+                 ["ip", "-n", EACH_NS, "addr", "add", "10.87.0.2/24", "dev", "eth0"],
+                 ["ip", "-n", EACH_NS, "link", "set", "eth0", "up"],
+                 ["ip", "-n", EACH_NS, "route", "add", "default", "via", "10.87.0.1"],
+                 ["sysctl", "-qw", "net.ipv4.ip_forward=1"]):
+        sh(*argv)
+    subprocess.run(["nft", "-f", "-"], check=True, text=True, input="""
+table ip ksbpfvmeach {
+    chain post {
+        type nat hook postrouting priority srcnat; policy accept;
+        ip saddr 10.87.0.0/24 oifname != "veth-c1" masquerade
+    }
+}
+""")
+
+
+def each_tunnel() -> None:
+    """The container's own tunnel: a kernel WireGuard interface made here (its socket stays in
+    this namespace, as with a VPN container's), moved into ctr1 and named wg0 there; the peer
+    accepts it as a second client."""
+    key = sh("wg", "genkey").strip()
+    pub = subprocess.run(["wg", "pubkey"], input=key, capture_output=True, text=True, check=True).stdout.strip()
+    keyfile = os.path.join(STATE, "each.key")
+    with open(os.open(keyfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(key + "\n")
+    peer_pub = open("/etc/ksbpf-demo/peer.pub").read().strip()
+    sh("ip", "netns", "exec", NS, "wg", "set", "wgs", "peer", pub, "allowed-ips", "10.200.0.3/32")
+    sh("ip", "link", "add", "wgc1", "type", "wireguard")
+    sh("wg", "set", "wgc1", "private-key", keyfile, "peer", peer_pub, "endpoint", "10.99.0.2:51820",
+       "allowed-ips", "0.0.0.0/0", "persistent-keepalive", "1")
+    sh("ip", "link", "set", "wgc1", "netns", EACH_NS)
+    sh("ip", "-n", EACH_NS, "link", "set", "wgc1", "name", "wg0")
+    sh("ip", "-n", EACH_NS, "addr", "add", "10.200.0.3/24", "dev", "wg0")
+    sh("ip", "-n", EACH_NS, "link", "set", "wg0", "up")
+    sh("ip", "-n", EACH_NS, "route", "add", "198.51.100.0/24", "dev", "wg0")
+
+
+def each_sender(name: str, slice_: str, udp: int, tcp: int) -> None:
+    """A sender living in ctr1, in a cgroup of `slice_`, started as a container runtime would."""
+    sh("systemd-run", f"--unit=ksbpf-vmtest-{name}", f"--slice={slice_}", "-p", "Type=notify",
+       "-p", f"NetworkNamespacePath=/run/netns/{EACH_NS}", "/usr/bin/python3", os.path.abspath(__file__),
+       "send", name, str(udp), str(tcp))
+
+
+def scenario_each() -> dict:
+    """A container-like scope with netns = "each": its process lives in its own namespace
+    ctr1.  Without a tunnel in ctr1 nothing of it leaves the machine (the control from the
+    same namespace does); with ctr1's own wg0 its traffic goes through that tunnel."""
+    r = common()
+    cmd_each_setup()
+    with open(CONFIG, "a") as f:
+        f.write(EACH_CONFIG)
+    wait_for("the daemon's /readyz", ready, 300, 0.5)
+    sh("systemctl", "reload", "ksbpf.service")
+
+    def attached() -> bool:
+        if any(sc["cgroup"] == EACH_CGROUP and sc.get("attached") for sc in status()["scopes"]):
+            return True
+        found = refusal(journal("ksbpf.service")[-4000:])
+        if found:
+            exc = RuntimeError(f"the daemon did not attach the netns each scope: {found}")
+            exc.refusal = found   # type: ignore[attr-defined]
+            raise exc
+        return False
+    wait_for("the netns each scope", attached, 600, 1)
+    wait_for("the reloaded daemon's /readyz", ready, 120, 0.5)
+    each_sender("each", "ctr.slice", 8001, 8002)
+    each_sender("eachctl", "system.slice", 8003, 8004)
+    wait_for("the control from ctr1", lambda: counters()["each_control_udp"] > 0, 60)
+    r["growth_without_tunnel"] = growth(COUNTERS, 3)
+    r["sender_without_tunnel"] = sender("each")
+    each_tunnel()
+    t = time.monotonic()
+    base = counters()
+    wait_for("ctr1's traffic through its own tunnel",
+             lambda: all(counters()[c] > base[c] for c in ("each_tunnel_udp", "each_tunnel_tcp")), 90)
+    r["tunnel_after_s"] = round(time.monotonic() - t, 2)
+    r["growth_with_tunnel"] = growth(COUNTERS, 3)
+    r["counters"] = counters()
+    r["sender"] = sender("each")
+    r["status"] = status()
+    r["journal"] = journal("ksbpf.service")[-3000:]
+    return r
+
+
+SCENARIOS = {"boot": scenario_boot, "lab": scenario_lab, "each": scenario_each, "daemon": scenario_daemon, "escape": scenario_escape,
              "escape-rebooted": scenario_escape_rebooted, "node": scenario_node}
 
 
@@ -445,10 +605,16 @@ def cmd_drive() -> None:
     try:
         result.update(SCENARIOS[name]())
     except Exception as exc:  # reported to the host, which fails the test with it
+        # a scenario that failed where ksbpf said this kernel lacks a feature (the host decides what that means)
+        result["refusal"] = getattr(exc, "refusal", None) or refusal(journal("ksbpf.service")[-6000:],
+                                                                     journal("ksbpf-early.service")[-3000:])
         result["error"] = f"{type(exc).__name__}: {exc}"
         result["traceback"] = traceback.format_exc()[-3000:]
         result["journal_ksbpf"] = journal("ksbpf.service")[-3000:] + journal("ksbpf-early.service")[-2000:]
         result["diagnostics"] = diagnostics()
+    if not result.get("refusal"):
+        result["refusal"] = unit_refusal("ksbpf-early.service", "ksbpf.service")
+    result["features"] = features()
     result["guest_seconds"] = round(time.monotonic() - t, 1)
     result["uptime_s"] = float(open("/proc/uptime").read().split()[0])
     try:
