@@ -19,6 +19,13 @@
  *                           `events`: at most one per N ns and BURST at once,
  *                           per CPU (a token bucket); the rest are counted
  *   -DKSBPF_MAX_TUNNELS=N, -DKSBPF_MAX_ENDPOINTS=N: map sizes
+ *   -DKSBPF_NETNS_HELPER    the cgroup hook asks bpf_get_netns_cookie(skb) for
+ *                           the namespace (Linux >= 6.17 lets cgroup_skb call
+ *                           it); without it the namespace is the one the
+ *                           socket was created in, recorded by ksbpf_sk_create
+ *                           in socket-local storage (sk_netns, Linux >= 5.12)
+ *   -DKSBPF_NO_COARSE_CLOCK the event bucket reads bpf_ktime_get_ns (kernels
+ *                           without bpf_ktime_get_coarse_ns, < 5.11)
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -55,6 +62,26 @@ BPF_ARRAY(exempt, struct ksbpf_exempt, KSBPF_MAX_EXEMPT);
  * socket, such as a forwarded one). */
 BPF_ARRAY(scope_netns, __u64, 1);
 BPF_ARRAY(verify_nonce, struct ksbpf_nonce, 1);
+
+#ifndef KSBPF_NETNS_HELPER
+/* The network namespace of each socket of the scope, written by
+ * ksbpf_sk_create when the socket is created (a socket never changes
+ * namespace) and read by the cgroup hook.  BPF_F_CLONE: an accepted
+ * connection inherits its listener's.  A socket without it was created
+ * before the scope's programs were attached (or by the kernel, as MPTCP's
+ * subflows are): its namespace is unknown, and unknown is never a tunnel's. */
+#define KSBPF_BPF_F_CLONE (1U << 9)
+struct sk_netns_table_t {
+	int key;
+	struct ksbpf_sk leaf;
+	void *(*sk_storage_get)(void *, void *, int);
+	int (*sk_storage_delete)(void *);
+	u32 flags;
+};
+__attribute__((section("maps/sk_storage")))
+struct sk_netns_table_t sk_netns = { .flags = BPF_F_NO_PREALLOC | KSBPF_BPF_F_CLONE };
+BPF_ANNOTATE_KV_PAIR(sk_netns, int, struct ksbpf_sk);
+#endif
 
 /* allow_cidrs (Kubernetes: the cluster's service and pod ranges, so cluster
  * DNS works without letting DNS out of the tunnel): destinations allowed
@@ -327,14 +354,62 @@ static __always_inline int ksbpf_exceptions6(const struct ksbpf_pkt *p)
 	return ksbpf_last_resort(p, 1);
 }
 
-/* The network namespace of the egress interface. */
+/* Is this a `ksbpf verify` test run (skb->cb carries the scope's nonce)?  A
+ * real packet never is: the kernel zeroes cb before a cgroup_skb program
+ * that reads it runs, and at tc whatever another layer left in cb does not
+ * guess 128 random bits.  One context load on every path; the map only
+ * when cb[0] is not zero. */
+static __always_inline int ksbpf_verify_run(struct __sk_buff *skb)
+{
+	struct ksbpf_nonce *n;
+	int zero = 0;
+	__u32 c0 = skb->cb[0];
+
+	if (!c0)
+		return 0;
+	n = verify_nonce.lookup(&zero);
+	return n && n->w[0] == c0 && n->w[1] == skb->cb[1] && n->w[2] == skb->cb[2] && n->w[3] == skb->cb[3];
+}
+
+/* A `ksbpf verify` test run carries no socket of the scope: the namespace it
+ * stands for is the nonce's. */
+static __always_inline __u64 ksbpf_verify_netns(struct __sk_buff *skb)
+{
+	struct ksbpf_nonce *n;
+	int zero = 0;
+
+	if (!ksbpf_verify_run(skb))
+		return 0;
+	n = verify_nonce.lookup(&zero);
+	return n ? n->netns_cookie : 0;
+}
+
+/* The network namespace of the egress interface: at the cgroup hook the
+ * namespace of the sending socket (a packet leaves through an interface of
+ * its socket's namespace); at tc the node scope's, where every guarded
+ * interface lives.  0 when unknown: no namespace has cookie 0. */
 static __always_inline __u64 ksbpf_netns_cookie(const struct ksbpf_at *at)
 {
 	int zero = 0;
 	__u64 *cookie;
 
-	if (at->hook != KSBPF_HOOK_TC)
+	if (at->hook != KSBPF_HOOK_TC) {
+#ifdef KSBPF_NETNS_HELPER
 		return bpf_get_netns_cookie(at->skb);
+#else
+		struct bpf_sock *sk = at->skb->sk;
+		struct ksbpf_sk *st;
+
+		if (sk)
+			sk = bpf_sk_fullsock(sk);
+		if (sk) {
+			st = sk_netns.sk_storage_get(sk, 0, 0);
+			if (st)
+				return st->netns_cookie;
+		}
+		return ksbpf_verify_netns(at->skb);
+#endif
+	}
 	cookie = scope_netns.lookup(&zero);
 	return cookie ? *cookie : 0;
 }
@@ -443,7 +518,11 @@ static __always_inline int ksbpf_take_token(struct ksbpf_bucket *b)
 	__u64 now, earned;
 
 	if (!b->tokens) {
+#ifdef KSBPF_NO_COARSE_CLOCK
+		now = bpf_ktime_get_ns();
+#else
 		now = bpf_ktime_get_coarse_ns();
+#endif
 		earned = (now - b->last_ns) / KSBPF_EVENTS_INTERVAL_NS;
 		if (!earned)
 			return 0;
@@ -496,23 +575,6 @@ static __always_inline void ksbpf_report(const struct ksbpf_at *at, int reason, 
 	b->sent++;
 }
 #endif
-
-/* Is this a `ksbpf verify` test run (skb->cb carries the scope's nonce)?  A
- * real packet never is: the kernel zeroes cb before a cgroup_skb program
- * that reads it runs, and at tc whatever another layer left in cb does not
- * guess 128 random bits.  One context load on every path; the map only
- * when cb[0] is not zero. */
-static __always_inline int ksbpf_verify_run(struct __sk_buff *skb)
-{
-	struct ksbpf_nonce *n;
-	int zero = 0;
-	__u32 c0 = skb->cb[0];
-
-	if (!c0)
-		return 0;
-	n = verify_nonce.lookup(&zero);
-	return n && n->w[0] == c0 && n->w[1] == skb->cb[1] && n->w[2] == skb->cb[2] && n->w[3] == skb->cb[3];
-}
 
 /* Decide, count, report; returns 1 to let the packet go, 0 to drop it. */
 static __always_inline int ksbpf_verdict(const struct ksbpf_at *at, __be16 proto)
@@ -572,13 +634,20 @@ int ksbpf_tc_l3(struct __sk_buff *skb)
 	return ksbpf_verdict(&at, proto) ? TC_ACT_UNSPEC : TC_ACT_SHOT;
 }
 
-/* cgroup/sock_create (--netns each): a socket of the scope is being created
- * in a network namespace the daemon does not know yet -- a process that moved
- * into an already populated cgroup, or that entered another namespace, raises
- * no cgroup event.  The first socket of each unknown namespace is reported to
- * the daemon (one report per namespace: the entry marked "reported" is the
- * rate limit); it looks the namespace's tunnels up.  Until then the egress
- * policy drops that namespace's non-local traffic.  Never refuses a socket. */
+/* cgroup/sock_create: a socket of the scope is being created.
+ *
+ * Without KSBPF_NETNS_HELPER it records the socket's network namespace in
+ * sk_netns, where the cgroup hook reads it; a socket whose storage cannot be
+ * made is refused (EPERM now, rather than a socket whose every packet is
+ * dropped).
+ *
+ * --netns each: it also reports a socket created in a network namespace the
+ * daemon does not know yet -- a process that moved into an already populated
+ * cgroup, or that entered another namespace, raises no cgroup event.  The
+ * first socket of each unknown namespace is reported to the daemon (one
+ * report per namespace: the entry marked "reported" is the rate limit); it
+ * looks the namespace's tunnels up.  Until then the egress policy drops that
+ * namespace's non-local traffic.  (A scope of one namespace marks it known.) */
 BPF_HASH(netns_known, __u64, __u32, KSBPF_MAX_NETNS);
 BPF_RINGBUF_OUTPUT(netns_events, 1);
 
@@ -587,7 +656,13 @@ int ksbpf_sk_create(struct bpf_sock *sk)
 	__u64 cookie = bpf_get_netns_cookie(sk);
 	__u32 reported = KSBPF_NETNS_REPORTED;
 	struct ksbpf_netns_event *ev;
+#ifndef KSBPF_NETNS_HELPER
+	struct ksbpf_sk *st = sk_netns.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 
+	if (!st)
+		return 0;
+	st->netns_cookie = cookie;
+#endif
 	if (netns_known.lookup(&cookie))
 		return 1;
 	if (netns_known.insert(&cookie, &reported))

@@ -129,9 +129,19 @@ struct ksbpf_meta {
 
 /* ksbpf verify: a test run whose skb->cb[0..3] equals the scope's nonce
  * (map verify_nonce; the first word is never 0) is decided as any packet,
- * but neither counted nor reported. */
+ * but neither counted nor reported.  A test run has no socket of the scope:
+ * where the cgroup hook reads the namespace from the socket (sk_netns), a
+ * verify run stands for a socket of namespace netns_cookie. */
 struct ksbpf_nonce {
 	__u32 w[4];
+	__u64 netns_cookie;
+};
+
+/* The network namespace a socket of the scope was created in (map sk_netns:
+ * socket-local storage, on kernels whose cgroup_skb programs cannot ask
+ * bpf_get_netns_cookie). */
+struct ksbpf_sk {
+	__u64 netns_cookie;
 };
 
 /* --netns each: the network namespaces the daemon knows (netns_known, keyed

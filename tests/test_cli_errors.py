@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from helpers import KSBPF, ksbpf
 
 from ksbpf import cli
-from ksbpf.kernel import bpf, cgroup, libbpf, pins, preflight
+from ksbpf.kernel import bpf, cgroup, features, libbpf, pins, preflight
+from ksbpf.scopes import cgroups
 
 pytestmark = pytest.mark.root
 
@@ -178,17 +179,57 @@ def test_kernel_headers_missing(cg, monkeypatch, tmp_path):
     assert system_state(cg) == before
 
 
-def test_kernel_without_cgroup_bpf(cg, monkeypatch):
+@pytest.fixture
+def probes():
+    """Kernel feature probes asked afresh (they are cached per process), and
+    again after the test, whose monkeypatches they must not remember."""
+    features.probe.cache_clear()
+    yield
+    features.probe.cache_clear()
+
+
+def test_kernel_without_cgroup_bpf(cg, monkeypatch, probes):
     monkeypatch.setattr(libbpf, "probe_prog_type", lambda _t: False)
     before = system_state(cg)
-    assert_in_process_error(run_attach_in_process(cg), "cannot load cgroup_skb", "CONFIG_CGROUP_BPF")
+    assert_in_process_error(run_attach_in_process(cg), "cannot load cgroup_skb", "CONFIG_CGROUP_BPF", "--node")
     assert system_state(cg) == before
 
 
-def test_kernel_without_netns_cookie(cg, monkeypatch):
+def test_kernel_without_netns_cookie_or_socket_storage(cg, monkeypatch, probes):
+    """Neither way of telling a socket's namespace: one line naming both, and node mode."""
+    monkeypatch.delenv(features.NETNS_ENV, raising=False)
     monkeypatch.setattr(libbpf, "probe_helper", lambda _t, _h: False)
     before = system_state(cg)
-    assert_in_process_error(run_attach_in_process(cg), "bpf_get_netns_cookie")
+    assert_in_process_error(run_attach_in_process(cg), "bpf_get_netns_cookie", "Linux 6.17", "socket storage",
+                            "Linux 5.12", "ksbpf attach --node")
+    assert system_state(cg) == before
+
+
+def test_kernel_without_netns_cookie_uses_socket_storage(cg, monkeypatch, probes, tmp_path):
+    """A kernel whose cgroup_skb programs cannot ask bpf_get_netns_cookie (< 6.17): the scope is
+    attached with its sock_create program recording each socket's namespace."""
+    monkeypatch.delenv(features.NETNS_ENV, raising=False)
+    real = libbpf.probe_helper
+    monkeypatch.setattr(libbpf, "probe_helper", lambda t, h: real(t, h) and not (
+        t == libbpf.BPF_PROG_TYPE_CGROUP_SKB and h == libbpf.BPF_FUNC_get_netns_cookie))
+    result = run_attach_in_process(cg)
+    assert result.exit_code == 0, result.output + result.stderr
+    assert features.netns_identity() == features.NETNS_STORAGE
+    fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert cgroups.ksbpf_programs(fd) and cgroups._sock_programs(fd)
+    finally:
+        os.close(fd)
+    assert os.path.exists(os.path.join(pins.scope_dir(cgroup.cgroup_id(cg)), "sk_netns"))
+
+
+def test_forcing_the_helper_on_a_kernel_without_it(cg, monkeypatch, probes):
+    monkeypatch.setenv(features.NETNS_ENV, features.NETNS_HELPER)
+    real = libbpf.probe_helper
+    monkeypatch.setattr(libbpf, "probe_helper", lambda t, h: real(t, h) and not (
+        t == libbpf.BPF_PROG_TYPE_CGROUP_SKB and h == libbpf.BPF_FUNC_get_netns_cookie))
+    before = system_state(cg)
+    assert_in_process_error(run_attach_in_process(cg), f"{features.NETNS_ENV}=helper", "Linux 6.17")
     assert system_state(cg) == before
 
 

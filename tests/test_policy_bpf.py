@@ -13,9 +13,11 @@ import subprocess
 import pytest
 from packets import DSTOPTS, ETH_ARP, FRAGMENT, HOPOPTS, ICMP, ICMPV6, TCP, UDP, eth, frame, ipv4, ipv6, vlan_frame
 
-from ksbpf.kernel import bpf, libbpf, netns
+from ksbpf.kernel import bpf, features, libbpf, netns
 from ksbpf.policy import LAN_RANGES, Endpoint, Options
 from ksbpf.reasons import Family, Reason
+from ksbpf.verify.nonce import set_nonce
+from ksbpf.verify.testrun import Runner, allowed, new_nonce
 
 pytestmark = pytest.mark.root
 
@@ -36,12 +38,14 @@ HOOKS = {"cgroup": bpf.ENTRY_CGROUP, "tc": bpf.ENTRY_TC_ETH}
 TC_ALLOW, TC_DROP = 0xFFFFFFFF, 2   # TC_ACT_UNSPEC (-1, TCX_NEXT) as the u32 retval; TC_ACT_SHOT
 
 
-@pytest.fixture(scope="module", params=["compiled", "cached"])
+@pytest.fixture(scope="module", params=["compiled", "cached", "storage"])
 def host(request, tmp_path_factory):
     """A namespace with two interfaces: `tnl` (registered as the tunnel) and
     `phy` (anything else), and a tun device `tn0`.  Programs are loaded once
     per option set, either compiled by bcc or loaded from the cached image of
-    that compilation."""
+    that compilation; "storage": compiled so that the cgroup hook reads each
+    socket's namespace from socket storage (kernels < 6.17) -- a test run's
+    socket has none, so its namespace is unknown (see check())."""
     import uuid
     name = f"ksbpf-pt{uuid.uuid4().hex[:6]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
@@ -52,19 +56,24 @@ def host(request, tmp_path_factory):
         env = {"ns": ns, "cookie": netns.cookie(ns), "tnl": netns.ifindex(ns, "tnl"),
                "phy": netns.ifindex(ns, "phy"), "tn0": netns.ifindex(ns, "tn0"), "progs": {}}
         cache = str(tmp_path_factory.mktemp("cache"))
+        env["nonce"] = new_nonce()
+        env["identity"] = features.NETNS_STORAGE if request.param == "storage" else features.NETNS_HELPER
         for label, opts in OPTION_SETS.items():
-            prog = bpf.load(opts, 3, cache=cache, entries=ALL_ENTRIES)
+            with features.forced_netns_identity(env["identity"]):
+                prog = bpf.load(opts, 3, cache=cache, entries=ALL_ENTRIES)
             assert prog._bcc_object is not None   # compiled
             if request.param == "cached":
                 tags = {e: libbpf.prog_info(fd).tag for e, fd in prog.progs.items()}
                 prog.close()
-                prog = bpf.load(opts, 3, cache=cache, entries=ALL_ENTRIES)
+                with features.forced_netns_identity(env["identity"]):
+                    prog = bpf.load(opts, 3, cache=cache, entries=ALL_ENTRIES)
                 assert prog._bcc_object is None   # the same programs, no compiler
                 assert {e: libbpf.prog_info(fd).tag for e, fd in prog.progs.items()} == tags
             prog.maps.add_tunnel(env["cookie"], env["tnl"], 0)
             prog.maps.set_netns_cookie(env["cookie"])   # tc: the namespace of the guarded interfaces
             for ep in (EP4, EP4_TCP, EP6):
                 prog.maps.add_endpoint(ep)
+            set_nonce(prog.maps, env["nonce"], env["cookie"])   # a verify run: a socket of this namespace
             env["progs"][label] = prog
         yield env
         for prog in env["progs"].values():
@@ -102,13 +111,31 @@ def decide(host, options: str, packet: bytes, via: str = "phy", hook: str = "cgr
     return run.retval, reason
 
 
+def verify_run(host, options: str, packet: bytes, via: str, entry: str = bpf.ENTRY_CGROUP) -> bool:
+    """A verify run (uncounted; it stands for a socket of the host namespace): allowed?"""
+    prog = host["progs"][options]
+    ifindex = {"phy": host["phy"], "tnl": host["tnl"], "tn0": host["tn0"], "lo": 1}[via]
+    before = prog.maps.counters()
+    ret = netns.run_in(host["ns"].path, lambda: Runner(prog.progs[entry], host["nonce"]).run(packet, ifindex))
+    assert prog.maps.counters() == before   # counted nowhere
+    return allowed(entry != bpf.ENTRY_CGROUP, ret)
+
+
 def check(host, options, packet, expected: Reason, via="phy", hook="cgroup"):
+    if host["identity"] == features.NETNS_STORAGE and hook == "cgroup" and expected == Reason.ALLOW_TUNNEL:
+        # A counted test run's socket has no recorded namespace: unknown, never a tunnel's -- the
+        # tunnel's ifindex is then like any other interface (fail closed) ...
+        assert decide(host, options, packet, via, hook) == decide(host, options, packet, "phy", hook)
+        # ... while a run standing for a socket of the namespace passes
+        assert verify_run(host, options, packet, via)
+        return
     verdict, reason = decide(host, options, packet, via, hook)
     assert reason == expected
     if hook == "cgroup":
         assert verdict == (1 if expected.allowed else 0)
     else:
         assert verdict == (TC_ALLOW if expected.allowed else TC_DROP)
+    assert verify_run(host, options, packet, via, HOOKS[hook]) == expected.allowed
 
 
 V4, V6 = ipv4, ipv6
@@ -281,10 +308,17 @@ def test_tunnel_is_keyed_by_netns(host):
     prog = host["progs"]["strict"]
     other_cookie = host["cookie"] + 1000
     prog.maps.add_tunnel(other_cookie, host["phy"], 1)
+    pkt = frame(ipv4("93.184.216.34", TCP, dport=443))
     try:
-        check(host, "strict", frame(ipv4("93.184.216.34", TCP, dport=443)), Reason.DROP_NOT_TUNNEL, via="phy")
+        check(host, "strict", pkt, Reason.DROP_NOT_TUNNEL, via="phy")
+        if host["identity"] == features.NETNS_STORAGE:
+            # a socket recorded in that other namespace would pass: the cookie decides, not the ifindex
+            set_nonce(prog.maps, host["nonce"], other_cookie)
+            assert verify_run(host, "strict", pkt, "phy")
     finally:
+        set_nonce(prog.maps, host["nonce"], host["cookie"])
         prog.maps.remove_tunnel(other_cookie, host["phy"])
+    assert not verify_run(host, "strict", pkt, "phy")
 
 
 def test_tunnel_removed_from_map_blocks(host):

@@ -48,8 +48,7 @@ def test_saved_case(fuzz_env, program_cache, case):
     """Each saved case (a past disagreement, or an edge case) decided alike by
     the model and the kernel: verdict, reason, family, bytes; a nonce run
     counted nowhere."""
-    progs = fuzz.Programs(fuzz_env, fuzz.OPTION_SETS[case["options"]], program_cache,
-                          case["options"] in fuzz.EXEMPT_SETS)
+    progs = fuzz.programs(fuzz_env, case["options"], program_cache)
     try:
         problem = netns.run_in(fuzz_env.path, fuzz.check_one, progs, case["hook"], bytes.fromhex(case["buffer"]),
                                fuzz_env.ifindex[case["iface"]], case["nonce"])

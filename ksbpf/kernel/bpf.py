@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass
 
 from ksbpf.errors import KsbpfError
-from ksbpf.kernel import libbpf, pins, preflight
+from ksbpf.kernel import features, libbpf, pins, preflight
 from ksbpf.policy import PROTOCOLS, Endpoint, EventSettings, Options
 from ksbpf.reasons import FAMILY_MAX, Family, Reason
 
@@ -26,7 +26,8 @@ from ksbpf.reasons import FAMILY_MAX, Family, Reason
 ENTRY_CGROUP = "ksbpf_cg_egress"   # cgroup_skb/egress
 ENTRY_TC_ETH = "ksbpf_tc_eth"      # tc egress, Ethernet interfaces
 ENTRY_TC_L3 = "ksbpf_tc_l3"        # tc egress, interfaces without a link-layer header
-ENTRY_SOCK_CREATE = "ksbpf_sk_create"  # cgroup/sock_create: reports sockets of unknown namespaces (--netns each)
+ENTRY_SOCK_CREATE = "ksbpf_sk_create"  # cgroup/sock_create: records each socket's namespace (socket storage);
+                                       # reports sockets of unknown namespaces (--netns each)
 ENTRIES = {ENTRY_CGROUP: libbpf.BPF_PROG_TYPE_CGROUP_SKB,
            ENTRY_TC_ETH: libbpf.BPF_PROG_TYPE_SCHED_CLS,
            ENTRY_TC_L3: libbpf.BPF_PROG_TYPE_SCHED_CLS,
@@ -37,9 +38,12 @@ TC_ENTRIES = (ENTRY_TC_ETH, ENTRY_TC_L3)
 PROG_NAME = ENTRY_CGROUP
 MAP_NAMES = ("tunnels", "tunnel_ifindex", "endpoints4", "endpoints6", "counters", "meta", "events", "bucket",
              "exempt", "scope_netns", "verify_nonce", "netns_known", "netns_events",
-             "cidrs4", "cidrs6")
-# absent from pins of scopes made before them: --netns each's maps; allow_cidrs' tries (those allow none)
-OPTIONAL_MAPS = ("netns_known", "netns_events", "cidrs4", "cidrs6")
+             "cidrs4", "cidrs6", "sk_netns")
+# absent from pins of scopes made before them: --netns each's maps; allow_cidrs' tries (those allow none);
+# and from programs that ask the kernel for the namespace instead of reading socket storage (sk_netns)
+OPTIONAL_MAPS = ("netns_known", "netns_events", "cidrs4", "cidrs6", "sk_netns")
+# maps a scope keeps across a re-attach: each socket's namespace, recorded when it was created
+KEPT_MAPS = ("sk_netns",)
 IFINDEX_FILTER = 4096  # KSBPF_IFINDEX_FILTER
 TUNNEL_SEVERAL = (1 << 64) - 1  # KSBPF_TUNNEL_SEVERAL
 META_SIZE = 8192
@@ -74,6 +78,10 @@ def cflags(options: Options, n_endpoints: int, events: EventSettings = EventSett
         flags.append("-DKSBPF_OPT_LAN_DNS")
     if options.allow_dhcp:
         flags.append("-DKSBPF_OPT_DHCP")
+    if features.netns_identity() == features.NETNS_HELPER:
+        flags.append("-DKSBPF_NETNS_HELPER")
+    if not features.has("coarse_clock"):
+        flags.append("-DKSBPF_NO_COARSE_CLOCK")
     if events.rate > 0:
         # each CPU gets an equal share of the rate and of the burst
         ncpu = libbpf.num_possible_cpus()
@@ -303,7 +311,7 @@ class ProgramImage:
 
     @classmethod
     def from_loaded(cls, progs: dict[str, bytes], fds: dict[str, int], license: str) -> "ProgramImage":
-        names = list(MAP_NAMES)
+        names = [name for name in MAP_NAMES if name in fds]
         index = {fd: names.index(name) for name, fd in fds.items()}
         specs = []
         for name in names:
@@ -322,12 +330,26 @@ class ProgramImage:
         return cls({e: (p["type"], bytes.fromhex(p["insns"])) for e, p in d["progs"].items()},
                    tuple(MapSpec(**m) for m in d["maps"]), d["license"])
 
-    def load(self, entries: tuple[str, ...]) -> "LoadedProgram":
+    def load(self, entries: tuple[str, ...], keep: dict[str, int] | None = None) -> "LoadedProgram":
+        """The entry points, loaded with fresh maps -- except those of `keep`
+        (name -> fd of a map of the same layout, from the scope being
+        replaced), which the new programs share."""
         fds: dict[str, int] = {}
         progs: dict[str, int] = {}
+        kept = {}
+        btf_fd = None
         try:
             for m in self.maps:
-                fds[m.name] = libbpf.map_create(m.type, m.name, m.key_size, m.value_size, m.max_entries, m.flags)
+                if keep and m.name in keep and _same_layout(keep[m.name], m):
+                    fds[m.name] = kept[m.name] = os.dup(keep[m.name])
+                    continue
+                btf = None
+                if m.type == libbpf.BPF_MAP_TYPE_SK_STORAGE:   # must name its key and value types
+                    if btf_fd is None:
+                        btf_fd = libbpf.btf_load(libbpf.int_btf(4, m.value_size))
+                    btf = (btf_fd, 1, 2)
+                fds[m.name] = libbpf.map_create(m.type, m.name, m.key_size, m.value_size, m.max_entries, m.flags,
+                                                btf)
             ordered = [fds[m.name] for m in self.maps]
             for entry in entries:
                 prog_type, insns = self.progs[entry]
@@ -337,7 +359,28 @@ class ProgramImage:
             for fd in [*fds.values(), *progs.values()]:
                 os.close(fd)
             raise
-        return LoadedProgram(progs, ScopeMaps(fds, owned=True), None)
+        finally:
+            if btf_fd is not None:
+                os.close(btf_fd)
+        return LoadedProgram(progs, ScopeMaps(fds, owned=True), None, tuple(kept))
+
+
+def _same_layout(fd: int, spec: MapSpec) -> bool:
+    i = libbpf.map_info(fd)
+    return (i.type, i.key_size, i.value_size, i.max_entries, i.flags) == \
+        (spec.type, spec.key_size, spec.value_size, spec.max_entries, spec.flags)
+
+
+def kept_maps(pin_dir: str) -> dict[str, int]:
+    """The maps of a pinned scope that its replacement shares (KEPT_MAPS), by
+    fd (the caller closes them); none when the scope has none."""
+    out = {}
+    for name in KEPT_MAPS:
+        try:
+            out[name] = libbpf.obj_get(os.path.join(pin_dir, name))
+        except OSError:
+            continue
+    return out
 
 
 @dataclass
@@ -348,6 +391,7 @@ class LoadedProgram:
     progs: dict[str, int]   # entry point -> program fd
     maps: ScopeMaps
     _bcc_object: object  # bcc's BPF object when bcc loaded it (it owns the fds), else None
+    kept: tuple[str, ...] = ()   # maps shared with the scope this program replaces
 
     @property
     def prog_fd(self) -> int:
@@ -406,20 +450,21 @@ def image_cached(options: Options, n_endpoints: int = 0, events: EventSettings =
 
 
 def load(options: Options, n_endpoints: int = 0, events: EventSettings = EventSettings(),
-         cache: str | None = "default", entries: tuple[str, ...] = (ENTRY_CGROUP,)) -> LoadedProgram:
-    """The programs of these entry points for these options, with fresh maps.
-    Compiled with bcc the first time (every entry point at once); then loaded
-    from the image cached in the cache directory (keyed by the sources, the
-    flags, the kernel and bcc), without the compiler -- bcc is not even
-    imported then.  cache: a directory, None for no cache, "default" for
-    cache_dir()."""
+         cache: str | None = "default", entries: tuple[str, ...] = (ENTRY_CGROUP,),
+         keep: dict[str, int] | None = None) -> LoadedProgram:
+    """The programs of these entry points for these options, with fresh maps
+    (but those of `keep`: see ProgramImage.load).  Compiled with bcc the first
+    time (every entry point at once); then loaded from the image cached in the
+    cache directory (keyed by the sources, the flags, the kernel and bcc),
+    without the compiler -- bcc is not even imported then.  cache: a
+    directory, None for no cache, "default" for cache_dir()."""
     flags = cflags(options, n_endpoints, events)
     cache = cache_dir() if cache == "default" else cache
     cached = _cache_path(cache, flags) if cache else None
     if cached and os.path.exists(cached):
         try:
             with open(cached) as f:
-                return ProgramImage.from_json(f.read()).load(entries)
+                return ProgramImage.from_json(f.read()).load(entries, keep)
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable, or refused by this kernel: compile afresh below
     bcc = preflight.require_compiler()
@@ -429,11 +474,17 @@ def load(options: Options, n_endpoints: int = 0, events: EventSettings = EventSe
     except Exception as exc:  # bcc raises bare Exception on compile/verifier errors
         raise KsbpfError(f"the BPF program did not compile or load: {exc}",
                          "check `make setup` output and the kernel log (dmesg); the messages above come from bcc") from None
-    fds = {name: b[name.encode()].map_fd for name in MAP_NAMES}
+    fds = {}
+    for name in MAP_NAMES:
+        fd = bcc.lib.bpf_table_fd(b.module, name.encode())
+        if fd >= 0:
+            fds[name] = fd
+    image = None
+    if cached or keep:
+        image = ProgramImage.from_loaded({e: b.dump_func(e.encode()) for e in ENTRIES}, fds,
+                                         bcc.lib.bpf_module_license(b.module).decode())
     if cached:
         try:
-            image = ProgramImage.from_loaded({e: b.dump_func(e.encode()) for e in ENTRIES}, fds,
-                                             bcc.lib.bpf_module_license(b.module).decode())
             os.makedirs(cache, mode=0o700, exist_ok=True)
             tmp = f"{cached}.{os.getpid()}"
             with open(tmp, "w") as f:
@@ -441,4 +492,7 @@ def load(options: Options, n_endpoints: int = 0, events: EventSettings = EventSe
             os.replace(tmp, cached)
         except OSError:
             pass  # no cache: the next load compiles again
+    if keep and any(name in fds for name in keep):
+        b.cleanup()
+        return image.load(entries, keep)   # bcc made fresh maps: load again, sharing the kept ones
     return LoadedProgram({e: loaded[e] for e in entries}, ScopeMaps(fds, owned=False), b)

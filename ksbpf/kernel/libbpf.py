@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import struct
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -20,7 +21,15 @@ BPF_CGROUP_INET_SOCK_CREATE = 2
 BPF_PROG_TYPE_CGROUP_SOCK = 9
 BPF_PROG_TYPE_SCHED_CLS = 3
 BPF_PROG_TYPE_CGROUP_SKB = 8
+BPF_PROG_TYPE_CGROUP_DEVICE = 15
 BPF_FUNC_get_netns_cookie = 122
+BPF_FUNC_sk_storage_get = 107
+BPF_FUNC_ktime_get_coarse_ns = 160
+BPF_FUNC_skb_ancestor_cgroup_id = 83
+BPF_FUNC_sk_fullsock = 95
+BPF_MAP_TYPE_LPM_TRIE = 11
+BPF_MAP_TYPE_SK_STORAGE = 24
+BPF_MAP_TYPE_RINGBUF = 27
 BPF_F_ALLOW_MULTI = 2
 BPF_ANY = 0
 BPF_OBJ_NAME_LEN = 16
@@ -108,6 +117,8 @@ def _lib() -> ctypes.CDLL:
         "bpf_prog_test_run_opts": (c_int, [c_int, vp]),
         "libbpf_probe_bpf_prog_type": (c_int, [c_int, vp]),
         "libbpf_probe_bpf_helper": (c_int, [c_int, c_int, vp]),
+        "libbpf_probe_bpf_map_type": (c_int, [c_int, vp]),
+        "bpf_btf_load": (c_int, [vp, ctypes.c_size_t, vp]),
         "libbpf_num_possible_cpus": (c_int, []),
         "bpf_map_create": (c_int, [c_int, cp, c_uint, c_uint, c_uint, vp]),
         "bpf_prog_load": (c_int, [c_int, cp, cp, vp, ctypes.c_size_t, vp]),
@@ -226,10 +237,35 @@ class _MapCreateOpts(ctypes.Structure):
     ]
 
 
-def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int, flags: int = 0) -> int:
+def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int, flags: int = 0,
+               btf: tuple[int, int, int] | None = None) -> int:
+    """btf: (BTF fd, key type id, value type id), which some map types require."""
     opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=flags)
+    if btf:
+        opts.btf_fd, opts.btf_key_type_id, opts.btf_value_type_id = btf
     return _check(_lib().bpf_map_create(map_type, name.encode()[:BPF_OBJ_NAME_LEN - 1], key_size, value_size,
                                         max_entries, ctypes.byref(opts)), f"create map {name}")
+
+
+def btf_load(raw: bytes) -> int:
+    buf = ctypes.create_string_buffer(raw, len(raw))
+    return _check(_lib().bpf_btf_load(buf, len(raw), None), "load BTF")
+
+
+def int_btf(*sizes: int) -> bytes:
+    """A minimal BTF blob: one unsigned integer type per size in bytes (type
+    ids 1, 2, ...), for map types that must name their key and value types
+    (socket-local storage: an int key and the value)."""
+    names = b"\0"
+    types = b""
+    for size in sizes:
+        name_off = len(names)
+        names += f"u{size * 8}".encode() + b"\0"
+        # struct btf_type: name_off, info (kind INT = 1 << 24), size; then the INT word: bits
+        types += struct.pack("=III", name_off, 1 << 24, size) + struct.pack("=I", size * 8)
+    # struct btf_header: magic, version, flags, hdr_len, type_off, type_len, str_off, str_len
+    header = struct.pack("=HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(types), len(types), len(names))
+    return header + types + names
 
 
 def prog_load(prog_type: int, name: str, license: str, insns: bytes) -> int:
@@ -310,6 +346,10 @@ def prog_test_run(prog_fd: int, data: bytes, ifindex: int = 0, repeat: int = 1) 
 
 def probe_prog_type(prog_type: int) -> bool:
     return _lib().libbpf_probe_bpf_prog_type(prog_type, None) == 1
+
+
+def probe_map_type(map_type: int) -> bool:
+    return _lib().libbpf_probe_bpf_map_type(map_type, None) == 1
 
 
 def probe_helper(prog_type: int, helper_id: int) -> bool:

@@ -9,7 +9,7 @@ import platform
 from types import ModuleType
 
 from ksbpf.errors import KsbpfError
-from ksbpf.kernel import libbpf
+from ksbpf.kernel import features, libbpf
 
 BCC_MODULE = "bcc"
 MODULES_DIR = "/lib/modules"
@@ -22,19 +22,36 @@ def require_root() -> None:
                          "run it with sudo")
 
 
-def require_kernel_bpf() -> None:
+def require_kernel_bpf(cgroup_scope: bool = True) -> None:
+    """What the kernel must offer for a cgroup scope (cgroup_scope) or node
+    mode; each missing piece is one line naming the feature, the release that
+    has it and the nearest alternative."""
     try:
-        cg_skb = libbpf.probe_prog_type(libbpf.BPF_PROG_TYPE_CGROUP_SKB)
-        cookie = cg_skb and libbpf.probe_helper(libbpf.BPF_PROG_TYPE_CGROUP_SKB,
-                                                libbpf.BPF_FUNC_get_netns_cookie)
+        have = {f.name: f for f in features.probe()}
+        libbpf._lib()
     except libbpf.LibbpfMissing as exc:
         raise KsbpfError(str(exc), "install libbpf1 (run `make setup`)") from None
-    if not cg_skb:
+    if not have["ringbuf"].present:
+        raise KsbpfError("this kernel has no BPF ring buffer (Linux 5.8)", "use Linux >= 5.15")
+    if not cgroup_scope:
+        if not have["tc_bpf"].present:
+            raise KsbpfError("this kernel cannot load tc BPF programs (CONFIG_NET_CLS_BPF, CONFIG_NET_SCH_INGRESS)",
+                             "use a kernel built with them (every distribution's is)")
+        return
+    if not have["cgroup_skb"].present:
         raise KsbpfError("this kernel cannot load cgroup_skb BPF programs",
-                         "use a kernel built with CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF (Linux >= 5.15)")
-    if not cookie:
-        raise KsbpfError("this kernel lacks bpf_get_netns_cookie for cgroup_skb programs",
-                         "use a newer kernel (Linux 6.18 works; Debian 12's 6.1 and 6.12 lack it: vagrant/provision.sh installs one)")
+                         "use a kernel built with CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF (Linux >= 5.15), "
+                         "or node mode (ksbpf attach --node)")
+    if features.netns_identity() == features.NETNS_HELPER:
+        if not have["netns_cookie_cgroup_skb"].present:
+            raise KsbpfError(f"{features.NETNS_ENV}=helper, but this kernel's cgroup_skb programs cannot call "
+                             "bpf_get_netns_cookie (Linux 6.17)",
+                             f"unset {features.NETNS_ENV} (socket storage then records each socket's namespace)")
+    elif not have["sk_storage"].present:
+        raise KsbpfError("this kernel has neither bpf_get_netns_cookie for cgroup_skb programs (Linux 6.17) nor "
+                         "socket storage for cgroup/sock programs (Linux 5.12): a cgroup scope cannot tell "
+                         "namespaces apart",
+                         "use Linux >= 5.12, or node mode (ksbpf attach --node), which needs neither")
 
 
 def require_bcc() -> ModuleType:
@@ -57,10 +74,10 @@ def require_kernel_headers() -> None:
                      "run `make setup` (it installs your kernel's headers, or links the distribution's generic ones)")
 
 
-def require_loader() -> None:
-    """What loading and attaching a program needs."""
+def require_loader(cgroup_scope: bool = True) -> None:
+    """What loading and attaching a program needs (a cgroup scope's, or node mode's)."""
     require_root()
-    require_kernel_bpf()
+    require_kernel_bpf(cgroup_scope)
 
 
 def require_compiler() -> ModuleType:

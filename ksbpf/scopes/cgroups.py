@@ -76,14 +76,6 @@ def _detach_sock(cg_fd: int) -> list[int]:
     return _detach_ids(cg_fd, _sock_programs(cg_fd), subtree.SOCK_CREATE)
 
 
-def _swap_sock(cg_fd: int, progs: dict[str, int]) -> None:
-    """Attach the new sock_create program (when loaded), then detach the old ones."""
-    old = _sock_programs(cg_fd)
-    if bpf.ENTRY_SOCK_CREATE in progs:
-        libbpf.prog_attach(progs[bpf.ENTRY_SOCK_CREATE], cg_fd, subtree.SOCK_CREATE, libbpf.BPF_F_ALLOW_MULTI)
-    _detach_ids(cg_fd, old, subtree.SOCK_CREATE)
-
-
 @dataclass
 class AttachResult:
     cgroup: str
@@ -115,8 +107,17 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
     ns = None if each else netns.resolve(policy.netns)
 
     progress("loading the policy program (compiled by bcc unless a cached image fits)")
-    prog = (loader or bpf.load)(policy.options, len(policy.endpoints), policy.events,   # loader: a ProgramPool's
-                                entries=subtree.entries(policy))
+    keep = bpf.kept_maps(pins.scope_dir(cg.id, bpffs))   # a re-attach: the sockets' namespaces stay known
+    try:
+        if keep:
+            prog = bpf.load(policy.options, len(policy.endpoints), policy.events,
+                            entries=subtree.entries(policy), keep=keep)
+        else:
+            prog = (loader or bpf.load)(policy.options, len(policy.endpoints), policy.events,   # loader: a pool's
+                                        entries=subtree.entries(policy))
+    finally:
+        for fd in keep.values():
+            os.close(fd)
     with pins.locked(f"cgroup-{cg.id}"):   # taken after compiling: others wait milliseconds, not the compiler
         try:
             if ns is None:   # every namespace the subtree uses now; the daemon follows later ones
@@ -127,7 +128,9 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
                 ns_meta = {"each": True}
             else:
                 present = links.links(ns)
-                common.sync_tunnels(prog.maps, policy, netns.cookie(ns), present)
+                cookie = netns.cookie(ns)
+                common.sync_tunnels(prog.maps, policy, cookie, present)
+                subtree.mark_known(prog.maps, cookie)
                 tunnels = common.tunnel_states(policy, ns.label, present, set(common.tunnel_plan(policy, present)))
                 ns_meta = {"path": ns.path, "inode": ns.inode}
             for ep in policy.endpoints:
@@ -150,20 +153,24 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
             prog_id = libbpf.prog_info(prog.prog_fd).id
             with _open_dir(cg.path) as cg_fd:
                 old = ksbpf_programs(cg_fd)
+                old_sock = _sock_programs(cg_fd)
+                # the sock_create program first: every socket made from now on has its namespace recorded
+                # before the egress program that reads it is in force
+                sock = prog.progs.get(bpf.ENTRY_SOCK_CREATE)
                 try:
+                    if sock is not None:
+                        libbpf.prog_attach(sock, cg_fd, subtree.SOCK_CREATE, libbpf.BPF_F_ALLOW_MULTI)
                     libbpf.prog_attach(prog.prog_fd, cg_fd, EGRESS, libbpf.BPF_F_ALLOW_MULTI)
                 except OSError as exc:
+                    if sock is not None:
+                        _detach_ids(cg_fd, [libbpf.prog_info(sock).id], subtree.SOCK_CREATE)
                     pins.remove_dir(staging)
                     raise KsbpfError(
-                        f"cannot attach to {cg.path}: {exc.strerror} (another tool may hold its egress hook without multi-attach)",
+                        f"cannot attach to {cg.path}: {exc.strerror} (another tool may hold its hooks without multi-attach)",
                         "check `bpftool cgroup show " + cg.path + "`; ksbpf attaches with BPF_F_ALLOW_MULTI") from None
                 progress(f"attached program {prog_id} to {cg.path}" + (f"; detaching the previous program {old}" if old else ""))
                 replaced = _detach_ids(cg_fd, old)
-                try:
-                    _swap_sock(cg_fd, prog.progs)
-                except OSError as exc:
-                    raise KsbpfError(f"cannot attach the sock_create program to {cg.path}: {exc.strerror}",
-                                     "check `bpftool cgroup show " + cg.path + "`; the egress policy is in force") from None
+                _detach_ids(cg_fd, old_sock, subtree.SOCK_CREATE)
             if replaced and os.path.isdir(final):
                 common.carry_counters(final, meta)   # the old program is detached: its counts are final
                 prog.maps.write_meta(meta)

@@ -276,7 +276,7 @@ def attach(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
     guards are put in front of the old ones before those are removed, so no
     packet leaves unjudged."""
     policy = np.policy
-    preflight.require_loader()
+    preflight.require_loader(cgroup_scope=False)
     if not bpf.image_cached(policy.options, len(policy.endpoints), policy.events):
         preflight.require_compiler()
     ns = netns.resolve(policy.netns)

@@ -22,7 +22,7 @@ import re
 import struct
 from dataclasses import dataclass
 
-from ksbpf.kernel import bpf, cgroup, libbpf, links, netns
+from ksbpf.kernel import bpf, cgroup, features, libbpf, links, netns
 from ksbpf.policy import Policy
 
 EACH = "each"
@@ -39,8 +39,18 @@ def is_each(policy: Policy) -> bool:
 
 
 def entries(policy: Policy) -> tuple[str, ...]:
-    """The entry points a cgroup scope with this policy loads."""
-    return (bpf.ENTRY_CGROUP, bpf.ENTRY_SOCK_CREATE) if is_each(policy) else (bpf.ENTRY_CGROUP,)
+    """The entry points a cgroup scope with this policy loads: the sock_create
+    program too where it records each socket's namespace (kernels whose
+    cgroup_skb programs cannot ask for it), or reports new namespaces (each)."""
+    if is_each(policy) or features.netns_identity() == features.NETNS_STORAGE:
+        return (bpf.ENTRY_CGROUP, bpf.ENTRY_SOCK_CREATE)
+    return (bpf.ENTRY_CGROUP,)
+
+
+def mark_known(maps: bpf.ScopeMaps, cookie: int) -> None:
+    """A scope of one namespace: its sock_create program reports nothing of it."""
+    if "netns_known" in maps.fds:
+        libbpf.map_update(maps.fds["netns_known"], _U64.pack(cookie), _U32.pack(NETNS_KNOWN))
 
 
 # --- which namespaces the subtree uses -----------------------------------------

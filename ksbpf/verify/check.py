@@ -425,7 +425,7 @@ class _ScopeCheck:
 
     def _policy(self, maps: bpf.ScopeMaps, policy: Policy, ns: netns.Netns, present: list[links.Link],
                 prog_fd: int) -> None:
-        nonce = ensure_nonce(maps)
+        nonce = ensure_nonce(maps, netns.cookie(ns))   # runs stand for a socket of the scope's namespace
         tunnels = frozenset(link.ifindex for link in present if policy.trusts(link.name, link.kind))
         scope = model.Scope(policy.options, policy.endpoints, tunnels)
         cases = crafted.packets(policy.endpoints)

@@ -24,6 +24,7 @@ case (a JSON file that tests/test_verify_fuzz.py replays).
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import multiprocessing
@@ -37,7 +38,7 @@ import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from ksbpf.kernel import bpf, netns
+from ksbpf.kernel import bpf, features, netns
 from ksbpf.policy import LAN_RANGES, Endpoint, Options
 from ksbpf.reasons import Family, Reason
 from ksbpf.verify import model
@@ -51,8 +52,12 @@ OPTION_SETS = {
     "dhcp": Options(allow_dhcp=True),
     "lan+dhcp": Options(allow_lan=True, allow_dhcp=True),
     "exempt": Options(),   # node mode: the root cgroup exempted, so every test-run socket is (tc drops pass)
+    # the cgroup hook reading each socket's namespace from socket storage (kernels < 6.17) instead of the helper
+    "strict/storage": Options(),
+    "lan+dhcp/storage": Options(allow_lan=True, allow_dhcp=True),
 }
 EXEMPT_SETS = {"exempt"}
+STORAGE_SETS = {"strict/storage", "lan+dhcp/storage"}
 
 ENDPOINTS = tuple(Endpoint.parse(e) for e in (
     "203.0.113.5:51820/udp", "203.0.113.5:443/tcp",
@@ -117,12 +122,21 @@ class FuzzEnv:
         return frozenset(self.ifindex[n] for n, tunnel in IFACES.items() if tunnel)
 
 
+def programs(env: "FuzzEnv", name: str, cache: str) -> "Programs":
+    """The programs of option set `name`, as the fuzzer and the saved cases load them."""
+    return Programs(env, OPTION_SETS[name], cache, name in EXEMPT_SETS,
+                    features.NETNS_STORAGE if name in STORAGE_SETS else features.NETNS_HELPER)
+
+
 class Programs:
     """One option set's three entry points and their maps, set up like a scope
     with the fuzz namespace's tunnels and ENDPOINTS."""
 
-    def __init__(self, env: FuzzEnv, options: Options, cache: str, exempt: bool = False):
-        self.prog = bpf.load(options, len(ENDPOINTS), cache=cache, entries=ENTRIES)
+    def __init__(self, env: FuzzEnv, options: Options, cache: str, exempt: bool = False,
+                 identity: str = features.NETNS_HELPER):
+        self.identity = identity
+        with features.forced_netns_identity(identity):
+            self.prog = bpf.load(options, len(ENDPOINTS), cache=cache, entries=ENTRIES)
         for name, tunnel in IFACES.items():
             if tunnel:
                 self.prog.maps.add_tunnel(env.cookie, env.ifindex[name], 0)
@@ -130,12 +144,21 @@ class Programs:
         for ep in ENDPOINTS:
             self.prog.maps.add_endpoint(ep)
         self.nonce = new_nonce()
-        set_nonce(self.prog.maps, self.nonce)
+        set_nonce(self.prog.maps, self.nonce, env.cookie)   # a verify run stands for a socket of env's namespace
         self.scope = model.Scope(options, ENDPOINTS, env.tunnels, exempt=exempt)
+        # a counted test run's socket has no storage: its namespace is unknown, never a tunnel's
+        self._unknown_netns = dataclasses.replace(self.scope, tunnels=frozenset())
         if exempt:
             self.prog.maps.set_exempt([(ROOT_CGROUP_ID, 0)])
         self.runners = {e: Runner(self.prog.progs[e]) for e in ENTRIES}
         self.nonce_runners = {e: Runner(self.prog.progs[e], self.nonce) for e in ENTRIES}
+
+    def scope_for(self, hook: str, use_nonce: bool) -> model.Scope:
+        """What the model must assume of a test run: with socket storage, the
+        cgroup hook knows a run's namespace only from the verify nonce."""
+        if self.identity == features.NETNS_STORAGE and hook == model.CGROUP and not use_nonce:
+            return self._unknown_netns
+        return self.scope
 
     def counters(self) -> dict[tuple[Reason, Family], tuple[int, int]]:
         return self.prog.maps.counters()
@@ -146,8 +169,10 @@ class Programs:
 
 def compile_all(cache: str) -> None:
     """Compile every option set once (bcc), so workers load cached images."""
-    for opts in set(OPTION_SETS.values()):
-        bpf.load(opts, len(ENDPOINTS), cache=cache, entries=ENTRIES).close()
+    for name, opts in OPTION_SETS.items():
+        identity = features.NETNS_STORAGE if name in STORAGE_SETS else features.NETNS_HELPER
+        with features.forced_netns_identity(identity):
+            bpf.load(opts, len(ENDPOINTS), cache=cache, entries=ENTRIES).close()
 
 
 # -- packets ---------------------------------------------------------------------------
@@ -355,7 +380,7 @@ def _runs(runner: Runner, data: bytes, ifindex: int) -> bool:
 def check_one(progs: Programs, hook: str, data: bytes, ifindex: int, use_nonce: bool) -> str | None:
     """Run one buffer alone, reading the counters around it: why the kernel and
     the model disagree on it (verdict, reason, family, bytes, nonce), or None."""
-    want = model.decide_test_run(hook, data, ifindex, progs.scope)
+    want = model.decide_test_run(hook, data, ifindex, progs.scope_for(hook, use_nonce))
     before = progs.counters()
     runner = (progs.nonce_runners if use_nonce else progs.runners)[hook]
     try:
@@ -401,7 +426,7 @@ def fuzz_loop(env: FuzzEnv, cache: str, n: int, seed: int, batch_size: int = 204
     batch_size = max(64, min(batch_size, n // 40))
     gen = Generator(seed)
     rnd = random.Random(seed ^ 0x5EED)
-    progs = {name: Programs(env, opts, cache, name in EXEMPT_SETS) for name, opts in OPTION_SETS.items()}
+    progs = {name: programs(env, name, cache) for name in OPTION_SETS}
     iface_of = {v: k for k, v in env.ifindex.items()}
     weights = [("phy", 8), ("tnl", 2), ("lo", 1), ("tn0", 2), ("tnh", 1), ("phh", 2)]
     ifaces = [env.ifindex[name] for name, w in weights for _ in range(w)]
@@ -427,7 +452,7 @@ def fuzz_loop(env: FuzzEnv, cache: str, n: int, seed: int, batch_size: int = 204
                                 "ran", "test-run refusal"))
                         continue
                     use_nonce = rnd.randrange(NONCE_EVERY) == 0
-                    want = model.decide_test_run(hook, data, ifindex, p.scope)
+                    want = model.decide_test_run(hook, data, ifindex, p.scope_for(hook, use_nonce))
                     runner = (p.nonce_runners if use_nonce else p.runners)[hook]
                     verdict = allowed(hook != model.CGROUP, runner.run(data, ifindex))
                     if verdict != want.allowed:
