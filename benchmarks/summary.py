@@ -90,6 +90,15 @@ def rows_packet_cost(r):
                YES[all(v["ratio_median"] <= r["hot_target_ratio"] for _h, _l, v in hot)])
 
 
+def rows_netns_identity(r):
+    names = {"helper": "bpf_get_netns_cookie", "storage": "socket storage"}
+    for identity, rows in r["variants"].items():
+        for label, v in rows.items():
+            yield (f"cgroup hook on real traffic, namespace from {names.get(identity, identity)}, {label} "
+                   f"≤ {v['target']:g}× floor", f"{v['ns_median']} ns, {v['ratio_median']}× "
+                   f"({v['ratio_min']}–{v['ratio_max']})", YES[v["met"]])
+
+
 def rows_reaction(r):
     for key in ("appear", "disappear"):
         s = r[key]
@@ -296,6 +305,7 @@ def remedies(rows: list[tuple[str, str, str]]) -> list[str]:
 
 BENCHMARKS = [  # name, rows, plot
     ("packet_cost", rows_packet_cost, plot_packet_cost),
+    ("netns_identity", rows_netns_identity, None),
     ("throughput", rows_throughput, plot_throughput),
     ("scaling", rows_scaling, plot_scaling),
     ("reaction", rows_reaction, plot_reaction),

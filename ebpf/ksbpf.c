@@ -400,8 +400,8 @@ static __always_inline __u64 ksbpf_netns_cookie(const struct ksbpf_at *at)
 		struct bpf_sock *sk = at->skb->sk;
 		struct ksbpf_sk *st;
 
-		if (sk)
-			sk = bpf_sk_fullsock(sk);
+		/* the helper takes the socket as the hook has it (a full socket
+		 * at egress; it checks) since Linux 5.11: no bpf_sk_fullsock */
 		if (sk) {
 			st = sk_netns.sk_storage_get(sk, 0, 0);
 			if (st)

@@ -11,7 +11,7 @@ import click
 
 from ksbpf.daemon.config import ConfigError
 from ksbpf.errors import KsbpfError
-from ksbpf.kernel import cgroup, preflight
+from ksbpf.kernel import cgroup, features, preflight
 from ksbpf.policy import (
     DEFAULT_INTERNAL,
     DEFAULT_TUNNEL_KINDS,
@@ -132,6 +132,11 @@ def attach(cgroup_path, node, tunnels, endpoints, netns, allow_lan, allow_lan_dn
     for ep in policy.endpoints:
         click.echo(f"  endpoint {ep}: allowed outside the tunnel")
     click.echo(f"  options: {_options(policy)}")
+    if result.processes_before:
+        click.echo(f"  notice: this kernel's cgroup programs cannot ask a packet's namespace (Linux 6.17 can): each "
+                   f"socket's is recorded when it is created; the {result.processes_before} process(es) already in "
+                   "the scope keep sockets opened before now blocked, even through the tunnel, until they reopen "
+                   "them (fail closed)")
     click.echo("  everything else is dropped; undo with: ksbpf detach --cgroup " + result.cgroup)
 
 
@@ -236,6 +241,7 @@ def status(as_json) -> None:
     if as_json:
         _emit_json(st.to_dict())
         return
+    click.echo(features.short())
     if not st.cgroups and not st.nodes:
         click.echo("no protected scopes")
         return
@@ -270,6 +276,8 @@ def status(as_json) -> None:
         for ep in s.policy.endpoints:
             click.echo(f"  endpoint {ep}")
         click.echo(f"  options  {_options(s.policy)}")
+        click.echo("  netns    " + ("from socket storage (sockets created before the attach are blocked until reopened)"
+                                   if s.netns_identity == features.NETNS_STORAGE else "from bpf_get_netns_cookie"))
         _print_counters(s)
         for w in s.warnings:
             click.echo(f"  warning: {w}")

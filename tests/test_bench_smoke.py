@@ -41,6 +41,15 @@ def test_packet_cost_benchmark_runs(tmp_path):
 
 
 @pytest.mark.root
+def test_netns_identity_benchmark_runs(tmp_path):
+    result = bench(tmp_path, "netns_identity.py", "--rounds", "1", "--packets", "200")
+    assert "storage" in result["variants"]   # every kernel has socket storage; the helper only >= 6.17
+    for rows in result["variants"].values():
+        assert set(rows) == {"tunnel v4", "tunnel v6", "drop not_tunnel v4", "drop not_tunnel v6"}
+        assert all(r["ns_median"] > 0 and r["floor_ns_median"] > 0 for r in rows.values())
+
+
+@pytest.mark.root
 def test_scrape_benchmark_runs(tmp_path):
     result = bench(tmp_path, "scrape.py", "--scopes", "3", "--scrapes", "1")
     assert result["scopes"] == 3 and result["body_bytes"] > 0
@@ -104,8 +113,8 @@ def test_summary_reports_every_benchmark(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     report = (tmp_path / "README.md").read_text()
-    for name in ("packet_cost", "throughput", "scaling", "reaction", "node_throughput", "node_reaction",
-                 "footprint", "scrape", "containers"):
+    for name in ("packet_cost", "netns_identity", "throughput", "scaling", "reaction", "node_throughput",
+                 "node_reaction", "footprint", "scrape", "containers"):
         assert f"[{name}]({name}.md)" in report, name
     assert "not run" not in report
     for plot in ("packet_cost", "throughput", "scaling", "reaction", "node_throughput", "node_reaction"):

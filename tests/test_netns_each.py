@@ -11,10 +11,22 @@ import time
 import pytest
 from helpers import ksbpf, scope_status
 
+from ksbpf.kernel import features
 from ksbpf.lab.namespaces import Sniffer, probe
 
 pytestmark = pytest.mark.lab
 BLOCKED_TIMEOUT = 1.0
+
+
+@pytest.fixture(autouse=True, params=[features.NETNS_HELPER, features.NETNS_STORAGE])
+def identity(request, monkeypatch):
+    """Both ways the cgroup hook learns a namespace: the helper (Linux >= 6.17)
+    and socket storage (older kernels: containers on Debian 12/13, Ubuntu, RHEL).
+    The ksbpf processes the tests start inherit the choice."""
+    if request.param == features.NETNS_HELPER and not features.has("netns_cookie_cgroup_skb"):
+        pytest.skip("this kernel has no bpf_get_netns_cookie for cgroup_skb: the storage variant runs")
+    monkeypatch.setenv(features.NETNS_ENV, request.param)
+    return request.param
 
 
 def sleeper(lab, cg: str) -> subprocess.Popen:

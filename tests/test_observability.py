@@ -19,6 +19,7 @@ import urllib.request
 import pytest
 from helpers import KSBPF, DaemonProcess, ksbpf, scope_status, toml_config
 
+from ksbpf.kernel import features
 from ksbpf.lab.namespaces import ProbeStream, probe
 
 pytestmark = pytest.mark.lab
@@ -115,7 +116,14 @@ def test_health_and_readiness(lab, make_cgroup, daemon_with_metrics):
     deadline = time.monotonic() + 5   # attached, then its map reconciled
     while (status := get(base + "/readyz"))[0] != 200 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert json.loads(status[1]) == {"ready": True, "problems": []} and status[0] == 200
+    ready = json.loads(status[1])
+    assert (ready["ready"], ready["problems"], status[0]) == (True, [], 200)
+    # which kernel features this node has (Kubernetes: a node's /readyz says so), as /metrics does
+    assert {f["name"]: f["present"] for f in ready["kernel"]["features"]} == \
+        {f.name: f.present for f in features.probe()}
+    metrics = get(base + "/metrics")[1]
+    for f in features.probe():
+        assert sample(metrics, "ksbpf_kernel_feature", feature=f.name) == (1 if f.present else 0)
 
 
 @pytest.mark.skipif(not shutil.which("prometheus"), reason="Debian's prometheus package is not installed")

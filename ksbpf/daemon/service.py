@@ -31,7 +31,7 @@ from ksbpf.daemon import config
 from ksbpf.daemon.follow import SubtreeWatch
 from ksbpf.daemon.log import EventLog
 from ksbpf.errors import KsbpfError
-from ksbpf.kernel import bpf, links, netns, pins
+from ksbpf.kernel import bpf, features, links, netns, pins
 from ksbpf.policy import LAN_RANGES, NodePolicy, Policy
 from ksbpf.scopes import cgroups, common, subtree
 from ksbpf.scopes import node as node_scope
@@ -575,6 +575,9 @@ class Daemon:
         signal.set_wakeup_fd(write_fd)
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        self.log("kernel", release=os.uname().release, netns_identity=features.netns_identity(),
+                 missing={f.name: f"{f.since}: {f.without}" for f in features.probe() if not f.present},
+                 note=features.short())
         self._precompile(cfg)
         self.apply(cfg)
         self._start_sources(cfg)

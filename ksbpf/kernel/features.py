@@ -13,12 +13,13 @@ Probes are cheap (a few small program loads) and cached per process.
 from __future__ import annotations
 
 import os
+import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Iterator
 
-from ksbpf.kernel import libbpf, tc
+from ksbpf.kernel import libbpf, netns, tc
 
 # KSBPF_NETNS_IDENTITY=helper|storage|auto chooses how the cgroup hook learns
 # a packet's network namespace (auto: the helper where the kernel has it).
@@ -57,6 +58,16 @@ def _sk_storage() -> bool:
             and libbpf.probe_helper(libbpf.BPF_PROG_TYPE_CGROUP_SOCK, libbpf.BPF_FUNC_get_netns_cookie))
 
 
+def _so_netns_cookie() -> bool:
+    """Can user space read a namespace's cookie (getsockopt SO_NETNS_COOKIE)?"""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.getsockopt(socket.SOL_SOCKET, netns.SO_NETNS_COOKIE, 8)
+            return True
+        except OSError:
+            return False
+
+
 # name -> (probe, since, what ksbpf does without it); in the order they are shown
 PROBES: dict[str, tuple[Callable[[], bool], str, str]] = {
     "cgroup_skb": (lambda: libbpf.probe_prog_type(libbpf.BPF_PROG_TYPE_CGROUP_SKB), "Linux 4.10",
@@ -70,6 +81,7 @@ PROBES: dict[str, tuple[Callable[[], bool], str, str]] = {
     "sk_storage": (_sk_storage, "Linux 5.12",
                    "cgroup scopes need bpf_get_netns_cookie in cgroup_skb instead"),
     "ringbuf": (_map(libbpf.BPF_MAP_TYPE_RINGBUF), "Linux 5.8", "ksbpf cannot run"),
+    "so_netns_cookie": (_so_netns_cookie, "Linux 5.14", "ksbpf cannot run (it names namespaces by their cookie)"),
     "coarse_clock": (_helper(libbpf.BPF_PROG_TYPE_CGROUP_SKB, libbpf.BPF_FUNC_ktime_get_coarse_ns),
                      "Linux 5.11", "the event stream's rate limit reads the precise clock"),
     "lpm_trie": (_map(libbpf.BPF_MAP_TYPE_LPM_TRIE), "Linux 4.11", "no allow_cidrs"),
@@ -125,3 +137,17 @@ def forced_netns_identity(identity: str) -> Iterator[None]:
 def summary() -> str:
     """One line: every feature, and what ksbpf does where one is missing."""
     return "this kernel: " + "; ".join(f.line for f in probe())
+
+
+def short() -> str:
+    """One line for `status` and `verify`: what is missing and what ksbpf does
+    instead (or that nothing is)."""
+    missing = [f.line for f in probe() if not f.present]
+    ident = "socket storage" if netns_identity() == NETNS_STORAGE else "bpf_get_netns_cookie"
+    head = f"this kernel ({os.uname().release}): cgroup scopes learn a packet's namespace from {ident}"
+    return head + ("; " + "; ".join(missing) if missing else f"; every other feature ksbpf uses is present")
+
+
+def as_dict() -> dict:
+    return {"release": os.uname().release, "netns_identity": netns_identity(),
+            "features": [f.to_dict() for f in probe()]}

@@ -119,6 +119,7 @@ def _lib() -> ctypes.CDLL:
         "libbpf_probe_bpf_helper": (c_int, [c_int, c_int, vp]),
         "libbpf_probe_bpf_map_type": (c_int, [c_int, vp]),
         "bpf_btf_load": (c_int, [vp, ctypes.c_size_t, vp]),
+        "bpf_enable_stats": (c_int, [c_int]),
         "libbpf_num_possible_cpus": (c_int, []),
         "bpf_map_create": (c_int, [c_int, cp, c_uint, c_uint, c_uint, vp]),
         "bpf_prog_load": (c_int, [c_int, cp, cp, vp, ctypes.c_size_t, vp]),

@@ -31,17 +31,20 @@ def require_kernel_bpf(cgroup_scope: bool = True) -> None:
         libbpf._lib()
     except libbpf.LibbpfMissing as exc:
         raise KsbpfError(str(exc), "install libbpf1 (run `make setup`)") from None
-    if not have["ringbuf"].present:
-        raise KsbpfError("this kernel has no BPF ring buffer (Linux 5.8)", "use Linux >= 5.15")
-    if not cgroup_scope:
-        if not have["tc_bpf"].present:
-            raise KsbpfError("this kernel cannot load tc BPF programs (CONFIG_NET_CLS_BPF, CONFIG_NET_SCH_INGRESS)",
-                             "use a kernel built with them (every distribution's is)")
-        return
-    if not have["cgroup_skb"].present:
+    if not cgroup_scope and not have["tc_bpf"].present:
+        raise KsbpfError("this kernel cannot load tc BPF programs (CONFIG_BPF_SYSCALL, CONFIG_NET_CLS_BPF)",
+                         "use a kernel built with them (every distribution's is)")
+    if cgroup_scope and not have["cgroup_skb"].present:
         raise KsbpfError("this kernel cannot load cgroup_skb BPF programs",
                          "use a kernel built with CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF (Linux >= 5.15), "
                          "or node mode (ksbpf attach --node)")
+    if not have["ringbuf"].present:
+        raise KsbpfError("this kernel has no BPF ring buffer (Linux 5.8)", "use Linux >= 5.15")
+    if not have["so_netns_cookie"].present:
+        raise KsbpfError("this kernel cannot tell user space a network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14)",
+                         "use Linux >= 5.15")
+    if not cgroup_scope:
+        return
     if features.netns_identity() == features.NETNS_HELPER:
         if not have["netns_cookie_cgroup_skb"].present:
             raise KsbpfError(f"{features.NETNS_ENV}=helper, but this kernel's cgroup_skb programs cannot call "

@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
 
 from ksbpf.errors import KsbpfError
-from ksbpf.kernel import pins
+from ksbpf.kernel import features, pins
 from ksbpf.reasons import Hook
 from ksbpf.scopes import cgroups, common, node
 
@@ -124,6 +124,10 @@ class KsbpfCollector:
         info = GaugeMetricFamily("ksbpf_build_info", "ksbpf's version", labels=["version"])
         info.add_metric([ksbpf_version()], 1)
         yield info
+        kernel = GaugeMetricFamily("ksbpf_kernel_feature", KERNEL_FEATURE_HELP, labels=["feature"])
+        for f in features.probe():
+            kernel.add_metric([f.name], 1 if f.present else 0)
+        yield kernel
         if self.daemon is not None:
             events = CounterMetricFamily("ksbpf_netlink_events", "Netlink messages the daemon handled",
                                          labels=["type"])
@@ -135,6 +139,10 @@ class KsbpfCollector:
             verifier = getattr(self.daemon, "verifier", None)
             if verifier is not None:
                 yield from verify_metrics(verifier)
+
+
+KERNEL_FEATURE_HELP = ("1 when the running kernel has the BPF feature (a probe at start; `ksbpf status` says what "
+                       "ksbpf does without each)")
 
 
 def verify_metrics(verifier):
@@ -182,7 +190,8 @@ class MetricsServer:
                     self._send(200 if ok else 503, f"{'ok' if ok else 'stalled'}: loop {age:.1f} s ago\n".encode())
                 elif path == "/readyz":
                     problems = daemon.readiness()
-                    body = json.dumps({"ready": not problems, "problems": problems}).encode() + b"\n"
+                    body = json.dumps({"ready": not problems, "problems": problems,
+                                       "kernel": features.as_dict()}).encode() + b"\n"
                     self._send(503 if problems else 200, body, "application/json")
                 else:
                     self._send(404, b"try /metrics, /healthz or /readyz\n")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from ksbpf.errors import KsbpfError
-from ksbpf.kernel import bpf, libbpf, pins
+from ksbpf.kernel import bpf, features, libbpf, pins
 from ksbpf.reasons import FAMILY_MAX, Family, Hook, Reason
 from ksbpf.scopes import cgroups, node
 
@@ -221,9 +221,11 @@ class Scraper:
                "Node mode: interfaces that should carry a guard and do not (their traffic is not judged)")
         out.extend(f'ksbpf_unguarded_interfaces{{scope="{names[r.name]}"}} {r.unguarded}.0\n'
                    for r in rows if r.unguarded is not None)
-        from ksbpf.observability.metrics import ksbpf_version
+        from ksbpf.observability.metrics import KERNEL_FEATURE_HELP, ksbpf_version
         family("ksbpf_build_info", "gauge", "ksbpf's version")
         out.append(f'ksbpf_build_info{{version="{_esc(ksbpf_version())}"}} 1.0\n')
+        family("ksbpf_kernel_feature", "gauge", KERNEL_FEATURE_HELP)
+        out.extend(f'ksbpf_kernel_feature{{feature="{f.name}"}} {1 if f.present else 0}.0\n' for f in features.probe())
         family("ksbpf_netlink_events_total", "counter", "Netlink messages the daemon handled")
         out.extend(f'ksbpf_netlink_events_total{{type="{_esc(k)}"}} {n}.0\n'
                    for k, n in sorted(dict(self.daemon.netlink_events).items()))

@@ -86,12 +86,17 @@ class AttachResult:
     tunnels: list[common.TunnelState]
     mounted_bpffs: bool
     each: bool = False   # --netns each: tunnels looked up in every namespace of the subtree
+    netns_identity: str = "helper"   # how the program learns a packet's namespace (features.NETNS_*)
+    # socket storage, first attach: processes of the subtree that were running already (their older
+    # sockets have no recorded namespace: blocked until reopened)
+    processes_before: int = 0
 
     def to_dict(self) -> dict:
         return {"cgroup": self.cgroup, "cgroup_id": self.cgroup_id, "pin_dir": self.pin_dir,
                 "prog_id": self.prog_id, "replaced_prog_ids": self.replaced,
                 "tunnels": [t.to_dict() for t in self.tunnels], "mounted_bpffs": self.mounted_bpffs,
-                "netns_each": self.each}
+                "netns_each": self.each, "netns_identity": self.netns_identity,
+                "processes_before": self.processes_before}
 
 
 def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.quiet,
@@ -108,6 +113,7 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
 
     progress("loading the policy program (compiled by bcc unless a cached image fits)")
     keep = bpf.kept_maps(pins.scope_dir(cg.id, bpffs))   # a re-attach: the sockets' namespaces stay known
+    keep_used = bool(keep)
     try:
         if keep:
             prog = bpf.load(policy.options, len(policy.endpoints), policy.events,
@@ -142,6 +148,7 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
                 # the endpoints live in their maps (there may be many)
                 "policy": {k: v for k, v in policy.to_dict().items() if k != "endpoints"},
                 "netns": ns_meta, "attached_at": time.time(),
+                "netns_identity": "storage" if "sk_netns" in prog.maps.fds else "helper",
             }
             prog.maps.write_meta(meta)
             mounted = pins.ensure_bpffs(bpffs)
@@ -178,7 +185,11 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
             os.rename(staging, final)
         finally:
             prog.close()
-    return AttachResult(cg.path, cg.id, final, prog_id, replaced, tunnels, mounted, each)
+    identity = meta["netns_identity"]
+    before = 0
+    if identity == "storage" and not keep_used:
+        before = sum(1 for _ in subtree.subtree_pids(cg.path))
+    return AttachResult(cg.path, cg.id, final, prog_id, replaced, tunnels, mounted, each, identity, before)
 
 
 @dataclass
@@ -251,6 +262,7 @@ class ScopeStatus:
     namespaces: list[dict] | None = None   # --netns each: every namespace the subtree uses, with its tunnels
     warnings: list[str] = field(default_factory=list)   # e.g. processes that could bypass the policy
     hook: Hook = Hook.CGROUP
+    netns_identity: str = "helper"   # how its program learns a packet's namespace (features.NETNS_*)
 
     @property
     def name(self) -> str:
@@ -274,7 +286,7 @@ class ScopeStatus:
                        "sent": self.events[0], "suppressed": self.events[1]},
             "attached_at": self.attached_at, "problems": self.problems,
             "netns_each": self.namespaces is not None, "namespaces": self.namespaces or [],
-            "warnings": self.warnings,
+            "warnings": self.warnings, "netns_identity": self.netns_identity,
         }
 
 
@@ -332,7 +344,8 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
     if meta.get("netns", {}).get("each"):
         tunnels, namespaces = _each_states(policy, cg_path, entries)
         return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, tunnels, policy, counters,
-                           meta.get("attached_at"), problems, True, event_stats, namespaces, warnings)
+                           meta.get("attached_at"), problems, True, event_stats, namespaces, warnings,
+                           netns_identity=meta.get("netns_identity", "helper"))
     ns = common.meta_netns(meta)
     present = cookie = None
     ns_ok = common.netns_alive(ns)
@@ -348,7 +361,8 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
     problems += [f"interface {t.name} is a {t.kind}, not a trusted tunnel kind ({', '.join(policy.tunnel_kinds)}): blocked"
                  for t in tunnels if t.impostor]
     return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, tunnels, policy, counters,
-                       meta.get("attached_at"), problems, ns_ok, event_stats, warnings=warnings)
+                       meta.get("attached_at"), problems, ns_ok, event_stats, warnings=warnings,
+                       netns_identity=meta.get("netns_identity", "helper"))
 
 
 def raw_socket_warnings(cg_path: str, limit: int = 10) -> list[str]:

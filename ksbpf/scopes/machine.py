@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 
 from ksbpf.errors import KsbpfError
-from ksbpf.kernel import pins, preflight
+from ksbpf.kernel import features, pins, preflight
 from ksbpf.scopes import cgroups, common, node
 
 
@@ -19,7 +19,7 @@ class MachineStatus:
 
     def to_dict(self) -> dict:
         return {"scopes": [s.to_dict() for s in self.cgroups], "nodes": [n.to_dict() for n in self.nodes],
-                "unreadable": self.unreadable}
+                "unreadable": self.unreadable, "kernel": features.as_dict()}
 
 
 def status(bpffs: str = pins.BPFFS) -> MachineStatus:

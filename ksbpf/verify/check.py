@@ -36,7 +36,7 @@ import socket
 from dataclasses import dataclass, field
 
 from ksbpf.errors import KsbpfError
-from ksbpf.kernel import bpf, cgroup, libbpf, links, netns, pins, preflight
+from ksbpf.kernel import bpf, cgroup, features, libbpf, links, netns, pins, preflight
 from ksbpf.policy import LAN_RANGES, NodePolicy, Policy
 from ksbpf.scopes import cgroups, common
 from ksbpf.scopes import node as node_scope
@@ -81,7 +81,7 @@ class Report:
     def to_dict(self, strict: bool = False) -> dict:
         return {"ok": self.ok(strict), "strict": strict,
                 "summary": {v.lower(): self.count(v) for v in (PASS, FIXED, WARN, FAIL)},
-                "findings": [f.to_dict() for f in self.findings]}
+                "findings": [f.to_dict() for f in self.findings], "kernel": features.as_dict()}
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -644,10 +644,10 @@ def _is_scope(pin_dir: str, kind, scope: str) -> bool:
 def render(report: Report) -> str:
     """The report as one table: scope, check, verdict, what it found and what to do."""
     if not report.findings:
-        return "no protected scope on this machine (nothing to verify)\n"
+        return features.short() + "\nno protected scope on this machine (nothing to verify)\n"
     width = max(len(f.scope) for f in report.findings)
     width = min(max(width, 5), 48)
-    lines = [f"{'SCOPE':<{width}}  {'CHECK':<9}  {'VERDICT':<7}  FINDING / WHAT TO DO"]
+    lines = [features.short(), f"{'SCOPE':<{width}}  {'CHECK':<9}  {'VERDICT':<7}  FINDING / WHAT TO DO"]
     last = None
     for f in report.findings:
         scope = f.scope if f.scope != last else ""
