@@ -42,7 +42,6 @@ EACH_NS, EACH_CGROUP = "ctr1", "/sys/fs/cgroup/ctr.slice"
 EACH_CONFIG = """
 [[scope]]
 cgroup = "/sys/fs/cgroup/ctr.slice"
-create_cgroup = true
 netns = "each"
 tunnels = ["wg0"]
 endpoints = ["10.99.0.2:51820/udp"]
@@ -559,6 +558,10 @@ def scenario_each() -> dict:
     same namespace does); with ctr1's own wg0 its traffic goes through that tunnel."""
     r = common()
     cmd_each_setup()
+    # the container's cgroup exists before the scope names it (as a runtime makes it): a reloading
+    # daemon cannot create it (create_cgroup: EACCES under the unit's sandbox), and its processes'
+    # sockets must be born under the scope (where socket storage records namespaces)
+    os.makedirs(EACH_CGROUP, exist_ok=True)
     with open(CONFIG, "a") as f:
         f.write(EACH_CONFIG)
     wait_for("the daemon's /readyz", ready, 300, 0.5)
@@ -567,13 +570,19 @@ def scenario_each() -> dict:
     def attached() -> bool:
         if any(sc["cgroup"] == EACH_CGROUP and sc.get("attached") for sc in status()["scopes"]):
             return True
-        found = refusal(journal("ksbpf.service")[-4000:])
+        text = journal("ksbpf.service")[-6000:]
+        found = refusal(text)
+        failed = [line for line in text.splitlines() if "scope_failed" in line and EACH_CGROUP in line]
+        if len(failed) >= 3 and not found:
+            raise RuntimeError(f"the daemon cannot attach the netns each scope: {failed[-1]}")
         if found:
             exc = RuntimeError(f"the daemon did not attach the netns each scope: {found}")
             exc.refusal = found   # type: ignore[attr-defined]
             raise exc
         return False
-    wait_for("the netns each scope", attached, 600, 1)
+    log("scenario each: reloaded, waiting for the scope")
+    wait_for("the netns each scope", attached, 420, 1)
+    log("scenario each: scope attached")
     wait_for("the reloaded daemon's /readyz", ready, 120, 0.5)
     each_sender("each", "ctr.slice", 8001, 8002)
     each_sender("eachctl", "system.slice", 8003, 8004)
