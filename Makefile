@@ -31,12 +31,14 @@ fuzz: setup
 ## bench: benchmarks (never part of `make test`); results in benchmarks/results/
 bench: setup
 	@$(PY) benchmarks/packet_cost.py
+	@$(PY) benchmarks/nf_cost.py
 	@$(PY) benchmarks/netns_identity.py --rounds 7 --packets 40000
 	@$(PY) benchmarks/throughput.py --rounds 5 --seconds 3
 	@$(PY) benchmarks/scaling.py --sizes 1,100,10000,100000 --rounds 3 --seconds 2
 	@$(PY) benchmarks/reaction.py --flaps 200
 	@$(PY) benchmarks/node_throughput.py --rounds 5 --seconds 2
 	@$(PY) benchmarks/node_reaction.py --interfaces 200
+	@$(PY) benchmarks/new_uplink.py --tries 20
 	@$(PY) benchmarks/footprint.py
 	@$(PY) benchmarks/scrape.py --scopes 1000
 	@$(PY) benchmarks/verify_cost.py --rounds 31

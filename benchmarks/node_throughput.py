@@ -14,7 +14,11 @@ endpoints the flows use (the server's physical address, TCP and UDP port
 - no filter, and no filter (control): two unfiltered labs, an A/A
   comparison -- its ratio to no filter is what noise alone does;
 - ksbpf: node mode (`ksbpf.scopes.node.attach`: tcx guard on the physical
-  link, the shared policy's ksbpf_tc_eth);
+  link, the shared policy's ksbpf_tc_eth, and where the kernel has
+  netfilter BPF links the from-birth hook ksbpf_nf on IPv4/IPv6
+  POST_ROUTING, which passes the guarded link's packets at once);
+- ksbpf, tc only: the same with the netfilter hook removed (side by side:
+  what the from-birth layer costs);
 - nftables: an `inet` table, one chain on the postrouting hook (forwarded and
   local traffic alike);
 - iptables: iptables-restore on mangle POSTROUTING (Debian's default
@@ -65,7 +69,8 @@ from ksbpf.reasons import Reason
 from ksbpf.scopes import common
 from ksbpf.scopes import node as node_scope
 
-VARIANTS = (NO_FILTER, CONTROL, "ksbpf", "nftables", "iptables")
+TC_ONLY = "ksbpf, tc only"   # node mode without its netfilter hook (the from-birth layer), for comparison
+VARIANTS = (NO_FILTER, CONTROL, "ksbpf", TC_ONLY, "nftables", "iptables")
 FLOWS = ("host", "container -> endpoint", "container -> tunnel")
 TESTS = ("tcp", "udp")
 HEADLINE = {"tcp": "bps", "udp": "rx_pps"}
@@ -88,10 +93,13 @@ def node_policy(lab: Lab) -> NodePolicy:
 def apply_filter(lab: Lab, variant: str) -> float | None:
     """Put the variant's filter on the lab's host namespace; seconds taken."""
     passed = tuple(DEFAULT_INTERNAL)
-    if variant == "ksbpf":
+    if variant in ("ksbpf", TC_ONLY):
         t = time.perf_counter()
-        node_scope.attach(node_policy(lab))
-        return time.perf_counter() - t
+        result = node_scope.attach(node_policy(lab))
+        elapsed = time.perf_counter() - t
+        if variant == TC_ONLY:
+            node_scope.nf_release(result.pin_dir)   # the tc guards alone, as on a kernel without netfilter links
+        return elapsed
     if variant == "nftables":
         return load_nft(lab.client_ns, nft_ruleset(lab.wg_client, endpoints(lab), (), "postrouting", passed,
                                                    dhcp=True, nd=True))
@@ -180,7 +188,7 @@ def measure(rounds: int, seconds: float, variants: tuple[str, ...] = VARIANTS) -
                 lab.create()
                 lab.tunnel_up()
                 lab.add_containers(1)
-                if variant == "ksbpf":
+                if variant in ("ksbpf", TC_ONLY):
                     attached.append(lab)
                 t = apply_filter(lab, variant)
                 load_s[variant] = round(t, 3) if t is not None else None
@@ -257,7 +265,7 @@ def summarize(samples, variants, rounds, seconds, load_s, checks, tools) -> dict
     for flow in FLOWS:
         for test in TESTS:
             rows = result["tests"][flow][test]
-            others = [v for v in variants if v not in UNFILTERED + ("ksbpf",)]
+            others = [v for v in variants if v not in UNFILTERED + ("ksbpf", TC_ONLY)]
             t = {"throughput_ratio": rows["ksbpf"][HEADLINE[test] + "_ratio"]["median"],
                  "cpu_ratio": rows["ksbpf"]["cpu_ns_per_packet_ratio"]["median"],
                  "control_throughput": rows[CONTROL][HEADLINE[test] + "_ratio"],

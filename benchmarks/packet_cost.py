@@ -6,10 +6,12 @@ interface (ksbpf_tc_eth on the frame, floor `return TC_ACT_UNSPEC`) and tc on
 a device without a link-layer header (ksbpf_tc_l3 on the bare IP packet with
 a tun device's ifindex, the same floor run on the same bytes).  Also the
 cost of a drop with the blocked-packet stream on and off, the link-layer
-rules of tc (ARP, IPv6 ND, a VLAN tag, a non-IP frame) and a drop that
-checks an exempted cgroup.
+rules of tc (ARP, IPv6 ND -- to a link-scoped address, and to a global one
+that a FIB lookup finds on the link or beyond it --, a VLAN tag, a non-IP
+frame, the abuses of the ARP/ND/DHCP exceptions), a drop that checks an
+exempted cgroup and a drop with the allow-cidrs tries compiled in.
 
-Targets: every path <= 3x its hook's floor; the tunnel path, the hot one,
+Targets: every path <= 2.5x its hook's floor; the tunnel path, the hot one,
 <= 1.5x on every hook.
 
 Each variant runs `repeat` packets per call (the kernel reports the mean);
@@ -23,6 +25,7 @@ leaves the program.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import statistics
 import subprocess
@@ -39,9 +42,13 @@ from ksbpf.kernel import bpf, cgroup, libbpf, netns  # noqa: E402
 from ksbpf.policy import Endpoint, EventSettings, Options  # noqa: E402
 from ksbpf.reasons import Reason  # noqa: E402
 
-TARGET_RATIO = 3.0
+TARGET_RATIO = 2.5
 HOT_TARGET_RATIO = 1.5           # the tunnel path, on every hook
 HOT_PATHS = ("tunnel v4", "tunnel v6")
+# neighbour discovery to a global address from within its /64: the kernel's FIB decides whether it is on the
+# link (bpf_fib_lookup, ~150 ns here); not held to the target, stated beside it
+FIB_PATHS = ("nd to an on-link global address (FIB lookup)",
+             "drop nd to a routed address, source forged into its /64 (FIB lookup)")
 RETURN_ALLOW = bytes.fromhex("b700000001000000") + bytes.fromhex("9500000000000000")     # r0 = 1; exit
 RETURN_UNSPEC = bytes.fromhex("b7000000ffffffff") + bytes.fromhex("9500000000000000")    # r0 = -1 (TC_ACT_UNSPEC)
 TC_ALLOW, TC_DROP = 0xFFFFFFFF, 2
@@ -75,12 +82,30 @@ PATHS = {
     "drop, events off": ("strict", "phy", frame(ipv4("93.184.216.34", UDP, dport=9)), Reason.DROP_NOT_TUNNEL),
     "drop, events on (flood: rate-limited)": ("events", "phy", frame(ipv4("93.184.216.34", UDP, dport=9)), Reason.DROP_NOT_TUNNEL),
     "drop, 1 exempted cgroup checked": ("exempt", "phy", frame(ipv4("93.184.216.34", UDP, dport=9)), Reason.DROP_NOT_TUNNEL),
+    "drop, allow-cidrs compiled in": ("cidrs", "phy", frame(ipv4("93.184.216.34", UDP, dport=9)), Reason.DROP_NOT_TUNNEL),
+    "drop dhcp v4 to a routed server": ("dhcp", "phy", frame(ipv4("192.0.2.1", UDP, sport=68, dport=67)),
+                                        Reason.DROP_NOT_TUNNEL),
+    "drop dhcp v4 carrying 1,400 bytes": ("dhcp", "phy", frame(ipv4("255.255.255.255", UDP, sport=68, dport=67,
+                                                                   payload=b"d" * 1400)), Reason.DROP_NOT_TUNNEL),
 }
+ON_LINK6, ROUTED6 = "2001:db8:1::1/64", "2001:db8:99::/48"   # phy's link, and beyond a gateway on it
+ARP = b"\x00\x01\x08\x00\x06\x04\x00\x01" + bytes(20)
 # the link-layer rules of tc on an Ethernet interface only
 TC_ETH_PATHS = {
-    "arp": ("strict", "phy", eth(ETH_ARP, b"\x00\x01\x08\x00\x06\x04\x00\x01" + b"\x00" * 20), Reason.ALLOW_NEIGH),
+    "arp": ("strict", "phy", eth(ETH_ARP, ARP), Reason.ALLOW_NEIGH),
+    "arp padded to 60 bytes": ("strict", "phy", eth(ETH_ARP, ARP + bytes(18)), Reason.ALLOW_NEIGH),
+    "drop arp ethertype carrying ipv4": ("strict", "phy", eth(ETH_ARP, ipv4("93.184.216.34", UDP, dport=9)),
+                                         Reason.DROP_NOT_IP),
     "nd neighbour solicitation": ("strict", "phy", frame(ipv6("ff02::1:ff00:1", ICMPV6, hop_limit=255, icmp_type=135)),
                                   Reason.ALLOW_NEIGH),
+    "nd to an on-link global address (FIB lookup)": ("strict", "phy", frame(ipv6(
+        "2001:db8:1::2", ICMPV6, hop_limit=255, icmp_type=135, src="2001:db8:1::1")), Reason.ALLOW_NEIGH),
+    "drop nd to a routed address": ("strict", "phy", frame(ipv6("2001:db8:99::2", ICMPV6, hop_limit=255,
+                                                               icmp_type=135)), Reason.DROP_NOT_TUNNEL),
+    "drop nd to a routed address, source forged into its /64 (FIB lookup)": ("strict", "phy", frame(ipv6(
+        "2001:db8:99::2", ICMPV6, hop_limit=255, icmp_type=135, src="2001:db8:99::1")), Reason.DROP_NOT_TUNNEL),
+    "drop nd carrying 1.2 KB": ("strict", "phy", frame(ipv6("ff02::1:ff00:1", ICMPV6, hop_limit=255, icmp_type=135,
+                                                            payload=b"n" * 1200)), Reason.DROP_NOT_TUNNEL),
     "vlan tag, endpoint v4": ("strict", "phy", vlan_frame(ipv4("203.0.113.5", UDP, dport=51820)), Reason.ALLOW_ENDPOINT),
     "drop not_ip (lldp)": ("strict", "phy", eth(0x88CC, b"\x02\x07\x04" + b"\x00" * 40), Reason.DROP_NOT_IP),
 }
@@ -123,7 +148,11 @@ def build(ns, cache: str | None):
         "strict": bpf.load(Options(), 2, EventSettings(rate=0), cache=cache, entries=entries),
         "events": bpf.load(Options(), 2, EventSettings(rate=100, burst=20), cache=cache, entries=entries),
         "exempt": bpf.load(Options(), 2, EventSettings(rate=0), cache=cache, entries=entries),
+        "dhcp": bpf.load(Options(allow_dhcp=True), 2, EventSettings(rate=0), cache=cache, entries=entries),
+        "cidrs": bpf.load(Options(allow_cidrs=True), 2, EventSettings(rate=0), cache=cache, entries=entries),
     }
+    for net in ("10.96.0.0/12", "fd00:10:96::/112"):
+        progs["cidrs"].maps.add_cidr(ipaddress.ip_network(net))
     cookie = netns.cookie(ns)
     for p in progs.values():
         p.maps.set_netns_cookie(cookie)   # tc: the namespace of the guarded interfaces, as a node scope sets it
@@ -145,6 +174,12 @@ def measure(rounds: int, repeat: int, cache: str | None = None) -> dict:
         subprocess.run(["ip", "-n", name, "link", "add", "tnl", "type", "veth", "peer", "name", "phy"], check=True)
         for tun in ("tun0", "tun1"):
             subprocess.run(["ip", "-n", name, "tuntap", "add", "mode", "tun", "name", tun], check=True)
+        for cmd in (["link", "set", "tnl", "up"], ["link", "set", "phy", "up"],
+                    ["-6", "addr", "add", ON_LINK6, "dev", "phy", "nodad"],
+                    ["-6", "route", "add", ROUTED6, "via", "2001:db8:1::ff", "dev", "phy"]):
+            subprocess.run(["ip", "-n", name, *cmd], check=True)
+        # the FIB helper answers only for an interface that forwards IPv6
+        subprocess.run(["ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"], check=True)
         ns = netns.resolve(name)
         progs = build(ns, cache)
         for hook, (_entry, prog_type, insns) in HOOKS.items():
@@ -183,11 +218,11 @@ def measure(rounds: int, repeat: int, cache: str | None = None) -> dict:
                 continue
             ns_ = [s[(hook, label)] for s in samples]
             ratios = [s[(hook, label)] / s[(hook, "floor")] for s in samples if s[(hook, "floor")]]
-            limit = HOT_TARGET_RATIO if label in HOT_PATHS else TARGET_RATIO
+            limit = HOT_TARGET_RATIO if label in HOT_PATHS else None if label in FIB_PATHS else TARGET_RATIO
             rows[label] = {"ns_median": statistics.median(ns_), "ns_min": min(ns_), "ns_max": max(ns_),
                            "ratio_median": round(statistics.median(ratios), 2),
                            "ratio_min": round(min(ratios), 2), "ratio_max": round(max(ratios), 2),
-                           "target": limit, "met": statistics.median(ratios) <= limit}
+                           "target": limit, "met": None if limit is None else statistics.median(ratios) <= limit}
         result["hooks"][hook] = {"entry": HOOKS[hook][0],
                                  "floor_ns": {"median": statistics.median(floor), "min": min(floor), "max": max(floor)},
                                  "paths": rows}
@@ -195,7 +230,8 @@ def measure(rounds: int, repeat: int, cache: str | None = None) -> dict:
     result["floor_ns"] = result["hooks"]["cgroup"]["floor_ns"]
     result["paths"] = result["hooks"]["cgroup"]["paths"]
     every = [r for h in result["hooks"].values() for r in h["paths"].values()]
-    result["met_all_paths"] = all(r["ratio_median"] <= TARGET_RATIO for r in every)
+    result["met_all_paths"] = all(r["ratio_median"] <= TARGET_RATIO for r in every if r["target"] is not None)
+    result["fib_paths"] = list(FIB_PATHS)
     result["met_hot_paths"] = all(r["met"] for h in result["hooks"].values()
                                   for label, r in h["paths"].items() if label in HOT_PATHS)
     result["met"] = result["met_all_paths"] and result["met_hot_paths"]
@@ -211,8 +247,9 @@ def table(r: dict) -> str:
         lines.append(f"| {hook} | *floor* | {f['median']} ({f['min']}–{f['max']}) | 1 | | |")
         for label, row in h["paths"].items():
             lines.append(f"| {hook} | {label} | {row['ns_median']} ({row['ns_min']}–{row['ns_max']}) | "
-                         f"{row['ratio_median']} ({row['ratio_min']}–{row['ratio_max']}) | ≤ {row['target']:g}× | "
-                         f"{'yes' if row['met'] else 'NO'} |")
+                         f"{row['ratio_median']} ({row['ratio_min']}–{row['ratio_max']}) | "
+                         + ("FIB lookup: no target | — |" if row["target"] is None else
+                            f"≤ {row['target']:g}× | {'yes' if row['met'] else 'NO'} |"))
     return "\n".join(lines)
 
 
@@ -229,7 +266,9 @@ def main() -> int:
                  "without a link-layer header (ksbpf_tc_l3 on the bare IP packet with a tun device's ifindex; "
                  "the same floor on the same bytes), each floor run the same way as its hook's paths. "
                  f"Targets: every path ≤ {TARGET_RATIO:g}× its floor, the tunnel path (the hot one) "
-                 f"≤ {HOT_TARGET_RATIO:g}× on every hook.", table(result))
+                 f"≤ {HOT_TARGET_RATIO:g}× on every hook.  Neighbour discovery to a global address from within its "
+                 "/64 pays the kernel's FIB lookup (is it on the link?): stated, not held to the target.",
+                 table(result))
     return 0
 
 

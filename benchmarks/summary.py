@@ -41,9 +41,10 @@ def plot_packet_cost(r: dict, path: str) -> None:
     med = [v["ratio_median"] for _k, v in rows]
     lo = [m - v["ratio_min"] for (_k, v), m in zip(rows, med)]
     hi = [v["ratio_max"] - m for (_k, v), m in zip(rows, med)]
-    limits = [v.get("target", r["target_ratio"]) for _k, v in rows]
+    limits = [v.get("target", r["target_ratio"]) for _k, v in rows]   # None: stated, no target (a FIB lookup)
     fig, ax = plt.subplots(figsize=(8, 0.22 * len(labels) + 1.2))
-    ax.barh(labels, med, xerr=[lo, hi], color=["#4c72b0" if m <= t else "#c44e52" for m, t in zip(med, limits)])
+    ax.barh(labels, med, xerr=[lo, hi], color=["#999999" if t is None else "#4c72b0" if m <= t else "#c44e52"
+                                                for m, t in zip(med, limits)])
     ax.axvline(r["target_ratio"], color="k", linestyle="--", label=f"target ≤ {r['target_ratio']:g}× floor")
     if "hot_target_ratio" in r:
         ax.axvline(r["hot_target_ratio"], color="grey", linestyle=":",
@@ -75,7 +76,8 @@ def plot_reaction(r: dict, path: str) -> None:
 
 def rows_packet_cost(r):
     hooks = _hooks(r)
-    every = [(f"{hook}: {label}", v) for hook, h in hooks.items() for label, v in h["paths"].items()]
+    every = [(f"{hook}: {label}", v) for hook, h in hooks.items() for label, v in h["paths"].items()
+             if v.get("target", r["target_ratio"]) is not None]   # the FIB lookup paths are stated, not targeted
     worst = max(every, key=lambda kv: kv[1]["ratio_median"])
     within = [k for k, v in every if v["ratio_median"] <= r["target_ratio"]]
     floors = ", ".join(f"{hook} {h['floor_ns']['median']} ns" for hook, h in hooks.items())

@@ -28,7 +28,7 @@ from ksbpf.kernel import bpf, libbpf, netns  # noqa: E402
 from ksbpf.policy import Endpoint, EventSettings, Options  # noqa: E402
 from ksbpf.verify.fuzz import FuzzEnv  # noqa: E402
 
-CALL = "\tif (ksbpf_verify_run(at->skb))\n\t\treturn reason < KSBPF_FIRST_DROP;\n"
+CALL = "\tif (at->hook != KSBPF_HOOK_NF && ksbpf_verify_run(at->skb))\n\t\treturn reason < KSBPF_FIRST_DROP;\n"
 EP4 = Endpoint.parse("203.0.113.5:51820/udp")
 PATHS = {
     "loopback": ("lo", frame(ipv4("127.0.0.1", TCP, dport=80))),
@@ -44,7 +44,7 @@ def compile_variant(src_dir: str, flags: list[str]):
     import bcc
     b = bcc.BPF(src_file=os.path.join(src_dir, "ksbpf.c").encode(), cflags=[f"-I{src_dir}", *flags[1:]])
     fd = b.load_func(bpf.ENTRY_CGROUP.encode(), libbpf.BPF_PROG_TYPE_CGROUP_SKB).fd
-    maps = bpf.ScopeMaps({n: b[n.encode()].map_fd for n in bpf.MAP_NAMES}, owned=False)
+    maps = bpf.ScopeMaps(bpf.bcc_map_fds(b), owned=False)
     return b, fd, maps
 
 

@@ -9,11 +9,18 @@
  *   ksbpf_cg_egress  cgroup_skb/egress: the sockets of one cgroup subtree
  *   ksbpf_tc_eth     tc egress of a guarded Ethernet interface (node mode)
  *   ksbpf_tc_l3      tc egress of a guarded interface without a link-layer
- *                    header (tun, ppp, ...)  Runtime configuration lives in
- * maps; options are compile-time switches:
+ *                    header (tun, ppp, ...)
+ *   ksbpf_nf         netfilter NF_INET_POST_ROUTING of a node scope's
+ *                    namespace (IPv4 and IPv6): every IP packet leaving it,
+ *                    on every interface, also one created after attaching
+ *                    (compiled only when the loader passes the kernel's
+ *                    struct offsets, -DKSBPF_OFF_*, read from its BTF)
+ * Runtime configuration lives in maps; options are compile-time switches:
  *   -DKSBPF_OPT_LAN         the fixed private ranges (ksbpf_lan4/6) are allowed
  *   -DKSBPF_OPT_LAN_DNS     ... including DNS (53, 853) to them
- *   -DKSBPF_OPT_DHCP        DHCPv4/DHCPv6 client traffic is allowed
+ *   -DKSBPF_OPT_DHCP        DHCPv4/DHCPv6 client traffic is allowed (the machine's
+ *                           own client, to the link's servers, size-bounded)
+ *   -DKSBPF_OPT_CIDRS       the allow_cidrs tries (cidrs4/6) are looked up
  *   -DKSBPF_EVENTS_INTERVAL_NS=N, -DKSBPF_EVENTS_BURST=N
  *                           send samples of dropped packets to the ring buffer
  *                           `events`: at most one per N ns and BURST at once,
@@ -47,11 +54,24 @@
 #define KSBPF_IPV6_MAX_EXTHDRS 6
 #define KSBPF_VLAN_HLEN 4
 #define KSBPF_ICMPV6 58
+/* The exceptions carry no data: size bounds, counted from the network
+ * header (skb->len, never a header's claim). */
+#define KSBPF_ND_MAX 104	/* IPv6 header + RS/NS/NA + up to 5 8-byte options (or fewer, longer ones) */
+#define KSBPF_DHCP_MAX 576	/* the DHCP message size every agent must accept (RFC 2131); DHCPv6 alike */
+#define KSBPF_ARP_LEN 28	/* Ethernet/IPv4 ARP */
+#define KSBPF_ARP_MAX 46	/* ... padded with zeros to Ethernet's minimum frame (60 bytes) */
+#define KSBPF_AF_INET6 10
+#define KSBPF_FIB_DIRECT 1	/* BPF_FIB_LOOKUP_DIRECT: the main table, no rules */
+#define KSBPF_FIB_OUTPUT 2	/* BPF_FIB_LOOKUP_OUTPUT: a lookup for output through params.ifindex */
+#define KSBPF_FIB_NO_NEIGH 7	/* BPF_FIB_LKUP_RET_NO_NEIGH: the route was found, its neighbour is not resolved */
 
 BPF_HASH(tunnels, struct ksbpf_tunnel_key, __u32, KSBPF_MAX_TUNNELS);
 BPF_ARRAY(tunnel_ifindex, __u64, KSBPF_IFINDEX_FILTER);
 BPF_HASH(endpoints4, __be32, struct ksbpf_endpoint, KSBPF_MAX_ENDPOINTS);
 BPF_HASH(endpoints6, struct ksbpf_ep6_key, struct ksbpf_endpoint, KSBPF_MAX_ENDPOINTS);
+/* In front of the endpoint hashes (ksbpf.h): a drop would pay a hash lookup
+ * only to learn that its destination is no endpoint. */
+BPF_ARRAY(ep_slots, struct ksbpf_ep_slot, KSBPF_EP_SLOTS);
 BPF_PERCPU_ARRAY(counters, struct ksbpf_counter, KSBPF_REASON_MAX * KSBPF_FAMILY_MAX);
 BPF_ARRAY(meta, struct ksbpf_meta, 1);
 BPF_RINGBUF_OUTPUT(events, KSBPF_EVENTS_PAGES);
@@ -100,6 +120,7 @@ struct ksbpf_pkt {
 	__u8 fragment;		/* a non-first fragment */
 	__u8 icmp_type;		/* tc: the ICMPv6 type */
 	__u8 hop_limit;		/* tc: the IPv6 hop limit */
+	__u64 src64;		/* tc: the first 64 bits of the IPv6 source (its /64) */
 	__be16 sport;
 	__be16 dport;
 	union {
@@ -113,11 +134,16 @@ struct ksbpf_pkt {
  * Ethernet header at tc) and the hook, a constant that folds away the other
  * hooks' code. */
 struct ksbpf_at {
-	struct __sk_buff *skb;
-	void *data;		/* skb->data and skb->data_end, read once by the entry point */
+	struct __sk_buff *skb;	/* cgroup and tc; NULL at netfilter */
+	void *data;		/* skb->data and skb->data_end, read once by the entry point;
+				 * netfilter: the network header (kernel memory) */
 	void *end;
 	__u32 nh;
 	int hook;
+	__u32 ifindex;		/* netfilter: the output device */
+	__u32 len;		/* netfilter: skb->len */
+	void *sk;		/* netfilter: skb->sk (none: a forwarded packet) */
+	__u32 linear;		/* netfilter: bytes from the network header to the linear data's end */
 };
 
 #define KSBPF_AT(ctx, hook_) { .skb = (ctx), .data = (void *)(long)(ctx)->data, \
@@ -133,6 +159,12 @@ static __always_inline int ksbpf_load(const struct ksbpf_at *at, __u32 off, void
 	struct __sk_buff *skb = at->skb;
 	void *p;
 
+	if (at->hook == KSBPF_HOOK_NF) {
+		/* The IP stack keeps the headers in the linear part. */
+		if (off > KSBPF_DIRECT_MAX_OFF || off + len > at->linear)
+			return -1;
+		return bpf_probe_read_kernel(to, len, at->data + off);
+	}
 	if (off <= KSBPF_DIRECT_MAX_OFF && at->nh <= KSBPF_DIRECT_MAX_OFF) {
 		p = at->data + at->nh + off;
 		if (p + len <= at->end) {
@@ -151,8 +183,8 @@ static __always_inline int ksbpf_load_ports(const struct ksbpf_at *at, __u32 off
 
 	if (p->fragment)
 		return 0;
-	if (at->hook == KSBPF_HOOK_TC && p->l4proto == KSBPF_ICMPV6)
-		return ksbpf_load(at, off, &p->icmp_type, 1);
+	if (at->hook != KSBPF_HOOK_CGROUP && p->family == KSBPF_FAMILY_IPV6 && p->l4proto == KSBPF_ICMPV6)
+		return ksbpf_load(at, off, &p->icmp_type, 1);	/* IPv6 only: protocol 58 in IPv4 is no ICMPv6 */
 	if (p->l4proto != IPPROTO_TCP && p->l4proto != IPPROTO_UDP)
 		return 0;
 	if (ksbpf_load(at, off, ports, sizeof(ports)))
@@ -192,6 +224,7 @@ static __always_inline int ksbpf_parse6(const struct ksbpf_at *at, struct ksbpf_
 		return -1;
 	__builtin_memcpy(p->daddr.v6, &ip6.daddr, 16);
 	p->hop_limit = ip6.hop_limit;
+	__builtin_memcpy(&p->src64, &ip6.saddr, 8);
 	nexthdr = ip6.nexthdr;
 
 #pragma unroll
@@ -231,18 +264,100 @@ static __always_inline int ksbpf_is_nd(const struct ksbpf_pkt *p)
 	       (p->icmp_type == 133 || p->icmp_type == 135 || p->icmp_type == 136);
 }
 
+/* The length from the network header to the end of the packet. */
+static __always_inline __u32 ksbpf_l3_len(const struct ksbpf_at *at)
+{
+	__u32 len = at->hook == KSBPF_HOOK_NF ? at->len : at->skb->len;
+
+	return len > at->nh ? len - at->nh : 0;
+}
+
+static __always_inline int ksbpf_link_local6(const __u8 *a)
+{
+	return a[0] == 0xfe && (a[1] & 0xc0) == 0x80;		/* fe80::/10 */
+}
+
+static __always_inline int ksbpf_link_mcast6(const __u8 *a)
+{
+	return a[0] == 0xff && a[1] == 0x02;			/* ff02::/16 */
+}
+
+/* tc: is the IPv6 destination a neighbour directly connected through the
+ * egress interface itself?  The main table's route to it (for output through
+ * that interface) has no gateway and leaves through that interface.  A route
+ * through a gateway, another interface, none, or an interface that does not
+ * forward IPv6 (the helper answers nothing then): no. */
+static __always_inline int ksbpf_on_link6(const struct ksbpf_at *at, const struct ksbpf_pkt *p)
+{
+	struct bpf_fib_lookup f = {};
+	__u32 ifindex = at->skb->ifindex;
+	__u32 d[4];
+	long rc;
+
+	f.family = KSBPF_AF_INET6;
+	f.ifindex = ifindex;
+	__builtin_memcpy(f.ipv6_dst, p->daddr.v6, 16);
+	rc = bpf_fib_lookup(at->skb, &f, sizeof(f), KSBPF_FIB_DIRECT | KSBPF_FIB_OUTPUT);
+	if (rc != 0 && rc != KSBPF_FIB_NO_NEIGH)
+		return 0;
+	/* a route through a gateway puts the gateway's address in ipv6_dst */
+	__builtin_memcpy(d, p->daddr.v6, 16);
+	return f.ifindex == ifindex && f.ipv6_dst[0] == d[0] && f.ipv6_dst[1] == d[1] &&
+	       f.ipv6_dst[2] == d[2] && f.ipv6_dst[3] == d[3];
+}
+
+/* tc: neighbour discovery toward the link itself -- to a link-local or
+ * link-scoped multicast address, or to a neighbour on that link -- and no
+ * bigger than ND needs.  ND to a routed destination is not ND.  A global
+ * neighbour shares the /64 of the address ND is sent from (its own on that
+ * link): checked first, so that ND to a routed address is dropped without
+ * the FIB lookup (~150 ns), which decides the rest. */
+static __always_inline int ksbpf_nd(const struct ksbpf_at *at, const struct ksbpf_pkt *p)
+{
+	__u64 dst64;
+
+	if (!ksbpf_is_nd(p) || ksbpf_l3_len(at) > KSBPF_ND_MAX)
+		return 0;
+	if (ksbpf_link_local6(p->daddr.v6) || ksbpf_link_mcast6(p->daddr.v6))
+		return 1;
+	__builtin_memcpy(&dst64, p->daddr.v6, 8);
+	/* netfilter (an interface not guarded yet): no FIB helper there, so
+	 * only ND to link-local and link-scoped multicast addresses */
+	return dst64 == p->src64 && at->hook == KSBPF_HOOK_TC && ksbpf_on_link6(at, p);
+}
+
+/* tc: an ARP message -- Ethernet/IPv4, request or reply, 28 bytes, or padded
+ * with zeros to the minimum frame.  Anything else under the ARP ethertype is
+ * not ARP. */
+static __always_inline int ksbpf_arp(const struct ksbpf_at *at)
+{
+	__u32 len = ksbpf_l3_len(at);
+	__u8 h[8];
+	__u8 tail[KSBPF_ARP_MAX - KSBPF_ARP_LEN];
+	int i;
+
+	if (len < KSBPF_ARP_LEN || len > KSBPF_ARP_MAX || ksbpf_load(at, 0, h, sizeof(h)))
+		return 0;
+	/* htype 1 (Ethernet), ptype 0x0800 (IPv4), hlen 6, plen 4, op 1 or 2 */
+	if (h[0] != 0 || h[1] != 1 || h[2] != 0x08 || h[3] != 0 || h[4] != 6 || h[5] != 4 ||
+	    h[6] != 0 || (h[7] != 1 && h[7] != 2))
+		return 0;
+	if (len == KSBPF_ARP_LEN)
+		return 1;
+	/* the last bytes of the frame (tc: a helper reads them): the padding is
+	 * the last len - 28 of them */
+	if (bpf_skb_load_bytes(at->skb, at->nh + len - sizeof(tail), tail, sizeof(tail)))
+		return 0;
+#pragma unroll
+	for (i = 0; i < (int)sizeof(tail); i++)
+		if (i >= (int)(KSBPF_ARP_MAX - len) && tail[i])
+			return 0;
+	return 1;
+}
+
 static __always_inline int ksbpf_is_dns(const struct ksbpf_pkt *p)
 {
 	return p->has_ports && (p->dport == bpf_htons(53) || p->dport == bpf_htons(853));
-}
-
-static __always_inline int ksbpf_is_dhcp_client(const struct ksbpf_pkt *p, int v6)
-{
-	if (!p->has_ports || p->l4proto != IPPROTO_UDP)
-		return 0;
-	if (v6)
-		return p->sport == bpf_htons(546) && p->dport == bpf_htons(547);
-	return p->sport == bpf_htons(68) && p->dport == bpf_htons(67);
 }
 
 /* The fixed LAN list (ksbpf/policy.py LAN_RANGES; tests check the two agree):
@@ -261,9 +376,94 @@ static __always_inline int ksbpf_lan4(__be32 daddr)
 
 static __always_inline int ksbpf_lan6(const __u8 *a)
 {
-	return (a[0] == 0xfe && (a[1] & 0xc0) == 0x80) ||	/* fe80::/10 */
+	return ksbpf_link_local6(a) ||				/* fe80::/10 */
 	       (a[0] & 0xfe) == 0xfc ||				/* fc00::/7 */
-	       (a[0] == 0xff && a[1] == 0x02);			/* ff02::/16, link-local multicast */
+	       ksbpf_link_mcast6(a);				/* ff02::/16, link-local multicast */
+}
+
+#ifdef KSBPF_OPT_DHCP
+/* tc: from a socket of this machine (the node scope's namespace): a forwarded
+ * packet has none (IP input orphans it), and a container's bridged frame
+ * carries a socket of another namespace.  The cgroup hook: always. */
+static __always_inline int ksbpf_own_socket(const struct ksbpf_at *at)
+{
+	int zero = 0;
+	__u64 *cookie;
+
+	if (at->hook == KSBPF_HOOK_CGROUP)
+		return 1;
+	if (at->hook == KSBPF_HOOK_NF)		/* the hook is the node namespace's: a local socket, or forwarded */
+		return at->sk != 0;
+	if (!bpf_skb_cgroup_id(at->skb))	/* no full socket */
+		return 0;
+	cookie = scope_netns.lookup(&zero);
+	return cookie && *cookie == bpf_get_netns_cookie(at->skb);
+}
+
+/* DHCP client traffic of the machine's own client: DHCPv4 68 -> 67 to the
+ * broadcast address or a LAN server (the fixed private and link-local
+ * ranges), DHCPv6 546 -> 547 to ff02::1:2 or a link-local server; no bigger
+ * than a DHCP message. */
+static __always_inline int ksbpf_dhcp(const struct ksbpf_at *at, const struct ksbpf_pkt *p)
+{
+	const __u8 *a = p->daddr.v6;
+	__u32 d;
+
+	if (!p->has_ports || p->l4proto != IPPROTO_UDP || ksbpf_l3_len(at) > KSBPF_DHCP_MAX)
+		return 0;
+	if (p->family == KSBPF_FAMILY_IPV6) {
+		if (p->sport != bpf_htons(546) || p->dport != bpf_htons(547))
+			return 0;
+		if (!ksbpf_link_local6(a) &&
+		    !(a[0] == 0xff && a[1] == 0x02 && a[2] == 0 && a[3] == 0 && a[4] == 0 && a[5] == 0 &&
+		      a[6] == 0 && a[7] == 0 && a[8] == 0 && a[9] == 0 && a[10] == 0 && a[11] == 0 &&
+		      a[12] == 0 && a[13] == 1 && a[14] == 0 && a[15] == 2))	/* ff02::1:2 */
+			return 0;
+	} else {
+		if (p->sport != bpf_htons(68) || p->dport != bpf_htons(67))
+			return 0;
+		d = bpf_ntohl(p->daddr.v4);
+		if (!(d == 0xffffffff || (d >> 24) == 10 || (d >> 20) == (172 << 4 | 1) ||
+		      (d >> 16) == (192 << 8 | 168) || (d >> 16) == (169 << 8 | 254)))
+			return 0;
+	}
+	return ksbpf_own_socket(at);
+}
+#endif
+
+/* The endpoint entry of an address: its slot, or the hash when the slot is
+ * shared; 0 when the address is no endpoint. */
+static __always_inline struct ksbpf_endpoint *ksbpf_endpoint4(__be32 addr)
+{
+	const __u8 *a = (const __u8 *)&addr;
+	__u32 slot = a[2] ^ a[3];
+	struct ksbpf_ep_slot *s = ep_slots.lookup(&slot);
+	__u32 n;
+
+	if (!s)
+		return 0;
+	n = s->count;
+	if (n == 1)
+		return *(__u32 *)s->addr == addr ? &s->ep : 0;
+	return n ? endpoints4.lookup(&addr) : 0;
+}
+
+static __always_inline struct ksbpf_endpoint *ksbpf_endpoint6(struct ksbpf_ep6_key *key)
+{
+	const __u32 *a = (const __u32 *)key->addr;
+	__u32 slot = 256 + (key->addr[14] ^ key->addr[15]);
+	struct ksbpf_ep_slot *s = ep_slots.lookup(&slot);
+	const __u32 *b;
+	__u32 n;
+
+	if (!s)
+		return 0;
+	n = s->count;
+	if (n == 1) {
+		b = (const __u32 *)s->addr;
+		return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] ? &s->ep : 0;
+	}
+	return n ? endpoints6.lookup(key) : 0;
 }
 
 /* The exceptions for traffic that does not leave through a tunnel, in
@@ -293,15 +493,16 @@ static __always_inline int ksbpf_lan(const struct ksbpf_pkt *p)
 	return KSBPF_ALLOW_LAN;
 }
 
-static __always_inline int ksbpf_last_resort(const struct ksbpf_pkt *p, int v6)
+static __always_inline int ksbpf_last_resort(const struct ksbpf_at *at, const struct ksbpf_pkt *p)
 {
 #ifdef KSBPF_OPT_DHCP
-	if (ksbpf_is_dhcp_client(p, v6))
+	if (ksbpf_dhcp(at, p))
 		return KSBPF_ALLOW_DHCP;
 #endif
 	return KSBPF_DROP_NOT_TUNNEL;
 }
 
+#ifdef KSBPF_OPT_CIDRS
 static __always_inline int ksbpf_allowed_cidr(const struct ksbpf_pkt *p)
 {
 	struct ksbpf_cidr4_key k4 = { .prefixlen = 32 };
@@ -314,27 +515,30 @@ static __always_inline int ksbpf_allowed_cidr(const struct ksbpf_pkt *p)
 	__builtin_memcpy(k6.addr, p->daddr.v6, 16);
 	return cidrs6.lookup(&k6) != 0;
 }
+#endif
 
-static __always_inline int ksbpf_exceptions4(const struct ksbpf_pkt *p)
+static __always_inline int ksbpf_exceptions4(const struct ksbpf_at *at, const struct ksbpf_pkt *p)
 {
 	__be32 addr = p->daddr.v4;
 	struct ksbpf_endpoint *ep;
 
 	if (p->fragment)
 		return KSBPF_DROP_FRAGMENT;
-	ep = endpoints4.lookup(&addr);
+	ep = ksbpf_endpoint4(addr);
 	if (ep)
 		return ksbpf_endpoint(p, ep);
+#ifdef KSBPF_OPT_CIDRS
 	if (ksbpf_allowed_cidr(p))
 		return KSBPF_ALLOW_LAN;
+#endif
 #ifdef KSBPF_OPT_LAN
 	if (ksbpf_lan4(addr))
 		return ksbpf_lan(p);
 #endif
-	return ksbpf_last_resort(p, 0);
+	return ksbpf_last_resort(at, p);
 }
 
-static __always_inline int ksbpf_exceptions6(const struct ksbpf_pkt *p)
+static __always_inline int ksbpf_exceptions6(const struct ksbpf_at *at, const struct ksbpf_pkt *p)
 {
 	struct ksbpf_ep6_key key;
 	struct ksbpf_endpoint *ep;
@@ -342,16 +546,18 @@ static __always_inline int ksbpf_exceptions6(const struct ksbpf_pkt *p)
 	if (p->fragment)
 		return KSBPF_DROP_FRAGMENT;
 	__builtin_memcpy(key.addr, p->daddr.v6, 16);
-	ep = endpoints6.lookup(&key);
+	ep = ksbpf_endpoint6(&key);
 	if (ep)
 		return ksbpf_endpoint(p, ep);
+#ifdef KSBPF_OPT_CIDRS
 	if (ksbpf_allowed_cidr(p))
 		return KSBPF_ALLOW_LAN;
+#endif
 #ifdef KSBPF_OPT_LAN
 	if (ksbpf_lan6(key.addr))
 		return ksbpf_lan(p);
 #endif
-	return ksbpf_last_resort(p, 1);
+	return ksbpf_last_resort(at, p);
 }
 
 /* Is this a `ksbpf verify` test run (skb->cb carries the scope's nonce)?  A
@@ -393,7 +599,7 @@ static __always_inline __u64 ksbpf_netns_cookie(const struct ksbpf_at *at)
 	int zero = 0;
 	__u64 *cookie;
 
-	if (at->hook != KSBPF_HOOK_TC) {
+	if (at->hook == KSBPF_HOOK_CGROUP) {
 #ifdef KSBPF_NETNS_HELPER
 		return bpf_get_netns_cookie(at->skb);
 #else
@@ -461,8 +667,7 @@ static __always_inline int ksbpf_exempted(struct __sk_buff *skb)
 
 static __always_inline int ksbpf_decide(const struct ksbpf_at *at, __be16 proto, struct ksbpf_pkt *p)
 {
-	struct __sk_buff *skb = at->skb;
-	__u32 ifindex = skb->ifindex;	/* read once */
+	__u32 ifindex = at->hook == KSBPF_HOOK_NF ? at->ifindex : at->skb->ifindex;	/* read once */
 
 	p->family = proto == bpf_htons(ETH_P_IP) ? KSBPF_FAMILY_IPV4 :
 		    proto == bpf_htons(ETH_P_IPV6) ? KSBPF_FAMILY_IPV6 : KSBPF_FAMILY_OTHER;
@@ -473,16 +678,16 @@ static __always_inline int ksbpf_decide(const struct ksbpf_at *at, __be16 proto,
 	if (p->family == KSBPF_FAMILY_IPV4) {
 		if (ksbpf_parse4(at, p))
 			return KSBPF_DROP_MALFORMED;
-		return ksbpf_exceptions4(p);
+		return ksbpf_exceptions4(at, p);
 	}
 	if (p->family == KSBPF_FAMILY_IPV6) {
 		if (ksbpf_parse6(at, p))
 			return KSBPF_DROP_MALFORMED;
-		if (at->hook == KSBPF_HOOK_TC && ksbpf_is_nd(p))
+		if (at->hook != KSBPF_HOOK_CGROUP && ksbpf_nd(at, p))
 			return KSBPF_ALLOW_NEIGH;
-		return ksbpf_exceptions6(p);
+		return ksbpf_exceptions6(at, p);
 	}
-	if (at->hook == KSBPF_HOOK_TC && proto == bpf_htons(ETH_P_ARP))
+	if (at->hook == KSBPF_HOOK_TC && proto == bpf_htons(ETH_P_ARP) && ksbpf_arp(at))
 		return KSBPF_ALLOW_NEIGH;
 	return KSBPF_DROP_NOT_IP;
 }
@@ -498,14 +703,14 @@ static __always_inline int ksbpf_policy(const struct ksbpf_at *at, __be16 proto,
 	return reason;
 }
 
-static __always_inline void ksbpf_count(struct __sk_buff *skb, int reason, const struct ksbpf_pkt *p)
+static __always_inline void ksbpf_count(const struct ksbpf_at *at, int reason, const struct ksbpf_pkt *p)
 {
 	int key = reason * KSBPF_FAMILY_MAX + p->family;
 	struct ksbpf_counter *c = counters.lookup(&key);
 
 	if (c) {
 		c->packets++;
-		c->bytes += skb->len;
+		c->bytes += at->hook == KSBPF_HOOK_NF ? at->len : at->skb->len;
 	}
 }
 
@@ -513,19 +718,32 @@ static __always_inline void ksbpf_count(struct __sk_buff *skb, int reason, const
 /* May this CPU send another sample?  A token bucket: one token per
  * KSBPF_EVENTS_INTERVAL_NS, at most KSBPF_EVENTS_BURST saved up.  It reads
  * the coarse clock (no TSC read: a flood pays little for being limited). */
-static __always_inline int ksbpf_take_token(struct ksbpf_bucket *b)
+static __always_inline int ksbpf_take_token(struct ksbpf_bucket *b, int hook)
 {
 	__u64 now, earned;
 
 	if (!b->tokens) {
+		/* netfilter programs may not read the coarse clock */
 #ifdef KSBPF_NO_COARSE_CLOCK
 		now = bpf_ktime_get_ns();
 #else
-		now = bpf_ktime_get_coarse_ns();
+		if (hook == KSBPF_HOOK_NF) {
+			now = bpf_ktime_get_ns();
+		} else {
+			/* The coarse clock moves only when the tick moves jiffies: within
+			 * the tick of the last reading it says what it said then, which
+			 * earned nothing.  bpf_jiffies64 is a load (the verifier inlines
+			 * it), the clock a helper call: a flood of drops pays the load. */
+			now = bpf_jiffies64();
+			if (now == b->last_jiffies)
+				return 0;
+			b->last_jiffies = now;
+			now = bpf_ktime_get_coarse_ns();
+		}
 #endif
+		if (now - b->last_ns < KSBPF_EVENTS_INTERVAL_NS)
+			return 0;	/* no token earned yet, and no division */
 		earned = (now - b->last_ns) / KSBPF_EVENTS_INTERVAL_NS;
-		if (!earned)
-			return 0;
 		b->tokens = earned < KSBPF_EVENTS_BURST ? earned : KSBPF_EVENTS_BURST;
 		b->last_ns = earned < KSBPF_EVENTS_BURST ? b->last_ns + earned * KSBPF_EVENTS_INTERVAL_NS : now;
 	}
@@ -535,14 +753,13 @@ static __always_inline int ksbpf_take_token(struct ksbpf_bucket *b)
 
 static __always_inline void ksbpf_report(const struct ksbpf_at *at, int reason, const struct ksbpf_pkt *p)
 {
-	struct __sk_buff *skb = at->skb;
 	int zero = 0;
 	struct ksbpf_bucket *b = bucket.lookup(&zero);
 	struct ksbpf_event *ev;
 
 	if (!b)
 		return;
-	if (!ksbpf_take_token(b)) {
+	if (!ksbpf_take_token(b, at->hook)) {
 		b->suppressed++;
 		return;
 	}
@@ -553,11 +770,17 @@ static __always_inline void ksbpf_report(const struct ksbpf_at *at, int reason, 
 	}
 	__builtin_memset(ev, 0, sizeof(*ev));
 	ev->ts_ns = bpf_ktime_get_ns();
-	ev->cgroup_id = bpf_skb_cgroup_id(skb);
 	ev->netns_cookie = ksbpf_netns_cookie(at);
-	ev->ifindex = skb->ifindex;
-	ev->uid = bpf_get_socket_uid(skb);
-	ev->len = skb->len;
+	if (at->hook == KSBPF_HOOK_NF) {
+		ev->ifindex = at->ifindex;	/* no cgroup helpers at netfilter: cgroup 0 */
+		ev->uid = 65534;
+		ev->len = at->len;
+	} else {
+		ev->cgroup_id = bpf_skb_cgroup_id(at->skb);
+		ev->ifindex = at->skb->ifindex;
+		ev->uid = bpf_get_socket_uid(at->skb);
+		ev->len = at->skb->len;
+	}
 	ev->sport = p->sport;
 	ev->dport = p->dport;
 	ev->reason = reason;
@@ -582,9 +805,9 @@ static __always_inline int ksbpf_verdict(const struct ksbpf_at *at, __be16 proto
 	struct ksbpf_pkt p = {};
 	int reason = ksbpf_policy(at, proto, &p);
 
-	if (ksbpf_verify_run(at->skb))
+	if (at->hook != KSBPF_HOOK_NF && ksbpf_verify_run(at->skb))
 		return reason < KSBPF_FIRST_DROP;
-	ksbpf_count(at->skb, reason, &p);
+	ksbpf_count(at, reason, &p);
 	if (reason < KSBPF_FIRST_DROP)
 		return 1;
 #ifdef KSBPF_EVENTS_INTERVAL_NS
@@ -633,6 +856,150 @@ int ksbpf_tc_l3(struct __sk_buff *skb)
 		proto = v >> 4 == 4 ? bpf_htons(ETH_P_IP) : v >> 4 == 6 ? bpf_htons(ETH_P_IPV6) : 0;
 	return ksbpf_verdict(&at, proto) ? TC_ACT_UNSPEC : TC_ACT_SHOT;
 }
+
+#ifdef KSBPF_OFF_NF_HOOK_STATE_OUT
+/* Netfilter NF_INET_POST_ROUTING (node mode, IPv4 and IPv6 links): every IP
+ * packet leaving the namespace, local or forwarded, with its output device --
+ * on interfaces created after attaching too, which no tc guard can cover
+ * before it exists.  nf_pass[ifindex] (kept by the loader and the daemon) is
+ * set for the interfaces this hook leaves to others: loopback, the tunnels,
+ * the internal interfaces and the interfaces whose tc guard is in force (the
+ * guard judges and counts them, exemptions included).  Everything else is
+ * decided by the policy.  Struct offsets come from the running kernel's BTF
+ * (-DKSBPF_OFF_*, ksbpf/kernel/btf.py); struct fields are plain loads the
+ * verifier checks against BTF, packet bytes are read with
+ * bpf_probe_read_kernel within the linear data.  Returns NF_DROP (0) or
+ * NF_ACCEPT (1). */
+#define KSBPF_NF_DROP 0
+#define KSBPF_NF_ACCEPT 1
+#define KSBPF_NFPROTO_IPV4 2
+#define KSBPF_NFPROTO_IPV6 10
+BPF_ARRAY(nf_pass, __u32, KSBPF_IFINDEX_FILTER);
+
+struct ksbpf_nf_ctx {	/* struct bpf_nf_ctx */
+	void *state;	/* const struct nf_hook_state * */
+	void *skb;	/* struct sk_buff * */
+};
+
+int ksbpf_nf(struct ksbpf_nf_ctx *ctx)
+{
+	void *state = ctx->state;
+	void *kskb = ctx->skb;
+	void *dev = 0, *head = 0, *sk = 0;
+	__u32 *pass, ifindex = 0, tail = 0, len = 0;
+	__u16 nh = 0;
+	__u8 pf = 0;
+
+	/* Plain loads, checked by the verifier against the kernel's BTF (and
+	 * fault-safe: a NULL device reads as ifindex 0). */
+	dev = *(void **)(state + KSBPF_OFF_NF_HOOK_STATE_OUT);
+	ifindex = *(__u32 *)(dev + KSBPF_OFF_NET_DEVICE_IFINDEX);
+	pass = nf_pass.lookup(&ifindex);
+	if (pass && *pass)
+		return KSBPF_NF_ACCEPT;
+	pf = *(__u8 *)(state + KSBPF_OFF_NF_HOOK_STATE_PF);
+	head = *(void **)(kskb + KSBPF_OFF_SK_BUFF_HEAD);
+	nh = *(__u16 *)(kskb + KSBPF_OFF_SK_BUFF_NETWORK_HEADER);
+	tail = *(__u32 *)(kskb + KSBPF_OFF_SK_BUFF_TAIL);
+	len = *(__u32 *)(kskb + KSBPF_OFF_SK_BUFF_LEN);
+	sk = *(void **)(kskb + KSBPF_OFF_SK_BUFF_SK);
+	{
+		/* built after the reads: its hook must be a constant the compiler sees */
+		struct ksbpf_at at = { .skb = 0, .data = head + nh, .end = 0, .nh = 0, .hook = KSBPF_HOOK_NF,
+				       .ifindex = ifindex, .len = len, .linear = tail > nh ? tail - nh : 0, .sk = sk };
+
+		return ksbpf_verdict(&at, pf == KSBPF_NFPROTO_IPV4 ? bpf_htons(ETH_P_IP) :
+					  pf == KSBPF_NFPROTO_IPV6 ? bpf_htons(ETH_P_IPV6) : 0) ?
+		       KSBPF_NF_ACCEPT : KSBPF_NF_DROP;
+	}
+}
+/* Netfilter NF_INET_POST_ROUTING in each namespace where a cgroup scope's
+ * tunnel lives (IPv4 and IPv6 links): a packet whose SOURCE address is one of
+ * the scope's tunnel addresses (map tunnel_src, kept by the loader and the
+ * daemon) may leave only through that tunnel (or another registered tunnel
+ * of the namespace: the hot path, one array lookup, decides without the
+ * packet).  The kernel sends packets for a
+ * scope without the scope's socket -- TIME_WAIT answers and RSTs from TCP's
+ * control socket (whose cgroup is the root), ICMP errors -- which the cgroup
+ * hook never sees; here they are dropped (tunnel_source) when the tunnel is
+ * gone or a route sends them elsewhere.  Everything else is not this hook's
+ * business: NF_ACCEPT. */
+BPF_HASH(tunnel_src, struct ksbpf_src_key, struct ksbpf_src, KSBPF_MAX_TUNNEL_ADDRS);
+
+int ksbpf_nf_src(struct ksbpf_nf_ctx *ctx)
+{
+	void *state = ctx->state;
+	void *kskb = ctx->skb;
+	struct ksbpf_src_key key = {};
+	struct ksbpf_src *src;
+	void *dev, *head, *net;
+	__u32 ifindex, tail, len, linear;
+	__u16 nh;
+	__u8 pf;
+
+	dev = *(void **)(state + KSBPF_OFF_NF_HOOK_STATE_OUT);
+	ifindex = *(__u32 *)(dev + KSBPF_OFF_NET_DEVICE_IFINDEX);
+	if (ifindex == 1)	/* loopback: to the machine itself */
+		return KSBPF_NF_ACCEPT;
+	net = *(void **)(state + KSBPF_OFF_NF_HOOK_STATE_NET);
+	key.netns_cookie = *(__u64 *)(net + KSBPF_OFF_NET_NET_COOKIE);
+	if (ifindex < KSBPF_IFINDEX_FILTER) {
+		/* the hot path: out through a registered tunnel of this namespace, whatever the source */
+		__u64 *f = tunnel_ifindex.lookup(&ifindex);
+
+		if (f && *f == key.netns_cookie)
+			return KSBPF_NF_ACCEPT;
+	}
+	pf = *(__u8 *)(state + KSBPF_OFF_NF_HOOK_STATE_PF);
+	head = *(void **)(kskb + KSBPF_OFF_SK_BUFF_HEAD);
+	nh = *(__u16 *)(kskb + KSBPF_OFF_SK_BUFF_NETWORK_HEADER);
+	tail = *(__u32 *)(kskb + KSBPF_OFF_SK_BUFF_TAIL);
+	linear = tail > nh ? tail - nh : 0;
+	if (pf == KSBPF_NFPROTO_IPV4) {
+		if (linear < sizeof(struct iphdr) ||
+		    bpf_probe_read_kernel(&key.addr[12], 4, head + nh + offsetof(struct iphdr, saddr)))
+			return KSBPF_NF_ACCEPT;
+		key.addr[10] = 0xff;
+		key.addr[11] = 0xff;
+	} else if (pf == KSBPF_NFPROTO_IPV6) {
+		if (linear < sizeof(struct ipv6hdr) ||
+		    bpf_probe_read_kernel(key.addr, 16, head + nh + offsetof(struct ipv6hdr, saddr)))
+			return KSBPF_NF_ACCEPT;
+	} else {
+		return KSBPF_NF_ACCEPT;
+	}
+	src = tunnel_src.lookup(&key);
+	if (!src)
+		return KSBPF_NF_ACCEPT;
+	if (src->ifindex && src->ifindex == ifindex)
+		return KSBPF_NF_ACCEPT;
+	{
+		char name[16] = {};
+		__u64 *a = (__u64 *)name, *b = (__u64 *)src->name;
+
+		if (!bpf_probe_read_kernel(name, sizeof(name), dev + KSBPF_OFF_NET_DEVICE_NAME) &&
+		    src->name[0] && a[0] == b[0] && a[1] == b[1])
+			return KSBPF_NF_ACCEPT;	/* the tunnel, re-created with another ifindex */
+	}
+	len = *(__u32 *)(kskb + KSBPF_OFF_SK_BUFF_LEN);
+	{
+		struct ksbpf_at at = { .skb = 0, .data = head + nh, .end = 0, .nh = 0, .hook = KSBPF_HOOK_NF,
+				       .ifindex = ifindex, .len = len, .linear = linear };
+		struct ksbpf_pkt p = {};
+
+		p.family = pf == KSBPF_NFPROTO_IPV4 ? KSBPF_FAMILY_IPV4 : KSBPF_FAMILY_IPV6;
+		if (p.family == KSBPF_FAMILY_IPV4)
+			ksbpf_parse4(&at, &p);	/* for the event sample only: the verdict is made */
+		else
+			ksbpf_parse6(&at, &p);
+		ksbpf_count(&at, KSBPF_DROP_TUNNEL_SOURCE, &p);
+#ifdef KSBPF_EVENTS_INTERVAL_NS
+		ksbpf_report(&at, KSBPF_DROP_TUNNEL_SOURCE, &p);
+#endif
+	}
+	return KSBPF_NF_DROP;
+}
+#endif
 
 /* cgroup/sock_create: a socket of the scope is being created.
  *

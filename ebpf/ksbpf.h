@@ -22,7 +22,8 @@ enum ksbpf_reason {
 	KSBPF_DROP_FRAGMENT = 10,	/* a non-first fragment: no ports to match an exception */
 	KSBPF_DROP_MALFORMED = 11,	/* truncated or unparsable IP header chain */
 	KSBPF_DROP_NOT_IP = 12,		/* neither IPv4 nor IPv6 (nor ARP/ND at tc) */
-	KSBPF_REASON_MAX = 13,
+	KSBPF_DROP_TUNNEL_SOURCE = 13,	/* netfilter: a registered tunnel's source address, leaving elsewhere */
+	KSBPF_REASON_MAX = 14,
 };
 
 #define KSBPF_FIRST_DROP KSBPF_DROP_NOT_TUNNEL
@@ -39,7 +40,8 @@ enum ksbpf_family {
 enum ksbpf_hook {
 	KSBPF_HOOK_CGROUP = 0,		/* cgroup_skb/egress: the sockets of one cgroup subtree */
 	KSBPF_HOOK_TC = 1,		/* tc egress: everything leaving a guarded interface */
-	KSBPF_HOOK_MAX = 2,
+	KSBPF_HOOK_NF = 2,		/* netfilter POST_ROUTING: every IP packet leaving the namespace */
+	KSBPF_HOOK_MAX = 3,
 };
 
 /* Tunnels are keyed by (network-namespace cookie, ifindex): ifindex numbers
@@ -64,6 +66,7 @@ struct ksbpf_tunnel_key {
  * endpoint's address on another port or protocol" (TunnelCrack ServerIP). */
 #define KSBPF_EP_PORTS 8
 
+
 struct ksbpf_ep6_key {
 	__u8 addr[16];
 };
@@ -79,6 +82,19 @@ struct ksbpf_endpoint {
 	struct ksbpf_ep_port ports[KSBPF_EP_PORTS];
 };
 
+/* ep_slots: an array in front of the endpoint hashes, so that most packets
+ * learn with an array load (the verifier inlines it) what a hash lookup
+ * would tell.  An address's slot: IPv4 a[2] ^ a[3] (0-255), IPv6 256 +
+ * (a[14] ^ a[15]).  count: how many endpoint addresses fall into the slot --
+ * 0: the address is no endpoint; 1: it is one iff it is addr (IPv4 in the
+ * first 4 bytes, the rest 0), whose ports ep holds; more: the hash decides. */
+#define KSBPF_EP_SLOTS 512
+struct ksbpf_ep_slot {
+	__u32 count;
+	__u8 addr[16];
+	struct ksbpf_endpoint ep;
+};
+
 /* Node mode: local sockets of these cgroup subtrees pass the tc guard (a
  * management plane).  A cgroup is matched as the ancestor at its level of
  * the sending socket's cgroup; the first slot with cgroup_id 0 ends the list. */
@@ -87,6 +103,26 @@ struct ksbpf_exempt {
 	__u64 cgroup_id;
 	__u32 level;		/* depth in the cgroup v2 hierarchy, the root being 0 */
 	__u32 pad;
+};
+
+/* Cgroup scopes: the addresses of their tunnels, per namespace (map
+ * tunnel_src).  A packet with such a source address may leave only through
+ * that tunnel: the kernel sends some for a scope without the scope's socket
+ * (TIME_WAIT answers, RSTs from TCP's control socket, ICMP errors), which the
+ * cgroup hook never sees.  IPv4 addresses are IPv4-mapped (::ffff:a.b.c.d).
+ * ifindex 0: the tunnel is gone (its last-known addresses are kept).  A
+ * packet leaves "through the tunnel" when its output device has the tunnel's
+ * ifindex or, without the daemon to follow a re-created tunnel, its name. */
+#define KSBPF_MAX_TUNNEL_ADDRS 256
+struct ksbpf_src_key {
+	__u64 netns_cookie;
+	__u8 addr[16];
+};
+
+struct ksbpf_src {
+	__u32 ifindex;
+	__u32 pad;
+	char name[16];		/* the tunnel's name: a tunnel re-created (new ifindex) by that name is still it */
 };
 
 struct ksbpf_counter {
@@ -119,6 +155,7 @@ struct ksbpf_bucket {
 	__u64 last_ns;
 	__u64 sent;		/* samples sent to the ring buffer */
 	__u64 suppressed;	/* rate-limited, or the ring buffer was full */
+	__u64 last_jiffies;	/* when the clock was last read: within a tick it cannot have moved */
 };
 
 /* The scope's policy as the user gave it (JSON), read back by `ksbpf status`. */

@@ -85,6 +85,10 @@ def _endpoint(_ctx, _param, values) -> tuple[Endpoint, ...]:
               help="Node mode: local sockets of this cgroup subtree pass the guard (sshd, a node agent).")
 @click.option("--tc-mode", type=click.Choice(TC_MODES), default="auto", show_default=True,
               help="Node mode: tcx links (kernel 6.6+) or a clsact qdisc filter; auto picks tcx when it exists.")
+@click.option("--deny-tun", is_flag=True,
+              help="cgroup scopes: refuse /dev/net/tun to the scope's processes (a tun device they write into "
+                   "is forwarded or answered by the kernel, outside the hook); off by default: a VPN client "
+                   "inside the scope needs it.")
 @click.option("--tunnel-kind", "kinds", multiple=True, metavar="KIND",
               help=f"Link kind trusted as a tunnel (repeatable; default: {', '.join(DEFAULT_TUNNEL_KINDS)}).")
 @click.option("--events-rate", type=float, default=EventSettings.rate, show_default=True, metavar="N",
@@ -92,13 +96,16 @@ def _endpoint(_ctx, _param, values) -> tuple[Endpoint, ...]:
 @click.option("--events-burst", type=int, default=EventSettings.burst, show_default=True, metavar="N")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def attach(cgroup_path, node, tunnels, endpoints, netns, allow_lan, allow_lan_dns, allow_dhcp, block_dhcp,
-           internal, no_default_internal, exempt, tc_mode, kinds, events_rate, events_burst, as_json) -> None:
+           internal, no_default_internal, exempt, tc_mode, deny_tun, kinds, events_rate, events_burst,
+           as_json) -> None:
     """Protect a cgroup (--cgroup) or the whole machine (--node); replaces
     the policy if already protected (no gap).
 
     Enforcement stays in the kernel after this command exits."""
     if bool(cgroup_path) == node:
         raise click.UsageError("give exactly one of --cgroup PATH or --node")
+    if node and deny_tun:
+        raise click.UsageError("--deny-tun goes with --cgroup (node mode judges forwarded packets at tc already)")
     node_only = {"--block-dhcp": block_dhcp, "--internal": internal, "--no-default-internal": no_default_internal,
                  "--exempt-cgroup": exempt, "--tc-mode": tc_mode != "auto"}
     if cgroup_path and any(node_only.values()):
@@ -107,7 +114,8 @@ def attach(cgroup_path, node, tunnels, endpoints, netns, allow_lan, allow_lan_dn
         raise click.UsageError("give --allow-dhcp or --block-dhcp, not both")
     dhcp = allow_dhcp or (node and not block_dhcp)
     policy = Policy(tuple(tunnels), endpoints, netns, Options(allow_lan, allow_lan_dns, dhcp),
-                    tuple(kinds) or DEFAULT_TUNNEL_KINDS, EventSettings(events_rate, events_burst))
+                    tuple(kinds) or DEFAULT_TUNNEL_KINDS, EventSettings(events_rate, events_burst),
+                    deny_tun=deny_tun)
     if node:
         np = NodePolicy(policy, (() if no_default_internal else DEFAULT_INTERNAL) + tuple(internal), exempt, tc_mode)
         result = node_scope.attach(np, progress=_progress)
@@ -132,6 +140,8 @@ def attach(cgroup_path, node, tunnels, endpoints, netns, allow_lan, allow_lan_dn
     for ep in policy.endpoints:
         click.echo(f"  endpoint {ep}: allowed outside the tunnel")
     click.echo(f"  options: {_options(policy)}")
+    if policy.deny_tun:
+        click.echo("  deny-tun: the scope's processes cannot open /dev/net/tun (devices opened before stay usable)")
     if result.processes_before:
         click.echo(f"  notice: this kernel's cgroup programs cannot ask a packet's namespace (Linux 6.17 can): each "
                    f"socket's is recorded when it is created; the {result.processes_before} process(es) already in "
@@ -141,7 +151,7 @@ def attach(cgroup_path, node, tunnels, endpoints, netns, allow_lan, allow_lan_dn
 
 
 def _options(policy: Policy) -> str:
-    opts = [k.replace("_", "-") for k, on in vars(policy.options).items() if on]
+    opts = [k.replace("_", "-") for k, on in policy.options.to_dict().items() if on]
     return ", ".join(opts) if opts else "none (strict)"
 
 
@@ -161,6 +171,9 @@ def _print_interfaces(interfaces) -> None:
     for i in interfaces:
         if i.role == "guarded":
             state = "guarded" if i.guarded else "UNGUARDED: its traffic is NOT judged"
+            if i.guarded and getattr(i, "in_front", ()):
+                state = (f"guarded but NOT FIRST: {', '.join(map(str, i.in_front))} run(s) before the guard "
+                         "and can pass what it would drop")
         else:
             state = {"tunnel": "tunnel: not touched", "internal": "internal: leads to local containers/VMs",
                      "loopback": "loopback"}[i.role]
@@ -180,7 +193,12 @@ def _print_node_attach(result, np: NodePolicy) -> None:
     if np.exempt_cgroups:
         click.echo(f"  exempt:  {', '.join(np.exempt_cgroups)} (local sockets only; forwarded packets have none)")
     click.echo(f"  internal interfaces (not guarded): {' '.join(np.internal) or 'none'}")
-    click.echo("  interfaces that appear later are guarded only by the daemon (`ksbpf daemon` with a [node] table)")
+    if result.from_birth == "on":
+        click.echo("  from birth: a netfilter hook (IPv4, IPv6) judges the IP traffic of interfaces that appear later;"
+                   " their raw frames (AF_PACKET) and non-IP wait for the daemon's tc guard")
+    else:
+        click.echo(f"  from birth: {result.from_birth}")
+        click.echo("  interfaces that appear later are guarded only by the daemon (`ksbpf daemon` with a [node] table)")
     click.echo("  everything else is dropped; undo with: ksbpf detach --node" + (f" --netns {np.policy.netns}" if np.policy.netns else ""))
 
 
@@ -247,7 +265,9 @@ def status(as_json) -> None:
         return
     for n in st.nodes:
         state = "enforced" if n.attached else "NOT FULLY ENFORCED"
-        click.echo(f"{n.name} (netns {n.netns_label})  [{state}, {n.mode}, hook tc, since {_fmt_time(n.attached_at)}]")
+        hooks = "hooks tc+netfilter" if n.from_birth == "on" else "hook tc"
+        click.echo(f"{n.name} (netns {n.netns_label})  [{state}, {n.mode}, {hooks}, since {_fmt_time(n.attached_at)}]")
+        click.echo(f"  from birth {n.from_birth}")
         _print_interfaces(n.interfaces)
         for t in n.tunnels:
             where = f"ifindex {t.ifindex} ({t.kind})" if t.present else "absent"
@@ -276,8 +296,12 @@ def status(as_json) -> None:
         for ep in s.policy.endpoints:
             click.echo(f"  endpoint {ep}")
         click.echo(f"  options  {_options(s.policy)}")
+        if s.policy.deny_tun or s.deny_tun:
+            click.echo(f"  deny-tun {'in force: /dev/net/tun refused to the scope' if s.deny_tun else 'NOT in force'}")
         click.echo("  netns    " + ("from socket storage (sockets created before the attach are blocked until reopened)"
                                    if s.netns_identity == features.NETNS_STORAGE else "from bpf_get_netns_cookie"))
+        click.echo("  tunnel source elsewhere: " + ("dropped (netfilter hook)" if s.tunnel_source == "on"
+                                                     else s.tunnel_source))
         _print_counters(s)
         for w in s.warnings:
             click.echo(f"  warning: {w}")
@@ -421,7 +445,7 @@ def check_config(file, as_json) -> None:
         click.echo(f"  {sc.cgroup} (line {sc.line}){', created if missing' if sc.create_cgroup else ''}")
         click.echo(f"    tunnels   {', '.join(p.tunnels)} (netns {p.netns or 'own'}; kinds {', '.join(p.tunnel_kinds)})")
         click.echo(f"    endpoints {', '.join(map(str, p.endpoints)) or 'none'}")
-        opts = [k for k, on in vars(p.options).items() if on]
+        opts = [k for k, on in p.options.to_dict().items() if on]
         click.echo(f"    options   {', '.join(opts) or 'none (strict)'}")
     if cfg.node is not None:
         n, p = cfg.node.node, cfg.node.node.policy
@@ -429,7 +453,7 @@ def check_config(file, as_json) -> None:
                    f"and the internal ones ({' '.join(n.internal) or 'none'}); tc mode {n.tc_mode}")
         click.echo(f"    tunnels   {', '.join(p.tunnels)} (kinds {', '.join(p.tunnel_kinds)})")
         click.echo(f"    endpoints {', '.join(map(str, p.endpoints)) or 'none'}")
-        click.echo(f"    options   {', '.join(k for k, on in vars(p.options).items() if on) or 'none (strict)'}")
+        click.echo(f"    options   {', '.join(k for k, on in p.options.to_dict().items() if on) or 'none (strict)'}")
         if n.exempt_cgroups:
             click.echo(f"    exempt    {', '.join(n.exempt_cgroups)}")
     if cfg.kubernetes.enabled:
@@ -444,14 +468,19 @@ def check_config(file, as_json) -> None:
               help="Give up (non-zero exit) after this long.")
 @click.option("--tunnel-kind", "kinds", multiple=True, metavar="KIND",
               help=f"Link kinds not probed, as tunnels (default: {', '.join(DEFAULT_TUNNEL_KINDS)}).")
-def gate(timeout, kinds) -> None:
-    """Wait until this process's egress outside the tunnel is refused (a pod's first init container).
+@click.option("--annotations", default="/etc/ksbpf-pod/annotations", show_default=True, metavar="FILE",
+              help="The pod's annotations (a downward API volume): the daemon's ksbpf.io/protected is read there.")
+@click.option("--prefix", default="ksbpf.io/", show_default=True, help="The annotation prefix the daemon uses.")
+def gate(timeout, kinds, annotations, prefix) -> None:
+    """Wait until ksbpf protects this pod (a pod's first init container).
 
-    Unprivileged: sends a UDP datagram with TTL 1 to 192.0.2.1 through each interface
-    that is up and not a tunnel; exits 0 when the kernel refuses it on every one, 1 at the timeout."""
+    Unprivileged.  Passes when the daemon's ksbpf.io/protected annotation (read from
+    --annotations) matches the pod's ksbpf annotations AND a UDP datagram with TTL 1 to
+    192.0.2.1 / 2001:db8::1 through each interface that is up and not a tunnel is refused
+    by the kernel (IPv6: or has no route); exits 1 at the timeout."""
     from ksbpf.kubernetes import gate as gate_mod
     ok = gate_mod.wait(timeout, lambda msg: click.echo(f"ksbpf gate: {msg}", err=True),
-                       tuple(kinds) or DEFAULT_TUNNEL_KINDS)
+                       tuple(kinds) or DEFAULT_TUNNEL_KINDS, annotations=annotations, prefix=prefix)
     sys.exit(0 if ok else 1)
 
 

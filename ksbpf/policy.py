@@ -11,7 +11,7 @@ import fnmatch
 import ipaddress
 import re
 import socket
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Union
 
 from ksbpf.errors import KsbpfError
@@ -103,9 +103,20 @@ class EventSettings:
 
 @dataclass(frozen=True)
 class Options:
+    """The compile-time switches of the program (bpf.cflags).  allow_cidrs is
+    not the user's to set: a Policy sets it when it has allowed CIDRs, so a
+    program without them never pays for their lookups."""
+
     allow_lan: bool = False
     allow_lan_dns: bool = False
     allow_dhcp: bool = False
+    allow_cidrs: bool = False
+
+    def to_dict(self) -> dict:
+        """The user's options (allow_cidrs follows the policy's allow_cidrs)."""
+        d = asdict(self)
+        del d["allow_cidrs"]
+        return d
 
 
 # Link kinds trusted as tunnels: kernel WireGuard, and tun devices (wireguard-go,
@@ -125,6 +136,9 @@ class Policy:
     # destinations allowed outside the tunnel, DNS included (Kubernetes: the
     # cluster's service and pod ranges); counted as `lan`
     allow_cidrs: tuple[IPNetwork, ...] = ()
+    # cgroup scopes: a device program refuses /dev/net/tun to the scope's processes
+    # (ksbpf/kernel/devices.py); off by default: a VPN client in the scope may need it
+    deny_tun: bool = False
 
     def __post_init__(self) -> None:
         if not self.tunnels:
@@ -150,6 +164,8 @@ class Policy:
                                  f"give at most {ENDPOINT_PORTS} port/protocol pairs per address")
         cidrs = tuple(sorted(set(self.allow_cidrs), key=lambda n: (n.version, n.network_address.packed, n.prefixlen)))
         object.__setattr__(self, "allow_cidrs", cidrs)
+        if self.options.allow_cidrs != bool(cidrs):   # the tries are looked up only when there are CIDRs
+            object.__setattr__(self, "options", replace(self.options, allow_cidrs=bool(cidrs)))
         for net in cidrs:
             if net.prefixlen == 0:
                 raise KsbpfError(f"allowed CIDR {net} is every address: it would open everything outside the tunnel",
@@ -162,10 +178,11 @@ class Policy:
             "tunnels": list(self.tunnels),
             "endpoints": [str(e) for e in self.endpoints],
             "netns": self.netns,
-            "options": asdict(self.options),
+            "options": self.options.to_dict(),
             "tunnel_kinds": list(self.tunnel_kinds),
             "events": asdict(self.events),
             **({"allow_cidrs": [str(n) for n in self.allow_cidrs]} if self.allow_cidrs else {}),
+            **({"deny_tun": True} if self.deny_tun else {}),
         }
 
     @classmethod
@@ -174,7 +191,7 @@ class Policy:
         return cls(tuple(d["tunnels"]), tuple(Endpoint.parse(e) for e in d.get("endpoints", ())),
                    d.get("netns", ""), Options(**d.get("options", {})),
                    tuple(d.get("tunnel_kinds", DEFAULT_TUNNEL_KINDS)), EventSettings(**d.get("events", {})),
-                   tuple(parse_cidr(n) for n in d.get("allow_cidrs", ())))
+                   tuple(parse_cidr(n) for n in d.get("allow_cidrs", ())), bool(d.get("deny_tun", False)))
 
     def trusts(self, name: str, kind: str | None) -> bool:
         """Is an interface called `name` of link kind `kind` one of this policy's tunnels?"""

@@ -24,6 +24,7 @@ class Reason(IntEnum):
     DROP_FRAGMENT = 10
     DROP_MALFORMED = 11
     DROP_NOT_IP = 12
+    DROP_TUNNEL_SOURCE = 13
 
     @property
     def allowed(self) -> bool:
@@ -59,6 +60,7 @@ class Hook(IntEnum):
 
     CGROUP = 0
     TC = 1
+    NF = 2
 
     @property
     def label(self) -> str:

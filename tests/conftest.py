@@ -14,6 +14,8 @@ from ksbpf.kernel import cgroup, pins
 from ksbpf.lab.namespaces import Lab, TcpEchoServer, UdpEchoServer, new_lab
 from ksbpf.scopes import cgroups
 
+from kube_image import ksbpf_image, podman  # noqa: F401  (session fixtures: one image build per run)
+
 
 def pytest_collection_modifyitems(config, items):
     if os.geteuid() != 0:

@@ -35,11 +35,15 @@ def dropped(cgroup_path: str) -> int:
 class DaemonProcess:
     """`ksbpf daemon` as a child process with JSON logs collected from stderr."""
 
-    def __init__(self, config_path: str):
+    def __init__(self, config_path: str, prefix: tuple[str, ...] = (), env: dict | None = None,
+                 argv: list[str] | None = None):
+        """prefix: a command that runs it (setpriv with a capability set, a mount namespace);
+        argv: the whole command instead (a container runtime's)."""
         import threading
-        self.proc = subprocess.Popen(KSBPF + ["daemon", "--config", config_path, "--log-format", "json"],
+        argv = argv or [*prefix, *KSBPF, "daemon", "--config", config_path, "--log-format", "json"]
+        self.proc = subprocess.Popen(argv,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True, env=env)
         self.lines: list[str] = []
         self.events: list[dict] = []
         self._cond = threading.Condition()

@@ -28,12 +28,18 @@ def prog(tmp_path_factory):
     try:
         subprocess.run(["ip", "-n", name, "link", "add", "phy", "type", "veth", "peer", "name", "phz"], check=True)
         ns = netns.resolve(name)
-        p = bpf.load(Options(), 1, cache=str(tmp_path_factory.mktemp("cache")))
-        for net in CIDRS:
-            p.maps.add_cidr(net)
-        p.maps.add_endpoint(Endpoint.parse("10.96.0.99:51820/udp"))
+        cache = str(tmp_path_factory.mktemp("cache"))
+        # as a Policy with allow_cidrs compiles it (-DKSBPF_OPT_CIDRS); and without the option, the same maps
+        p = bpf.load(Policy(("wg0",), allow_cidrs=tuple(CIDRS)).options, 1, cache=cache)
+        off = bpf.load(Options(), 1, cache=cache)
+        for prog_ in (p, off):
+            for net in CIDRS:
+                prog_.maps.add_cidr(net)
+            prog_.maps.add_endpoint(Endpoint.parse("10.96.0.99:51820/udp"))
+        p.off = off
         yield p, ns, netns.ifindex(ns, "phy")
         p.close()
+        off.close()
     finally:
         subprocess.run(["ip", "netns", "del", name])
 
@@ -62,6 +68,15 @@ def test_allowed_cidrs_pass_outside_the_tunnel(prog, dst, port, allowed):
     ip = ipv6 if ":" in dst else ipv4
     verdict, reason = reason_of(prog, frame(ip(dst, UDP, dport=port)))
     assert (verdict, reason) == ((1, Reason.ALLOW_LAN) if allowed else (0, Reason.DROP_NOT_TUNNEL))
+
+
+@pytest.mark.root
+def test_without_the_compile_time_option_the_tries_are_not_looked_up(prog):
+    """A program compiled without allow_cidrs never consults the tries (the drop
+    path pays nothing for them), whatever they hold."""
+    p, ns, ifindex = prog
+    assert reason_of((p.off, ns, ifindex), frame(ipv4("10.96.0.10", UDP, dport=53))) == (0, Reason.DROP_NOT_TUNNEL)
+    assert reason_of((p.off, ns, ifindex), frame(ipv4("10.96.0.99", UDP, dport=51820))) == (1, Reason.ALLOW_ENDPOINT)
 
 
 @pytest.mark.root

@@ -41,6 +41,22 @@ def test_packet_cost_benchmark_runs(tmp_path):
 
 
 @pytest.mark.root
+def test_new_uplink_benchmark_runs(tmp_path):
+    result = bench(tmp_path, "new_uplink.py", "--tries", "1")
+    assert len(result["rows"]) == 1 and result["rows"][0]["ip_sent"] + result["rows"][0]["ip_refused"] > 0
+
+
+@pytest.mark.root
+def test_nf_cost_benchmark_runs(tmp_path):
+    from ksbpf.kernel import nf
+    if not nf.supported():
+        pytest.skip("this kernel has no netfilter BPF links (Linux 6.4+)")
+    result = bench(tmp_path, "nf_cost.py", "--rounds", "2", "--packets", "300")
+    assert set(result["paths"]) == {"tunnel", "guarded", "endpoint", "drop"}
+    assert all(p["trivial_ns"] > 0 and p["ksbpf_ns"] > 0 for p in result["paths"].values())
+
+
+@pytest.mark.root
 def test_netns_identity_benchmark_runs(tmp_path):
     result = bench(tmp_path, "netns_identity.py", "--rounds", "1", "--packets", "200")
     assert "storage" in result["variants"]   # every kernel has socket storage; the helper only >= 6.17

@@ -140,6 +140,11 @@ def test_exec_refuses_unprotected_cgroup(cg):
         assert f.read().strip() == ""
 
 
+def test_deny_tun_goes_with_a_cgroup_scope():
+    proc = ksbpf("attach", "--node", "--netns", "ksbpf-no-such-netns", "--tunnel", "wg0", "--deny-tun")
+    assert proc.returncode == 2 and "--deny-tun goes with --cgroup" in proc.stderr
+
+
 def test_detach_needs_exactly_one_target():
     proc = ksbpf("detach")
     assert proc.returncode == 2 and "exactly one of --cgroup PATH, --node or --all" in proc.stderr

@@ -35,6 +35,7 @@ allow_lan_dns = true
 allow_dhcp = true
 tunnel_kinds = ["wireguard"]
 create_cgroup = true
+deny_tun = true
 
 [[scope]]
 cgroup = "/sys/fs/cgroup/other.slice"
@@ -63,8 +64,10 @@ def test_full_config():
     assert first.policy.options == Options(allow_lan=True, allow_lan_dns=True, allow_dhcp=True)
     assert first.policy.tunnel_kinds == ("wireguard",)
     assert first.create_cgroup is True
+    assert first.policy.deny_tun is True
     # Defaults when omitted.
-    assert second.line == 18
+    assert second.line == 19
+    assert second.policy.deny_tun is False
     assert second.policy.endpoints == () and second.policy.netns == "" and second.policy.options == Options()
     assert set(second.policy.tunnel_kinds) == set(DEFAULT_TUNNEL_KINDS) == {"wireguard", "tun"}
     assert second.create_cgroup is False
@@ -80,7 +83,7 @@ def test_example_file_parses():
     cfg = load(EXAMPLE)
     assert [s.cgroup for s in cfg.scopes] == ["/sys/fs/cgroup/vpn.slice", "/sys/fs/cgroup/work.slice"]
     keys = {"cgroup", "tunnels", "endpoints", "netns", "allow_lan", "allow_lan_dns", "allow_dhcp",
-            "tunnel_kinds", "create_cgroup", "listen", "log_format"}
+            "tunnel_kinds", "create_cgroup", "listen", "log_format", "deny_tun"}
     with open(EXAMPLE) as f:
         text = f.read()
     assert all(f"\n{k} =" in text for k in keys)  # the example shows every key
@@ -118,6 +121,7 @@ SCOPE = '[[scope]]\ncgroup = "/sys/fs/cgroup/a"\ntunnels = ["wg0"]\n'  # lines 1
     ('[[scope]]\ncgroup = ["/a"]\ntunnels = ["wg0"]\n', 2, "scope[0].cgroup", "an array is not valid here"),
     (SCOPE + 'allow_lan = "yes"\n', 4, "scope[0].allow_lan", "a string is not valid here; expected true or false"),
     (SCOPE + 'create_cgroup = 1\n', 4, "scope[0].create_cgroup", "an integer is not valid"),
+    (SCOPE + 'deny_tun = "yes"\n', 4, "scope[0].deny_tun", "a string is not valid here; expected true or false"),
     (SCOPE + 'netns = 3\n', 4, "scope[0].netns", "an integer is not valid"),
     (SCOPE + 'endpoints = "1.2.3.4:1/udp"\n', 4, "scope[0].endpoints", "expected an array"),
     (SCOPE + 'tunnel_kinds = "tun"\n', 4, "scope[0].tunnel_kinds", "expected an array"),

@@ -134,6 +134,30 @@ def vpn_script(far: FarSide, port: int) -> str:
     return f"wireguard-go wg0; {sender(far.internet, port)}"
 
 
+COMPOSE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deploy", "compose")
+
+
+def compose_options(service: str) -> tuple[str, ...]:
+    """The `run` options of a service of the compose example (deploy/compose/
+    compose.yaml): the tests run the example's own settings, not their own."""
+    import yaml
+    with open(os.path.join(COMPOSE, "compose.yaml")) as f:
+        svc = yaml.safe_load(f)["services"][service]
+    out: list[str] = []
+    for key, flag in (("cap_add", "--cap-add"), ("cap_drop", "--cap-drop"), ("devices", "--device"),
+                      ("sysctls", "--sysctl")):
+        for value in svc.get(key, []):
+            out += [flag, value]
+    return tuple(out)
+
+
+def net_raw(pid: int) -> bool:
+    """Does the process hold CAP_NET_RAW (effective)?"""
+    with open(f"/proc/{pid}/status") as f:
+        eff = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    return bool(eff & (1 << 13))
+
+
 def blocked(path: str) -> int:
     return scope_status(path)["counters"]["not_tunnel"]["packets"]
 
@@ -143,10 +167,14 @@ def test_vpn_and_app_containers_through_the_tunnel_and_nothing_when_it_is_delete
     port_vpn, port_app, port_ctl = ports(rt, 21001, 3)
     path, parent = ctr.parent()
     d = run_daemon([scope(path, far)])
-    vpn = ctr.run("vpn", vpn_script(far, port_vpn), parent=parent, tun=True)
+    vpn = ctr.run("vpn", vpn_script(far, port_vpn), parent=parent, options=compose_options("vpn"))
     configure_tunnel(rt.pid(vpn), far, f"{far.tunnel_net}.2", routes=(f"{far.internet}/32",))
-    ctr.run("app", sender(far.internet, port_app), parent=parent, share=vpn)
-    ctr.run("ctl", sender(far.internet, port_ctl))   # outside the protected parent
+    app = ctr.run("app", sender(far.internet, port_app), parent=parent, share=vpn, options=compose_options("app"))
+    ctl = ctr.run("ctl", sender(far.internet, port_ctl))   # outside the protected parent, the runtime's defaults
+    assert not net_raw(rt.pid(app))              # the example's cap_drop: no raw frames from the app
+    if rt.kind == "docker":                      # Docker grants CAP_NET_RAW by default (Podman 4 no longer does)
+        assert net_raw(rt.pid(ctl))
+    assert not any(f"process {rt.pid(app)} " in w for w in scope_status(path)["warnings"])
     wait_for(lambda: far.through.get(far.internet, port_app) > 0 and far.through.get(far.internet, port_vpn) > 0,
              ARRIVE_TIMEOUT, "the app's and the VPN container's traffic through the tunnel",
              lambda: diagnose(path, far, d))
@@ -181,7 +209,7 @@ def test_a_container_sending_from_its_first_instruction_gets_nothing_out_before_
     run_daemon([scope(path, far)])
     script = (f"({sender(far.internet, port)}) & "
               "while [ ! -e /tmp/go ]; do usleep 10000; done; wireguard-go wg0; wait")
-    early = ctr.run("early", script, parent=parent, tun=True)
+    early = ctr.run("early", script, parent=parent, options=compose_options("vpn"))
     pid = rt.pid(early)
     wait_for(lambda: blocked(path) >= 3, ARRIVE_TIMEOUT, "the container's first attempts (dropped)")
     time.sleep(QUIET)
@@ -202,9 +230,9 @@ def test_vpn_container_restarted_traffic_resumes_without_a_leak(rt, far, ctr, ru
     port_vpn, port_app = ports(rt, 21021, 2)
     path, parent = ctr.parent()
     d = run_daemon([scope(path, far)])
-    vpn = ctr.run("vpn", vpn_script(far, port_vpn), parent=parent, tun=True)
+    vpn = ctr.run("vpn", vpn_script(far, port_vpn), parent=parent, options=compose_options("vpn"))
     configure_tunnel(rt.pid(vpn), far, f"{far.tunnel_net}.2", routes=(f"{far.internet}/32",))
-    app = ctr.run("app", sender(far.internet, port_app), parent=parent, share=vpn)
+    app = ctr.run("app", sender(far.internet, port_app), parent=parent, share=vpn, options=compose_options("app"))
     wait_for(lambda: far.through.get(far.internet, port_app) > 0, ARRIVE_TIMEOUT, "the app through the tunnel")
     old_ns = os.stat(f"/proc/{rt.pid(vpn)}/ns/net").st_ino
 
@@ -287,5 +315,7 @@ def test_compose_example_is_consistent():
     parents = set(re.findall(r"^\s+cgroup_parent:\s*(\S+)", compose, re.M))
     assert parents == {"vpnkill.slice"} and sc.cgroup == "/sys/fs/cgroup/vpnkill.slice"
     assert re.search(r'^\s+network_mode:\s*"service:vpn"', compose, re.M)
+    assert compose_options("app") == ("--cap-drop", "NET_RAW")   # what the README tells users to do
+    assert ("--device", "/dev/net/tun:/dev/net/tun") == compose_options("vpn")[2:4]
     assert sc.policy.netns == "each" and sc.policy.tunnels == ("wg0",) and sc.create_cgroup
     assert "[Slice]" in open(os.path.join(root, "vpnkill.slice")).read()

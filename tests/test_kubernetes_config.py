@@ -52,7 +52,7 @@ def test_annotations_to_policy():
     p = got.policy
     assert p.tunnels == ("wg0", "tun0") and p.netns == NS
     assert set(p.endpoints) == {Endpoint.parse("203.0.113.5:51820/udp"), Endpoint.parse("[2001:db8::5]:51820/udp")}
-    assert p.options == Options(True, True, False)
+    assert p.options == Options(True, True, False, allow_cidrs=True)   # the tries compiled in (KSBPF_OPT_CIDRS)
     assert p.allow_cidrs == (ipaddress.ip_network("10.96.0.0/12"), ipaddress.ip_network("fd00:10:96::/112"))
     assert notes.is_annotated({P + "tunnels": "wg0"}, P) and not notes.is_annotated({"a/b": "c"}, P)
 

@@ -67,7 +67,8 @@ def test_kustomization_lists_every_manifest_and_only_those():
     top = {name for name in manifests() if "/" not in name}
     assert listed == top
     names = {d["metadata"].get("namespace") for p in top for d in manifests()[p] if d["kind"] not in
-             ("Namespace", "ClusterRole", "ClusterRoleBinding")}
+             ("Namespace", "ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolicy",
+              "ValidatingAdmissionPolicyBinding")}
     assert names == {"ksbpf-system"}
 
 
@@ -79,7 +80,9 @@ def test_daemonset_has_what_the_daemon_needs_and_no_more():
     assert pod["tolerations"] == [{"operator": "Exists"}]
     (c,) = pod["containers"]
     sc = c["securityContext"]
-    assert sorted(sc["capabilities"]["add"]) == ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN", "SYS_RESOURCE"]
+    # SYS_PTRACE: /proc/PID/ns/net of the pods' processes (other users'); test_kubernetes_privileges.py
+    assert sorted(sc["capabilities"]["add"]) == ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN", "SYS_PTRACE",
+                                                 "SYS_RESOURCE"]
     assert sc["capabilities"]["drop"] == ["ALL"] and sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz" and c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert "lifecycle" not in c                      # no preStop: enforcement outlives the pod
@@ -95,9 +98,29 @@ def test_daemonset_has_what_the_daemon_needs_and_no_more():
     warm = inits["warm-cache"]
     assert warm["command"] == ["ksbpf", "warm-cache"] and warm["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert not warm["securityContext"]["privileged"]
+    # an empty cache: every entry point is loaded once, the tc and sock_create ones need NET_ADMIN
+    assert "NET_ADMIN" in warm["securityContext"]["capabilities"]["add"]
+    assert set(warm["securityContext"]["capabilities"]["add"]) <= set(sc["capabilities"]["add"])
     env = {e["name"]: e for e in c["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert ds["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+
+
+# What every node image has (COS, Bottlerocket, Talos and Flatcar have no /usr/src, and
+# /lib/modules is not a headers tree there): the BPF filesystem, the cgroup tree, and
+# directories the kubelet creates (DirectoryOrCreate).  Kernel headers come with the image.
+NODE_PATHS = {"/sys/fs/bpf", "/sys/fs/cgroup"}
+
+
+def test_daemonset_needs_no_host_path_that_common_node_images_lack():
+    pod = find("DaemonSet")["spec"]["template"]["spec"]
+    for v in pod["volumes"]:
+        if "hostPath" in v:
+            hp = v["hostPath"]
+            assert hp["path"] in NODE_PATHS or hp.get("type") == "DirectoryOrCreate", v
+            assert not hp["path"].startswith(("/usr/src", "/lib/modules")), v
+    mounted = {m["mountPath"] for c in pod["containers"] + pod["initContainers"] for m in c.get("volumeMounts", [])}
+    assert not mounted & {"/usr/src", "/lib/modules"}
 
 
 def test_configmap_passes_check_config():
@@ -114,7 +137,10 @@ def test_rbac_allows_pods_read_and_events_create_only():
     rules = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
     assert {("", "pods", v) for v in ("get", "list", "watch")} <= rules
     assert ("", "events", "create") in rules
-    assert all(r == "events" or v in ("get", "list", "watch") for _g, r, v in rules)
+    assert ("", "pods", "patch") in rules                                   # ksbpf.io/protected
+    assert {("", "nodes", "get"), ("", "nodes", "patch")} <= rules         # its node's not-ready taint
+    assert all(r in ("events", "pods", "nodes") for _g, r, _v in rules)
+    assert all(v in ("get", "list", "watch", "create", "patch") for _g, _r, v in rules)   # never delete or update
     binding = find("ClusterRoleBinding")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ksbpf", "namespace": "ksbpf-system"}]
     assert find("DaemonSet")["spec"]["template"]["spec"]["serviceAccountName"] == "ksbpf"

@@ -2,12 +2,16 @@
 a local replaying API server (tests/kubeapi.py: no API server can run
 here), protecting pods laid out as the kubelet makes them (tests/kubelet.py)
 whose processes live in a network namespace with a real wireguard-go
-tunnel (the lab).  Checked: an annotated pod is protected (traffic outside
-the tunnel counted and never arriving, the tunnel working); the gate fails
-closed without the daemon and passes once the pod is protected; a pod with a
-bad annotation is fully blocked and gets an Event; a hostNetwork pod is
-refused with an Event; a restarted daemon adopts every pod without a gap;
-deleting a pod removes its scope and pins."""
+tunnel (the lab).  Checked: the node's ksbpf.io/agent-not-ready taint is
+removed once the daemon is ready (other taints kept); an annotated pod is
+protected (traffic outside the tunnel counted and never arriving, the tunnel
+working) and the daemon says so on it (ksbpf.io/protected, a KsbpfProtected
+Event); the gate fails closed without the daemon and passes once the pod is
+protected and its downward API file carries the daemon's word; a pod with a
+bad annotation is fully blocked, marked "blocked:" and gets
+KsbpfInvalidAnnotation and KsbpfBlocked Events; a hostNetwork pod is refused
+with an Event; a restarted daemon adopts every pod without a gap (and writes
+nothing again); deleting a pod removes its scope and pins."""
 
 from __future__ import annotations
 
@@ -20,15 +24,18 @@ import kubernetes_validate
 import pytest
 from helpers import DaemonProcess, scope_status
 from test_daemon import prog_ids
-from test_gate import run_gate
+from test_gate import downward, run_gate
 
 from ksbpf.kernel import pins
+from ksbpf.kubernetes import annotations as notes
 from ksbpf.lab.kubeapi import FakeApiServer, make_pod
 from ksbpf.lab.kubelet import container_dir, pod_dir, start_in
 from ksbpf.lab.namespaces import ProbeStream, Sniffer, probe
 
 pytestmark = pytest.mark.lab
 NODE = "node-test"
+TAINT = {"key": "ksbpf.io/agent-not-ready", "effect": "NoSchedule"}
+OTHER_TAINT = {"key": "example.com/other", "value": "x", "effect": "NoExecute"}
 
 
 def free_port() -> int:
@@ -48,12 +55,17 @@ class Pod:
         self.name = f"default/{name}"
 
 
+def api_uid(api, name: str) -> str:
+    return next(uid for uid, p in api.pods.items() if p["metadata"]["name"] == name)
+
+
 @pytest.fixture
 def node(lab, make_cgroup, tmp_path):
     top = make_cgroup()
     pods: list[Pod] = []
     daemons: list[DaemonProcess] = []
     with FakeApiServer() as api:
+        api.put_node(NODE, taints=[TAINT, OTHER_TAINT])
         cfg = tmp_path / "ksbpf.toml"
         cfg.write_text(f'[metrics]\nlisten = "127.0.0.1:{free_port()}"\n[kubernetes]\nenabled = true\n'
                        f'node_name = "{NODE}"\nkubeconfig = "{api.kubeconfig(tmp_path / "kubeconfig")}"\n'
@@ -89,20 +101,35 @@ def test_pods_protected_refused_blocked_adopted_and_released(lab, servers, node)
     add_pod("systemd", "Guaranteed", "host-app", {"ksbpf.io/tunnels": "wg0"}, host_network=True)
     udp = servers["udp"]
 
-    # no daemon: the gate fails closed (its datagram goes out, so it is not protected)
-    gate = run_gate(good.container, lab.client_ns, timeout=1)
+    # no daemon: the gate fails closed (its datagram goes out, and nobody said it is protected)
+    gate = run_gate(good.container, lab.client_ns, timeout=1,
+                    annotations=downward(good.obj["metadata"]["annotations"], protected=False))
     assert gate.returncode == 1 and "timed out" in gate.stderr, gate.stderr
+    assert [t["key"] for t in api.nodes[NODE]["spec"]["taints"]] == [TAINT["key"], OTHER_TAINT["key"]]
 
     d = start()
+    d.wait_for("node_taint_removed", node=NODE, taint=TAINT["key"])
+    assert api.nodes[NODE]["spec"]["taints"] == [OTHER_TAINT]       # only its own
     protected = d.wait_for("pod_protected", pod=good.name)
     assert (protected["driver"], protected["qos"], protected["blocked"]) == ("systemd", "burstable", False)
     assert protected["allow_cidrs"] == ["10.96.0.0/12"]
     assert d.wait_for("pod_protected", pod=bad.name)["blocked"] is True
     d.wait_for("pod_annotation_invalid", pod=bad.name)
     d.wait_for("pod_refused", pod="default/host-app", reason="HostNetworkRefused")
-    gate = run_gate(good.container, lab.client_ns, timeout=20)
+    key = "ksbpf.io/" + notes.PROTECTED
+    api.wait(lambda: key in (api.pods[good.uid]["metadata"].get("annotations") or {})
+             and key in (api.pods[bad.uid]["metadata"].get("annotations") or {}))
+    good_notes = api.pod(good.uid)["metadata"]["annotations"]
+    assert good_notes[key] == notes.digest(good_notes, "ksbpf.io/")
+    bad_notes = api.pod(bad.uid)["metadata"]["annotations"]
+    assert bad_notes[key] == "blocked:" + notes.digest(bad_notes, "ksbpf.io/")
+    assert key not in api.pod(api_uid(api, "host-app"))["metadata"]["annotations"]
+    said = downward(good_notes, protected=False)   # the kubelet's downward API file, with the daemon's word
+    gate = run_gate(good.container, lab.client_ns, timeout=20, annotations=said)
     assert gate.returncode == 0, gate.stderr
     assert f"{lab.phy_client}: refused" in gate.stderr
+    gate = run_gate(bad.container, lab.client_ns, timeout=1, annotations=downward(bad_notes, protected=False))
+    assert gate.returncode == 1 and "blocks ALL" in gate.stderr, gate.stderr
 
     with Sniffer(lab) as sniffer:
         assert probe(lab, good.container, "udp", lab.net4_server, udp).ok          # through the tunnel
@@ -113,11 +140,17 @@ def test_pods_protected_refused_blocked_adopted_and_released(lab, servers, node)
     assert scope_status(good.cgroup)["counters"]["not_tunnel"]["packets"] >= 1
     assert scope_status(bad.cgroup)["counters"]["not_tunnel"]["packets"] >= 2
 
-    reasons = sorted(e["reason"] for e in api.events)
-    assert reasons == ["HostNetworkRefused", "KsbpfAnnotationInvalid"], api.events
+    want = ["HostNetworkRefused", "KsbpfBlocked", "KsbpfInvalidAnnotation", "KsbpfProtected"]
+    api.wait(lambda: len(api.events) >= len(want))
+    assert sorted(e["reason"] for e in api.events) == want, [(e["reason"], e["involvedObject"]["name"], e["message"]) for e in api.events]
     for event in api.events:
         kubernetes_validate.validate(event, "1.37.0", strict=True)
-    assert "yes please" in [e for e in api.events if e["reason"] == "KsbpfAnnotationInvalid"][0]["message"]
+    by_reason = {e["reason"]: e for e in api.events}
+    assert "yes please" in by_reason["KsbpfInvalidAnnotation"]["message"]
+    assert by_reason["KsbpfBlocked"]["involvedObject"]["name"] == "typo-app"
+    assert (by_reason["KsbpfProtected"]["involvedObject"]["name"], by_reason["KsbpfProtected"]["type"]) == \
+        ("vpn-app", "Normal")
+    patches = len(api.patches)
 
     # a restarted daemon adopts every pod: nothing detached or re-attached, no gap, no leak
     before = {p.cgroup: prog_ids(p.cgroup) for p in (good, bad)}
@@ -134,6 +167,7 @@ def test_pods_protected_refused_blocked_adopted_and_released(lab, servers, node)
     assert through.result.sent > 0 and through.result.blocked == 0, through.result   # never interrupted
     assert outside.result.sent == 0 and outside.result.blocked > 0
     assert {p.cgroup: prog_ids(p.cgroup) for p in (good, bad)} == before
+    assert len(api.patches) == patches     # what it enforces was already said: nothing written again
 
     # the pod is deleted: its scope and pins go
     pin_dir = pins.scope_dir(os.stat(good.cgroup).st_ino)

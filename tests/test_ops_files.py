@@ -31,6 +31,7 @@ METRICS: dict[str, set[str]] = {
     "ksbpf_scope_attached": {"scope"},
     "ksbpf_netlink_events_total": {"type"},
     "ksbpf_route_alerts_total": set(),
+    "ksbpf_guards_displaced_total": set(),
     "ksbpf_events_suppressed_total": {"scope"},
     "ksbpf_build_info": {"version"},
     "ksbpf_verify_failures": {"scope", "check"},

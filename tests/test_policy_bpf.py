@@ -25,6 +25,7 @@ EP4 = Endpoint.parse("203.0.113.5:51820/udp")
 EP4_TCP = Endpoint.parse("198.51.100.7:443/tcp")
 EP6 = Endpoint.parse("[2001:db8:5::5]:51820/udp")
 
+ON_LINK6, ROUTED6 = "2001:db8:1::1/64", "2001:db8:99::/48"
 OPTION_SETS = {
     "strict": Options(),
     "lan": Options(allow_lan=True),
@@ -52,6 +53,13 @@ def host(request, tmp_path_factory):
     try:
         subprocess.run(["ip", "-n", name, "link", "add", "tnl", "type", "veth", "peer", "name", "phy"], check=True)
         subprocess.run(["ip", "-n", name, "tuntap", "add", "mode", "tun", "name", "tn0"], check=True)
+        # neighbour discovery through phy reaches 2001:db8:1::/64 (on its link), not 2001:db8:99::/48
+        # (through a gateway); the helper answers only for an interface that forwards IPv6
+        for cmd in (["link", "set", "tnl", "up"], ["link", "set", "phy", "up"],
+                    ["-6", "addr", "add", ON_LINK6, "dev", "phy", "nodad"],
+                    ["-6", "route", "add", ROUTED6, "via", "2001:db8:1::ff", "dev", "phy"]):
+            subprocess.run(["ip", "-n", name, *cmd], check=True)
+        subprocess.run(["ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"], check=True)
         ns = netns.resolve(name)
         env = {"ns": ns, "cookie": netns.cookie(ns), "tnl": netns.ifindex(ns, "tnl"),
                "phy": netns.ifindex(ns, "phy"), "tn0": netns.ifindex(ns, "tn0"), "progs": {}}
@@ -193,12 +201,27 @@ CASES = [
     # DHCP client traffic, only with --allow-dhcp
     ("dhcp-off-v4", "strict", V4("255.255.255.255", UDP, sport=68, dport=67), "phy", Reason.DROP_NOT_TUNNEL),
     ("dhcp-v4", "dhcp", V4("255.255.255.255", UDP, sport=68, dport=67, src="0.0.0.0"), "phy", Reason.ALLOW_DHCP),
-    ("dhcp-renew-v4", "dhcp", V4("192.0.2.1", UDP, sport=68, dport=67), "phy", Reason.ALLOW_DHCP),
+    ("dhcp-renew-v4", "dhcp", V4("192.168.1.1", UDP, sport=68, dport=67), "phy", Reason.ALLOW_DHCP),
+    ("dhcp-linklocal-v4", "dhcp", V4("169.254.1.1", UDP, sport=68, dport=67), "phy", Reason.ALLOW_DHCP),
+    # DHCP carries no data: a routed server is not the link's, a big message is no DHCP message
+    ("dhcp-routed-server-v4", "dhcp", V4("192.0.2.1", UDP, sport=68, dport=67), "phy", Reason.DROP_NOT_TUNNEL),
+    ("dhcp-big-v4", "dhcp", V4("255.255.255.255", UDP, sport=68, dport=67, payload=b"d" * 1400), "phy",
+     Reason.DROP_NOT_TUNNEL),
+    ("dhcp-576-v4", "dhcp", V4("255.255.255.255", UDP, sport=68, dport=67, payload=b"d" * 548), "phy",
+     Reason.ALLOW_DHCP),
+    ("dhcp-577-v4", "dhcp", V4("255.255.255.255", UDP, sport=68, dport=67, payload=b"d" * 549), "phy",
+     Reason.DROP_NOT_TUNNEL),
     ("dhcp-wrong-sport-v4", "dhcp", V4("192.0.2.1", UDP, sport=40000, dport=67), "phy", Reason.DROP_NOT_TUNNEL),
     ("dhcp-tcp-v4", "dhcp", V4("192.0.2.1", TCP, sport=68, dport=67), "phy", Reason.DROP_NOT_TUNNEL),
     ("dhcp-off-v6", "strict", V6("ff02::1:2", UDP, sport=546, dport=547), "phy", Reason.DROP_NOT_TUNNEL),
     ("dhcp-v6", "dhcp", V6("ff02::1:2", UDP, sport=546, dport=547, src="fe80::2"), "phy", Reason.ALLOW_DHCP),
     ("dhcp-wrong-port-v6", "dhcp", V6("ff02::1:2", UDP, sport=546, dport=53), "phy", Reason.DROP_NOT_TUNNEL),
+    ("dhcp-linklocal-server-v6", "dhcp", V6("fe80::1", UDP, sport=546, dport=547), "phy", Reason.ALLOW_DHCP),
+    ("dhcp-routed-server-v6", "dhcp", V6("2606:2800:220:1::1", UDP, sport=546, dport=547), "phy",
+     Reason.DROP_NOT_TUNNEL),
+    ("dhcp-other-mcast-v6", "dhcp", V6("ff05::1:3", UDP, sport=546, dport=547), "phy", Reason.DROP_NOT_TUNNEL),
+    ("dhcp-big-v6", "dhcp", V6("ff02::1:2", UDP, sport=546, dport=547, payload=b"d" * 1400), "phy",
+     Reason.DROP_NOT_TUNNEL),
     # IPv6 extension headers are followed to the ports
     ("endpoint-exthdrs-v6", "strict", V6("2001:db8:5::5", UDP, dport=51820, ext=(HOPOPTS, DSTOPTS)), "phy", Reason.ALLOW_ENDPOINT),
     ("serverip-exthdrs-v6", "strict", V6("2001:db8:5::5", UDP, dport=53, ext=(HOPOPTS, DSTOPTS)), "phy", Reason.DROP_ENDPOINT_MISMATCH),
@@ -219,10 +242,59 @@ def test_policy(host, hook, options, packet, via, expected):
 
 
 ND = {"rs": 133, "ns": 135, "na": 136}
+ARP_REQUEST = b"\x00\x01\x08\x00\x06\x04\x00\x01" + bytes.fromhex("020000000001c0000201") + bytes(6) + bytes.fromhex("c0000202")
+ARP_REPLY = ARP_REQUEST[:7] + b"\x02" + ARP_REQUEST[8:]
+
+
+def nd(dst: str, kind: str, payload: bytes = b"x" * 8, **kw) -> bytes:
+    return frame(ipv6(dst, ICMPV6, hop_limit=255, icmp_type=ND[kind], payload=payload, **kw))
+
+
 TC_CASES = [
     # id, options, frame, expected at tc, expected at the cgroup hook
     ("arp", "strict", eth(ETH_ARP, b"\x00\x01\x08\x00\x06\x04\x00\x01" + b"\x00" * 20),
      Reason.ALLOW_NEIGH, Reason.DROP_NOT_IP),
+    ("arp-reply", "strict", eth(ETH_ARP, ARP_REPLY), Reason.ALLOW_NEIGH, Reason.DROP_NOT_IP),
+    ("arp-padded-to-60", "strict", eth(ETH_ARP, ARP_REQUEST + bytes(18)), Reason.ALLOW_NEIGH, Reason.DROP_NOT_IP),
+    ("arp-padded-some", "strict", eth(ETH_ARP, ARP_REQUEST + bytes(5)), Reason.ALLOW_NEIGH, Reason.DROP_NOT_IP),
+    ("arp-vlan", "strict", eth(0x8100, b"\x00\x0a\x08\x06" + ARP_REQUEST), Reason.ALLOW_NEIGH, None),
+    # the ARP ethertype around anything that is not an ARP message is not ARP
+    ("arp-carrying-ipv4", "strict", eth(ETH_ARP, ipv4("93.184.216.34", UDP, dport=443)),
+     Reason.DROP_NOT_IP, Reason.DROP_NOT_IP),
+    ("arp-vlan-carrying-ipv4", "strict", eth(0x8100, b"\x00\x0a\x08\x06" + ipv4("93.184.216.34", UDP, dport=443)),
+     Reason.DROP_NOT_IP, None),
+    ("arp-data-in-padding", "strict", eth(ETH_ARP, ARP_REQUEST + b"\x00" * 17 + b"d"), Reason.DROP_NOT_IP, Reason.DROP_NOT_IP),
+    ("arp-longer-than-a-minimum-frame", "strict", eth(ETH_ARP, ARP_REQUEST + bytes(19)), Reason.DROP_NOT_IP,
+     Reason.DROP_NOT_IP),
+    ("arp-short", "strict", eth(ETH_ARP, ARP_REQUEST[:27]), Reason.DROP_NOT_IP, Reason.DROP_NOT_IP),
+    ("arp-ipv6-plen", "strict", eth(ETH_ARP, ARP_REQUEST[:5] + b"\x10" + ARP_REQUEST[6:]), Reason.DROP_NOT_IP,
+     Reason.DROP_NOT_IP),
+    ("arp-rarp-op", "strict", eth(ETH_ARP, ARP_REQUEST[:7] + b"\x03" + ARP_REQUEST[8:]), Reason.DROP_NOT_IP,
+     Reason.DROP_NOT_IP),
+    ("arp-not-ethernet", "strict", eth(ETH_ARP, b"\x00\x06" + ARP_REQUEST[2:]), Reason.DROP_NOT_IP, Reason.DROP_NOT_IP),
+    # neighbour discovery toward the link itself, no bigger than ND needs
+    ("nd-ns-on-link", "strict", nd("2001:db8:1::2", "ns", src="2001:db8:1::1"), Reason.ALLOW_NEIGH,
+     Reason.DROP_NOT_TUNNEL),
+    ("nd-na-on-link", "strict", nd("2001:db8:1::2", "na", src="2001:db8:1::1"), Reason.ALLOW_NEIGH,
+     Reason.DROP_NOT_TUNNEL),
+    # from an address outside the neighbour's /64: not ND toward the link (no FIB lookup needed)
+    ("nd-ns-on-link-other-source", "strict", nd("2001:db8:1::2", "ns"), Reason.DROP_NOT_TUNNEL, Reason.DROP_NOT_TUNNEL),
+    ("nd-ns-routed", "strict", nd("2001:db8:99::2", "ns"), Reason.DROP_NOT_TUNNEL, Reason.DROP_NOT_TUNNEL),
+    ("nd-na-routed", "strict", nd("2001:db8:99::2", "na"), Reason.DROP_NOT_TUNNEL, Reason.DROP_NOT_TUNNEL),
+    # the source forged into the routed destination's /64: the FIB says it is beyond a gateway
+    ("nd-ns-routed-forged-source", "strict", nd("2001:db8:99::2", "ns", src="2001:db8:99::1"), Reason.DROP_NOT_TUNNEL,
+     Reason.DROP_NOT_TUNNEL),
+    ("nd-na-no-route-forged-source", "strict", nd("2606:2800:220:1::1", "na", src="2606:2800:220:1::2"),
+     Reason.DROP_NOT_TUNNEL, Reason.DROP_NOT_TUNNEL),
+    ("nd-rs-no-route", "strict", nd("2606:2800:220:1::1", "rs"), Reason.DROP_NOT_TUNNEL, Reason.DROP_NOT_TUNNEL),
+    ("nd-ns-big", "strict", nd("ff02::1:ff00:1", "ns", payload=b"x" * 1200), Reason.DROP_NOT_TUNNEL,
+     Reason.DROP_NOT_TUNNEL),
+    ("nd-na-104", "strict", nd("fe80::1", "na", payload=b"x" * 56), Reason.ALLOW_NEIGH, Reason.DROP_NOT_TUNNEL),
+    ("nd-na-105", "strict", nd("fe80::1", "na", payload=b"x" * 57), Reason.DROP_NOT_TUNNEL, Reason.DROP_NOT_TUNNEL),
+    ("nd-big-to-lan-with-allow-lan", "lan", nd("ff02::1:ff00:1", "ns", payload=b"x" * 1200), Reason.ALLOW_LAN,
+     Reason.ALLOW_LAN),
+    # IPv4 carrying protocol 58 is no ICMPv6 (no "ICMPv6 type" is read of it)
+    ("ipv4-proto-58", "strict", frame(ipv4("93.184.216.34", ICMPV6)), Reason.DROP_NOT_TUNNEL, Reason.DROP_NOT_TUNNEL),
     ("nd-ns", "strict", frame(ipv6("ff02::1:ff00:1", ICMPV6, hop_limit=255, icmp_type=ND["ns"])),
      Reason.ALLOW_NEIGH, Reason.DROP_NOT_TUNNEL),
     ("nd-na", "strict", frame(ipv6("fe80::1", ICMPV6, hop_limit=255, icmp_type=ND["na"])),
@@ -378,3 +450,27 @@ def test_ifindex_filter_counts_tunnels_in_every_namespace(host):
         check(host, "strict", frame(ipv4("93.184.216.34", TCP, dport=443)), Reason.DROP_NOT_TUNNEL, via="tnl")
     finally:
         prog.maps.add_tunnel(host["cookie"], host["tnl"], 0)
+
+
+def test_dhcp_at_tc_only_from_the_node_namespaces_own_sockets(host):
+    """tc: DHCP passes from a socket of the node's namespace (a test run's
+    socket lives where the run is made), not from a socket of another
+    namespace (a container's frame bridged out keeps its socket); a forwarded
+    packet, with no socket at all, is tests/test_node.py's."""
+    import uuid
+    prog = host["progs"]["dhcp"]
+    pkt = frame(ipv4("255.255.255.255", UDP, sport=68, dport=67, src="0.0.0.0"))
+    other = f"ksbpf-pto{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", other], check=True)
+    try:
+        subprocess.run(["ip", "-n", other, "link", "add", "eth0", "index", "4000", "type", "veth", "peer", "name", "eth1"], check=True)
+        ons = netns.resolve(other)
+        for path, ifindex, expected in ((host["ns"].path, host["phy"], Reason.ALLOW_DHCP),
+                                        (ons.path, netns.ifindex(ons, "eth0"), Reason.DROP_NOT_TUNNEL)):
+            before = prog.maps.counters()
+            run = netns.run_in(path, libbpf.prog_test_run, prog.progs[bpf.ENTRY_TC_ETH], pkt, ifindex)
+            after = prog.maps.counters()
+            assert [k for k in after if after[k] != before[k]] == [(expected, Family.IPV4)]
+            assert run.retval == (TC_ALLOW if expected.allowed else TC_DROP)
+    finally:
+        subprocess.run(["ip", "netns", "del", other])

@@ -78,3 +78,51 @@ def test_at_most_eight_endpoints_per_address():
     assert len(Policy(("wg0",), eight).endpoints) == 8
     with pytest.raises(KsbpfError, match="more than 8 endpoints on 203.0.113.5"):
         Policy(("wg0",), eight + (Endpoint.parse("203.0.113.5:9/tcp"),))
+
+
+def test_allow_cidrs_is_a_compile_time_option_that_follows_the_policy():
+    """The LPM tries are compiled in only when the policy has allowed CIDRs
+    (-DKSBPF_OPT_CIDRS): a policy without them never pays for the lookups,
+    whatever Options the caller passed; the scope's description is unchanged."""
+    from ksbpf.kernel import bpf
+    cidr = ipaddress.ip_network("10.96.0.0/12")
+    with_cidrs = Policy(("wg0",), allow_cidrs=(cidr,))
+    without = Policy(("wg0",), options=Options(allow_cidrs=True))
+    assert with_cidrs.options.allow_cidrs and not without.options.allow_cidrs
+    assert "-DKSBPF_OPT_CIDRS" in bpf.cflags(with_cidrs.options, 0)
+    assert "-DKSBPF_OPT_CIDRS" not in bpf.cflags(without.options, 0)
+    assert "allow_cidrs" not in with_cidrs.to_dict()["options"]
+    assert Policy.from_dict(with_cidrs.to_dict()) == with_cidrs
+    assert Policy.from_dict(without.to_dict()) == without
+
+
+def test_model_tunnel_source():
+    """ksbpf_nf_src: a tunnel's source address leaves only through that tunnel."""
+    import struct as _struct
+
+    from ksbpf.reasons import Reason
+    from ksbpf.verify import model
+
+    def v4(src: str, dst: str) -> bytes:
+        return _struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20, 0, 0, 64, 6, 0,
+                            ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed)
+
+    def v6(src: str, dst: str) -> bytes:
+        return (_struct.pack("!IHBB", 6 << 28, 0, 6, 64) + ipaddress.ip_address(src).packed
+                + ipaddress.ip_address(dst).packed)
+
+    tun4, tun6 = ipaddress.ip_address("100.64.1.1").packed, ipaddress.ip_address("2001:db8:100::1").packed
+    sources = {tun4: (7, "wg0"), tun6: (7, "wg0")}
+    assert model.decide_tunnel_source(v4("100.64.1.1", "198.18.1.2"), 3, sources) == Reason.DROP_TUNNEL_SOURCE
+    assert model.decide_tunnel_source(v6("2001:db8:100::1", "2001:db8::2"), 3, sources) == Reason.DROP_TUNNEL_SOURCE
+    assert model.decide_tunnel_source(v4("100.64.1.1", "198.18.1.2"), 7, sources) is None      # through the tunnel
+    assert model.decide_tunnel_source(v4("100.64.1.1", "100.64.1.1"), 1, sources) is None      # loopback
+    assert model.decide_tunnel_source(v4("198.18.1.1", "198.18.1.2"), 3, sources) is None      # another source
+    assert model.decide_tunnel_source(v4("100.64.1.1", "198.18.1.2"), 3, sources, "eth0") == Reason.DROP_TUNNEL_SOURCE
+    gone = {tun4: (0, "wg0")}
+    assert model.decide_tunnel_source(v4("100.64.1.1", "198.18.1.2"), 7, gone, "eth0") == Reason.DROP_TUNNEL_SOURCE
+    # out through another registered tunnel of the namespace: the hot path lets it go
+    assert model.decide_tunnel_source(v4("100.64.1.1", "198.18.1.2"), 3, sources, "wg1", frozenset({3})) is None
+    # the tunnel re-created by its name (a new ifindex) before the daemon followed it
+    assert model.decide_tunnel_source(v4("100.64.1.1", "198.18.1.2"), 9, gone, "wg0") is None
+    assert not Reason.DROP_TUNNEL_SOURCE.allowed and Reason.DROP_TUNNEL_SOURCE.label == "tunnel_source"

@@ -64,3 +64,32 @@ def test_labels_are_unique_and_short():
 def test_parse_c_enum_ignores_comments():
     text = "enum ksbpf_reason { KSBPF_A = 0, /* KSBPF_B = 9 */ KSBPF_C = 0x2, };"
     assert parse_c_enum(text) == {"A": 0, "C": 2}
+
+
+def test_btf_offsets_are_the_kernels(tmp_path, monkeypatch):
+    """The netfilter entry point's struct offsets: read from the running
+    kernel's BTF (checked against bpftool's dump), and cached per kernel."""
+    import json as _json
+    import os as _os
+    import subprocess
+
+    import pytest as _pytest
+
+    from ksbpf.kernel import btf
+    if not _os.path.exists(btf.VMLINUX):
+        _pytest.skip("no kernel BTF")
+    monkeypatch.setenv("KSBPF_CACHE_DIR", str(tmp_path))
+    btf.nf_offsets.cache_clear()
+    first = btf.nf_offsets()
+    assert list(tmp_path.glob("btf-*.json"))
+    btf.nf_offsets.cache_clear()
+    assert btf.nf_offsets() == first   # from the cache
+    btf.nf_offsets.cache_clear()
+    dump = subprocess.run(["bpftool", "-j", "btf", "dump", "file", btf.VMLINUX], capture_output=True, text=True)
+    if dump.returncode:
+        _pytest.skip("bpftool cannot dump the kernel's BTF")
+    types = _json.loads(dump.stdout)["types"]
+    for struct_name, member in (("net_device", "ifindex"), ("nf_hook_state", "out"), ("sk_buff", "head")):
+        (t,) = [t for t in types if t["kind"] == "STRUCT" and t["name"] == struct_name and t["vlen"]][:1]
+        (m,) = [m for m in t["members"] if m["name"] == member]
+        assert first[f"{struct_name}.{member}"] == m["bits_offset"] // 8

@@ -4,9 +4,11 @@ replayed, and the model checked against the hand-written policy cases."""
 
 from __future__ import annotations
 
+import ipaddress
 import time
 
 import pytest
+import test_policy_bpf
 from packets import frame
 from test_policy_bpf import CASES, EP4, EP4_TCP, EP6, OPTION_SETS, TC_CASES
 
@@ -57,8 +59,11 @@ def test_saved_case(fuzz_env, program_cache, case):
     assert problem is None, f"{case['what']}: {problem}"
 
 
-SCOPE_OPTS = {k: model.Scope(v, (EP4, EP4_TCP, EP6), frozenset({7})) for k, v in OPTION_SETS.items()}
 VIA = {"phy": 9, "tnl": 7, "lo": 1}
+ON_LINK = ipaddress.ip_network(test_policy_bpf.ON_LINK6, strict=False)   # the test's phy has this prefix on its link
+SCOPE_OPTS = {k: model.Scope(v, (EP4, EP4_TCP, EP6), frozenset({7}),
+                             on_link=lambda i, a: i == VIA["phy"] and ipaddress.IPv6Address(a) in ON_LINK)
+              for k, v in OPTION_SETS.items()}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.lab,
 VECTORS = ("tcp over the physical link", "IPv6 udp, global address on-link", "SO_BINDTODEVICE", "IP_PKTINFO",
            "IPV6_PKTINFO", "SOCK_RAW", "AF_PACKET", "multicast", "endpoint address, another udp port",
            "endpoint address, tcp", "endpoint address, icmp", "DNS over udp to a LAN", "DNS over tcp to a LAN",
-           "LocalNet", "more specific route", "ifindex", "re-attach", "tunnel deleted mid-stream")
+           "LocalNet", "DHCP client port", "DHCPv6 client port", "more specific route", "ifindex", "re-attach", "tunnel deleted mid-stream")
 
 
 def leftovers() -> set[str]:

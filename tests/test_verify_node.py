@@ -12,7 +12,7 @@ import subprocess
 import pytest
 from helpers import KSBPF, ksbpf
 
-from ksbpf.kernel import libbpf, netns, pins, tc
+from ksbpf.kernel import libbpf, netns, nf, pins, tc
 from ksbpf.scopes import node
 
 pytestmark = pytest.mark.root
@@ -59,12 +59,23 @@ def test_clean_node_scope(guarded):
     before = node_counters(guarded)
     rc, found = verify_node(guarded)
     assert rc == 0, found
-    assert set(found) == {"guarded", "pins", "tunnels", "policy", "routes", "ipv6"}
+    assert set(found) == {"guarded", "first", "pins", "tunnels", "policy", "routes", "ipv6"} | (
+        {"from_birth"} if nf.supported() else set())
     assert all(f["verdict"] == "ok" for f in found.values()), found
     assert "eth0" in found["guarded"]["detail"] and "tun9" in found["guarded"]["detail"]
     assert "docker0 internal" in found["guarded"]["detail"] and "tun0 tunnel" in found["guarded"]["detail"]
     assert "crafted frames through the tc programs on" in found["policy"]["detail"]
     assert node_counters(guarded) == before     # the nonce: neither counted nor streamed
+
+
+@pytest.mark.skipif(not nf.supported(), reason="this kernel has no netfilter BPF links (Linux 6.4+)")
+def test_a_missing_netfilter_link_fails(guarded):
+    attach(guarded)
+    pin_dir = pins.node_dir(netns.cookie(netns.resolve(guarded)))
+    nf.unpin(os.path.join(pin_dir, node.NF_DIR, "ipv4"))
+    rc, found = verify_node(guarded)
+    assert rc != 0
+    assert found["from_birth"]["verdict"].lower() == "fail" and "ipv4" in found["from_birth"]["detail"], found
 
 
 def test_guard_removed_by_hand(guarded):

@@ -9,6 +9,7 @@ is checked exactly as `ksbpf attach` checks its options.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import os
@@ -40,7 +41,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "metrics": ("listen",),
     "daemon": ("log_format", "close_stray_sockets", "verify_interval"),
     "scope": ("cgroup", "tunnels", "endpoints", "netns", "allow_lan", "allow_lan_dns",
-              "allow_dhcp", "tunnel_kinds", "create_cgroup", "events_rate", "events_burst"),
+              "allow_dhcp", "tunnel_kinds", "create_cgroup", "events_rate", "events_burst", "deny_tun"),
     "node": ("netns", "tunnels", "endpoints", "allow_lan", "allow_lan_dns", "allow_dhcp", "tunnel_kinds",
              "internal", "default_internal", "exempt_cgroups", "tc_mode", "events_rate", "events_burst"),
     "kubernetes": kubernetes_settings.KEYS,
@@ -365,7 +366,10 @@ class _Checker:
             seen.setdefault(cgroup, _key_name(at))
 
         create = self.get(table, at, "create_cgroup", bool, "true or false") or False
+        deny_tun = self.get(table, at, "deny_tun", bool, "true or false") or False
         policy = self.policy_keys(table, at, dhcp_default=False)
+        if policy is not None and deny_tun:
+            policy = dataclasses.replace(policy, deny_tun=True)
         if len(self.issues) > before or policy is None or cgroup is None:
             return None
         return ScopeConfig(cgroup, policy, create, self.where.line(at) or 0)

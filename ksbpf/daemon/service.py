@@ -33,7 +33,7 @@ from ksbpf.daemon.log import EventLog
 from ksbpf.errors import KsbpfError
 from ksbpf.kernel import bpf, features, links, netns, pins
 from ksbpf.policy import LAN_RANGES, NodePolicy, Policy
-from ksbpf.scopes import cgroups, common, subtree
+from ksbpf.scopes import cgroups, common, subtree, tunnel_source
 from ksbpf.scopes import node as node_scope
 
 RETRY_SECONDS = 5.0     # scopes that could not be applied are retried this often
@@ -58,6 +58,7 @@ class ScopeState:
     source: str = "config"       # who asked for it: the configuration file, or a source (kubernetes)
     follow: SubtreeWatch | None = None                    # netns = "each": the subtree's signals
     spaces: dict[int, subtree.NsUse] = field(default_factory=dict)   # ... and the namespaces it uses
+    denied: bool = False                                  # ... some of whose processes we may not open
     pending: dict[int, float] = field(default_factory=dict)   # reported cookies not registered yet -> give up at
 
     @property
@@ -76,6 +77,9 @@ class NodeState:
     pref: int = 1
     error: str | None = None
     in_step: bool = False        # every interface that needs a guard has one
+    # ifindex -> ids of the programs found in front of its guard that could not be got ahead of
+    # (reported once, not every check)
+    front_kept: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -103,6 +107,7 @@ class Daemon:
         self.namespaces: dict[int, Namespace] = {}   # by namespace inode
         self.node: NodeState | None = None
         self.route_alerts = 0
+        self.guards_displaced = 0   # node mode: times a program was found in front of a guard
         self.netlink_events = dict.fromkeys(("RTM_NEWLINK", "RTM_DELLINK", "RTM_NEWROUTE", "RTM_DELROUTE"), 0)
         self.heartbeat = time.monotonic()   # when the main loop last turned (/healthz)
         self.ready = False                  # the first apply is done (/readyz)
@@ -297,7 +302,15 @@ class Daemon:
     def _follow(self, st: ScopeState) -> None:
         if st.follow is None:
             st.follow = SubtreeWatch(st.cgroup, st.pin_dir)
-        st.spaces = subtree.in_use(st.cgroup)
+        st.spaces = self._in_use(st)
+
+    def _in_use(self, st: ScopeState) -> dict:
+        denied: list[int] = []
+        spaces = subtree.in_use(st.cgroup, denied)
+        if denied and not st.denied:
+            self.log("netns_denied", level="error", scope=st.cgroup, pids=denied[:10], error=subtree.DENIED_HINT)
+        st.denied = bool(denied)
+        return spaces
 
     def _unfollow(self, st: ScopeState) -> None:
         if st.follow is not None:
@@ -316,7 +329,7 @@ class Daemon:
 
     def _rescan(self, st: ScopeState, force: bool = False) -> None:
         before = set(st.spaces)
-        st.spaces = subtree.in_use(st.cgroup)
+        st.spaces = self._in_use(st)
         if set(st.spaces) != before or force:
             self._rebuild_watches()
         # a reported namespace not found yet (its process was between two
@@ -411,22 +424,76 @@ class Daemon:
             if missing:
                 self.log("guard_missing", level="warning", scope=st.name, interfaces=missing, netns=space.ns.label)
                 self._guard(space)
+            self._check_first(space, st)
+
+    def _check_first(self, space: Namespace, st: NodeState) -> None:
+        """A program put in front of a guard can pass what the guard would drop:
+        say so, and put the guard first again (make before break, tcx)."""
+        runner = partial(netns.run_here, space.ns.path)
+        for link in node_scope.guarded_links(st.node, list(space.links.values())):
+            try:
+                front = node_scope.programs_in_front(st.pin_dir, space.ns, link, st.mode, runner)
+            except (OSError, KsbpfError) as exc:
+                self.log("guard_check_failed", level="error", scope=st.name, interface=link.name, error=str(exc))
+                continue
+            key = tuple(p.prog_id for p in front)
+            if not front or st.front_kept.get(link.ifindex) == key:
+                if not front:
+                    st.front_kept.pop(link.ifindex, None)
+                continue
+            self.guards_displaced += 1
+            self.log("guard_not_first", level="error", scope=st.name, interface=link.name, netns=space.ns.label,
+                     ifindex=link.ifindex, in_front=[p.to_dict() for p in front],
+                     note="a program in front of the guard can pass what it would drop",
+                     fix=node_scope.front_fix(link.name, front, st.mode))
+            try:
+                with pins.locked(f"node-{space.cookie}"):
+                    # looked at again under the lock: a `ksbpf attach --node` may have just put a new guard first
+                    still = node_scope.programs_in_front(st.pin_dir, space.ns, link, st.mode, runner)
+                    done = not still or node_scope.put_first(st.pin_dir, space.ns, link, st.mode, runner)
+            except (OSError, KsbpfError) as exc:
+                done, error = False, str(exc)
+            else:
+                error = None if done else f"{st.mode}: no way to run before {front[0]}"
+            if done:
+                st.front_kept.pop(link.ifindex, None)
+                self.log("guard_put_first", level="warning", scope=st.name, interface=link.name,
+                         netns=space.ns.label, ifindex=link.ifindex, behind=[p.prog_id for p in front])
+            else:
+                st.front_kept[link.ifindex] = key   # verify keeps failing (ksbpf_verify_failures) until it is removed
+                self.log("guard_not_first_kept", level="error", scope=st.name, interface=link.name, error=error,
+                         fix=node_scope.front_fix(link.name, front, st.mode))
+            if self.verifier is not None:
+                self.verifier.soon()
 
     def _reconcile(self, space: Namespace) -> None:
         self._guard(space)
         present = list(space.links.values())
+        addresses = None
         for st in self._scopes_in(space):
+            sources: list[str] = []
             try:
                 with pins.locked(f"cgroup-{os.path.basename(st.pin_dir)}"), bpf.ScopeMaps.from_pins(st.pin_dir) as maps:
                     if st.each:
                         result = common.SyncResult(*subtree.sync_namespace(maps, st.policy, space.cookie, present))
                     else:
                         result = common.sync_tunnels(maps, st.policy, space.cookie, present)
+                        if "tunnel_src" in maps.fds:   # the tunnel's addresses, for the netfilter hook
+                            if addresses is None:
+                                addresses = space.watch.addresses()
+                            sources = common.sync_tunnel_sources(maps, st.policy, space.cookie, present, addresses)
+                            priority = tunnel_source.ensure(st.pin_dir, space.ns, maps, space.cookie,
+                                                            partial(netns.run_here, space.ns.path))
+                            if priority is not None:
+                                self.log("tunnel_source_hook", scope=st.cgroup, netns=space.ns.label,
+                                         priority=priority)
             except (OSError, KsbpfError) as exc:
                 self.log("map_update_failed", level="error", scope=st.cgroup, error=str(exc))
                 st.error, st.in_step = str(exc), False   # re-applied by the retry timer
                 continue
             st.in_step = True
+            if sources:
+                self.log("tunnel_sources", scope=st.cgroup, added=sources, netns=space.ns.label)
             if result.added or result.removed:
                 self.log("map_update", scope=st.cgroup, added=result.added, removed=result.removed,
                          netns=space.ns.label)
@@ -656,7 +723,7 @@ class Daemon:
                     if any(st.follow is not None for st in self.scopes.values()):
                         for st in self.scopes.values():
                             if st.follow is not None:
-                                st.spaces = subtree.in_use(st.cgroup)
+                                st.spaces = self._in_use(st)
                         self._rebuild_watches()
                     resync_queue = list(self.namespaces)
                 space = self.namespaces.get(resync_queue.pop()) if resync_queue else None

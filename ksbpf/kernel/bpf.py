@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass
 
 from ksbpf.errors import KsbpfError
-from ksbpf.kernel import features, libbpf, pins, preflight
+from ksbpf.kernel import btf, features, libbpf, nf, pins, preflight
 from ksbpf.policy import PROTOCOLS, Endpoint, EventSettings, Options
 from ksbpf.reasons import FAMILY_MAX, Family, Reason
 
@@ -28,20 +28,29 @@ ENTRY_TC_ETH = "ksbpf_tc_eth"      # tc egress, Ethernet interfaces
 ENTRY_TC_L3 = "ksbpf_tc_l3"        # tc egress, interfaces without a link-layer header
 ENTRY_SOCK_CREATE = "ksbpf_sk_create"  # cgroup/sock_create: records each socket's namespace (socket storage);
                                        # reports sockets of unknown namespaces (--netns each)
+ENTRY_NF = "ksbpf_nf"              # netfilter POST_ROUTING of a node scope's namespace (kernels with netfilter links)
+ENTRY_NF_SRC = "ksbpf_nf_src"      # netfilter POST_ROUTING where a cgroup scope's tunnel lives: tunnel source addresses
+NF_ENTRIES = (ENTRY_NF, ENTRY_NF_SRC)
 ENTRIES = {ENTRY_CGROUP: libbpf.BPF_PROG_TYPE_CGROUP_SKB,
            ENTRY_TC_ETH: libbpf.BPF_PROG_TYPE_SCHED_CLS,
            ENTRY_TC_L3: libbpf.BPF_PROG_TYPE_SCHED_CLS,
-           ENTRY_SOCK_CREATE: libbpf.BPF_PROG_TYPE_CGROUP_SOCK}
+           ENTRY_SOCK_CREATE: libbpf.BPF_PROG_TYPE_CGROUP_SOCK,
+           ENTRY_NF: nf.BPF_PROG_TYPE_NETFILTER,
+           ENTRY_NF_SRC: nf.BPF_PROG_TYPE_NETFILTER}
+EXPECTED_ATTACH = {ENTRY_NF: nf.BPF_NETFILTER, ENTRY_NF_SRC: nf.BPF_NETFILTER}   # entry points that must be loaded for one attach type
 PIN_NAMES = {ENTRY_CGROUP: "prog", ENTRY_TC_ETH: "prog_eth", ENTRY_TC_L3: "prog_l3",
-             ENTRY_SOCK_CREATE: "prog_sock"}
+             ENTRY_SOCK_CREATE: "prog_sock", ENTRY_NF: "prog_nf", ENTRY_NF_SRC: "prog_nf_src"}
 TC_ENTRIES = (ENTRY_TC_ETH, ENTRY_TC_L3)
+NODE_ENTRIES = (*TC_ENTRIES, ENTRY_NF)   # what node mode loads (the last where the kernel has netfilter links)
 PROG_NAME = ENTRY_CGROUP
 MAP_NAMES = ("tunnels", "tunnel_ifindex", "endpoints4", "endpoints6", "counters", "meta", "events", "bucket",
              "exempt", "scope_netns", "verify_nonce", "netns_known", "netns_events",
-             "cidrs4", "cidrs6", "sk_netns")
+             "cidrs4", "cidrs6", "sk_netns", "ep_slots", "nf_pass", "tunnel_src")
 # absent from pins of scopes made before them: --netns each's maps; allow_cidrs' tries (those allow none);
-# and from programs that ask the kernel for the namespace instead of reading socket storage (sk_netns)
-OPTIONAL_MAPS = ("netns_known", "netns_events", "cidrs4", "cidrs6", "sk_netns")
+# the endpoint slots (those programs look the hashes up without them);
+# and from programs that ask the kernel for the namespace instead of reading socket storage (sk_netns);
+# nf_pass, tunnel_src: only compiled where the kernel has netfilter links
+OPTIONAL_MAPS = ("netns_known", "netns_events", "cidrs4", "cidrs6", "sk_netns", "ep_slots", "nf_pass", "tunnel_src")
 # maps a scope keeps across a re-attach: each socket's namespace, recorded when it was created
 KEPT_MAPS = ("sk_netns",)
 IFINDEX_FILTER = 4096  # KSBPF_IFINDEX_FILTER
@@ -55,6 +64,8 @@ _U32 = struct.Struct("=I")
 _U64 = struct.Struct("=Q")
 _COUNTER = struct.Struct("=QQ")       # packets, bytes
 _EXEMPT = struct.Struct("=QII")       # cgroup_id, level, pad
+_SRC_KEY = struct.Struct("=Q16s")     # struct ksbpf_src_key: netns_cookie, addr
+_SRC = struct.Struct("=II16s")        # struct ksbpf_src: ifindex, pad, name
 MAX_EXEMPT = 8                        # KSBPF_MAX_EXEMPT
 _PROTO_NAMES = {v: k for k, v in PROTOCOLS.items()}
 
@@ -78,6 +89,13 @@ def cflags(options: Options, n_endpoints: int, events: EventSettings = EventSett
         flags.append("-DKSBPF_OPT_LAN_DNS")
     if options.allow_dhcp:
         flags.append("-DKSBPF_OPT_DHCP")
+    if options.allow_cidrs:
+        flags.append("-DKSBPF_OPT_CIDRS")
+    if nf.supported():
+        try:
+            flags += btf.nf_cflags()   # compiles the netfilter entry point, for this kernel's struct layout
+        except btf.BtfError:
+            pass   # no BTF: no netfilter entry point (compiled_entries() says so)
     if features.netns_identity() == features.NETNS_HELPER:
         flags.append("-DKSBPF_NETNS_HELPER")
     if not features.has("coarse_clock"):
@@ -90,10 +108,30 @@ def cflags(options: Options, n_endpoints: int, events: EventSettings = EventSett
     return flags
 
 
+def nf_compiled(flags: list[str]) -> bool:
+    """Does an image compiled with these flags have the netfilter entry point?"""
+    return any(f.startswith("-DKSBPF_OFF_NF_HOOK_STATE_OUT=") for f in flags)
+
+
+def compiled_entries(flags: list[str]) -> tuple[str, ...]:
+    return tuple(e for e in ENTRIES if e not in NF_ENTRIES or nf_compiled(flags))
+
+
+def nf_available(options: Options = Options(), n_endpoints: int = 0,
+                 events: EventSettings = EventSettings()) -> bool:
+    """Can node mode add its from-birth layer (the netfilter entry point) here?"""
+    return nf_compiled(cflags(options, n_endpoints, events))
+
+
 # --- key/value codecs -----------------------------------------------------------
 
 def tunnel_key(netns_cookie: int, ifindex: int) -> bytes:
     return _TUNNEL_KEY.pack(netns_cookie, ifindex, 0)
+
+
+def ep_slot(packed: bytes) -> int:
+    """The slot of an endpoint address in ep_slots (struct ksbpf_ep_slot in ksbpf.h)."""
+    return packed[2] ^ packed[3] if len(packed) == 4 else 256 + (packed[14] ^ packed[15])
 
 
 def _endpoint_value(ports: list[tuple[int, int]]) -> bytes:
@@ -197,7 +235,30 @@ class ScopeMaps:
         if len(ports) >= EP_PORTS:
             raise KsbpfError(f"more than {EP_PORTS} endpoints on {ep.address}",
                              f"give at most {EP_PORTS} port/protocol pairs per address")
-        libbpf.map_update(self.fds[name], key, _endpoint_value(ports + [(ep.port, ep.proto_number)]))
+        value = _endpoint_value(ports + [(ep.port, ep.proto_number)])
+        libbpf.map_update(self.fds[name], key, value)   # first: a shared slot sends the program to the hash
+        if "ep_slots" in self.fds:
+            self._update_slot(ep.address)
+
+    def _update_slot(self, address) -> None:
+        """ep_slots[slot of address] from the hash: how many endpoint addresses
+        share the slot, and the one address with its ports when it is alone."""
+        name = "endpoints4" if address.version == 4 else "endpoints6"
+        slot = ep_slot(address.packed)
+        members = getattr(self, "_slot_members", None)
+        if members is None:   # once: every endpoint address by slot (then kept up to date here)
+            members = self._slot_members = {}
+            for n, size in (("endpoints4", 4), ("endpoints6", 16)):
+                for k in libbpf.map_keys(self.fds[n], size):
+                    members.setdefault(ep_slot(k), set()).add(k)
+        members.setdefault(slot, set()).add(address.packed)
+        same = sorted(members[slot])
+        if len(same) == 1:
+            value = libbpf.map_lookup(self.fds[name], same[0], self._value_size[name])
+            entry = _U32.pack(1) + same[0].ljust(16, b"\0") + value
+        else:
+            entry = _U32.pack(len(same)) + bytes(16 + self._value_size[name])
+        libbpf.map_update(self.fds["ep_slots"], _U32.pack(slot), entry)
 
     def endpoints(self) -> list[Endpoint]:
         out = []
@@ -213,6 +274,46 @@ class ScopeMaps:
     def add_cidr(self, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
         name = "cidrs4" if net.version == 4 else "cidrs6"
         libbpf.map_update(self.fds[name], _U32.pack(net.prefixlen) + net.network_address.packed, b"\x01")
+
+    # node mode, netfilter hook: the interfaces it leaves to others (tc guard in force, internal, tunnel)
+    def set_nf_pass(self, ifindexes: set[int]) -> None:
+        """nf_pass[i] = 1 for these interfaces, 0 for every other one it held."""
+        if "nf_pass" not in self.fds:
+            return
+        fd = self.fds["nf_pass"]
+        for i in sorted(ifindexes):
+            if i < IFINDEX_FILTER:
+                libbpf.map_update(fd, _U32.pack(i), _U32.pack(1))
+        for i in self.nf_pass() - set(ifindexes):
+            libbpf.map_update(fd, _U32.pack(i), _U32.pack(0))
+
+    def nf_pass(self) -> set[int]:
+        if "nf_pass" not in self.fds:
+            return set()
+        keys, values, n = libbpf.map_lookup_batch(self.fds["nf_pass"], 4, 4, IFINDEX_FILTER)
+        return {i for i in range(n) if _U32.unpack_from(values, 4 * i)[0]}
+
+    # cgroup scopes: the addresses of their tunnels (tunnel_src), never forgotten while the scope lives
+    def tunnel_sources(self) -> dict[tuple[int, ipaddress.IPv4Address | ipaddress.IPv6Address], tuple[int, str]]:
+        """(netns cookie, address) -> (the tunnel's ifindex (0: gone), its name)."""
+        if "tunnel_src" not in self.fds:
+            return {}
+        fd, out = self.fds["tunnel_src"], {}
+        for key in libbpf.map_keys(fd, _SRC_KEY.size):
+            value = libbpf.map_lookup(fd, key, _SRC.size)
+            if value is None:
+                continue
+            cookie, raw = _SRC_KEY.unpack(key)
+            addr = ipaddress.IPv6Address(raw)
+            ifindex, _pad, name = _SRC.unpack(value)
+            out[(cookie, addr.ipv4_mapped or addr)] = (ifindex, name.split(b"\0", 1)[0].decode())
+        return out
+
+    def set_tunnel_source(self, cookie: int, addr, ifindex: int, name: str) -> None:
+        if "tunnel_src" not in self.fds:
+            return
+        raw = addr.packed if addr.version == 6 else b"\0" * 10 + b"\xff\xff" + addr.packed
+        libbpf.map_update(self.fds["tunnel_src"], _SRC_KEY.pack(cookie, raw), _SRC.pack(ifindex, 0, name.encode()))
 
     # node mode: the namespace of the guarded interfaces
     def set_netns_cookie(self, cookie: int) -> None:
@@ -255,7 +356,7 @@ class ScopeMaps:
 
     def event_stats(self) -> tuple[int, int]:
         """(samples sent to the ring buffer, samples suppressed), summed over CPUs
-        (struct ksbpf_bucket: tokens, last_ns, sent, suppressed)."""
+        (struct ksbpf_bucket: tokens, last_ns, sent, suppressed, last_jiffies)."""
         per_cpu = [struct.unpack_from("=QQQQ", v)[2:] for v in self._percpu("bucket", 0)]
         return sum(s for s, _ in per_cpu), sum(x for _, x in per_cpu)
 
@@ -352,9 +453,12 @@ class ProgramImage:
                                                 btf)
             ordered = [fds[m.name] for m in self.maps]
             for entry in entries:
+                if entry not in self.progs:
+                    continue   # the netfilter entry point, not compiled for this kernel
                 prog_type, insns = self.progs[entry]
                 progs[entry] = libbpf.prog_load(prog_type, entry, self.license,
-                                                self._relocate(insns, ordered.__getitem__))
+                                                self._relocate(insns, ordered.__getitem__),
+                                                EXPECTED_ATTACH.get(entry))
         except OSError:
             for fd in [*fds.values(), *progs.values()]:
                 os.close(fd)
@@ -363,6 +467,18 @@ class ProgramImage:
             if btf_fd is not None:
                 os.close(btf_fd)
         return LoadedProgram(progs, ScopeMaps(fds, owned=True), None, tuple(kept))
+
+    def instance(self, entry: str, map_fds: dict[str, int]) -> int:
+        """Another instance of one entry point, on existing maps (a scope's pinned
+        ones): the kernel refuses the same program twice in one tcx chain, so a
+        guard put in front of its own interface's chain again needs a twin."""
+        missing = [m.name for m in self.maps if m.name not in map_fds]
+        if missing:
+            raise KsbpfError(f"the scope's pins lack map(s) {', '.join(missing)} of this ksbpf's program",
+                             "attach the scope again with this ksbpf")
+        ordered = [map_fds[m.name] for m in self.maps]
+        prog_type, insns = self.progs[entry]
+        return libbpf.prog_load(prog_type, entry, self.license, self._relocate(insns, ordered.__getitem__))
 
 
 def _same_layout(fd: int, spec: MapSpec) -> bool:
@@ -449,6 +565,18 @@ def image_cached(options: Options, n_endpoints: int = 0, events: EventSettings =
     return bool(cache) and os.path.exists(_cache_path(cache, cflags(options, n_endpoints, events)))
 
 
+def bcc_map_fds(b) -> dict[str, int]:
+    """The maps of MAP_NAMES a bcc-compiled program has (socket storage is not
+    one bcc's tables can open: ask its module for the fd)."""
+    import bcc
+    fds = {}
+    for name in MAP_NAMES:
+        fd = bcc.lib.bpf_table_fd(b.module, name.encode())
+        if fd >= 0:
+            fds[name] = fd
+    return fds
+
+
 def load(options: Options, n_endpoints: int = 0, events: EventSettings = EventSettings(),
          cache: str | None = "default", entries: tuple[str, ...] = (ENTRY_CGROUP,),
          keep: dict[str, int] | None = None) -> LoadedProgram:
@@ -470,18 +598,16 @@ def load(options: Options, n_endpoints: int = 0, events: EventSettings = EventSe
     bcc = preflight.require_compiler()
     try:
         b = bcc.BPF(src_file=source_path().encode(), cflags=flags)
-        loaded = {entry: b.load_func(entry.encode(), prog_type).fd for entry, prog_type in ENTRIES.items()}
+        compiled = compiled_entries(flags)
+        loaded = {entry: b.load_func(entry.encode(), ENTRIES[entry], attach_type=EXPECTED_ATTACH.get(entry, -1)).fd
+                  for entry in compiled}
     except Exception as exc:  # bcc raises bare Exception on compile/verifier errors
         raise KsbpfError(f"the BPF program did not compile or load: {exc}",
                          "check `make setup` output and the kernel log (dmesg); the messages above come from bcc") from None
-    fds = {}
-    for name in MAP_NAMES:
-        fd = bcc.lib.bpf_table_fd(b.module, name.encode())
-        if fd >= 0:
-            fds[name] = fd
+    fds = bcc_map_fds(b)
     image = None
     if cached or keep:
-        image = ProgramImage.from_loaded({e: b.dump_func(e.encode()) for e in ENTRIES}, fds,
+        image = ProgramImage.from_loaded({e: b.dump_func(e.encode()) for e in compiled}, fds,
                                          bcc.lib.bpf_module_license(b.module).decode())
     if cached:
         try:
@@ -495,4 +621,26 @@ def load(options: Options, n_endpoints: int = 0, events: EventSettings = EventSe
     if keep and any(name in fds for name in keep):
         b.cleanup()
         return image.load(entries, keep)   # bcc made fresh maps: load again, sharing the kept ones
-    return LoadedProgram({e: loaded[e] for e in entries}, ScopeMaps(fds, owned=False), b)
+    return LoadedProgram({e: loaded[e] for e in entries if e in loaded}, ScopeMaps(fds, owned=False), b)
+
+
+def image(options: Options, n_endpoints: int = 0, events: EventSettings = EventSettings(),
+          cache: str | None = "default") -> ProgramImage:
+    """The compiled programs for these options as an image: the cached one,
+    else compiled now with bcc (and cached)."""
+    cache = cache_dir() if cache == "default" else cache
+    cached = _cache_path(cache, cflags(options, n_endpoints, events)) if cache else None
+    if cached and os.path.exists(cached):
+        try:
+            with open(cached) as f:
+                return ProgramImage.from_json(f.read())
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    compiled = compiled_entries(cflags(options, n_endpoints, events))
+    loaded = load(options, n_endpoints, events, cache=None, entries=compiled)
+    try:
+        b = loaded._bcc_object
+        return ProgramImage.from_loaded({e: b.dump_func(e.encode()) for e in compiled}, loaded.maps.fds,
+                                        preflight.require_compiler().lib.bpf_module_license(b.module).decode())
+    finally:
+        loaded.close()

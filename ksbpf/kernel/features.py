@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Iterator
 
-from ksbpf.kernel import libbpf, netns, tc
+from ksbpf.kernel import libbpf, netns, nf, tc
 
 # KSBPF_NETNS_IDENTITY=helper|storage|auto chooses how the cgroup hook learns
 # a packet's network namespace (auto: the helper where the kernel has it).
@@ -88,6 +88,9 @@ PROBES: dict[str, tuple[Callable[[], bool], str, str]] = {
     "ancestor_cgroup_tc": (_helper(libbpf.BPF_PROG_TYPE_SCHED_CLS, libbpf.BPF_FUNC_skb_ancestor_cgroup_id),
                            "Linux 4.19", "no --exempt-cgroup in node mode"),
     "tcx": (tc.tcx_supported, "Linux 6.6", "node mode guards with clsact filters (tc-mode clsact)"),
+    "netfilter_link": (nf.supported, "Linux 6.4",
+                       "node mode has no from-birth layer: an interface created after attaching is not judged "
+                       "until the daemon guards it"),
 }
 
 

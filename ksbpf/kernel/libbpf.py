@@ -269,10 +269,19 @@ def int_btf(*sizes: int) -> bytes:
     return header + types + names
 
 
-def prog_load(prog_type: int, name: str, license: str, insns: bytes) -> int:
+class _ProgLoadOpts(ctypes.Structure):
+    """The head of struct bpf_prog_load_opts (libbpf takes a shorter one)."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("attempts", ctypes.c_int), ("expected_attach_type", ctypes.c_uint32)]
+
+
+def prog_load(prog_type: int, name: str, license: str, insns: bytes, expected_attach_type: int | None = None) -> int:
     buf = ctypes.create_string_buffer(insns, len(insns))
+    opts = None
+    if expected_attach_type is not None:
+        opts = ctypes.byref(_ProgLoadOpts(sz=ctypes.sizeof(_ProgLoadOpts), expected_attach_type=expected_attach_type))
     return _check(_lib().bpf_prog_load(prog_type, name.encode()[:BPF_OBJ_NAME_LEN - 1], license.encode(),
-                                       buf, len(insns) // 8, None), f"load program {name}")
+                                       buf, len(insns) // 8, opts), f"load program {name}")
 
 
 def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pyroute2.netlink import NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
 from pyroute2.netlink.rtnl import (
     RTM_DELLINK,
+    RTM_GETADDR,
     RTM_DELROUTE,
     RTM_GETLINK,
     RTM_NEWLINK,
@@ -123,6 +124,23 @@ class NetlinkWatch:
                 continue
         raise OSError(errno.EAGAIN, "link dump kept being interrupted")
 
+    def addresses(self) -> dict[int, list[ipaddress.IPv4Address | ipaddress.IPv6Address]]:
+        """ifindex -> the interface's IPv4 and IPv6 addresses (a consistent dump)."""
+        for _ in range(10):
+            try:
+                msgs = self._dump(RTM_GETADDR, struct.pack("=BBBBI", 0, 0, 0, 0, 0))
+            except DumpInterrupted:
+                continue
+            out: dict[int, list] = {}
+            for m in msgs:
+                if m["family"] not in (socket.AF_INET, socket.AF_INET6):
+                    continue
+                a = m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS")
+                if a:
+                    out.setdefault(m["index"], []).append(ipaddress.ip_address(a))
+            return out
+        raise OSError(errno.EAGAIN, "address dump kept being interrupted")
+
     def _dump(self, msg_type: int, payload: bytes) -> list:
         self._seq += 1
         seq = self._seq
@@ -173,9 +191,45 @@ def links(ns: netns.Netns) -> list[Link]:
         w.close()
 
 
+def addresses(ns: netns.Netns) -> dict[int, list[ipaddress.IPv4Address | ipaddress.IPv6Address]]:
+    """One dump of the namespace's addresses, by ifindex."""
+    w = NetlinkWatch(ns, groups=0)
+    try:
+        return w.addresses()
+    finally:
+        w.close()
+
+
 def is_link_event(msg) -> bool:
     return msg["header"]["type"] in (RTM_NEWLINK, RTM_DELLINK)
 
 
 def is_deleted(msg) -> bool:
     return msg["header"]["type"] == RTM_DELLINK
+
+
+def tun_owners(path: str) -> list[tuple[str, int]]:
+    """(name, owner uid) of each tun/tap device of the namespace at `path`
+    that belongs to a user (IFLA_TUN_OWNER; devices without an owner left out)."""
+    w = NetlinkWatch(netns.Netns("", path, 0), groups=0)
+    try:
+        for _ in range(10):
+            try:
+                msgs = w._dump(RTM_GETLINK, struct.pack("=BxHiII", 0, 0, 0, 0, 0))
+                break
+            except DumpInterrupted:
+                continue
+        else:
+            raise OSError(errno.EAGAIN, "link dump kept being interrupted")
+    finally:
+        w.close()
+    out = []
+    for msg in msgs:
+        info = msg.get_attr("IFLA_LINKINFO")
+        if not info or info.get_attr("IFLA_INFO_KIND") != "tun":
+            continue
+        data = info.get_attr("IFLA_INFO_DATA")
+        owner = data.get_attr("IFLA_TUN_OWNER") if data else None
+        if owner is not None and owner != 0xFFFFFFFF:
+            out.append((msg.get_attr("IFLA_IFNAME") or "", owner))
+    return out

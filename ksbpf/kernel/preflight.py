@@ -68,7 +68,8 @@ def require_bcc() -> ModuleType:
 def require_kernel_headers() -> None:
     build = os.path.join(MODULES_DIR, platform.release(), "build")
     source = os.path.join(MODULES_DIR, platform.release(), "source")
-    for base in (build, source):
+    # BCC_KERNEL_SOURCE: bcc's own override (the container image sets it to the headers it carries)
+    for base in filter(None, (os.environ.get("BCC_KERNEL_SOURCE"), build, source)):
         if os.path.exists(os.path.join(base, "include", "linux", "kconfig.h")):
             return
     if os.path.exists(KHEADERS):

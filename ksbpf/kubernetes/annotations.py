@@ -11,10 +11,20 @@
 A pod with any annotation under the prefix is protected.  An annotation
 with an error never leaves the pod open: the pod is protected with
 everything blocked (BLOCKED_TUNNEL), and the errors are reported.
+
+    ksbpf.io/protected: "<digest>"                       written by the daemon, never by users
+
+is what the daemon publishes once the pod's policy is in force: the digest
+of the ksbpf annotations it enforces (digest()), "blocked:<digest>" when
+they were invalid and everything is blocked.  The gate reads it through a
+downward API volume and compares it with the digest of the annotations it
+sees there: a pod passes only with the daemon's word that THESE annotations
+are enforced.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from ksbpf.errors import KsbpfError
@@ -24,6 +34,7 @@ KEYS = ("tunnels", "endpoints", "allow-lan", "allow-lan-dns", "allow-dhcp", "all
 # No interface has this name AND this link kind: nothing is ever registered, every
 # non-local packet is dropped.
 BLOCKED_TUNNEL = "ksbpf-blocked"
+PROTECTED = "protected"     # the daemon's own annotation (not a policy key)
 BOOLEANS = {"true": True, "false": False}
 
 
@@ -42,7 +53,34 @@ def blocked_policy(netns: str) -> Policy:
 
 
 def is_annotated(annotations: dict | None, prefix: str) -> bool:
-    return any(key.startswith(prefix) for key in annotations or {})
+    return any(key.startswith(prefix) and key != prefix + PROTECTED for key in annotations or {})
+
+
+def digest(annotations: dict | None, prefix: str) -> str:
+    """What identifies the policy annotations: a digest of every prefix
+    annotation but the daemon's own, in key order."""
+    mine = sorted((k, v) for k, v in (annotations or {}).items() if k.startswith(prefix) and k != prefix + PROTECTED)
+    return hashlib.sha256("\n".join(f"{k}={v}" for k, v in mine).encode()).hexdigest()[:16]
+
+
+def published(annotations: dict | None, prefix: str, blocked: bool) -> str:
+    """The value of <prefix>protected the daemon writes for these annotations."""
+    return ("blocked:" if blocked else "") + digest(annotations, prefix)
+
+
+def read_downward(path: str) -> dict[str, str]:
+    """A downward API annotations file (key="quoted value" lines, as the kubelet writes them)."""
+    import json
+    out = {}
+    with open(path) as f:
+        for line in f:
+            key, sep, value = line.rstrip("\n").partition("=")
+            if sep:
+                try:
+                    out[key] = json.loads(value) if value.startswith('"') else value
+                except ValueError:
+                    out[key] = value.strip('"')
+    return out
 
 
 def _items(text: str) -> list[str]:
@@ -52,7 +90,8 @@ def _items(text: str) -> list[str]:
 def parse(annotations: dict, prefix: str, netns: str) -> PodPolicy:
     """The pod's policy, its tunnels looked up in `netns`; with errors, a
     policy that blocks everything."""
-    mine = {key[len(prefix):]: value for key, value in annotations.items() if key.startswith(prefix)}
+    mine = {key[len(prefix):]: value for key, value in annotations.items()
+            if key.startswith(prefix) and key != prefix + PROTECTED}
     errors: list[str] = []
     for key in sorted(set(mine) - set(KEYS)):
         errors.append(f"{prefix}{key}: unknown annotation; known: {', '.join(prefix + k for k in KEYS)}")

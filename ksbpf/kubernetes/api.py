@@ -168,7 +168,9 @@ def event_body(pod: dict, reason: str, message: str, node: str, kind: str = "War
 
 
 class EventPoster:
-    """Creates Events on a thread (the API may be slow or away: never the event loop's problem)."""
+    """Writes to the API on a thread (the API may be slow or away: never the
+    event loop's problem): Events on pods, the daemon's ksbpf.io/protected
+    annotation on them, and the removal of the node's not-ready taint."""
 
     def __init__(self, api, node: str, log: Log):
         self.api, self.node, self.log = api, node, log
@@ -177,18 +179,52 @@ class EventPoster:
         self._thread.start()
 
     def post(self, pod: dict, reason: str, message: str, kind: str = "Warning") -> None:
-        self._queue.put(event_body(pod, reason, message, self.node, kind))
+        self._queue.put(("event", event_body(pod, reason, message, self.node, kind)))
+
+    def annotate(self, pod: dict, key: str, value: str) -> None:
+        """Set one annotation on the pod (a JSON merge patch: nothing else changes)."""
+        meta = pod.get("metadata") or {}
+        self._queue.put(("annotate", (meta.get("namespace"), meta.get("name"), key, value)))
+
+    def untaint(self, key: str) -> None:
+        """Remove every taint with this key from this node, if it has one."""
+        self._queue.put(("untaint", key))
+
+    def _do(self, what: str, arg) -> None:
+        timeout = (CONNECT_TIMEOUT, 30)
+        if what == "event":
+            self.api.create_namespaced_event(arg["metadata"]["namespace"], arg, _request_timeout=timeout)
+        elif what == "annotate":
+            namespace, name, key, value = arg
+            self.api.patch_namespaced_pod(name, namespace, {"metadata": {"annotations": {key: value}}},
+                                          _content_type="application/merge-patch+json", _request_timeout=timeout)
+        else:
+            resp = self.api.read_node(self.node, _preload_content=False, _request_timeout=timeout)
+            node = json.loads(resp.data)
+            taints = (node.get("spec") or {}).get("taints") or []
+            kept = [t for t in taints if t.get("key") != arg]
+            if len(kept) != len(taints):
+                # test-and-replace: a concurrent change of the taints makes it fail, and it is retried
+                self.api.patch_node(self.node, [{"op": "test", "path": "/spec/taints", "value": taints},
+                                                {"op": "replace", "path": "/spec/taints", "value": kept}],
+                                    _content_type="application/json-patch+json", _request_timeout=timeout)
+                self.log("node_taint_removed", node=self.node, taint=arg)
 
     def _run(self) -> None:
+        from kubernetes.client.exceptions import ApiException
         while True:
-            body = self._queue.get()
-            for attempt in range(3):
+            what, arg = self._queue.get()
+            for attempt in range(5):
                 try:
-                    self.api.create_namespaced_event(body["metadata"]["namespace"], body,
-                                                     _request_timeout=(CONNECT_TIMEOUT, 30))
+                    self._do(what, arg)
                     break
                 except Exception as exc:
-                    if attempt == 2:
-                        self.log("kubernetes_event_failed", level="warning", reason=body["reason"],
-                                 pod=body["involvedObject"]["name"], error=str(exc)[:200])
+                    # no such object, or not allowed: trying again changes nothing (and holds the queue)
+                    final = isinstance(exc, ApiException) and exc.status in (401, 403, 404)
+                    if attempt == 4 or final:
+                        self.log("kubernetes_write_failed", level="warning", what=what,
+                                 target=arg["involvedObject"]["name"] if what == "event" else str(arg)[:200],
+                                 reason=arg["reason"] if what == "event" else None, error=str(exc)[:200])
+                        if final:
+                            break
                     time.sleep(0.5 * (attempt + 1))

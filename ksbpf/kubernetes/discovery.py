@@ -12,7 +12,11 @@ The kubelet names a pod's cgroup after its UID, under a "kubepods" root:
     systemd   BestEffort   kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid_>.slice
 
 (uid_: the UID with "_" for "-").  The kubepods root itself may sit below
-the kubelet's --cgroup-root (kind, nested nodes).  Nothing here assumes one
+the kubelet's --cgroup-root (nested nodes), and with the systemd driver it is
+then named after it: kind's kubelet.slice/kubelet-kubepods.slice/
+kubelet-kubepods-burstable.slice/kubelet-kubepods-burstable-pod<uid_>.slice.
+Only the cgroup v2 hierarchy is searched: on hybrid hosts the v1 controllers'
+trees (blkio/kubepods.slice, ...) carry the same names.  Nothing here assumes one
 layout: the roots are found by walking the hierarchy, the pod by its name in
 a root or one level below it (the QoS level), whatever that level is called.
 Container cgroups below the pod: cri-containerd-<id>.scope (containerd),
@@ -35,7 +39,7 @@ ROOT_DEPTH = 4   # how deep below the cgroup v2 mount a kubepods root may be
 _ID = r"[0-9a-f]{64}"
 RUNTIMES = (
     (re.compile(rf"cri-containerd-({_ID})\.scope"), "containerd"),
-    (re.compile(rf"crio-conmon-({_ID})\.scope"), "cri-o-conmon"),
+    (re.compile(rf"crio-conmon-({_ID})(?:\.scope)?"), "cri-o-conmon"),
     (re.compile(rf"crio-({_ID})(?:\.scope)?"), "cri-o"),
     (re.compile(rf"docker-({_ID})\.scope"), "docker"),
     (re.compile(rf"({_ID})"), "containerd-or-docker"),
@@ -68,15 +72,33 @@ class PodNetns:
     pid: int
 
 
+def is_root_name(name: str) -> bool:
+    """kubepods, kubepods.slice, or <cgroup-root>-kubepods.slice (the systemd
+    driver with a --cgroup-root: kind's kubelet-kubepods.slice)."""
+    return name in ROOT_NAMES or name.endswith("-kubepods.slice")
+
+
+def cgroup2_tops(top: str, mounts_file: str = cgroup.PROC_MOUNTS) -> list[str]:
+    """Where to look for kubepods roots below `top`: `top` itself when it is in
+    the cgroup v2 hierarchy, else the cgroup v2 mounts below it (a hybrid
+    host's /sys/fs/cgroup/unified) -- never a cgroup v1 controller's tree
+    (blkio/kubepods.slice has the same names and cannot be attached to)."""
+    top = os.path.normpath(top)
+    mounts = [os.path.normpath(m) for m in cgroup.cgroup2_mounts(mounts_file)]
+    if any(top == m or top.startswith(m.rstrip("/") + "/") for m in mounts):
+        return [top]
+    return sorted(m for m in mounts if m.startswith(top.rstrip("/") + "/"))
+
+
 def kubepods_roots(top: str | None = None, depth: int = ROOT_DEPTH) -> list[str]:
     """Every kubepods root at most `depth` levels below `top` (default: the
-    cgroup v2 mount), not descending into a root once found."""
-    top = top or cgroup.cgroup2_root()
-    found, level = [], [top]
+    cgroup v2 mount) in the cgroup v2 hierarchy, not descending into a root
+    once found."""
+    found, level = [], cgroup2_tops(top) if top else [cgroup.cgroup2_root()]
     for _ in range(depth + 1):
         below = []
         for path in level:
-            if os.path.basename(path) in ROOT_NAMES:
+            if is_root_name(os.path.basename(path)):
                 found.append(path)
                 continue
             try:
@@ -159,7 +181,7 @@ def find_pod(uid: str, roots: list[str]) -> PodCgroup | None:
             for e in entries:
                 if e.name == plain:
                     return PodCgroup(e.path, "cgroupfs", _qos(parent), containers(e.path))
-                if e.name.endswith("-" + slice_suffix) and e.name.startswith("kubepods"):
+                if e.name.endswith("-" + slice_suffix) and "kubepods" in e.name:
                     return PodCgroup(e.path, "systemd", _qos(parent), containers(e.path))
     return None
 
@@ -176,11 +198,37 @@ def pids(path: str) -> list[int]:
     return out
 
 
-def _netns_inode(pid: int) -> int | None:
+class NetnsDenied(Exception):
+    """The pod's processes exist but their network namespace cannot be opened:
+    /proc/PID/ns/net of another user's process needs ptrace read access."""
+
+
+DENIED_HINT = ("permission denied opening /proc/PID/ns/net of the pod's processes (they belong to other users): "
+               "the daemon needs CAP_SYS_PTRACE (the DaemonSet grants it; a /proc mounted with hidepid hides "
+               "them without it too)")
+
+
+def _netns_inode(pid: int, denied: list[int] | None = None) -> int | None:
     try:
         return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except (PermissionError, FileNotFoundError) as exc:
+        # EACCES/EPERM: no ptrace access.  ENOENT while /proc/PID exists: hidden by hidepid=invisible
+        if denied is not None and (isinstance(exc, PermissionError) or _hidden(pid)):
+            denied.append(pid)
+        return None
     except OSError:
         return None
+
+
+def _hidden(pid: int) -> bool:
+    """Is the process alive but invisible in this /proc (hidepid=invisible, ProtectProc=invisible)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return not os.path.exists(f"/proc/{pid}")
 
 
 def pod_netns(pod: PodCgroup, prefer: str | None = None) -> PodNetns | None:
@@ -188,10 +236,15 @@ def pod_netns(pod: PodCgroup, prefer: str | None = None) -> PodNetns | None:
     the node's own (CRI-O's conmon runs in the pod's cgroup but in the node's
     namespace).  `prefer` (a /proc/PID/ns/net path already in use) is kept
     while it still names that namespace, so a restarted daemon adopts the
-    scope unchanged.  None when no process of the pod is in its namespace yet."""
+    scope unchanged.  None when no process of the pod is in its namespace yet;
+    NetnsDenied when its processes are there but their namespaces cannot be
+    opened (no CAP_SYS_PTRACE)."""
     host = os.stat("/proc/self/ns/net").st_ino
-    by_pid = {pid: ino for pid in pids(pod.path) if (ino := _netns_inode(pid)) is not None and ino != host}
+    denied: list[int] = []
+    by_pid = {pid: ino for pid in pids(pod.path) if (ino := _netns_inode(pid, denied)) is not None and ino != host}
     if not by_pid:
+        if denied:
+            raise NetnsDenied(DENIED_HINT)
         return None
     inode = Counter(by_pid.values()).most_common(1)[0][0]
     if prefer:

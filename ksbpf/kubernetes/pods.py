@@ -8,9 +8,14 @@ kernel work (attach, detach, netlink watches) happens on the loop's thread.
 For an annotated pod: parse its annotations (errors: an Event, a log line,
 and a scope that blocks everything), find its cgroup from its UID and its
 network namespace from its processes (discovery.py), and add it as a scope
-whose tunnels are looked up in that namespace.  A pod not on the node yet
-(no cgroup, no process in its namespace) is retried every PENDING_RETRY
-seconds.  hostNetwork pods are refused with an Event.  A deleted (or
+whose tunnels are looked up in that namespace.  Once it is in force, the
+daemon says so on the pod: the ksbpf.io/protected annotation (the digest of
+the annotations it enforces, which the pod's gate checks) and an Event
+(KsbpfProtected; KsbpfInvalidAnnotation and KsbpfBlocked say what is wrong).
+After the first complete list the node's ksbpf.io/agent-not-ready taint is
+removed: annotated pods are scheduled only where a daemon runs.  A pod not
+on the node yet (no cgroup, no process in its namespace) is retried every
+PENDING_RETRY seconds.  hostNetwork pods are refused with an Event.  A deleted (or
 finished) pod's scope and pins are removed.  On every complete list, pins
 left by pods deleted while the daemon was away are removed too.
 """
@@ -20,7 +25,7 @@ from __future__ import annotations
 import os
 import queue
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from ksbpf.kernel.wakeup import Wakeup
@@ -33,6 +38,7 @@ PENDING_RETRY = 0.1    # seconds between looks for a pending pod's cgroup and na
 CHECK_SECONDS = 1.0    # how often protected pods are checked (namespace replaced, scope failed)
 BUDGET_SECONDS = 0.2   # work on pending pods per turn of the loop
 SOURCE = "kubernetes"
+NOT_READY_TAINT = "agent-not-ready"   # <prefix>agent-not-ready:NoSchedule, set on new nodes by the cluster
 
 
 class ScopeSink(Protocol):
@@ -54,7 +60,8 @@ class PodState:
     pending_since: float | None = None
     tries: int = 0                   # looks for it so far (the least tried go first)
     state: str = ""                  # what was last logged, not to repeat it
-    reported: str = ""               # the last Event posted, not to repeat it
+    reported: set = field(default_factory=set)   # the Events posted (reason:message), not to repeat them
+    published: str = ""              # the <prefix>protected value written on the pod
 
     @property
     def name(self) -> str:
@@ -89,6 +96,7 @@ class PodSource:
         self._next_check = time.monotonic() + CHECK_SECONDS
         self._next_pending = 0.0
         self._roots: list[str] = []
+        self._listed = False
         self.api = api or kube.make_api(settings)
         self.events = kube.EventPoster(self.api, self.node, daemon.log)
         self.watch = kube.PodWatch(self.api, self.node, self._post, daemon.log)
@@ -159,6 +167,9 @@ class PodSource:
         for pod in pods:
             self._update(pod, now=False)   # protected in slices by handle()
         self._collect_orphans()
+        if not self._listed:
+            self._listed = True
+            self.events.untaint(self.prefix + NOT_READY_TAINT)   # ready: annotated pods may come here
 
     def _update(self, pod: dict, now: bool = True) -> None:
         uid = pod["metadata"]["uid"]
@@ -178,6 +189,8 @@ class PodSource:
             if st.cgroup:
                 self._unprotect(st)
             return
+        if st.cgroup and st.published == self._value(st, st.state.startswith("protected-blocked")):
+            return   # in force, and what we published still matches (our own annotation's MODIFIED)
         if st.pending_since is None:
             st.pending_since = time.monotonic()
         if now:
@@ -196,20 +209,40 @@ class PodSource:
             self._roots = []   # a new kubepods root may have appeared: walk again next time
             return self._pending(st, "no cgroup yet")
         found = time.perf_counter()
-        ns = discovery.pod_netns(pod_cg, prefer=st.netns or _existing_netns(pod_cg.path))
+        try:
+            ns = discovery.pod_netns(pod_cg, prefer=st.netns or _existing_netns(pod_cg.path))
+        except discovery.NetnsDenied as exc:
+            self._report(st, "KsbpfBlocked", f"ksbpf cannot protect this pod: {exc}; its gate keeps the app "
+                         "from starting")
+            return self._pending(st, str(exc))
         if ns is None:
             return self._pending(st, "no process in the pod's network namespace yet")
         parsed = notes.parse((st.pod.get("metadata") or {}).get("annotations") or {}, self.prefix, ns.path)
         if parsed.blocked:
-            self._report(st, "KsbpfAnnotationInvalid", "invalid ksbpf annotations, so the pod is protected with "
-                         "EVERYTHING blocked: " + "; ".join(parsed.errors))
+            self._report(st, "KsbpfInvalidAnnotation", "invalid ksbpf annotations: " + "; ".join(parsed.errors))
         applying = time.perf_counter()
         scope = self.daemon.add_scope(pod_cg.path, parsed.policy, SOURCE)
         if scope.error:
+            from ksbpf.daemon.service import COMPILING
+            if scope.error != COMPILING:   # compiling: a moment, not a failure
+                self._report(st, "KsbpfBlocked", f"ksbpf cannot protect this pod yet ({scope.error}); its gate "
+                             "keeps the app from starting until it can")
             return self._pending(st, scope.error)
         waited = time.monotonic() - st.pending_since if st.pending_since is not None else 0.0
         st.cgroup, st.netns, st.pending_since = pod_cg.path, ns.path, None
-        state = f"protected:{parsed.policy}"
+        state = f"protected{'-blocked' if parsed.blocked else ''}:{parsed.policy}"
+        value = self._value(st, parsed.blocked)
+        if st.published != value:
+            st.published = value
+            if ((st.pod.get("metadata") or {}).get("annotations") or {}).get(self.prefix + notes.PROTECTED) != value:
+                self.events.annotate(st.pod, self.prefix + notes.PROTECTED, value)
+        if parsed.blocked:
+            self._report(st, "KsbpfBlocked", "ALL of this pod's traffic is blocked: its ksbpf annotations are "
+                         "invalid (see KsbpfInvalidAnnotation); fix them and recreate the pod")
+        else:
+            self._report(st, "KsbpfProtected", f"egress only through {', '.join(parsed.policy.tunnels)}"
+                         + (f" and to {', '.join(str(e) for e in parsed.policy.endpoints)}" if parsed.policy.endpoints
+                            else "") + f" (policy {value})", kind="Normal")
         if st.state != state:
             st.state = state
             self.daemon.log("pod_protected", pod=st.name, uid=st.uid, cgroup=pod_cg.path, netns=ns.path,
@@ -220,6 +253,9 @@ class PodSource:
                             find_ms=round((found - started) * 1000, 2),
                             scope_ms=round((time.perf_counter() - applying) * 1000, 2))
 
+    def _value(self, st: PodState, blocked: bool) -> str:
+        return notes.published((st.pod.get("metadata") or {}).get("annotations"), self.prefix, blocked)
+
     def _pending(self, st: PodState, why: str) -> None:
         if st.pending_since is None:
             st.pending_since = time.monotonic()
@@ -227,13 +263,15 @@ class PodSource:
             st.state = f"pending:{why}"
             self.daemon.log("pod_pending", pod=st.name, uid=st.uid, why=why, retry_every=PENDING_RETRY)
 
-    def _report(self, st: PodState, reason: str, message: str) -> None:
-        if st.reported == f"{reason}:{message}":
+    def _report(self, st: PodState, reason: str, message: str, kind: str = "Warning") -> None:
+        if f"{reason}:{message}" in st.reported:
             return
-        st.reported = f"{reason}:{message}"
-        self.daemon.log("pod_refused" if reason == "HostNetworkRefused" else "pod_annotation_invalid",
-                        level="warning", pod=st.name, uid=st.uid, reason=reason, message=message)
-        self.events.post(st.pod, reason, message)
+        st.reported.add(f"{reason}:{message}")
+        event = {"HostNetworkRefused": "pod_refused", "KsbpfInvalidAnnotation": "pod_annotation_invalid",
+                 "KsbpfBlocked": "pod_blocked"}.get(reason)
+        if event:
+            self.daemon.log(event, level="warning", pod=st.name, uid=st.uid, reason=reason, message=message)
+        self.events.post(st.pod, reason, message, kind)
 
     def _unprotect(self, st: PodState) -> None:
         if st.cgroup and st.cgroup in self.daemon.scopes:

@@ -294,11 +294,12 @@ class Runtime:
 
     # -- containers --------------------------------------------------------
     def run(self, name: str, script: str, parent: str | None = None, share: str | None = None,
-            tun: bool = False) -> str:
+            tun: bool = False, options: tuple[str, ...] = ()) -> str:
         """Start a detached container running `sh -c script`; parent: a cgroup
         path relative to the cgroup2 root; share: a container whose network
-        namespace it joins (else it gets its own on our bridge)."""
-        args = ["run", "-d", "--name", name]
+        namespace it joins (else it gets its own on our bridge); options: more
+        `run` options (--cap-drop NET_RAW ...)."""
+        args = ["run", "-d", "--name", name, *options]
         args += ["--network", f"container:{share}"] if share else ["--network", self.network if self.kind == "podman" else "bridge"]
         if parent:
             args += ["--cgroup-parent", parent]

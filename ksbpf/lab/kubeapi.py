@@ -65,6 +65,8 @@ class FakeApiServer:
         self.action = ""              # "drop" | "end"
         self.requests: list[dict] = []
         self.events: list[dict] = []
+        self.nodes: dict[str, dict] = {}
+        self.patches: list[dict] = []   # every PATCH: path, content type, body
         self.cond = threading.Condition()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
@@ -100,6 +102,40 @@ class FakeApiServer:
         with self.cond:
             self._record("MODIFIED" if pod["metadata"]["uid"] in self.pods else "ADDED", pod)
             return self.pods[pod["metadata"]["uid"]]
+
+    def put_node(self, name: str, taints: list[dict] | None = None) -> dict:
+        with self.cond:
+            self.rv += 1
+            self.nodes[name] = {"apiVersion": "v1", "kind": "Node",
+                                "metadata": {"name": name, "resourceVersion": str(self.rv)},
+                                "spec": {"taints": list(taints or [])}}
+            return self.nodes[name]
+
+    def pod(self, uid: str) -> dict:
+        with self.cond:
+            return copy.deepcopy(self.pods[uid])
+
+    def wait(self, cond, timeout: float = 30.0) -> None:
+        """Until cond() (called with the server's lock held) is true."""
+        import time
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not cond():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"the API server never saw it; patches: {self.patches}")
+                self.cond.wait(min(left, 0.2))
+
+    def downward_annotations(self, uid: str, path) -> None:
+        """Write the pod's annotations as the kubelet writes a downward API volume's file."""
+        import os
+        annotations = self.pod(uid)["metadata"].get("annotations") or {}
+        text = "".join(f"{k}={json.dumps(v)}\n" for k, v in sorted(annotations.items()))
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
 
     def delete_pod(self, uid: str) -> None:
         with self.cond:
@@ -171,6 +207,11 @@ def _handler(api: FakeApiServer):
             api.requests.append({"path": url.path, **query})
             if not self._authorized():
                 return
+            parts = url.path.strip("/").split("/")
+            if len(parts) == 4 and parts[:3] == ["api", "v1", "nodes"]:
+                with api.cond:
+                    node = copy.deepcopy(api.nodes.get(parts[3]))
+                return self._json(200, node) if node else self._not_found(url.path)
             if url.path != "/api/v1/pods":
                 return self._json(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404,
                                         "reason": "NotFound", "message": f"{url.path} not found"})
@@ -224,6 +265,53 @@ def _handler(api: FakeApiServer):
                 if action == "end":
                     self._chunk(b"")
                     return
+
+        def _not_found(self, what: str) -> None:
+            self._json(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404,
+                             "reason": "NotFound", "message": f"{what} not found"})
+
+        def do_PATCH(self) -> None:
+            url = urlparse(self.path)
+            ctype = self.headers.get("Content-Type", "")
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"null")
+            api.requests.append({"path": url.path, "method": "PATCH"})
+            if not self._authorized():
+                return
+            parts = url.path.strip("/").split("/")
+            with api.cond:
+                api.patches.append({"path": url.path, "content_type": ctype, "body": body})
+                if len(parts) == 6 and parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "pods":
+                    found = [p for p in api.pods.values() if p["metadata"]["namespace"] == parts[3]
+                             and p["metadata"]["name"] == parts[5]]
+                    if not found or ctype != "application/merge-patch+json":
+                        return self._not_found(url.path) if not found else self._json(415, {"code": 415})
+                    pod = copy.deepcopy(found[0])
+                    for key, value in ((body.get("metadata") or {}).get("annotations") or {}).items():
+                        annotations = pod["metadata"].setdefault("annotations", {})
+                        if value is None:
+                            annotations.pop(key, None)
+                        else:
+                            annotations[key] = value
+                    api._record("MODIFIED", pod)
+                    return self._json(200, api.pods[pod["metadata"]["uid"]])
+                if len(parts) == 4 and parts[:3] == ["api", "v1", "nodes"] and parts[3] in api.nodes:
+                    if ctype != "application/json-patch+json":
+                        return self._json(415, {"code": 415})
+                    node = copy.deepcopy(api.nodes[parts[3]])
+                    for op in body:
+                        field = op["path"].strip("/").split("/")
+                        assert field == ["spec", "taints"], op
+                        if op["op"] == "test" and node["spec"].get("taints", []) != op["value"]:
+                            return self._json(422, {"kind": "Status", "code": 422, "reason": "Invalid",
+                                                    "message": "the test operation failed"})
+                        if op["op"] == "replace":
+                            node["spec"]["taints"] = op["value"]
+                    api.rv += 1
+                    node["metadata"]["resourceVersion"] = str(api.rv)
+                    api.nodes[parts[3]] = node
+                    api.cond.notify_all()
+                    return self._json(200, node)
+            self._not_found(url.path)
 
         def do_POST(self) -> None:
             url = urlparse(self.path)

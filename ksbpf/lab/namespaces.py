@@ -97,6 +97,8 @@ class Lab:
     net4_server: str = field(init=False)  # "the internet", behind the server
     net6_server: str = field(init=False)
     containers: list[str] = field(init=False, default_factory=list)   # container namespaces (add_containers)
+    # the client's wireguard-go as a pod's VPN sidecar: in this cgroup, root with only CAP_NET_ADMIN
+    client_cgroup: str | None = field(init=False, default=None)
     _wg: dict[str, subprocess.Popen] = field(init=False, repr=False, default_factory=dict)
     _keydir: str | None = field(init=False, repr=False, default=None)
 
@@ -291,7 +293,13 @@ class Lab:
         """Run wireguard-go for `ifname` in `ns`, configure it, address it, bring it up."""
         sock = os.path.join(WG_RUN_DIR, f"{ifname}.sock")
         # WG_PROCESS_FOREGROUND keeps it from forking, so proc.pid is wireguard-go itself
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, "wireguard-go", ifname],
+        argv = ["ip", "netns", "exec", ns, "wireguard-go", ifname]
+        if ns == self.client_ns and self.client_cgroup:
+            net_admin = "-all,+net_admin"
+            argv = ["sh", "-c", f'echo $$ > {self.client_cgroup}/cgroup.procs && exec "$@"', "sh", *argv[:4],
+                    "setpriv", f"--inh-caps={net_admin}", f"--ambient-caps={net_admin}",
+                    f"--bounding-set={net_admin}", *argv[4:]]
+        proc = subprocess.Popen(argv,
                                 env={**os.environ, "WG_PROCESS_FOREGROUND": "1"},
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)

@@ -36,6 +36,7 @@ class Daemon(Protocol):
     node: object   # NodeState | None: .name, .node (its NodePolicy)
     netlink_events: dict[str, int]
     route_alerts: int
+    guards_displaced: int
     heartbeat: float
 
     def readiness(self) -> list[str]: ...
@@ -134,6 +135,9 @@ class KsbpfCollector:
             for kind, n in sorted(dict(self.daemon.netlink_events).items()):
                 events.add_metric([kind], n)
             yield events
+            yield CounterMetricFamily("ksbpf_guards_displaced", "Node mode: times the daemon found a program "
+                                      "running in front of a guard (it then puts the guard first again)",
+                                      value=getattr(self.daemon, "guards_displaced", 0))
             yield CounterMetricFamily("ksbpf_route_alerts", "Routes added outside a tunnel while a scope "
                                       "was protected (TunnelVision)", value=self.daemon.route_alerts)
             verifier = getattr(self.daemon, "verifier", None)

@@ -229,6 +229,9 @@ class Scraper:
         family("ksbpf_netlink_events_total", "counter", "Netlink messages the daemon handled")
         out.extend(f'ksbpf_netlink_events_total{{type="{_esc(k)}"}} {n}.0\n'
                    for k, n in sorted(dict(self.daemon.netlink_events).items()))
+        family("ksbpf_guards_displaced_total", "counter", "Node mode: times the daemon found a program "
+               "running in front of a guard (it then puts the guard first again)")
+        out.append(f"ksbpf_guards_displaced_total {getattr(self.daemon, 'guards_displaced', 0)}.0\n")
         family("ksbpf_route_alerts_total", "counter", "Routes added outside a tunnel while a scope was protected (TunnelVision)")
         out.append(f"ksbpf_route_alerts_total {self.daemon.route_alerts}.0\n")
         verifier = getattr(self.daemon, "verifier", None)

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from ksbpf.errors import KsbpfError
-from ksbpf.kernel import bpf, cgroup, libbpf, links, netns, pins, preflight, privileges
+from ksbpf.kernel import bpf, cgroup, devices, libbpf, links, netns, pins, preflight, privileges
 from ksbpf.policy import Policy
 from ksbpf.reasons import Hook
-from ksbpf.scopes import common, subtree
+from ksbpf.scopes import common, subtree, tunnel_source
 
 EGRESS = libbpf.BPF_CGROUP_INET_EGRESS
 
@@ -76,6 +76,24 @@ def _detach_sock(cg_fd: int) -> list[int]:
     return _detach_ids(cg_fd, _sock_programs(cg_fd), subtree.SOCK_CREATE)
 
 
+def _dev_programs(cg_fd: int) -> list[int]:
+    """--deny-tun: ksbpf's device programs on the cgroup."""
+    return ksbpf_programs(cg_fd, hook=devices.BPF_CGROUP_DEVICE, name=devices.PROG_NAME)
+
+
+def _detach_dev(cg_fd: int) -> list[int]:
+    return _detach_ids(cg_fd, _dev_programs(cg_fd), devices.BPF_CGROUP_DEVICE)
+
+
+def deny_tun_in_force(cg_path: str) -> bool:
+    """Is ksbpf's device program attached to the cgroup (and so in force on its subtree)?"""
+    try:
+        with _open_dir(cg_path) as cg_fd:
+            return bool(_dev_programs(cg_fd))
+    except OSError:
+        return False
+
+
 @dataclass
 class AttachResult:
     cgroup: str
@@ -113,14 +131,15 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
 
     progress("loading the policy program (compiled by bcc unless a cached image fits)")
     keep = bpf.kept_maps(pins.scope_dir(cg.id, bpffs))   # a re-attach: the sockets' namespaces stay known
+    entries = subtree.entries(policy) + (() if each else (bpf.ENTRY_NF_SRC,))
     keep_used = bool(keep)
     try:
         if keep:
             prog = bpf.load(policy.options, len(policy.endpoints), policy.events,
-                            entries=subtree.entries(policy), keep=keep)
+                            entries=entries, keep=keep)
         else:
             prog = (loader or bpf.load)(policy.options, len(policy.endpoints), policy.events,   # loader: a pool's
-                                        entries=subtree.entries(policy))
+                                        entries=entries)
     finally:
         for fd in keep.values():
             os.close(fd)
@@ -137,6 +156,15 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
                 cookie = netns.cookie(ns)
                 common.sync_tunnels(prog.maps, policy, cookie, present)
                 subtree.mark_known(prog.maps, cookie)
+                old_dir = pins.scope_dir(cg.id, bpffs)
+                if os.path.isdir(old_dir):   # the last-known addresses of the scope's tunnels stay
+                    try:
+                        with bpf.ScopeMaps.from_pins(old_dir) as old_maps:
+                            for (c, addr), (_ifindex, name) in old_maps.tunnel_sources().items():
+                                prog.maps.set_tunnel_source(c, addr, 0, name)
+                    except (OSError, KsbpfError):
+                        pass
+                common.sync_tunnel_sources(prog.maps, policy, cookie, present, links.addresses(ns))
                 tunnels = common.tunnel_states(policy, ns.label, present, set(common.tunnel_plan(policy, present)))
                 ns_meta = {"path": ns.path, "inode": ns.inode}
             for ep in policy.endpoints:
@@ -158,26 +186,56 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
             progress(f"pinning maps under {final}")
             prog.pin(staging)
             prog_id = libbpf.prog_info(prog.prog_fd).id
+            if ns is not None and bpf.ENTRY_NF_SRC in prog.progs:
+                try:
+                    priority = tunnel_source.ensure(staging, ns, prog.maps, netns.cookie(ns))
+                except BaseException:
+                    pins.remove_dir(staging)   # unpinned: the links go with their pins
+                    raise
+                if priority is not None:
+                    progress(f"netfilter hook in {ns.label} (priority {priority}): packets with the tunnel's "
+                             "source address leave only through the tunnel")
+            dev_fd = None
+            if policy.deny_tun:   # small and separate from the packet policy, pinned with the scope
+                dev_fd = devices.load_deny_tun()
+                libbpf.obj_pin(dev_fd, os.path.join(staging, devices.PIN_NAME))
             with _open_dir(cg.path) as cg_fd:
                 old = ksbpf_programs(cg_fd)
                 old_sock = _sock_programs(cg_fd)
-                # the sock_create program first: every socket made from now on has its namespace recorded
-                # before the egress program that reads it is in force
-                sock = prog.progs.get(bpf.ENTRY_SOCK_CREATE)
+                old_dev = _dev_programs(cg_fd)
                 try:
-                    if sock is not None:
-                        libbpf.prog_attach(sock, cg_fd, subtree.SOCK_CREATE, libbpf.BPF_F_ALLOW_MULTI)
-                    libbpf.prog_attach(prog.prog_fd, cg_fd, EGRESS, libbpf.BPF_F_ALLOW_MULTI)
-                except OSError as exc:
-                    if sock is not None:
-                        _detach_ids(cg_fd, [libbpf.prog_info(sock).id], subtree.SOCK_CREATE)
-                    pins.remove_dir(staging)
-                    raise KsbpfError(
-                        f"cannot attach to {cg.path}: {exc.strerror} (another tool may hold its hooks without multi-attach)",
-                        "check `bpftool cgroup show " + cg.path + "`; ksbpf attaches with BPF_F_ALLOW_MULTI") from None
+                    if dev_fd is not None:   # first: if it is refused, nothing has changed
+                        try:
+                            libbpf.prog_attach(dev_fd, cg_fd, devices.BPF_CGROUP_DEVICE, libbpf.BPF_F_ALLOW_MULTI)
+                        except OSError as exc:
+                            pins.remove_dir(staging)
+                            raise KsbpfError(
+                                f"cannot attach the --deny-tun device program to {cg.path}: {exc.strerror} (another "
+                                "device program may hold the hook without multi-attach)",
+                                "check `bpftool cgroup show " + cg.path + "`, or attach without --deny-tun") from None
+                    # the sock_create program first: every socket made from now on has its namespace recorded
+                    # before the egress program that reads it is in force
+                    sock = prog.progs.get(bpf.ENTRY_SOCK_CREATE)
+                    try:
+                        if sock is not None:
+                            libbpf.prog_attach(sock, cg_fd, subtree.SOCK_CREATE, libbpf.BPF_F_ALLOW_MULTI)
+                        libbpf.prog_attach(prog.prog_fd, cg_fd, EGRESS, libbpf.BPF_F_ALLOW_MULTI)
+                    except OSError as exc:
+                        if sock is not None:
+                            _detach_ids(cg_fd, [libbpf.prog_info(sock).id], subtree.SOCK_CREATE)
+                        if dev_fd is not None:
+                            _detach_ids(cg_fd, [libbpf.prog_info(dev_fd).id], devices.BPF_CGROUP_DEVICE)
+                        pins.remove_dir(staging)
+                        raise KsbpfError(
+                            f"cannot attach to {cg.path}: {exc.strerror} (another tool may hold its hooks without multi-attach)",
+                            "check `bpftool cgroup show " + cg.path + "`; ksbpf attaches with BPF_F_ALLOW_MULTI") from None
+                finally:
+                    if dev_fd is not None:
+                        os.close(dev_fd)
                 progress(f"attached program {prog_id} to {cg.path}" + (f"; detaching the previous program {old}" if old else ""))
                 replaced = _detach_ids(cg_fd, old)
                 _detach_ids(cg_fd, old_sock, subtree.SOCK_CREATE)
+                _detach_ids(cg_fd, old_dev, devices.BPF_CGROUP_DEVICE)
             if replaced and os.path.isdir(final):
                 common.carry_counters(final, meta)   # the old program is detached: its counts are final
                 prog.maps.write_meta(meta)
@@ -221,7 +279,8 @@ def detach(cgroup_path: str, bpffs: str = pins.BPFFS) -> DetachResult:
         if os.path.exists(real):
             cg = cgroup.resolve(real)
             with _open_dir(cg.path) as cg_fd:
-                result.detached_prog_ids = _detach_ids(cg_fd, ksbpf_programs(cg_fd)) + _detach_sock(cg_fd)
+                result.detached_prog_ids = (_detach_ids(cg_fd, ksbpf_programs(cg_fd)) + _detach_sock(cg_fd)
+                                            + _detach_dev(cg_fd))
         for d in pins.list_scope_dirs(bpffs):
             if _meta_cgroup(d) == real:
                 pins.remove_dir(d)
@@ -239,7 +298,7 @@ def detach_every_cgroup(progress: common.Progress = common.quiet) -> list[int]:
         for path in cgroup.walk(root):
             try:
                 with _open_dir(path) as cg_fd:
-                    detached += _detach_ids(cg_fd, ksbpf_programs(cg_fd)) + _detach_sock(cg_fd)
+                    detached += _detach_ids(cg_fd, ksbpf_programs(cg_fd)) + _detach_sock(cg_fd) + _detach_dev(cg_fd)
             except FileNotFoundError:
                 continue  # removed while we walked
     return detached
@@ -263,6 +322,8 @@ class ScopeStatus:
     warnings: list[str] = field(default_factory=list)   # e.g. processes that could bypass the policy
     hook: Hook = Hook.CGROUP
     netns_identity: str = "helper"   # how its program learns a packet's namespace (features.NETNS_*)
+    tunnel_source: str = "absent"    # the netfilter hook on the tunnel's source addresses: on, absent, MISSING
+    deny_tun: bool = False   # --deny-tun's device program is attached to the cgroup
 
     @property
     def name(self) -> str:
@@ -279,7 +340,7 @@ class ScopeStatus:
             "prog_id": self.prog_id, "attached": self.attached,
             "tunnels": [t.to_dict() for t in self.tunnels],
             "endpoints": [str(e) for e in self.policy.endpoints],
-            "options": vars(self.policy.options).copy(), "tunnel_kinds": list(self.policy.tunnel_kinds),
+            "options": self.policy.options.to_dict(), "tunnel_kinds": list(self.policy.tunnel_kinds),
             "kind": "cgroup", "counters": common.counters_dict(self.counters),
             "dropped_packets": self.dropped_packets,
             "events": {"rate": self.policy.events.rate, "burst": self.policy.events.burst,
@@ -287,6 +348,7 @@ class ScopeStatus:
             "attached_at": self.attached_at, "problems": self.problems,
             "netns_each": self.namespaces is not None, "namespaces": self.namespaces or [],
             "warnings": self.warnings, "netns_identity": self.netns_identity,
+            "tunnel_source": self.tunnel_source, "deny_tun": self.deny_tun,
         }
 
 
@@ -340,12 +402,16 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
                 problems.append("the program is not attached to the cgroup")
     except OSError:
         problems.append("the cgroup no longer exists (run `ksbpf detach` to remove the pins)")
-    warnings = raw_socket_warnings(cg_path)
+    deny_tun = deny_tun_in_force(cg_path)
+    if policy.deny_tun and not deny_tun and os.path.isdir(cg_path):
+        problems.append("--deny-tun's device program is not attached to the cgroup: its processes can open "
+                        "/dev/net/tun (run `ksbpf attach ... --deny-tun` again)")
+    warnings = raw_socket_warnings(cg_path) + tun_warnings(cg_path, deny_tun)
     if meta.get("netns", {}).get("each"):
         tunnels, namespaces = _each_states(policy, cg_path, entries)
         return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, tunnels, policy, counters,
                            meta.get("attached_at"), problems, True, event_stats, namespaces, warnings,
-                           netns_identity=meta.get("netns_identity", "helper"))
+                           netns_identity=meta.get("netns_identity", "helper"), deny_tun=deny_tun)
     ns = common.meta_netns(meta)
     present = cookie = None
     ns_ok = common.netns_alive(ns)
@@ -360,9 +426,18 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
     tunnels = common.tunnel_states(policy, ns.label, present, registered)
     problems += [f"interface {t.name} is a {t.kind}, not a trusted tunnel kind ({', '.join(policy.tunnel_kinds)}): blocked"
                  for t in tunnels if t.impostor]
+    try:
+        with bpf.ScopeMaps.from_pins(pin_dir) as maps:
+            source_layer = tunnel_source.layer(pin_dir, meta, maps)
+    except (OSError, KsbpfError):
+        source_layer = "MISSING: the scope's maps cannot be read"
+    if source_layer.startswith("MISSING"):
+        problems.append(f"tunnel-source hook {source_layer}: the kernel's answers for the scope's connections "
+                        "(TIME_WAIT, RSTs) may leave outside the tunnel (`ksbpf attach` again)")
     return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, tunnels, policy, counters,
                        meta.get("attached_at"), problems, ns_ok, event_stats, warnings=warnings,
-                       netns_identity=meta.get("netns_identity", "helper"))
+                       netns_identity=meta.get("netns_identity", "helper"), tunnel_source=source_layer,
+                       deny_tun=deny_tun)
 
 
 def raw_socket_warnings(cg_path: str, limit: int = 10) -> list[str]:
@@ -376,6 +451,72 @@ def raw_socket_warnings(cg_path: str, limit: int = 10) -> list[str]:
            "containers with --cap-drop NET_RAW)" for pid, where in found[:limit]]
     if len(found) > limit:
         out.append(f"... and {len(found) - limit} more processes holding CAP_NET_RAW")
+    return out
+
+
+def _uids(pid: int) -> set[int]:
+    """The real and effective user ids of a process."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    return {int(u) for u in line.split()[1:3]}
+    except (OSError, ValueError):
+        pass
+    return set()
+
+
+def tun_warnings(cg_path: str, deny_tun: bool = False, limit: int = 10) -> list[str]:
+    """Processes of the scope that can write into a tun device -- holding an
+    open /dev/net/tun, or (without --deny-tun) being the user a tun device
+    of their namespace belongs to: the packets they write in leave, or make
+    the kernel answer, without passing the scope's hook."""
+    if not os.path.isdir(cg_path):
+        return []
+    spaces: dict[int, tuple[str, set[int]]] = {}   # netns inode -> (a path to it, uids of the scope there)
+    holders = []
+    for pid, _where in subtree.subtree_pids(cg_path):
+        if devices.holds_tun(pid):
+            holders.append(pid)
+        try:
+            ino = os.stat(f"/proc/{pid}/ns/net").st_ino
+        except OSError:
+            continue
+        spaces.setdefault(ino, (f"/proc/{pid}/ns/net", set()))[1].update(_uids(pid))
+    if not holders and (deny_tun or not spaces):
+        return []
+    forwarding: dict[str, bool] = {}
+
+    def fwd(path: str) -> bool:
+        if path not in forwarding:
+            try:
+                forwarding[path] = netns.run_in(path, devices.ip_forward)
+            except OSError:
+                forwarding[path] = False
+        return forwarding[path]
+
+    def what(on: bool) -> str:
+        return ("ip_forward is on: what it writes in is forwarded out of the uplink" if on else
+                "ip_forward is off, yet what it writes in makes the kernel answer (echo replies carrying its "
+                "payload)") + ", never passing the scope's hook"
+    fix = ("attach the scope with --deny-tun (config deny_tun = true) and restart the process"
+           if not deny_tun else "restart the process: --deny-tun refuses new opens, not a device opened before")
+    out = []
+    for pid in holders[:limit]:
+        out.append(f"process {pid} ({subtree.comm(pid)}) holds /dev/net/tun; {what(fwd(f'/proc/{pid}/ns/net'))} "
+                   f"({fix})")
+    if len(holders) > limit:
+        out.append(f"... and {len(holders) - limit} more processes holding /dev/net/tun")
+    if not deny_tun:
+        for path, uids in spaces.values():
+            try:
+                owned = [(name, uid) for name, uid in links.tun_owners(path) if uid in uids]
+            except OSError:
+                continue
+            for name, uid in owned[:limit]:
+                out.append(f"tun device {name} belongs to uid {uid}, a user of the scope's processes: they can "
+                           f"open it; {what(fwd(path))} (attach the scope with --deny-tun, or delete the device: "
+                           f"ip tuntap del {name} mode tun)")
     return out
 
 
@@ -428,7 +569,8 @@ def ensure(cgroup_path: str, policy: Policy, progress: common.Progress = common.
             current = read_scope(pin_dir)
         except (OSError, KsbpfError, ValueError):
             current = None  # damaged pins: rebuild below
-        if current and current.attached and current.netns_ok and current.policy == policy:
+        if (current and current.attached and current.netns_ok and current.policy == policy
+                and (current.deny_tun or not policy.deny_tun)):
             return EnsureResult("adopted", cg.path, pin_dir)
     result = attach(cg.path, policy, progress, bpffs, loader)
     return EnsureResult("replaced" if result.replaced else "attached", cg.path, pin_dir, result)

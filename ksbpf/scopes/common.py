@@ -128,6 +128,33 @@ def sync_tunnels(maps: bpf.ScopeMaps, policy: Policy, cookie: int, present: list
     return SyncResult(added, removed)
 
 
+def sync_tunnel_sources(maps: bpf.ScopeMaps, policy: Policy, cookie: int, present: list[links.Link],
+                        addresses: dict[int, list]) -> list[str]:
+    """Record the addresses of the policy's tunnels present now in the
+    namespace (tunnel_src, for the netfilter hook that keeps packets with a
+    tunnel's source address off every other interface).  Addresses are never
+    forgotten while the scope lives: a tunnel that is gone keeps its last-known
+    addresses, with ifindex 0 (TIME_WAIT sockets still use them).  Returns
+    the addresses newly recorded."""
+    if "tunnel_src" not in maps.fds:
+        return []
+    names = {link.ifindex: link.name for link in present}
+    holder: dict = {}
+    for ifindex in tunnel_plan(policy, present):
+        for addr in addresses.get(ifindex, ()):
+            if not addr.is_loopback:
+                holder[addr] = (ifindex, names[ifindex])
+    have = {a: v for (c, a), v in maps.tunnel_sources().items() if c == cookie}
+    added = []
+    for addr in sorted(set(have) | set(holder), key=lambda a: (a.version, a.packed)):
+        want = holder.get(addr) or (0, have[addr][1])   # gone: ifindex 0, the last name kept
+        if have.get(addr) != want:
+            maps.set_tunnel_source(cookie, addr, *want)
+            if addr not in have:
+                added.append(str(addr))
+    return added
+
+
 def meta_netns(meta: dict) -> netns.Netns:
     ref = meta.get("netns", {})
     return netns.Netns(meta["policy"]["netns"], ref.get("path", ""), ref.get("inode", 0))

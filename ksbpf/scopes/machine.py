@@ -37,7 +37,7 @@ def status(bpffs: str = pins.BPFFS) -> MachineStatus:
 @dataclass
 class DetachAllResult:
     detached_prog_ids: list[int] = field(default_factory=list)      # cgroup programs
-    detached_link_ids: list[int] = field(default_factory=list)      # tcx links without pins
+    detached_link_ids: list[int] = field(default_factory=list)      # tcx and netfilter links
     removed_pins: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -47,11 +47,12 @@ class DetachAllResult:
 
 def detach_all(bpffs: str = pins.BPFFS, progress: common.Progress = common.quiet) -> DetachAllResult:
     """The escape hatch: every node scope's guards, every ksbpf program on
-    every cgroup and on any interface's tcx egress, and every pin."""
+    every cgroup, on any interface's tcx egress and at any namespace's
+    netfilter hooks, and every pin."""
     preflight.require_root()
     result = DetachAllResult()
     with pins.locked():
-        progress("removing node scopes and every tcx link of a ksbpf program")
+        progress("removing node scopes and every tcx and netfilter link of a ksbpf program")
         nodes = node.detach_all(bpffs)
         result.detached_link_ids = nodes.detached_links
         result.detached_prog_ids = cgroups.detach_every_cgroup(progress)

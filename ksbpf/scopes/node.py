@@ -9,6 +9,16 @@ directory (pins.node_dir), or a clsact direct-action filter where the kernel
 has no tcx.  Guards are replaced make-before-break: the new program is
 attached in front of the old one, then the old one is removed.
 
+Where the kernel has netfilter BPF links (6.4+), node mode also attaches a
+per-namespace hook (ksbpf_nf, IPv4 and IPv6, NF_INET_POST_ROUTING), pinned
+under the scope's directory (nf/ipv4, nf/ipv6): the "from birth" layer.  It
+sees every IP packet leaving the namespace, on every interface -- also one
+created after attaching, before any guard can exist on it -- and decides it
+with the same policy, except on the interfaces it leaves to others (map
+nf_pass: loopback, tunnels, internal interfaces, and every interface whose
+tc guard is in force: the guard judges those).  Replaced make-before-break at
+the other of two priorities.
+
 This module owns the life of a node scope -- attach, guarding interfaces as
 they come and go (sync_guards, used by the daemon), detach, status.  The
 kernel is the only state: the attachments, plus the pins.
@@ -24,12 +34,15 @@ from functools import partial
 from typing import Callable
 
 from ksbpf.errors import KsbpfError
-from ksbpf.kernel import bpf, cgroup, libbpf, links, netns, pins, preflight, tc
+from ksbpf.kernel import bpf, cgroup, libbpf, links, netns, nf, pins, preflight, tc
 from ksbpf.policy import NodePolicy
 from ksbpf.reasons import Hook
 from ksbpf.scopes import common
 
 LINKS_DIR = "links"
+NF_DIR = "nf"
+NF_ABSENT = ("absent: this kernel has no netfilter BPF links (Linux 6.4+, CONFIG_NETFILTER_BPF_LINK): an interface "
+             "created after attaching is not judged until the daemon guards it")
 
 
 def label(policy_netns: str) -> str:
@@ -159,6 +172,71 @@ def tcx_guard_alive(pin_dir: str, ifindex: int) -> bool:
         os.close(fd)
 
 
+# -- the from-birth layer: netfilter links ------------------------------------------
+
+def _nf_pin(pin_dir: str, family: str) -> str:
+    return os.path.join(pin_dir, NF_DIR, family)
+
+
+def nf_pass_set(np: NodePolicy, present: list[links.Link], live: dict[int, bool]) -> set[int]:
+    """The interfaces the netfilter hook leaves to others: loopback, tunnels,
+    internal interfaces, and the guarded ones whose tc guard is in force."""
+    return {link.ifindex for link in present
+            if np.role(link.name, link.kind, link.ifindex) != "guarded" or live.get(link.ifindex)}
+
+
+def nf_attach(pin_dir: str, ns: netns.Netns, priority: int, runner: Runner | None = None) -> None:
+    """Attach the scope's netfilter program in the namespace, IPv4 and IPv6,
+    and pin the links (nothing half-applied: both or neither)."""
+    prog_fd = libbpf.obj_get(os.path.join(pin_dir, bpf.PIN_NAMES[bpf.ENTRY_NF]))
+    done: list[str] = []
+    try:
+        os.makedirs(os.path.join(pin_dir, NF_DIR), exist_ok=True)
+        for family, pf in nf.FAMILIES.items():
+            try:
+                link_fd = (runner or partial(netns.run_in, ns.path))(nf.attach, prog_fd, pf, priority)
+            except OSError as exc:
+                if nf.busy(exc):
+                    raise KsbpfError(f"another netfilter BPF link holds priority {priority} at {family} "
+                                     f"POST_ROUTING in {ns.label}",
+                                     "remove it (bpftool link show; type 10), or `ksbpf detach --node` and attach again") from None
+                raise
+            try:
+                libbpf.obj_pin(link_fd, _nf_pin(pin_dir, family))
+            except OSError:
+                tc.link_detach(link_fd)
+                raise
+            finally:
+                os.close(link_fd)
+            done.append(family)
+    except BaseException:
+        for family in done:
+            nf.unpin(_nf_pin(pin_dir, family))
+        raise
+    finally:
+        os.close(prog_fd)
+
+
+def nf_release(pin_dir: str) -> None:
+    for family in nf.FAMILIES:
+        nf.unpin(_nf_pin(pin_dir, family))
+
+
+def nf_links(pin_dir: str) -> dict[str, nf.NfLinkInfo | None]:
+    """family -> the scope's pinned netfilter link (None: no pin)."""
+    return {family: nf.pinned_info(_nf_pin(pin_dir, family)) for family in nf.FAMILIES}
+
+
+def sync_nf_pass(pin_dir: str, np: NodePolicy, ns: netns.Netns, present: list[links.Link], mode: str) -> None:
+    """Tell the netfilter hook which interfaces it leaves to others (no-op
+    for a scope without the from-birth layer)."""
+    if not os.path.isdir(os.path.join(pin_dir, NF_DIR)):
+        return
+    live = guards_in_force(pin_dir, ns, present, mode)
+    with bpf.ScopeMaps.from_pins(pin_dir) as maps:
+        maps.set_nf_pass(nf_pass_set(np, present, live))
+
+
 def _pinned_ifindexes(pin_dir: str) -> list[int]:
     d = os.path.join(pin_dir, LINKS_DIR)
     return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
@@ -179,6 +257,160 @@ def unguarded(pin_dir: str, np: NodePolicy, ns: netns.Netns, present: list[links
     want = guarded_links(np, present)
     live = guards_in_force(pin_dir, ns, want, mode)
     return [link.name for link in want if not live[link.ifindex]]
+
+
+# -- first in the chain ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FrontProgram:
+    """A program that runs before the scope's guard on an interface's egress:
+    whatever it passes (TCX_PASS, TC_ACT_OK) the guard never sees."""
+    prog_id: int
+    name: str
+    where: str          # "tcx" or "clsact pref N"
+    link_id: int = 0    # the tcx link holding it (0: attached without a link, or a clsact filter)
+
+    def __str__(self) -> str:
+        link = f", link {self.link_id}" if self.link_id else ""
+        return f"program {self.prog_id} ({self.name or 'no name'}; {self.where}{link})"
+
+    def to_dict(self) -> dict:
+        return {"prog_id": self.prog_id, "name": self.name, "where": self.where, "link_id": self.link_id}
+
+
+def front_fix(ifname: str, front: list[FrontProgram], mode: str) -> str:
+    """What to do about programs in front of a guard."""
+    how = []
+    for p in front:
+        if p.link_id:
+            how.append(f"bpftool link detach id {p.link_id}")
+        elif p.where.startswith("clsact pref "):
+            how.append(f"tc filter del dev {ifname} egress pref {p.where.split()[-1]}")
+        else:
+            how.append(f"have its owner detach program {p.prog_id}")
+    again = ("then `ksbpf attach --node` again (it puts the guard first); the daemon does it by itself"
+             if mode == "tcx" else "then `ksbpf attach --node` again")
+    return f"find who put it there and remove it ({'; '.join(how)}), or {again}"
+
+
+def _prog_name(prog_id: int) -> str:
+    try:
+        fd = libbpf.prog_fd_by_id(prog_id)
+    except OSError:
+        return ""
+    try:
+        return libbpf.prog_info(fd).name
+    finally:
+        os.close(fd)
+
+
+def _tcx_chain(ifindex: int) -> list[tuple[int, int]]:
+    """The interface's tcx egress chain in the order it runs ([] without tcx)."""
+    try:
+        return tc.tcx_query(ifindex)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOSYS):
+            return []
+        raise
+
+
+def programs_in_front(pin_dir: str, ns: netns.Netns, link: links.Link, mode: str,
+                      runner: Runner | None = None) -> list[FrontProgram]:
+    """The programs that run before this scope's guard on the interface's
+    egress ([] when the guard is first, or absent: unguarded is another
+    finding).  tcx runs before clsact, and a tcx program that returns
+    anything but TCX_NEXT ends the interface's egress processing: in clsact
+    mode every tcx program is in front, and every filter listed before ours."""
+    run = runner or partial(netns.run_in, ns.path)
+    chain = run(_tcx_chain, link.ifindex)
+    if mode == "tcx":
+        try:
+            fd = libbpf.obj_get(_link_pin(pin_dir, link.ifindex))
+        except OSError:
+            return []
+        try:
+            ours = tc.link_info(fd)
+        finally:
+            os.close(fd)
+        ids = [lid for _pid, lid in chain]
+        if ours.ifindex != link.ifindex or ours.id not in ids:
+            return []
+        return [FrontProgram(pid, _prog_name(pid), "tcx", lid) for pid, lid in chain[:ids.index(ours.id)]]
+    front = [FrontProgram(pid, _prog_name(pid), "tcx", lid) for pid, lid in chain]
+    mine = _prog_ids(pin_dir)
+    filters = tc.clsact_filters(ns.path, link.name)
+    if not any(f.prog_id in mine for f in filters):
+        return []
+    for f in filters:
+        if f.prog_id in mine:
+            break
+        front.append(FrontProgram(f.prog_id, _prog_name(f.prog_id) or f.name, f"clsact pref {f.pref}"))
+    return front
+
+
+def _guard_instance(pin_dir: str, entry: str) -> int:
+    """A twin of the scope's pinned program for `entry`, on the scope's pinned
+    maps, from the same compiled image (its tag must be the pinned one's: the
+    same instructions, or it is refused)."""
+    with bpf.ScopeMaps.from_pins(pin_dir) as maps:
+        meta = maps.read_meta()
+        np = NodePolicy.from_dict({**meta["policy"], "endpoints": [str(e) for e in maps.endpoints()]})
+        image = bpf.image(np.policy.options, len(np.policy.endpoints), np.policy.events)
+        fd = image.instance(entry, maps.fds)
+    try:
+        pinned = libbpf.obj_get(os.path.join(pin_dir, bpf.PIN_NAMES[entry]))
+        try:
+            same = libbpf.prog_info(pinned).tag == libbpf.prog_info(fd).tag
+        finally:
+            os.close(pinned)
+        if not same:
+            raise KsbpfError("the guard cannot be put first: this ksbpf's program differs from the attached one",
+                             "attach again: ksbpf attach --node ... (or restart the daemon)")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def put_first(pin_dir: str, ns: netns.Netns, link: links.Link, mode: str,
+              runner: Runner | None = None) -> bool:
+    """Put the scope's guard first on the interface's egress again, make
+    before break: a twin of the program is attached in front of everything
+    (BPF_F_BEFORE), its link pinned in place of the old one, then the old
+    link is detached -- the interface is never without a guard in the chain.
+    tcx only (False for clsact: no filter can run before a tcx program, nor
+    before one at preference 1; and False when the interface vanished)."""
+    if mode != "tcx":
+        return False
+    path = _link_pin(pin_dir, link.ifindex)
+    old_fd = libbpf.obj_get(path)
+    try:
+        prog_fd = _guard_instance(pin_dir, entry_for(link))
+        try:
+            try:
+                new_fd = (runner or partial(netns.run_in, ns.path))(tc.tcx_attach, prog_fd, link.ifindex)
+            except OSError as exc:
+                if exc.errno in (errno.ENODEV, errno.ENXIO, errno.ENOENT):
+                    return False
+                raise
+        finally:
+            os.close(prog_fd)
+        try:
+            tmp = path + "_new"   # bpffs refuses names with a dot
+            try:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                libbpf.obj_pin(new_fd, tmp)
+                os.rename(tmp, path)   # atomic: the pin never goes missing
+            except OSError:
+                tc.link_detach(new_fd)   # keep the old guard, pinned as it was
+                raise
+            tc.link_detach(old_fd)
+        finally:
+            os.close(new_fd)
+        return True
+    finally:
+        os.close(old_fd)
 
 
 @dataclass
@@ -223,6 +455,7 @@ def sync_guards(pin_dir: str, np: NodePolicy, ns: netns.Netns, present: list[lin
     for link in missing:
         if guard(pin_dir, ns, link, mode, pref, runner):
             result.guarded.append(link.name)
+    sync_nf_pass(pin_dir, np, ns, present, mode)
     return result
 
 
@@ -230,6 +463,7 @@ def _release_all(pin_dir: str, meta: dict, ns: netns.Netns | None) -> None:
     """Remove every guard a node scope's pins record (the scope's tcx links;
     its clsact filters on the namespace's interfaces)."""
     mode, pref = meta.get("tc_mode", "tcx"), meta.get("pref", tc.CLSACT_PREFS[0])
+    nf_release(pin_dir)
     if mode == "tcx":
         for ifindex in _pinned_ifindexes(pin_dir):
             unguard(pin_dir, ifindex, mode, pref)
@@ -255,10 +489,12 @@ class NodeAttachResult:
     interfaces: list["InterfaceState"]
     tunnels: list[common.TunnelState]
     mounted_bpffs: bool
+    from_birth: str = "absent"
 
     def to_dict(self) -> dict:
         return {"scope": self.name, "netns": self.netns, "netns_cookie": self.netns_cookie,
                 "pin_dir": self.pin_dir, "tc_mode": self.mode, "prog_ids": self.prog_ids,
+                "from_birth": self.from_birth,
                 "replaced": self.replaced, "interfaces": [i.to_dict() for i in self.interfaces],
                 "tunnels": [t.to_dict() for t in self.tunnels], "mounted_bpffs": self.mounted_bpffs}
 
@@ -284,8 +520,9 @@ def attach(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
     mode = resolve_mode(np.tc_mode)
     exempt = exempt_entries(np)
 
-    progress("loading the tc programs (compiled by bcc unless a cached image fits)")
-    prog = bpf.load(policy.options, len(policy.endpoints), policy.events, entries=bpf.TC_ENTRIES)
+    progress("loading the tc and netfilter programs (compiled by bcc unless a cached image fits)")
+    prog = bpf.load(policy.options, len(policy.endpoints), policy.events, entries=bpf.NODE_ENTRIES)
+    from_birth = bpf.ENTRY_NF in prog.progs
     with pins.locked(f"node-{cookie}"):   # taken after compiling: others wait milliseconds, not the compiler
         try:
             present = links.links(ns)
@@ -298,11 +535,14 @@ def attach(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
             old_meta = _read_meta(final) if os.path.isdir(final) else None
             old_pref = (old_meta or {}).get("pref", tc.CLSACT_PREFS[1])
             pref = tc.CLSACT_PREFS[0] if old_pref != tc.CLSACT_PREFS[0] else tc.CLSACT_PREFS[1]
+            old_nf = (old_meta or {}).get("nf_priority")
+            nf_priority = nf.PRIORITIES[0] if old_nf != nf.PRIORITIES[0] else nf.PRIORITIES[1]
             meta = {
                 "version": common.META_VERSION, "kind": "node", "name": label(policy.netns),
                 "policy": {k: v for k, v in np.to_dict().items() if k != "endpoints"},
                 "netns": {"path": ns.path, "inode": ns.inode, "cookie": cookie},
                 "tc_mode": mode, "pref": pref, "attached_at": time.time(),
+                "nf_priority": nf_priority if from_birth else None,
             }
             prog.maps.write_meta(meta)
             mounted = pins.ensure_bpffs(bpffs)
@@ -317,9 +557,16 @@ def attach(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
                     if guard(staging, ns, link, mode, pref):
                         done.append(link)
                         progress(f"guarding {link.name} (ifindex {link.ifindex}) with {mode}")
+                if from_birth:
+                    live = {link.ifindex: True for link in done}
+                    prog.maps.set_nf_pass(nf_pass_set(np, present, live))
+                    progress(f"attaching the netfilter hook (IPv4, IPv6 POST_ROUTING, priority {nf_priority}): "
+                             "interfaces created later are judged from birth")
+                    nf_attach(staging, ns, nf_priority)
             except BaseException:
                 for link in done:   # nothing half-applied
                     unguard(staging, link.ifindex, mode, pref, ns, link.name)
+                nf_release(staging)
                 pins.remove_dir(staging)
                 raise
             replaced = old_meta is not None
@@ -334,7 +581,7 @@ def attach(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
             prog.close()
     status = read_node(final)
     return NodeAttachResult(label(policy.netns), ns.label, cookie, final, mode, prog_ids, replaced,
-                            status.interfaces, status.tunnels, mounted)
+                            status.interfaces, status.tunnels, mounted, status.from_birth)
 
 
 # -- detach ---------------------------------------------------------------------------
@@ -380,6 +627,9 @@ def detach_all(bpffs: str = pins.BPFFS) -> NodeDetachResult:
         _remove(pin_dir)
         result.removed_pins.append(pin_dir)
     result.detached_links = tc.detach_tcx_programs(bpf.TC_ENTRIES)
+    if nf.supported():
+        # every netfilter link of a ksbpf program: node mode's, and the cgroup scopes' tunnel-source hooks
+        result.detached_links += nf.detach_programs(bpf.NF_ENTRIES)
     return result
 
 
@@ -392,15 +642,22 @@ class InterfaceState:
     kind: str | None
     role: str          # loopback, tunnel, internal, guarded
     guarded: bool      # this scope's program is attached to it
+    in_front: tuple[FrontProgram, ...] = ()   # programs that run before the guard (it is not first)
 
     @property
     def unguarded(self) -> bool:
         """Should be guarded and is not: its traffic is NOT judged."""
         return self.role == "guarded" and not self.guarded
 
+    @property
+    def enforced(self) -> bool:
+        """Guarded and first in the chain: every packet is judged."""
+        return self.role != "guarded" or (self.guarded and not self.in_front)
+
     def to_dict(self) -> dict:
         return {"ifindex": self.ifindex, "name": self.name, "kind": self.kind, "role": self.role,
-                "guarded": self.guarded, "unguarded": self.unguarded}
+                "guarded": self.guarded, "unguarded": self.unguarded, "first": not self.in_front,
+                "in_front": [p.to_dict() for p in self.in_front]}
 
 
 @dataclass
@@ -418,6 +675,7 @@ class NodeStatus:
     events: tuple[int, int] = (0, 0)
     netns_ok: bool = True
     hook: Hook = Hook.TC
+    from_birth: str = "absent"   # the netfilter layer: "on", "absent" (kernel), "MISSING"
 
     @property
     def policy(self):
@@ -425,8 +683,8 @@ class NodeStatus:
 
     @property
     def attached(self) -> bool:
-        """Enforced: every interface that should be guarded is."""
-        return self.netns_ok and not any(i.unguarded for i in self.interfaces)
+        """Enforced: every interface that should be guarded is, its guard first in its chain."""
+        return self.netns_ok and all(i.enforced for i in self.interfaces)
 
     @property
     def dropped_packets(self) -> int:
@@ -435,12 +693,12 @@ class NodeStatus:
     def to_dict(self) -> dict:
         return {
             "scope": self.name, "kind": "node", "netns": self.netns_label, "pin_dir": self.pin_dir,
-            "tc_mode": self.mode, "attached": self.attached,
+            "tc_mode": self.mode, "attached": self.attached, "from_birth": self.from_birth,
             "interfaces": [i.to_dict() for i in self.interfaces],
             "tunnels": [t.to_dict() for t in self.tunnels],
             "internal": list(self.node.internal), "exempt_cgroups": list(self.node.exempt_cgroups),
             "endpoints": [str(e) for e in self.policy.endpoints],
-            "options": vars(self.policy.options).copy(), "tunnel_kinds": list(self.policy.tunnel_kinds),
+            "options": self.policy.options.to_dict(), "tunnel_kinds": list(self.policy.tunnel_kinds),
             "counters": common.counters_dict(self.counters), "dropped_packets": self.dropped_packets,
             "events": {"rate": self.policy.events.rate, "burst": self.policy.events.burst,
                        "sent": self.events[0], "suppressed": self.events[1]},
@@ -473,16 +731,42 @@ def read_node(pin_dir: str, link_cache: dict | None = None) -> NodeStatus:
         cookie, present = cache[ns.inode]
         live = guards_in_force(pin_dir, ns, present, mode)
         for link in present:
-            interfaces.append(InterfaceState(link.ifindex, link.name, link.kind,
-                                             np.role(link.name, link.kind, link.ifindex), live[link.ifindex]))
+            role = np.role(link.name, link.kind, link.ifindex)
+            try:
+                front = programs_in_front(pin_dir, ns, link, mode) if role == "guarded" and live[link.ifindex] else []
+            except (OSError, KsbpfError) as exc:
+                front = []
+                problems.append(f"the egress chain of {link.name} cannot be read: {exc}")
+            interfaces.append(InterfaceState(link.ifindex, link.name, link.kind, role, live[link.ifindex],
+                                             tuple(front)))
         problems += [f"UNGUARDED: {i.name} (ifindex {i.ifindex}): its traffic is not judged "
                      f"(run the daemon, or `ksbpf attach --node` again)" for i in interfaces if i.unguarded]
+        problems += [f"NOT FIRST: on {i.name} (ifindex {i.ifindex}) {', '.join(map(str, i.in_front))} "
+                     f"run(s) before the guard and can pass what it would drop: "
+                     f"{front_fix(i.name, list(i.in_front), mode)}" for i in interfaces if i.in_front]
     else:
         problems.append(f"network namespace {ns.label} is gone or not the one the scope was attached in")
     registered = {e.ifindex for e in entries if e.netns_cookie == cookie}
     tunnels = common.tunnel_states(np.policy, ns.label, present, registered)
+    from_birth = nf_layer(pin_dir, meta)
+    if from_birth.startswith("MISSING"):
+        problems.append(f"from-birth layer {from_birth}: an interface created now leaves unjudged until the daemon "
+                        "guards it (`ksbpf attach --node` again)")
     return NodeStatus(meta.get("name", label(np.policy.netns)), pin_dir, np, mode, ns.label, interfaces, tunnels,
-                      counters, meta.get("attached_at"), problems, event_stats, ns_ok)
+                      counters, meta.get("attached_at"), problems, event_stats, ns_ok, from_birth=from_birth)
+
+
+def nf_layer(pin_dir: str, meta: dict) -> str:
+    """The from-birth layer of a node scope: "on" (both netfilter links
+    attached), "absent: ..." (the kernel has none, or the scope was attached
+    without), "MISSING: ..." (attached, and a link is gone)."""
+    if meta.get("nf_priority") is None:
+        return NF_ABSENT if not nf.supported() else "absent: attached without it (`ksbpf attach --node` again adds it)"
+    state = nf_links(pin_dir)
+    gone = [family for family, info in state.items() if info is None or not info.alive]
+    if gone:
+        return f"MISSING: the {' and '.join(gone)} netfilter link is not attached"
+    return "on"
 
 
 @dataclass
@@ -503,7 +787,9 @@ def ensure(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
             current = read_node(pin_dir)
         except (OSError, KsbpfError, ValueError):
             current = None
-        if current and current.attached and current.node == np:
+        layer_ok = current is not None and (current.from_birth == "on" or (
+            current.from_birth.startswith("absent") and not bpf.nf_available(np.policy.options)))
+        if current and current.attached and current.node == np and layer_ok:
             return NodeEnsureResult("adopted", pin_dir)
     result = attach(np, progress, bpffs)
     return NodeEnsureResult("replaced" if result.replaced else "attached", pin_dir, result)

@@ -105,12 +105,26 @@ def subtree_pids(cgroup_path: str) -> list[tuple[int, str]]:
     return out
 
 
-def in_use(cgroup_path: str) -> dict[int, NsUse]:
-    """The network namespaces the processes of the subtree live in, by inode."""
+DENIED_HINT = ("/proc/PID/ns/net of processes of other users needs ptrace read access: give the daemon "
+               "CAP_SYS_PTRACE (deploy/systemd/ksbpf.service has it in CapabilityBoundingSet=)")
+
+
+def in_use(cgroup_path: str, denied: list[int] | None = None) -> dict[int, NsUse]:
+    """The network namespaces the processes of the subtree live in, by inode.
+    Processes whose namespace cannot be opened (no CAP_SYS_PTRACE: another
+    user's, or hidden by ProtectProc=invisible) are added to `denied`."""
     found: dict[int, list] = {}
     for pid, where in sorted(subtree_pids(cgroup_path)):
         try:
             inode = os.stat(f"/proc/{pid}/ns/net").st_ino
+        except PermissionError:
+            if denied is not None:
+                denied.append(pid)
+            continue
+        except FileNotFoundError:
+            if denied is not None and _hidden(pid):
+                denied.append(pid)
+            continue   # exited meanwhile (or hidden)
         except OSError:
             continue   # exited meanwhile (or a zombie)
         if inode in found:
@@ -122,6 +136,17 @@ def in_use(cgroup_path: str) -> dict[int, NsUse]:
         rel = os.path.relpath(where, cgroup_path)
         out[inode] = NsUse(inode, pid, comm(pid), rel, n)
     return out
+
+
+def _hidden(pid: int) -> bool:
+    """Alive but invisible in this /proc (hidepid=invisible, as systemd's ProtectProc=invisible mounts it)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return not os.path.exists(f"/proc/{pid}")
 
 
 def still(ns: netns.Netns) -> bool:

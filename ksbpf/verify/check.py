@@ -23,6 +23,15 @@ For each cgroup scope (a pin directory under /sys/fs/bpf/ksbpf/cgroup/):
              socket (those bypass the cgroup hook)
   routes     a route sends non-local destinations outside the tunnel (TunnelVision)
   ipv6       a non-tunnel interface has a global IPv6 address and the tunnel none
+  tun        a process of the scope holds a tun device, or a tun device of its
+             namespace belongs to one of its users (without --deny-tun): what it
+             writes in is forwarded or answered by the kernel, outside the hook;
+             FAIL when --deny-tun's device program is missing
+
+For the node scope: guarded (every interface that needs a guard has one),
+first (each guard runs first in its interface's egress chain: a program in
+front of it is named), pins, tunnels, policy (the tc programs' verdicts),
+routes, ipv6.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from dataclasses import dataclass, field
 from ksbpf.errors import KsbpfError
 from ksbpf.kernel import bpf, cgroup, features, libbpf, links, netns, pins, preflight
 from ksbpf.policy import LAN_RANGES, NodePolicy, Policy
-from ksbpf.scopes import cgroups, common
+from ksbpf.scopes import cgroups, common, tunnel_source
 from ksbpf.scopes import node as node_scope
 from ksbpf.verify import crafted, model, sockdiag
 from ksbpf.verify.nonce import ensure_nonce
@@ -96,7 +105,7 @@ def attach_command(cg: str, policy: Policy) -> str:
     if policy.netns:
         argv += ["--netns", policy.netns]
     for flag, on in (("--allow-lan", policy.options.allow_lan), ("--allow-lan-dns", policy.options.allow_lan_dns),
-                     ("--allow-dhcp", policy.options.allow_dhcp)):
+                     ("--allow-dhcp", policy.options.allow_dhcp), ("--deny-tun", policy.deny_tun)):
         if on:
             argv.append(flag)
     return " ".join(shlex.quote(a) for a in argv)
@@ -234,6 +243,41 @@ def _dump_routes_and_addrs() -> tuple[list, list]:
         return list(ipr.route("dump")), list(ipr.get_addr(family=socket.AF_INET6))
 
 
+def on_link_table(present: list[links.Link]):
+    """(In the namespace.)  The model's view of the FIB helper that decides
+    whether IPv6 neighbour discovery goes to a neighbour on the egress link:
+    the main table's longest-prefix unicast route to the destination has no
+    gateway and leaves through that interface, and the interface forwards IPv6
+    (the helper answers nothing otherwise).  Routes through nexthop objects or
+    several nexthops count as through a gateway."""
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        routes = list(ipr.get_routes(family=socket.AF_INET6, table=254))
+    forwarding = set()
+    for link in present:
+        try:
+            with open(f"/proc/sys/net/ipv6/conf/{link.name}/forwarding") as f:
+                if f.read().strip() == "1":
+                    forwarding.add(link.ifindex)
+        except OSError:
+            pass
+    table = []   # (network, direct through this ifindex or None)
+    for r in routes:
+        dst = r.get_attr("RTA_DST") or "::"
+        net = ipaddress.IPv6Network(f"{dst}/{r['dst_len']}", strict=False)
+        direct = (r["type"] == 1 and not r.get_attr("RTA_GATEWAY") and not r.get_attr("RTA_MULTIPATH")
+                  and not r.get_attr("RTA_NH_ID"))
+        table.append((net, r.get_attr("RTA_OIF") if direct else None))
+
+    def on_link(ifindex: int, daddr: bytes) -> bool:
+        if ifindex not in forwarding:
+            return False
+        a = ipaddress.IPv6Address(daddr)
+        best = max((n.prefixlen for n, _ in table if a in n), default=None)
+        return best is not None and any(n.prefixlen == best and a in n and oif == ifindex for n, oif in table)
+    return on_link
+
+
 def hijacking_routes(policy: Policy, present: dict[int, links.Link], routes: list) -> list[str]:
     """Routes that send non-local destinations through a non-tunnel interface:
     the same test as the daemon's route_alert (TunnelVision), applied to the
@@ -360,6 +404,19 @@ class _ScopeCheck:
                          + (f" (also ksbpf program(s) {others}: left by an interrupted attach?)" if others else ""))
             self._inherited(cg_path, prog_id, again)
             self._pins(maps, [prog_fd], again)
+            layer = tunnel_source.layer(self.pin_dir, meta, maps)
+            if layer == "on":
+                self.add("tunnel_source", PASS, "netfilter hook in the tunnel's namespace: packets with the tunnel's "
+                         "source address (TIME_WAIT answers, RSTs of TCP's control socket) leave only through it")
+            elif layer.startswith("MISSING"):
+                self.add("tunnel_source", FAIL, f"tunnel-source hook {layer}: the kernel's answers for the scope's "
+                         "connections can leave outside the tunnel", again)
+            elif layer.startswith("waiting"):
+                self.add("tunnel_source", PASS, f"tunnel-source hook {layer} (the daemon, or `ksbpf attach` again, "
+                         "attaches it)")
+            elif not layer.startswith("absent: not with"):
+                self.add("tunnel_source", WARN, f"tunnel-source hook {layer}: the kernel's answers for the scope's "
+                         "connections (TIME_WAIT, RSTs) are not judged", again)
             ns = common.meta_netns(meta)
             if not common.netns_alive(ns):
                 self.add("tunnels", FAIL, f"network namespace {ns.label} is gone or was replaced", again)
@@ -370,7 +427,7 @@ class _ScopeCheck:
                 self._network(policy, ns, present)
         finally:
             os.close(prog_fd)
-        self._processes(cg_path)
+        self._processes(cg_path, policy)
 
     def _inherited(self, cg_path: str, prog_id: int, again: str) -> None:
         missing = []
@@ -457,7 +514,7 @@ class _ScopeCheck:
         else:
             self.add("ipv6", PASS, "no global IPv6 address outside the tunnel that the tunnel lacks")
 
-    def _processes(self, cg_path: str) -> None:
+    def _processes(self, cg_path: str, policy: Policy | None = None) -> None:
         strays = stray_sockets(cg_path)
         if strays and self.fix:
             closed, errors = close_stray(strays)
@@ -494,6 +551,25 @@ class _ScopeCheck:
                      "run it without CAP_NET_RAW (capsh --drop=cap_net_raw --, or CapabilityBoundingSet=~CAP_NET_RAW)")
         else:
             self.add("raw", PASS, "no process of the scope can open raw packet sockets")
+        self._tun(cg_path, policy)
+
+    def _tun(self, cg_path: str, policy: Policy | None) -> None:
+        """A tun device a scope process can write into: what it writes is
+        forwarded (ip_forward) or answered by the kernel, outside the hook."""
+        wanted = bool(policy and policy.deny_tun)
+        in_force = cgroups.deny_tun_in_force(cg_path)
+        if wanted and not in_force:
+            self.add("tun", FAIL, "--deny-tun's device program is NOT attached to the cgroup: its processes can "
+                     "open /dev/net/tun", attach_command(cg_path, policy))
+            return
+        found = cgroups.tun_warnings(cg_path, in_force)
+        if found:
+            self.add("tun", WARN, "; ".join(found[:4]) + (" ..." if len(found) > 4 else ""),
+                     "ksbpf attach ... --deny-tun (config deny_tun = true) refuses /dev/net/tun to the scope; "
+                     "then restart the processes that hold one")
+        else:
+            self.add("tun", PASS, "no process of the scope can write into a tun device"
+                     + (" (--deny-tun in force)" if in_force else ""))
 
 
 def _own_cgroup() -> str | None:
@@ -569,15 +645,27 @@ class _NodeCheck(_ScopeCheck):
                 self.add("guarded", PASS, f"every non-internal interface guarded ({mode}): "
                          + (", ".join(link.name for link in want) or "none") + (f"; not guarded by design: {others}"
                                                                                if others else ""))
+            self._first(ns, [link for link in want if live[link.ifindex]], mode)
             self._pins(maps, list(fds.values()), again)
+            layer = node_scope.nf_layer(self.pin_dir, meta)
+            if layer == "on":
+                self.add("from_birth", PASS, "netfilter hook (IPv4, IPv6 POST_ROUTING) attached: the IP traffic of "
+                         "interfaces created later is judged before any guard exists on them")
+            elif layer.startswith("absent"):
+                self.add("from_birth", WARN, f"from-birth layer {layer}",
+                         "a kernel with netfilter BPF links (Linux 6.4+), or run the daemon" if "kernel" in layer
+                         else again)
+            else:
+                self.add("from_birth", FAIL, f"from-birth layer {layer}", again)
             self._tunnels(maps, policy, ns, present)
             nonce = ensure_nonce(maps)
             own = _own_cgroup()
             exempt = bool(own) and any(own == e or own.startswith(e.rstrip("/") + "/")
                                        for e in (os.path.realpath(x) for x in np.exempt_cgroups))
             tunnels = frozenset(link.ifindex for link in present if policy.trusts(link.name, link.kind))
-            scope = model.Scope(policy.options, policy.endpoints, tunnels, exempt)
             judged = [link for link in present if roles[link.name] in ("guarded", "tunnel")]
+            scope = model.Scope(policy.options, policy.endpoints, tunnels, exempt,
+                                on_link=netns.run_in(ns.path, on_link_table, judged))
             runs, mismatches = netns.run_in(ns.path, _node_runs, fds, nonce, judged, scope, policy.endpoints)
             if mismatches:
                 self.add("policy", FAIL, f"{len(mismatches)} of {runs} verdicts differ from the policy: "
@@ -589,6 +677,29 @@ class _NodeCheck(_ScopeCheck):
         finally:
             for fd in fds.values():
                 os.close(fd)
+
+
+    def _first(self, ns: netns.Netns, guarded: list[links.Link], mode: str) -> None:
+        """Each guard runs first on its interface's egress: a program in front of
+        it can pass (TCX_PASS, TC_ACT_OK) what the guard would drop."""
+        bad = []
+        for link in guarded:
+            try:
+                front = node_scope.programs_in_front(self.pin_dir, ns, link, mode)
+            except (OSError, KsbpfError) as exc:
+                self.add("first", FAIL, f"the egress chain of {link.name} cannot be read: {exc}",
+                         "run verify as root; check `bpftool net show`")
+                return
+            if front:
+                bad.append((link, front))
+        if bad:
+            self.add("first", FAIL, "; ".join(f"on {link.name} (ifindex {link.ifindex}) "
+                                              f"{', '.join(map(str, front))} run(s) BEFORE the guard: what "
+                                              "it passes is never judged" for link, front in bad),
+                     " / ".join(node_scope.front_fix(link.name, front, mode) for link, front in bad))
+        else:
+            self.add("first", PASS, f"each guard runs first on its interface's egress ({mode}): "
+                     + (", ".join(link.name for link in guarded) or "none"))
 
 
 def open_dir(path: str):

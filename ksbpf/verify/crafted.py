@@ -11,6 +11,7 @@ import ipaddress
 from ksbpf.policy import Endpoint
 from ksbpf.verify.packets import (
     DSTOPTS,
+    ETH_8021Q,
     ETH_ARP,
     FRAGMENT,
     HOPOPTS,
@@ -72,7 +73,15 @@ def packets(endpoints: tuple[Endpoint, ...]) -> list[tuple[str, bytes]]:
     add("not LAN: 172.32.0.1 (just outside 172.16/12)", ipv4("172.32.0.1", TCP, dport=22))
     add("not LAN: 100.64.0.1 (CGNAT)", ipv4("100.64.0.1", TCP, dport=22))
     add("DHCPv4 discover", ipv4("255.255.255.255", UDP, sport=68, dport=67, src="0.0.0.0"))
+    add("DHCPv4 renewal to a LAN server", ipv4("192.168.1.1", UDP, sport=68, dport=67))
     add("DHCPv6 solicit", ipv6("ff02::1:2", UDP, sport=546, dport=547, src="fe80::2"))
+    # DHCP that carries data: to a routed server, or bigger than a DHCP message (dropped)
+    add(f"DHCPv4 client port to a routed address {PUBLIC4}", ipv4(PUBLIC4, UDP, sport=68, dport=67))
+    add("DHCPv4 broadcast carrying 1,400 bytes", ipv4("255.255.255.255", UDP, sport=68, dport=67, src="0.0.0.0",
+                                                      payload=b"d" * 1400))
+    add(f"DHCPv6 client port to a routed address {PUBLIC6}", ipv6(PUBLIC6, UDP, sport=546, dport=547))
+    add("DHCPv6 solicit carrying 1,400 bytes", ipv6("ff02::1:2", UDP, sport=546, dport=547, src="fe80::2",
+                                                    payload=b"d" * 1400))
     add("non-first IPv4 fragment to a public address", ipv4(PUBLIC4, UDP, frag_offset=8))
     add("non-first IPv6 fragment to a public address", ipv6(PUBLIC6, UDP, ext=(FRAGMENT,), frag_offset=8))
     add("IPv6 extension-header chain to a public address", ipv6(PUBLIC6, UDP, dport=53, ext=(HOPOPTS, ROUTING, DSTOPTS)))
@@ -96,12 +105,28 @@ def tc_frames(endpoints: tuple[Endpoint, ...], ethernet: bool) -> list[tuple[str
     frames (with ARP, neighbour discovery and an 802.1Q-tagged frame), or bare
     on a device without a link-layer header."""
     out = [(label, frame(p) if ethernet else p) for label, p in packets(endpoints)]
+    big = b"n" * 1200
     nd = [("IPv6 neighbour solicitation", ipv6("ff02::1:ff00:1", ICMPV6, hop_limit=255, icmp_type=135)),
           ("IPv6 router solicitation", ipv6("ff02::2", ICMPV6, hop_limit=255, icmp_type=133)),
-          ("IPv6 router advertisement (not let through)", ipv6("ff02::1", ICMPV6, hop_limit=255, icmp_type=134))]
+          ("IPv6 neighbour advertisement to fe80::1", ipv6("fe80::1", ICMPV6, hop_limit=255, icmp_type=136)),
+          ("IPv6 router advertisement (not let through)", ipv6("ff02::1", ICMPV6, hop_limit=255, icmp_type=134)),
+          # neighbour discovery that carries data: beyond the link, or bigger than ND (dropped)
+          *((f"ICMPv6 type {t} with hop limit 255 to a routed address {PUBLIC6}",
+             ipv6(PUBLIC6, ICMPV6, hop_limit=255, icmp_type=t, payload=big)) for t in (133, 135, 136)),
+          ("IPv6 neighbour solicitation carrying 1.2 KB", ipv6("ff02::1:ff00:1", ICMPV6, hop_limit=255, icmp_type=135,
+                                                               payload=big)),
+          (f"IPv4 protocol 58 to {PUBLIC4} (no ICMPv6)", ipv4(PUBLIC4, ICMPV6))]
     out += [(label, frame(p) if ethernet else p) for label, p in nd]
     if ethernet:
+        arp = b"\x00\x01\x08\x00\x06\x04\x00\x01" + bytes.fromhex("020000000001c0000201") + bytes(6) + bytes.fromhex("c0000202")
+        carried = ipv4(PUBLIC4, UDP, dport=443)
         out.append(("ARP request", eth(ETH_ARP, b"\x00\x01\x08\x00\x06\x04\x00\x01" + bytes(20))))
+        out.append(("ARP reply padded to 60 bytes", eth(ETH_ARP, arp[:7] + b"\x02" + arp[8:] + bytes(18))))
+        # the ARP ethertype around something that is not an ARP message (dropped)
+        out.append(("an IPv4 packet under the ARP ethertype", eth(ETH_ARP, carried)))
+        out.append(("an IPv4 packet under an 802.1Q tag and the ARP ethertype",
+                    eth(ETH_8021Q, b"\x00\x0a\x08\x06" + carried)))
+        out.append(("ARP request with data in its padding", eth(ETH_ARP, arp + b"data" + bytes(14))))
         out.append((f"802.1Q-tagged udp to {PUBLIC4}", vlan_frame(ipv4(PUBLIC4, UDP, dport=443))))
         out.append(("LLDP (not IP)", eth(0x88CC, b"\x02\x07\x04" + bytes(40))))
     return out

@@ -67,12 +67,20 @@ ENDPOINTS = tuple(Endpoint.parse(e) for e in (
     "[2001:db8:5::5]:51820/udp",
     "[::ffff:198.51.100.9]:4500/udp",     # an IPv4-mapped address as an IPv6 endpoint
     "10.9.8.7:53/udp", "[fd00::1]:853/tcp",   # endpoints inside LAN ranges: the endpoint rule comes first
+    # sharing an ep_slots slot with 203.0.113.5 and 2001:db8:5::5: the hash decides
+    "192.0.116.0:500/udp", "[2001:db8:6::5]:4500/udp",
 ))
 
 # Interfaces of the fuzz namespace: name -> registered as a tunnel?
 IFACES = {
     "tnl": True, "phy": False, "tn0": False, "tnh": True, "phh": False,
 }
+# IPv6 prefixes on the link of an interface of the fuzz namespace (connected
+# routes), and one reached through a gateway on phy's link: neighbour
+# discovery goes to the first, not the second (the program asks the kernel's
+# FIB, the model these).
+ON_LINK6 = {"phy": ipaddress.IPv6Network("2001:db8:1::/64"), "phh": ipaddress.IPv6Network("2001:db8:2::/64")}
+ROUTED6 = ipaddress.IPv6Network("2001:db8:99::/48")
 ROOT_CGROUP_ID = 1    # the cgroup v2 root: an ancestor (level 0) of every socket
 HIGH_IFINDEX = 5000   # above KSBPF_IFINDEX_FILTER (4096): the hash alone decides
 
@@ -101,6 +109,14 @@ class FuzzEnv:
             ip("tuntap", "add", "mode", "tun", "name", "tn0")
             ip("link", "add", "tnh", "index", str(HIGH_IFINDEX), "type", "veth",
                "peer", "name", "phh", "index", str(HIGH_IFINDEX + 1))
+            for name in ("tnl", "phy", "tnh", "phh"):
+                ip("link", "set", name, "up")
+            for name, net in ON_LINK6.items():
+                ip("-6", "addr", "add", f"{net[1]}/{net.prefixlen}", "dev", name, "nodad")
+            ip("-6", "route", "add", str(ROUTED6), "via", str(ON_LINK6["phy"][0xff]), "dev", "phy")
+            # the kernel's FIB helper answers only for interfaces that forward IPv6
+            subprocess.run(["ip", "netns", "exec", self.name, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
+                           check=True, capture_output=True)
             ns = netns.resolve(self.name)
             self.path = ns.path
             self.ifindex = {n: netns.ifindex(ns, n) for n in IFACES}
@@ -120,6 +136,12 @@ class FuzzEnv:
     @property
     def tunnels(self) -> frozenset[int]:
         return frozenset(self.ifindex[n] for n, tunnel in IFACES.items() if tunnel)
+
+    def on_link(self, ifindex: int, daddr: bytes) -> bool:
+        """Does the namespace's main table put this IPv6 destination directly on
+        the link of interface ifindex?"""
+        a = ipaddress.IPv6Address(daddr)
+        return any(self.ifindex[name] == ifindex and a in net for name, net in ON_LINK6.items())
 
 
 def programs(env: "FuzzEnv", name: str, cache: str) -> "Programs":
@@ -145,7 +167,7 @@ class Programs:
             self.prog.maps.add_endpoint(ep)
         self.nonce = new_nonce()
         set_nonce(self.prog.maps, self.nonce, env.cookie)   # a verify run stands for a socket of env's namespace
-        self.scope = model.Scope(options, ENDPOINTS, env.tunnels, exempt=exempt)
+        self.scope = model.Scope(options, ENDPOINTS, env.tunnels, exempt=exempt, on_link=env.on_link)
         # a counted test run's socket has no storage: its namespace is unknown, never a tunnel's
         self._unknown_netns = dataclasses.replace(self.scope, tunnels=frozenset())
         if exempt:
@@ -197,12 +219,27 @@ def _edges() -> tuple[list[bytes], list[bytes]]:
                  "192.0.2.1"):
         v4.add(ipaddress.IPv4Address(text).packed)
     for text in ("::", "::1", "ff01::1", "ff05::1:3", "fec0::1", "2606:2800:220:1::1", "64:ff9b::808:808",
-                 "::ffff:93.184.216.34", "2001:db8:5::5:0"):
+                 "::ffff:93.184.216.34", "2001:db8:5::5:0", "ff02::1:2", "ff02::1:3", "ff02::2", "ff02::1:ff00:1"):
         v6.add(ipaddress.IPv6Address(text).packed)
+    for net in (*ON_LINK6.values(), ROUTED6):   # neighbours on a link, and beyond a gateway
+        for x in (-1, 0, 1, 2, 0xff):
+            v6.add((net.network_address + x).packed)
+        v6.add((net.broadcast_address + 1).packed)
     return sorted(v4), sorted(v6)
 
 
 ADDR4, ADDR6 = _edges()
+ND_DESTS = tuple(ipaddress.IPv6Address(a).packed for a in (
+    "ff02::1:ff00:1", "ff02::2", "ff02::1", "fe80::1", "febf::1", "fec0::1", "ff05::2", "2001:db8:1::2",
+    "2001:db8:2::5", "2001:db8:99::2", "2606:2800:220:1::1"))
+DHCP_DESTS4 = tuple(ipaddress.IPv4Address(a).packed for a in (
+    "255.255.255.255", "192.168.1.1", "169.254.1.1", "10.0.0.1", "172.31.255.255", "224.0.0.1", "9.9.9.9", "192.0.2.1"))
+DHCP_DESTS6 = tuple(ipaddress.IPv6Address(a).packed for a in (
+    "ff02::1:2", "fe80::1", "ff02::1:3", "ff05::1:3", "fd00::1", "2001:db8:1::2", "2606:2800:220:1::1"))
+ARP_HEADS = (b"\x00\x01\x08\x00\x06\x04\x00\x01", b"\x00\x01\x08\x00\x06\x04\x00\x02")
+# sizes of the DHCP and ND payloads around the programs' bounds (model.DHCP_MAX, model.ND_MAX), and far past them
+DHCP_PAYLOADS = (0, 8, 300, 520, 527, 528, 529, 547, 548, 549, 1400)
+ND_PAYLOADS = (0, 8, 16, 40, 48, 55, 56, 57, 64, 1200)
 PORTS = sorted({(ep.port + d) & 0xFFFF for ep in ENDPOINTS for d in (-1, 0, 1)}
                | {0, 53, 853, 67, 68, 546, 547, 80, 65535})
 L4_PROTOS = (6, 17, 1, 58, 6, 17, 58, 0, 50, 132, 255)
@@ -217,6 +254,7 @@ class Generator:
         self.r = random.Random(seed)
         self.target: Endpoint | None = None   # this packet aims at an endpoint: its address, port, protocol
         self.dhcp = False
+        self.nd = False                       # this packet is (nearly) neighbour discovery
 
     def _addr(self, v6: bool) -> bytes:
         r = self.r
@@ -234,9 +272,10 @@ class Generator:
         r = self.r
         sport = r.choice((68, 546, 40000)) if r.random() < 0.3 else self._port()
         dport = self.target.port if self.target and r.random() < 0.8 else self._port()
+        payload = r.randbytes(r.choice((0, 1, 8, 32)))
         if self.dhcp and r.random() < 0.9:
             sport, dport = r.choice(((68, 67), (546, 547)))
-        payload = r.randbytes(r.choice((0, 1, 8, 32)))
+            payload = r.randbytes(r.choice(DHCP_PAYLOADS) if r.random() < 0.5 else r.choice((0, 8, 300)))
         if proto == 6:
             doff = 5 if r.random() < 0.8 else r.randrange(16)
             return struct.pack("!HHIIBBHHH", sport, dport, r.getrandbits(32), r.getrandbits(32), doff << 4,
@@ -245,6 +284,9 @@ class Generator:
             return struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
         if proto in (1, 58):
             t = r.choice((8, 0, 3, 128, 129, 133, 134, 135, 136, 137, 1)) if r.random() < 0.9 else r.getrandbits(8)
+            if self.nd:
+                t = r.choice((133, 135, 136, 134))
+                payload = r.randbytes(r.choice(ND_PAYLOADS))
             return struct.pack("!BBHHH", t, r.choice((0, 0, 1)), 0, 1, 1) + payload
         return r.randbytes(r.choice((0, 4, 8, 20)))
 
@@ -252,6 +294,8 @@ class Generator:
         r = self.r
         if self.dhcp and r.random() < 0.9:
             return 17
+        if self.nd and r.random() < 0.9:
+            return 58
         if self.target and r.random() < 0.8:
             return self.target.proto_number
         return r.choice(L4_PROTOS) if r.random() < 0.9 else r.getrandbits(8)
@@ -273,8 +317,9 @@ class Generator:
             frag = r.getrandbits(16)
         body = self._l4(proto)
         version = 4 if r.random() < 0.95 else r.randrange(16)
+        dst = r.choice(DHCP_DESTS4) if self.dhcp and r.random() < 0.7 else self._addr(False)
         hdr = struct.pack("!BBHHHBBH4s4s", version << 4 | ihl, r.getrandbits(8), 20 + len(opts) + len(body),
-                          r.getrandbits(16), frag, r.getrandbits(8), proto, 0, r.randbytes(4), self._addr(False))
+                          r.getrandbits(16), frag, r.getrandbits(8), proto, 0, r.randbytes(4), dst)
         return hdr + opts + body
 
     def _ext(self, kind: int, nxt: int) -> bytes:
@@ -291,7 +336,7 @@ class Generator:
     def ipv6(self) -> bytes:
         r = self.r
         proto = self._proto()
-        n = r.choice((0, 0, 0, 1, 1, 2, 3, 5, 6, 7, 8))
+        n = r.choice((0, 0, 0, 1, 1, 2, 3, 5, 6, 7, 8)) if not self.nd or r.random() < 0.2 else 0
         chain = [r.choice(EXT) for _ in range(n)] + [proto]
         if r.random() < 0.05 and n:
             chain[r.randrange(n)] = r.getrandbits(8)
@@ -301,16 +346,52 @@ class Generator:
         payload = headers + body
         version = 6 if r.random() < 0.95 else r.randrange(16)
         hop = r.choice((255, 64, 1, 255)) if r.random() < 0.9 else r.getrandbits(8)
+        dst = r.choice(DHCP_DESTS6) if self.dhcp and r.random() < 0.7 else self._addr(True)
+        if self.nd:
+            hop = 255 if r.random() < 0.9 else hop
+            dst = r.choice(ND_DESTS) if r.random() < 0.7 else dst
+        src = r.randbytes(16)
+        if self.nd and r.random() < 0.6:   # a global neighbour is ND's only from an address in its /64
+            src = dst[:8] + r.randbytes(8)
         hdr = struct.pack("!IHBB16s16s", version << 28 | r.getrandbits(28), len(payload), chain[0], hop,
-                          r.randbytes(16), self._addr(True))
+                          src, dst)
         return hdr + payload
+
+    def arp(self) -> bytes:
+        """An ARP message (request or reply, maybe padded), or something else
+        under the ARP ethertype: a mutated header, a wrong length, data in the
+        padding, an IPv4 packet."""
+        r = self.r
+        x = r.random()
+        if x < 0.15:
+            return self.ipv4()
+        body = bytearray(r.choice(ARP_HEADS) + r.randbytes(20))
+        if x < 0.35:
+            body[r.randrange(8)] = r.getrandbits(8) if r.random() < 0.7 else body[r.randrange(8)] ^ 1
+        pad = r.choice((0, 0, 0, 1, 5, 17, 18, 18, 19, 30))
+        body += bytes(pad)
+        if pad and r.random() < 0.3:
+            body[28 + r.randrange(pad)] = r.getrandbits(8) | 1
+        if r.random() < 0.1:
+            body = body[:r.randrange(len(body))]
+        return bytes(body)
 
     def gen(self) -> tuple[bytes, bytes]:
         r = self.r
         self.target = r.choice(ENDPOINTS) if r.random() < 0.25 else None
-        self.dhcp = self.target is None and r.random() < 0.05   # DHCP client ports, either family
+        self.dhcp = self.target is None and r.random() < 0.15   # DHCP client ports, either family
+        self.nd = self.target is None and not self.dhcp and r.random() < 0.06
+        dst_mac, src_mac = b"\x02\x00\x00\x00\x00\x02", b"\x02\x00\x00\x00\x00\x01"
+        if self.target is None and not self.dhcp and not self.nd and r.random() < 0.04:
+            body = self.arp()   # the ARP ethertype, maybe behind a tag; tc_l3 gets the body as it is
+            if r.random() < 0.2:
+                frame = dst_mac + src_mac + struct.pack("!HHH", r.choice((0x8100, 0x88A8)), r.getrandbits(16), 0x0806) + body
+            else:
+                frame = dst_mac + src_mac + struct.pack("!H", 0x0806) + body
+            return frame, body
         x = r.random()
-        ip = self.ipv6() if x < 0.5 else self.ipv4() if x < 0.97 else r.randbytes(r.randrange(64))
+        ip = (self.ipv6() if x < 0.5 or self.nd else self.ipv4() if x < 0.97
+              else r.randbytes(r.randrange(64)))
         m = r.random()
         if m < 0.15 and ip:
             ip = ip[:r.randrange(len(ip))]                       # truncated
@@ -322,7 +403,6 @@ class Generator:
         v = ip[0] >> 4 if ip else 0
         ethertype = 0x86DD if v == 6 else 0x0800
         e = r.random()
-        dst_mac, src_mac = b"\x02\x00\x00\x00\x00\x02", b"\x02\x00\x00\x00\x00\x01"
         if e < 0.08:
             tag = r.choice((0x8100, 0x88A8))
             inner = ethertype if r.random() < 0.8 else r.choice(ETHERTYPES)

@@ -3,8 +3,8 @@ namespaces, against this machine's kernel and the installed ksbpf.
 
 It builds the demo's lab (ksbpf/lab/namespaces.py: a client and a server
 namespace, a veth as the physical link, a real wireguard-go tunnel), protects
-a fresh cgroup of the client with `--allow-lan` (so that the LAN rules are
-exercised too), and tries every vector of the matrix from a process of that
+a fresh cgroup of the client with `--allow-lan` and `--allow-dhcp` (so
+that the LAN and DHCP rules are exercised too), and tries every vector of the matrix from a process of that
 cgroup.  What arrives is counted on the far side of the physical link (a
 packet socket on the server's end: plaintext from the client, WireGuard's
 own transport excepted).  Each cell has a control -- the same vector from a
@@ -226,7 +226,7 @@ class LeakLab:
             self.ip(s, "addr", "add", f"{pair[1]}/24", "dev", lab.phy_server)
         os.mkdir(self.cg)
         self.policy = Policy((lab.wg_client,), (Endpoint.parse(lab.endpoint4),), lab.client_ns,
-                             Options(allow_lan=True))
+                             Options(allow_lan=True, allow_dhcp=True))
         cgroups.attach(self.cg, self.policy)
         self.far = FarSide(lab.server_path, lab.phy_server, lab.wg_port)
 
@@ -287,6 +287,10 @@ class LeakLab:
         self.cell("DNS over udp to a LAN address (--allow-lan)", "udp", self.lan4[1], 53)
         self.cell("DNS over tcp to a LAN address (--allow-lan)", "tcp", self.lan4[1], 53)
         self.cell("a public range handed out as on-link (TunnelCrack LocalNet)", "udp", self.localnet4[1], p)
+        self.cell("DHCP client port, 1,400 bytes, to a non-LAN server (--allow-dhcp)", "dhcp-udp",
+                  self.localnet4[1], 67)
+        self.cell("DHCPv6 client port, 1,400 bytes, to a global address (--allow-dhcp)", "dhcp-udp",
+                  lab.phy6_server, 547)
         self._more_specific_route(p)
         self._same_ifindex_elsewhere(p)
         self._reattach_under_load()

@@ -11,6 +11,7 @@ KIND:
   raw-udp               a raw IPv4 socket (SOCK_RAW, IPPROTO_UDP): needs CAP_NET_RAW
   packet-udp            an AF_PACKET socket on --dev with a whole IPv4/UDP packet from --src
   mcast6-udp            UDP to an IPv6 multicast group, out of --dev (IPV6_MULTICAST_IF)
+  dhcp-udp              UDP from the DHCP client port (68; IPv6: 546) with 1,400 bytes (PORT: 67 or 547)
   stream-udp            one datagram a millisecond for --seconds (prints {"ready": true} first)
 Prints {"sent": n, "errors": {"ENAME": n}} (exit status 0 either way).
 """
@@ -90,6 +91,12 @@ def send_once(kind: str, dst: str, port: int, dev: str | None, src: str | None) 
         with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
             s.setsockopt(socket.IPPROTO_IPV6, IPV6_MULTICAST_IF, socket.if_nametoindex(dev))
             s.sendto(payload, (dst, port, 0, 0))
+    elif kind == "dhcp-udp":
+        fam, addr = _addr(dst, port, socket.SOCK_DGRAM)
+        with socket.socket(fam, socket.SOCK_DGRAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("0.0.0.0", 68) if fam == socket.AF_INET else ("::", 546))
+            s.sendto(payload + b"d" * 1384, addr)
     else:
         raise SystemExit(f"unknown kind {kind!r}")
 

@@ -10,7 +10,10 @@ a header that runs past the end of the packet is malformed, a non-first
 fragment has no ports.
 
 Inputs: the bytes as the hook sees them, the egress interface and the scope
-(its options, its endpoints, which interfaces are its registered tunnels).
+(its options, its endpoints, which interfaces are its registered tunnels,
+which IPv6 destinations the main routing table puts directly on the link of
+an interface, and whether the packet comes from a socket of the node's own
+namespace).
 Output: the Reason (and the counter family).  Nothing here touches the kernel.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ksbpf.policy import LAN_RANGES, Endpoint, Options
 from ksbpf.reasons import Family, Reason
@@ -38,6 +42,15 @@ MAX_EXT_HEADERS = 6          # the program follows at most this many, then fails
 DNS_PORTS = (53, 853)
 ND_TYPES = (133, 135, 136)   # router solicitation, neighbour solicitation, advertisement
 LOOPBACK_IFINDEX = 1
+ND_MAX = 104                 # KSBPF_ND_MAX: an ND packet, from its IPv6 header
+DHCP_MAX = 576               # KSBPF_DHCP_MAX: a DHCP packet, from its IP header
+ARP_LEN, ARP_MAX = 28, 46    # KSBPF_ARP_LEN, KSBPF_ARP_MAX: an ARP message, padded with zeros at most to 46
+ARP_HEAD = (b"\x00\x01\x08\x00\x06\x04\x00\x01", b"\x00\x01\x08\x00\x06\x04\x00\x02")   # Ethernet/IPv4 request, reply
+_LINK_LOCAL6 = ipaddress.ip_network("fe80::/10")
+_LINK_MCAST6 = ipaddress.ip_network("ff02::/16")
+DHCP6_SERVERS = ipaddress.IPv6Address("ff02::1:2").packed
+_DHCP4_SERVERS = tuple(ipaddress.ip_network(n) for n in ("255.255.255.255/32", "10.0.0.0/8", "172.16.0.0/12",
+                                                        "192.168.0.0/16", "169.254.0.0/16"))
 
 _LAN4 = tuple(n for n in LAN_RANGES if n.version == 4)
 _LAN6 = tuple(n for n in LAN_RANGES if n.version == 6)
@@ -54,6 +67,13 @@ class Scope:
     endpoints: tuple[Endpoint, ...] = ()
     tunnels: frozenset[int] = frozenset()
     exempt: bool = False
+    # tc: is this IPv6 destination (16 bytes) a neighbour directly connected
+    # through interface ifindex (the main table's route to it has no gateway
+    # and leaves through it, and the interface forwards IPv6)?  None: never.
+    on_link: Callable[[int, bytes], bool] | None = None
+    # tc: the packet comes from a socket of the node's own namespace (a test
+    # run's always does); False: forwarded
+    own_socket: bool = True
 
     def __post_init__(self) -> None:
         table: dict[bytes, list[tuple[int, int]]] = {}
@@ -88,6 +108,7 @@ class _Packet:
     ports: tuple[int, int] | None = None   # (sport, dport) of TCP/UDP
     icmp_type: int | None = None            # tc: the ICMPv6 type
     hop_limit: int = 0
+    src64: bytes = b""                      # IPv6: the source's first 64 bits
 
 
 def _take(data: bytes, off: int, n: int) -> bytes:
@@ -99,7 +120,7 @@ def _take(data: bytes, off: int, n: int) -> bytes:
 def _ports(data: bytes, off: int, p: _Packet, tc: bool) -> None:
     if p.fragment:
         return
-    if tc and p.l4proto == ICMPV6:   # the program reads the ICMPv6 type at tc, in both families
+    if tc and p.v6 and p.l4proto == ICMPV6:   # the program reads the ICMPv6 type at tc, of IPv6 only
         p.icmp_type = _take(data, off, 1)[0]
         return
     if p.l4proto in (TCP, UDP):
@@ -120,7 +141,7 @@ def _parse6(data: bytes, tc: bool) -> _Packet:
     hdr = _take(data, 0, 40)
     if hdr[0] >> 4 != 6:
         raise _Truncated()
-    p = _Packet(True, hdr[24:40], hop_limit=hdr[7])
+    p = _Packet(True, hdr[24:40], hop_limit=hdr[7], src64=hdr[8:16])
     nexthdr, off = hdr[6], 40
     for _ in range(MAX_EXT_HEADERS):
         if nexthdr not in EXT_HEADERS:
@@ -147,7 +168,38 @@ def _lan(daddr: bytes, v6: bool) -> bool:
     return any(addr in n for n in (_LAN6 if v6 else _LAN4))
 
 
-def _exceptions(p: _Packet, scope: Scope) -> Reason:
+def _dhcp(p: _Packet, length: int, scope: Scope, tc: bool) -> bool:
+    """The machine's own DHCP client to the link's servers, no bigger than a
+    DHCP message."""
+    if p.ports is None or p.l4proto != UDP or length > DHCP_MAX:
+        return False
+    if p.v6:
+        if p.ports != (546, 547) or not (p.daddr == DHCP6_SERVERS or ipaddress.IPv6Address(p.daddr) in _LINK_LOCAL6):
+            return False
+    elif p.ports != (68, 67) or not any(ipaddress.IPv4Address(p.daddr) in n for n in _DHCP4_SERVERS):
+        return False
+    return scope.own_socket or not tc
+
+
+def _nd(p: _Packet, length: int, ifindex: int, scope: Scope) -> bool:
+    """tc: neighbour discovery toward the link itself, no bigger than ND needs."""
+    if not (p.v6 and p.l4proto == ICMPV6 and not p.fragment and p.hop_limit == 255 and p.icmp_type in ND_TYPES):
+        return False
+    if length > ND_MAX:
+        return False
+    a = ipaddress.IPv6Address(p.daddr)
+    if a in _LINK_LOCAL6 or a in _LINK_MCAST6:
+        return True
+    # a global neighbour shares the /64 of the address ND is sent from; then the FIB decides
+    return p.daddr[:8] == p.src64 and scope.on_link is not None and scope.on_link(ifindex, p.daddr)
+
+
+def _arp(data: bytes) -> bool:
+    """tc: an Ethernet/IPv4 ARP request or reply, 28 bytes or zero-padded to 46."""
+    return ARP_LEN <= len(data) <= ARP_MAX and data[:8] in ARP_HEAD and not any(data[ARP_LEN:])
+
+
+def _exceptions(p: _Packet, scope: Scope, length: int = 0, tc: bool = False) -> Reason:
     """Endpoint, LAN, DHCP -- in that order -- for a packet that does not leave
     through a tunnel."""
     if p.fragment:
@@ -162,9 +214,8 @@ def _exceptions(p: _Packet, scope: Scope) -> Reason:
         if not opts.allow_lan_dns and p.ports is not None and p.ports[1] in DNS_PORTS:
             return Reason.DROP_LAN_DNS
         return Reason.ALLOW_LAN
-    if opts.allow_dhcp and p.ports is not None and p.l4proto == UDP:
-        if p.ports == ((546, 547) if p.v6 else (68, 67)):
-            return Reason.ALLOW_DHCP
+    if opts.allow_dhcp and _dhcp(p, length, scope, tc):
+        return Reason.ALLOW_DHCP
     return Reason.DROP_NOT_TUNNEL
 
 
@@ -189,15 +240,42 @@ def _decide_l3(data: bytes, proto: int, ifindex: int, scope: Scope, tc: bool) ->
     if ifindex in scope.tunnels:
         return Decision(Reason.ALLOW_TUNNEL, family)
     if family == Family.OTHER:
-        return Decision(Reason.ALLOW_NEIGH if tc and proto == ETH_P_ARP else Reason.DROP_NOT_IP, family)
+        return Decision(Reason.ALLOW_NEIGH if tc and proto == ETH_P_ARP and _arp(data) else Reason.DROP_NOT_IP, family)
     try:
         p = _parse6(data, tc) if family == Family.IPV6 else _parse4(data, tc)
     except _Truncated:
         return Decision(Reason.DROP_MALFORMED, family)
-    if (tc and p.v6 and p.l4proto == ICMPV6 and not p.fragment and p.hop_limit == 255
-            and p.icmp_type in ND_TYPES):
+    if tc and _nd(p, len(data), ifindex, scope):
         return Decision(Reason.ALLOW_NEIGH, family)
-    return Decision(_exceptions(p, scope), family)
+    return Decision(_exceptions(p, scope, len(data), tc), family)
+
+
+# The netfilter hook of a cgroup scope's tunnel namespace (ebpf/ksbpf.c ksbpf_nf_src).
+NF_SRC = "ksbpf_nf_src"
+
+
+def decide_tunnel_source(data: bytes, ifindex: int, sources: dict[bytes, tuple[int, str]],
+                         name: str = "", tunnels: frozenset[int] = frozenset()) -> Reason | None:
+    """What ksbpf_nf_src decides for the IP packet `data` leaving through
+    the interface (ifindex, name): DROP_TUNNEL_SOURCE when its source address
+    is one of the scope's tunnel addresses (sources: packed address -> that
+    tunnel's (ifindex, 0 when it is gone; name)) and it does not leave through
+    that tunnel -- its ifindex, or its name (re-created) -- nor through
+    loopback nor through any registered tunnel of the namespace (`tunnels`);
+    None when it is not this hook's business (accepted, uncounted)."""
+    if ifindex == LOOPBACK_IFINDEX or ifindex in tunnels or not data:
+        return None
+    v = data[0] >> 4
+    if v == 4 and len(data) >= 20:
+        src = data[12:16]
+    elif v == 6 and len(data) >= 40:
+        src = data[8:24]
+    else:
+        return None
+    tunnel = sources.get(src)
+    if tunnel is None or (tunnel[0] and tunnel[0] == ifindex) or (tunnel[1] and tunnel[1] == name):
+        return None
+    return Reason.DROP_TUNNEL_SOURCE
 
 
 def eth_type_trans(frame: bytes) -> int:

@@ -33,8 +33,8 @@ def l4(proto: int, sport: int, dport: int, payload: bytes = b"x" * 8, icmp_type:
 
 
 def ipv4(dst: str, proto: int, sport: int = 40000, dport: int = 0, src: str = "192.0.2.10",
-         frag_offset: int = 0, more_fragments: bool = False) -> bytes:
-    body = l4(proto, sport, dport) if frag_offset == 0 else b"y" * 16
+         frag_offset: int = 0, more_fragments: bool = False, payload: bytes = b"x" * 8) -> bytes:
+    body = l4(proto, sport, dport, payload) if frag_offset == 0 else b"y" * 16
     flags = (0x2000 if more_fragments else 0) | (frag_offset // 8)
     hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 1, flags, 64, proto, 0,
                       ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed)
@@ -43,9 +43,9 @@ def ipv4(dst: str, proto: int, sport: int = 40000, dport: int = 0, src: str = "1
 
 def ipv6(dst: str, proto: int, sport: int = 40000, dport: int = 0, src: str = "2001:db8:ffff::10",
          ext: tuple[int, ...] = (), frag_offset: int = 0, hop_limit: int = 64,
-         icmp_type: int | None = None) -> bytes:
+         icmp_type: int | None = None, payload: bytes = b"x" * 8) -> bytes:
     """ext: extension headers in order (HOPOPTS, DSTOPTS, FRAGMENT) before the L4 header."""
-    body = l4(proto, sport, dport, icmp_type=icmp_type) if frag_offset == 0 else b"y" * 16
+    body = l4(proto, sport, dport, payload, icmp_type=icmp_type) if frag_offset == 0 else b"y" * 16
     chain = list(ext) + [proto]
     headers = b""
     for kind, nxt in zip(chain, chain[1:]):
