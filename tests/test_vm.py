@@ -321,7 +321,7 @@ def _node(guest, say, notes):
     ifaces = {i["name"]: i for i in nodes[0]["interfaces"]}
     assert ifaces["vpn-uplink"]["guarded"] and ifaces["vpn-uplink"]["role"] == "guarded", ifaces
     assert ifaces["veth-ctr"]["role"] == "internal" and ifaces["wg0"]["role"] == "tunnel", ifaces
-    notes.append(nodes[0].get("mode", "?"))
+    notes.append(nodes[0].get("tc_mode", "?"))
 
 
 def test_leak_matrix(kernel, lab_and_each, say):
