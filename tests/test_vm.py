@@ -175,7 +175,7 @@ def run(g: Guest, scenario: str, say, label: str, notes: list[str], b: Boot | No
     r = b.result["parts"].get(scenario)
     assert r is not None, f"the guest did not run {scenario}: {b.result}\n{b.tail()}"
     r["features"] = b.result.get("features", "")
-    assert r["kernel"] == k.release, f"booted {r['kernel']}, not {k.release}"
+    assert r.get("kernel") == k.release, f"booted {r.get('kernel')}, not {k.release}"
     if r["features"]:
         say(f"{k.name} {label}: ksbpf on this kernel: {r['features']}")
     if r.get("refusal") and not k.strict:
