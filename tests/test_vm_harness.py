@@ -69,3 +69,15 @@ def test_units_run_the_guest_script_from_where_the_image_has_it():
             assert path == "/opt/ksbpf/tests/vm/guest.py", (name, path)
     proc = subprocess.run(["sh", "-n", os.path.join(VM, "run-parts-dirs.sh")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_only_a_refusal_makes_a_cell_not_supported():
+    import sys
+    sys.path.insert(0, VM)
+    import guest
+    refusal = "ksbpf: error: this kernel has neither bpf_get_netns_cookie for cgroup_skb programs (Linux 6.17) nor x"
+    assert guest.refusal(refusal).startswith("this kernel has neither")
+    assert guest.refusal('x error   scope_failed scope=/a error="this kernel cannot load cgroup_skb BPF programs; y" r=5')
+    # a verifier finding or a notice that mentions a missing feature is not a refusal
+    assert guest.refusal('x error   verify_failed scope=/a check=nf detail="this kernel has no netfilter BPF links"') is None
+    assert guest.refusal("this kernel: tcx no (Linux 6.6) -> node mode guards with clsact filters") is None

@@ -35,8 +35,10 @@ SCOPE = "/sys/fs/cgroup/vpn.slice"
 COUNTERS = ("leak_udp", "leak_tcp", "tunnel_udp", "tunnel_tcp", "control_udp", "control_tcp",
             "node_leak_udp", "node_leak_tcp", "node_tunnel_udp", "node_tunnel_tcp", "wireguard",
             "each_leak_udp", "each_leak_tcp", "each_tunnel_udp", "each_tunnel_tcp", "each_control_udp")
-# ksbpf's own one-line refusal of a kernel that lacks a feature (a KsbpfError: "this kernel lacks ...")
-REFUSAL = re.compile(r"this kernel (?:lacks|cannot|has no|has neither|does not)\b.*")
+# ksbpf's own one-line refusal of a kernel that lacks a feature: the error of a command (a KsbpfError,
+# "ksbpf: error: this kernel lacks ...") or of a scope (scope_failed error="this kernel ..."); not a
+# verifier finding or a notice that merely mentions the kernel
+REFUSAL = re.compile(r'(?:error: |scope_failed .*error=")(this kernel (?:lacks|cannot|has no|has neither|does not)\b[^"]*)')
 # scenario "each": a container-like namespace whose processes are in a netns = "each" scope
 EACH_NS, EACH_CGROUP = "ctr1", "/sys/fs/cgroup/ctr.slice"
 EACH_CONFIG = """
@@ -311,7 +313,7 @@ def refusal(*texts: str) -> str | None:
         for line in text.splitlines():
             m = REFUSAL.search(line)
             if m:
-                return m[0].strip()
+                return m[1].strip()
     return None
 
 
