@@ -5,11 +5,8 @@
 #
 #   vagrant/provision.sh [SRC]      SRC: a copy of the repository (default: /opt/ksbpf-src)
 #
-# 0. A kernel ksbpf runs on: its cgroup_skb program calls bpf_get_netns_cookie(), which
-#    cgroup_skb programs may call only in recent kernels (6.18 here works; Debian 12's 6.1
-#    and bookworm-backports' 6.12 refuse it).  When the newest installed kernel is older,
-#    Debian's kernel from trixie-backports is installed (only the kernel: apt -t); the
-#    machine must boot it (the Vagrantfile reboots after provisioning).
+# The machine runs its own kernel (the box's): ksbpf probes what that kernel can do and
+# says on one line what it cannot (`ksbpf status`).  Nothing here replaces the kernel.
 # 1. ksbpf: SRC copied to /opt/ksbpf, `make install` there (= `make setup`: Debian
 #    packages, kernel headers, .venv; then ksbpf on PATH and the systemd units).
 # 2. A WireGuard peer in a network namespace inside the machine (ksbpf-demo-peer.service):
@@ -28,30 +25,7 @@ say() { printf 'provision: %s\n' "$*"; }
 export DEBIAN_FRONTEND=noninteractive
 booted=; [ -d /run/systemd/system ] && booted=1
 
-# --- 0. a kernel ksbpf runs on ---------------------------------------------------
-min_kernel=6.18
-newest_kernel() { ls /lib/modules 2>/dev/null | sort -V | tail -n1; }
-kernel_version() { local v=${1%%-*}; echo "${v%%+*}"; }    # 7.3.4+deb13-amd64 -> 7.3.4
-kernel_list=/etc/apt/sources.list.d/ksbpf-kernel.list
-need_kernel=
-if ! dpkg --compare-versions "$(kernel_version "$(newest_kernel)")" ge "$min_kernel"; then
-    mirror=$(awk '$1 == "deb" && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null)
-    echo "deb ${mirror:-http://deb.debian.org/debian} trixie-backports main" > "$kernel_list"
-    need_kernel=1
-fi
-if [ -e "$kernel_list" ] && dpkg --compare-versions "$(dpkg-query -W -f='${Version}' debianutils)" lt 5.21; then
-    install -m 0755 "$here/run-parts-dirs.sh" /usr/local/sbin/run-parts   # the kernel's hooks need it: see there
-    # apt runs dpkg with its own PATH, without /usr/local: put the wrapper first there too
-    echo 'DPkg::Path "/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin";' > /etc/apt/apt.conf.d/50ksbpf-run-parts
-fi
-dpkg --configure -a   # finish a kernel installation that was interrupted
-if [ -n "$need_kernel" ]; then
-    say "installing Debian's kernel from trixie-backports (ksbpf needs Linux >= $min_kernel)"
-    apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null
-    apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends -t trixie-backports linux-image-amd64 >/dev/null
-fi
-# the kernel the machine boots next: make setup links bcc's headers for it
-export KSBPF_KERNEL_RELEASE=$(newest_kernel)
+dpkg --configure -a   # finish an installation that was interrupted
 
 # --- 1. ksbpf ------------------------------------------------------------------
 for tool in make rsync curl; do   # curl: for the demo (vagrant/README.md)
@@ -64,7 +38,8 @@ mkdir -p "$dest"
 rsync -a --delete --exclude=.git/ --exclude=.venv/ --exclude='*.egg-info/' --exclude=__pycache__/ \
       --exclude=.pytest_cache/ --exclude=build/ "$src/" "$dest/"
 chown -R root:root "$dest"; chmod -R go-w "$dest"
-# make install runs make setup (packages, headers for KSBPF_KERNEL_RELEASE or the running kernel, .venv)
+# make install runs make setup (packages, headers for the running kernel -- or for
+# KSBPF_KERNEL_RELEASE when set, as when an image is provisioned in a chroot --, .venv)
 KSBPF_SETUP_VM_TOOLS=no make -s -C "$dest" install >/dev/null
 
 # --- 2. the WireGuard peer in a namespace ---------------------------------------
@@ -112,11 +87,7 @@ CONF
 chmod 0644 /etc/ksbpf/ksbpf.toml
 /usr/local/bin/ksbpf check-config /etc/ksbpf/ksbpf.toml >/dev/null
 units=(ksbpf-early.service ksbpf.service ksbpf-demo-peer.service wg-quick@wg0.service)
-if [ -n "$booted" ] && [ "$(uname -r)" != "$KSBPF_KERNEL_RELEASE" ]; then
-    systemctl daemon-reload
-    systemctl enable "${units[@]}"
-    say "units enabled; reboot into kernel $KSBPF_KERNEL_RELEASE to start them (vagrant up reboots by itself)"
-elif [ -n "$booted" ]; then
+if [ -n "$booted" ]; then
     systemctl daemon-reload
     systemctl enable --now "${units[@]}"
     systemctl reload-or-restart ksbpf.service   # a re-provisioned configuration

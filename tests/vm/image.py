@@ -3,12 +3,15 @@
 Two layers, so that a code change does not cost a debootstrap:
 
 - base-<key>/root: debootstrap (Debian 12, the mirror of the machine's apt
-  sources) and vagrant/provision.sh run in a chroot of it with the repository
-  copied in.  Keyed by the debootstrap inputs, the scripts that decide the
-  packages (provision.sh, setup-host.sh) and the month (so it follows the
-  mirror's updates) -- not by the rest of the repository: the image layer runs
-  the provisioning again on top.  ~5 min cold.
-- image-<key>/{disk.img,vmlinuz,initrd.img}: the base under an overlay, the
+  sources), every kernel the test boots (tests/vm/kernels.py: exact versions,
+  with their modules and initrds; the trixie suites are in the image's apt
+  sources only while they are installed), vagrant/provision.sh run in a chroot
+  of it with the repository copied in, and bcc's headers for each kernel
+  (deploy/setup-host.sh).  Keyed by the debootstrap inputs, the kernel pins,
+  the scripts that decide the packages (provision.sh, setup-host.sh) and the
+  month (so it follows the mirror's updates) -- not by the rest of the
+  repository: the image layer runs the provisioning again on top.  ~6 min cold.
+- image-<key>/{disk.img,kernels/RELEASE/{vmlinuz,initrd.img}}: the base under an overlay, the
   current repository copied in, provision.sh run again (idempotent: packages
   present, the venv only refreshed), the test's units added, and an ext4 disk
   made from the tree (mkfs.ext4 -d: no loop device).  Keyed by the base and
@@ -34,13 +37,16 @@ from typing import Callable
 
 from ksbpf.errors import KsbpfError
 
+from . import kernels
+
 SUITE = "bookworm"
-# no kernel: vagrant/provision.sh installs one ksbpf runs on
-BASE_PACKAGES = ("systemd-sysv", "udev", "dbus", "kmod", "iproute2", "initramfs-tools", "linux-headers-amd64",
+# no kernel: the kernels (tests/vm/kernels.py) are installed after debootstrap, pinned
+BASE_PACKAGES = ("systemd-sysv", "udev", "dbus", "kmod", "iproute2", "initramfs-tools",
                  "wireguard-tools", "python3", "python3-venv", "make", "rsync", "ca-certificates", "procps")
-BUILD_VERSION = "1"   # change when the build steps below change
-BASE_INPUTS = ("vagrant/provision.sh", "deploy/setup-host.sh")   # what decides the installed packages
-UNITS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "units")
+BUILD_VERSION = "2"   # change when the build steps below change
+BASE_INPUTS = ("vagrant/provision.sh", "deploy/setup-host.sh", "tests/vm/run-parts-dirs.sh")   # decide the packages
+HERE = os.path.dirname(os.path.abspath(__file__))
+UNITS_DIR = os.path.join(HERE, "units")
 DISK_SIZE = "6G"     # sparse
 KEEP = 2             # images and bases kept in the cache (newest first)
 EXCLUDES = (".git/", ".venv/", "*.egg-info/", "__pycache__/", ".pytest_cache/", "build/")
@@ -64,13 +70,11 @@ class Image:
     def disk(self) -> str:
         return os.path.join(self.directory, "disk.img")
 
-    @property
-    def kernel(self) -> str:
-        return os.path.join(self.directory, "vmlinuz")
+    def kernel(self, release: str) -> str:
+        return os.path.join(self.directory, "kernels", release, "vmlinuz")
 
-    @property
-    def initrd(self) -> str:
-        return os.path.join(self.directory, "initrd.img")
+    def initrd(self, release: str) -> str:
+        return os.path.join(self.directory, "kernels", release, "initrd.img")
 
 
 def apt_mirror(sources: tuple[str, ...] = ("/etc/apt/sources.list", "/etc/apt/sources.list.d")) -> str:
@@ -111,6 +115,7 @@ def _digest(parts: list[bytes]) -> str:
 def base_key(repo: str, mirror: str) -> str:
     month = time.strftime("%Y-%m", time.gmtime())
     return _digest([BUILD_VERSION.encode(), SUITE.encode(), mirror.encode(), " ".join(BASE_PACKAGES).encode(),
+                    " ".join(kernels.install_args()).encode(), " ".join(kernels.EXTRA_SUITES).encode(),
                     month.encode(), *(open(os.path.join(repo, f), "rb").read() for f in BASE_INPUTS)])
 
 
@@ -165,9 +170,51 @@ _PROVISION = r'''
 mkdir -p "$ROOT/opt/ksbpf-src"
 rsync -a --delete $EXCLUDES "$REPO/" "$ROOT/opt/ksbpf-src/"
 chroot "$ROOT" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
-    LANG=C.UTF-8 PIP_DISABLE_PIP_VERSION_CHECK=1 $PROXY_ENV \
+    LANG=C.UTF-8 PIP_DISABLE_PIP_VERSION_CHECK=1 KSBPF_KERNEL_RELEASE=$HEADERS_RELEASE $PROXY_ENV \
     PIP_CERT=/run/host-ca.crt SSL_CERT_FILE=/run/host-ca.crt REQUESTS_CA_BUNDLE=/run/host-ca.crt \
     /bin/bash /opt/ksbpf-src/vagrant/provision.sh /opt/ksbpf-src
+'''
+# The pinned kernels, from the image's suite and the extra suites (lowest priority: only what is
+# named is taken from them), then the extra suites are removed again.  Debian 12's run-parts
+# gets a wrapper for the newer kernels' hook directories (see run-parts-dirs.sh).
+_KERNELS = r'''
+inchroot() { chroot "$ROOT" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    HOME=/root LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive $PROXY_ENV "$@"; }
+list="$ROOT/etc/apt/sources.list.d/ksbpf-vm-kernels.list"
+prefs="$ROOT/etc/apt/preferences.d/ksbpf-vm-kernels"
+: > "$list"; : > "$prefs"
+for s in $EXTRA_SUITES; do
+    echo "deb $MIRROR $s main" >> "$list"
+    printf 'Package: *\nPin: release n=%s\nPin-Priority: 1\n\n' "$s" >> "$prefs"
+done
+install -m 0755 "$REPO/tests/vm/run-parts-dirs.sh" "$ROOT/usr/local/sbin/run-parts"
+echo 'DPkg::Path "/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin";' > "$ROOT/etc/apt/apt.conf.d/50ksbpf-run-parts"
+inchroot apt-get update -q >/dev/null
+for pin in $KERNEL_PINS; do
+    case $pin in *=*) ;; *) continue ;; esac
+    if ! inchroot apt-cache show "$pin" >/dev/null 2>&1; then
+        echo "vm image: the pinned package ${pin%%=*} version ${pin#*=} is not on the mirror $MIRROR (suites $SUITE $EXTRA_SUITES) any more; pin another in tests/vm/kernels.py (see: apt-cache policy ${pin%%=*})"
+        exit 3
+    fi
+done
+inchroot apt-get install -y -q --no-install-recommends $KERNEL_PINS
+rm -f "$list" "$prefs"
+inchroot apt-get update -q >/dev/null
+for rel in $KERNEL_RELEASES; do
+    [ -e "$ROOT/boot/vmlinuz-$rel" ] && [ -e "$ROOT/boot/initrd.img-$rel" ] && [ -d "$ROOT/lib/modules/$rel" ] \
+        || { echo "vm image: kernel $rel was not installed completely (vmlinuz, initrd, modules)"; exit 3; }
+done
+'''
+# bcc's headers for each kernel, as a user gets them (deploy/setup-host.sh: the kernel's own, or the
+# distribution's generic ones linked).
+_HEADERS = r'''
+for rel in $KERNEL_RELEASES; do
+    inchroot env KSBPF_KERNEL_RELEASE=$rel KSBPF_SETUP_VM_TOOLS=no PIP_CERT=/run/host-ca.crt \
+        SSL_CERT_FILE=/run/host-ca.crt PIP_DISABLE_PIP_VERSION_CHECK=1 \
+        bash /opt/ksbpf/deploy/setup-host.sh /opt/ksbpf/.venv | grep -i "headers" || true
+    inchroot test -e "/lib/modules/$rel/build/include/generated/autoconf.h" \
+        || { echo "vm image: no kernel headers for bcc at /lib/modules/$rel/build"; exit 3; }
+done
 '''
 _BASE = r'''
 mkdir -p "$CACHE/debs"
@@ -180,7 +227,7 @@ echo ksbpf-vm > "$ROOT/etc/hostname"
 printf '127.0.0.1 localhost\n127.0.1.1 ksbpf-vm\n::1 localhost\n' > "$ROOT/etc/hosts"
 echo '/dev/vda / ext4 rw,errors=remount-ro 0 1' > "$ROOT/etc/fstab"
 chroot "$ROOT" passwd -d root >/dev/null   # the serial console, for debugging
-''' + _CHROOT_MOUNTS + _PROVISION + _CHROOT_UNMOUNT
+''' + _CHROOT_MOUNTS + _KERNELS + _PROVISION + _HEADERS + _CHROOT_UNMOUNT
 _IMAGE = r'''
 mkdir -p "$WORK/upper" "$WORK/ovl" "$WORK/root"
 mount -t overlay overlay -o "lowerdir=$BASE,upperdir=$WORK/upper,workdir=$WORK/ovl" "$WORK/root"
@@ -190,9 +237,11 @@ cp "$UNITS"/*.service "$ROOT/etc/systemd/system/"
 chroot "$ROOT" systemctl enable $(cd "$UNITS" && ls *.service) >/dev/null 2>&1
 ''' + _CHROOT_UNMOUNT + r'''
 rm -f "$ROOT/etc/resolv.conf"
-KREL=$(ls "$ROOT/lib/modules" | sort -V | tail -n1)   # the kernel provision.sh chose
-cp -L "$ROOT/boot/vmlinuz-$KREL" "$WORK/vmlinuz"
-cp -L "$ROOT/boot/initrd.img-$KREL" "$WORK/initrd.img"
+for rel in $KERNEL_RELEASES; do
+    mkdir -p "$WORK/kernels/$rel"
+    cp -L "$ROOT/boot/vmlinuz-$rel" "$WORK/kernels/$rel/vmlinuz"
+    cp -L "$ROOT/boot/initrd.img-$rel" "$WORK/kernels/$rel/initrd.img"
+done
 mkfs.ext4 -q -F -L ksbpf-vm -d "$ROOT" "$WORK/disk.img" "$DISK_SIZE"
 umount "$ROOT"
 rm -rf "$WORK/upper" "$WORK/ovl" "$WORK/root"
@@ -231,6 +280,9 @@ def ensure_image(repo: str, log: Callable[[str], None] = print, cache: str | Non
         _prune(cache, "base", {base_dir, base_dir + ".tmp"})
         env = {"CACHE": cache, "REPO": os.path.abspath(repo), "SUITE": SUITE, "MIRROR": mirror,
                "PACKAGES": ",".join(BASE_PACKAGES), "UNITS": UNITS_DIR, "DISK_SIZE": DISK_SIZE,
+               "KERNEL_PINS": " ".join(kernels.install_args()), "EXTRA_SUITES": " ".join(kernels.EXTRA_SUITES),
+               "KERNEL_RELEASES": " ".join(k.release for k in kernels.KERNELS),
+               "HEADERS_RELEASE": kernels.by_name(kernels.OWN_HEADERS).release,
                "EXCLUDES": " ".join(f"--exclude={e}" for e in EXCLUDES),
                "HOST_CA": os.environ.get("SSL_CERT_FILE") or "/etc/ssl/certs/ca-certificates.crt",
                "PROXY_ENV": " ".join(f"{k}={v}" for k, v in os.environ.items()

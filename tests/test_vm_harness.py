@@ -1,0 +1,83 @@
+"""The VM test's harness without booting anything (tests/vm/): the kernel pins,
+how a boot that died before userspace is recognised, the run-parts wrapper the
+newer kernels' packages need on Debian 12, and the table's shape."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+
+from vm import kernels, qemu
+
+VM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vm")
+
+PANIC = """[    2.104] int3: 0000 [#1] PREEMPT SMP NOPTI
+[    2.105] RIP: 0010:sched_clock_cpu+0x10/0x1a0
+[    2.200] Kernel panic - not syncing: Attempted to kill the idle task!
+[    2.201] ---[ end Kernel panic - not syncing: Attempted to kill the idle task! ]---
+"""
+USERSPACE = """[    3.0] Run /init as init process
+[    9.1] systemd[1]: systemd 252.39-1~deb12u1 running in system mode (+PAM +AUDIT ...)
+Welcome to Debian GNU/Linux 12 (bookworm)!
+"""
+
+
+def test_kernels_are_pinned_exactly_once_each():
+    names = [k.name for k in kernels.KERNELS]
+    assert sorted(names) == ["debian12", "debian13", "newest"]
+    for k in kernels.KERNELS:
+        assert re.fullmatch(r"linux-image-\d+\.\d+[.\d]*[-+][\w.+-]*-amd64", k.package), k
+        assert re.fullmatch(r"\d[\w.+~-]*", k.version) and "*" not in k.version, k
+        assert k.release == k.package[len("linux-image-"):]
+    assert [k.name for k in kernels.KERNELS if k.strict] == ["newest"]
+    args = kernels.install_args()
+    assert all(f"{k.package}={k.version}" in args for k in kernels.KERNELS)
+    assert kernels.by_name(kernels.OWN_HEADERS).release in " ".join(kernels.HEADERS)
+
+
+def test_a_panic_before_userspace_is_a_death_and_systemd_is_not():
+    assert qemu.died_before_userspace(PANIC, exited=False, elapsed=5)
+    assert qemu.died_before_userspace(PANIC, exited=True, elapsed=5)
+    assert not qemu.died_before_userspace(USERSPACE, exited=False, elapsed=5)
+    assert not qemu.died_before_userspace(USERSPACE + PANIC, exited=True, elapsed=900)   # a later panic: not this rule
+    # no output: still booting, or dead once qemu ended or the timeout passed
+    assert not qemu.died_before_userspace("", exited=False, elapsed=5)
+    assert qemu.died_before_userspace("", exited=True, elapsed=5)
+    assert qemu.died_before_userspace("[ 1.0] Linux version 7.2.12", exited=False, elapsed=qemu.USERSPACE_TIMEOUT + 1)
+    assert "end Kernel panic" in qemu.last_lines(PANIC, 2) and "int3" not in qemu.last_lines(PANIC, 2)
+
+
+def test_run_parts_wrapper_merges_directories_in_name_order(tmp_path):
+    etc, usr = tmp_path / "etc", tmp_path / "usr"
+    for d, name, text in ((etc, "10-initramfs", "etc-10"), (usr, "00-legacy-boot", "usr-00"),
+                          (usr, "10-initramfs", "hidden")):
+        d.mkdir(exist_ok=True)
+        (d / name).write_text(f'#!/bin/sh\necho {text} "$@"\n')
+        (d / name).chmod(0o755)
+    proc = subprocess.run(["sh", os.path.join(VM, "run-parts-dirs.sh"), "--exit-on-error",
+                           "--arg=7.3.4", "--arg=/boot/vmlinuz-7.3.4", str(etc), str(usr)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["usr-00 7.3.4 /boot/vmlinuz-7.3.4", "etc-10 7.3.4 /boot/vmlinuz-7.3.4"]
+
+
+def test_units_run_the_guest_script_from_where_the_image_has_it():
+    for name in os.listdir(os.path.join(VM, "units")):
+        text = open(os.path.join(VM, "units", name)).read()
+        for path in re.findall(r"ExecStart=\S+ (\S+\.py)", text):
+            assert path == "/opt/ksbpf/tests/vm/guest.py", (name, path)
+    proc = subprocess.run(["sh", "-n", os.path.join(VM, "run-parts-dirs.sh")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_only_a_refusal_makes_a_cell_not_supported():
+    import sys
+    sys.path.insert(0, VM)
+    import guest
+    refusal = "ksbpf: error: this kernel has neither bpf_get_netns_cookie for cgroup_skb programs (Linux 6.17) nor x"
+    assert guest.refusal(refusal).startswith("this kernel has neither")
+    assert guest.refusal('x error   scope_failed scope=/a error="this kernel cannot load cgroup_skb BPF programs; y" r=5')
+    # a verifier finding or a notice that mentions a missing feature is not a refusal
+    assert guest.refusal('x error   verify_failed scope=/a check=nf detail="this kernel has no netfilter BPF links"') is None
+    assert guest.refusal("this kernel: tcx no (Linux 6.6) -> node mode guards with clsact filters") is None
