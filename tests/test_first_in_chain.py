@@ -254,7 +254,7 @@ listen = "127.0.0.1:{port}"
     return d, f"http://127.0.0.1:{port}/metrics"
 
 
-def metric(url: str, line_start: str, timeout: float = 20) -> str:
+def metric(url: str, line_start: str, timeout: float = 90) -> str:
     """The first sample line of the daemon's /metrics that starts with line_start (waited for)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -300,7 +300,7 @@ def test_daemon_clsact_reports_what_it_cannot_get_ahead_of(host, server, front, 
     ev = d.wait_for("guard_not_first_kept", after=after, interface=host.phy_client, timeout=30)
     assert f"bpftool link detach id {rogue.link_id}" in ev["fix"]
     assert leaked(host, server)[0] == SENT      # still in front: the failure is real
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 90   # the daemon's zero-traffic check runs on its own thread: slow on a loaded machine
     while not metric(url, f'ksbpf_verify_failures{{check="first",{scope}}}').endswith(" 1.0"):
         assert time.monotonic() < deadline, "ksbpf_verify_failures{check=first} never became 1"
         time.sleep(0.3)

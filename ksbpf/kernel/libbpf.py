@@ -197,6 +197,18 @@ class ProgInfo:
     tag: str
 
 
+def prog_name(prog_id: int) -> str | None:
+    """The name of a loaded program, by id (None when it is gone)."""
+    try:
+        fd = prog_fd_by_id(prog_id)
+    except OSError:
+        return None
+    try:
+        return prog_info(fd).name
+    finally:
+        os.close(fd)
+
+
 def prog_info(fd: int) -> ProgInfo:
     info = _ProgInfo()
     size = ctypes.c_uint32(ctypes.sizeof(info))

@@ -104,18 +104,7 @@ def pinned_info(path: str) -> NfLinkInfo | None:
 
 def unpin(path: str) -> None:
     """Detach the pinned link and remove its pin (idempotent)."""
-    try:
-        fd = libbpf.obj_get(path)
-    except OSError:
-        return
-    try:
-        tc.link_detach(fd)
-    finally:
-        os.close(fd)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+    tc.unpin_link(path)
 
 
 def detach_programs(names: tuple[str, ...]) -> list[int]:
@@ -134,15 +123,7 @@ def detach_programs(names: tuple[str, ...]) -> list[int]:
                 continue
             if info is None or not info.alive:
                 continue
-            try:
-                pfd = libbpf.prog_fd_by_id(info.prog_id)
-            except OSError:
-                continue
-            try:
-                name = libbpf.prog_info(pfd).name
-            finally:
-                os.close(pfd)
-            if name in names:
+            if libbpf.prog_name(info.prog_id) in names:
                 tc.link_detach(fd)
                 done.append(link_id)
         finally:

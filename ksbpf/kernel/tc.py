@@ -135,6 +135,22 @@ def link_detach(fd: int) -> None:
             raise
 
 
+def unpin_link(path: str) -> None:
+    """Detach a pinned link and remove its pin (idempotent)."""
+    try:
+        fd = libbpf.obj_get(path)
+    except OSError:
+        return
+    try:
+        link_detach(fd)
+    finally:
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 def link_ids() -> list[int]:
     """Every BPF link of the machine, in every namespace."""
     out, start = [], 0
@@ -180,15 +196,7 @@ def detach_tcx_programs(names: tuple[str, ...]) -> list[int]:
             info = link_info(fd)
             if info.type != BPF_LINK_TYPE_TCX or not info.ifindex:
                 continue
-            try:
-                pfd = libbpf.prog_fd_by_id(info.prog_id)
-            except OSError:
-                continue
-            try:
-                name = libbpf.prog_info(pfd).name
-            finally:
-                os.close(pfd)
-            if name in names:
+            if libbpf.prog_name(info.prog_id) in names:
                 link_detach(fd)
                 done.append(link_id)
         finally:

@@ -149,16 +149,7 @@ def unguard(pin_dir: str, ifindex: int, mode: str, pref: int,
         if ns is not None and ifname:
             tc.clsact_detach(ns.path, ifname, pref)
         return
-    path = _link_pin(pin_dir, ifindex)
-    try:
-        fd = libbpf.obj_get(path)
-    except OSError:
-        return
-    try:
-        tc.link_detach(fd)
-    finally:
-        os.close(fd)
-        os.unlink(path)
+    tc.unpin_link(_link_pin(pin_dir, ifindex))
 
 
 def tcx_guard_alive(pin_dir: str, ifindex: int) -> bool:
