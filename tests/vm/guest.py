@@ -514,6 +514,11 @@ def cmd_each_setup() -> None:
                  ["ip", "-n", EACH_NS, "addr", "add", "10.87.0.2/24", "dev", "eth0"],
                  ["ip", "-n", EACH_NS, "link", "set", "eth0", "up"],
                  ["ip", "-n", EACH_NS, "route", "add", "default", "via", "10.87.0.1"],
+                 # ctr1's forwarded traffic leaves by the physical link, as a container's would: not into
+                 # the machine's own wg0, whose route to the target network the boot scenario added (the
+                 # control from ctr1 would then arrive through wgs, and a leak would pass for tunnel traffic)
+                 ["ip", "rule", "add", "from", "10.87.0.0/24", "lookup", "87", "priority", "1000"],
+                 ["ip", "route", "add", "198.51.100.0/24", "via", "10.99.0.2", "dev", "vpn-uplink", "table", "87"],
                  ["sysctl", "-qw", "net.ipv4.ip_forward=1"]):
         sh(*argv)
     subprocess.run(["nft", "-f", "-"], check=True, text=True, input="""
