@@ -81,6 +81,19 @@ def default_user(env: dict[str, str]) -> str | None:
     return user if user and user != "root" else None
 
 
+def hidden(pid: int) -> bool:
+    """Is the process alive but invisible in this /proc (hidepid=invisible, as
+    systemd's ProtectProc=invisible mounts it)?  Opening its namespace then
+    fails for want of visibility, not of capability."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return not os.path.exists(f"/proc/{pid}")
+
+
 def last_cap() -> int:
     with open("/proc/sys/kernel/cap_last_cap") as f:
         return int(f.read())

@@ -32,7 +32,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from ksbpf.kernel import cgroup
+from ksbpf.kernel import cgroup, privileges
 
 ROOT_NAMES = ("kubepods", "kubepods.slice")
 ROOT_DEPTH = 4   # how deep below the cgroup v2 mount a kubepods root may be
@@ -213,22 +213,11 @@ def _netns_inode(pid: int, denied: list[int] | None = None) -> int | None:
         return os.stat(f"/proc/{pid}/ns/net").st_ino
     except (PermissionError, FileNotFoundError) as exc:
         # EACCES/EPERM: no ptrace access.  ENOENT while /proc/PID exists: hidden by hidepid=invisible
-        if denied is not None and (isinstance(exc, PermissionError) or _hidden(pid)):
+        if denied is not None and (isinstance(exc, PermissionError) or privileges.hidden(pid)):
             denied.append(pid)
         return None
     except OSError:
         return None
-
-
-def _hidden(pid: int) -> bool:
-    """Is the process alive but invisible in this /proc (hidepid=invisible, ProtectProc=invisible)?"""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return not os.path.exists(f"/proc/{pid}")
 
 
 def pod_netns(pod: PodCgroup, prefer: str | None = None) -> PodNetns | None:

@@ -22,7 +22,7 @@ import re
 import struct
 from dataclasses import dataclass
 
-from ksbpf.kernel import bpf, cgroup, features, libbpf, links, netns
+from ksbpf.kernel import bpf, cgroup, features, libbpf, links, netns, privileges
 from ksbpf.policy import Policy
 
 EACH = "each"
@@ -122,7 +122,7 @@ def in_use(cgroup_path: str, denied: list[int] | None = None) -> dict[int, NsUse
                 denied.append(pid)
             continue
         except FileNotFoundError:
-            if denied is not None and _hidden(pid):
+            if denied is not None and privileges.hidden(pid):
                 denied.append(pid)
             continue   # exited meanwhile (or hidden)
         except OSError:
@@ -136,17 +136,6 @@ def in_use(cgroup_path: str, denied: list[int] | None = None) -> dict[int, NsUse
         rel = os.path.relpath(where, cgroup_path)
         out[inode] = NsUse(inode, pid, comm(pid), rel, n)
     return out
-
-
-def _hidden(pid: int) -> bool:
-    """Alive but invisible in this /proc (hidepid=invisible, as systemd's ProtectProc=invisible mounts it)?"""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return not os.path.exists(f"/proc/{pid}")
 
 
 def still(ns: netns.Netns) -> bool:
