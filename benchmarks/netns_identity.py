@@ -1,7 +1,10 @@
 """Per-packet cost of the cgroup hook's two ways of knowing a packet's
 network namespace, on real traffic: bpf_get_netns_cookie (Linux >= 6.17)
 against socket storage written by the sock_create program (older kernels:
-bpf_sk_fullsock + bpf_sk_storage_get on every packet).
+bpf_sk_storage_get on every packet) -- each where the scope checks it on
+every packet (attached over running processes) and where it checks it when
+each socket is made (a scope attached before its first process: the tunnel
+path trusts the tunnel filter, see ksbpf_netns_fast).
 
 A lab (wireguard-go tunnel between two namespaces); a cgroup scope attached
 with each variant in turn, and beside it on the same cgroup a trivial
@@ -36,6 +39,7 @@ from ksbpf.policy import Endpoint, Policy  # noqa: E402
 from ksbpf.scopes import cgroups  # noqa: E402
 
 HOT_TARGET, DROP_TARGET = 1.5, 2.5
+FAST, PER_PACKET = "at socket creation", "per packet"   # where the scope checks a packet's namespace
 RETURN_ALLOW = bytes.fromhex("b700000001000000") + bytes.fromhex("9500000000000000")   # r0 = 1; exit
 BPF_STATS_RUN_TIME = 0
 SENDER = """
@@ -81,22 +85,31 @@ def measure(rounds: int, packets: int) -> dict:
     lab = new_lab("ksbpfb")
     root = cgroup.cgroup2_root()
     made = []
+    sleepers: list[subprocess.Popen] = []
     samples: dict[tuple[str, str], list[tuple[float, float]]] = {}
     try:
         lab.create()
         lab.tunnel_up()
         with UdpEchoServer(lab) as udp:
             scopes = {}
-            for identity in (features.NETNS_HELPER, features.NETNS_STORAGE):
+            for identity, check in ((i, c) for i in (features.NETNS_HELPER, features.NETNS_STORAGE)
+                                    for c in (FAST, PER_PACKET)):
                 if identity == features.NETNS_HELPER and not features.has("netns_cookie_cgroup_skb"):
                     continue   # this kernel has only socket storage
-                path = os.path.join(root, f"ksbpf-bench-{lab.tag}-{identity}")
+                path = os.path.join(root, f"ksbpf-bench-{lab.tag}-{identity}-{check.split()[0]}")
                 os.mkdir(path)
                 made.append(path)
+                if check == PER_PACKET:   # attached over a running process: its older sockets may be anywhere
+                    sleeper = subprocess.Popen(["sleep", "3600"])
+                    sleepers.append(sleeper)
+                    cgroup.join(cgroup.resolve(path), sleeper.pid)
                 policy = Policy(tunnels=(lab.wg_client,), endpoints=(Endpoint.parse(lab.endpoint4),),
                                 netns=lab.client_ns)
                 with features.forced_netns_identity(identity):
                     res = cgroups.attach(path, policy)
+                if cgroups.read_scope(res.pin_dir).netns_fast != (check == FAST):
+                    raise SystemExit(f"{path}: the namespace check is not {check!r} as the bench expects")
+                identity = f"{identity}/{check}"
                 floor = libbpf.prog_load(libbpf.BPF_PROG_TYPE_CGROUP_SKB, "bench_floor", "GPL", RETURN_ALLOW)
                 fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
                 try:
@@ -113,6 +126,9 @@ def measure(rounds: int, packets: int) -> dict:
             for _path, _ids, floor in scopes.values():
                 os.close(floor)
     finally:
+        for p in sleepers:
+            p.kill()
+            p.wait()
         for path in made:
             cgroups.remove_cgroup_tree(path)
         lab.destroy()
@@ -137,9 +153,10 @@ def table(r: dict) -> str:
     names = {features.NETNS_HELPER: "bpf_get_netns_cookie (≥ 6.17)",
              features.NETNS_STORAGE: "socket storage (5.12+)"}
     for label in ("tunnel v4", "tunnel v6", "drop not_tunnel v4", "drop not_tunnel v6"):
-        for identity, rows in r["variants"].items():
+        for variant, rows in r["variants"].items():
+            identity, check = variant.split("/")
             row = rows[label]
-            lines.append(f"| {names[identity]} | {label} | {row['ns_median']} ({row['ns_min']}–{row['ns_max']}) | "
+            lines.append(f"| {names[identity]}, checked {check} | {label} | {row['ns_median']} ({row['ns_min']}–{row['ns_max']}) | "
                          f"{row['floor_ns_median']} | {row['ratio_median']} ({row['ratio_min']}–{row['ratio_max']}) | "
                          f"≤ {row['target']:g}× | {'yes' if row['met'] else 'NO'} |")
     return "\n".join(lines)

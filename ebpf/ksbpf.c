@@ -90,6 +90,9 @@ BPF_ARRAY(exempt, struct ksbpf_exempt, KSBPF_MAX_EXEMPT);
  * socket, such as a forwarded one). */
 BPF_ARRAY(scope_netns, __u64, 1);
 BPF_ARRAY(verify_nonce, struct ksbpf_nonce, 1);
+/* cgroup hook: see KSBPF_FAST_ALLOWED (ksbpf.h); shared by a scope's
+ * successive programs, as sk_netns is. */
+BPF_ARRAY(netns_fast, __u32, 2);
 
 #ifndef KSBPF_NETNS_HELPER
 /* The network namespace of each socket of the scope, written by
@@ -205,16 +208,31 @@ static __always_inline int ksbpf_load_ports(const struct ksbpf_at *at, __u32 off
 
 static __always_inline int ksbpf_parse4(const struct ksbpf_at *at, struct ksbpf_pkt *p)
 {
-	struct iphdr ip;
+	struct {
+		struct iphdr ip;
+		__be16 ports[2];
+	} h;
+	int whole = 0;
 
-	if (ksbpf_load(at, 0, &ip, sizeof(ip)))
+	/* netfilter reads packet bytes through a helper: one call for the
+	 * header and, without IP options, the ports right after it */
+	if (at->hook == KSBPF_HOOK_NF && !ksbpf_load(at, 0, &h, sizeof(h)))
+		whole = 1;
+	else if (ksbpf_load(at, 0, &h.ip, sizeof(h.ip)))
 		return -1;
-	if (ip.version != 4 || ip.ihl < 5)
+	if (h.ip.version != 4 || h.ip.ihl < 5)
 		return -1;
-	p->daddr.v4 = ip.daddr;
-	p->l4proto = ip.protocol;
-	p->fragment = (bpf_ntohs(ip.frag_off) & 0x1fff) != 0;
-	return ksbpf_load_ports(at, ip.ihl * 4, p);
+	p->daddr.v4 = h.ip.daddr;
+	p->l4proto = h.ip.protocol;
+	p->fragment = (bpf_ntohs(h.ip.frag_off) & 0x1fff) != 0;
+	if (whole && h.ip.ihl == 5 && !p->fragment &&
+	    (p->l4proto == IPPROTO_TCP || p->l4proto == IPPROTO_UDP)) {
+		p->sport = h.ports[0];
+		p->dport = h.ports[1];
+		p->has_ports = 1;
+		return 0;
+	}
+	return ksbpf_load_ports(at, h.ip.ihl * 4, p);
 }
 
 static __always_inline int ksbpf_parse6(const struct ksbpf_at *at, struct ksbpf_pkt *p)
@@ -635,6 +653,27 @@ static __always_inline __u64 ksbpf_netns_cookie(const struct ksbpf_at *at)
 	return cookie ? *cookie : 0;
 }
 
+/* Cgroup hook, a scope of one namespace: is every socket that can send here
+ * in that namespace?  Then the tunnel filter's answer (the one namespace with
+ * a tunnel of this ifindex, the scope's own) needs no per-packet check of the
+ * packet's namespace, which costs a helper call.  The loader allows it only
+ * for a scope attached while no process ran in it (no socket older than the
+ * sock_create program), and the sock_create program forbids it for good at
+ * the first socket made in another namespace -- before that socket can send.
+ * A verify run (cb[0] set: the kernel zeroes cb for real packets when a
+ * cgroup program reads it) always asks: it stands for a namespace. */
+static __always_inline int ksbpf_netns_fast(struct __sk_buff *skb)
+{
+	int allowed = KSBPF_FAST_ALLOWED, foreign = KSBPF_FAST_FOREIGN;
+	__u32 *a, *f;
+
+	if (skb->cb[0])
+		return 0;
+	a = netns_fast.lookup(&allowed);
+	f = netns_fast.lookup(&foreign);
+	return a && *a && f && !*f;
+}
+
 /* Does the packet leave through a registered tunnel?  The ifindex filter
  * (an array: inlined by the verifier, no helper call, no hashing) rules most
  * interfaces out, and when a single namespace has a tunnel with that ifindex
@@ -654,9 +693,12 @@ static __always_inline int ksbpf_via_tunnel(const struct ksbpf_at *at, __u32 ifi
 		if (!who)
 			return 0;
 	}
+	if (who != KSBPF_TUNNEL_SEVERAL) {
+		if (at->hook == KSBPF_HOOK_CGROUP && ksbpf_netns_fast(at->skb))
+			return 1;
+		return who == ksbpf_netns_cookie(at);
+	}
 	tk.netns_cookie = ksbpf_netns_cookie(at);
-	if (who != KSBPF_TUNNEL_SEVERAL)
-		return who == tk.netns_cookie;
 	return tunnels.lookup(&tk) != 0;
 }
 
@@ -738,23 +780,19 @@ static __always_inline int ksbpf_take_token(struct ksbpf_bucket *b, int hook)
 	__u64 now, earned;
 
 	if (!b->tokens) {
-		/* netfilter programs may not read the coarse clock */
 #ifdef KSBPF_NO_COARSE_CLOCK
 		now = bpf_ktime_get_ns();
 #else
-		if (hook == KSBPF_HOOK_NF) {
-			now = bpf_ktime_get_ns();
-		} else {
-			/* The coarse clock moves only when the tick moves jiffies: within
-			 * the tick of the last reading it says what it said then, which
-			 * earned nothing.  bpf_jiffies64 is a load (the verifier inlines
-			 * it), the clock a helper call: a flood of drops pays the load. */
-			now = bpf_jiffies64();
-			if (now == b->last_jiffies)
-				return 0;
-			b->last_jiffies = now;
-			now = bpf_ktime_get_coarse_ns();
-		}
+		/* No token is earned within the tick of the last reading (the
+		 * interval is at least a tick): bpf_jiffies64 is a load (the
+		 * verifier inlines it), a clock a helper call, so a flood of drops
+		 * pays the load.  Netfilter programs may not read the coarse
+		 * clock: they read the precise one, once a tick. */
+		now = bpf_jiffies64();
+		if (now == b->last_jiffies)
+			return 0;
+		b->last_jiffies = now;
+		now = hook == KSBPF_HOOK_NF ? bpf_ktime_get_ns() : bpf_ktime_get_coarse_ns();
 #endif
 		if (now - b->last_ns < KSBPF_EVENTS_INTERVAL_NS)
 			return 0;	/* no token earned yet, and no division */
@@ -1029,14 +1067,18 @@ int ksbpf_nf_src(struct ksbpf_nf_ctx *ctx)
  * first socket of each unknown namespace is reported to the daemon (one
  * report per namespace: the entry marked "reported" is the rate limit); it
  * looks the namespace's tunnels up.  Until then the egress policy drops that
- * namespace's non-local traffic.  (A scope of one namespace marks it known.) */
+ * namespace's non-local traffic.  (A scope of one namespace marks it known.)
+ *
+ * A socket in a namespace the scope does not know also ends netns_fast: the
+ * egress program asks every packet's namespace from then on. */
 BPF_HASH(netns_known, __u64, __u32, KSBPF_MAX_NETNS);
 BPF_RINGBUF_OUTPUT(netns_events, 1);
 
 int ksbpf_sk_create(struct bpf_sock *sk)
 {
 	__u64 cookie = bpf_get_netns_cookie(sk);
-	__u32 reported = KSBPF_NETNS_REPORTED;
+	__u32 reported = KSBPF_NETNS_REPORTED, *foreign;
+	int key = KSBPF_FAST_FOREIGN;
 	struct ksbpf_netns_event *ev;
 #ifndef KSBPF_NETNS_HELPER
 	struct ksbpf_sk *st = sk_netns.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
@@ -1047,6 +1089,11 @@ int ksbpf_sk_create(struct bpf_sock *sk)
 #endif
 	if (netns_known.lookup(&cookie))
 		return 1;
+	/* a namespace that is not the scope's: the egress program asks each
+	 * packet of the scope for its namespace from now on */
+	foreign = netns_fast.lookup(&key);
+	if (foreign)
+		*foreign = 1;
 	if (netns_known.insert(&cookie, &reported))
 		return 1;	/* reported meanwhile by another CPU, or the map is full */
 	ev = netns_events.ringbuf_reserve(sizeof(*ev));

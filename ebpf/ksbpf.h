@@ -185,6 +185,14 @@ struct ksbpf_sk {
  * by cookie), and what the sock_create entry point reports to it (ring
  * buffer netns_events) when a socket of the scope is created in another. */
 #define KSBPF_MAX_NETNS 1024
+/* netns_fast: may the cgroup hook trust the tunnel filter's namespace without
+ * asking each packet's?  Key ALLOWED is written by the loader (1: a scope of
+ * one namespace, attached before any process ran in it), key FOREIGN by the
+ * sock_create program (1, for good: a socket of the scope was made in another
+ * namespace).  Zero-filled, the map says "ask": the safe default. */
+#define KSBPF_FAST_ALLOWED 0
+#define KSBPF_FAST_FOREIGN 1
+
 #define KSBPF_NETNS_KNOWN 1	/* registered by the daemon */
 #define KSBPF_NETNS_REPORTED 2	/* reported once by the program, not known yet */
 struct ksbpf_netns_event {

@@ -331,7 +331,9 @@ def status(as_json) -> None:
         if s.policy.deny_tun or s.deny_tun:
             click.echo(f"  deny-tun {'in force: /dev/net/tun refused to the scope' if s.deny_tun else 'NOT in force'}")
         click.echo("  netns    " + ("from socket storage (sockets created before the attach are blocked until reopened)"
-                                   if s.netns_identity == features.NETNS_STORAGE else "from bpf_get_netns_cookie"))
+                                   if s.netns_identity == features.NETNS_STORAGE else "from bpf_get_netns_cookie")
+                   + ("; checked when each socket is made (every socket of the scope is in its namespace)"
+                      if s.netns_fast else "; checked on every packet"))
         click.echo("  tunnel source elsewhere: " + ("dropped (netfilter hook)" if s.tunnel_source == "on"
                                                      else s.tunnel_source))
         _print_counters(s)

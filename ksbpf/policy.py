@@ -227,9 +227,14 @@ class Policy:
     @classmethod
     def from_dict(cls, d: dict) -> "Policy":
         """The inverse of to_dict()."""
+        try:
+            options, events = Options(**d.get("options", {})), EventSettings(**d.get("events", {}))
+        except TypeError as exc:   # a field this version does not know
+            raise KsbpfError(f"a scope written by another ksbpf version ({exc})",
+                             "use the ksbpf that attached it, or attach it again with this one") from None
         return cls(tuple(d["tunnels"]), tuple(Endpoint.parse(e) for e in d.get("endpoints", ())),
-                   d.get("netns", ""), Options(**d.get("options", {})),
-                   tuple(d.get("tunnel_kinds", DEFAULT_TUNNEL_KINDS)), EventSettings(**d.get("events", {})),
+                   d.get("netns", ""), options,
+                   tuple(d.get("tunnel_kinds", DEFAULT_TUNNEL_KINDS)), events,
                    tuple(parse_cidr(n) for n in d.get("allow_cidrs", ())), bool(d.get("deny_tun", False)),
                    tuple(d.get("follow", ())))
 

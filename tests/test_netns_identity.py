@@ -18,7 +18,7 @@ import sys
 import time
 
 import pytest
-from helpers import dropped, ksbpf, packets
+from helpers import dropped, ksbpf, packets, scope_status
 
 from ksbpf.kernel import features, netns
 from ksbpf.lab.namespaces import ProbeStream, _in_cgroup_and_ns, probe
@@ -123,11 +123,19 @@ def test_accepted_connections_inherit_the_listeners_namespace(lab, make_cgroup):
     assert dropped(cg) == 0
 
 
-def test_same_ifindex_in_another_namespace_is_not_the_tunnel(lab, make_cgroup, tag):
+@pytest.mark.parametrize("identity", [features.NETNS_STORAGE, features.NETNS_HELPER])
+def test_same_ifindex_in_another_namespace_is_not_the_tunnel(lab, make_cgroup, tag, identity, monkeypatch):
     """A process of the scope in another namespace, whose veth has the tunnel's
-    ifindex: socket storage says which namespace, and it is not the tunnel's."""
+    ifindex: it is not the tunnel.  The scope was attached empty, so its
+    egress program trusted the tunnel filter (no per-packet namespace check);
+    the first socket made in the other namespace ends that, before it sends."""
+    if identity == features.NETNS_HELPER and not features.has("netns_cookie_cgroup_skb"):
+        pytest.skip("this kernel's cgroup_skb programs cannot ask bpf_get_netns_cookie")
+    monkeypatch.setenv(features.NETNS_ENV, identity)
     cg = make_cgroup()
     attach(lab, cg)
+    assert scope_status(cg)["netns_fast"] is True
+    assert probe(lab, cg, "icmp", lab.tun4_server).ok   # the fast path: the tunnel passes
     wg_index = netns.ifindex(netns.resolve(lab.client_ns), lab.wg_client)
     x, y = f"ksbpf-ix{tag}-x", f"ksbpf-ix{tag}-y"
     try:
@@ -142,8 +150,38 @@ def test_same_ifindex_in_another_namespace_is_not_the_tunnel(lab, make_cgroup, t
         before = packets(cg, "not_tunnel")
         assert not probe(x, cg, "icmp", "192.0.2.2", timeout=1.0).ok
         assert packets(cg, "not_tunnel") > before
+        assert scope_status(cg)["netns_fast"] is False   # for good: every packet is asked from now on
         assert probe(x, None, "icmp", "192.0.2.2").ok        # control: unprotected, it arrives
         assert probe(lab, cg, "icmp", lab.tun4_server).ok   # control: the real tunnel passes
     finally:
         for ns in (x, y):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_a_scope_attached_over_running_processes_checks_every_packet(lab, servers, make_cgroup):
+    """Processes that ran before the attach may hold sockets of any namespace:
+    no fast path; their new sockets reach the tunnel all the same."""
+    cg = make_cgroup()
+    sleeper = subprocess.Popen(_in_cgroup_and_ns(lab, cg, "sleep", "60"))
+    try:
+        time.sleep(0.2)
+        attach(lab, cg)
+        assert scope_status(cg)["netns_fast"] is False
+        assert probe(lab, cg, "udp", lab.tun4_server, servers["udp"]).ok
+        assert not probe(lab, cg, "udp", lab.phy4_server, servers["udp"], timeout=1.0).ok
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_the_fast_path_survives_a_policy_change_but_not_a_namespace_change(lab, servers, make_cgroup):
+    cg = make_cgroup()
+    attach(lab, cg)
+    assert scope_status(cg)["netns_fast"] is True
+    attach(lab, cg, "--allow-lan")                 # same namespace: the shared map keeps it
+    assert scope_status(cg)["netns_fast"] is True
+    ksbpf("attach", "--cgroup", cg, "--tunnel", lab.wg_client, "--netns", lab.server_ns, check=True)
+    assert scope_status(cg)["netns_fast"] is False   # sockets of the old namespace are not the new one's
+    attach(lab, cg)
+    assert scope_status(cg)["netns_fast"] is False
+    assert probe(lab, cg, "udp", lab.tun4_server, servers["udp"]).ok

@@ -45,14 +45,17 @@ NODE_ENTRIES = (*TC_ENTRIES, ENTRY_NF)   # what node mode loads (the last where 
 PROG_NAME = ENTRY_CGROUP
 MAP_NAMES = ("tunnels", "tunnel_ifindex", "endpoints4", "endpoints6", "counters", "meta", "events", "bucket",
              "exempt", "scope_netns", "verify_nonce", "netns_known", "netns_events",
-             "cidrs4", "cidrs6", "sk_netns", "ep_slots", "nf_pass", "tunnel_src")
+             "cidrs4", "cidrs6", "sk_netns", "ep_slots", "nf_pass", "tunnel_src", "netns_fast")
 # absent from pins of scopes made before them: --netns each's maps; allow_cidrs' tries (those allow none);
 # the endpoint slots (those programs look the hashes up without them);
 # and from programs that ask the kernel for the namespace instead of reading socket storage (sk_netns);
-# nf_pass, tunnel_src: only compiled where the kernel has netfilter links
-OPTIONAL_MAPS = ("netns_known", "netns_events", "cidrs4", "cidrs6", "sk_netns", "ep_slots", "nf_pass", "tunnel_src")
-# maps a scope keeps across a re-attach: each socket's namespace, recorded when it was created
-KEPT_MAPS = ("sk_netns",)
+# nf_pass, tunnel_src: only compiled where the kernel has netfilter links; netns_fast: scopes made before it
+OPTIONAL_MAPS = ("netns_known", "netns_events", "cidrs4", "cidrs6", "sk_netns", "ep_slots", "nf_pass", "tunnel_src",
+                 "netns_fast")
+# maps a scope keeps across a re-attach: each socket's namespace, recorded when it was created; whether
+# every socket of the scope is known to be in its namespace (netns_fast)
+KEPT_MAPS = ("sk_netns", "netns_fast")
+FAST_ALLOWED, FAST_FOREIGN = 0, 1   # netns_fast's keys (ksbpf.h)
 IFINDEX_FILTER = 4096  # KSBPF_IFINDEX_FILTER
 TUNNEL_SEVERAL = (1 << 64) - 1  # KSBPF_TUNNEL_SEVERAL
 META_SIZE = 8192
@@ -376,6 +379,18 @@ class ScopeMaps:
         (struct ksbpf_bucket: tokens, last_ns, sent, suppressed, last_jiffies)."""
         per_cpu = [struct.unpack_from("=QQQQ", v)[2:] for v in self._percpu("bucket", 0)]
         return sum(s for s, _ in per_cpu), sum(x for _, x in per_cpu)
+
+    # cgroup scopes: may the egress program skip the per-packet namespace check (ksbpf_netns_fast)?
+    def netns_fast(self) -> tuple[bool, bool]:
+        """(allowed by the loader, forbidden by a socket made in another namespace)."""
+        if "netns_fast" not in self.fds:
+            return False, False
+        return tuple(bool(_U32.unpack(libbpf.map_lookup(self.fds["netns_fast"], _U32.pack(k), 4) or b"\0" * 4)[0])
+                     for k in (FAST_ALLOWED, FAST_FOREIGN))
+
+    def allow_netns_fast(self, allowed: bool) -> None:
+        if "netns_fast" in self.fds:
+            libbpf.map_update(self.fds["netns_fast"], _U32.pack(FAST_ALLOWED), _U32.pack(int(allowed)))
 
     # meta: the scope's policy as the user gave it
     def write_meta(self, meta: dict) -> None:

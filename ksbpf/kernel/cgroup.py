@@ -89,6 +89,20 @@ def join(cg: Cgroup, pid: int = 0) -> None:
         f.write(f"{pid or os.getpid()}\n")
 
 
+def populated(path: str) -> bool:
+    """Does a process run in the cgroup or below it (cgroup.events)?  True
+    when it cannot be read: the careful answer."""
+    try:
+        with open(os.path.join(path, "cgroup.events")) as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if key == "populated":
+                    return value.strip() != "0"
+    except OSError:
+        pass
+    return True
+
+
 def walk(root: str):
     """Every cgroup directory under root, root included."""
     for dirpath, _dirs, files in os.walk(root):

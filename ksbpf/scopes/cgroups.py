@@ -134,6 +134,7 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
 
     progress("loading the policy program (compiled by bcc unless a cached image fits)")
     keep = bpf.kept_maps(pins.scope_dir(cg.id, bpffs))   # a re-attach: the sockets' namespaces stay known
+    old_inode = _pinned_netns_inode(pins.scope_dir(cg.id, bpffs))
     entries = subtree.entries(policy) + (() if each else (bpf.ENTRY_NF_SRC,))
     keep_used = bool(keep)
     try:
@@ -243,6 +244,8 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
                 replaced = _detach_ids(cg_fd, old)
                 _detach_ids(cg_fd, old_sock, subtree.SOCK_CREATE)
                 _detach_ids(cg_fd, old_dev, devices.BPF_CGROUP_DEVICE)
+            _decide_netns_fast(prog.maps, cg.path, ns, first=not (old or old_sock or keep_used),
+                               kept="netns_fast" in prog.kept, old_inode=old_inode)
             if replaced and os.path.isdir(final):
                 common.carry_counters(final, meta)   # the old program is detached: its counts are final
                 prog.maps.write_meta(meta)
@@ -256,6 +259,31 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
         before = sum(1 for _ in subtree.subtree_pids(cg.path))
     return AttachResult(cg.path, cg.id, final, prog_id, replaced, tunnels, mounted, each, identity, before,
                         follow.followed, follow.failed)
+
+
+def _pinned_netns_inode(pin_dir: str) -> int | None:
+    """The namespace a pinned scope of one namespace was attached for."""
+    try:
+        with bpf.ScopeMaps.from_pins(pin_dir) as maps:
+            return maps.read_meta().get("netns", {}).get("inode")
+    except (OSError, KsbpfError, ValueError):
+        return None
+
+
+def _decide_netns_fast(maps: bpf.ScopeMaps, cg_path: str, ns, first: bool, kept: bool, old_inode) -> None:
+    """May the egress program skip the per-packet namespace check (ksbpf_netns_fast)?  Only for a scope of
+    one namespace whose every socket is known to be in it: made after the sock_create program, which stops
+    the fast path at the first socket made in another namespace.  Decided after both programs are attached,
+    so that a process that arrives later is seen: on a first attach, when no process runs in the subtree
+    (no older socket); on a re-attach, as the previous program had it (the map is shared, and the previous
+    sock_create program stayed attached until this one was), unless the namespace changed."""
+    if ns is None:
+        maps.allow_netns_fast(False)
+    elif kept:
+        if old_inode != ns.inode:
+            maps.allow_netns_fast(False)
+    elif first and not cgroup.populated(cg_path):
+        maps.allow_netns_fast(True)
 
 
 @dataclass
@@ -333,6 +361,7 @@ class ScopeStatus:
     tunnel_source: str = "absent"    # the netfilter hook on the tunnel's source addresses: on, absent, MISSING
     deny_tun: bool = False   # --deny-tun's device program is attached to the cgroup
     followed: list = field(default_factory=list)   # --endpoint auto: the endpoints followed now (Followed)
+    netns_fast: bool = False   # the egress program trusts the tunnel filter's namespace (ksbpf_netns_fast)
 
     @property
     def name(self) -> str:
@@ -357,7 +386,7 @@ class ScopeStatus:
             "attached_at": self.attached_at, "problems": self.problems,
             "netns_each": self.namespaces is not None, "namespaces": self.namespaces or [],
             "warnings": self.warnings, "netns_identity": self.netns_identity,
-            "tunnel_source": self.tunnel_source, "deny_tun": self.deny_tun,
+            "tunnel_source": self.tunnel_source, "deny_tun": self.deny_tun, "netns_fast": self.netns_fast,
             "follow": list(self.policy.follow), "followed": [f.to_dict() for f in self.followed],
         }
 
@@ -397,6 +426,7 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
         policy = common.policy_from(meta, maps.endpoints())
         counters = common.total_counters(maps, meta)
         event_stats = maps.event_stats()
+        allowed, foreign = maps.netns_fast()
     prog_id = _pinned_prog_id(pin_dir)
     if prog_id is None:
         problems.append("program pin missing")
@@ -448,7 +478,7 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
     return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, tunnels, policy, counters,
                        meta.get("attached_at"), problems, ns_ok, event_stats, warnings=warnings,
                        netns_identity=meta.get("netns_identity", "helper"), tunnel_source=source_layer,
-                       deny_tun=deny_tun, followed=followed.recorded(meta))
+                       deny_tun=deny_tun, followed=followed.recorded(meta), netns_fast=allowed and not foreign)
 
 
 def raw_socket_warnings(cg_path: str, limit: int = 10) -> list[str]:

@@ -22,7 +22,7 @@ import re
 import struct
 from dataclasses import dataclass
 
-from ksbpf.kernel import bpf, cgroup, features, libbpf, links, netns, privileges
+from ksbpf.kernel import bpf, cgroup, libbpf, links, netns, privileges
 from ksbpf.policy import Policy
 
 EACH = "each"
@@ -39,12 +39,12 @@ def is_each(policy: Policy) -> bool:
 
 
 def entries(policy: Policy) -> tuple[str, ...]:
-    """The entry points a cgroup scope with this policy loads: the sock_create
-    program too where it records each socket's namespace (kernels whose
-    cgroup_skb programs cannot ask for it), or reports new namespaces (each)."""
-    if is_each(policy) or features.netns_identity() == features.NETNS_STORAGE:
-        return (bpf.ENTRY_CGROUP, bpf.ENTRY_SOCK_CREATE)
-    return (bpf.ENTRY_CGROUP,)
+    """The entry points a cgroup scope loads: the egress policy, and the
+    sock_create program, which records each socket's namespace (kernels whose
+    cgroup_skb programs cannot ask for it), reports new namespaces (each), and
+    ends the fast path of a scope of one namespace at the first socket made in
+    another (ksbpf_netns_fast)."""
+    return (bpf.ENTRY_CGROUP, bpf.ENTRY_SOCK_CREATE)
 
 
 def mark_known(maps: bpf.ScopeMaps, cookie: int) -> None:
