@@ -23,7 +23,9 @@ enum ksbpf_reason {
 	KSBPF_DROP_MALFORMED = 11,	/* truncated or unparsable IP header chain */
 	KSBPF_DROP_NOT_IP = 12,		/* neither IPv4 nor IPv6 (nor ARP/ND at tc) */
 	KSBPF_DROP_TUNNEL_SOURCE = 13,	/* netfilter: a registered tunnel's source address, leaving elsewhere */
-	KSBPF_REASON_MAX = 14,
+	KSBPF_DROP_ENDPOINT_NOT_VPN = 14, /* to an endpoint, but not from the VPN client (--vpn-mark / --vpn-cgroup) */
+	KSBPF_DROP_DNS_NOT_VPN = 15,	/* DNS (53, 853) to a resolver that is not the VPN's (--dns) */
+	KSBPF_REASON_MAX = 16,
 };
 
 #define KSBPF_FIRST_DROP KSBPF_DROP_NOT_TUNNEL

@@ -25,6 +25,8 @@ class Reason(IntEnum):
     DROP_MALFORMED = 11
     DROP_NOT_IP = 12
     DROP_TUNNEL_SOURCE = 13
+    DROP_ENDPOINT_NOT_VPN = 14
+    DROP_DNS_NOT_VPN = 15
 
     @property
     def allowed(self) -> bool:

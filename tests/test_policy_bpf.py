@@ -408,7 +408,9 @@ def test_every_reason_is_exercised():
     covered = ({c[4] for c in CASES} | {c[3] for c in TC_CASES} | {Reason.DROP_MALFORMED, Reason.DROP_NOT_IP}
                | {Reason.ALLOW_EXEMPT}     # needs a socket: tests/test_node.py, with real traffic
                | {Reason.DROP_TUNNEL_SOURCE})   # the netfilter source hook's: tests/test_tunnel_source.py
-    assert covered == set(Reason)
+    # reserved, not yet decided by the policy (issue 17: --vpn-mark/--vpn-cgroup, --dns)
+    reserved = {Reason.DROP_ENDPOINT_NOT_VPN, Reason.DROP_DNS_NOT_VPN}
+    assert covered == set(Reason) - reserved
 
 
 def test_lan_list_is_fixed():
