@@ -548,6 +548,7 @@ def attach(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
             if policy.follow:   # --endpoint auto: what the tunnels use now
                 follow = followed.sync(prog.maps, policy, *followed.read_now(policy, ns, present),
                                        previous=followed.previously(final) if old_meta else [])
+                meta["followed"] = [f.to_dict() for f in follow.followed]   # the meta is written again below
             mounted = pins.ensure_bpffs(bpffs)
             staging = final + "_new"
             pins.remove_dir(staging)  # left over by a crash
