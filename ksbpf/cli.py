@@ -11,7 +11,7 @@ import click
 
 from ksbpf.daemon.config import ConfigError
 from ksbpf.errors import KsbpfError
-from ksbpf.kernel import cgroup, features, preflight
+from ksbpf.kernel import cgroup, features, preflight, rawsock
 from ksbpf.policy import (
     DEFAULT_INTERNAL,
     DEFAULT_TUNNEL_KINDS,
@@ -162,6 +162,12 @@ def attach(cgroup_path, node, tunnels, endpoints, netns, allow_lan, allow_lan_dn
     click.echo(f"  options: {_options(policy)}")
     if policy.deny_tun:
         click.echo("  deny-tun: the scope's processes cannot open /dev/net/tun (devices opened before stay usable)")
+    if rawsock.available():
+        click.echo("  raw sockets: the scope's processes cannot open AF_PACKET or AF_XDP sockets (BPF LSM; "
+                   "sockets opened before stay usable)")
+    else:
+        click.echo(f"  raw sockets: not refused on this kernel ({rawsock.why_not()}): a process of the scope "
+                   "holding CAP_NET_RAW can send raw frames past the policy (drop CAP_NET_RAW)")
     if result.processes_before:
         click.echo(f"  notice: this kernel's cgroup programs cannot ask a packet's namespace (Linux 6.17 can): each "
                    f"socket's is recorded when it is created; the {result.processes_before} process(es) already in "
@@ -336,6 +342,8 @@ def status(as_json) -> None:
                       if s.netns_fast else "; checked on every packet"))
         click.echo("  tunnel source elsewhere: " + ("dropped (netfilter hook)" if s.tunnel_source == "on"
                                                      else s.tunnel_source))
+        click.echo("  raw sockets " + ("refused: AF_PACKET and AF_XDP (BPF LSM)" if s.raw_sockets == "refused"
+                                       else "open: this kernel runs no BPF LSM program (drop CAP_NET_RAW)"))
         _print_counters(s)
         for w in s.warnings:
             click.echo(f"  warning: {w}")

@@ -36,7 +36,8 @@ TABLE = os.environ.get("KSBPF_VM_TABLE", os.path.join(REPO, "build", "vm-kernels
 pytestmark = [pytest.mark.root, pytest.mark.vm]
 SCENARIOS = {   # column -> what it is; the newest kernel runs all, the others all but "escape"
     "lab": "leak matrix (verify --lab)", "boot": "boot-time protection", "daemon": "daemon under systemd",
-    "escape": "escape hatch + reboot", "node": "node mode", "each": 'netns = "each" scope'}
+    "escape": "escape hatch + reboot", "node": "node mode", "each": 'netns = "each" scope',
+    "raw": "no raw sockets in a scope (BPF LSM)"}
 NEWEST_ONLY = {"escape": "not run here (newest kernel only, for CI time: no kernel feature involved)"}
 CELLS: dict[tuple[str, str], str] = {}
 
@@ -150,10 +151,10 @@ def first_boot(guest, say, kernel):
 
 @pytest.fixture(scope="module")
 def lab_and_each(guest, first_boot, say, kernel):
-    """Scenarios 5 and 6 in one later boot of the first machine."""
+    """Scenarios 5, 6 and 7 in one later boot of the first machine."""
     g = guest("labeach", after=first_boot[0])
-    b = g.boot("lab+each")
-    say(f"{kernel.name} leak matrix and netns each (scenarios 5 and 6): {b.seconds:.0f} s (boot, scenarios, "
+    b = g.boot("lab+each+raw")
+    say(f"{kernel.name} leak matrix, netns each, raw sockets (scenarios 5-7): {b.seconds:.0f} s (boot, scenarios, "
         f"power-off; logs {b.console})")
     return g, b
 
@@ -338,6 +339,8 @@ def test_leak_matrix(kernel, lab_and_each, say):
         bad = [c for c in out["cells"] if not (c["leaked"] == 0 and c["control"] > 0 and c["verdict"] == "ok")]
         assert not bad and out["ok"] and r["lab_rc"] == 0, f"cells that failed: {bad}\n{r['lab_stderr']}"
         assert len(out["cells"]) >= 18, [c["vector"] for c in out["cells"]]
+        if "bpf_lsm_cgroup yes" in r["features"]:   # a root sender of the scope, its AF_PACKET socket refused
+            assert "AF_PACKET with CAP_NET_RAW" in [c["vector"] for c in out["cells"]], out["cells"]
 
 
 def test_netns_each_scope(kernel, lab_and_each, say):
@@ -357,3 +360,25 @@ def test_netns_each_scope(kernel, lab_and_each, say):
         assert r["counters"]["each_leak_udp"] == 0 and r["counters"]["each_leak_tcp"] == 0, r["counters"]
         scope = next(s for s in r["status"]["scopes"] if s["cgroup"] == "/sys/fs/cgroup/ctr.slice")
         assert scope["counters"]["not_tunnel"]["packets"] > 0 and scope["counters"]["tunnel"]["packets"] > 0, scope
+
+
+def test_raw_sockets_refused_in_a_scope(kernel, lab_and_each, say):
+    """Scenario 7: where the kernel runs BPF LSM programs (Debian's kernels do:
+    `bpf` is in their default LSM list), a root process of the protected
+    slice, holding CAP_NET_RAW, cannot make an AF_PACKET socket (SOCK_PACKET
+    included) or an AF_XDP socket -- whose frames would pass no cgroup hook --
+    while the same process outside the slice can (the control)."""
+    with cell(kernel, "raw") as notes:
+        r = run(lab_and_each[0], "raw", say, "scenario 7 (raw sockets)", notes, lab_and_each[1])
+        if "bpf_lsm_cgroup yes" not in r["features"]:
+            line = next((f for f in r["features"].split("; ") if f.startswith("bpf_lsm_cgroup")), r["features"])
+            if kernel.strict:
+                raise AssertionError(f"the newest kernel must run the raw-socket LSM program: {line}")
+            raise Unsupported(line)
+        inside, outside = r["raw_in_scope"], r["raw_outside"]
+        assert outside == {"packet": "ok", "packet_dgram": "ok", "sock_packet": "ok", "xdp": "ok"}, \
+            f"the control (outside the scope) could not make raw sockets: {outside}"
+        assert inside == {"packet": "EPERM", "packet_dgram": "EPERM", "sock_packet": "EPERM", "xdp": "EPERM"}, \
+            f"a raw socket was made inside the scope: {inside}"
+        scope = next(s for s in r["status"]["scopes"] if s["cgroup"] == SCOPE)
+        assert scope["raw_sockets"] == "refused", scope

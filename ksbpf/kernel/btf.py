@@ -28,7 +28,7 @@ BTF_MAGIC = 0xEB9F
 
 # BTF kinds and the bytes each one's extra data takes after the 12-byte type header
 KIND_INT, KIND_PTR, KIND_ARRAY, KIND_STRUCT, KIND_UNION, KIND_ENUM = 1, 2, 3, 4, 5, 6
-KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT = 8, 9, 10, 11
+KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT, KIND_FUNC = 8, 9, 10, 11, 12
 KIND_FUNC_PROTO, KIND_VAR, KIND_DATASEC, KIND_DECL_TAG, KIND_TYPE_TAG, KIND_ENUM64 = 13, 14, 15, 17, 18, 19
 _FIXED_EXTRA = {KIND_INT: 4, KIND_ARRAY: 12, KIND_VAR: 4, KIND_DECL_TAG: 4}
 _PER_MEMBER = {KIND_STRUCT: 12, KIND_UNION: 12, KIND_ENUM: 8, KIND_FUNC_PROTO: 8, KIND_DATASEC: 12, KIND_ENUM64: 12}
@@ -96,6 +96,16 @@ class Btf:
             if name_off in wanted and kind == KIND_STRUCT and vlen:
                 return type_id
         raise BtfError(f"struct {name} is not in the kernel's BTF")
+
+    def find_func(self, name: str) -> int:
+        """The id of the function (BTF_KIND_FUNC) called `name`."""
+        target = name.encode() + b"\0"
+        for type_id in range(1, len(self.offsets)):
+            name_off, kind, _vlen, _ = self._type(type_id)
+            if kind == KIND_FUNC and self.strings.startswith(target, name_off) \
+                    and (name_off == 0 or self.strings[name_off - 1] == 0):
+                return type_id
+        raise BtfError(f"function {name} is not in the kernel's BTF")
 
     def size_of(self, type_id: int) -> int:
         for _ in range(32):
@@ -217,6 +227,17 @@ def _read_offsets(path: str) -> dict[str, int]:
             raise BtfError(f"{struct_name}.{member} is {m.size} bytes, not {size}")
         out[f"{struct_name}.{member}"] = m.offset
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def func_id(name: str, path: str = VMLINUX) -> int:
+    """The BTF id of a kernel function (an LSM hook's bpf_lsm_* stub: what a
+    BPF LSM program is attached to)."""
+    try:
+        with open(path, "rb") as f:
+            return Btf(f.read()).find_func(name)
+    except OSError as exc:
+        raise BtfError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def nf_cflags() -> list[str]:

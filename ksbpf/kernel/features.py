@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Iterator
 
-from ksbpf.kernel import libbpf, netns, nf, tc
+from ksbpf.kernel import libbpf, netns, nf, rawsock, tc
 
 # KSBPF_NETNS_IDENTITY=helper|storage|auto chooses how the cgroup hook learns
 # a packet's network namespace (auto: the helper where the kernel has it).
@@ -94,6 +94,9 @@ PROBES: dict[str, tuple[Callable[[], bool], str, str]] = {
     "netfilter_link": (nf.supported, "Linux 6.4",
                        "node mode has no from-birth layer: an interface created after attaching is not judged "
                        "until the daemon guards it"),
+    "bpf_lsm_cgroup": (rawsock.available, "Linux 6.0, with lsm=...,bpf",
+                       "cgroup scopes do not refuse AF_PACKET and AF_XDP sockets: a process of a scope holding "
+                       "CAP_NET_RAW can send raw frames past the policy (drop CAP_NET_RAW)"),
 }
 
 

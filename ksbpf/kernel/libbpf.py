@@ -296,6 +296,17 @@ def prog_load(prog_type: int, name: str, license: str, insns: bytes, expected_at
                                        buf, len(insns) // 8, opts), f"load program {name}")
 
 
+def prog_load_btf(prog_type: int, name: str, license: str, insns: bytes, expected_attach_type: int,
+                  attach_btf_id: int) -> int:
+    """A program attached to a kernel function named by its BTF id (a BPF LSM
+    program: the hook's bpf_lsm_* stub in vmlinux)."""
+    buf = ctypes.create_string_buffer(insns, len(insns))
+    opts = _ProgLoadOptsLog(sz=ctypes.sizeof(_ProgLoadOptsLog), expected_attach_type=expected_attach_type,
+                            attach_btf_id=attach_btf_id)
+    return _check(_lib().bpf_prog_load(prog_type, name.encode()[:BPF_OBJ_NAME_LEN - 1], license.encode(),
+                                       buf, len(insns) // 8, ctypes.byref(opts)), f"load program {name}")
+
+
 def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
     value = ctypes.create_string_buffer(value_size)
     ret = _lib().bpf_map_lookup_elem(fd, _buf(key), value)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from ksbpf.errors import KsbpfError
-from ksbpf.kernel import bpf, cgroup, devices, libbpf, links, netns, pins, preflight, privileges
+from ksbpf.kernel import bpf, cgroup, devices, libbpf, links, netns, pins, preflight, privileges, rawsock
 from ksbpf.policy import Policy
 from ksbpf.reasons import Hook
 from ksbpf.scopes import common, followed, subtree, tunnel_source
@@ -83,6 +83,26 @@ def _dev_programs(cg_fd: int) -> list[int]:
 
 def _detach_dev(cg_fd: int) -> list[int]:
     return _detach_ids(cg_fd, _dev_programs(cg_fd), devices.BPF_CGROUP_DEVICE)
+
+
+def _lsm_programs(cg_fd: int) -> list[int]:
+    """ksbpf's raw-socket LSM programs on the cgroup (kernels that run BPF LSM programs)."""
+    if not rawsock.available():
+        return []
+    return ksbpf_programs(cg_fd, hook=rawsock.BPF_LSM_CGROUP, name=rawsock.PROG_NAME)
+
+
+def _detach_lsm(cg_fd: int) -> list[int]:
+    return _detach_ids(cg_fd, _lsm_programs(cg_fd), rawsock.BPF_LSM_CGROUP)
+
+
+def raw_sockets_refused(cg_path: str) -> bool:
+    """Is ksbpf's raw-socket LSM program attached to the cgroup (in force on its subtree)?"""
+    try:
+        with _open_dir(cg_path) as cg_fd:
+            return bool(_lsm_programs(cg_fd))
+    except OSError:
+        return False
 
 
 def deny_tun_in_force(cg_path: str) -> bool:
@@ -208,10 +228,15 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
             if policy.deny_tun:   # small and separate from the packet policy, pinned with the scope
                 dev_fd = devices.load_deny_tun()
                 libbpf.obj_pin(dev_fd, os.path.join(staging, devices.PIN_NAME))
+            lsm_fd = None
+            if rawsock.available():   # no AF_PACKET or AF_XDP sockets in the scope, where the kernel allows it
+                lsm_fd = rawsock.load()
+                libbpf.obj_pin(lsm_fd, os.path.join(staging, rawsock.PIN_NAME))
             with _open_dir(cg.path) as cg_fd:
                 old = ksbpf_programs(cg_fd)
                 old_sock = _sock_programs(cg_fd)
                 old_dev = _dev_programs(cg_fd)
+                old_lsm = _lsm_programs(cg_fd)
                 try:
                     if dev_fd is not None:   # first: if it is refused, nothing has changed
                         try:
@@ -222,6 +247,15 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
                                 f"cannot attach the --deny-tun device program to {cg.path}: {exc.strerror} (another "
                                 "device program may hold the hook without multi-attach)",
                                 "check `bpftool cgroup show " + cg.path + "`, or attach without --deny-tun") from None
+                    if lsm_fd is not None:
+                        try:
+                            libbpf.prog_attach(lsm_fd, cg_fd, rawsock.BPF_LSM_CGROUP, libbpf.BPF_F_ALLOW_MULTI)
+                        except OSError as exc:
+                            if dev_fd is not None:
+                                _detach_ids(cg_fd, [libbpf.prog_info(dev_fd).id], devices.BPF_CGROUP_DEVICE)
+                            pins.remove_dir(staging)
+                            raise KsbpfError(f"cannot attach the raw-socket LSM program to {cg.path}: {exc.strerror}",
+                                             "check `bpftool cgroup show " + cg.path + "`") from None
                     # the sock_create program first: every socket made from now on has its namespace recorded
                     # before the egress program that reads it is in force
                     sock = prog.progs.get(bpf.ENTRY_SOCK_CREATE)
@@ -234,17 +268,21 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
                             _detach_ids(cg_fd, [libbpf.prog_info(sock).id], subtree.SOCK_CREATE)
                         if dev_fd is not None:
                             _detach_ids(cg_fd, [libbpf.prog_info(dev_fd).id], devices.BPF_CGROUP_DEVICE)
+                        if lsm_fd is not None:
+                            _detach_ids(cg_fd, [libbpf.prog_info(lsm_fd).id], rawsock.BPF_LSM_CGROUP)
                         pins.remove_dir(staging)
                         raise KsbpfError(
                             f"cannot attach to {cg.path}: {exc.strerror} (another tool may hold its hooks without multi-attach)",
                             "check `bpftool cgroup show " + cg.path + "`; ksbpf attaches with BPF_F_ALLOW_MULTI") from None
                 finally:
-                    if dev_fd is not None:
-                        os.close(dev_fd)
+                    for fd in (dev_fd, lsm_fd):
+                        if fd is not None:
+                            os.close(fd)
                 progress(f"attached program {prog_id} to {cg.path}" + (f"; detaching the previous program {old}" if old else ""))
                 replaced = _detach_ids(cg_fd, old)
                 _detach_ids(cg_fd, old_sock, subtree.SOCK_CREATE)
                 _detach_ids(cg_fd, old_dev, devices.BPF_CGROUP_DEVICE)
+                _detach_ids(cg_fd, old_lsm, rawsock.BPF_LSM_CGROUP)
             _decide_netns_fast(prog.maps, cg.path, ns, first=not (old or old_sock or keep_used),
                                kept="netns_fast" in prog.kept, old_inode=old_inode)
             if replaced and os.path.isdir(final):
@@ -317,7 +355,7 @@ def detach(cgroup_path: str, bpffs: str = pins.BPFFS) -> DetachResult:
             cg = cgroup.resolve(real)
             with _open_dir(cg.path) as cg_fd:
                 result.detached_prog_ids = (_detach_ids(cg_fd, ksbpf_programs(cg_fd)) + _detach_sock(cg_fd)
-                                            + _detach_dev(cg_fd))
+                                            + _detach_dev(cg_fd) + _detach_lsm(cg_fd))
         for d in pins.list_scope_dirs(bpffs):
             if _meta_cgroup(d) == real:
                 pins.remove_dir(d)
@@ -335,7 +373,8 @@ def detach_every_cgroup(progress: common.Progress = common.quiet) -> list[int]:
         for path in cgroup.walk(root):
             try:
                 with _open_dir(path) as cg_fd:
-                    detached += _detach_ids(cg_fd, ksbpf_programs(cg_fd)) + _detach_sock(cg_fd) + _detach_dev(cg_fd)
+                    detached += (_detach_ids(cg_fd, ksbpf_programs(cg_fd)) + _detach_sock(cg_fd) + _detach_dev(cg_fd)
+                                 + _detach_lsm(cg_fd))
             except FileNotFoundError:
                 continue  # removed while we walked
     return detached
@@ -361,6 +400,7 @@ class ScopeStatus:
     netns_identity: str = "helper"   # how its program learns a packet's namespace (features.NETNS_*)
     tunnel_source: str = "absent"    # the netfilter hook on the tunnel's source addresses: on, absent, MISSING
     deny_tun: bool = False   # --deny-tun's device program is attached to the cgroup
+    raw_sockets: str = "open"   # "refused": the raw-socket LSM program is attached; "open": the kernel runs none
     followed: list = field(default_factory=list)   # --endpoint auto: the endpoints followed now (Followed)
     netns_fast: bool = False   # the egress program trusts the tunnel filter's namespace (ksbpf_netns_fast)
 
@@ -388,6 +428,7 @@ class ScopeStatus:
             "netns_each": self.namespaces is not None, "namespaces": self.namespaces or [],
             "warnings": self.warnings, "netns_identity": self.netns_identity,
             "tunnel_source": self.tunnel_source, "deny_tun": self.deny_tun, "netns_fast": self.netns_fast,
+            "raw_sockets": self.raw_sockets,
             "follow": list(self.policy.follow), "followed": [f.to_dict() for f in self.followed],
         }
 
@@ -447,13 +488,18 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
     if policy.deny_tun and not deny_tun and os.path.isdir(cg_path):
         problems.append("--deny-tun's device program is not attached to the cgroup: its processes can open "
                         "/dev/net/tun (run `ksbpf attach ... --deny-tun` again)")
-    warnings = raw_socket_warnings(cg_path) + tun_warnings(cg_path, deny_tun)
+    raw = "refused" if raw_sockets_refused(cg_path) else "open"
+    if raw == "open" and rawsock.available() and os.path.isdir(cg_path):
+        problems.append("the raw-socket LSM program is not attached to the cgroup: its processes can open "
+                        "AF_PACKET and AF_XDP sockets (run `ksbpf attach` again)")
+    # with the LSM program in force no new raw socket can be made: the CAP_NET_RAW holders are no door
+    warnings = (raw_socket_warnings(cg_path) if raw == "open" else []) + tun_warnings(cg_path, deny_tun)
     if meta.get("netns", {}).get("each"):
         tunnels, namespaces = _each_states(policy, cg_path, entries)
         return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, tunnels, policy, counters,
                            meta.get("attached_at"), problems, True, event_stats, namespaces, warnings,
                            netns_identity=meta.get("netns_identity", "helper"), deny_tun=deny_tun,
-                           followed=followed.recorded(meta))
+                           followed=followed.recorded(meta), raw_sockets=raw)
     ns = common.meta_netns(meta)
     present = cookie = None
     ns_ok = common.netns_alive(ns)
@@ -479,7 +525,8 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
     return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, tunnels, policy, counters,
                        meta.get("attached_at"), problems, ns_ok, event_stats, warnings=warnings,
                        netns_identity=meta.get("netns_identity", "helper"), tunnel_source=source_layer,
-                       deny_tun=deny_tun, followed=followed.recorded(meta), netns_fast=allowed and not foreign)
+                       deny_tun=deny_tun, followed=followed.recorded(meta), netns_fast=allowed and not foreign,
+                       raw_sockets=raw)
 
 
 def raw_socket_warnings(cg_path: str, limit: int = 10) -> list[str]:

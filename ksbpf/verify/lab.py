@@ -29,7 +29,7 @@ from typing import Callable
 
 import click
 
-from ksbpf.kernel import cgroup, netns
+from ksbpf.kernel import cgroup, netns, rawsock
 from ksbpf.lab.namespaces import Lab, new_lab
 from ksbpf.policy import Endpoint, Options, Policy
 from ksbpf.scopes import cgroups
@@ -281,6 +281,9 @@ class LeakLab:
         self.cell("AF_PACKET without CAP_NET_RAW", "packet-udp", lab.phy4_server, p, protected_no_raw=True,
                   dev=phy, src=lab.phy4_client,
                   note="refused: AF_PACKET bypasses cgroup hooks; `ksbpf verify` warns of processes with CAP_NET_RAW")
+        if rawsock.available():   # the kernel runs BPF LSM programs: the scope's own is in force
+            self.cell("AF_PACKET with CAP_NET_RAW", "packet-udp", lab.phy4_server, p, dev=phy, src=lab.phy4_client,
+                      note="the socket is refused by ksbpf's BPF LSM program on the scope (EPERM)")
         self.cell("endpoint address, another udp port", "udp", lab.phy4_server, p)
         self.cell("endpoint address, tcp on the endpoint's port", "tcp", lab.phy4_server, lab.wg_port)
         self.cell("endpoint address, icmp", "icmp", lab.phy4_server)

@@ -613,7 +613,38 @@ def scenario_each() -> dict:
     return r
 
 
-SCENARIOS = {"boot": scenario_boot, "lab": scenario_lab, "each": scenario_each, "daemon": scenario_daemon, "escape": scenario_escape,
+# socket(family, type) as a process would: each family that sends frames past the cgroup egress hook
+RAW_PROBE = r'''
+import errno, json, socket
+out = {}
+for name, family, kind in (("packet", 17, socket.SOCK_RAW), ("packet_dgram", 17, socket.SOCK_DGRAM),
+                           ("sock_packet", socket.AF_INET, 10), ("xdp", 44, socket.SOCK_RAW)):
+    try:
+        socket.socket(family, kind, 0).close()
+        out[name] = "ok"
+    except OSError as e:
+        out[name] = errno.errorcode.get(e.errno, str(e.errno))
+print(json.dumps(out))
+'''
+
+
+def scenario_raw() -> dict:
+    """Raw sockets in a scope: AF_PACKET (SOCK_PACKET too) and AF_XDP made by a
+    root process with CAP_NET_RAW of the protected slice, and the same outside
+    it (the control)."""
+    r = common()
+
+    def probe(slice_: str | None) -> dict:
+        argv = ["systemd-run", "--quiet", "--wait", "--pipe", "--collect",
+                *(["--slice", slice_] if slice_ else []), "python3", "-c", RAW_PROBE]
+        return json.loads(sh(*argv).strip().splitlines()[-1])
+    r["raw_in_scope"] = probe("vpn.slice")
+    r["raw_outside"] = probe(None)
+    r["status"] = status()
+    return r
+
+
+SCENARIOS = {"boot": scenario_boot, "raw": scenario_raw, "lab": scenario_lab, "each": scenario_each, "daemon": scenario_daemon, "escape": scenario_escape,
              "escape-rebooted": scenario_escape_rebooted, "node": scenario_node}
 
 
