@@ -390,13 +390,14 @@ def test_openvpn_client(lab, capture, node_detach, make_cgroup, tmp_path, reques
     ovpn = OpenVPN(lab, tmp_path)
     request.addfinalizer(ovpn.stop)
     endpoint = f"{lab.phy4_server}:{OVPN_PORT}/udp"
-    if how == "mark":
-        _attach_node(lab, "--endpoint", endpoint, "--vpn-mark", str(MARK))
-        ovpn.start(mark=MARK)
-    else:
-        vpn = make_cgroup("-ovpn")
-        _attach_node(lab, "--endpoint", endpoint, "--vpn-cgroup", vpn)
-        ovpn.start(cgroup=vpn)
+    vpn = make_cgroup("-ovpn") if how == "cgroup" else None
+    args = ("--tunnel", ovpn.tun, "--endpoint", endpoint,
+            *(("--vpn-mark", str(MARK)) if how == "mark" else ("--vpn-cgroup", vpn)))
+    _attach_node(lab, *args)
+    ovpn.start(mark=MARK if how == "mark" else None, cgroup=vpn)
+    wait_until(lambda: netns.ifindex(netns.resolve(lab.client_path), ovpn.tun) is not None, 20,
+               "OpenVPN's tun device")
+    _attach_node(lab, *args)   # its tun device exists now: registered as the tunnel (no daemon here)
     wait_until(ovpn.ping, 30, "a ping through the OpenVPN tunnel")
     send(lab.client_ns, None, lab.phy4_server, OVPN_PORT, "a", n=10)
     assert ovpn.ping()   # control after: the tunnel still carries
