@@ -148,6 +148,14 @@ def capture(lab):
     cap.close()
 
 
+def verify_policy(scope: str) -> dict:
+    """`ksbpf verify --scope SCOPE --json`'s policy finding: crafted packets
+    through the attached programs, with and without the mark, as the model says."""
+    out = json.loads(ksbpf("verify", "--scope", scope, "--json").stdout)
+    (policy,) = [f for f in out["findings"] if f["check"] == "policy"]
+    return policy
+
+
 def _detach_cgroup(path: str) -> None:
     ksbpf("detach", "--cgroup", path)
 
@@ -186,6 +194,8 @@ def test_wireguard_fwmark_in_a_cgroup_scope(lab, make_cgroup, capture, request):
     time.sleep(0.2)
     assert capture.count(server, port, "a") == 0
     assert counters(cgroup_status(scope))["endpoint_not_vpn"] == 20
+    policy = verify_policy(scope)
+    assert policy["verdict"] == "ok", policy
 
 
 def test_wireguard_in_its_own_vpn_cgroup(lab, make_cgroup, capture, request):
@@ -273,6 +283,8 @@ def test_vxlan_aimed_at_the_endpoint(lab, capture, node_detach):
     st = node_status(lab)
     assert st["vpn_mark"] == f"{MARK:#x}"
     assert counters(st)["endpoint_not_vpn"] >= 20
+    policy = verify_policy(f"node:{lab.client_path}")
+    assert policy["verdict"] == "ok", policy
 
 
 def test_server_switch_to_a_wildcard_endpoint(lab, capture, node_detach, request):
@@ -305,6 +317,8 @@ def test_server_switch_to_a_wildcard_endpoint(lab, capture, node_detach, request
         assert capture.count(lab.phy4_server, port, "a") == 0 and cap2.count(second.addr, port, "a") == 0
     finally:
         cap2.close()
+    policy = verify_policy(f"node:{lab.client_path}")   # the wildcard endpoint's crafted packets too
+    assert policy["verdict"] == "ok", policy
 
 
 @pytest.mark.skipif(not nf.supported(), reason="this kernel has no netfilter BPF links (Linux 6.4+)")
