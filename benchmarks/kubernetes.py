@@ -2,7 +2,7 @@
 
 N pod cgroups laid out as the kubelet makes them (both drivers, every QoS
 class), each with a process in its own network namespace, served by the
-replaying API server (ksbpf.lab.kubeapi: no API server can run here).  The
+replaying API server (tests/harness/kubeapi.py: no API server can run here).  The
 daemon protects them all; then it is measured: the time to protect one more
 pod (from the API's ADDED event to the daemon's pod_protected line, and the
 daemon's own time for it), its memory, and one /metrics scrape.  No packet
@@ -27,10 +27,13 @@ import uuid
 
 import report
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+
 from ksbpf.kernel import cgroup, pins
-from ksbpf.lab.kubeapi import FakeApiServer, make_pod
-from ksbpf.lab.kubelet import LAYOUTS, container_dir, pod_dir, start_in
 from ksbpf.scopes import cgroups
+
+from harness.kubeapi import FakeApiServer, make_pod   # test harness, with the tests (sys.path above)
+from harness.kubelet import LAYOUTS, container_dir, pod_dir, start_in
 
 TARGET_PROTECT_P99_MS = 50
 TARGET_RSS_MB = 150

@@ -263,7 +263,7 @@ def detach(cgroup_path, node, netns, everything, as_json) -> None:
         what, n_progs = "every cgroup and interface", len(result.detached_prog_ids) + len(result.detached_link_ids)
     elif node:
         result = node_scope.detach(netns)
-        what, n_progs = node_scope.label(netns), 0
+        what, n_progs = node_scope.label(netns), len(result.detached_links)
     else:
         result = cgroups.detach(cgroup_path)
         what, n_progs = result.cgroup, len(result.detached_prog_ids)

@@ -22,7 +22,7 @@ import pytest
 from helpers import DaemonProcess, ksbpf, scope_status
 
 from ksbpf.kernel import cgroup
-from ksbpf.lab.containers import FarSide, Runtime, configure_tunnel, delete_link, exclusive, image_tar, sender
+from harness.containers import FarSide, Runtime, configure_tunnel, delete_link, exclusive, image_tar, sender
 
 pytestmark = pytest.mark.lab
 RUNTIMES = {"podman": "/usr/bin/podman", "docker": "/usr/sbin/dockerd"}

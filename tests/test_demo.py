@@ -24,7 +24,7 @@ def test_demo_shows_block_and_restore():
                    "reached the server over the physical link: 0",
                    "drops counted by reason: not_tunnel",
                    "via the new tunnel: tcp ok, udp ok, icmp ok",
-                   "detached 1 program"):
+                   "detached 2 program"):   # cgroup_skb egress and cgroup/sock_create
         assert needle in out, needle
     # nothing left: namespaces, cgroup, pins
     tag = re.search(r"client namespace ksbpf-demo-([0-9a-f]{6})-c", out).group(1)

@@ -418,6 +418,9 @@ def test_openvpn_server_switch_is_followed(lab, second, tmp_path, request):
     d = DaemonProcess(str(path))
     d.wait_for("ready")
     assert d.named("node_replaced"), d.lines
+    # kept through the re-attach and the daemon's first look, while OpenVPN has said nothing:
+    # never removed, not even for a moment
+    assert not [e for e in d.events if e.get("event") == "endpoints_followed" and e["removed"]], d.lines
     st = node_status(lab)
     assert st["endpoints"] == [f"{second.addr}:{OVPN_PORT}/udp"] and st["options"]["allow_lan"], st
     wait_until(ovpn.ping, 10, "a ping through the OpenVPN tunnel after the re-attach")

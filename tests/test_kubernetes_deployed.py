@@ -15,7 +15,7 @@ fails the test, so the two cannot drift), against a node made of:
   container run from the image by Podman (translated the same way: user
   65534, no capability, read-only root, the downward API volume) in the
   pod's namespace and below its cgroup;
-- the API server: the replaying one (ksbpf/lab/kubeapi.py).
+- the API server: the replaying one (tests/harness/kubeapi.py).
 
 The sequence: mount-bpffs mounts the BPF filesystem (Bidirectional: the node
 sees it); warm-cache fills the empty cache with its own capabilities; the
@@ -47,8 +47,8 @@ from test_gate import downward, run_gate
 from test_kubernetes_privileges import as_user, grantable
 
 from ksbpf.kernel import cgroup
-from ksbpf.lab.kubeapi import FakeApiServer, make_pod
-from ksbpf.lab.kubelet import container_dir, pod_dir
+from harness.kubeapi import FakeApiServer, make_pod
+from harness.kubelet import container_dir, pod_dir
 from ksbpf.lab.namespaces import Sniffer, probe
 
 pytestmark = [pytest.mark.lab, pytest.mark.root]

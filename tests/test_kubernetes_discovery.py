@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from ksbpf.kubernetes import discovery
-from ksbpf.lab.kubelet import CONTAINER_DIRS, LAYOUTS, container_dir, pod_dir, start_in
+from harness.kubelet import CONTAINER_DIRS, LAYOUTS, container_dir, pod_dir, start_in
 
 pytestmark = pytest.mark.root
 

@@ -28,8 +28,8 @@ from test_gate import downward, run_gate
 
 from ksbpf.kernel import pins
 from ksbpf.kubernetes import annotations as notes
-from ksbpf.lab.kubeapi import FakeApiServer, make_pod
-from ksbpf.lab.kubelet import container_dir, pod_dir, start_in
+from harness.kubeapi import FakeApiServer, make_pod
+from harness.kubelet import container_dir, pod_dir, start_in
 from ksbpf.lab.namespaces import ProbeStream, Sniffer, probe
 
 pytestmark = pytest.mark.lab

@@ -31,8 +31,8 @@ import yaml
 from helpers import DaemonProcess
 from test_gate import downward, run_gate
 
-from ksbpf.lab.kubeapi import FakeApiServer, make_pod
-from ksbpf.lab.kubelet import container_dir, pod_dir
+from harness.kubeapi import FakeApiServer, make_pod
+from harness.kubelet import container_dir, pod_dir
 from ksbpf.lab.namespaces import probe
 
 pytestmark = pytest.mark.lab

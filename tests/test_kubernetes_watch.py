@@ -18,7 +18,7 @@ import pytest
 
 from ksbpf.kubernetes import api as kube
 from ksbpf.kubernetes.settings import KubernetesSettings
-from ksbpf.lab.kubeapi import FakeApiServer, make_pod
+from harness.kubeapi import FakeApiServer, make_pod
 
 K8S_VERSION = "1.37.0"
 NODE = "node-a"

@@ -255,12 +255,15 @@ def test_node_mode_and_a_cgroup_scope_together(host, servers, guarded, make_cgro
 def test_detach_restores_everything(host, servers, guarded):
     host.tunnel_down()
     assert not probe(host, None, "udp", host.net4_server, servers["udp"], timeout=BLOCKED).ok
+    ifindex = netns.ifindex(netns.resolve(host.client_path), host.phy_client)
+    guard_links = {link for _prog, link in netns.run_in(host.client_path, tc.tcx_query, ifindex)}
+    assert guard_links
     out = json.loads(ksbpf("detach", "--node", "--netns", host.client_path, "--json", check=True).stdout)
     assert out["removed_pins"] and not os.path.exists(out["removed_pins"][0])
+    assert guard_links <= set(out["detached_link_ids"])   # what it removed, by link id
     for who in (host, host.containers[0]):
         for kind in ("tcp", "udp", "icmp"):
             assert probe(who, None, kind, host.net4_server, servers[kind]).ok
-    ifindex = netns.ifindex(netns.resolve(host.client_path), host.phy_client)
     assert netns.run_in(host.client_path, tc.tcx_query, ifindex) == []
     assert "nothing to remove" in ksbpf("detach", "--node", "--netns", host.client_path, check=True).stdout
 

@@ -102,9 +102,9 @@ def pinned_info(path: str) -> NfLinkInfo | None:
         os.close(fd)
 
 
-def unpin(path: str) -> None:
-    """Detach the pinned link and remove its pin (idempotent)."""
-    tc.unpin_link(path)
+def unpin(path: str) -> int:
+    """Detach the pinned link and remove its pin (idempotent); its id (0: none)."""
+    return tc.unpin_link(path)
 
 
 def detach_programs(names: tuple[str, ...]) -> list[int]:

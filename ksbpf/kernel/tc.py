@@ -135,14 +135,20 @@ def link_detach(fd: int) -> None:
             raise
 
 
-def unpin_link(path: str) -> None:
-    """Detach a pinned link and remove its pin (idempotent)."""
+def unpin_link(path: str) -> int:
+    """Detach a pinned link and remove its pin (idempotent); the link's id
+    (0: there was no pin)."""
     try:
         fd = libbpf.obj_get(path)
     except OSError:
-        return
+        return 0
     try:
+        try:
+            link_id = link_info(fd).id
+        except OSError:
+            link_id = 0
         link_detach(fd)
+        return link_id
     finally:
         os.close(fd)
         try:

@@ -189,6 +189,7 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
             if policy.follow and ns is not None:   # --endpoint auto: what the tunnels use now
                 follow = followed.sync(prog.maps, policy, *followed.read_now(policy, ns, present),
                                        previous=followed.previously(pins.scope_dir(cg.id, bpffs)))
+                meta["followed"] = [f.to_dict() for f in follow.followed]   # the meta is written again below
             mounted = pins.ensure_bpffs(bpffs)
             final = pins.scope_dir(cg.id, bpffs)
             staging = final + "_new"  # bpffs refuses names with dots

@@ -142,14 +142,15 @@ def guard(pin_dir: str, ns: netns.Netns, link: links.Link, mode: str, pref: int,
 
 
 def unguard(pin_dir: str, ifindex: int, mode: str, pref: int,
-            ns: netns.Netns | None = None, ifname: str | None = None) -> None:
+            ns: netns.Netns | None = None, ifname: str | None = None) -> int:
     """Remove the scope's guard from one interface (idempotent).  A clsact
-    filter is found by the interface's namespace and name."""
+    filter is found by the interface's namespace and name.  The tcx link's
+    id (0: a clsact filter, or none)."""
     if mode == "clsact":
         if ns is not None and ifname:
             tc.clsact_detach(ns.path, ifname, pref)
-        return
-    tc.unpin_link(_link_pin(pin_dir, ifindex))
+        return 0
+    return tc.unpin_link(_link_pin(pin_dir, ifindex))
 
 
 def tcx_guard_alive(pin_dir: str, ifindex: int) -> bool:
@@ -209,9 +210,9 @@ def nf_attach(pin_dir: str, ns: netns.Netns, priority: int, runner: Runner | Non
         os.close(prog_fd)
 
 
-def nf_release(pin_dir: str) -> None:
-    for family in nf.FAMILIES:
-        nf.unpin(_nf_pin(pin_dir, family))
+def nf_release(pin_dir: str) -> list[int]:
+    """Remove the scope's netfilter links; their ids."""
+    return [i for i in (nf.unpin(_nf_pin(pin_dir, family)) for family in nf.FAMILIES) if i]
 
 
 def nf_links(pin_dir: str) -> dict[str, nf.NfLinkInfo | None]:
@@ -451,20 +452,23 @@ def sync_guards(pin_dir: str, np: NodePolicy, ns: netns.Netns, present: list[lin
     return result
 
 
-def _release_all(pin_dir: str, meta: dict, ns: netns.Netns | None) -> None:
+def _release_all(pin_dir: str, meta: dict, ns: netns.Netns | None) -> list[int]:
     """Remove every guard a node scope's pins record (the scope's tcx links;
-    its clsact filters on the namespace's interfaces)."""
+    its clsact filters on the namespace's interfaces).  The ids removed: of
+    the links (netfilter, tcx), or of the program of each clsact filter."""
     mode, pref = meta.get("tc_mode", "tcx"), meta.get("pref", tc.CLSACT_PREFS[0])
-    nf_release(pin_dir)
+    done = nf_release(pin_dir)
     if mode == "tcx":
         for ifindex in _pinned_ifindexes(pin_dir):
-            unguard(pin_dir, ifindex, mode, pref)
+            done.append(unguard(pin_dir, ifindex, mode, pref))
     elif ns is not None and common.netns_alive(ns):
         ours = _prog_ids(pin_dir)
         for link in links.links(ns):
             for f in tc.clsact_filters(ns.path, link.name):
                 if f.prog_id in ours:
                     tc.clsact_detach(ns.path, link.name, f.pref)
+                    done.append(f.prog_id)
+    return [i for i in done if i]
 
 
 # -- attach -------------------------------------------------------------------------
@@ -546,6 +550,7 @@ def attach(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
             if policy.follow:   # --endpoint auto: what the tunnels use now
                 follow = followed.sync(prog.maps, policy, *followed.read_now(policy, ns, present),
                                        previous=followed.previously(final) if old_meta else [])
+                meta["followed"] = [f.to_dict() for f in follow.followed]   # the meta is written again below
             mounted = pins.ensure_bpffs(bpffs)
             staging = final + "_new"
             pins.remove_dir(staging)  # left over by a crash
@@ -597,13 +602,14 @@ class NodeDetachResult:
         return {"removed_pins": self.removed_pins, "detached_link_ids": self.detached_links}
 
 
-def _remove(pin_dir: str) -> None:
+def _remove(pin_dir: str) -> list[int]:
     meta = _read_meta(pin_dir) or {}
     ns = None
     if meta.get("netns"):
         ns = netns.Netns("", meta["netns"].get("path", ""), meta["netns"].get("inode", 0))
-    _release_all(pin_dir, meta, ns)
+    done = _release_all(pin_dir, meta, ns)
     pins.remove_dir(pin_dir)
+    return done
 
 
 def detach(netns_spec: str = "", bpffs: str = pins.BPFFS) -> NodeDetachResult:
@@ -615,7 +621,7 @@ def detach(netns_spec: str = "", bpffs: str = pins.BPFFS) -> NodeDetachResult:
     with pins.locked(f"node-{cookie}"):
         pin_dir = pins.node_dir(cookie, bpffs)
         if os.path.isdir(pin_dir):
-            _remove(pin_dir)
+            result.detached_links += _remove(pin_dir)
             result.removed_pins.append(pin_dir)
         pins.prune(bpffs)
     return result
@@ -626,9 +632,9 @@ def detach_all(bpffs: str = pins.BPFFS) -> NodeDetachResult:
     those whose pins were removed by hand).  Call with pins.locked() held."""
     result = NodeDetachResult()
     for pin_dir in pins.list_node_dirs(bpffs):
-        _remove(pin_dir)
+        result.detached_links += _remove(pin_dir)
         result.removed_pins.append(pin_dir)
-    result.detached_links = tc.detach_tcx_programs(bpf.TC_ENTRIES)
+    result.detached_links += tc.detach_tcx_programs(bpf.TC_ENTRIES)
     if nf.supported():
         # every netfilter link of a ksbpf program: node mode's, and the cgroup scopes' tunnel-source hooks
         result.detached_links += nf.detach_programs(bpf.NF_ENTRIES)
