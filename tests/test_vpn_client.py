@@ -419,3 +419,30 @@ def test_openvpn_client(lab, capture, node_detach, make_cgroup, tmp_path, reques
     assert capture.count(lab.phy4_server, OVPN_PORT, "a") == 0
     st = node_status(lab)
     assert counters(st)["endpoint_not_vpn"] >= 10 and counters(st)["endpoint"] > 0
+
+
+def test_daemon_applies_vpn_mark_and_wildcard(lab, make_cgroup, run_daemon, capture, request):
+    """The same from the daemon's configuration (vpn_mark, endpoints = ["*:PORT/udp"]):
+    the daemon registers the tunnel as wireguard-go brings it up in the scope."""
+    scope = make_cgroup()
+    lab.tunnel_down()
+    lab.client_cgroup, lab.client_fwmark = scope, MARK
+    port = lab.wg_port
+    d = run_daemon([{"cgroup": scope, "tunnels": [lab.wg_client], "netns": lab.client_ns,
+                     "endpoints": [f"*:{port}/udp"], "vpn_mark": f"{MARK:#x}"}])
+
+    def stop_and_detach() -> None:
+        d.stop()
+        _detach_cgroup(scope)
+    request.addfinalizer(stop_and_detach)
+    lab.tunnel_up()   # the handshake to the wildcard endpoint, marked; the daemon registers the tunnel
+    wait_until(lambda: ping(lab.client_ns, lab.tun4_server, scope), 15, "a ping from the scope through the tunnel")
+    st = cgroup_status(scope)
+    assert st["vpn_mark"] == f"{MARK:#x}" and st["any_endpoints"] == [f"*:{port}/udp"], st
+    r = send(lab.client_ns, scope, lab.phy4_server, port, "a", n=10)
+    assert r["refused"] == 10, r
+    assert ping(lab.client_ns, lab.tun4_server, scope)   # control after
+    time.sleep(0.2)
+    assert capture.count(lab.phy4_server, port, "a") == 0
+    assert counters(cgroup_status(scope))["endpoint_not_vpn"] == 10
+    assert d.proc.poll() is None
