@@ -21,6 +21,12 @@
  *   -DKSBPF_OPT_DHCP        DHCPv4/DHCPv6 client traffic is allowed (the machine's
  *                           own client, to the link's servers, size-bounded)
  *   -DKSBPF_OPT_CIDRS       the allow_cidrs tries (cidrs4/6) are looked up
+ *   -DKSBPF_OPT_VPN_MARK    the endpoint exception takes only packets carrying
+ *                           the VPN client's firewall mark (map vpn_mark)
+ *   -DKSBPF_OPT_VPN_CGROUP  ... or only packets of local sockets of the VPN
+ *                           client's cgroup subtrees (map vpn_cgroups); with
+ *                           either, endpoints may be any address on a (port,
+ *                           protocol) (map ep_any)
  *   -DKSBPF_EVENTS_INTERVAL_NS=N, -DKSBPF_EVENTS_BURST=N
  *                           send samples of dropped packets to the ring buffer
  *                           `events`: at most one per N ns and BURST at once,
@@ -123,6 +129,15 @@ struct ksbpf_cidr6_key { __u32 prefixlen; __u8 addr[16]; };
 BPF_LPM_TRIE(cidrs4, struct ksbpf_cidr4_key, __u8, 256);
 BPF_LPM_TRIE(cidrs6, struct ksbpf_cidr6_key, __u8, 256);
 
+#if defined(KSBPF_OPT_VPN_MARK) || defined(KSBPF_OPT_VPN_CGROUP)
+#define KSBPF_OPT_VPN
+/* The VPN client (ksbpf.h): its firewall mark, its cgroup subtrees, and the
+ * (port, protocol) pairs on which any address is an endpoint. */
+BPF_ARRAY(vpn_mark, struct ksbpf_vpn_mark, 1);
+BPF_ARRAY(vpn_cgroups, struct ksbpf_exempt, KSBPF_MAX_VPN_CGROUPS);
+BPF_HASH(ep_any, struct ksbpf_ep_any_key, __u32, KSBPF_MAX_EP_ANY);
+#endif
+
 /* What the policy needs to know of a packet. */
 struct ksbpf_pkt {
 	__u8 family;		/* enum ksbpf_family */
@@ -154,6 +169,7 @@ struct ksbpf_at {
 	__u32 ifindex;		/* netfilter: the output device */
 	__u32 len;		/* netfilter: skb->len */
 	void *sk;		/* netfilter: skb->sk (none: a forwarded packet) */
+	__u32 mark;		/* netfilter: skb->mark (with KSBPF_OPT_VPN_MARK) */
 	__u32 linear;		/* netfilter: bytes from the network header to the linear data's end */
 };
 
@@ -550,6 +566,62 @@ static __always_inline int ksbpf_allowed_cidr(const struct ksbpf_pkt *p)
 }
 #endif
 
+#ifdef KSBPF_OPT_VPN
+/* Is the packet the VPN client's own?  Its firewall mark (which only
+ * CAP_NET_ADMIN can set, and which the kernel clears when a packet crosses
+ * into another namespace) or its socket's cgroup.  Netfilter programs have
+ * no cgroup helper: there only the mark tells (fail closed). */
+static __always_inline int ksbpf_vpn_client(const struct ksbpf_at *at)
+{
+#ifdef KSBPF_OPT_VPN_MARK
+	{
+		int zero = 0;
+		struct ksbpf_vpn_mark *m = vpn_mark.lookup(&zero);
+		__u32 mark = at->hook == KSBPF_HOOK_NF ? at->mark : at->skb->mark;
+
+		if (m && (mark & m->mask) == m->mark)
+			return 1;
+	}
+#endif
+#ifdef KSBPF_OPT_VPN_CGROUP
+	if (at->hook != KSBPF_HOOK_NF) {
+		int i;
+
+#pragma unroll
+		for (i = 0; i < KSBPF_MAX_VPN_CGROUPS; i++) {
+			int k = i;
+			struct ksbpf_exempt *e = vpn_cgroups.lookup(&k);
+
+			if (!e || !e->cgroup_id)
+				return 0;
+			if (bpf_skb_ancestor_cgroup_id(at->skb, e->level) == e->cgroup_id)
+				return 1;
+		}
+	}
+#endif
+	return 0;
+}
+
+/* An endpoint's packet passes only when it is the VPN client's. */
+static __always_inline int ksbpf_vpn_only(const struct ksbpf_at *at, int reason)
+{
+	if (reason != KSBPF_ALLOW_ENDPOINT || ksbpf_vpn_client(at))
+		return reason;
+	return KSBPF_DROP_ENDPOINT_NOT_VPN;
+}
+
+/* A wildcard endpoint: any address on this (port, protocol). */
+static __always_inline int ksbpf_ep_any(const struct ksbpf_pkt *p)
+{
+	struct ksbpf_ep_any_key k = { .port = p->dport, .proto = p->l4proto };
+
+	return p->has_ports && ep_any.lookup(&k) != 0;
+}
+#define KSBPF_ENDPOINT(at, p, ep) ksbpf_vpn_only(at, ksbpf_endpoint(p, ep))
+#else
+#define KSBPF_ENDPOINT(at, p, ep) ksbpf_endpoint(p, ep)
+#endif
+
 static __always_inline int ksbpf_exceptions4(const struct ksbpf_at *at, const struct ksbpf_pkt *p)
 {
 	__be32 addr = p->daddr.v4;
@@ -559,7 +631,7 @@ static __always_inline int ksbpf_exceptions4(const struct ksbpf_at *at, const st
 		return KSBPF_DROP_FRAGMENT;
 	ep = ksbpf_endpoint4(addr);
 	if (ep)
-		return ksbpf_endpoint(p, ep);
+		return KSBPF_ENDPOINT(at, p, ep);
 #ifdef KSBPF_OPT_CIDRS
 	if (ksbpf_allowed_cidr(p))
 		return KSBPF_ALLOW_LAN;
@@ -567,6 +639,10 @@ static __always_inline int ksbpf_exceptions4(const struct ksbpf_at *at, const st
 #ifdef KSBPF_OPT_LAN
 	if (ksbpf_lan4(addr))
 		return ksbpf_lan(p);
+#endif
+#ifdef KSBPF_OPT_VPN
+	if (ksbpf_ep_any(p))
+		return ksbpf_vpn_only(at, KSBPF_ALLOW_ENDPOINT);
 #endif
 	return ksbpf_last_resort(at, p);
 }
@@ -581,7 +657,7 @@ static __always_inline int ksbpf_exceptions6(const struct ksbpf_at *at, const st
 	__builtin_memcpy(key.addr, p->daddr.v6, 16);
 	ep = ksbpf_endpoint6(&key);
 	if (ep)
-		return ksbpf_endpoint(p, ep);
+		return KSBPF_ENDPOINT(at, p, ep);
 #ifdef KSBPF_OPT_CIDRS
 	if (ksbpf_allowed_cidr(p))
 		return KSBPF_ALLOW_LAN;
@@ -589,6 +665,10 @@ static __always_inline int ksbpf_exceptions6(const struct ksbpf_at *at, const st
 #ifdef KSBPF_OPT_LAN
 	if (ksbpf_lan6(key.addr))
 		return ksbpf_lan(p);
+#endif
+#ifdef KSBPF_OPT_VPN
+	if (ksbpf_ep_any(p))
+		return ksbpf_vpn_only(at, KSBPF_ALLOW_ENDPOINT);
 #endif
 	return ksbpf_last_resort(at, p);
 }
@@ -939,7 +1019,7 @@ int ksbpf_nf(struct ksbpf_nf_ctx *ctx)
 	void *state = ctx->state;
 	void *kskb = ctx->skb;
 	void *dev = 0, *head = 0, *sk = 0;
-	__u32 *pass, ifindex = 0, tail = 0, len = 0;
+	__u32 *pass, ifindex = 0, tail = 0, len = 0, mark = 0;
 	__u16 nh = 0;
 	__u8 pf = 0;
 
@@ -956,10 +1036,14 @@ int ksbpf_nf(struct ksbpf_nf_ctx *ctx)
 	tail = *(__u32 *)(kskb + KSBPF_OFF_SK_BUFF_TAIL);
 	len = *(__u32 *)(kskb + KSBPF_OFF_SK_BUFF_LEN);
 	sk = *(void **)(kskb + KSBPF_OFF_SK_BUFF_SK);
+#ifdef KSBPF_OPT_VPN_MARK
+	mark = *(__u32 *)(kskb + KSBPF_OFF_SK_BUFF_MARK);
+#endif
 	{
 		/* built after the reads: its hook must be a constant the compiler sees */
 		struct ksbpf_at at = { .skb = 0, .data = head + nh, .end = 0, .nh = 0, .hook = KSBPF_HOOK_NF,
-				       .ifindex = ifindex, .len = len, .linear = tail > nh ? tail - nh : 0, .sk = sk };
+				       .ifindex = ifindex, .len = len, .linear = tail > nh ? tail - nh : 0, .sk = sk,
+				       .mark = mark };
 
 		return ksbpf_verdict(&at, pf == KSBPF_NFPROTO_IPV4 ? bpf_htons(ETH_P_IP) :
 					  pf == KSBPF_NFPROTO_IPV6 ? bpf_htons(ETH_P_IPV6) : 0) ?

@@ -107,6 +107,27 @@ struct ksbpf_exempt {
 	__u32 pad;
 };
 
+/* --vpn-mark / --vpn-cgroup (KSBPF_OPT_VPN_MARK, KSBPF_OPT_VPN_CGROUP): the
+ * endpoint exception belongs to the VPN client.  A packet to an endpoint
+ * passes only when skb->mark & mask == mark (map vpn_mark, one entry) or
+ * when its local socket is in one of the cgroup subtrees of map vpn_cgroups
+ * (struct ksbpf_exempt, matched as node mode's exempt cgroups; the first
+ * slot with cgroup_id 0 ends the list); else KSBPF_DROP_ENDPOINT_NOT_VPN.
+ * With either, an endpoint may be any address on a (port, protocol): map
+ * ep_any, keyed by struct ksbpf_ep_any_key. */
+#define KSBPF_MAX_VPN_CGROUPS 8
+#define KSBPF_MAX_EP_ANY 64
+struct ksbpf_vpn_mark {
+	__u32 mark;
+	__u32 mask;
+};
+
+struct ksbpf_ep_any_key {
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
 /* Cgroup scopes: the addresses of their tunnels, per namespace (map
  * tunnel_src).  A packet with such a source address may leave only through
  * that tunnel: the kernel sends some for a scope without the scope's socket

@@ -16,6 +16,7 @@ from ksbpf.policy import (
     DEFAULT_INTERNAL,
     DEFAULT_TUNNEL_KINDS,
     TC_MODES,
+    format_mark,
     Endpoint,
     EventSettings,
     NodePolicy,
@@ -86,7 +87,14 @@ def _print_endpoints(policy: Policy, followed_now: list, failed: list, fixed_not
 @click.option("--endpoint", "endpoints", multiple=True, callback=_endpoint, metavar="ADDR:PORT/PROTO|auto",
               help="VPN server the scope may reach outside the tunnel: 203.0.113.5:51820/udp, [2001:db8::5]:51820/udp; "
                    "`auto`: the endpoints the WireGuard tunnels' peers use, read now, followed by the daemon; "
-                   "`auto:/run/openvpn/NAME.sock`: the remote of the OpenVPN client with that management socket.")
+                   "`auto:/run/openvpn/NAME.sock`: the remote of the OpenVPN client with that management socket; "
+                   "`*:51820/udp`: any address on that port and protocol (needs --vpn-mark or --vpn-cgroup).")
+@click.option("--vpn-mark", "vpn_mark", metavar="MARK[/MASK]",
+              help="The endpoint exception belongs to the VPN client: only packets carrying this firewall mark "
+                   "(wg set IFACE fwmark MARK, openvpn --mark MARK) may reach the endpoints outside the tunnel.")
+@click.option("--vpn-cgroup", "vpn_cgroups", multiple=True, metavar="PATH",
+              help="... or only packets of local sockets of this cgroup subtree (the VPN client's service or "
+                   "container; repeatable).")
 @click.option("--netns", default="", metavar="NAME|PATH|each",
               help="Network namespace where the tunnel names live (default: the caller's; node mode: the one "
                    "guarded); `each`: every namespace a process of the cgroup subtree lives in (containers).")
@@ -112,7 +120,7 @@ def _print_endpoints(policy: Policy, followed_now: list, failed: list, fixed_not
               help="Samples of blocked packets streamed per second (`ksbpf events`); 0: off.")
 @click.option("--events-burst", type=int, default=EventSettings.burst, show_default=True, metavar="N")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def attach(cgroup_path, node, tunnels, endpoints, netns, allow_lan, allow_lan_dns, allow_dhcp, block_dhcp,
+def attach(cgroup_path, node, tunnels, endpoints, vpn_mark, vpn_cgroups, netns, allow_lan, allow_lan_dns, allow_dhcp, block_dhcp,
            internal, no_default_internal, exempt, tc_mode, deny_tun, kinds, events_rate, events_burst,
            as_json) -> None:
     """Protect a cgroup (--cgroup) or the whole machine (--node); replaces
@@ -133,7 +141,7 @@ def attach(cgroup_path, node, tunnels, endpoints, netns, allow_lan, allow_lan_dn
     fixed, follow = endpoints
     policy = Policy(tuple(tunnels), fixed, netns, Options(allow_lan, allow_lan_dns, dhcp),
                     tuple(kinds) or DEFAULT_TUNNEL_KINDS, EventSettings(events_rate, events_burst),
-                    deny_tun=deny_tun, follow=follow)
+                    deny_tun=deny_tun, follow=follow, vpn_mark=vpn_mark, vpn_cgroups=tuple(vpn_cgroups))
     if node:
         np = NodePolicy(policy, (() if no_default_internal else DEFAULT_INTERNAL) + tuple(internal), exempt, tc_mode)
         result = node_scope.attach(np, progress=_progress)
@@ -156,6 +164,7 @@ def attach(cgroup_path, node, tunnels, endpoints, netns, allow_lan, allow_lan_dn
                    "tunnels of namespaces that appear later are registered only by the daemon (`ksbpf daemon` with "
                    "netns = \"each\"): until then their non-local traffic is dropped")
     _print_endpoints(policy, result.followed, result.follow_failed, ": allowed outside the tunnel")
+    _print_vpn(policy, width=0)
     if policy.follow:
         click.echo("  endpoint auto: read once now; only the daemon (`ksbpf daemon`, endpoints = [\"auto\"]) "
                    "follows a server switch")
@@ -174,6 +183,18 @@ def attach(cgroup_path, node, tunnels, endpoints, netns, allow_lan, allow_lan_dn
                    "the scope keep sockets opened before now blocked, even through the tunnel, until they reopen "
                    "them (fail closed)")
     click.echo("  everything else is dropped; undo with: ksbpf detach --cgroup " + result.cgroup)
+
+
+def _print_vpn(policy: Policy, indent: str = "  ", width: int = 8) -> None:
+    """Who the endpoint exception belongs to (--vpn-mark, --vpn-cgroup)."""
+    if not policy.vpn_mark and not policy.vpn_cgroups:
+        return
+    who = ([f"packets with mark {format_mark(*policy.vpn_mark)}"] if policy.vpn_mark else []) + \
+          ([f"local sockets of {', '.join(policy.vpn_cgroups)}"] if policy.vpn_cgroups else [])
+    click.echo(f"{indent}{'vpn':<{width}} the endpoints are the VPN client's only: {' or '.join(who)}; "
+               "anything else to them is dropped (endpoint_not_vpn)")
+    for ep in policy.any_endpoints:
+        click.echo(f"{indent}{'endpoint':<{width}} {ep} (any address: the VPN client's only)")
 
 
 def _options(policy: Policy) -> str:
@@ -214,6 +235,7 @@ def _print_node_attach(result, np: NodePolicy) -> None:
     _print_interfaces(result.interfaces)
     _print_tunnels(result.tunnels, np.policy)
     _print_endpoints(np.policy, result.followed, result.follow_failed, ": allowed outside the tunnel")
+    _print_vpn(np.policy, width=0)
     if np.policy.follow:
         click.echo("  endpoint auto: read once now; only the daemon (`ksbpf daemon`, endpoints = [\"auto\"]) "
                    "follows a server switch")
@@ -313,6 +335,7 @@ def status(as_json) -> None:
             where = f"ifindex {t.ifindex} ({t.kind})" if t.present else "absent"
             click.echo(f"  tunnel   {t.name}: {where}, {'registered' if t.registered else 'not registered'}")
         _status_endpoints(n.policy, n.followed)
+        _print_vpn(n.policy)
         click.echo(f"  options  {_options(n.policy)}")
         click.echo(f"  internal {' '.join(n.node.internal) or 'none'}")
         if n.node.exempt_cgroups:
@@ -333,6 +356,7 @@ def status(as_json) -> None:
             allowed = "allowed" if t.registered else "blocked"
             click.echo(f"  tunnel   {t.name} (netns {t.netns}): {where}, {allowed}")
         _status_endpoints(s.policy, s.followed)
+        _print_vpn(s.policy)
         click.echo(f"  options  {_options(s.policy)}")
         if s.policy.deny_tun or s.deny_tun:
             click.echo(f"  deny-tun {'in force: /dev/net/tun refused to the scope' if s.deny_tun else 'NOT in force'}")
@@ -489,6 +513,7 @@ def check_config(file, as_json) -> None:
         click.echo(f"    endpoints {', '.join(p.endpoint_specs()) or 'none'}")
         opts = [k for k, on in p.options.to_dict().items() if on]
         click.echo(f"    options   {', '.join(opts) or 'none (strict)'}")
+        _print_vpn(p, indent="    ", width=9)
     if cfg.node is not None:
         n, p = cfg.node.node, cfg.node.node.policy
         click.echo(f"  node mode (line {cfg.node.line}): netns {p.netns or 'own'}, guards every interface but the tunnels "
@@ -496,6 +521,7 @@ def check_config(file, as_json) -> None:
         click.echo(f"    tunnels   {', '.join(p.tunnels)} (kinds {', '.join(p.tunnel_kinds)})")
         click.echo(f"    endpoints {', '.join(p.endpoint_specs()) or 'none'}")
         click.echo(f"    options   {', '.join(k for k, on in p.options.to_dict().items() if on) or 'none (strict)'}")
+        _print_vpn(p, indent="    ", width=9)
         if n.exempt_cgroups:
             click.echo(f"    exempt    {', '.join(n.exempt_cgroups)}")
     if cfg.kubernetes.enabled:

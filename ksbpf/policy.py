@@ -86,6 +86,74 @@ class Endpoint:
         return cls(address, int(port_text), proto)
 
 
+@dataclass(frozen=True)
+class AnyEndpoint:
+    """A wildcard endpoint (`*:51820/udp`): any address on this port and
+    protocol -- for the VPN client only (--vpn-mark / --vpn-cgroup), so that
+    it may switch servers while nobody else reaches any."""
+
+    port: int
+    proto: str
+
+    def sort_key(self) -> tuple:
+        return (self.port, self.proto)
+
+    @property
+    def proto_number(self) -> int:
+        return PROTOCOLS[self.proto]
+
+    def __str__(self) -> str:
+        return f"*:{self.port}/{self.proto}"
+
+    @classmethod
+    def parse(cls, text: str) -> "AnyEndpoint":
+        """*:PORT/udp|tcp"""
+        form = "write it as *:PORT/udp (any address on that port and protocol)"
+        m = re.fullmatch(r"\*:(\d+)/(\w+)", text.strip())
+        if not m:
+            raise KsbpfError(f"endpoint {text!r} is malformed", form)
+        port, proto = int(m.group(1)), m.group(2).lower()
+        if proto not in PROTOCOLS:
+            raise KsbpfError(f"endpoint {text!r}: unknown protocol {proto!r}", "use udp or tcp")
+        if not 1 <= port <= 65535:
+            raise KsbpfError(f"endpoint {text!r}: port {port} is not in 1-65535", form)
+        return cls(port, proto)
+
+
+def parse_endpoint(text: str) -> "Endpoint | AnyEndpoint":
+    """ADDR:PORT/proto, or *:PORT/proto (any address: the VPN client's only)."""
+    return AnyEndpoint.parse(text) if text.strip().startswith("*") else Endpoint.parse(text)
+
+
+MAX_EP_ANY = 64   # KSBPF_MAX_EP_ANY
+MAX_VPN_CGROUPS = 8   # KSBPF_MAX_VPN_CGROUPS
+
+
+def parse_mark(text: str) -> tuple[int, int]:
+    """--vpn-mark MARK[/MASK] (decimal or 0x hex, as `wg set ... fwmark` and
+    `ip rule ... fwmark` take them) -> (mark, mask)."""
+    form = "write it as MARK or MARK/MASK, e.g. 51820 or 0xca6c/0xffff"
+    raw = str(text).strip()
+    mark_text, _, mask_text = raw.partition("/")
+    try:
+        mark = int(mark_text, 0)
+        mask = int(mask_text, 0) if mask_text else 0xFFFFFFFF
+    except ValueError:
+        raise KsbpfError(f"vpn mark {text!r} is not a number", form) from None
+    if not (0 <= mark <= 0xFFFFFFFF and 0 <= mask <= 0xFFFFFFFF):
+        raise KsbpfError(f"vpn mark {text!r} is not a 32-bit value", form)
+    if mark & ~mask:
+        raise KsbpfError(f"vpn mark {text!r} has bits outside its mask: no packet could carry it", form)
+    if mark == 0:
+        raise KsbpfError(f"vpn mark {text!r} is zero: every unmarked packet carries it",
+                         "give the mark the VPN client sets (wg set IFACE fwmark M, openvpn --mark M)")
+    return mark, mask
+
+
+def format_mark(mark: int, mask: int) -> str:
+    return f"{mark:#x}" if mask == 0xFFFFFFFF else f"{mark:#x}/{mask:#x}"
+
+
 AUTO = "auto"
 
 
@@ -102,10 +170,10 @@ def parse_endpoint_spec(text: str) -> "Endpoint | str":
             raise KsbpfError(f"endpoint {text!r}: {path!r} is not an absolute socket path",
                              "write auto:/run/openvpn/NAME.sock (an OpenVPN `management PATH unix` socket)")
         return path
-    return Endpoint.parse(raw)
+    return parse_endpoint(raw)
 
 
-def split_endpoint_specs(texts) -> tuple[tuple["Endpoint", ...], tuple[str, ...]]:
+def split_endpoint_specs(texts) -> tuple[tuple["Endpoint | AnyEndpoint", ...], tuple[str, ...]]:
     """--endpoint values -> (fixed endpoints, what to follow)."""
     fixed, follow = [], []
     for text in texts:
@@ -139,11 +207,14 @@ class Options:
     allow_lan_dns: bool = False
     allow_dhcp: bool = False
     allow_cidrs: bool = False
+    vpn_mark: bool = False     # set by a Policy with a vpn_mark
+    vpn_cgroup: bool = False   # set by a Policy with vpn_cgroups
 
     def to_dict(self) -> dict:
-        """The user's options (allow_cidrs follows the policy's allow_cidrs)."""
+        """The user's options (allow_cidrs, vpn_mark and vpn_cgroup follow the policy)."""
         d = asdict(self)
-        del d["allow_cidrs"]
+        for derived in ("allow_cidrs", "vpn_mark", "vpn_cgroup"):
+            del d[derived]
         return d
 
 
@@ -170,8 +241,15 @@ class Policy:
     # --endpoint auto: "auto" (the tunnels' own endpoints) and OpenVPN management
     # sockets; the endpoints read from them are kept in the maps beside the fixed ones
     follow: tuple[str, ...] = ()
+    # --vpn-mark MARK[/MASK]: (mark, mask); the endpoint exception takes only the VPN client's marked packets
+    vpn_mark: tuple[int, int] | None = None
+    # --vpn-cgroup PATH: ... or only the packets of local sockets of these cgroup subtrees
+    vpn_cgroups: tuple[str, ...] = ()
+    # wildcard endpoints (*:PORT/proto): any address, for the VPN client only (given among `endpoints`)
+    any_endpoints: tuple[AnyEndpoint, ...] = ()
 
     def __post_init__(self) -> None:
+        self._vpn_post_init()
         object.__setattr__(self, "follow", tuple(dict.fromkeys(self.follow)))
         for spec in self.follow:
             if spec != AUTO and not spec.startswith("/"):
@@ -211,6 +289,40 @@ class Policy:
         if max(sum(1 for n in cidrs if n.version == v) for v in (4, 6)) > MAX_CIDRS:
             raise KsbpfError(f"more than {MAX_CIDRS} allowed CIDRs of one address family", "merge them into fewer ranges")
 
+    def _vpn_post_init(self) -> None:
+        """The VPN client's identity (--vpn-mark, --vpn-cgroup) and the wildcard endpoints only it may use."""
+        wild = tuple(e for e in self.endpoints if isinstance(e, AnyEndpoint)) + tuple(self.any_endpoints)
+        object.__setattr__(self, "endpoints", tuple(e for e in self.endpoints if not isinstance(e, AnyEndpoint)))
+        object.__setattr__(self, "any_endpoints", tuple(sorted(set(wild), key=AnyEndpoint.sort_key)))
+        if self.vpn_mark is not None:
+            mark = self.vpn_mark
+            object.__setattr__(self, "vpn_mark", parse_mark(mark) if isinstance(mark, str)
+                               else parse_mark(f"{mark[0]}/{mark[1]}"))
+        paths = tuple(dict.fromkeys(p.rstrip("/") or "/" for p in self.vpn_cgroups))
+        if any(not p.startswith("/") for p in paths):
+            raise KsbpfError("a vpn cgroup must be an absolute path",
+                             "give the VPN client's cgroup, e.g. /sys/fs/cgroup/system.slice/openvpn.service")
+        if len(paths) > MAX_VPN_CGROUPS:
+            raise KsbpfError(f"{len(paths)} vpn cgroups, more than {MAX_VPN_CGROUPS}",
+                             f"give at most {MAX_VPN_CGROUPS} (a parent covers its children)")
+        object.__setattr__(self, "vpn_cgroups", paths)
+        if self.any_endpoints and self.vpn_mark is None and not paths:
+            raise KsbpfError(f"endpoint {self.any_endpoints[0]} names every address: any process could reach "
+                             f"any server on that port outside the tunnel",
+                             "add --vpn-mark MARK or --vpn-cgroup PATH so that only the VPN client may, "
+                             "or give the server's address")
+        if len(self.any_endpoints) > MAX_EP_ANY:
+            raise KsbpfError(f"more than {MAX_EP_ANY} wildcard endpoints", f"give at most {MAX_EP_ANY}")
+        flags = {"vpn_mark": self.vpn_mark is not None, "vpn_cgroup": bool(paths)}
+        if any(getattr(self.options, k) != v for k, v in flags.items()):
+            object.__setattr__(self, "options", replace(self.options, **flags))
+
+    def vpn_dict(self) -> dict:
+        """The VPN client's identity as `status --json` and to_dict() show it."""
+        return {**({"vpn_mark": format_mark(*self.vpn_mark)} if self.vpn_mark else {}),
+                **({"vpn_cgroups": list(self.vpn_cgroups)} if self.vpn_cgroups else {}),
+                **({"any_endpoints": [str(e) for e in self.any_endpoints]} if self.any_endpoints else {})}
+
     def to_dict(self) -> dict:
         return {
             "tunnels": list(self.tunnels),
@@ -222,6 +334,7 @@ class Policy:
             **({"allow_cidrs": [str(n) for n in self.allow_cidrs]} if self.allow_cidrs else {}),
             **({"deny_tun": True} if self.deny_tun else {}),
             **({"follow": list(self.follow)} if self.follow else {}),
+            **self.vpn_dict(),
         }
 
     @classmethod
@@ -236,11 +349,12 @@ class Policy:
                    d.get("netns", ""), options,
                    tuple(d.get("tunnel_kinds", DEFAULT_TUNNEL_KINDS)), events,
                    tuple(parse_cidr(n) for n in d.get("allow_cidrs", ())), bool(d.get("deny_tun", False)),
-                   tuple(d.get("follow", ())))
+                   tuple(d.get("follow", ())), d.get("vpn_mark"), tuple(d.get("vpn_cgroups", ())),
+                   tuple(AnyEndpoint.parse(e) for e in d.get("any_endpoints", ())))
 
     def endpoint_specs(self) -> list[str]:
         """The endpoints as the user gives them: fixed ones, `auto`, `auto:PATH`."""
-        return [str(e) for e in self.endpoints] + [AUTO if f == AUTO else f"{AUTO}:{f}" for f in self.follow]
+        return [str(e) for e in self.endpoints] + [str(e) for e in self.any_endpoints] + [AUTO if f == AUTO else f"{AUTO}:{f}" for f in self.follow]
 
     def same_but_followed(self, current: "Policy") -> bool:
         """Is `current` (read back from a scope's pins, whose maps hold the

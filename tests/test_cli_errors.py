@@ -101,6 +101,21 @@ def test_malformed_endpoint(cg, endpoint, says):
     assert system_state(cg) == before
 
 
+@pytest.mark.parametrize("args,says", [
+    (("--endpoint", "*:51820/udp"), "names every address"),
+    (("--endpoint", "*:51820/udp", "--vpn-mark", "0"), "is zero"),
+    (("--vpn-mark", "0x10/0x1"), "outside its mask"),
+    (("--vpn-mark", "fw"), "not a number"),
+    (("--vpn-cgroup", "openvpn.service"), "absolute path"),
+    (("--vpn-cgroup", "/sys/fs/cgroup/ksbpf-no-such-vpn-cgroup"), "does not exist"),
+])
+def test_vpn_client_errors(cg, args, says):
+    """A wildcard endpoint without the VPN client's identity, a bad mark or vpn cgroup: one line, nothing applied."""
+    before = system_state(cg)
+    assert_one_line_error(ksbpf("attach", "--cgroup", cg, "--tunnel", "wg0", *args), says)
+    assert system_state(cg) == before
+
+
 def test_unknown_netns(cg, tag):
     before = system_state(cg)
     assert_one_line_error(ksbpf("attach", "--cgroup", cg, "--tunnel", "wg0", "--netns", f"nope-{tag}"),

@@ -361,3 +361,36 @@ def test_endpoints_auto_follow_the_tunnel():
     assert policy.follow == ("auto", "/run/openvpn/client.sock")   # once each, in order
     assert [str(e) for e in policy.endpoints] == ["203.0.113.5:51820/udp"]
     assert policy.endpoint_specs() == ["203.0.113.5:51820/udp", "auto", "auto:/run/openvpn/client.sock"]
+
+
+def test_vpn_mark_and_vpn_cgroup_keys():
+    """vpn_mark (a number or "MARK/MASK"), vpn_cgroup (a path or an array), and
+    wildcard endpoints, in a scope and in [node]."""
+    cfg = parse('[[scope]]\ncgroup = "/a"\ntunnels = ["wg0"]\nendpoints = ["*:51820/udp", "203.0.113.5:1194/udp"]\n'
+                'vpn_mark = "0xca6c/0xffff"\n'
+                '[node]\ntunnels = ["wg0"]\nendpoints = ["*:51820/udp"]\nvpn_mark = 51820\n'
+                'vpn_cgroup = ["/sys/fs/cgroup/vpn/", "/sys/fs/cgroup/ovpn"]\n', "v.toml")
+    p = cfg.scopes[0].policy
+    assert p.vpn_mark == (0xCA6C, 0xFFFF) and [str(e) for e in p.any_endpoints] == ["*:51820/udp"]
+    assert [str(e) for e in p.endpoints] == ["203.0.113.5:1194/udp"] and p.options.vpn_mark
+    assert p.endpoint_specs() == ["203.0.113.5:1194/udp", "*:51820/udp"]
+    n = cfg.node.node.policy
+    assert n.vpn_mark == (51820, 0xFFFFFFFF) and n.vpn_cgroups == ("/sys/fs/cgroup/vpn", "/sys/fs/cgroup/ovpn")
+    assert n.options.vpn_cgroup and n.options.vpn_mark
+    one = parse('[[scope]]\ncgroup = "/a"\ntunnels = ["wg0"]\nvpn_cgroup = "/sys/fs/cgroup/vpn"\n', "o.toml")
+    assert one.scopes[0].policy.vpn_cgroups == ("/sys/fs/cgroup/vpn",)
+
+
+@pytest.mark.parametrize("body,key,words", [
+    ('endpoints = ["*:51820/udp"]', "scope[0].endpoints", "names every address"),
+    ('vpn_mark = "0"', "scope[0].vpn_mark", "is zero"),
+    ('vpn_mark = "0x10/0x1"', "scope[0].vpn_mark", "outside its mask"),
+    ('vpn_mark = true', "scope[0].vpn_mark", "expected a mark"),
+    ('vpn_cgroup = ["vpn.service"]', "scope[0].vpn_cgroup[0]", "absolute path"),
+    ('endpoints = ["*:0/udp"]\nvpn_mark = 1', "scope[0].endpoints[0]", "1-65535"),
+])
+def test_vpn_key_errors(body, key, words):
+    with pytest.raises(ConfigError) as exc:
+        parse(f'[[scope]]\ncgroup = "/a"\ntunnels = ["wg0"]\n{body}\n', "v.toml")
+    issues = [i for i in exc.value.errors if i.key == key]
+    assert issues and words in issues[0].message, exc.value.errors

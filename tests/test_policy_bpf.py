@@ -405,11 +405,13 @@ def test_tunnel_removed_from_map_blocks(host):
 
 def test_every_reason_is_exercised():
     """Guard against a reason added to the enum without a test case."""
+    from test_vpn_only_bpf import VPN_CASES
     covered = ({c[4] for c in CASES} | {c[3] for c in TC_CASES} | {Reason.DROP_MALFORMED, Reason.DROP_NOT_IP}
                | {Reason.ALLOW_EXEMPT}     # needs a socket: tests/test_node.py, with real traffic
-               | {Reason.DROP_TUNNEL_SOURCE})   # the netfilter source hook's: tests/test_tunnel_source.py
-    # reserved, not yet decided by the policy (issue 17: --vpn-mark/--vpn-cgroup, --dns)
-    reserved = {Reason.DROP_ENDPOINT_NOT_VPN, Reason.DROP_DNS_NOT_VPN}
+               | {Reason.DROP_TUNNEL_SOURCE}   # the netfilter source hook's: tests/test_tunnel_source.py
+               | {c[-1] for c in VPN_CASES})    # --vpn-mark / --vpn-cgroup: tests/test_vpn_only_bpf.py
+    # reserved, not yet decided by the policy (issue 17 section 3: --dns)
+    reserved = {Reason.DROP_DNS_NOT_VPN}
     assert covered == set(Reason) - reserved
 
 

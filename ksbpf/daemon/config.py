@@ -28,8 +28,10 @@ from ksbpf.policy import (
     Endpoint,
     EventSettings,
     NodePolicy,
+    AnyEndpoint,
     Options,
     parse_endpoint_spec,
+    parse_mark,
     Policy,
 )
 
@@ -42,9 +44,11 @@ KEYS: dict[str, tuple[str, ...]] = {
     "metrics": ("listen",),
     "daemon": ("log_format", "close_stray_sockets", "verify_interval"),
     "scope": ("cgroup", "tunnels", "endpoints", "netns", "allow_lan", "allow_lan_dns",
-              "allow_dhcp", "tunnel_kinds", "create_cgroup", "events_rate", "events_burst", "deny_tun"),
+              "allow_dhcp", "tunnel_kinds", "create_cgroup", "events_rate", "events_burst", "deny_tun",
+              "vpn_mark", "vpn_cgroup"),
     "node": ("netns", "tunnels", "endpoints", "allow_lan", "allow_lan_dns", "allow_dhcp", "tunnel_kinds",
-             "internal", "default_internal", "exempt_cgroups", "tc_mode", "events_rate", "events_burst"),
+             "internal", "default_internal", "exempt_cgroups", "tc_mode", "events_rate", "events_burst",
+             "vpn_mark", "vpn_cgroup"),
     "kubernetes": kubernetes_settings.KEYS,
 }
 
@@ -409,7 +413,7 @@ class _Checker:
             self.issue(at + ("tunnels",), 'no tunnel interface given; name at least one, e.g. tunnels = ["wg0"]')
         specs = [self.attempt(at + ("endpoints", j), parse_endpoint_spec, text) for j, text in
                  enumerate(self.strings(table, at, "endpoints", 'an array such as ["203.0.113.5:51820/udp"] or ["auto"]') or [])]
-        endpoints = [e for e in specs if isinstance(e, Endpoint)]
+        endpoints = [e for e in specs if isinstance(e, (Endpoint, AnyEndpoint))]
         follow = tuple(dict.fromkeys(e for e in specs if isinstance(e, str)))
         if follow and table.get("netns") == "each":
             self.issue(at + ("endpoints",), 'endpoints "auto" is not followed across the namespaces of netns = "each"; '
@@ -420,9 +424,39 @@ class _Checker:
         dhcp = self.get(table, at, "allow_dhcp", bool, "true or false")
         kinds = self.strings(table, at, "tunnel_kinds", 'an array of link kinds such as ["wireguard", "tun"]')
         events = self.events(table, at)
+        vpn = self.vpn(table, at)
+        if any(isinstance(e, AnyEndpoint) for e in endpoints) and vpn == (None, ()):
+            wild = next(e for e in endpoints if isinstance(e, AnyEndpoint))
+            self.issue(at + ("endpoints",), f"{str(wild)!r} names every address: any process could reach any server "
+                       "on that port outside the tunnel; add vpn_mark or vpn_cgroup so that only the VPN client may, "
+                       "or give the server's address")
+            return None
         return self.policy(at, tunnels or [], endpoints, netns,
                            Options(lan, lan_dns, dhcp_default if dhcp is None else dhcp),
-                           DEFAULT_TUNNEL_KINDS if kinds is None else kinds, events, follow)
+                           DEFAULT_TUNNEL_KINDS if kinds is None else kinds, events, follow, vpn)
+
+    def vpn(self, table: dict, at: KeyPath) -> tuple[tuple[int, int] | None, tuple[str, ...]]:
+        """vpn_mark = "0xca6c" (or a number, or "MARK/MASK") and vpn_cgroup = a path or an array of paths."""
+        raw = table.get("vpn_mark")
+        mark = None
+        if isinstance(raw, bool) or (raw is not None and not isinstance(raw, (int, str))):
+            self.issue(at + ("vpn_mark",), f"{_toml_type(raw)} is not valid here; expected a mark such as "
+                       '51820 or "0xca6c/0xffff"')
+        elif raw is not None:
+            mark = self.attempt(at + ("vpn_mark",), parse_mark, str(raw))
+        paths = table.get("vpn_cgroup")
+        if isinstance(paths, str):
+            paths = [paths]
+        elif paths is not None:
+            paths = self.strings(table, at, "vpn_cgroup", 'a cgroup path or an array of them, such as '
+                                 '"/sys/fs/cgroup/system.slice/openvpn.service"') or []
+        cgroups = []
+        for j, path in enumerate(paths or ()):
+            if not os.path.isabs(path):
+                self.issue(at + ("vpn_cgroup", j), f"{path!r} is not an absolute path; give the cgroup directory's full path")
+            else:
+                cgroups.append(os.path.normpath(path))
+        return mark, tuple(cgroups)
 
     def events(self, table: dict, at: KeyPath) -> EventSettings:
         default = EventSettings()
@@ -437,7 +471,8 @@ class _Checker:
 
     def policy(self, at: KeyPath, tunnels: list[str], endpoints: list[Endpoint], netns: str,
                options: Options, kinds: list[str] | tuple[str, ...], events: EventSettings,
-               follow: tuple[str, ...] = ()) -> Policy | None:
+               follow: tuple[str, ...] = (),
+               vpn: tuple[tuple[int, int] | None, tuple[str, ...]] = (None, ())) -> Policy | None:
         """The Policy, built with the CLI's own checks in steps so that each problem
         is blamed on its key: each name, the names together, the kinds, the options."""
         if not tunnels:
@@ -448,7 +483,8 @@ class _Checker:
             return None
         kinds_ok = self.attempt(at + ("tunnel_kinds",), Policy, names, (), "", Options(), tuple(kinds))
         policy = self.attempt(at + ("allow_lan_dns",), Policy, names, tuple(endpoints), netns, options,
-                              tuple(kinds) if kinds_ok else DEFAULT_TUNNEL_KINDS, events, (), False, follow)
+                              tuple(kinds) if kinds_ok else DEFAULT_TUNNEL_KINDS, events, (), False, follow,
+                              vpn[0], vpn[1])
         return policy if kinds_ok else None
 
 

@@ -45,13 +45,15 @@ NODE_ENTRIES = (*TC_ENTRIES, ENTRY_NF)   # what node mode loads (the last where 
 PROG_NAME = ENTRY_CGROUP
 MAP_NAMES = ("tunnels", "tunnel_ifindex", "endpoints4", "endpoints6", "counters", "meta", "events", "bucket",
              "exempt", "scope_netns", "verify_nonce", "netns_known", "netns_events",
-             "cidrs4", "cidrs6", "sk_netns", "ep_slots", "nf_pass", "tunnel_src", "netns_fast")
+             "cidrs4", "cidrs6", "sk_netns", "ep_slots", "nf_pass", "tunnel_src", "netns_fast",
+             "vpn_mark", "vpn_cgroups", "ep_any")
 # absent from pins of scopes made before them: --netns each's maps; allow_cidrs' tries (those allow none);
 # the endpoint slots (those programs look the hashes up without them);
 # and from programs that ask the kernel for the namespace instead of reading socket storage (sk_netns);
 # nf_pass, tunnel_src: only compiled where the kernel has netfilter links; netns_fast: scopes made before it
+# vpn_mark, vpn_cgroups, ep_any: only compiled with --vpn-mark / --vpn-cgroup (KSBPF_OPT_VPN_*)
 OPTIONAL_MAPS = ("netns_known", "netns_events", "cidrs4", "cidrs6", "sk_netns", "ep_slots", "nf_pass", "tunnel_src",
-                 "netns_fast")
+                 "netns_fast", "vpn_mark", "vpn_cgroups", "ep_any")
 # maps a scope keeps across a re-attach: each socket's namespace, recorded when it was created; whether
 # every socket of the scope is known to be in its namespace (netns_fast)
 KEPT_MAPS = ("sk_netns", "netns_fast")
@@ -70,6 +72,7 @@ _EXEMPT = struct.Struct("=QII")       # cgroup_id, level, pad
 _SRC_KEY = struct.Struct("=Q16s")     # struct ksbpf_src_key: netns_cookie, addr
 _SRC = struct.Struct("=II16s")        # struct ksbpf_src: ifindex, pad, name
 MAX_EXEMPT = 8                        # KSBPF_MAX_EXEMPT
+MAX_VPN_CGROUPS = 8                   # KSBPF_MAX_VPN_CGROUPS
 _PROTO_NAMES = {v: k for k, v in PROTOCOLS.items()}
 
 
@@ -94,6 +97,10 @@ def cflags(options: Options, n_endpoints: int, events: EventSettings = EventSett
         flags.append("-DKSBPF_OPT_DHCP")
     if options.allow_cidrs:
         flags.append("-DKSBPF_OPT_CIDRS")
+    if options.vpn_mark:
+        flags.append("-DKSBPF_OPT_VPN_MARK")
+    if options.vpn_cgroup:
+        flags.append("-DKSBPF_OPT_VPN_CGROUP")
     if nf.supported():
         try:
             flags += btf.nf_cflags()   # compiles the netfilter entry point, for this kernel's struct layout
@@ -294,6 +301,54 @@ class ScopeMaps:
     def add_cidr(self, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
         name = "cidrs4" if net.version == 4 else "cidrs6"
         libbpf.map_update(self.fds[name], _U32.pack(net.prefixlen) + net.network_address.packed, b"\x01")
+
+    # --vpn-mark / --vpn-cgroup: the VPN client's identity, and the wildcard endpoints only it may use
+    def set_vpn_mark(self, mark: int, mask: int) -> None:
+        if "vpn_mark" in self.fds:
+            libbpf.map_update(self.fds["vpn_mark"], _U32.pack(0), _U32.pack(mark) + _U32.pack(mask))
+
+    def vpn_mark(self) -> tuple[int, int] | None:
+        if "vpn_mark" not in self.fds:
+            return None
+        raw = libbpf.map_lookup(self.fds["vpn_mark"], _U32.pack(0), 8) or bytes(8)
+        mark, mask = struct.unpack("=II", raw)
+        return (mark, mask) if mark else None
+
+    def set_vpn_cgroups(self, cgroups: list[tuple[int, int]]) -> None:
+        """(cgroup id, level) of each VPN client cgroup; the rest of the slots emptied."""
+        if "vpn_cgroups" not in self.fds:
+            return
+        if len(cgroups) > MAX_VPN_CGROUPS:
+            raise KsbpfError(f"more than {MAX_VPN_CGROUPS} vpn cgroups", f"give at most {MAX_VPN_CGROUPS}")
+        for i in range(MAX_VPN_CGROUPS):
+            cg_id, level = cgroups[i] if i < len(cgroups) else (0, 0)
+            libbpf.map_update(self.fds["vpn_cgroups"], _U32.pack(i), _EXEMPT.pack(cg_id, level, 0))
+
+    def vpn_cgroups(self) -> list[tuple[int, int]]:
+        out = []
+        for i in range(MAX_VPN_CGROUPS if "vpn_cgroups" in self.fds else 0):
+            cg_id, level, _ = _EXEMPT.unpack(libbpf.map_lookup(self.fds["vpn_cgroups"], _U32.pack(i), _EXEMPT.size))
+            if not cg_id:
+                break
+            out.append((cg_id, level))
+        return out
+
+    def add_any_endpoint(self, ep) -> None:
+        """A wildcard endpoint (policy.AnyEndpoint): any address on its port and protocol."""
+        if "ep_any" not in self.fds:
+            raise KsbpfError(f"endpoint {ep} needs the VPN client's identity compiled in",
+                             "attach with --vpn-mark MARK or --vpn-cgroup PATH")
+        libbpf.map_update(self.fds["ep_any"], struct.pack("!HBB", ep.port, ep.proto_number, 0), _U32.pack(1))
+
+    def any_endpoints(self) -> list[tuple[int, str]]:
+        if "ep_any" not in self.fds:
+            return []
+        out = []
+        for key in libbpf.map_keys(self.fds["ep_any"], 4):
+            port, proto, _ = struct.unpack("!HBB", key)
+            if proto in _PROTO_NAMES:
+                out.append((port, _PROTO_NAMES[proto]))
+        return sorted(out)
 
     # node mode, netfilter hook: the interfaces it leaves to others (tc guard in force, internal, tunnel)
     def set_nf_pass(self, ifindexes: set[int]) -> None:

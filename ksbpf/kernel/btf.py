@@ -164,6 +164,7 @@ NF_FIELDS = (
     ("sk_buff", "network_header", 2),
     ("sk_buff", "tail", 4),
     ("sk_buff", "sk", 8),
+    ("sk_buff", "mark", 4),   # --vpn-mark: the VPN client's firewall mark
 )
 
 

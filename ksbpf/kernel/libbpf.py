@@ -36,6 +36,7 @@ BPF_OBJ_NAME_LEN = 16
 
 SK_BUFF_SIZE = 192          # sizeof(struct __sk_buff) on 6.x
 SK_BUFF_IFINDEX_OFFSET = 40  # offsetof(struct __sk_buff, ifindex)
+SK_BUFF_MARK_OFFSET = 8      # offsetof(struct __sk_buff, mark): a test run may set it
 
 
 class _TestRunOpts(ctypes.Structure):
@@ -361,11 +362,13 @@ class TestRun:
     duration_ns: int
 
 
-def prog_test_run(prog_fd: int, data: bytes, ifindex: int = 0, repeat: int = 1) -> TestRun:
-    """Run a loaded skb program once (or `repeat` times) on `data` (an Ethernet frame)."""
+def prog_test_run(prog_fd: int, data: bytes, ifindex: int = 0, repeat: int = 1, mark: int = 0) -> TestRun:
+    """Run a loaded skb program once (or `repeat` times) on `data` (an Ethernet frame),
+    leaving through ifindex, carrying firewall mark `mark`."""
     data_buf = _buf(data)
     ctx = ctypes.create_string_buffer(SK_BUFF_SIZE)
     ctypes.c_uint32.from_buffer(ctx, SK_BUFF_IFINDEX_OFFSET).value = ifindex
+    ctypes.c_uint32.from_buffer(ctx, SK_BUFF_MARK_OFFSET).value = mark
     opts = _TestRunOpts()
     opts.sz = ctypes.sizeof(opts)
     opts.data_in = ctypes.cast(data_buf, ctypes.c_void_p)

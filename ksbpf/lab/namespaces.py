@@ -99,6 +99,8 @@ class Lab:
     containers: list[str] = field(init=False, default_factory=list)   # container namespaces (add_containers)
     # the client's wireguard-go as a pod's VPN sidecar: in this cgroup, root with only CAP_NET_ADMIN
     client_cgroup: str | None = field(init=False, default=None)
+    # the client's wireguard-go marks its own packets (wg set IFACE fwmark M), as a VPN client does for --vpn-mark
+    client_fwmark: int | None = field(init=False, default=None)
     _wg: dict[str, subprocess.Popen] = field(init=False, repr=False, default_factory=dict)
     _keydir: str | None = field(init=False, repr=False, default=None)
 
@@ -197,7 +199,8 @@ class Lab:
                            "server", "client", ("listen-port", str(self.wg_port)), ())
         if not self._running(self.wg_client):
             self._start_wg(self.client_ns, self.wg_client, self.tun4_client, self.tun6_client,
-                           "client", "server", (),
+                           "client", "server",
+                           ("fwmark", str(self.client_fwmark)) if self.client_fwmark else (),
                            ("endpoint", f"{self.phy4_server}:{self.wg_port}",
                             "persistent-keepalive", "1"))
             for family in ("-4", "-6"):

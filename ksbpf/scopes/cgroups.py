@@ -152,6 +152,7 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
     each = subtree.is_each(policy)
     ns = None if each else netns.resolve(policy.netns)
 
+    vpn = common.vpn_entries(policy)
     progress("loading the policy program (compiled by bcc unless a cached image fits)")
     keep = bpf.kept_maps(pins.scope_dir(cg.id, bpffs))   # a re-attach: the sockets' namespaces stay known
     old_inode = _pinned_netns_inode(pins.scope_dir(cg.id, bpffs))
@@ -195,6 +196,7 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
                 prog.maps.add_endpoint(ep)
             for net in policy.allow_cidrs:
                 prog.maps.add_cidr(net)
+            common.set_vpn(prog.maps, policy, vpn)
             meta = {
                 "version": common.META_VERSION, "cgroup": cg.path, "cgroup_id": cg.id,
                 # the endpoints live in their maps (there may be many)
@@ -430,6 +432,7 @@ class ScopeStatus:
             "tunnel_source": self.tunnel_source, "deny_tun": self.deny_tun, "netns_fast": self.netns_fast,
             "raw_sockets": self.raw_sockets,
             "follow": list(self.policy.follow), "followed": [f.to_dict() for f in self.followed],
+            "vpn_mark": None, "vpn_cgroups": [], "any_endpoints": [], **self.policy.vpn_dict(),
         }
 
 

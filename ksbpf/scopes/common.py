@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from ksbpf.kernel import bpf, links, netns
+from ksbpf.kernel import bpf, cgroup, links, netns
 from ksbpf.policy import Endpoint, Policy
 from ksbpf.reasons import Family, Reason
 
@@ -153,6 +153,27 @@ def sync_tunnel_sources(maps: bpf.ScopeMaps, policy: Policy, cookie: int, presen
             if addr not in have:
                 added.append(str(addr))
     return added
+
+
+def vpn_entries(policy: Policy) -> list[tuple[int, int]]:
+    """(cgroup id, level) of each --vpn-cgroup: resolved before anything is
+    loaded, so that a missing cgroup changes nothing."""
+    out = []
+    for path in policy.vpn_cgroups:
+        cg = cgroup.resolve(path)
+        out.append((cg.id, cgroup.level(cg)))
+    return out
+
+
+def set_vpn(maps: bpf.ScopeMaps, policy: Policy, cgroups: list[tuple[int, int]]) -> None:
+    """The VPN client's identity (--vpn-mark, --vpn-cgroup) and the wildcard
+    endpoints only it may use, into a freshly loaded program's maps."""
+    if policy.vpn_mark:
+        maps.set_vpn_mark(*policy.vpn_mark)
+    if policy.vpn_cgroups:
+        maps.set_vpn_cgroups(cgroups)
+    for ep in policy.any_endpoints:
+        maps.add_any_endpoint(ep)
 
 
 def meta_netns(meta: dict) -> netns.Netns:

@@ -518,6 +518,7 @@ def attach(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
     cookie = netns.cookie(ns)
     mode = resolve_mode(np.tc_mode)
     exempt = exempt_entries(np)
+    vpn = common.vpn_entries(policy)
 
     progress("loading the tc and netfilter programs (compiled by bcc unless a cached image fits)")
     prog = bpf.load(policy.options, len(policy.endpoints), policy.events, entries=bpf.NODE_ENTRIES)
@@ -529,6 +530,7 @@ def attach(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
             for ep in policy.endpoints:
                 prog.maps.add_endpoint(ep)
             prog.maps.set_exempt(exempt)
+            common.set_vpn(prog.maps, policy, vpn)
             prog.maps.set_netns_cookie(cookie)
             final = pins.node_dir(cookie, bpffs)
             old_meta = _read_meta(final) if os.path.isdir(final) else None
@@ -711,6 +713,7 @@ class NodeStatus:
                        "sent": self.events[0], "suppressed": self.events[1]},
             "attached_at": self.attached_at, "problems": self.problems,
             "follow": list(self.policy.follow), "followed": [f.to_dict() for f in self.followed],
+            "vpn_mark": None, "vpn_cgroups": [], "any_endpoints": [], **self.policy.vpn_dict(),
         }
 
 

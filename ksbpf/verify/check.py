@@ -37,6 +37,7 @@ routes, ipv6.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import ipaddress
 import os
@@ -46,7 +47,7 @@ from dataclasses import dataclass, field
 
 from ksbpf.errors import KsbpfError
 from ksbpf.kernel import bpf, cgroup, features, libbpf, links, netns, pins, preflight
-from ksbpf.policy import LAN_RANGES, NodePolicy, Policy
+from ksbpf.policy import LAN_RANGES, NodePolicy, Policy, format_mark
 from ksbpf.scopes import cgroups, common, tunnel_source
 from ksbpf.scopes import subtree as subtree_scope
 from ksbpf.scopes import node as node_scope
@@ -101,8 +102,12 @@ def attach_command(cg: str, policy: Policy) -> str:
     argv = ["ksbpf", "attach", "--cgroup", cg]
     for t in policy.tunnels:
         argv += ["--tunnel", t]
-    for e in policy.endpoints:
+    for e in (*policy.endpoints, *policy.any_endpoints):
         argv += ["--endpoint", str(e)]
+    if policy.vpn_mark:
+        argv += ["--vpn-mark", format_mark(*policy.vpn_mark)]
+    for c in policy.vpn_cgroups:
+        argv += ["--vpn-cgroup", c]
     if policy.netns:
         argv += ["--netns", policy.netns]
     for flag, on in (("--allow-lan", policy.options.allow_lan), ("--allow-lan-dns", policy.options.allow_lan_dns),
@@ -318,8 +323,9 @@ def ipv6_exposure(policy: Policy, present: dict[int, links.Link], addrs: list) -
 
 
 def _policy_runs(prog_fd: int, nonce: bytes, present: list[links.Link], scope: model.Scope,
-                 cases: list[tuple[str, bytes]]) -> tuple[int, list[str]]:
+                 cases: list[tuple[str, bytes]], mark: int = 0) -> tuple[int, list[str]]:
     runner = Runner(prog_fd, nonce)
+    runner.set_mark(mark)
     runs, mismatches = 0, []
     for link in present:
         for label, pkt in cases:
@@ -509,9 +515,12 @@ class _ScopeCheck:
                 prog_fd: int) -> None:
         nonce = ensure_nonce(maps, netns.cookie(ns))   # runs stand for a socket of the scope's namespace
         tunnels = frozenset(link.ifindex for link in present if policy.trusts(link.name, link.kind))
-        scope = model.Scope(policy.options, policy.endpoints, tunnels)
-        cases = crafted.packets(policy.endpoints)
-        runs, mismatches = netns.run_in(ns.path, _policy_runs, prog_fd, nonce, present, scope, cases)
+        scope = model.Scope(policy.options, policy.endpoints, tunnels, any_endpoints=policy.any_endpoints)
+        cases = crafted.packets(policy.endpoints, policy.any_endpoints)
+        runs, mismatches = 0, []
+        for mark, as_scope in _vpn_variants(policy, scope):   # --vpn-mark: marked runs too
+            r, m = netns.run_in(ns.path, _policy_runs, prog_fd, nonce, present, as_scope, cases, mark)
+            runs, mismatches = runs + r, mismatches + [f"{x} (mark {mark:#x})" if mark else x for x in m]
         if mismatches:
             self.add("policy", FAIL, f"{len(mismatches)} of {runs} verdicts differ from the policy: "
                      + "; ".join(mismatches[:4]) + (" ..." if len(mismatches) > 4 else ""),
@@ -609,14 +618,30 @@ def _own_cgroup() -> str | None:
     return None
 
 
+def _vpn_variants(policy: Policy, scope: model.Scope) -> list[tuple[int, model.Scope]]:
+    """(skb mark, what the model assumes) of each pass of crafted packets: a
+    test run's packet carries no mark and its socket is in this process's
+    cgroup -- the VPN client's when that is in a --vpn-cgroup subtree; with
+    --vpn-mark, a second pass carries the mark: the VPN client's."""
+    own = _own_cgroup()
+    in_vpn = bool(own) and any(own == c or own.startswith(c.rstrip("/") + "/")
+                               for c in (os.path.realpath(x) for x in policy.vpn_cgroups))
+    out = [(0, dataclasses.replace(scope, vpn_client=in_vpn))]
+    if policy.vpn_mark:
+        out.append((policy.vpn_mark[0], dataclasses.replace(scope, vpn_client=True)))
+    return out
+
+
 def _node_runs(fds: dict[str, int], nonce: bytes, present: list[links.Link], scope: model.Scope,
-               endpoints) -> tuple[int, list[str]]:
+               endpoints, any_endpoints=(), mark: int = 0) -> tuple[int, list[str]]:
     runners = {entry: Runner(fd, nonce) for entry, fd in fds.items()}
+    for r in runners.values():
+        r.set_mark(mark)
     runs, mismatches = 0, []
     for link in present:
         entry = node_scope.entry_for(link)
         hook = model.TC_ETH if entry == bpf.ENTRY_TC_ETH else model.TC_L3
-        for label, buf in crafted.tc_frames(endpoints, link.ethernet):
+        for label, buf in crafted.tc_frames(endpoints, link.ethernet, any_endpoints):
             want = model.decide_test_run(hook, buf, link.ifindex, scope)
             got = allowed(True, runners[entry].run(buf, link.ifindex))
             runs += 1
@@ -690,8 +715,13 @@ class _NodeCheck(_ScopeCheck):
             tunnels = frozenset(link.ifindex for link in present if policy.trusts(link.name, link.kind))
             judged = [link for link in present if roles[link.name] in ("guarded", "tunnel")]
             scope = model.Scope(policy.options, policy.endpoints, tunnels, exempt,
-                                on_link=netns.run_in(ns.path, on_link_table, judged))
-            runs, mismatches = netns.run_in(ns.path, _node_runs, fds, nonce, judged, scope, policy.endpoints)
+                                on_link=netns.run_in(ns.path, on_link_table, judged),
+                                any_endpoints=policy.any_endpoints)
+            runs, mismatches = 0, []
+            for mark, as_scope in _vpn_variants(policy, scope):   # --vpn-mark: marked runs too
+                r, m = netns.run_in(ns.path, _node_runs, fds, nonce, judged, as_scope, policy.endpoints,
+                                    policy.any_endpoints, mark)
+                runs, mismatches = runs + r, mismatches + [f"{x} (mark {mark:#x})" if mark else x for x in m]
             if mismatches:
                 self.add("policy", FAIL, f"{len(mismatches)} of {runs} verdicts differ from the policy: "
                          + "; ".join(mismatches[:4]) + (" ..." if len(mismatches) > 4 else ""), again)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from ksbpf.policy import Endpoint
+from ksbpf.policy import AnyEndpoint, Endpoint
 from ksbpf.verify.packets import (
     DSTOPTS,
     ETH_8021Q,
@@ -32,8 +32,9 @@ LAN4, LAN6 = "192.168.1.1", "fd00::53"
 OTHER = {"udp": TCP, "tcp": UDP}
 
 
-def packets(endpoints: tuple[Endpoint, ...]) -> list[tuple[str, bytes]]:
-    """(label, IP packet) of every crafted case for a scope with these endpoints."""
+def packets(endpoints: tuple[Endpoint, ...], any_endpoints: tuple[AnyEndpoint, ...] = ()) -> list[tuple[str, bytes]]:
+    """(label, IP packet) of every crafted case for a scope with these endpoints
+    (and wildcard endpoints: any address on a port and protocol)."""
     out: list[tuple[str, bytes]] = []
 
     def add(label: str, pkt: bytes) -> None:
@@ -61,6 +62,13 @@ def packets(endpoints: tuple[Endpoint, ...]) -> list[tuple[str, bytes]]:
             add(f"endpoint {ep} as a first fragment", ipv6(a, ep.proto_number, dport=ep.port, ext=(FRAGMENT,)))
         add(f"non-first fragment to endpoint {a}", build(a, ep.proto_number, dport=ep.port, frag_offset=1480)
             if ep.address.version == 4 else ipv6(a, ep.proto_number, dport=ep.port, ext=(FRAGMENT,), frag_offset=1448))
+    for ep in any_endpoints:
+        for v, build, dst in ((4, ipv4, PUBLIC4), (6, ipv6, PUBLIC6)):
+            add(f"wildcard endpoint {ep}: ipv{v} {dst}", build(dst, ep.proto_number, dport=ep.port))
+            add(f"wildcard endpoint {ep}: ipv{v} {dst} on port {ep.port % 65535 + 1}",
+                build(dst, ep.proto_number, dport=ep.port % 65535 + 1))
+            add(f"wildcard endpoint {ep}: ipv{v} {dst} over {'tcp' if ep.proto == 'udp' else 'udp'}",
+                build(dst, OTHER[ep.proto], dport=ep.port))
     for proto, name in ((UDP, "udp"), (TCP, "tcp")):
         add(f"dns/{name} to LAN {LAN4}", ipv4(LAN4, proto, dport=53))
         add(f"dns/{name} to LAN {LAN6}", ipv6(LAN6, proto, dport=53))
@@ -100,11 +108,12 @@ def packets(endpoints: tuple[Endpoint, ...]) -> list[tuple[str, bytes]]:
 
 
 
-def tc_frames(endpoints: tuple[Endpoint, ...], ethernet: bool) -> list[tuple[str, bytes]]:
+def tc_frames(endpoints: tuple[Endpoint, ...], ethernet: bool,
+              any_endpoints: tuple[AnyEndpoint, ...] = ()) -> list[tuple[str, bytes]]:
     """What a node scope's tc program gets: the same packets, as Ethernet
     frames (with ARP, neighbour discovery and an 802.1Q-tagged frame), or bare
     on a device without a link-layer header."""
-    out = [(label, frame(p) if ethernet else p) for label, p in packets(endpoints)]
+    out = [(label, frame(p) if ethernet else p) for label, p in packets(endpoints, any_endpoints)]
     big = b"n" * 1200
     nd = [("IPv6 neighbour solicitation", ipv6("ff02::1:ff00:1", ICMPV6, hop_limit=255, icmp_type=135)),
           ("IPv6 router solicitation", ipv6("ff02::2", ICMPV6, hop_limit=255, icmp_type=133)),

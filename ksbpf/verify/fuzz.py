@@ -39,7 +39,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from ksbpf.kernel import bpf, features, netns
-from ksbpf.policy import LAN_RANGES, Endpoint, Options
+from ksbpf.policy import LAN_RANGES, AnyEndpoint, Endpoint, Options
 from ksbpf.reasons import Family, Reason
 from ksbpf.verify import model
 from ksbpf.verify.nonce import set_nonce
@@ -55,9 +55,20 @@ OPTION_SETS = {
     # the cgroup hook reading each socket's namespace from socket storage (kernels < 6.17) instead of the helper
     "strict/storage": Options(),
     "lan+dhcp/storage": Options(allow_lan=True, allow_dhcp=True),
+    # --vpn-mark: a mark no test run carries (its skb->mark is 0): the endpoints are not the runs'
+    "vpn-mark": Options(vpn_mark=True),
+    # --vpn-cgroup: the root cgroup, an ancestor of every test run's socket: the runs are the VPN client
+    "vpn-cgroup+lan": Options(vpn_cgroup=True, allow_lan=True),
+    # both, neither matching (a cgroup id no socket has), with socket storage
+    "vpn+dhcp/storage": Options(vpn_mark=True, vpn_cgroup=True, allow_dhcp=True),
 }
 EXEMPT_SETS = {"exempt"}
-STORAGE_SETS = {"strict/storage", "lan+dhcp/storage"}
+VPN_CLIENT_SETS = {"vpn-cgroup+lan"}
+VPN_MARK = (0x1234, 0xFFFF)
+NO_CGROUP_ID = (1 << 63) + 12345   # no cgroup has it
+STORAGE_SETS = {"strict/storage", "lan+dhcp/storage", "vpn+dhcp/storage"}
+# wildcard endpoints of the vpn sets: any address on these (port, protocol) pairs
+ANY_ENDPOINTS = tuple(AnyEndpoint.parse(e) for e in ("*:51820/udp", "*:4500/udp", "*:443/tcp", "*:53/udp"))
 
 ENDPOINTS = tuple(Endpoint.parse(e) for e in (
     "203.0.113.5:51820/udp", "203.0.113.5:443/tcp",
@@ -147,7 +158,8 @@ class FuzzEnv:
 def programs(env: "FuzzEnv", name: str, cache: str) -> "Programs":
     """The programs of option set `name`, as the fuzzer and the saved cases load them."""
     return Programs(env, OPTION_SETS[name], cache, name in EXEMPT_SETS,
-                    features.NETNS_STORAGE if name in STORAGE_SETS else features.NETNS_HELPER)
+                    features.NETNS_STORAGE if name in STORAGE_SETS else features.NETNS_HELPER,
+                    vpn_client=name in VPN_CLIENT_SETS)
 
 
 class Programs:
@@ -155,7 +167,7 @@ class Programs:
     with the fuzz namespace's tunnels and ENDPOINTS."""
 
     def __init__(self, env: FuzzEnv, options: Options, cache: str, exempt: bool = False,
-                 identity: str = features.NETNS_HELPER):
+                 identity: str = features.NETNS_HELPER, vpn_client: bool = False):
         self.identity = identity
         with features.forced_netns_identity(identity):
             self.prog = bpf.load(options, len(ENDPOINTS), cache=cache, entries=ENTRIES)
@@ -167,7 +179,15 @@ class Programs:
             self.prog.maps.add_endpoint(ep)
         self.nonce = new_nonce()
         set_nonce(self.prog.maps, self.nonce, env.cookie)   # a verify run stands for a socket of env's namespace
-        self.scope = model.Scope(options, ENDPOINTS, env.tunnels, exempt=exempt, on_link=env.on_link)
+        vpn = options.vpn_mark or options.vpn_cgroup
+        if options.vpn_mark:
+            self.prog.maps.set_vpn_mark(*VPN_MARK)
+        if options.vpn_cgroup:
+            self.prog.maps.set_vpn_cgroups([(ROOT_CGROUP_ID, 0)] if vpn_client else [(NO_CGROUP_ID, 1)])
+        for ep in ANY_ENDPOINTS if vpn else ():
+            self.prog.maps.add_any_endpoint(ep)
+        self.scope = model.Scope(options, ENDPOINTS, env.tunnels, exempt=exempt, on_link=env.on_link,
+                                 vpn_client=vpn_client, any_endpoints=ANY_ENDPOINTS if vpn else ())
         # a counted test run's socket has no storage: its namespace is unknown, never a tunnel's
         self._unknown_netns = dataclasses.replace(self.scope, tunnels=frozenset())
         if exempt:

@@ -24,7 +24,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ksbpf.policy import LAN_RANGES, Endpoint, Options
+from ksbpf.policy import LAN_RANGES, AnyEndpoint, Endpoint, Options
 from ksbpf.reasons import Family, Reason
 
 # The hooks, by the name of their entry point in ebpf/ksbpf.c.
@@ -74,6 +74,12 @@ class Scope:
     # tc: the packet comes from a socket of the node's own namespace (a test
     # run's always does); False: forwarded
     own_socket: bool = True
+    # --vpn-mark / --vpn-cgroup (options.vpn_mark, options.vpn_cgroup): is the
+    # packet the VPN client's (its mark, or its socket's cgroup)?  Only then may
+    # it reach an endpoint -- a fixed one or any address on a port and protocol
+    # of any_endpoints.
+    vpn_client: bool = False
+    any_endpoints: tuple[AnyEndpoint, ...] = ()
 
     def __post_init__(self) -> None:
         table: dict[bytes, list[tuple[int, int]]] = {}
@@ -83,6 +89,15 @@ class Scope:
 
     def endpoint_ports(self, address: bytes) -> frozenset[tuple[int, int]] | None:
         return self._endpoints.get(address)  # type: ignore[attr-defined]
+
+    @property
+    def vpn_only(self) -> bool:
+        """Does the endpoint exception belong to the VPN client alone?"""
+        return self.options.vpn_mark or self.options.vpn_cgroup
+
+    def endpoint_reason(self) -> Reason:
+        """A packet to an endpoint (address, port and protocol): the VPN client's, or not."""
+        return Reason.ALLOW_ENDPOINT if not self.vpn_only or self.vpn_client else Reason.DROP_ENDPOINT_NOT_VPN
 
 
 @dataclass(frozen=True)
@@ -200,20 +215,23 @@ def _arp(data: bytes) -> bool:
 
 
 def _exceptions(p: _Packet, scope: Scope, length: int = 0, tc: bool = False) -> Reason:
-    """Endpoint, LAN, DHCP -- in that order -- for a packet that does not leave
-    through a tunnel."""
+    """Endpoint, LAN, wildcard endpoint, DHCP -- in that order -- for a packet
+    that does not leave through a tunnel."""
     if p.fragment:
         return Reason.DROP_FRAGMENT
     allowed = scope.endpoint_ports(p.daddr)
     if allowed is not None:
         if p.ports is not None and (p.ports[1], p.l4proto) in allowed:
-            return Reason.ALLOW_ENDPOINT
+            return scope.endpoint_reason()
         return Reason.DROP_ENDPOINT_MISMATCH
     opts = scope.options
     if opts.allow_lan and _lan(p.daddr, p.v6):
         if not opts.allow_lan_dns and p.ports is not None and p.ports[1] in DNS_PORTS:
             return Reason.DROP_LAN_DNS
         return Reason.ALLOW_LAN
+    if scope.vpn_only and p.ports is not None and \
+            any(e.port == p.ports[1] and e.proto_number == p.l4proto for e in scope.any_endpoints):
+        return scope.endpoint_reason()
     if opts.allow_dhcp and _dhcp(p, length, scope, tc):
         return Reason.ALLOW_DHCP
     return Reason.DROP_NOT_TUNNEL

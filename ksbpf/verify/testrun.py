@@ -67,6 +67,10 @@ class Runner:
         self._ifindex = ctypes.c_uint32.from_buffer(self._ctx, libbpf.SK_BUFF_IFINDEX_OFFSET)
         self.set_nonce(nonce)
 
+    def set_mark(self, mark: int) -> None:
+        """skb->mark of the next runs (--vpn-mark: the VPN client's packets carry it)."""
+        ctypes.c_uint32.from_buffer(self._ctx, libbpf.SK_BUFF_MARK_OFFSET).value = mark
+
     def set_nonce(self, nonce: bytes | None) -> None:
         ctypes.memmove(ctypes.addressof(self._ctx) + SK_BUFF_CB_OFFSET, nonce or bytes(NONCE_SIZE), NONCE_SIZE)
 
