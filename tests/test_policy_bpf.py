@@ -12,6 +12,7 @@ import subprocess
 
 import pytest
 from packets import DSTOPTS, ETH_ARP, FRAGMENT, HOPOPTS, ICMP, ICMPV6, TCP, UDP, eth, frame, ipv4, ipv6, vlan_frame
+from test_dns import CASES as DNS_CASES
 
 from ksbpf.kernel import bpf, features, libbpf, netns
 from ksbpf.policy import LAN_RANGES, Endpoint, Options
@@ -407,9 +408,10 @@ def test_every_reason_is_exercised():
     """Guard against a reason added to the enum without a test case."""
     covered = ({c[4] for c in CASES} | {c[3] for c in TC_CASES} | {Reason.DROP_MALFORMED, Reason.DROP_NOT_IP}
                | {Reason.ALLOW_EXEMPT}     # needs a socket: tests/test_node.py, with real traffic
-               | {Reason.DROP_TUNNEL_SOURCE})   # the netfilter source hook's: tests/test_tunnel_source.py
-    # reserved, not yet decided by the policy (issue 17: --vpn-mark/--vpn-cgroup, --dns)
-    reserved = {Reason.DROP_ENDPOINT_NOT_VPN, Reason.DROP_DNS_NOT_VPN}
+               | {Reason.DROP_TUNNEL_SOURCE}   # the netfilter source hook's: tests/test_tunnel_source.py
+               | {c[3] for c in DNS_CASES})    # --dns (KSBPF_OPT_DNS): tests/test_dns.py
+    # reserved, not yet decided by the policy (issue 17: --vpn-mark/--vpn-cgroup)
+    reserved = {Reason.DROP_ENDPOINT_NOT_VPN}
     assert covered == set(Reason) - reserved
 
 

@@ -36,10 +36,9 @@ def test_fuzz_ten_thousand_packets(tmp_path, program_cache):
                                                 for d in result.disagreements)
     # every reason of the policy was reached (exempt: the test run's socket is in the exempted root
     # cgroup); tunnel_source is the netfilter source hook's, not the policy's (tests/test_tunnel_source.py)
-    # endpoint_not_vpn and dns_not_vpn are reserved, not yet decided by the policy (issue 17)
+    # endpoint_not_vpn is reserved, not yet decided by the policy (issue 17)
     assert set(result.by_reason) == {r.label for r in Reason} - {Reason.DROP_TUNNEL_SOURCE.label,
-                                                                 Reason.DROP_ENDPOINT_NOT_VPN.label,
-                                                                 Reason.DROP_DNS_NOT_VPN.label}
+                                                                 Reason.DROP_ENDPOINT_NOT_VPN.label}
 
 
 CASES_SAVED = fuzz.load_cases()

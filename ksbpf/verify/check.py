@@ -105,6 +105,8 @@ def attach_command(cg: str, policy: Policy) -> str:
         argv += ["--endpoint", str(e)]
     if policy.netns:
         argv += ["--netns", policy.netns]
+    for a in policy.dns:
+        argv += ["--dns", str(a)]
     for flag, on in (("--allow-lan", policy.options.allow_lan), ("--allow-lan-dns", policy.options.allow_lan_dns),
                      ("--allow-dhcp", policy.options.allow_dhcp), ("--deny-tun", policy.deny_tun)):
         if on:
@@ -509,8 +511,9 @@ class _ScopeCheck:
                 prog_fd: int) -> None:
         nonce = ensure_nonce(maps, netns.cookie(ns))   # runs stand for a socket of the scope's namespace
         tunnels = frozenset(link.ifindex for link in present if policy.trusts(link.name, link.kind))
-        scope = model.Scope(policy.options, policy.endpoints, tunnels)
-        cases = crafted.packets(policy.endpoints)
+        scope = model.Scope(policy.options, policy.endpoints, tunnels,
+                            resolvers=frozenset(a.packed for a in policy.dns))
+        cases = crafted.packets(policy.endpoints, policy.dns)
         runs, mismatches = netns.run_in(ns.path, _policy_runs, prog_fd, nonce, present, scope, cases)
         if mismatches:
             self.add("policy", FAIL, f"{len(mismatches)} of {runs} verdicts differ from the policy: "
