@@ -1184,7 +1184,8 @@ int ksbpf_sk_create(struct bpf_sock *sk)
  * cgroup/recvmsg4/6 give an answer from that resolver the source the
  * application expects.  A libc or an application that asks 127.0.0.53 or
  * 8.8.8.8 gets its answer from the VPN's resolver, through the tunnel, and
- * nothing else sees the query.  Without a resolver of the family the
+ * nothing else sees the query.  cgroup/getpeername4/6 do the same for
+ * a TCP connection's peer.  Without a resolver of the family the
  * destination stays, and the egress program drops the query (dns_not_vpn).
  * These programs never refuse a call: the egress program decides. */
 static __always_inline int ksbpf_dns_port(__u32 port)
@@ -1283,7 +1284,8 @@ static __always_inline int ksbpf_dns_out6(struct bpf_sock_addr *ctx)
 }
 
 /* recvmsg: a datagram from the resolver a socket's query was redirected to
- * reads as coming from where the application sent it. */
+ * reads as coming from where the application sent it; getpeername: a TCP
+ * connection to it reads as connected there. */
 static __always_inline struct ksbpf_dns_orig *ksbpf_dns_in(struct bpf_sock_addr *ctx, const __u32 *from)
 {
 	__u64 cookie;
@@ -1322,7 +1324,7 @@ int ksbpf_dns_send6(struct bpf_sock_addr *ctx)
 	return ksbpf_dns_out6(ctx);
 }
 
-int ksbpf_dns_recv4(struct bpf_sock_addr *ctx)
+static __always_inline int ksbpf_dns_restore4(struct bpf_sock_addr *ctx)
 {
 	__u32 from[4] = { 0, 0, bpf_htonl(0xffff), ctx->user_ip4 };
 	struct ksbpf_dns_orig *o = ksbpf_dns_in(ctx, from);
@@ -1335,7 +1337,7 @@ int ksbpf_dns_recv4(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
-int ksbpf_dns_recv6(struct bpf_sock_addr *ctx)
+static __always_inline int ksbpf_dns_restore6(struct bpf_sock_addr *ctx)
 {
 	__u32 from[4] = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3] };
 	struct ksbpf_dns_orig *o = ksbpf_dns_in(ctx, from);
@@ -1349,5 +1351,26 @@ int ksbpf_dns_recv6(struct bpf_sock_addr *ctx)
 		ctx->user_ip6[3] = w[3];
 	}
 	return 1;
+}
+/* recvmsg (UDP) and getpeername (a TCP connection's peer) give back the
+ * address the application asked for */
+int ksbpf_dns_recv4(struct bpf_sock_addr *ctx)
+{
+	return ksbpf_dns_restore4(ctx);
+}
+
+int ksbpf_dns_recv6(struct bpf_sock_addr *ctx)
+{
+	return ksbpf_dns_restore6(ctx);
+}
+
+int ksbpf_dns_peer4(struct bpf_sock_addr *ctx)
+{
+	return ksbpf_dns_restore4(ctx);
+}
+
+int ksbpf_dns_peer6(struct bpf_sock_addr *ctx)
+{
+	return ksbpf_dns_restore6(ctx);
 }
 #endif
