@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from ksbpf.errors import KsbpfError
 
-WG_QUICK_DIR = "/etc/wireguard"
+WG_QUICK_DIR = os.environ.get("KSBPF_WG_QUICK_DIR", "/etc/wireguard")   # (tests point it elsewhere)
 RESOLVECTL_TIMEOUT = 5.0
 
 
@@ -76,10 +76,10 @@ def parse_wg_quick(text: str) -> list:
     return out
 
 
-def from_resolvectl(iface: str, run=subprocess.run) -> list:
+def from_resolvectl(iface: str, run=subprocess.run, exe: str | None = None) -> list:
     """The link's DNS servers as systemd-resolved has them; [] when resolved
     is not there or knows none for the link."""
-    exe = shutil.which("resolvectl")
+    exe = exe or shutil.which("resolvectl")
     if not exe:
         return []
     try:
@@ -100,13 +100,14 @@ def from_wg_quick(iface: str, directory: str = WG_QUICK_DIR) -> list:
         return []
 
 
-def find(tunnels, own_namespace: bool = True, directory: str = WG_QUICK_DIR, run=subprocess.run) -> Found:
+def find(tunnels, own_namespace: bool = True, directory: str = WG_QUICK_DIR, run=subprocess.run,
+         resolvectl: str | None = None) -> Found:
     """The resolvers the VPN configured for these tunnels: systemd-resolved's
     per-link DNS (a tunnel of the caller's namespace), else wg-quick's `DNS =`.
     One actionable line when none is found."""
     for iface in tunnels:
         if own_namespace:
-            found = from_resolvectl(iface, run)
+            found = from_resolvectl(iface, run, resolvectl)
             if found:
                 return Found(tuple(found), f"resolvectl dns {iface}")
         found = from_wg_quick(iface, directory)
@@ -119,13 +120,13 @@ def find(tunnels, own_namespace: bool = True, directory: str = WG_QUICK_DIR, run
 
 
 def resolve_specs(specs, tunnels, own_namespace: bool = True, directory: str = WG_QUICK_DIR,
-                  run=subprocess.run) -> tuple[tuple, list[str]]:
+                  run=subprocess.run, resolvectl: str | None = None) -> tuple[tuple, list[str]]:
     """--dns values (addresses and `auto`) -> (resolvers in order, where the `auto` ones came from)."""
     from ksbpf.policy import parse_resolver
     out, sources = [], []
     for spec in specs:
         if spec.strip() == "auto":
-            found = find(tunnels, own_namespace, directory, run)
+            found = find(tunnels, own_namespace, directory, run, resolvectl)
             out += found.addresses
             sources.append(found.source)
         else:
