@@ -104,3 +104,22 @@ def test_cli_dns_auto_without_resolvers(make_cgroup, tmp_path):
     # --dns in node mode is refused on one line too
     proc = ksbpf("attach", "--node", "--tunnel", "wg0", "--dns", "10.64.0.1")
     assert proc.returncode != 0 and "--dns goes with --cgroup" in proc.stderr
+
+
+def test_config_dns_key(tmp_path, monkeypatch):
+    from ksbpf.daemon.config import ConfigError, parse
+    text = ('[[scope]]\ncgroup = "/sys/fs/cgroup/vpn.slice"\ntunnels = ["wg0"]\n'
+            'dns = ["10.64.0.1", "fd00::53"]\n')
+    (scope,) = parse(text, "t.toml").scopes
+    assert scope.policy.dns == tuple(ips("10.64.0.1", "fd00::53")) and scope.policy.options.dns
+    # auto: the wg-quick file of the scope's tunnel
+    monkeypatch.setattr(vpn_dns.shutil, "which", lambda _name: None)   # no resolved here
+    monkeypatch.setattr(vpn_dns, "WG_QUICK_DIR", FIX)
+    (scope,) = parse(text.replace('"10.64.0.1", "fd00::53"', '"auto"'), "t.toml").scopes
+    assert scope.policy.dns == tuple(ips("10.64.0.1", "fc00:bbbb:bbbb:bb01::1"))
+    # a bad resolver, and --allow-lan-dns with dns: blamed on the key, on their line
+    for bad, needle in (('dns = ["resolver.example"]', "not an IP address"),
+                        ('dns = ["10.64.0.1"]\nallow_lan = true\nallow_lan_dns = true', "contradict")):
+        with pytest.raises(ConfigError) as exc:
+            parse('[[scope]]\ncgroup = "/sys/fs/cgroup/vpn.slice"\ntunnels = ["wg0"]\n' + bad + "\n", "t.toml")
+        assert needle in str(exc.value) and "scope[0].dns" in str(exc.value)

@@ -91,8 +91,8 @@ def from_resolvectl(iface: str, run=subprocess.run, exe: str | None = None) -> l
     return parse_resolvectl(done.stdout, iface)
 
 
-def from_wg_quick(iface: str, directory: str = WG_QUICK_DIR) -> list:
-    path = os.path.join(directory, f"{iface}.conf")
+def from_wg_quick(iface: str, directory: str | None = None) -> list:
+    path = os.path.join(directory or WG_QUICK_DIR, f"{iface}.conf")
     try:
         with open(path) as f:
             return parse_wg_quick(f.read())
@@ -100,11 +100,12 @@ def from_wg_quick(iface: str, directory: str = WG_QUICK_DIR) -> list:
         return []
 
 
-def find(tunnels, own_namespace: bool = True, directory: str = WG_QUICK_DIR, run=subprocess.run,
+def find(tunnels, own_namespace: bool = True, directory: str | None = None, run=subprocess.run,
          resolvectl: str | None = None) -> Found:
     """The resolvers the VPN configured for these tunnels: systemd-resolved's
     per-link DNS (a tunnel of the caller's namespace), else wg-quick's `DNS =`.
     One actionable line when none is found."""
+    directory = directory or WG_QUICK_DIR
     for iface in tunnels:
         if own_namespace:
             found = from_resolvectl(iface, run, resolvectl)
@@ -119,7 +120,7 @@ def find(tunnels, own_namespace: bool = True, directory: str = WG_QUICK_DIR, run
                      "give the VPN's resolver as --dns ADDR (config dns = [\"ADDR\"])")
 
 
-def resolve_specs(specs, tunnels, own_namespace: bool = True, directory: str = WG_QUICK_DIR,
+def resolve_specs(specs, tunnels, own_namespace: bool = True, directory: str | None = None,
                   run=subprocess.run, resolvectl: str | None = None) -> tuple[tuple, list[str]]:
     """--dns values (addresses and `auto`) -> (resolvers in order, where the `auto` ones came from)."""
     from ksbpf.policy import parse_resolver
