@@ -1200,6 +1200,13 @@ static __always_inline int ksbpf_dns_proto(struct bpf_sock_addr *ctx)
 	return proto == IPPROTO_UDP || proto == IPPROTO_TCP;
 }
 
+static __always_inline int ksbpf_dns_orig_differs(const struct ksbpf_dns_orig *a, const struct ksbpf_dns_orig *b)
+{
+	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
+
+	return x[0] != y[0] || x[1] != y[1] || x[2] != y[2] || x[3] != y[3] || a->port != b->port;
+}
+
 /* addr: the destination as 16 bytes (IPv4-mapped for IPv4).  Returns 1 when
  * it was redirected, with *to the resolver. */
 static __always_inline int ksbpf_dns_rewrite(struct bpf_sock_addr *ctx, const __u8 *addr, int v4, __u8 *to)
@@ -1207,7 +1214,7 @@ static __always_inline int ksbpf_dns_rewrite(struct bpf_sock_addr *ctx, const __
 	int zero = 0;
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 	struct ksbpf_dns_target *t;
-	struct ksbpf_dns_orig o = {};
+	struct ksbpf_dns_orig o = {}, *old;
 	struct ksbpf_ep6_key k;
 	__be32 a4;
 
@@ -1232,12 +1239,17 @@ static __always_inline int ksbpf_dns_rewrite(struct bpf_sock_addr *ctx, const __
 		__builtin_memcpy(o.resolver, t->v6, 16);
 	}
 	o.port = ctx->user_port;
-	dns_orig.update(&cookie, &o);
+	/* a socket that sends query after query to one place: recorded once
+	 * (a lookup costs less than the LRU's update) */
+	old = dns_orig.lookup(&cookie);
+	if (!old || ksbpf_dns_orig_differs(old, &o))
+		dns_orig.update(&cookie, &o);
 	__builtin_memcpy(to, o.resolver, 16);
 	return 1;
 direct:
 	/* to a resolver itself: an earlier redirect of this socket no longer applies */
-	dns_orig.delete(&cookie);
+	if (dns_orig.lookup(&cookie))
+		dns_orig.delete(&cookie);
 	return 0;
 }
 

@@ -345,7 +345,7 @@ def status(as_json) -> None:
             click.echo(f"  deny-tun {'in force: /dev/net/tun refused to the scope' if s.deny_tun else 'NOT in force'}")
         if s.policy.dns:
             click.echo(f"  dns      only to {', '.join(map(str, s.policy.dns))} through the tunnel; other DNS "
-                       + ("redirected (connect/sendmsg/recvmsg programs attached)" if s.dns_redirect
+                       + ("redirected (connect, sendmsg, recvmsg and getpeername programs attached)" if s.dns_redirect
                           else "dropped, not redirected"))
         click.echo("  netns    " + ("from socket storage (sockets created before the attach are blocked until reopened)"
                                    if s.netns_identity == features.NETNS_STORAGE else "from bpf_get_netns_cookie")

@@ -482,6 +482,9 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
         problems.append("the cgroup no longer exists (run `ksbpf detach` to remove the pins)")
     deny_tun = deny_tun_in_force(cg_path)
     dns_redirect = bool(policy.dns) and dns_redirect_in_force(cg_path)
+    if policy.dns and not dns_redirect and features.has("sock_addr") and os.path.isdir(cg_path):
+        problems.append("--dns's redirect programs are not attached to the cgroup: DNS to other resolvers is "
+                        "dropped, not redirected to the VPN's (run `ksbpf attach ... --dns` again)")
     if policy.deny_tun and not deny_tun and os.path.isdir(cg_path):
         problems.append("--deny-tun's device program is not attached to the cgroup: its processes can open "
                         "/dev/net/tun (run `ksbpf attach ... --deny-tun` again)")
