@@ -141,3 +141,15 @@ def test_detach_removes_the_redirect_programs(lab, make_cgroup, dns):
     assert r["ok"] and r["answer"] == UPSTREAM_ANSWER, r
     ksbpf("detach", "--cgroup", cg, check=True)
     assert not cgroups.dns_redirect_in_force(cg)
+
+
+def test_daemon_scope_with_dns(lab, make_cgroup, dns, run_daemon):
+    """config dns = [...]: the daemon attaches the scope with the resolvers and the redirect programs."""
+    cg = make_cgroup()
+    d = run_daemon([{"cgroup": cg, "tunnels": [lab.wg_client], "netns": lab.client_ns,
+                     "endpoints": [lab.endpoint4], "dns": [lab.tun4_server]}])
+    assert d.named("scope_attached")
+    assert scope_status(cg)["dns"] == {"resolvers": [lab.tun4_server], "redirect": True}
+    r = ask(lab, cg, STUB)
+    assert r["ok"] and r["answer"] == VPN_ANSWER and r["from"] == STUB, r
+    assert dns["upstream"].queries == 0 and dns["stub"].relayed == 0

@@ -654,7 +654,8 @@ def ensure(cgroup_path: str, policy: Policy, progress: common.Progress = common.
         except (OSError, KsbpfError, ValueError):
             current = None  # damaged pins: rebuild below
         if (current and current.attached and current.netns_ok and policy.same_but_followed(current.policy)
-                and (current.deny_tun or not policy.deny_tun)):
+                and (current.deny_tun or not policy.deny_tun)
+                and (current.dns_redirect or not dns_entries(policy))):   # --dns: its redirect programs too
             return EnsureResult("adopted", cg.path, pin_dir)
     result = attach(cg.path, policy, progress, bpffs, loader)
     return EnsureResult("replaced" if result.replaced else "attached", cg.path, pin_dir, result)
