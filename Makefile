@@ -37,6 +37,7 @@ bench: setup
 	@$(PY) benchmarks/scaling.py --sizes 1,100,10000,100000 --rounds 3 --seconds 2
 	@$(PY) benchmarks/reaction.py --flaps 200
 	@$(PY) benchmarks/endpoint_follow.py --switches 200
+	@$(PY) benchmarks/dns_cost.py --rounds 5 --calls 20000
 	@$(PY) benchmarks/node_throughput.py --rounds 5 --seconds 2
 	@$(PY) benchmarks/node_reaction.py --interfaces 200
 	@$(PY) benchmarks/new_uplink.py --tries 20

@@ -27,6 +27,10 @@
  *                           client's cgroup subtrees (map vpn_cgroups); with
  *                           either, endpoints may be any address on a (port,
  *                           protocol) (map ep_any)
+ *   -DKSBPF_OPT_DNS         --dns: the cgroup hook parses every packet (loopback and
+ *                           tunnel ones too) and drops DNS to anything but the VPN's
+ *                           resolvers (dns4/6) or outside the tunnel; the sock_addr
+ *                           entry points (ksbpf_dns_*) redirect DNS to a resolver
  *   -DKSBPF_EVENTS_INTERVAL_NS=N, -DKSBPF_EVENTS_BURST=N
  *                           send samples of dropped packets to the ring buffer
  *                           `events`: at most one per N ns and BURST at once,
@@ -136,6 +140,15 @@ BPF_LPM_TRIE(cidrs6, struct ksbpf_cidr6_key, __u8, 256);
 BPF_ARRAY(vpn_mark, struct ksbpf_vpn_mark, 1);
 BPF_ARRAY(vpn_cgroups, struct ksbpf_exempt, KSBPF_MAX_VPN_CGROUPS);
 BPF_HASH(ep_any, struct ksbpf_ep_any_key, __u32, KSBPF_MAX_EP_ANY);
+#endif
+
+#ifdef KSBPF_OPT_DNS
+/* --dns: the VPN's resolvers, the redirect target and the original
+ * destinations of redirected sockets (ksbpf.h) */
+BPF_HASH(dns4, __be32, __u8, KSBPF_MAX_DNS);
+BPF_HASH(dns6, struct ksbpf_ep6_key, __u8, KSBPF_MAX_DNS);
+BPF_ARRAY(dns_target, struct ksbpf_dns_target, 1);
+BPF_TABLE("lru_hash", __u64, struct ksbpf_dns_orig, dns_orig, KSBPF_DNS_ORIG_MAX);
 #endif
 
 /* What the policy needs to know of a packet. */
@@ -632,6 +645,11 @@ static __always_inline int ksbpf_exceptions4(const struct ksbpf_at *at, const st
 	ep = ksbpf_endpoint4(addr);
 	if (ep)
 		return KSBPF_ENDPOINT(at, p, ep);
+#ifdef KSBPF_OPT_DNS
+	/* --dns: DNS outside the tunnel goes nowhere (the VPN's own endpoint above excepted) */
+	if (at->hook == KSBPF_HOOK_CGROUP && ksbpf_is_dns(p))
+		return KSBPF_DROP_DNS_NOT_VPN;
+#endif
 #ifdef KSBPF_OPT_CIDRS
 	if (ksbpf_allowed_cidr(p))
 		return KSBPF_ALLOW_LAN;
@@ -658,6 +676,11 @@ static __always_inline int ksbpf_exceptions6(const struct ksbpf_at *at, const st
 	ep = ksbpf_endpoint6(&key);
 	if (ep)
 		return KSBPF_ENDPOINT(at, p, ep);
+#ifdef KSBPF_OPT_DNS
+	/* --dns: DNS outside the tunnel goes nowhere (the VPN's own endpoint above excepted) */
+	if (at->hook == KSBPF_HOOK_CGROUP && ksbpf_is_dns(p))
+		return KSBPF_DROP_DNS_NOT_VPN;
+#endif
 #ifdef KSBPF_OPT_CIDRS
 	if (ksbpf_allowed_cidr(p))
 		return KSBPF_ALLOW_LAN;
@@ -802,12 +825,58 @@ static __always_inline int ksbpf_exempted(struct __sk_buff *skb)
 	return 0;
 }
 
+#ifdef KSBPF_OPT_DNS
+/* Is the destination one of the VPN's resolvers? */
+static __always_inline int ksbpf_resolver(const struct ksbpf_pkt *p)
+{
+	struct ksbpf_ep6_key k;
+	__be32 a;
+
+	if (p->family == KSBPF_FAMILY_IPV4) {
+		a = p->daddr.v4;
+		return dns4.lookup(&a) != 0;
+	}
+	__builtin_memcpy(k.addr, p->daddr.v6, 16);
+	return dns6.lookup(&k) != 0;
+}
+
+/* The cgroup hook with --dns: the packet is parsed before the loopback and
+ * tunnel rules, so that DNS to a resolver that is not the VPN's is dropped
+ * wherever it goes -- a stub resolver on loopback (127.0.0.53, which would
+ * forward it outside the scope), another resolver through the tunnel.  A
+ * packet that does not parse keeps the rules it had: loopback and the tunnel
+ * let it go, anything else drops it as malformed. */
+static __always_inline int ksbpf_decide_dns(const struct ksbpf_at *at, __u32 ifindex, struct ksbpf_pkt *p)
+{
+	int bad = 1;
+
+	if (p->family == KSBPF_FAMILY_IPV4)
+		bad = ksbpf_parse4(at, p);
+	else if (p->family == KSBPF_FAMILY_IPV6)
+		bad = ksbpf_parse6(at, p);
+	if (ifindex == 1 || ksbpf_via_tunnel(at, ifindex)) {
+		if (!bad && ksbpf_is_dns(p) && !ksbpf_resolver(p))
+			return KSBPF_DROP_DNS_NOT_VPN;
+		return ifindex == 1 ? KSBPF_ALLOW_LOOPBACK : KSBPF_ALLOW_TUNNEL;
+	}
+	if (p->family == KSBPF_FAMILY_OTHER)
+		return KSBPF_DROP_NOT_IP;
+	if (bad)
+		return KSBPF_DROP_MALFORMED;
+	return p->family == KSBPF_FAMILY_IPV4 ? ksbpf_exceptions4(at, p) : ksbpf_exceptions6(at, p);
+}
+#endif
+
 static __always_inline int ksbpf_decide(const struct ksbpf_at *at, __be16 proto, struct ksbpf_pkt *p)
 {
 	__u32 ifindex = at->hook == KSBPF_HOOK_NF ? at->ifindex : at->skb->ifindex;	/* read once */
 
 	p->family = proto == bpf_htons(ETH_P_IP) ? KSBPF_FAMILY_IPV4 :
 		    proto == bpf_htons(ETH_P_IPV6) ? KSBPF_FAMILY_IPV6 : KSBPF_FAMILY_OTHER;
+#ifdef KSBPF_OPT_DNS
+	if (at->hook == KSBPF_HOOK_CGROUP)
+		return ksbpf_decide_dns(at, ifindex, p);
+#endif
 	if (ifindex == 1)		/* LOOPBACK_IFINDEX, the same in every netns */
 		return KSBPF_ALLOW_LOOPBACK;
 	if (ksbpf_via_tunnel(at, ifindex))
@@ -1190,3 +1259,214 @@ int ksbpf_sk_create(struct bpf_sock *sk)
 	netns_events.ringbuf_submit(ev, 0);
 	return 1;
 }
+
+#ifdef KSBPF_OPT_DNS
+/* --dns, cgroup/connect4/6 and cgroup/sendmsg4/6: a DNS destination (TCP or
+ * UDP, port 53 or 853) that is not one of the VPN's resolvers is rewritten to
+ * the first resolver of its family (dns_target), and the destination the
+ * application gave is recorded under the socket's cookie (dns_orig);
+ * cgroup/recvmsg4/6 give an answer from that resolver the source the
+ * application expects.  A libc or an application that asks 127.0.0.53 or
+ * 8.8.8.8 gets its answer from the VPN's resolver, through the tunnel, and
+ * nothing else sees the query.  cgroup/getpeername4/6 do the same for
+ * a TCP connection's peer.  Without a resolver of the family the
+ * destination stays, and the egress program drops the query (dns_not_vpn).
+ * These programs never refuse a call: the egress program decides. */
+static __always_inline int ksbpf_dns_port(__u32 port)
+{
+	return port == bpf_htons(53) || port == bpf_htons(853);
+}
+
+static __always_inline int ksbpf_dns_proto(struct bpf_sock_addr *ctx)
+{
+	__u32 proto = ctx->protocol;
+
+	return proto == IPPROTO_UDP || proto == IPPROTO_TCP;
+}
+
+static __always_inline int ksbpf_dns_orig_differs(const struct ksbpf_dns_orig *a, const struct ksbpf_dns_orig *b)
+{
+	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
+
+	return x[0] != y[0] || x[1] != y[1] || x[2] != y[2] || x[3] != y[3] || a->port != b->port;
+}
+
+/* addr: the destination as 16 bytes (IPv4-mapped for IPv4).  Returns 1 when
+ * it was redirected, with *to the resolver. */
+static __always_inline int ksbpf_dns_rewrite(struct bpf_sock_addr *ctx, const __u8 *addr, int v4, __u8 *to)
+{
+	int zero = 0;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct ksbpf_dns_target *t;
+	struct ksbpf_dns_orig o = {}, *old;
+	struct ksbpf_ep6_key k;
+	__be32 a4;
+
+	if (v4) {
+		__builtin_memcpy(&a4, addr + 12, 4);
+		if (dns4.lookup(&a4))
+			goto direct;
+	} else {
+		__builtin_memcpy(k.addr, addr, 16);
+		if (dns6.lookup(&k))
+			goto direct;
+	}
+	t = dns_target.lookup(&zero);
+	if (!t || !(v4 ? t->has4 : t->has6))
+		return 0;	/* no resolver of the family: the egress program drops the query */
+	__builtin_memcpy(o.addr, addr, 16);
+	if (v4) {
+		o.resolver[10] = 0xff;
+		o.resolver[11] = 0xff;
+		__builtin_memcpy(o.resolver + 12, &t->v4, 4);
+	} else {
+		__builtin_memcpy(o.resolver, t->v6, 16);
+	}
+	o.port = ctx->user_port;
+	/* a socket that sends query after query to one place: recorded once
+	 * (a lookup costs less than the LRU's update) */
+	old = dns_orig.lookup(&cookie);
+	if (!old || ksbpf_dns_orig_differs(old, &o))
+		dns_orig.update(&cookie, &o);
+	__builtin_memcpy(to, o.resolver, 16);
+	return 1;
+direct:
+	/* to a resolver itself: an earlier redirect of this socket no longer applies */
+	if (dns_orig.lookup(&cookie))
+		dns_orig.delete(&cookie);
+	return 0;
+}
+
+static __always_inline int ksbpf_dns_out4(struct bpf_sock_addr *ctx)
+{
+	__u8 addr[16] = {}, to[16];
+	__be32 a = ctx->user_ip4;
+
+	if (!ksbpf_dns_port(ctx->user_port) || !ksbpf_dns_proto(ctx))
+		return 1;
+	addr[10] = 0xff;
+	addr[11] = 0xff;
+	__builtin_memcpy(addr + 12, &a, 4);
+	if (ksbpf_dns_rewrite(ctx, addr, 1, to)) {
+		__builtin_memcpy(&a, to + 12, 4);
+		ctx->user_ip4 = a;
+	}
+	return 1;
+}
+
+static __always_inline int ksbpf_dns_v4mapped(const __u32 *w)
+{
+	return w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0xffff);
+}
+
+static __always_inline int ksbpf_dns_out6(struct bpf_sock_addr *ctx)
+{
+	__u32 w[4], t[4];
+
+	if (!ksbpf_dns_port(ctx->user_port) || !ksbpf_dns_proto(ctx))
+		return 1;
+	w[0] = ctx->user_ip6[0];
+	w[1] = ctx->user_ip6[1];
+	w[2] = ctx->user_ip6[2];
+	w[3] = ctx->user_ip6[3];
+	/* an IPv4-mapped destination of a dual-stack socket is IPv4 DNS */
+	if (!ksbpf_dns_rewrite(ctx, (__u8 *)w, ksbpf_dns_v4mapped(w), (__u8 *)t))
+		return 1;
+	ctx->user_ip6[0] = t[0];
+	ctx->user_ip6[1] = t[1];
+	ctx->user_ip6[2] = t[2];
+	ctx->user_ip6[3] = t[3];
+	return 1;
+}
+
+/* recvmsg: a datagram from the resolver a socket's query was redirected to
+ * reads as coming from where the application sent it; getpeername: a TCP
+ * connection to it reads as connected there. */
+static __always_inline struct ksbpf_dns_orig *ksbpf_dns_in(struct bpf_sock_addr *ctx, const __u32 *from)
+{
+	__u64 cookie;
+	struct ksbpf_dns_orig *o;
+	__u32 r[4];
+
+	if (!ksbpf_dns_port(ctx->user_port))
+		return 0;
+	cookie = bpf_get_socket_cookie(ctx);
+	o = dns_orig.lookup(&cookie);
+	if (!o)
+		return 0;
+	__builtin_memcpy(r, o->resolver, 16);
+	if (r[0] != from[0] || r[1] != from[1] || r[2] != from[2] || r[3] != from[3] || o->port != ctx->user_port)
+		return 0;
+	return o;
+}
+
+int ksbpf_dns_conn4(struct bpf_sock_addr *ctx)
+{
+	return ksbpf_dns_out4(ctx);
+}
+
+int ksbpf_dns_send4(struct bpf_sock_addr *ctx)
+{
+	return ksbpf_dns_out4(ctx);
+}
+
+int ksbpf_dns_conn6(struct bpf_sock_addr *ctx)
+{
+	return ksbpf_dns_out6(ctx);
+}
+
+int ksbpf_dns_send6(struct bpf_sock_addr *ctx)
+{
+	return ksbpf_dns_out6(ctx);
+}
+
+static __always_inline int ksbpf_dns_restore4(struct bpf_sock_addr *ctx)
+{
+	__u32 from[4] = { 0, 0, bpf_htonl(0xffff), ctx->user_ip4 };
+	struct ksbpf_dns_orig *o = ksbpf_dns_in(ctx, from);
+	__be32 a;
+
+	if (o) {
+		__builtin_memcpy(&a, o->addr + 12, 4);
+		ctx->user_ip4 = a;
+	}
+	return 1;
+}
+
+static __always_inline int ksbpf_dns_restore6(struct bpf_sock_addr *ctx)
+{
+	__u32 from[4] = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3] };
+	struct ksbpf_dns_orig *o = ksbpf_dns_in(ctx, from);
+	__u32 w[4];
+
+	if (o) {
+		__builtin_memcpy(w, o->addr, 16);
+		ctx->user_ip6[0] = w[0];
+		ctx->user_ip6[1] = w[1];
+		ctx->user_ip6[2] = w[2];
+		ctx->user_ip6[3] = w[3];
+	}
+	return 1;
+}
+/* recvmsg (UDP) and getpeername (a TCP connection's peer) give back the
+ * address the application asked for */
+int ksbpf_dns_recv4(struct bpf_sock_addr *ctx)
+{
+	return ksbpf_dns_restore4(ctx);
+}
+
+int ksbpf_dns_recv6(struct bpf_sock_addr *ctx)
+{
+	return ksbpf_dns_restore6(ctx);
+}
+
+int ksbpf_dns_peer4(struct bpf_sock_addr *ctx)
+{
+	return ksbpf_dns_restore4(ctx);
+}
+
+int ksbpf_dns_peer6(struct bpf_sock_addr *ctx)
+{
+	return ksbpf_dns_restore6(ctx);
+}
+#endif

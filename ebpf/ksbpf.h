@@ -225,4 +225,30 @@ struct ksbpf_netns_event {
 	__u32 pad;
 };
 
+/* --dns (KSBPF_OPT_DNS): the VPN's resolvers (maps dns4, keyed by the __be32
+ * address, and dns6, by struct ksbpf_ep6_key; value 1).  DNS (TCP/UDP to 53
+ * or 853) of the scope to any other address is dropped (dns_not_vpn), and so
+ * is DNS to a resolver that does not leave through the tunnel.  Where the
+ * kernel has cgroup sock_addr programs, connect4/6 and sendmsg4/6 rewrite a
+ * DNS destination that is no resolver to dns_target's (the first resolver of
+ * the family), recording the original destination per socket (dns_orig, keyed
+ * by socket cookie); recvmsg4/6 give the application back the source it
+ * expects.  IPv4 in struct ksbpf_dns_orig is IPv4-mapped (::ffff:a.b.c.d). */
+#define KSBPF_MAX_DNS 16
+#define KSBPF_DNS_ORIG_MAX 16384
+struct ksbpf_dns_target {
+	__be32 v4;		/* valid when has4 */
+	__u8 v6[16];		/* valid when has6 */
+	__u8 has4;
+	__u8 has6;
+	__u8 pad[2];
+};
+
+struct ksbpf_dns_orig {
+	__u8 addr[16];		/* the destination the application gave */
+	__u8 resolver[16];	/* what it was rewritten to */
+	__u32 port;		/* user_port as the application gave it (network order, low 16 bits) */
+	__u32 pad;
+};
+
 #endif

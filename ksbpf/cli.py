@@ -11,7 +11,7 @@ import click
 
 from ksbpf.daemon.config import ConfigError
 from ksbpf.errors import KsbpfError
-from ksbpf.kernel import cgroup, features, preflight, rawsock
+from ksbpf.kernel import cgroup, features, preflight, rawsock, vpn_dns
 from ksbpf.policy import (
     DEFAULT_INTERNAL,
     DEFAULT_TUNNEL_KINDS,
@@ -114,6 +114,11 @@ def _print_endpoints(policy: Policy, followed_now: list, failed: list, fixed_not
               help="cgroup scopes: refuse /dev/net/tun to the scope's processes (a tun device they write into "
                    "is forwarded or answered by the kernel, outside the hook); off by default: a VPN client "
                    "inside the scope needs it.")
+@click.option("--dns", "dns", multiple=True, metavar="ADDR|auto",
+              help="cgroup scopes: the VPN's resolver (repeatable): DNS (53, 853) of the scope goes only to these, "
+                   "through the tunnel; DNS to any other resolver (a stub on 127.0.0.53 included) is redirected to "
+                   "the first one where the kernel can, else dropped.  `auto`: the resolvers the VPN set for the "
+                   "tunnel (systemd-resolved's per-link DNS, or wg-quick's DNS = line).")
 @click.option("--tunnel-kind", "kinds", multiple=True, metavar="KIND",
               help=f"Link kind trusted as a tunnel (repeatable; default: {', '.join(DEFAULT_TUNNEL_KINDS)}).")
 @click.option("--events-rate", type=float, default=EventSettings.rate, show_default=True, metavar="N",
@@ -121,7 +126,7 @@ def _print_endpoints(policy: Policy, followed_now: list, failed: list, fixed_not
 @click.option("--events-burst", type=int, default=EventSettings.burst, show_default=True, metavar="N")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def attach(cgroup_path, node, tunnels, endpoints, vpn_mark, vpn_cgroups, netns, allow_lan, allow_lan_dns, allow_dhcp, block_dhcp,
-           internal, no_default_internal, exempt, tc_mode, deny_tun, kinds, events_rate, events_burst,
+           internal, no_default_internal, exempt, tc_mode, deny_tun, dns, kinds, events_rate, events_burst,
            as_json) -> None:
     """Protect a cgroup (--cgroup) or the whole machine (--node); replaces
     the policy if already protected (no gap).
@@ -131,6 +136,8 @@ def attach(cgroup_path, node, tunnels, endpoints, vpn_mark, vpn_cgroups, netns, 
         raise click.UsageError("give exactly one of --cgroup PATH or --node")
     if node and deny_tun:
         raise click.UsageError("--deny-tun goes with --cgroup (node mode judges forwarded packets at tc already)")
+    if node and dns:
+        raise click.UsageError("--dns goes with --cgroup (node mode does not redirect or filter DNS yet)")
     node_only = {"--block-dhcp": block_dhcp, "--internal": internal, "--no-default-internal": no_default_internal,
                  "--exempt-cgroup": exempt, "--tc-mode": tc_mode != "auto"}
     if cgroup_path and any(node_only.values()):
@@ -139,9 +146,11 @@ def attach(cgroup_path, node, tunnels, endpoints, vpn_mark, vpn_cgroups, netns, 
         raise click.UsageError("give --allow-dhcp or --block-dhcp, not both")
     dhcp = allow_dhcp or (node and not block_dhcp)
     fixed, follow = endpoints
+    resolvers, dns_sources = vpn_dns.resolve_specs(dns, tunnels, own_namespace=netns in ("", None))
     policy = Policy(tuple(tunnels), fixed, netns, Options(allow_lan, allow_lan_dns, dhcp),
                     tuple(kinds) or DEFAULT_TUNNEL_KINDS, EventSettings(events_rate, events_burst),
-                    deny_tun=deny_tun, follow=follow, vpn_mark=vpn_mark, vpn_cgroups=tuple(vpn_cgroups))
+                    deny_tun=deny_tun, follow=follow, vpn_mark=vpn_mark, vpn_cgroups=tuple(vpn_cgroups),
+                    dns=resolvers)
     if node:
         np = NodePolicy(policy, (() if no_default_internal else DEFAULT_INTERNAL) + tuple(internal), exempt, tc_mode)
         result = node_scope.attach(np, progress=_progress)
@@ -171,6 +180,11 @@ def attach(cgroup_path, node, tunnels, endpoints, vpn_mark, vpn_cgroups, netns, 
     click.echo(f"  options: {_options(policy)}")
     if policy.deny_tun:
         click.echo("  deny-tun: the scope's processes cannot open /dev/net/tun (devices opened before stay usable)")
+    if policy.dns:
+        click.echo(f"  dns: only to {', '.join(map(str, policy.dns))} through the tunnel"
+                   + (f" (auto: {', '.join(dns_sources)})" if dns_sources else "") + "; other DNS "
+                   + ("redirected to the first of its family, or dropped" if result.dns_redirect
+                      else "dropped (this kernel cannot redirect it: no cgroup sock_addr programs)"))
     if rawsock.available():
         click.echo("  raw sockets: the scope's processes cannot open AF_PACKET or AF_XDP sockets (BPF LSM; "
                    "sockets opened before stay usable)")
@@ -360,6 +374,10 @@ def status(as_json) -> None:
         click.echo(f"  options  {_options(s.policy)}")
         if s.policy.deny_tun or s.deny_tun:
             click.echo(f"  deny-tun {'in force: /dev/net/tun refused to the scope' if s.deny_tun else 'NOT in force'}")
+        if s.policy.dns:
+            click.echo(f"  dns      only to {', '.join(map(str, s.policy.dns))} through the tunnel; other DNS "
+                       + ("redirected (connect, sendmsg, recvmsg and getpeername programs attached)" if s.dns_redirect
+                          else "dropped, not redirected"))
         click.echo("  netns    " + ("from socket storage (sockets created before the attach are blocked until reopened)"
                                    if s.netns_identity == features.NETNS_STORAGE else "from bpf_get_netns_cookie")
                    + ("; checked when each socket is made (every socket of the scope is in its namespace)"
@@ -534,6 +552,11 @@ def check_config(file, as_json) -> None:
 @main.command()
 @click.option("--timeout", type=click.FloatRange(min=0), default=60, show_default=True, metavar="SECONDS",
               help="Give up (non-zero exit) after this long.")
+@click.option("--dns", "dns", multiple=True, metavar="ADDR|auto",
+              help="cgroup scopes: the VPN's resolver (repeatable): DNS (53, 853) of the scope goes only to these, "
+                   "through the tunnel; DNS to any other resolver (a stub on 127.0.0.53 included) is redirected to "
+                   "the first one where the kernel can, else dropped.  `auto`: the resolvers the VPN set for the "
+                   "tunnel (systemd-resolved's per-link DNS, or wg-quick's DNS = line).")
 @click.option("--tunnel-kind", "kinds", multiple=True, metavar="KIND",
               help=f"Link kinds not probed, as tunnels (default: {', '.join(DEFAULT_TUNNEL_KINDS)}).")
 @click.option("--annotations", default="/etc/ksbpf-pod/annotations", show_default=True, metavar="FILE",

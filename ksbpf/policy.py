@@ -209,11 +209,12 @@ class Options:
     allow_cidrs: bool = False
     vpn_mark: bool = False     # set by a Policy with a vpn_mark
     vpn_cgroup: bool = False   # set by a Policy with vpn_cgroups
+    dns: bool = False   # --dns: set by a Policy with resolvers (KSBPF_OPT_DNS)
 
     def to_dict(self) -> dict:
-        """The user's options (allow_cidrs, vpn_mark and vpn_cgroup follow the policy)."""
+        """The user's options (allow_cidrs, vpn_mark, vpn_cgroup and dns follow the policy)."""
         d = asdict(self)
-        for derived in ("allow_cidrs", "vpn_mark", "vpn_cgroup"):
+        for derived in ("allow_cidrs", "vpn_mark", "vpn_cgroup", "dns"):
             del d[derived]
         return d
 
@@ -247,10 +248,18 @@ class Policy:
     vpn_cgroups: tuple[str, ...] = ()
     # wildcard endpoints (*:PORT/proto): any address, for the VPN client only (given among `endpoints`)
     any_endpoints: tuple[AnyEndpoint, ...] = ()
+    # --dns: the VPN's resolvers; DNS (53, 853) of the scope goes to them through the tunnel, and nowhere else
+    dns: tuple[IPAddress, ...] = ()
 
     def __post_init__(self) -> None:
         self._vpn_post_init()
         object.__setattr__(self, "follow", tuple(dict.fromkeys(self.follow)))
+        object.__setattr__(self, "dns", check_resolvers(self.dns))
+        if self.options.dns != bool(self.dns):   # the program parses every packet only with resolvers
+            object.__setattr__(self, "options", replace(self.options, dns=bool(self.dns)))
+        if self.dns and self.options.allow_lan_dns:
+            raise KsbpfError("--allow-lan-dns and --dns contradict: with --dns, DNS goes only to the VPN's resolvers",
+                             "drop --allow-lan-dns (or give the LAN resolver as --dns if it is reached through the tunnel)")
         for spec in self.follow:
             if spec != AUTO and not spec.startswith("/"):
                 raise KsbpfError(f"cannot follow {spec!r}", "give auto, or auto:/run/openvpn/NAME.sock")
@@ -335,6 +344,7 @@ class Policy:
             **({"deny_tun": True} if self.deny_tun else {}),
             **({"follow": list(self.follow)} if self.follow else {}),
             **self.vpn_dict(),
+            **({"dns": [str(a) for a in self.dns]} if self.dns else {}),
         }
 
     @classmethod
@@ -350,7 +360,8 @@ class Policy:
                    tuple(d.get("tunnel_kinds", DEFAULT_TUNNEL_KINDS)), events,
                    tuple(parse_cidr(n) for n in d.get("allow_cidrs", ())), bool(d.get("deny_tun", False)),
                    tuple(d.get("follow", ())), d.get("vpn_mark"), tuple(d.get("vpn_cgroups", ())),
-                   tuple(AnyEndpoint.parse(e) for e in d.get("any_endpoints", ())))
+                   tuple(AnyEndpoint.parse(e) for e in d.get("any_endpoints", ())),
+                   tuple(parse_resolver(a) for a in d.get("dns", ())))
 
     def endpoint_specs(self) -> list[str]:
         """The endpoints as the user gives them: fixed ones, `auto`, `auto:PATH`."""
@@ -409,6 +420,9 @@ class NodePolicy:
         if any(not p.startswith("/") for p in paths):
             raise KsbpfError("an exempted cgroup must be an absolute path", "give e.g. /sys/fs/cgroup/system.slice/ssh.service")
         object.__setattr__(self, "exempt_cgroups", paths)
+        if self.policy.dns:
+            raise KsbpfError("--dns is not available in node mode yet (cgroup scopes only)",
+                             "protect the applications' cgroup with `ksbpf attach --cgroup PATH ... --dns ADDR`")
         if self.tc_mode not in TC_MODES:
             raise KsbpfError(f"tc mode {self.tc_mode!r} is unknown", f"use one of {', '.join(TC_MODES)}")
 
@@ -444,3 +458,29 @@ def parse_cidr(text: str) -> IPNetwork:
     except ValueError as exc:
         raise KsbpfError(f"{text!r} is not an address range: {exc}",
                          "write it as ADDRESS/PREFIX with the host bits zero, e.g. 10.96.0.0/12") from None
+
+
+MAX_DNS = 16  # resolvers of each address family (KSBPF_MAX_DNS)
+
+
+def parse_resolver(text: str) -> IPAddress:
+    """A resolver's IP address (names are not resolved: DNS would decide where DNS goes)."""
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        raise KsbpfError(f"resolver {text!r} is not an IP address",
+                         "give the VPN's resolver as an address, e.g. --dns 10.64.0.1, or --dns auto") from None
+    return address
+
+
+def check_resolvers(addresses) -> tuple[IPAddress, ...]:
+    """The resolvers in the user's order (the first of each family is where
+    other DNS is redirected), once each; unicast only, at most MAX_DNS per family."""
+    out = tuple(dict.fromkeys(addresses))
+    for a in out:
+        if a.is_unspecified or a.is_multicast:
+            raise KsbpfError(f"resolver {a} cannot be a DNS server", "give the VPN resolver's unicast address")
+    for version in (4, 6):
+        if sum(1 for a in out if a.version == version) > MAX_DNS:
+            raise KsbpfError(f"more than {MAX_DNS} IPv{version} resolvers", f"give at most {MAX_DNS} of each family")
+    return out

@@ -157,3 +157,14 @@ def test_containers_benchmark_runs(tmp_path):
     result = bench(tmp_path, "containers.py", "--flaps", "3", "--late", "2")
     assert result["tunnel_ready_to_passing"]["n"] == 3 and result["late_discovery"]["n"] == 2
     assert result["tunnel_created_to_passing"]["p50_ms"] > 0 and result["late_blocked_sends"]["max"] >= 1
+
+
+@pytest.mark.root
+def test_dns_cost_benchmark_runs(tmp_path):
+    from ksbpf.kernel import features
+    if not features.has("sock_addr"):
+        pytest.skip("this kernel has no cgroup sock_addr programs on every hook --dns uses (Linux 5.8+)")
+    result = bench(tmp_path, "dns_cost.py", "--rounds", "1", "--calls", "200")
+    assert len(result["cases"]) == 5
+    for case in result["cases"].values():
+        assert case["program_ns"] > 0 and case["floor_ns"] > 0 and case["call_ns_with_dns"] > 0

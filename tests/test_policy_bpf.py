@@ -12,6 +12,7 @@ import subprocess
 
 import pytest
 from packets import DSTOPTS, ETH_ARP, FRAGMENT, HOPOPTS, ICMP, ICMPV6, TCP, UDP, eth, frame, ipv4, ipv6, vlan_frame
+from test_dns import CASES as DNS_CASES
 
 from ksbpf.kernel import bpf, features, libbpf, netns
 from ksbpf.policy import LAN_RANGES, Endpoint, Options
@@ -409,9 +410,9 @@ def test_every_reason_is_exercised():
     covered = ({c[4] for c in CASES} | {c[3] for c in TC_CASES} | {Reason.DROP_MALFORMED, Reason.DROP_NOT_IP}
                | {Reason.ALLOW_EXEMPT}     # needs a socket: tests/test_node.py, with real traffic
                | {Reason.DROP_TUNNEL_SOURCE}   # the netfilter source hook's: tests/test_tunnel_source.py
-               | {c[-1] for c in VPN_CASES})    # --vpn-mark / --vpn-cgroup: tests/test_vpn_only_bpf.py
-    # reserved, not yet decided by the policy (issue 17 section 3: --dns)
-    reserved = {Reason.DROP_DNS_NOT_VPN}
+               | {c[-1] for c in VPN_CASES}     # --vpn-mark / --vpn-cgroup: tests/test_vpn_only_bpf.py
+               | {c[3] for c in DNS_CASES})    # --dns (KSBPF_OPT_DNS): tests/test_dns.py
+    reserved: set = set()
     assert covered == set(Reason) - reserved
 
 

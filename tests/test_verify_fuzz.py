@@ -36,9 +36,7 @@ def test_fuzz_ten_thousand_packets(tmp_path, program_cache):
                                                 for d in result.disagreements)
     # every reason of the policy was reached (exempt: the test run's socket is in the exempted root
     # cgroup); tunnel_source is the netfilter source hook's, not the policy's (tests/test_tunnel_source.py)
-    # dns_not_vpn is reserved, not yet decided by the policy (issue 17 section 3, --dns)
-    assert set(result.by_reason) == {r.label for r in Reason} - {Reason.DROP_TUNNEL_SOURCE.label,
-                                                                 Reason.DROP_DNS_NOT_VPN.label}
+    assert set(result.by_reason) == {r.label for r in Reason} - {Reason.DROP_TUNNEL_SOURCE.label}
 
 
 CASES_SAVED = fuzz.load_cases()

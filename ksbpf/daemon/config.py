@@ -20,6 +20,7 @@ from typing import Any, Callable, TypeVar
 
 from ksbpf.daemon import trust
 from ksbpf.errors import KsbpfError
+from ksbpf.kernel import vpn_dns
 from ksbpf.kubernetes import settings as kubernetes_settings
 from ksbpf.policy import (
     DEFAULT_INTERNAL,
@@ -45,7 +46,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "daemon": ("log_format", "close_stray_sockets", "verify_interval"),
     "scope": ("cgroup", "tunnels", "endpoints", "netns", "allow_lan", "allow_lan_dns",
               "allow_dhcp", "tunnel_kinds", "create_cgroup", "events_rate", "events_burst", "deny_tun",
-              "vpn_mark", "vpn_cgroup"),
+              "vpn_mark", "vpn_cgroup", "dns"),
     "node": ("netns", "tunnels", "endpoints", "allow_lan", "allow_lan_dns", "allow_dhcp", "tunnel_kinds",
              "internal", "default_internal", "exempt_cgroups", "tc_mode", "events_rate", "events_burst",
              "vpn_mark", "vpn_cgroup"),
@@ -375,6 +376,11 @@ class _Checker:
         policy = self.policy_keys(table, at, dhcp_default=False)
         if policy is not None and deny_tun:
             policy = dataclasses.replace(policy, deny_tun=True)
+        dns = self.strings(table, at, "dns", 'an array of resolver addresses such as ["10.64.0.1"] or ["auto"]')
+        if policy is not None and dns:
+            found = self.attempt(at + ("dns",), vpn_dns.resolve_specs, dns, policy.tunnels,
+                                 policy.netns in ("", None))
+            policy = self.attempt(at + ("dns",), lambda: dataclasses.replace(policy, dns=found[0])) if found else None
         if len(self.issues) > before or policy is None or cgroup is None:
             return None
         return ScopeConfig(cgroup, policy, create, self.where.line(at) or 0)

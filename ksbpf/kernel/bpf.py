@@ -31,29 +31,43 @@ ENTRY_SOCK_CREATE = "ksbpf_sk_create"  # cgroup/sock_create: records each socket
 ENTRY_NF = "ksbpf_nf"              # netfilter POST_ROUTING of a node scope's namespace (kernels with netfilter links)
 ENTRY_NF_SRC = "ksbpf_nf_src"      # netfilter POST_ROUTING where a cgroup scope's tunnel lives: tunnel source addresses
 NF_ENTRIES = (ENTRY_NF, ENTRY_NF_SRC)
+# --dns: cgroup sock_addr programs that redirect DNS to the VPN's resolvers (compiled with KSBPF_OPT_DNS)
+ENTRY_DNS_CONN4, ENTRY_DNS_CONN6 = "ksbpf_dns_conn4", "ksbpf_dns_conn6"
+ENTRY_DNS_SEND4, ENTRY_DNS_SEND6 = "ksbpf_dns_send4", "ksbpf_dns_send6"
+ENTRY_DNS_RECV4, ENTRY_DNS_RECV6 = "ksbpf_dns_recv4", "ksbpf_dns_recv6"
+ENTRY_DNS_PEER4, ENTRY_DNS_PEER6 = "ksbpf_dns_peer4", "ksbpf_dns_peer6"
+DNS_ATTACH = {ENTRY_DNS_CONN4: libbpf.BPF_CGROUP_INET4_CONNECT, ENTRY_DNS_CONN6: libbpf.BPF_CGROUP_INET6_CONNECT,
+              ENTRY_DNS_SEND4: libbpf.BPF_CGROUP_UDP4_SENDMSG, ENTRY_DNS_SEND6: libbpf.BPF_CGROUP_UDP6_SENDMSG,
+              ENTRY_DNS_RECV4: libbpf.BPF_CGROUP_UDP4_RECVMSG, ENTRY_DNS_RECV6: libbpf.BPF_CGROUP_UDP6_RECVMSG,
+              ENTRY_DNS_PEER4: libbpf.BPF_CGROUP_INET4_GETPEERNAME, ENTRY_DNS_PEER6: libbpf.BPF_CGROUP_INET6_GETPEERNAME}
+DNS_ENTRIES = tuple(DNS_ATTACH)
 ENTRIES = {ENTRY_CGROUP: libbpf.BPF_PROG_TYPE_CGROUP_SKB,
            ENTRY_TC_ETH: libbpf.BPF_PROG_TYPE_SCHED_CLS,
            ENTRY_TC_L3: libbpf.BPF_PROG_TYPE_SCHED_CLS,
            ENTRY_SOCK_CREATE: libbpf.BPF_PROG_TYPE_CGROUP_SOCK,
            ENTRY_NF: nf.BPF_PROG_TYPE_NETFILTER,
-           ENTRY_NF_SRC: nf.BPF_PROG_TYPE_NETFILTER}
-EXPECTED_ATTACH = {ENTRY_NF: nf.BPF_NETFILTER, ENTRY_NF_SRC: nf.BPF_NETFILTER}   # entry points that must be loaded for one attach type
+           ENTRY_NF_SRC: nf.BPF_PROG_TYPE_NETFILTER,
+           **{e: libbpf.BPF_PROG_TYPE_CGROUP_SOCK_ADDR for e in DNS_ENTRIES}}
+EXPECTED_ATTACH = {ENTRY_NF: nf.BPF_NETFILTER, ENTRY_NF_SRC: nf.BPF_NETFILTER, **DNS_ATTACH}   # entry points that must be loaded for one attach type
 PIN_NAMES = {ENTRY_CGROUP: "prog", ENTRY_TC_ETH: "prog_eth", ENTRY_TC_L3: "prog_l3",
-             ENTRY_SOCK_CREATE: "prog_sock", ENTRY_NF: "prog_nf", ENTRY_NF_SRC: "prog_nf_src"}
+             ENTRY_SOCK_CREATE: "prog_sock", ENTRY_NF: "prog_nf", ENTRY_NF_SRC: "prog_nf_src",
+             **{e: "prog_" + e[len("ksbpf_"):] for e in DNS_ENTRIES}}
 TC_ENTRIES = (ENTRY_TC_ETH, ENTRY_TC_L3)
 NODE_ENTRIES = (*TC_ENTRIES, ENTRY_NF)   # what node mode loads (the last where the kernel has netfilter links)
 PROG_NAME = ENTRY_CGROUP
 MAP_NAMES = ("tunnels", "tunnel_ifindex", "endpoints4", "endpoints6", "counters", "meta", "events", "bucket",
              "exempt", "scope_netns", "verify_nonce", "netns_known", "netns_events",
              "cidrs4", "cidrs6", "sk_netns", "ep_slots", "nf_pass", "tunnel_src", "netns_fast",
-             "vpn_mark", "vpn_cgroups", "ep_any")
+             "vpn_mark", "vpn_cgroups", "ep_any",
+             "dns4", "dns6", "dns_target", "dns_orig")
 # absent from pins of scopes made before them: --netns each's maps; allow_cidrs' tries (those allow none);
 # the endpoint slots (those programs look the hashes up without them);
 # and from programs that ask the kernel for the namespace instead of reading socket storage (sk_netns);
 # nf_pass, tunnel_src: only compiled where the kernel has netfilter links; netns_fast: scopes made before it
-# vpn_mark, vpn_cgroups, ep_any: only compiled with --vpn-mark / --vpn-cgroup (KSBPF_OPT_VPN_*)
+# vpn_mark, vpn_cgroups, ep_any: only compiled with --vpn-mark / --vpn-cgroup (KSBPF_OPT_VPN_*);
+# dns4, dns6, dns_target, dns_orig: only compiled with --dns (KSBPF_OPT_DNS)
 OPTIONAL_MAPS = ("netns_known", "netns_events", "cidrs4", "cidrs6", "sk_netns", "ep_slots", "nf_pass", "tunnel_src",
-                 "netns_fast", "vpn_mark", "vpn_cgroups", "ep_any")
+                 "netns_fast", "vpn_mark", "vpn_cgroups", "ep_any", "dns4", "dns6", "dns_target", "dns_orig")
 # maps a scope keeps across a re-attach: each socket's namespace, recorded when it was created; whether
 # every socket of the scope is known to be in its namespace (netns_fast)
 KEPT_MAPS = ("sk_netns", "netns_fast")
@@ -71,6 +85,8 @@ _COUNTER = struct.Struct("=QQ")       # packets, bytes
 _EXEMPT = struct.Struct("=QII")       # cgroup_id, level, pad
 _SRC_KEY = struct.Struct("=Q16s")     # struct ksbpf_src_key: netns_cookie, addr
 _SRC = struct.Struct("=II16s")        # struct ksbpf_src: ifindex, pad, name
+_DNS_TARGET = struct.Struct("=4s16sBB2x")   # struct ksbpf_dns_target: v4, v6, has4, has6
+DNS_ORIG = struct.Struct("=16s16sII")       # struct ksbpf_dns_orig: addr, resolver, port, pad
 MAX_EXEMPT = 8                        # KSBPF_MAX_EXEMPT
 MAX_VPN_CGROUPS = 8                   # KSBPF_MAX_VPN_CGROUPS
 _PROTO_NAMES = {v: k for k, v in PROTOCOLS.items()}
@@ -101,6 +117,8 @@ def cflags(options: Options, n_endpoints: int, events: EventSettings = EventSett
         flags.append("-DKSBPF_OPT_VPN_MARK")
     if options.vpn_cgroup:
         flags.append("-DKSBPF_OPT_VPN_CGROUP")
+    if options.dns:
+        flags.append("-DKSBPF_OPT_DNS")
     if nf.supported():
         try:
             flags += btf.nf_cflags()   # compiles the netfilter entry point, for this kernel's struct layout
@@ -125,8 +143,14 @@ def nf_compiled(flags: list[str]) -> bool:
     return any(f.startswith("-DKSBPF_OFF_NF_HOOK_STATE_OUT=") for f in flags)
 
 
+def dns_compiled(flags: list[str]) -> bool:
+    """Does an image compiled with these flags have the DNS redirect entry points?"""
+    return "-DKSBPF_OPT_DNS" in flags
+
+
 def compiled_entries(flags: list[str]) -> tuple[str, ...]:
-    return tuple(e for e in ENTRIES if e not in NF_ENTRIES or nf_compiled(flags))
+    return tuple(e for e in ENTRIES if (e not in NF_ENTRIES or nf_compiled(flags))
+                 and (e not in DNS_ENTRIES or (dns_compiled(flags) and features.has("sock_addr"))))
 
 
 def nf_available(options: Options = Options(), n_endpoints: int = 0,
@@ -349,6 +373,35 @@ class ScopeMaps:
             if proto in _PROTO_NAMES:
                 out.append((port, _PROTO_NAMES[proto]))
         return sorted(out)
+
+    # --dns: the VPN's resolvers, and the first of each family as the redirect target
+    def set_dns(self, resolvers) -> None:
+        """The resolvers (IP addresses, in the user's order) become dns4/dns6;
+        the first of each family the target of redirected DNS (dns_target)."""
+        if "dns4" not in self.fds:
+            if resolvers:
+                raise KsbpfError("this program was compiled without --dns", "attach the scope again with --dns")
+            return
+        wanted = {4: [a.packed for a in resolvers if a.version == 4], 6: [a.packed for a in resolvers if a.version == 6]}
+        for version, name, size in ((4, "dns4", 4), (6, "dns6", 16)):
+            for key in wanted[version]:
+                libbpf.map_update(self.fds[name], key, b"\x01")
+            for key in set(libbpf.map_keys(self.fds[name], size)) - set(wanted[version]):
+                libbpf.map_delete(self.fds[name], key)
+        v4, v6 = wanted[4][:1], wanted[6][:1]
+        libbpf.map_update(self.fds["dns_target"], _U32.pack(0),
+                          _DNS_TARGET.pack(v4[0] if v4 else bytes(4), v6[0] if v6 else bytes(16), bool(v4), bool(v6)))
+
+    def dns(self) -> list:
+        """The resolvers in the maps (IPv4 first)."""
+        if "dns4" not in self.fds:
+            return []
+        return [ipaddress.ip_address(k) for name, size in (("dns4", 4), ("dns6", 16))
+                for k in sorted(libbpf.map_keys(self.fds[name], size))]
+
+    def dns_redirects(self) -> int:
+        """How many sockets' DNS destinations are recorded as redirected now (dns_orig)."""
+        return len(libbpf.map_keys(self.fds["dns_orig"], 8)) if "dns_orig" in self.fds else 0
 
     # node mode, netfilter hook: the interfaces it leaves to others (tc guard in force, internal, tunnel)
     def set_nf_pass(self, ifindexes: set[int]) -> None:

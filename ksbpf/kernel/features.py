@@ -58,6 +58,26 @@ def _sk_storage() -> bool:
             and libbpf.probe_helper(libbpf.BPF_PROG_TYPE_CGROUP_SOCK, libbpf.BPF_FUNC_get_netns_cookie))
 
 
+def _sock_addr() -> bool:
+    """cgroup sock_addr programs on every hook --dns redirects at (connect4/6,
+    sendmsg4/6, recvmsg4/6, getpeername4/6), asking the socket's cookie: a
+    program that calls bpf_get_socket_cookie and returns 1, loaded for each
+    attach type."""
+    import struct
+    insns = (struct.pack("=BBhi", 0x85, 0, 0, libbpf.BPF_FUNC_get_socket_cookie)   # call get_socket_cookie(r1)
+             + struct.pack("=BBhi", 0xB7, 0, 0, 1)                                  # r0 = 1
+             + struct.pack("=BBhi", 0x95, 0, 0, 0))                                 # exit
+    for attach in (libbpf.BPF_CGROUP_INET4_CONNECT, libbpf.BPF_CGROUP_INET6_CONNECT, libbpf.BPF_CGROUP_UDP4_SENDMSG,
+                   libbpf.BPF_CGROUP_UDP6_SENDMSG, libbpf.BPF_CGROUP_UDP4_RECVMSG, libbpf.BPF_CGROUP_UDP6_RECVMSG,
+                   libbpf.BPF_CGROUP_INET4_GETPEERNAME, libbpf.BPF_CGROUP_INET6_GETPEERNAME):
+        try:
+            fd = libbpf.prog_load(libbpf.BPF_PROG_TYPE_CGROUP_SOCK_ADDR, "ksbpf_probe", "GPL", insns, attach)
+        except OSError:
+            return False
+        os.close(fd)
+    return True
+
+
 def _so_netns_cookie() -> bool:
     """Can user space read a namespace's cookie (getsockopt SO_NETNS_COOKIE)?"""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -90,6 +110,8 @@ PROBES: dict[str, tuple[Callable[[], bool], str, str]] = {
     "lpm_trie": (_map(libbpf.BPF_MAP_TYPE_LPM_TRIE), "Linux 4.11", "no allow_cidrs"),
     "ancestor_cgroup_tc": (_helper(libbpf.BPF_PROG_TYPE_SCHED_CLS, libbpf.BPF_FUNC_skb_ancestor_cgroup_id),
                            "Linux 4.19", "no --exempt-cgroup in node mode"),
+    "sock_addr": (_sock_addr, "Linux 5.8",
+                  "--dns drops DNS to other resolvers but cannot redirect it to the VPN's"),
     "tcx": (tc.tcx_supported, "Linux 6.6", "node mode guards with clsact filters (tc-mode clsact)"),
     "netfilter_link": (nf.supported, "Linux 6.4",
                        "node mode has no from-birth layer: an interface created after attaching is not judged "

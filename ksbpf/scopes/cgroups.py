@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from ksbpf.errors import KsbpfError
-from ksbpf.kernel import bpf, cgroup, devices, libbpf, links, netns, pins, preflight, privileges, rawsock
+from ksbpf.kernel import bpf, cgroup, devices, features, libbpf, links, netns, pins, preflight, privileges, rawsock
 from ksbpf.policy import Policy
 from ksbpf.reasons import Hook
 from ksbpf.scopes import common, followed, subtree, tunnel_source
@@ -105,6 +105,30 @@ def raw_sockets_refused(cg_path: str) -> bool:
         return False
 
 
+def _dns_programs(cg_fd: int) -> dict[str, list[int]]:
+    """--dns: ksbpf's sock_addr programs on the cgroup, by entry point."""
+    return {e: ksbpf_programs(cg_fd, hook=hook, name=e) for e, hook in bpf.DNS_ATTACH.items()}
+
+
+def _detach_dns(cg_fd: int, found: dict[str, list[int]] | None = None) -> list[int]:
+    found = _dns_programs(cg_fd) if found is None else found
+    return [i for e, ids in found.items() for i in _detach_ids(cg_fd, ids, bpf.DNS_ATTACH[e])]
+
+
+def dns_redirect_in_force(cg_path: str) -> bool:
+    """Are ksbpf's DNS redirect programs attached to the cgroup, on every hook?"""
+    try:
+        with _open_dir(cg_path) as cg_fd:
+            return all(_dns_programs(cg_fd).values())
+    except OSError:
+        return False
+
+
+def dns_entries(policy: Policy) -> tuple[str, ...]:
+    """The DNS redirect programs a scope loads: with --dns, where the kernel has them."""
+    return bpf.DNS_ENTRIES if policy.dns and features.has("sock_addr") else ()
+
+
 def deny_tun_in_force(cg_path: str) -> bool:
     """Is ksbpf's device program attached to the cgroup (and so in force on its subtree)?"""
     try:
@@ -130,6 +154,7 @@ class AttachResult:
     processes_before: int = 0
     followed: list = field(default_factory=list)       # --endpoint auto: the endpoints read from the tunnels now
     follow_failed: list = field(default_factory=list)  # ... and the sources that could not be read
+    dns_redirect: bool = False   # --dns: the redirect programs are attached (else DNS elsewhere is only dropped)
 
     def to_dict(self) -> dict:
         return {"cgroup": self.cgroup, "cgroup_id": self.cgroup_id, "pin_dir": self.pin_dir,
@@ -137,7 +162,7 @@ class AttachResult:
                 "tunnels": [t.to_dict() for t in self.tunnels], "mounted_bpffs": self.mounted_bpffs,
                 "netns_each": self.each, "netns_identity": self.netns_identity,
                 "processes_before": self.processes_before, "followed": [f.to_dict() for f in self.followed],
-                "follow_failed": self.follow_failed}
+                "follow_failed": self.follow_failed, "dns_redirect": self.dns_redirect}
 
 
 def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.quiet,
@@ -156,7 +181,7 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
     progress("loading the policy program (compiled by bcc unless a cached image fits)")
     keep = bpf.kept_maps(pins.scope_dir(cg.id, bpffs))   # a re-attach: the sockets' namespaces stay known
     old_inode = _pinned_netns_inode(pins.scope_dir(cg.id, bpffs))
-    entries = subtree.entries(policy) + (() if each else (bpf.ENTRY_NF_SRC,))
+    entries = subtree.entries(policy) + (() if each else (bpf.ENTRY_NF_SRC,)) + dns_entries(policy)
     keep_used = bool(keep)
     try:
         if keep:
@@ -197,6 +222,7 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
             for net in policy.allow_cidrs:
                 prog.maps.add_cidr(net)
             common.set_vpn(prog.maps, policy, vpn)
+            prog.maps.set_dns(policy.dns)
             meta = {
                 "version": common.META_VERSION, "cgroup": cg.path, "cgroup_id": cg.id,
                 # the endpoints live in their maps (there may be many)
@@ -239,6 +265,7 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
                 old_sock = _sock_programs(cg_fd)
                 old_dev = _dev_programs(cg_fd)
                 old_lsm = _lsm_programs(cg_fd)
+                old_dns = _dns_programs(cg_fd)
                 try:
                     if dev_fd is not None:   # first: if it is refused, nothing has changed
                         try:
@@ -261,11 +288,18 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
                     # the sock_create program first: every socket made from now on has its namespace recorded
                     # before the egress program that reads it is in force
                     sock = prog.progs.get(bpf.ENTRY_SOCK_CREATE)
+                    dns_done: dict[str, list[int]] = {}
                     try:
                         if sock is not None:
                             libbpf.prog_attach(sock, cg_fd, subtree.SOCK_CREATE, libbpf.BPF_F_ALLOW_MULTI)
+                        # --dns: the redirect programs before the egress program that drops what is not redirected
+                        for entry, hook in bpf.DNS_ATTACH.items():
+                            if entry in prog.progs:
+                                libbpf.prog_attach(prog.progs[entry], cg_fd, hook, libbpf.BPF_F_ALLOW_MULTI)
+                                dns_done[entry] = [libbpf.prog_info(prog.progs[entry]).id]
                         libbpf.prog_attach(prog.prog_fd, cg_fd, EGRESS, libbpf.BPF_F_ALLOW_MULTI)
                     except OSError as exc:
+                        _detach_dns(cg_fd, dns_done)
                         if sock is not None:
                             _detach_ids(cg_fd, [libbpf.prog_info(sock).id], subtree.SOCK_CREATE)
                         if dev_fd is not None:
@@ -285,6 +319,7 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
                 _detach_ids(cg_fd, old_sock, subtree.SOCK_CREATE)
                 _detach_ids(cg_fd, old_dev, devices.BPF_CGROUP_DEVICE)
                 _detach_ids(cg_fd, old_lsm, rawsock.BPF_LSM_CGROUP)
+                _detach_dns(cg_fd, old_dns)
             _decide_netns_fast(prog.maps, cg.path, ns, first=not (old or old_sock or keep_used),
                                kept="netns_fast" in prog.kept, old_inode=old_inode)
             if replaced and os.path.isdir(final):
@@ -299,7 +334,7 @@ def attach(cgroup_path: str, policy: Policy, progress: common.Progress = common.
     if identity == "storage" and not keep_used:
         before = sum(1 for _ in subtree.subtree_pids(cg.path))
     return AttachResult(cg.path, cg.id, final, prog_id, replaced, tunnels, mounted, each, identity, before,
-                        follow.followed, follow.failed)
+                        follow.followed, follow.failed, bool(set(bpf.DNS_ENTRIES) & set(entries)))
 
 
 def _pinned_netns_inode(pin_dir: str) -> int | None:
@@ -357,7 +392,7 @@ def detach(cgroup_path: str, bpffs: str = pins.BPFFS) -> DetachResult:
             cg = cgroup.resolve(real)
             with _open_dir(cg.path) as cg_fd:
                 result.detached_prog_ids = (_detach_ids(cg_fd, ksbpf_programs(cg_fd)) + _detach_sock(cg_fd)
-                                            + _detach_dev(cg_fd) + _detach_lsm(cg_fd))
+                                            + _detach_dev(cg_fd) + _detach_lsm(cg_fd) + _detach_dns(cg_fd))
         for d in pins.list_scope_dirs(bpffs):
             if _meta_cgroup(d) == real:
                 pins.remove_dir(d)
@@ -376,7 +411,7 @@ def detach_every_cgroup(progress: common.Progress = common.quiet) -> list[int]:
             try:
                 with _open_dir(path) as cg_fd:
                     detached += (_detach_ids(cg_fd, ksbpf_programs(cg_fd)) + _detach_sock(cg_fd) + _detach_dev(cg_fd)
-                                 + _detach_lsm(cg_fd))
+                                 + _detach_lsm(cg_fd) + _detach_dns(cg_fd))
             except FileNotFoundError:
                 continue  # removed while we walked
     return detached
@@ -405,6 +440,7 @@ class ScopeStatus:
     raw_sockets: str = "open"   # "refused": the raw-socket LSM program is attached; "open": the kernel runs none
     followed: list = field(default_factory=list)   # --endpoint auto: the endpoints followed now (Followed)
     netns_fast: bool = False   # the egress program trusts the tunnel filter's namespace (ksbpf_netns_fast)
+    dns_redirect: bool = False   # --dns: the redirect programs are attached to the cgroup
 
     @property
     def name(self) -> str:
@@ -433,6 +469,7 @@ class ScopeStatus:
             "raw_sockets": self.raw_sockets,
             "follow": list(self.policy.follow), "followed": [f.to_dict() for f in self.followed],
             "vpn_mark": None, "vpn_cgroups": [], "any_endpoints": [], **self.policy.vpn_dict(),
+            "dns": {"resolvers": [str(a) for a in self.policy.dns], "redirect": self.dns_redirect},
         }
 
 
@@ -488,6 +525,10 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
     except OSError:
         problems.append("the cgroup no longer exists (run `ksbpf detach` to remove the pins)")
     deny_tun = deny_tun_in_force(cg_path)
+    dns_redirect = bool(policy.dns) and dns_redirect_in_force(cg_path)
+    if policy.dns and not dns_redirect and features.has("sock_addr") and os.path.isdir(cg_path):
+        problems.append("--dns's redirect programs are not attached to the cgroup: DNS to other resolvers is "
+                        "dropped, not redirected to the VPN's (run `ksbpf attach ... --dns` again)")
     if policy.deny_tun and not deny_tun and os.path.isdir(cg_path):
         problems.append("--deny-tun's device program is not attached to the cgroup: its processes can open "
                         "/dev/net/tun (run `ksbpf attach ... --deny-tun` again)")
@@ -502,7 +543,7 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
         return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, tunnels, policy, counters,
                            meta.get("attached_at"), problems, True, event_stats, namespaces, warnings,
                            netns_identity=meta.get("netns_identity", "helper"), deny_tun=deny_tun,
-                           followed=followed.recorded(meta), raw_sockets=raw)
+                           followed=followed.recorded(meta), raw_sockets=raw, dns_redirect=dns_redirect)
     ns = common.meta_netns(meta)
     present = cookie = None
     ns_ok = common.netns_alive(ns)
@@ -529,7 +570,7 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
                        meta.get("attached_at"), problems, ns_ok, event_stats, warnings=warnings,
                        netns_identity=meta.get("netns_identity", "helper"), tunnel_source=source_layer,
                        deny_tun=deny_tun, followed=followed.recorded(meta), netns_fast=allowed and not foreign,
-                       raw_sockets=raw)
+                       raw_sockets=raw, dns_redirect=dns_redirect)
 
 
 def raw_socket_warnings(cg_path: str, limit: int = 10) -> list[str]:
@@ -662,7 +703,8 @@ def ensure(cgroup_path: str, policy: Policy, progress: common.Progress = common.
         except (OSError, KsbpfError, ValueError):
             current = None  # damaged pins: rebuild below
         if (current and current.attached and current.netns_ok and policy.same_but_followed(current.policy)
-                and (current.deny_tun or not policy.deny_tun)):
+                and (current.deny_tun or not policy.deny_tun)
+                and (current.dns_redirect or not dns_entries(policy))):   # --dns: its redirect programs too
             return EnsureResult("adopted", cg.path, pin_dir)
     result = attach(cg.path, policy, progress, bpffs, loader)
     return EnsureResult("replaced" if result.replaced else "attached", cg.path, pin_dir, result)

@@ -110,6 +110,8 @@ def attach_command(cg: str, policy: Policy) -> str:
         argv += ["--vpn-cgroup", c]
     if policy.netns:
         argv += ["--netns", policy.netns]
+    for a in policy.dns:
+        argv += ["--dns", str(a)]
     for flag, on in (("--allow-lan", policy.options.allow_lan), ("--allow-lan-dns", policy.options.allow_lan_dns),
                      ("--allow-dhcp", policy.options.allow_dhcp), ("--deny-tun", policy.deny_tun)):
         if on:
@@ -515,8 +517,9 @@ class _ScopeCheck:
                 prog_fd: int) -> None:
         nonce = ensure_nonce(maps, netns.cookie(ns))   # runs stand for a socket of the scope's namespace
         tunnels = frozenset(link.ifindex for link in present if policy.trusts(link.name, link.kind))
-        scope = model.Scope(policy.options, policy.endpoints, tunnels, any_endpoints=policy.any_endpoints)
-        cases = crafted.packets(policy.endpoints, policy.any_endpoints)
+        scope = model.Scope(policy.options, policy.endpoints, tunnels, any_endpoints=policy.any_endpoints,
+                            resolvers=frozenset(a.packed for a in policy.dns))
+        cases = crafted.packets(policy.endpoints, policy.any_endpoints, policy.dns)
         runs, mismatches = 0, []
         for mark, as_scope in _vpn_variants(policy, scope):   # --vpn-mark: marked runs too
             r, m = netns.run_in(ns.path, _policy_runs, prog_fd, nonce, present, as_scope, cases, mark)

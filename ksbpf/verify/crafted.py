@@ -32,13 +32,27 @@ LAN4, LAN6 = "192.168.1.1", "fd00::53"
 OTHER = {"udp": TCP, "tcp": UDP}
 
 
-def packets(endpoints: tuple[Endpoint, ...], any_endpoints: tuple[AnyEndpoint, ...] = ()) -> list[tuple[str, bytes]]:
+def packets(endpoints: tuple[Endpoint, ...], any_endpoints: tuple[AnyEndpoint, ...] = (),
+            resolvers: tuple = ()) -> list[tuple[str, bytes]]:
     """(label, IP packet) of every crafted case for a scope with these endpoints
-    (and wildcard endpoints: any address on a port and protocol)."""
+    (and wildcard endpoints: any address on a port and protocol; and these
+    --dns resolvers)."""
     out: list[tuple[str, bytes]] = []
 
     def add(label: str, pkt: bytes) -> None:
         out.append((label, pkt))
+
+    # --dns: to the VPN's resolvers (allowed through the tunnel only), to a loopback stub and to another
+    # resolver (dropped wherever they go)
+    for r in resolvers:
+        build = ipv4 if r.version == 4 else ipv6
+        for proto, name, port in ((UDP, "udp", 53), (TCP, "tcp", 53), (TCP, "tls", 853)):
+            add(f"dns/{name} to the VPN's resolver {r}", build(str(r), proto, dport=port))
+    if resolvers:
+        add("dns/udp to the stub resolver 127.0.0.53", ipv4("127.0.0.53", UDP, dport=53))
+        add("dns/tcp to the stub resolver 127.0.0.53", ipv4("127.0.0.53", TCP, dport=53))
+        add("dns/udp to 8.8.8.8", ipv4("8.8.8.8", UDP, dport=53))
+        add("dns/udp to ::1", ipv6("::1", UDP, dport=53))
 
     for v, build, dst in ((4, ipv4, PUBLIC4), (6, ipv6, PUBLIC6)):
         add(f"tcp/ipv{v} to a public address", build(dst, TCP, dport=443))

@@ -61,6 +61,9 @@ OPTION_SETS = {
     "vpn-cgroup+lan": Options(vpn_cgroup=True, allow_lan=True),
     # both, neither matching (a cgroup id no socket has), with socket storage
     "vpn+dhcp/storage": Options(vpn_mark=True, vpn_cgroup=True, allow_dhcp=True),
+    # --dns: DNS only to RESOLVERS, through the tunnel (the cgroup hook parses every packet)
+    "dns": Options(dns=True),
+    "lan+dhcp+dns": Options(allow_lan=True, allow_dhcp=True, dns=True),
 }
 EXEMPT_SETS = {"exempt"}
 VPN_CLIENT_SETS = {"vpn-cgroup+lan"}
@@ -81,6 +84,9 @@ ENDPOINTS = tuple(Endpoint.parse(e) for e in (
     # sharing an ep_slots slot with 203.0.113.5 and 2001:db8:5::5: the hash decides
     "192.0.116.0:500/udp", "[2001:db8:6::5]:4500/udp",
 ))
+
+# --dns: the VPN's resolvers (one inside a LAN range, one an endpoint's address too)
+RESOLVERS = tuple(ipaddress.ip_address(a) for a in ("10.64.0.1", "100.64.0.7", "198.51.100.7", "fd00:64::1"))
 
 # Interfaces of the fuzz namespace: name -> registered as a tunnel?
 IFACES = {
@@ -177,6 +183,8 @@ class Programs:
         self.prog.maps.set_netns_cookie(env.cookie)   # tc: the namespace of the guarded interfaces
         for ep in ENDPOINTS:
             self.prog.maps.add_endpoint(ep)
+        resolvers = RESOLVERS if options.dns else ()
+        self.prog.maps.set_dns(resolvers)
         self.nonce = new_nonce()
         set_nonce(self.prog.maps, self.nonce, env.cookie)   # a verify run stands for a socket of env's namespace
         vpn = options.vpn_mark or options.vpn_cgroup
@@ -187,7 +195,8 @@ class Programs:
         for ep in ANY_ENDPOINTS if vpn else ():
             self.prog.maps.add_any_endpoint(ep)
         self.scope = model.Scope(options, ENDPOINTS, env.tunnels, exempt=exempt, on_link=env.on_link,
-                                 vpn_client=vpn_client, any_endpoints=ANY_ENDPOINTS if vpn else ())
+                                 vpn_client=vpn_client, any_endpoints=ANY_ENDPOINTS if vpn else (),
+                                 resolvers=frozenset(a.packed for a in resolvers))
         # a counted test run's socket has no storage: its namespace is unknown, never a tunnel's
         self._unknown_netns = dataclasses.replace(self.scope, tunnels=frozenset())
         if exempt:
@@ -235,7 +244,10 @@ def _edges() -> tuple[list[bytes], list[bytes]]:
             if 0 <= x <= top:
                 (v4 if net.version == 4 else v6).add(ipaddress.ip_address(x).packed if net.version == 4
                                                      else ipaddress.IPv6Address(x).packed)
-    for text in ("0.0.0.0", "127.0.0.1", "100.64.0.1", "239.1.1.1", "224.0.1.1", "93.184.216.34", "9.9.9.9",
+    for a in RESOLVERS:   # --dns: the resolvers and their neighbours
+        for d in (-1, 0, 1):
+            (v4 if a.version == 4 else v6).add((a + d).packed)
+    for text in ("0.0.0.0", "127.0.0.53", "8.8.8.8", "127.0.0.1", "100.64.0.1", "239.1.1.1", "224.0.1.1", "93.184.216.34", "9.9.9.9",
                  "192.0.2.1"):
         v4.add(ipaddress.IPv4Address(text).packed)
     for text in ("::", "::1", "ff01::1", "ff05::1:3", "fec0::1", "2606:2800:220:1::1", "64:ff9b::808:808",

@@ -80,6 +80,8 @@ class Scope:
     # of any_endpoints.
     vpn_client: bool = False
     any_endpoints: tuple[AnyEndpoint, ...] = ()
+    # --dns (options.dns): the VPN's resolvers, packed (4 bytes IPv4, 16 IPv6)
+    resolvers: frozenset[bytes] = frozenset()
 
     def __post_init__(self) -> None:
         table: dict[bytes, list[tuple[int, int]]] = {}
@@ -225,6 +227,8 @@ def _exceptions(p: _Packet, scope: Scope, length: int = 0, tc: bool = False) -> 
             return scope.endpoint_reason()
         return Reason.DROP_ENDPOINT_MISMATCH
     opts = scope.options
+    if opts.dns and not tc and _dns(p):   # --dns: DNS outside the tunnel goes nowhere (cgroup hook)
+        return Reason.DROP_DNS_NOT_VPN
     if opts.allow_lan and _lan(p.daddr, p.v6):
         if not opts.allow_lan_dns and p.ports is not None and p.ports[1] in DNS_PORTS:
             return Reason.DROP_LAN_DNS
@@ -235,6 +239,33 @@ def _exceptions(p: _Packet, scope: Scope, length: int = 0, tc: bool = False) -> 
     if opts.allow_dhcp and _dhcp(p, length, scope, tc):
         return Reason.ALLOW_DHCP
     return Reason.DROP_NOT_TUNNEL
+
+
+def _dns(p: _Packet) -> bool:
+    """TCP or UDP to port 53 or 853 (ports read: not a fragment)."""
+    return p.ports is not None and p.ports[1] in DNS_PORTS
+
+
+def _decide_dns(data: bytes, family: Family, ifindex: int, scope: Scope) -> Decision:
+    """The cgroup hook with --dns: parsed before the loopback and tunnel
+    rules; DNS to anything but the VPN's resolvers is dropped wherever it goes,
+    DNS outside the tunnel too (the endpoint rule excepted).  A packet that
+    does not parse keeps the rules it had."""
+    p = None
+    if family != Family.OTHER:
+        try:
+            p = _parse6(data, False) if family == Family.IPV6 else _parse4(data, False)
+        except _Truncated:
+            p = None
+    if ifindex == LOOPBACK_IFINDEX or ifindex in scope.tunnels:
+        if p is not None and _dns(p) and p.daddr not in scope.resolvers:
+            return Decision(Reason.DROP_DNS_NOT_VPN, family)
+        return Decision(Reason.ALLOW_LOOPBACK if ifindex == LOOPBACK_IFINDEX else Reason.ALLOW_TUNNEL, family)
+    if family == Family.OTHER:
+        return Decision(Reason.DROP_NOT_IP, family)
+    if p is None:
+        return Decision(Reason.DROP_MALFORMED, family)
+    return Decision(_exceptions(p, scope, len(data), False), family)
 
 
 def _family(proto: int) -> Family:
@@ -253,6 +284,8 @@ def decide_l3(data: bytes, proto: int, ifindex: int, scope: Scope, tc: bool) -> 
 
 def _decide_l3(data: bytes, proto: int, ifindex: int, scope: Scope, tc: bool) -> Decision:
     family = _family(proto)
+    if scope.options.dns and not tc:
+        return _decide_dns(data, family, ifindex, scope)
     if ifindex == LOOPBACK_IFINDEX:
         return Decision(Reason.ALLOW_LOOPBACK, family)
     if ifindex in scope.tunnels:

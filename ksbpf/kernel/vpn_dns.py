@@ -1,0 +1,135 @@
+"""The resolvers a VPN configured for its tunnel (`--dns auto`).
+
+- systemd-resolved: the tunnel's per-link DNS servers, as `resolvectl dns
+  IFACE` prints them (NetworkManager, wg-quick with resolvconf=systemd,
+  OpenVPN's update-systemd-resolved all set them there).  resolved knows
+  the links of its own network namespace only: asked only for a tunnel of
+  the caller's namespace.
+- wg-quick: the `DNS =` lines of /etc/wireguard/IFACE.conf (addresses; the
+  search domains that may share the line are not resolvers).
+
+Read once, when the scope is attached: a VPN that changes its resolvers needs
+the scope attached again (the daemon re-reads its configuration on reload).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+from ksbpf.errors import KsbpfError
+
+WG_QUICK_DIR = os.environ.get("KSBPF_WG_QUICK_DIR", "/etc/wireguard")   # (tests point it elsewhere)
+RESOLVECTL_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class Found:
+    addresses: tuple   # ipaddress objects, in the order the source gives them
+    source: str        # where they were read: "resolvectl dns wg0", "/etc/wireguard/wg0.conf"
+
+
+def _addresses(words) -> list:
+    out = []
+    for w in words:
+        w = w.strip().strip(",")
+        if not w:
+            continue
+        # resolvectl may print ADDR%IFINDEX or ADDR#SERVERNAME, and IPv6 in brackets with a port
+        w = w.split("#", 1)[0].split("%", 1)[0]
+        if w.startswith("[") and "]" in w:
+            w = w[1:w.index("]")]
+        try:
+            a = ipaddress.ip_address(w)
+        except ValueError:
+            continue   # a search domain (wg-quick), a label
+        if not (a.is_unspecified or a.is_multicast) and a not in out:
+            out.append(a)
+    return out
+
+
+def parse_resolvectl(text: str, iface: str) -> list:
+    """`resolvectl dns IFACE`: "Link 5 (wg0): 10.64.0.1 fd00::1" (nothing after
+    the colon when the link has none)."""
+    out = []
+    for line in text.splitlines():
+        head, sep, rest = line.partition(":")
+        if sep and f"({iface})" in head:
+            out += [a for a in _addresses(rest.split()) if a not in out]
+    return out
+
+
+def parse_wg_quick(text: str) -> list:
+    """The `DNS =` lines of a wg-quick configuration's [Interface] section."""
+    out, section = [], ""
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1].strip().lower()
+            continue
+        key, sep, value = line.partition("=")
+        if sep and section == "interface" and key.strip().lower() == "dns":
+            out += [a for a in _addresses(value.replace(",", " ").split()) if a not in out]
+    return out
+
+
+def from_resolvectl(iface: str, run=subprocess.run, exe: str | None = None) -> list:
+    """The link's DNS servers as systemd-resolved has them; [] when resolved
+    is not there or knows none for the link."""
+    exe = exe or shutil.which("resolvectl")
+    if not exe:
+        return []
+    try:
+        done = run([exe, "dns", iface], capture_output=True, text=True, timeout=RESOLVECTL_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if done.returncode != 0:
+        return []
+    return parse_resolvectl(done.stdout, iface)
+
+
+def from_wg_quick(iface: str, directory: str | None = None) -> list:
+    path = os.path.join(directory or WG_QUICK_DIR, f"{iface}.conf")
+    try:
+        with open(path) as f:
+            return parse_wg_quick(f.read())
+    except OSError:
+        return []
+
+
+def find(tunnels, own_namespace: bool = True, directory: str | None = None, run=subprocess.run,
+         resolvectl: str | None = None) -> Found:
+    """The resolvers the VPN configured for these tunnels: systemd-resolved's
+    per-link DNS (a tunnel of the caller's namespace), else wg-quick's `DNS =`.
+    One actionable line when none is found."""
+    directory = directory or WG_QUICK_DIR
+    for iface in tunnels:
+        if own_namespace:
+            found = from_resolvectl(iface, run, resolvectl)
+            if found:
+                return Found(tuple(found), f"resolvectl dns {iface}")
+        found = from_wg_quick(iface, directory)
+        if found:
+            return Found(tuple(found), os.path.join(directory, f"{iface}.conf"))
+    names = ", ".join(tunnels)
+    raise KsbpfError(f"dns auto: no resolver configured for {names} (neither systemd-resolved's per-link DNS "
+                     f"nor a DNS = line in {directory}/IFACE.conf)",
+                     "give the VPN's resolver as --dns ADDR (config dns = [\"ADDR\"])")
+
+
+def resolve_specs(specs, tunnels, own_namespace: bool = True, directory: str | None = None,
+                  run=subprocess.run, resolvectl: str | None = None) -> tuple[tuple, list[str]]:
+    """--dns values (addresses and `auto`) -> (resolvers in order, where the `auto` ones came from)."""
+    from ksbpf.policy import parse_resolver
+    out, sources = [], []
+    for spec in specs:
+        if spec.strip() == "auto":
+            found = find(tunnels, own_namespace, directory, run, resolvectl)
+            out += found.addresses
+            sources.append(found.source)
+        else:
+            out.append(parse_resolver(spec))
+    return tuple(dict.fromkeys(out)), sources
