@@ -64,6 +64,8 @@ OPTION_SETS = {
     # --dns: DNS only to RESOLVERS, through the tunnel (the cgroup hook parses every packet)
     "dns": Options(dns=True),
     "lan+dhcp+dns": Options(allow_lan=True, allow_dhcp=True, dns=True),
+    # both: DNS to a wildcard endpoint on port 53 (the VPN client's) and to other resolvers
+    "vpn-cgroup+dns": Options(vpn_cgroup=True, dns=True),
 }
 EXEMPT_SETS = {"exempt"}
 VPN_CLIENT_SETS = {"vpn-cgroup+lan"}
