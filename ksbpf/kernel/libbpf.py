@@ -118,6 +118,7 @@ def _lib() -> ctypes.CDLL:
         "bpf_prog_attach": (c_int, [c_int, c_int, c_int, c_uint]),
         "bpf_prog_detach2": (c_int, [c_int, c_int, c_int]),
         "bpf_prog_query": (c_int, [c_int, c_int, c_uint, vp, vp, vp]),
+        "bpf_prog_query_opts": (c_int, [c_int, c_int, vp]),
         "bpf_prog_get_fd_by_id": (c_int, [c_uint]),
         "bpf_obj_get_info_by_fd": (c_int, [c_int, vp, vp]),
         "bpf_map_lookup_elem": (c_int, [c_int, vp, vp]),
@@ -179,9 +180,37 @@ def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
 BPF_F_QUERY_EFFECTIVE = 1
 
 
+class _ProgQueryOpts(ctypes.Structure):
+    """struct bpf_prog_query_opts of libbpf 1.0+, up to prog_attach_flags."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("query_flags", ctypes.c_uint32), ("attach_flags", ctypes.c_uint32),
+                ("prog_ids", ctypes.POINTER(ctypes.c_uint32)), ("prog_cnt", ctypes.c_uint32),
+                ("prog_attach_flags", ctypes.POINTER(ctypes.c_uint32))]
+
+
+BPF_LSM_CGROUP = 43
+
+
+def _query_lsm_cgroup(target_fd: int) -> list[int]:
+    """BPF_LSM_CGROUP: the kernel answers only a query that takes each
+    program's attach flags too (EINVAL without them)."""
+    n = 64
+    while True:
+        ids, flags = (ctypes.c_uint32 * n)(), (ctypes.c_uint32 * n)()
+        opts = _ProgQueryOpts(sz=ctypes.sizeof(_ProgQueryOpts), prog_ids=ids, prog_cnt=n, prog_attach_flags=flags)
+        ret = _lib().bpf_prog_query_opts(target_fd, BPF_LSM_CGROUP, ctypes.byref(opts))
+        if ret < 0 and -ret == 28 and opts.prog_cnt > n:  # ENOSPC: grow and retry
+            n = opts.prog_cnt
+            continue
+        _check(ret, "query attached programs")
+        return list(ids[:opts.prog_cnt])
+
+
 def prog_query(target_fd: int, attach_type: int, effective: bool = False) -> list[int]:
     """IDs of the programs attached to target_fd (a cgroup) for attach_type;
     with effective=True, also those inherited from its ancestors."""
+    if attach_type == BPF_LSM_CGROUP and not effective:
+        return _query_lsm_cgroup(target_fd)
     count = ctypes.c_uint32(64)
     while True:
         ids = (ctypes.c_uint32 * count.value)()
