@@ -704,7 +704,8 @@ def ensure(cgroup_path: str, policy: Policy, progress: common.Progress = common.
             current = None  # damaged pins: rebuild below
         if (current and current.attached and current.netns_ok and policy.same_but_followed(current.policy)
                 and (current.deny_tun or not policy.deny_tun)
-                and (current.dns_redirect or not dns_entries(policy))):   # --dns: its redirect programs too
+                and (current.dns_redirect or not dns_entries(policy))   # --dns: its redirect programs too
+                and (current.raw_sockets == "refused" or not rawsock.available())):   # and the raw-socket program
             return EnsureResult("adopted", cg.path, pin_dir)
     result = attach(cg.path, policy, progress, bpffs, loader)
     return EnsureResult("replaced" if result.replaced else "attached", cg.path, pin_dir, result)
