@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import subprocess
 import sys
+import threading
+import time
+from typing import Callable, Hashable
 
 KSBPF = [sys.executable, "-m", "ksbpf.cli"]
 
@@ -98,3 +103,51 @@ def toml_config(scopes: list[dict], extra: str = "") -> str:
         out.append("[[scope]]")
         out += [f"{k} = {value(v)}" for k, v in sc.items()]
     return "\n".join(out) + "\n"
+
+
+class UdpCapture:
+    """IPv4 UDP datagrams arriving on an interface of a namespace (a real
+    capture, AF_PACKET), counted by the key classify(data, ihl, dport)
+    returns (None: not counted)."""
+
+    def __init__(self, ns_path: str, ifname: str, classify: Callable[[bytes, int, int], Hashable | None]):
+        from ksbpf.kernel import netns
+
+        def make() -> socket.socket:
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
+            s.bind((ifname, 0x0800))
+            return s
+        self.classify = classify
+        self.sock = netns.run_in(ns_path, make)
+        self.seen: dict = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        self.sock.settimeout(0.05)
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if len(data) < 28 or data[9] != socket.IPPROTO_UDP:
+                continue
+            ihl = (data[0] & 0xF) * 4
+            key = self.classify(data, ihl, struct.unpack_from("!H", data, ihl + 2)[0])
+            if key is not None:
+                self.seen[key] = self.seen.get(key, 0) + 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+def wait_until(cond, bound: float, what: str) -> None:
+    deadline = time.monotonic() + bound
+    while not cond():
+        assert time.monotonic() < deadline, f"{what} did not happen within {bound} s"
+        time.sleep(0.1)

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 import subprocess
-import threading
 import time
 
 import pytest
-from helpers import DaemonProcess, ksbpf, scope_status, toml_config
+from helpers import DaemonProcess, UdpCapture, ksbpf, scope_status, toml_config, wait_until
 
 from ksbpf.kernel import netns, vpn_endpoints
 from ksbpf.lab.namespaces import WG_RUN_DIR, probe
@@ -24,7 +22,6 @@ from ksbpf.policy import Endpoint
 from ksbpf.scopes import node
 
 pytestmark = pytest.mark.lab
-ETH_P_IP = 0x0800
 MARK = b"ksbpf-auto-probe"
 TUNNEL_BACK = 40.0   # bound for the handshake through the new server (WireGuard retries after 15 s of silence)
 
@@ -77,45 +74,16 @@ def _run(*cmd: str) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
 
 
-class Arrivals:
+class Arrivals(UdpCapture):
     """UDP datagrams carrying MARK that arrive on a server's veth, by
     (destination, port): a real capture (AF_PACKET) in the server's namespace."""
 
     def __init__(self, ns_path: str, ifname: str):
-        def make() -> socket.socket:
-            s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
-            s.bind((ifname, ETH_P_IP))
-            return s
-        self.sock = netns.run_in(ns_path, make)
-        self.seen: dict[tuple[str, int], int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        self.sock.settimeout(0.05)
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(2048)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            if len(data) < 28 or data[9] != socket.IPPROTO_UDP:
-                continue
-            ihl = (data[0] & 0xF) * 4
-            dport = struct.unpack_from("!H", data, ihl + 2)[0]
-            if data[ihl + 8:].startswith(MARK):
-                key = (socket.inet_ntoa(data[16:20]), dport)
-                self.seen[key] = self.seen.get(key, 0) + 1
+        super().__init__(ns_path, ifname, lambda data, ihl, dport: (socket.inet_ntoa(data[16:20]), dport)
+                         if data[ihl + 8:].startswith(MARK) else None)
 
     def count(self, dst: str, port: int) -> int:
         return self.seen.get((dst, port), 0)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sock.close()
 
 
 def send_marked(lab, dst: str, port: int, n: int = 5) -> None:
@@ -129,11 +97,6 @@ def send_marked(lab, dst: str, port: int, n: int = 5) -> None:
     subprocess.run(["ip", "netns", "exec", lab.client_ns, "python3", "-c", code], check=True, timeout=30)
 
 
-def wait_until(cond, bound: float, what: str) -> None:
-    deadline = time.monotonic() + bound
-    while not cond():
-        assert time.monotonic() < deadline, f"{what} did not happen within {bound} s"
-        time.sleep(0.1)
 
 
 @pytest.fixture

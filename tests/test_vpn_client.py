@@ -21,13 +21,11 @@ from __future__ import annotations
 import json
 import os
 import socket
-import struct
 import subprocess
-import threading
 import time
 
 import pytest
-from helpers import ksbpf
+from helpers import UdpCapture, ksbpf, wait_until
 from test_endpoint_auto import SecondServer, server_key
 
 from ksbpf.kernel import netns, nf
@@ -37,7 +35,6 @@ from ksbpf.scopes import node
 pytestmark = pytest.mark.lab
 MARK = 0xCA6C
 PREFIX = b"ksbpf-vpn-probe:"
-ETH_P_IP = 0x0800
 SO_MARK = 36
 VXLAN_FLAGS = b"\x08\x00\x00\x00"   # the VXLAN header's first word: the I flag (a WireGuard message starts 1-4)
 TUNNEL_BACK = 40.0
@@ -47,59 +44,27 @@ def _run(*cmd: str) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
 
 
-def wait_until(cond, bound: float, what: str) -> None:
-    deadline = time.monotonic() + bound
-    while not cond():
-        assert time.monotonic() < deadline, f"{what} did not happen within {bound} s"
-        time.sleep(0.1)
 
 
-class Capture:
+class Capture(UdpCapture):
     """UDP datagrams arriving on a server's veth, by (destination, port, kind):
     kind is the byte after PREFIX of our probes, "vxlan" for a VXLAN
     packet; anything else (the VPN's own packets) is not counted."""
 
     def __init__(self, ns_path: str, ifname: str):
-        def make() -> socket.socket:
-            s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
-            s.bind((ifname, ETH_P_IP))
-            return s
-        self.sock = netns.run_in(ns_path, make)
-        self.seen: dict[tuple[str, int, str], int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        self.sock.settimeout(0.05)
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(4096)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            if len(data) < 28 or data[9] != socket.IPPROTO_UDP:
-                continue
-            ihl = (data[0] & 0xF) * 4
-            dport = struct.unpack_from("!H", data, ihl + 2)[0]
+        def classify(data: bytes, ihl: int, dport: int):
             payload = data[ihl + 8:]
             if payload.startswith(PREFIX):
                 kind = payload[len(PREFIX):len(PREFIX) + 1].decode()
             elif payload.startswith(VXLAN_FLAGS):
                 kind = "vxlan"
             else:
-                continue
-            key = (socket.inet_ntoa(data[16:20]), dport, kind)
-            self.seen[key] = self.seen.get(key, 0) + 1
+                return None
+            return socket.inet_ntoa(data[16:20]), dport, kind
+        super().__init__(ns_path, ifname, classify)
 
     def count(self, dst: str, port: int, kind: str) -> int:
         return self.seen.get((dst, port, kind), 0)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sock.close()
 
 
 def send(ns: str, cgroup: str | None, dst: str, port: int, kind: str, n: int = 10,
