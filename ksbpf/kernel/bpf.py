@@ -344,14 +344,21 @@ class ScopeMaps:
             return
         if len(cgroups) > MAX_VPN_CGROUPS:
             raise KsbpfError(f"more than {MAX_VPN_CGROUPS} vpn cgroups", f"give at most {MAX_VPN_CGROUPS}")
-        for i in range(MAX_VPN_CGROUPS):
-            cg_id, level = cgroups[i] if i < len(cgroups) else (0, 0)
-            libbpf.map_update(self.fds["vpn_cgroups"], _U32.pack(i), _EXEMPT.pack(cg_id, level, 0))
+        self._set_cgroup_slots("vpn_cgroups", MAX_VPN_CGROUPS, cgroups)
 
     def vpn_cgroups(self) -> list[tuple[int, int]]:
+        return self._cgroup_slots("vpn_cgroups", MAX_VPN_CGROUPS) if "vpn_cgroups" in self.fds else []
+
+    def _set_cgroup_slots(self, name: str, slots: int, cgroups: list[tuple[int, int]]) -> None:
+        """An array of (cgroup id, level) slots (struct ksbpf_exempt): these first, the rest emptied."""
+        for i in range(slots):
+            cg_id, level = cgroups[i] if i < len(cgroups) else (0, 0)
+            libbpf.map_update(self.fds[name], _U32.pack(i), _EXEMPT.pack(cg_id, level, 0))
+
+    def _cgroup_slots(self, name: str, slots: int) -> list[tuple[int, int]]:
         out = []
-        for i in range(MAX_VPN_CGROUPS if "vpn_cgroups" in self.fds else 0):
-            cg_id, level, _ = _EXEMPT.unpack(libbpf.map_lookup(self.fds["vpn_cgroups"], _U32.pack(i), _EXEMPT.size))
+        for i in range(slots):
+            cg_id, level, _ = _EXEMPT.unpack(libbpf.map_lookup(self.fds[name], _U32.pack(i), _EXEMPT.size))
             if not cg_id:
                 break
             out.append((cg_id, level))
@@ -452,18 +459,10 @@ class ScopeMaps:
         """(cgroup id, level) of each exempted cgroup; the rest of the slots emptied."""
         if len(cgroups) > MAX_EXEMPT:
             raise KsbpfError(f"more than {MAX_EXEMPT} exempted cgroups", f"exempt at most {MAX_EXEMPT} cgroup subtrees")
-        for i in range(MAX_EXEMPT):
-            cg_id, level = cgroups[i] if i < len(cgroups) else (0, 0)
-            libbpf.map_update(self.fds["exempt"], _U32.pack(i), _EXEMPT.pack(cg_id, level, 0))
+        self._set_cgroup_slots("exempt", MAX_EXEMPT, cgroups)
 
     def exempt(self) -> list[tuple[int, int]]:
-        out = []
-        for i in range(MAX_EXEMPT):
-            cg_id, level, _ = _EXEMPT.unpack(libbpf.map_lookup(self.fds["exempt"], _U32.pack(i), _EXEMPT.size))
-            if not cg_id:
-                break
-            out.append((cg_id, level))
-        return out
+        return self._cgroup_slots("exempt", MAX_EXEMPT)
 
     # counters
     def _percpu(self, name: str, index: int) -> list[bytes]:
