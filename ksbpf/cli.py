@@ -552,11 +552,6 @@ def check_config(file, as_json) -> None:
 @main.command()
 @click.option("--timeout", type=click.FloatRange(min=0), default=60, show_default=True, metavar="SECONDS",
               help="Give up (non-zero exit) after this long.")
-@click.option("--dns", "dns", multiple=True, metavar="ADDR|auto",
-              help="cgroup scopes: the VPN's resolver (repeatable): DNS (53, 853) of the scope goes only to these, "
-                   "through the tunnel; DNS to any other resolver (a stub on 127.0.0.53 included) is redirected to "
-                   "the first one where the kernel can, else dropped.  `auto`: the resolvers the VPN set for the "
-                   "tunnel (systemd-resolved's per-link DNS, or wg-quick's DNS = line).")
 @click.option("--tunnel-kind", "kinds", multiple=True, metavar="KIND",
               help=f"Link kinds not probed, as tunnels (default: {', '.join(DEFAULT_TUNNEL_KINDS)}).")
 @click.option("--annotations", default="/etc/ksbpf-pod/annotations", show_default=True, metavar="FILE",
