@@ -101,24 +101,17 @@ def source_path() -> str:
     return os.path.join(ebpf_dir(), "ksbpf.c")
 
 
+# the options that cost per packet: compile-time switches of ebpf/ksbpf.c (in this order)
+OPTION_MACROS = (("allow_lan", "KSBPF_OPT_LAN"), ("allow_lan_dns", "KSBPF_OPT_LAN_DNS"),
+                 ("allow_dhcp", "KSBPF_OPT_DHCP"), ("allow_cidrs", "KSBPF_OPT_CIDRS"),
+                 ("vpn_mark", "KSBPF_OPT_VPN_MARK"), ("vpn_cgroup", "KSBPF_OPT_VPN_CGROUP"), ("dns", "KSBPF_OPT_DNS"))
+
+
 def cflags(options: Options, n_endpoints: int, events: EventSettings = EventSettings()) -> list[str]:
     flags = [f"-I{ebpf_dir()}",
              f"-DKSBPF_MAX_TUNNELS={MAX_TUNNELS}",
              f"-DKSBPF_MAX_ENDPOINTS={max(64, n_endpoints)}"]
-    if options.allow_lan:
-        flags.append("-DKSBPF_OPT_LAN")
-    if options.allow_lan_dns:
-        flags.append("-DKSBPF_OPT_LAN_DNS")
-    if options.allow_dhcp:
-        flags.append("-DKSBPF_OPT_DHCP")
-    if options.allow_cidrs:
-        flags.append("-DKSBPF_OPT_CIDRS")
-    if options.vpn_mark:
-        flags.append("-DKSBPF_OPT_VPN_MARK")
-    if options.vpn_cgroup:
-        flags.append("-DKSBPF_OPT_VPN_CGROUP")
-    if options.dns:
-        flags.append("-DKSBPF_OPT_DNS")
+    flags += [f"-D{macro}" for option, macro in OPTION_MACROS if getattr(options, option)]
     if nf.supported():
         try:
             flags += btf.nf_cflags()   # compiles the netfilter entry point, for this kernel's struct layout
