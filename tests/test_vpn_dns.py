@@ -123,3 +123,39 @@ def test_config_dns_key(tmp_path, monkeypatch):
         with pytest.raises(ConfigError) as exc:
             parse('[[scope]]\ncgroup = "/sys/fs/cgroup/vpn.slice"\ntunnels = ["wg0"]\n' + bad + "\n", "t.toml")
         assert needle in str(exc.value) and "scope[0].dns" in str(exc.value)
+
+
+def test_networkmanager_sources():
+    """NetworkManager without systemd-resolved: the device's DNS while its
+    connection is up (nmcli's terse output: " | " between values, IPv6 colons
+    escaped), else the keyfile of the connection made for the interface."""
+    assert vpn_dns.parse_nmcli_dns(read("nmcli-device-wg0.txt")) == ips("10.64.0.1", "10.64.0.2", "fc00:bbbb:bbbb:bb01::1")
+    assert vpn_dns.parse_nmcli_dns(read("nmcli-device-empty.txt")) == []
+    keyfile = read(os.path.join("nm", "wg0.nmconnection"))
+    assert vpn_dns.parse_nm_keyfile(keyfile, "wg0") == ips("10.64.0.53", "10.64.0.54", "fd00:53::1")
+    assert vpn_dns.parse_nm_keyfile(keyfile, "wg1") == []   # another interface's connection
+    nm_dirs = (os.path.join(FIX, "absent"), os.path.join(FIX, "nm"))
+
+    # up: nmcli's device DNS (resolved has none for the link: it is not NM's DNS backend here)
+    def run(argv, **kw):
+        text = {"resolvectl": "", "nmcli": read("nmcli-device-wg0.txt")}[os.path.basename(argv[0])]
+        return subprocess.CompletedProcess(argv, 0 if argv[0].endswith("nmcli") else 1, stdout=text, stderr="")
+    found = vpn_dns.find(("wg0",), directory=FIX, run=run, resolvectl="/usr/bin/resolvectl", nmcli="/usr/bin/nmcli",
+                         nm_dirs=nm_dirs)
+    assert found == vpn_dns.Found(tuple(ips("10.64.0.1", "10.64.0.2", "fc00:bbbb:bbbb:bb01::1")),
+                                  "nmcli device show wg0")
+
+    # down (nmcli: "Error: Device 'wg0' not found", exit 10): the connection's keyfile, before wg-quick's file
+    def run_down(argv, **kw):
+        return subprocess.CompletedProcess(argv, 10 if argv[0].endswith("nmcli") else 1, stdout="", stderr="")
+    found = vpn_dns.find(("wg0",), directory=FIX, run=run_down, resolvectl="/usr/bin/resolvectl",
+                         nmcli="/usr/bin/nmcli", nm_dirs=nm_dirs)
+    assert found == vpn_dns.Found(tuple(ips("10.64.0.53", "10.64.0.54", "fd00:53::1")),
+                                  os.path.join(FIX, "nm", "wg0.nmconnection"))
+    # no NetworkManager at all: wg-quick's file, as before
+    found = vpn_dns.find(("wg0",), directory=FIX, run=run_down, resolvectl="/usr/bin/resolvectl",
+                         nmcli="/usr/bin/nmcli", nm_dirs=())
+    assert found.source == os.path.join(FIX, "wg0.conf")
+    # a tunnel of another namespace: neither resolved nor NetworkManager (the caller's namespace's) is asked
+    assert vpn_dns.find(("wg0",), own_namespace=False, directory=FIX, run=run, resolvectl="/usr/bin/resolvectl",
+                        nmcli="/usr/bin/nmcli", nm_dirs=nm_dirs).source.endswith("wg0.conf")

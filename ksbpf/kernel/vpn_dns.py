@@ -5,6 +5,13 @@
   OpenVPN's update-systemd-resolved all set them there).  resolved knows
   the links of its own network namespace only: asked only for a tunnel of
   the caller's namespace.
+- NetworkManager (when it does not hand DNS to systemd-resolved, Debian's
+  default): the tunnel device's DNS while its connection is up (`nmcli -g
+  IP4.DNS,IP6.DNS device show IFACE`), else the DNS of the connection profile
+  made for that interface (its keyfile under /etc/NetworkManager/
+  system-connections or /run/NetworkManager/system-connections, as `nmcli
+  connection import type wireguard` writes it: `interface-name=IFACE`, `dns=`
+  in [ipv4] and [ipv6]) -- so a connection that is down has its resolvers too.
 - wg-quick: the `DNS =` lines of /etc/wireguard/IFACE.conf (addresses; the
   search domains that may share the line are not resolvers).
 
@@ -24,6 +31,8 @@ from ksbpf.errors import KsbpfError
 
 WG_QUICK_DIR = os.environ.get("KSBPF_WG_QUICK_DIR", "/etc/wireguard")   # (tests point it elsewhere)
 RESOLVECTL_TIMEOUT = 5.0
+NM_KEYFILE_DIRS = tuple(os.environ.get("KSBPF_NM_DIRS", "/etc/NetworkManager/system-connections:"
+                                       "/run/NetworkManager/system-connections").split(":"))
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,70 @@ def parse_wg_quick(text: str) -> list:
     return out
 
 
+def parse_nmcli_dns(text: str) -> list:
+    """`nmcli -g IP4.DNS,IP6.DNS device show IFACE`: one line per field, several
+    values of a field joined by " | ", colons of IPv6 addresses escaped (\\:)."""
+    out = []
+    for line in text.splitlines():
+        out += [a for a in _addresses(line.replace("\\:", ":").replace("|", " ").split()) if a not in out]
+    return out
+
+
+def parse_nm_keyfile(text: str, iface: str) -> list:
+    """A NetworkManager keyfile's `dns=` of [ipv4] and [ipv6] (";"-separated),
+    when its [connection] names the interface (`interface-name=IFACE`)."""
+    sections: dict[str, dict[str, str]] = {}
+    section = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1].strip().lower()
+            continue
+        key, sep, value = line.partition("=")
+        if sep:
+            sections.setdefault(section, {})[key.strip()] = value.strip()
+    if sections.get("connection", {}).get("interface-name") != iface:
+        return []
+    out = []
+    for fam in ("ipv4", "ipv6"):
+        out += [a for a in _addresses(sections.get(fam, {}).get("dns", "").replace(";", " ").split()) if a not in out]
+    return out
+
+
+def from_networkmanager(iface: str, run=subprocess.run, exe: str | None = None,
+                        dirs: tuple | None = None) -> tuple[list, str]:
+    """The tunnel's resolvers as NetworkManager has them: the device's while its
+    connection is up, else its connection profile's; ([], "") when none."""
+    exe = exe or shutil.which("nmcli")
+    if exe:
+        try:
+            done = run([exe, "-g", "IP4.DNS,IP6.DNS", "device", "show", iface], capture_output=True, text=True,
+                       timeout=RESOLVECTL_TIMEOUT)
+        except (OSError, subprocess.TimeoutExpired):
+            done = None
+        if done is not None and done.returncode == 0:
+            found = parse_nmcli_dns(done.stdout)
+            if found:
+                return found, f"nmcli device show {iface}"
+    for d in dirs if dirs is not None else NM_KEYFILE_DIRS:
+        try:
+            names = sorted(os.listdir(d))
+        except OSError:
+            continue
+        for name in names:
+            path = os.path.join(d, name)
+            try:
+                with open(path) as f:
+                    found = parse_nm_keyfile(f.read(), iface)
+            except (OSError, UnicodeDecodeError):
+                continue
+            if found:
+                return found, path
+    return [], ""
+
+
 def from_resolvectl(iface: str, run=subprocess.run, exe: str | None = None) -> list:
     """The link's DNS servers as systemd-resolved has them; [] when resolved
     is not there or knows none for the link."""
@@ -101,22 +174,25 @@ def from_wg_quick(iface: str, directory: str | None = None) -> list:
 
 
 def find(tunnels, own_namespace: bool = True, directory: str | None = None, run=subprocess.run,
-         resolvectl: str | None = None) -> Found:
+         resolvectl: str | None = None, nmcli: str | None = None, nm_dirs: tuple | None = None) -> Found:
     """The resolvers the VPN configured for these tunnels: systemd-resolved's
-    per-link DNS (a tunnel of the caller's namespace), else wg-quick's `DNS =`.
-    One actionable line when none is found."""
+    per-link DNS, else NetworkManager's (both: a tunnel of the caller's
+    namespace), else wg-quick's `DNS =`.  One actionable line when none is found."""
     directory = directory or WG_QUICK_DIR
     for iface in tunnels:
         if own_namespace:
             found = from_resolvectl(iface, run, resolvectl)
             if found:
                 return Found(tuple(found), f"resolvectl dns {iface}")
+            found, where = from_networkmanager(iface, run, nmcli, nm_dirs)
+            if found:
+                return Found(tuple(found), where)
         found = from_wg_quick(iface, directory)
         if found:
             return Found(tuple(found), os.path.join(directory, f"{iface}.conf"))
     names = ", ".join(tunnels)
-    raise KsbpfError(f"dns auto: no resolver configured for {names} (neither systemd-resolved's per-link DNS "
-                     f"nor a DNS = line in {directory}/IFACE.conf)",
+    raise KsbpfError(f"dns auto: no resolver configured for {names} (neither systemd-resolved's per-link DNS, "
+                     f"NetworkManager's, nor a DNS = line in {directory}/IFACE.conf)",
                      "give the VPN's resolver as --dns ADDR (config dns = [\"ADDR\"])")
 
 

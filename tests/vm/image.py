@@ -43,7 +43,11 @@ SUITE = "bookworm"
 # no kernel: the kernels (tests/vm/kernels.py) are installed after debootstrap, pinned
 BASE_PACKAGES = ("systemd-sysv", "udev", "dbus", "kmod", "iproute2", "initramfs-tools",
                  "wireguard-tools", "python3", "python3-venv", "make", "rsync", "ca-certificates", "procps")
-BUILD_VERSION = "2"   # change when the build steps below change
+# the guest's other software, installed once the kernels are (apt, from the image's suite): present, never
+# started at boot -- NetworkManager is disabled (scenario "nm" starts it, managing only its WireGuard connection)
+GUEST_PACKAGES = ("network-manager",)
+GUEST_DISABLED = ("NetworkManager.service", "NetworkManager-wait-online.service")
+BUILD_VERSION = "3"   # change when the build steps below change
 BASE_INPUTS = ("vagrant/provision.sh", "deploy/setup-host.sh", "tests/vm/run-parts-dirs.sh")   # decide the packages
 HERE = os.path.dirname(os.path.abspath(__file__))
 UNITS_DIR = os.path.join(HERE, "units")
@@ -115,6 +119,7 @@ def _digest(parts: list[bytes]) -> str:
 def base_key(repo: str, mirror: str) -> str:
     month = time.strftime("%Y-%m", time.gmtime())
     return _digest([BUILD_VERSION.encode(), SUITE.encode(), mirror.encode(), " ".join(BASE_PACKAGES).encode(),
+                    " ".join(GUEST_PACKAGES + GUEST_DISABLED).encode(),
                     " ".join(kernels.install_args()).encode(), " ".join(kernels.EXTRA_SUITES).encode(),
                     month.encode(), *(open(os.path.join(repo, f), "rb").read() for f in BASE_INPUTS)])
 
@@ -205,6 +210,12 @@ for rel in $KERNEL_RELEASES; do
         || { echo "vm image: kernel $rel was not installed completely (vmlinuz, initrd, modules)"; exit 3; }
 done
 '''
+# The guest's other software (GUEST_PACKAGES), disabled at boot (GUEST_DISABLED): the scenarios that
+# use it start it.
+_GUEST_PACKAGES = r'''
+inchroot apt-get install -y -q --no-install-recommends $GUEST_PACKAGES
+inchroot systemctl disable $GUEST_DISABLED
+'''
 # bcc's headers for each kernel, as a user gets them (deploy/setup-host.sh: the kernel's own, or the
 # distribution's generic ones linked).
 _HEADERS = r'''
@@ -227,7 +238,7 @@ echo ksbpf-vm > "$ROOT/etc/hostname"
 printf '127.0.0.1 localhost\n127.0.1.1 ksbpf-vm\n::1 localhost\n' > "$ROOT/etc/hosts"
 echo '/dev/vda / ext4 rw,errors=remount-ro 0 1' > "$ROOT/etc/fstab"
 chroot "$ROOT" passwd -d root >/dev/null   # the serial console, for debugging
-''' + _CHROOT_MOUNTS + _KERNELS + _PROVISION + _HEADERS + _CHROOT_UNMOUNT
+''' + _CHROOT_MOUNTS + _KERNELS + _GUEST_PACKAGES + _PROVISION + _HEADERS + _CHROOT_UNMOUNT
 _IMAGE = r'''
 mkdir -p "$WORK/upper" "$WORK/ovl" "$WORK/root"
 mount -t overlay overlay -o "lowerdir=$BASE,upperdir=$WORK/upper,workdir=$WORK/ovl" "$WORK/root"
@@ -280,6 +291,7 @@ def ensure_image(repo: str, log: Callable[[str], None] = print, cache: str | Non
         _prune(cache, "base", {base_dir, base_dir + ".tmp"})
         env = {"CACHE": cache, "REPO": os.path.abspath(repo), "SUITE": SUITE, "MIRROR": mirror,
                "PACKAGES": ",".join(BASE_PACKAGES), "UNITS": UNITS_DIR, "DISK_SIZE": DISK_SIZE,
+               "GUEST_PACKAGES": " ".join(GUEST_PACKAGES), "GUEST_DISABLED": " ".join(GUEST_DISABLED),
                "KERNEL_PINS": " ".join(kernels.install_args()), "EXTRA_SUITES": " ".join(kernels.EXTRA_SUITES),
                "KERNEL_RELEASES": " ".join(k.release for k in kernels.KERNELS),
                "HEADERS_RELEASE": kernels.by_name(kernels.OWN_HEADERS).release,
