@@ -37,7 +37,8 @@ pytestmark = [pytest.mark.root, pytest.mark.vm]
 SCENARIOS = {   # column -> what it is; the newest kernel runs all, the others all but "escape"
     "lab": "leak matrix (verify --lab)", "boot": "boot-time protection", "daemon": "daemon under systemd",
     "escape": "escape hatch + reboot", "node": "node mode", "each": 'netns = "each" scope',
-    "raw": "no raw sockets in a scope (BPF LSM)"}
+    "raw": "no raw sockets in a scope (BPF LSM)",
+    "nm": "NetworkManager: nmcli up/down, server switch, endpoints/dns auto + vpn_mark"}
 NEWEST_ONLY = {"escape": "not run here (newest kernel only, for CI time: no kernel feature involved)"}
 CELLS: dict[tuple[str, str], str] = {}
 
@@ -382,3 +383,52 @@ def test_raw_sockets_refused_in_a_scope(kernel, lab_and_each, say):
             f"a raw socket was made inside the scope: {inside}"
         scope = next(s for s in r["status"]["scopes"] if s["cgroup"] == SCOPE)
         assert scope["raw_sockets"] == "refused", scope
+
+
+def test_networkmanager_connection(kernel, guest, say):
+    """Scenario 8: NetworkManager's WireGuard connection, imported from a wg-quick
+    file and brought up and down with nmcli; ksbpf runs the shipped example
+    configuration (deploy/networkmanager/ksbpf.toml: endpoints auto, vpn_mark, dns
+    auto -- no address typed) and the shipped dispatcher script.  Down: nothing of
+    the slice leaves (the control does); up: it flows again; a server switch keeps
+    it flowing; the slice cannot reach the endpoint (the control can); DNS only to
+    the connection's resolver, and to its new one once the connection's DNS changes."""
+    with cell(kernel, "nm") as notes:
+        _nm(guest, say, notes)
+
+
+def _nm(guest, say, notes):
+    r = run(guest("nm"), "nm", say, "scenario 8 (NetworkManager)", notes)
+    say(f"{r['kernel']} scenario 8: reload {r['reload_s']} s, traffic after up {r['up_s']} s, after down/up "
+        f"{r['up_again_s']} s, after the server switch {r['switch_s']} s, dns followed in {r['dns_follow_s']} s")
+    assert r["nm_fwmark"] == "51820" and r["wg_fwmark"] not in ("", "off"), (r["nm_fwmark"], r["wg_fwmark"])
+    assert "10.200.0.1" in r["nmcli_device_dns"], r["nmcli_device_dns"]
+    # the scope followed the tunnel: its endpoint read from NetworkManager's interface, not typed
+    scope = next(s for s in r["status_up"]["scopes"] if s["cgroup"] == SCOPE)
+    assert [t["name"] for t in scope["tunnels"]] == ["wg-home"], scope["tunnels"]
+    assert "10.99.0.2" in str(scope["followed"]), scope["followed"]
+    assert "10.200.0.1" in r["ksbpf_status_text"], r["ksbpf_status_text"]   # dns auto: NetworkManager's resolver
+    # vpn_mark: the slice's datagrams to the endpoint never arrive; the control's do
+    for ep, scope_send in ((r["ep"], r["ep_scope_send"]), (r["ep2"], r["ep2_scope_send"])):
+        assert ep["control"] > 0, f"the control never reached the endpoint: {ep}"
+        assert ep["scope"] == 0, f"the slice reached the VPN server outside the tunnel: {ep} (sent: {scope_send})"
+    # DNS: to the connection's resolver through the tunnel; a query to another resolver never reaches it
+    d = r["dns"]
+    assert d["dns_vpn"] > 0, f"DNS to the connection's resolver did not arrive: {d} {r['dns_vpn_send']}"
+    assert d["dns_other_control"] > 0, f"the control's DNS to another resolver did not arrive: {d}"
+    assert d["dns_other_scope"] == 0 and d["dns_leak"] == 0, f"DNS of the slice reached another resolver: {d}"
+    # down: nothing leaks, the control arrives, the slice is refused; up: flows again
+    g = r["down_growth"]
+    assert g["leak_udp"] == 0 and g["leak_tcp"] == 0, f"traffic of the slice leaked with the connection down: {g}"
+    assert g["control_udp"] > 0 and g["control_tcp"] > 0, f"the control did not arrive while down: {g}"
+    assert g["tunnel_udp"] == 0, g
+    assert r["down_sender"]["udp_err"].get("EPERM", 0) > 0, r["down_sender"]
+    # the server switch: the new server is reached, and traffic flows through the tunnel again
+    assert r["wg_server2"] > 0, "the tunnel never reached the second server"
+    assert r["switch_growth"]["tunnel_udp"] > 0 and r["switch_growth"]["leak_udp"] == 0, r["switch_growth"]
+    scope = next(s for s in r["status_switched"]["scopes"] if s["cgroup"] == SCOPE)
+    assert "10.99.0.3" in str(scope["followed"]), scope["followed"]
+    # the dispatcher script had the daemon re-read the connection's DNS
+    assert "reloading ksbpf.service" in r["dispatcher_log"], r["dispatcher_log"]
+    c = r["counters"]
+    assert c["leak_udp"] == 0 and c["leak_tcp"] == 0, f"a leak at some point of the scenario: {c}"

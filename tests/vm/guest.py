@@ -644,8 +644,193 @@ def scenario_raw() -> dict:
     return r
 
 
+# --- scenario "nm": NetworkManager's WireGuard connection ----------------------------------------
+
+NM_IFACE = "wg-home"           # the interface and connection nmcli makes from wg-home.conf (the shipped example's)
+NM_ADDR, NM_DNS, NM_DNS2 = "10.200.0.4", "10.200.0.1", "10.200.0.53"
+NM_SERVER2 = "10.99.0.3"       # the same peer at a second address of vpnpeer: "another server"
+NM_FWMARK = 51820
+# UDP payloads that tell who sent to the endpoint (WireGuard's messages start with 1-4 and three zeros)
+NM_FROM_SCOPE, NM_FROM_CONTROL = b"KSBS", b"KSBC"
+NM_DNS_SCOPE, NM_DNS_CONTROL = b"DNSS", b"DNSC"
+NM_COUNTERS = ("ep_scope", "ep_control", "dns_vpn", "dns_vpn2", "dns_other_scope", "dns_other_control", "dns_leak",
+               "wg_server2")
+NM_NFT = """
+table inet ksbpfnm {
+%s
+    chain pre {
+        type filter hook prerouting priority -290; policy accept;
+        iifname "uplink" udp dport 51820 @th,64,32 0x%s counter name ep_scope
+        iifname "uplink" udp dport 51820 @th,64,32 0x%s counter name ep_control
+        iifname "wgs" ip daddr %s udp dport 53 counter name dns_vpn
+        iifname "wgs" ip daddr %s udp dport 53 counter name dns_vpn2
+        iifname "wgs" ip daddr %s udp dport 53 @th,64,32 0x%s counter name dns_other_scope
+        iifname "wgs" ip daddr %s udp dport 53 @th,64,32 0x%s counter name dns_other_control
+        iifname "uplink" udp dport 53 counter name dns_leak
+        iifname "uplink" ip daddr %s udp dport 51820 counter name wg_server2
+    }
+}
+""" % ("\n".join(f"    counter {c} {{ }}" for c in NM_COUNTERS), NM_FROM_SCOPE.hex(), NM_FROM_CONTROL.hex(),
+       NM_DNS, NM_DNS2, TARGET, NM_DNS_SCOPE.hex(), TARGET, NM_DNS_CONTROL.hex(), NM_SERVER2)
+NM_CONF = "[keyfile]\nunmanaged-devices=*,except:type:wireguard\n"   # NetworkManager touches only WireGuard
+# n UDP datagrams to (addr, port), from a process of a slice (or none); prints how many the kernel took
+BURST = r"""
+import errno, json, socket, sys, time
+addr, port, payload, n = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode(), int(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+out = {"ok": 0, "err": {}}
+for _ in range(n):
+    try:
+        s.sendto(payload + b"-ksbpf-vm-test", (addr, port))
+        out["ok"] += 1
+    except OSError as e:
+        k = errno.errorcode.get(e.errno, str(e.errno))
+        out["err"][k] = out["err"].get(k, 0) + 1
+    time.sleep(0.02)
+print(json.dumps(out))
+"""
+
+
+def nm_counters() -> dict[str, int]:
+    data = json.loads(sh("ip", "netns", "exec", NS, "nft", "-j", "list", "counters", "table", "inet", "ksbpfnm"))
+    return {i["counter"]["name"]: i["counter"]["packets"] for i in data["nftables"] if "counter" in i}
+
+
+def burst(slice_: str | None, addr: str, port: int, payload: bytes, n: int = 20) -> dict:
+    argv = ["systemd-run", "--quiet", "--wait", "--pipe", "--collect", *(["--slice", slice_] if slice_ else []),
+            "python3", "-c", BURST, addr, str(port), payload.decode(), str(n)]
+    return json.loads(sh(*argv).strip().splitlines()[-1])
+
+
+def nm_grew(name: str, before: dict, settle: float = 1.5) -> int:
+    time.sleep(settle)   # (the counters are read on the far side: the datagrams have arrived or never will)
+    return nm_counters()[name] - before[name]
+
+
+def nmcli(*args: str, check: bool = True) -> str:
+    return sh("nmcli", *args, check=check)
+
+
+def scenario_nm() -> dict:
+    """NetworkManager: a WireGuard connection imported from a wg-quick file, brought
+    up and down with nmcli; ksbpf protects vpn.slice with the shipped example
+    configuration (endpoints auto, vpn_mark, dns auto: no address typed) and the
+    shipped dispatcher script.  Down: nothing leaks (the control arrives); up: the
+    traffic flows again; a server switch keeps it flowing; the scope cannot reach the
+    endpoint (the control can); DNS only to the connection's resolver, which follows
+    a change of the connection's DNS."""
+    r = common()
+    r["tunnel_after_boot_s"] = tunnel_flowing()
+    subprocess.run(["ip", "netns", "exec", NS, "nft", "-f", "-"], input=NM_NFT, text=True, check=True)
+    sh("systemctl", "stop", "wg-quick@wg0.service")    # NetworkManager's tunnel replaces wg-quick's
+    # the far side: the same server for a second client, and at a second address ("another server")
+    key = sh("wg", "genkey").strip()
+    pub = subprocess.run(["wg", "pubkey"], input=key, capture_output=True, text=True, check=True).stdout.strip()
+    sh("ip", "netns", "exec", NS, "wg", "set", "wgs", "peer", pub, "allowed-ips", f"{NM_ADDR}/32")
+    sh("ip", "-n", NS, "addr", "add", f"{NM_DNS2}/32", "dev", "wgs")
+    sh("ip", "-n", NS, "addr", "add", f"{NM_SERVER2}/24", "dev", "uplink")
+    peer_pub = open("/etc/ksbpf-demo/peer.pub").read().strip()
+
+    # NetworkManager as a user has it, managing only WireGuard here, with ksbpf's dispatcher script installed
+    os.makedirs("/etc/NetworkManager/conf.d", exist_ok=True)
+    with open("/etc/NetworkManager/conf.d/90-ksbpf-vmtest.conf", "w") as f:
+        f.write(NM_CONF)
+    sh("install", "-m", "0755", "/opt/ksbpf/deploy/networkmanager/90-ksbpf", "/etc/NetworkManager/dispatcher.d/")
+    sh("systemctl", "start", "NetworkManager.service")
+    wait_for("NetworkManager", lambda: subprocess.run(["nmcli", "general", "status"], capture_output=True).returncode == 0,
+             120, 0.5)
+    # the user's wg-quick file, NOT under /etc/wireguard (dns auto must find the resolver in NetworkManager)
+    os.makedirs("/root/vpn", mode=0o700, exist_ok=True)
+    conf = f"/root/vpn/{NM_IFACE}.conf"
+    with open(os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(f"[Interface]\nPrivateKey = {key}\nAddress = {NM_ADDR}/24\nDNS = {NM_DNS}\n\n"
+                f"[Peer]\nPublicKey = {peer_pub}\nEndpoint = 10.99.0.2:51820\n"
+                f"AllowedIPs = 10.200.0.0/24, 198.51.100.0/24\nPersistentKeepalive = 5\n")
+    r["import"] = nmcli("connection", "import", "type", "wireguard", "file", conf).strip()
+    # the VPN client's mark: NetworkManager's own setting (as deploy/networkmanager/ksbpf.toml says)
+    nmcli("connection", "modify", NM_IFACE, "wireguard.fwmark", str(NM_FWMARK))
+    r["nm_fwmark"] = nmcli("-g", "wireguard.fwmark", "connection", "show", NM_IFACE).strip()
+    r["nm_dns_setting"] = nmcli("-g", "ipv4.dns", "connection", "show", NM_IFACE).strip()
+    nmcli("connection", "up", NM_IFACE)
+    r["nmcli_device_dns"] = nmcli("-g", "IP4.DNS,IP6.DNS", "device", "show", NM_IFACE, check=False)
+    r["wg_fwmark"] = sh("wg", "show", NM_IFACE, "fwmark").strip()
+
+    # ksbpf: the shipped example configuration, installed as is
+    sh("install", "-m", "0644", "/opt/ksbpf/deploy/networkmanager/ksbpf.toml", CONFIG)
+    r["check_config"] = sh("ksbpf", "check-config", CONFIG)
+    t = time.monotonic()
+    sh("systemctl", "reload", "ksbpf.service")
+    log("scenario nm: reloaded with the NetworkManager configuration, waiting for the scope")
+
+    def in_force() -> bool:
+        sc = next((s for s in status()["scopes"] if s["cgroup"] == SCOPE), None)
+        return bool(sc and [t["name"] for t in sc["tunnels"]] == [NM_IFACE] and sc.get("followed"))
+    wait_for("the scope with the NetworkManager tunnel", in_force, 600, 1)
+    wait_for("the reloaded daemon's /readyz", ready, 120, 0.5)
+    r["reload_s"] = round(time.monotonic() - t, 1)
+    r["up_s"] = tunnel_flowing(90)
+    r["status_up"] = status()
+    r["ksbpf_status_text"] = sh("ksbpf", "status", check=False)[-3000:]
+
+    # the endpoint is the VPN client's only (vpn_mark): the scope's datagrams to it go nowhere, the control's arrive
+    b = nm_counters()
+    r["ep_scope_send"] = burst("vpn.slice", "10.99.0.2", 51820, NM_FROM_SCOPE)
+    r["ep_control_send"] = burst(None, "10.99.0.2", 51820, NM_FROM_CONTROL)
+    r["ep"] = {"scope": nm_grew("ep_scope", b), "control": nm_grew("ep_control", b, 0)}
+    # DNS: to the connection's resolver through the tunnel; to another resolver: never (redirected or dropped)
+    b = nm_counters()
+    r["dns_vpn_send"] = burst("vpn.slice", NM_DNS, 53, NM_DNS_SCOPE, 10)
+    r["dns_other_send"] = burst("vpn.slice", TARGET, 53, NM_DNS_SCOPE, 10)
+    r["dns_control_send"] = burst(None, TARGET, 53, NM_DNS_CONTROL, 10)
+    time.sleep(1.5)
+    after = nm_counters()
+    r["dns"] = {k: after[k] - b[k] for k in NM_COUNTERS}
+
+    # down: nothing leaves (the control does); up: it flows again
+    g0 = counters()
+    nmcli("connection", "down", NM_IFACE)
+    wait_for("the tunnel gone", lambda: NM_IFACE not in sh("ip", "-br", "link"), 30)
+    r["down_growth"] = growth(COUNTERS, 3)
+    r["down_sender"] = sender("protected")
+    nmcli("connection", "up", NM_IFACE)
+    r["up_again_s"] = tunnel_flowing(90)
+
+    # a server switch: the VPN client moves to the second address (endpoints auto follows it)
+    b = nm_counters()
+    sh("wg", "set", NM_IFACE, "peer", peer_pub, "endpoint", f"{NM_SERVER2}:51820")
+    r["switch_s"] = tunnel_flowing(90)
+    r["switch_growth"] = growth(COUNTERS, 2)
+    r["wg_server2"] = nm_counters()["wg_server2"] - b["wg_server2"]
+    r["status_switched"] = status()
+    b = nm_counters()
+    r["ep2_scope_send"] = burst("vpn.slice", NM_SERVER2, 51820, NM_FROM_SCOPE)
+    r["ep2_control_send"] = burst(None, NM_SERVER2, 51820, NM_FROM_CONTROL)
+    r["ep2"] = {"scope": nm_grew("ep_scope", b), "control": nm_grew("ep_control", b, 0)}
+
+    # the connection's DNS changes: the dispatcher script has the daemon re-read dns auto
+    nmcli("connection", "modify", NM_IFACE, "ipv4.dns", NM_DNS2)
+    nmcli("connection", "up", NM_IFACE)
+    t = time.monotonic()
+
+    def dns2_arrives() -> bool:
+        before = nm_counters()["dns_vpn2"]
+        burst("vpn.slice", NM_DNS2, 53, NM_DNS_SCOPE, 3)
+        return nm_grew("dns_vpn2", {"dns_vpn2": before}, 1.0) > 0
+    wait_for("DNS from the scope to the connection's new resolver", dns2_arrives, 300, 2)
+    r["dns_follow_s"] = round(time.monotonic() - t, 1)
+    r["dispatcher_log"] = sh("journalctl", "-b", "-t", "ksbpf-nm", "-o", "cat", "--no-pager", check=False)[-2000:]
+    r["up_after_dns_s"] = tunnel_flowing(90)
+
+    r["counters"] = counters()
+    r["nm_counters"] = nm_counters()
+    r["protected"] = sender("protected")
+    r["journal"] = journal("ksbpf.service")[-4000:]
+    r["nm_journal"] = journal("NetworkManager.service")[-2000:]
+    return r
+
+
 SCENARIOS = {"boot": scenario_boot, "raw": scenario_raw, "lab": scenario_lab, "each": scenario_each, "daemon": scenario_daemon, "escape": scenario_escape,
-             "escape-rebooted": scenario_escape_rebooted, "node": scenario_node}
+             "escape-rebooted": scenario_escape_rebooted, "node": scenario_node, "nm": scenario_nm}
 
 
 # the scenarios that judge ksbpf's units: a unit that failed because ksbpf refused this kernel explains them
