@@ -407,7 +407,9 @@ def _nm(guest, say, notes):
     scope = next(s for s in r["status_up"]["scopes"] if s["cgroup"] == SCOPE)
     assert [t["name"] for t in scope["tunnels"]] == ["wg-home"], scope["tunnels"]
     assert "10.99.0.2" in str(scope["followed"]), scope["followed"]
-    assert "10.200.0.1" in r["ksbpf_status_text"], r["ksbpf_status_text"]   # dns auto: NetworkManager's resolver
+    assert scope["dns"]["resolvers"] == ["10.200.0.1"], scope["dns"]   # dns auto: NetworkManager's resolver
+    if r.get("route_metric_set"):
+        notes.append("ipv4.route-metric 50 set: NetworkManager's route was not preferred")
     # vpn_mark: the slice's datagrams to the endpoint never arrive; the control's do
     for ep, scope_send in ((r["ep"], r["ep_scope_send"]), (r["ep2"], r["ep2_scope_send"])):
         assert ep["control"] > 0, f"the control never reached the endpoint: {ep}"
@@ -430,5 +432,7 @@ def _nm(guest, say, notes):
     assert "10.99.0.3" in str(scope["followed"]), scope["followed"]
     # the dispatcher script had the daemon re-read the connection's DNS
     assert "reloading ksbpf.service" in r["dispatcher_log"], r["dispatcher_log"]
+    scope = next(s for s in r["status_dns_changed"]["scopes"] if s["cgroup"] == SCOPE)
+    assert scope["dns"]["resolvers"] == ["10.200.0.53"], scope["dns"]
     c = r["counters"]
     assert c["leak_udp"] == 0 and c["leak_tcp"] == 0, f"a leak at some point of the scenario: {c}"

@@ -736,6 +736,8 @@ def scenario_nm() -> dict:
     with open("/etc/NetworkManager/conf.d/90-ksbpf-vmtest.conf", "w") as f:
         f.write(NM_CONF)
     sh("install", "-m", "0755", "/opt/ksbpf/deploy/networkmanager/90-ksbpf", "/etc/NetworkManager/dispatcher.d/")
+    # (the image disabled NetworkManager and, through its Also=, the dispatcher a user has enabled with it)
+    sh("systemctl", "enable", "NetworkManager-dispatcher.service")
     sh("systemctl", "start", "NetworkManager.service")
     wait_for("NetworkManager", lambda: subprocess.run(["nmcli", "general", "status"], capture_output=True).returncode == 0,
              120, 0.5)
@@ -752,6 +754,11 @@ def scenario_nm() -> dict:
     r["nm_fwmark"] = nmcli("-g", "wireguard.fwmark", "connection", "show", NM_IFACE).strip()
     r["nm_dns_setting"] = nmcli("-g", "ipv4.dns", "connection", "show", NM_IFACE).strip()
     nmcli("connection", "up", NM_IFACE)
+    r["route"] = sh("ip", "route", "get", TARGET).strip()
+    if f"dev {NM_IFACE}" not in r["route"]:   # NetworkManager's route metric above the physical link's (100)
+        nmcli("connection", "modify", NM_IFACE, "ipv4.route-metric", "50")
+        nmcli("connection", "up", NM_IFACE)
+        r["route_metric_set"] = sh("ip", "route", "get", TARGET).strip()
     r["nmcli_device_dns"] = nmcli("-g", "IP4.DNS,IP6.DNS", "device", "show", NM_IFACE, check=False)
     r["wg_fwmark"] = sh("wg", "show", NM_IFACE, "fwmark").strip()
 
@@ -818,6 +825,7 @@ def scenario_nm() -> dict:
         return nm_grew("dns_vpn2", {"dns_vpn2": before}, 1.0) > 0
     wait_for("DNS from the scope to the connection's new resolver", dns2_arrives, 300, 2)
     r["dns_follow_s"] = round(time.monotonic() - t, 1)
+    r["status_dns_changed"] = status()
     r["dispatcher_log"] = sh("journalctl", "-b", "-t", "ksbpf-nm", "-o", "cat", "--no-pager", check=False)[-2000:]
     r["up_after_dns_s"] = tunnel_flowing(90)
 
