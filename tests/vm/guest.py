@@ -794,7 +794,7 @@ def scenario_nm() -> dict:
     r["dns"] = {k: after[k] - b[k] for k in NM_COUNTERS}
 
     # down: nothing leaves (the control does); up: it flows again
-    g0 = counters()
+    r["before_down_sender"] = sender("protected")
     nmcli("connection", "down", NM_IFACE)
     wait_for("the tunnel gone", lambda: NM_IFACE not in sh("ip", "-br", "link"), 30)
     r["down_growth"] = growth(COUNTERS, 3)
