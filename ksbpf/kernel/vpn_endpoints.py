@@ -112,14 +112,25 @@ def _genl_read(ns: netns.Netns, ifname: str) -> list[tuple[str, Endpoint]]:
     except Exception:
         forget(ns.inode)   # a broken socket: a new one next time
         raise
+    return genl_peers(messages)
+
+
+def genl_peers(messages) -> list[tuple[str, Endpoint]]:
+    """(public key, endpoint) of each peer in WG_CMD_GET_DEVICE answers as
+    pyroute2 decodes them: WGDEVICE_A_PEERS is an array attribute (its value
+    a list of peers, possibly split over several messages), a peer's public
+    key its base64 bytes."""
     out = []
     for msg in messages:
-        for peer in msg.get_attrs("WGDEVICE_A_PEERS") or []:
-            key = (peer.get_attr("WGPEER_A_PUBLIC_KEY") or {}).get("value", b"")
-            ep = peer.get_attr("WGPEER_A_ENDPOINT")
-            endpoint = _endpoint(ep["addr"], ep["port"]) if ep else None
-            if endpoint is not None:
-                out.append((key.decode() if isinstance(key, bytes) else str(key), endpoint))
+        for item in msg.get_attrs("WGDEVICE_A_PEERS") or []:
+            for peer in item if isinstance(item, (list, tuple)) else [item]:
+                key = peer.get_attr("WGPEER_A_PUBLIC_KEY") or b""
+                if hasattr(key, "get"):
+                    key = key.get("value", b"")
+                ep = peer.get_attr("WGPEER_A_ENDPOINT")
+                endpoint = _endpoint(ep["addr"], ep["port"]) if ep else None
+                if endpoint is not None:
+                    out.append((key.decode() if isinstance(key, bytes) else str(key), endpoint))
     return out
 
 

@@ -649,7 +649,7 @@ def scenario_raw() -> dict:
 NM_IFACE = "wg-home"           # the interface and connection nmcli makes from wg-home.conf (the shipped example's)
 NM_ADDR, NM_DNS, NM_DNS2 = "10.200.0.4", "10.200.0.1", "10.200.0.53"
 NM_SERVER2 = "10.99.0.3"       # the same peer at a second address of vpnpeer: "another server"
-NM_FWMARK = 51820
+NM_FWMARK = "0xca6c"   # (nmcli reads wireguard.fwmark as hexadecimal: "51820" is 0x51820)
 # UDP payloads that tell who sent to the endpoint (WireGuard's messages start with 1-4 and three zeros)
 NM_FROM_SCOPE, NM_FROM_CONTROL = b"KSBS", b"KSBC"
 NM_DNS_SCOPE, NM_DNS_CONTROL = b"DNSS", b"DNSC"
@@ -750,7 +750,7 @@ def scenario_nm() -> dict:
                 f"AllowedIPs = 10.200.0.0/24, 198.51.100.0/24\nPersistentKeepalive = 5\n")
     r["import"] = nmcli("connection", "import", "type", "wireguard", "file", conf).strip()
     # the VPN client's mark: NetworkManager's own setting (as deploy/networkmanager/ksbpf.toml says)
-    nmcli("connection", "modify", NM_IFACE, "wireguard.fwmark", str(NM_FWMARK))
+    nmcli("connection", "modify", NM_IFACE, "wireguard.fwmark", NM_FWMARK)
     r["nm_fwmark"] = nmcli("-g", "wireguard.fwmark", "connection", "show", NM_IFACE).strip()
     r["nm_dns_setting"] = nmcli("-g", "ipv4.dns", "connection", "show", NM_IFACE).strip()
     nmcli("connection", "up", NM_IFACE)
