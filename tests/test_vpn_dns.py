@@ -131,6 +131,8 @@ def test_networkmanager_sources():
     escaped), else the keyfile of the connection made for the interface."""
     assert vpn_dns.parse_nmcli_dns(read("nmcli-device-wg0.txt")) == ips("10.64.0.1", "10.64.0.2", "fc00:bbbb:bbbb:bb01::1")
     assert vpn_dns.parse_nmcli_dns(read("nmcli-device-empty.txt")) == []
+    # captured in the VM test's guest (NetworkManager 1.42, scenario "nm"): IP4.DNS, then an empty IP6.DNS
+    assert vpn_dns.parse_nmcli_dns(read("nmcli-device-vmtest.txt")) == ips("10.200.0.1")
     keyfile = read(os.path.join("nm", "wg0.nmconnection"))
     assert vpn_dns.parse_nm_keyfile(keyfile, "wg0") == ips("10.64.0.53", "10.64.0.54", "fd00:53::1")
     assert vpn_dns.parse_nm_keyfile(keyfile, "wg1") == []   # another interface's connection
