@@ -5,7 +5,8 @@ Two layers, so that a code change does not cost a debootstrap:
 - base-<key>/root: debootstrap (Debian 12, the mirror of the machine's apt
   sources), every kernel the test boots (tests/vm/kernels.py: exact versions,
   with their modules and initrds; the trixie suites are in the image's apt
-  sources only while they are installed), vagrant/provision.sh run in a chroot
+  sources only while they are installed), the guest's other software
+  (GUEST_PACKAGES: NetworkManager, disabled at boot), vagrant/provision.sh run in a chroot
   of it with the repository copied in, and bcc's headers for each kernel
   (deploy/setup-host.sh).  Keyed by the debootstrap inputs, the kernel pins,
   the scripts that decide the packages (provision.sh, setup-host.sh) and the
