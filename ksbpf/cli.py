@@ -374,8 +374,11 @@ def status(as_json) -> None:
         click.echo(f"  options  {_options(s.policy)}")
         if s.policy.deny_tun or s.deny_tun:
             click.echo(f"  deny-tun {'in force: /dev/net/tun refused to the scope' if s.deny_tun else 'NOT in force'}")
-        if s.policy.dns:
-            click.echo(f"  dns      only to {', '.join(map(str, s.policy.dns))} through the tunnel; other DNS "
+        if s.policy.options.dns:
+            now = ", ".join(map(str, s.policy.dns)) or "none known yet (all DNS dropped)"
+            auto = (f" (auto: {s.dns_source or 'no resolver configured for ' + ', '.join(s.policy.tunnels)})"
+                    if s.policy.dns_auto else "")
+            click.echo(f"  dns      only to {now}{auto} through the tunnel; other DNS "
                        + ("redirected (connect, sendmsg, recvmsg and getpeername programs attached)" if s.dns_redirect
                           else "dropped, not redirected"))
         click.echo("  netns    " + ("from socket storage (sockets created before the attach are blocked until reopened)"

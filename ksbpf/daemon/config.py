@@ -378,9 +378,10 @@ class _Checker:
             policy = dataclasses.replace(policy, deny_tun=True)
         dns = self.strings(table, at, "dns", 'an array of resolver addresses such as ["10.64.0.1"] or ["auto"]')
         if policy is not None and dns:
-            found = self.attempt(at + ("dns",), vpn_dns.resolve_specs, dns, policy.tunnels,
+            # "auto": followed by the daemon (read now, and kept in step with the tunnel)
+            found = self.attempt(at + ("dns",), vpn_dns.followed_specs, dns, policy.tunnels,
                                  policy.netns in ("", None))
-            policy = self.attempt(at + ("dns",), lambda: dataclasses.replace(policy, dns=found[0])) if found else None
+            policy = self.attempt(at + ("dns",), lambda: dataclasses.replace(policy, **found)) if found else None
         if len(self.issues) > before or policy is None or cgroup is None:
             return None
         return ScopeConfig(cgroup, policy, create, self.where.line(at) or 0)

@@ -8,8 +8,10 @@
 - wg-quick: the `DNS =` lines of /etc/wireguard/IFACE.conf (addresses; the
   search domains that may share the line are not resolvers).
 
-Read once, when the scope is attached: a VPN that changes its resolvers needs
-the scope attached again (the daemon re-reads its configuration on reload).
+`ksbpf attach --dns auto` reads them once.  The daemon follows them
+(dns = ["auto"]): it reads them again on a short poll and when a tunnel
+appears or changes, and updates the scope's dns maps in place
+(ksbpf.scopes.dns_followed); while none is known, DNS is dropped.
 """
 
 from __future__ import annotations
@@ -133,3 +135,27 @@ def resolve_specs(specs, tunnels, own_namespace: bool = True, directory: str | N
         else:
             out.append(parse_resolver(spec))
     return tuple(dict.fromkeys(out)), sources
+
+
+def find_optional(tunnels, own_namespace: bool = True, directory: str | None = None, run=subprocess.run,
+                  resolvectl: str | None = None) -> Found | None:
+    """find(), or None when no resolver is configured for the tunnels (yet)."""
+    try:
+        return find(tunnels, own_namespace, directory, run, resolvectl)
+    except KsbpfError:
+        return None
+
+
+def followed_specs(specs, tunnels, own_namespace: bool = True, directory: str | None = None,
+                   run=subprocess.run, resolvectl: str | None = None) -> dict:
+    """dns = [...] of a scope the daemon keeps in step: Policy keyword arguments.
+    With `auto`: dns_auto, the addresses given beside it (dns_fixed), and the
+    resolvers in force now (dns: fixed ones first, then those read from the
+    tunnel); none read is no error -- DNS is dropped until the tunnel's are known."""
+    from ksbpf.policy import parse_resolver
+    if not any(s.strip() == "auto" for s in specs):
+        return {"dns": resolve_specs(specs, tunnels, own_namespace, directory, run, resolvectl)[0]}
+    fixed = tuple(dict.fromkeys(parse_resolver(s) for s in specs if s.strip() != "auto"))
+    found = find_optional(tunnels, own_namespace, directory, run, resolvectl)
+    now = tuple(dict.fromkeys(fixed + (found.addresses if found else ())))
+    return {"dns": now, "dns_auto": True, "dns_fixed": fixed}

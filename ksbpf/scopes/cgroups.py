@@ -126,7 +126,7 @@ def dns_redirect_in_force(cg_path: str) -> bool:
 
 def dns_entries(policy: Policy) -> tuple[str, ...]:
     """The DNS redirect programs a scope loads: with --dns, where the kernel has them."""
-    return bpf.DNS_ENTRIES if policy.dns and features.has("sock_addr") else ()
+    return bpf.DNS_ENTRIES if policy.options.dns and features.has("sock_addr") else ()
 
 
 def deny_tun_in_force(cg_path: str) -> bool:
@@ -441,6 +441,7 @@ class ScopeStatus:
     followed: list = field(default_factory=list)   # --endpoint auto: the endpoints followed now (Followed)
     netns_fast: bool = False   # the egress program trusts the tunnel filter's namespace (ksbpf_netns_fast)
     dns_redirect: bool = False   # --dns: the redirect programs are attached to the cgroup
+    dns_source: str | None = None   # dns = ["auto"]: where the daemon read the resolvers in force
 
     @property
     def name(self) -> str:
@@ -469,7 +470,8 @@ class ScopeStatus:
             "raw_sockets": self.raw_sockets,
             "follow": list(self.policy.follow), "followed": [f.to_dict() for f in self.followed],
             "vpn_mark": None, "vpn_cgroups": [], "any_endpoints": [], **self.policy.vpn_dict(),
-            "dns": {"resolvers": [str(a) for a in self.policy.dns], "redirect": self.dns_redirect},
+            "dns": {"resolvers": [str(a) for a in self.policy.dns], "redirect": self.dns_redirect,
+                    **({"auto": True, "source": self.dns_source} if self.policy.dns_auto else {})},
         }
 
 
@@ -525,8 +527,8 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
     except OSError:
         problems.append("the cgroup no longer exists (run `ksbpf detach` to remove the pins)")
     deny_tun = deny_tun_in_force(cg_path)
-    dns_redirect = bool(policy.dns) and dns_redirect_in_force(cg_path)
-    if policy.dns and not dns_redirect and features.has("sock_addr") and os.path.isdir(cg_path):
+    dns_redirect = policy.options.dns and dns_redirect_in_force(cg_path)
+    if policy.options.dns and not dns_redirect and features.has("sock_addr") and os.path.isdir(cg_path):
         problems.append("--dns's redirect programs are not attached to the cgroup: DNS to other resolvers is "
                         "dropped, not redirected to the VPN's (run `ksbpf attach ... --dns` again)")
     if policy.deny_tun and not deny_tun and os.path.isdir(cg_path):
@@ -543,7 +545,8 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
         return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, tunnels, policy, counters,
                            meta.get("attached_at"), problems, True, event_stats, namespaces, warnings,
                            netns_identity=meta.get("netns_identity", "helper"), deny_tun=deny_tun,
-                           followed=followed.recorded(meta), raw_sockets=raw, dns_redirect=dns_redirect)
+                           followed=followed.recorded(meta), raw_sockets=raw, dns_redirect=dns_redirect,
+                           dns_source=meta.get("dns_source"))
     ns = common.meta_netns(meta)
     present = cookie = None
     ns_ok = common.netns_alive(ns)
@@ -570,7 +573,7 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
                        meta.get("attached_at"), problems, ns_ok, event_stats, warnings=warnings,
                        netns_identity=meta.get("netns_identity", "helper"), tunnel_source=source_layer,
                        deny_tun=deny_tun, followed=followed.recorded(meta), netns_fast=allowed and not foreign,
-                       raw_sockets=raw, dns_redirect=dns_redirect)
+                       raw_sockets=raw, dns_redirect=dns_redirect, dns_source=meta.get("dns_source"))
 
 
 def raw_socket_warnings(cg_path: str, limit: int = 10) -> list[str]:

@@ -1,0 +1,133 @@
+"""dns = ["auto"] followed by the daemon (issue 17 §3): when the VPN changes
+the resolvers it configured for the tunnel, the daemon updates the scope's
+dns maps in place -- nothing re-attached -- and `status` shows them with
+where they were read.
+
+The lab's real wireguard-go tunnel; `dns auto` reads a wg-quick file in a
+test directory (KSBPF_WG_QUICK_DIR; the tunnel lives in the lab's namespace,
+so systemd-resolved, which knows its own namespace's links only, is not asked).
+Two resolvers behind the tunnel, each answering with its own address and
+counting the queries it gets: the tunnel's server address (the "old" VPN
+resolver) and another address routed into the tunnel (the "new" one)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from dnslab import DnsServer, query
+from helpers import DaemonProcess, ksbpf, packets, scope_status, toml_config, wait_until
+
+pytestmark = pytest.mark.lab
+
+OLD_ANSWER, NEW_ANSWER = "10.111.0.1", "10.88.8.8"
+STUB = "127.0.0.53"
+
+
+@pytest.fixture
+def resolvers(lab):
+    with DnsServer(lab.server_path, lab.tun4_server, OLD_ANSWER) as old, \
+            DnsServer(lab.server_path, lab.net4_server, NEW_ANSWER) as new:
+        yield old, new
+
+
+@pytest.fixture
+def dns_daemon(lab, make_cgroup, tmp_path):
+    """start(wg_quick_text or None) -> (daemon, cgroup, wg-quick file): a daemon keeping one scope of the
+    lab's tunnel with dns = ["auto"]; stopped before the cgroup is removed (which detaches)."""
+    started: list[DaemonProcess] = []
+    cg = make_cgroup()
+    wg_dir = tmp_path / "wireguard"
+    wg_dir.mkdir()
+    conf = wg_dir / f"{lab.wg_client}.conf"
+
+    def start(text: str | None):
+        if text is not None:
+            conf.write_text(text)
+        path = tmp_path / "ksbpf.toml"
+        path.write_text(toml_config([{"cgroup": cg, "tunnels": [lab.wg_client], "netns": lab.client_ns,
+                                      "endpoints": [lab.endpoint4], "dns": ["auto"]}]))
+        env = dict(os.environ, KSBPF_WG_QUICK_DIR=str(wg_dir))
+        d = DaemonProcess(str(path), env=env)
+        started.append(d)
+        d.wait_for("ready")
+        return d, cg, conf
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+def wg_quick(dns: str) -> str:
+    return f"[Interface]\nPrivateKey = (not read)\nAddress = 10.99.0.2/32\nDNS = {dns}, vpn.example\n\n[Peer]\n"
+
+
+def ask(lab, cg, server: str, proto: str = "udp", timeout: float = 3.0) -> dict:
+    return query(lab.client_ns, cg, server, proto, timeout)
+
+
+def test_daemon_follows_the_tunnels_resolver(lab, dns_daemon, resolvers):
+    old, new = resolvers
+    d, cg, conf = dns_daemon(wg_quick(lab.tun4_server))
+    ev = d.wait_for("dns_followed")
+    assert ev["now"] == [lab.tun4_server] and ev["source"] == str(conf), ev
+    st = scope_status(cg)
+    assert st["dns"]["resolvers"] == [lab.tun4_server] and st["dns"]["auto"] is True
+    assert st["dns"]["source"] == str(conf)
+    prog_id = st["prog_id"]
+    human = ksbpf("status", check=True).stdout
+    assert f"only to {lab.tun4_server} (auto: {conf}) through the tunnel" in human, human
+
+    # the control before the change: the old resolver answers, a query to the new one is redirected to the old
+    r = ask(lab, cg, lab.tun4_server)
+    assert r["ok"] and r["answer"] == OLD_ANSWER, r
+    r = ask(lab, cg, lab.net4_server)
+    assert r["ok"] and r["answer"] == OLD_ANSWER and r["from"] == lab.net4_server, r
+    assert new.queries == 0 and old.queries == 2
+
+    # the VPN moves its resolver: the daemon follows, in place
+    mark = len(d.events)
+    conf.write_text(wg_quick(lab.net4_server))
+    ev = d.wait_for("dns_followed", after=mark, timeout=30)
+    assert ev["added"] == [lab.net4_server] and ev["removed"] == [lab.tun4_server], ev
+    assert ev["now"] == [lab.net4_server] and ev["source"] == str(conf)
+    st = scope_status(cg)
+    assert st["dns"]["resolvers"] == [lab.net4_server] and st["prog_id"] == prog_id   # nothing re-attached
+    assert not [e for e in d.events[mark:] if e.get("event", "").startswith("scope_")], d.events[mark:]
+
+    old_before = old.queries
+    for proto in ("udp", "tcp"):
+        # the new resolver answers; the old one, and the stub, are redirected to it
+        r = ask(lab, cg, lab.net4_server, proto)
+        assert r["ok"] and r["answer"] == NEW_ANSWER, (proto, r)
+        for server in (lab.tun4_server, STUB):
+            r = ask(lab, cg, server, proto)
+            assert r["ok"] and r["answer"] == NEW_ANSWER and r["from"] == server, (proto, server, r)
+    assert new.queries == 6 and old.queries == old_before == 2
+    assert d.proc.poll() is None
+
+
+def test_no_resolver_yet_drops_dns_until_the_tunnel_has_one(lab, dns_daemon, resolvers):
+    """The tunnel's configuration appears after the daemon started: until then the scope's DNS is dropped
+    (a kill switch fails closed; the daemon still attached it), then it goes to the resolver read."""
+    old, _new = resolvers
+    d, cg, conf = dns_daemon(None)
+    st = scope_status(cg)
+    assert st["dns"]["resolvers"] == [] and st["dns"]["auto"] is True and st["dns"]["source"] is None
+    assert "none known yet (all DNS dropped) (auto: no resolver configured for" in ksbpf("status", check=True).stdout
+    dropped = packets(cg, "dns_not_vpn")
+    r = ask(lab, cg, lab.tun4_server, timeout=1.0)
+    assert not r["ok"] and old.queries == 0, r
+    assert packets(cg, "dns_not_vpn") > dropped
+    # the control: the tunnel itself carries the scope's other traffic (the same server, another port)
+    with DnsServer(lab.server_path, lab.tun4_server, OLD_ANSWER, port=5353) as other_port:
+        r = query(lab.client_ns, cg, lab.tun4_server, "udp", 3.0, port=5353)
+        assert r["ok"] and other_port.queries == 1, r
+
+    mark = len(d.events)
+    conf.write_text(wg_quick(lab.tun4_server))
+    ev = d.wait_for("dns_followed", after=mark, timeout=30)
+    assert ev["added"] == [lab.tun4_server] and ev["removed"] == [], ev
+    wait_until(lambda: scope_status(cg)["dns"]["resolvers"] == [lab.tun4_server], 10, "status shows the resolver")
+    r = ask(lab, cg, lab.tun4_server)
+    assert r["ok"] and r["answer"] == OLD_ANSWER and old.queries == 1, r
