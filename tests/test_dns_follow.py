@@ -131,3 +131,33 @@ def test_no_resolver_yet_drops_dns_until_the_tunnel_has_one(lab, dns_daemon, res
     wait_until(lambda: scope_status(cg)["dns"]["resolvers"] == [lab.tun4_server], 10, "status shows the resolver")
     r = ask(lab, cg, lab.tun4_server)
     assert r["ok"] and r["answer"] == OLD_ANSWER and old.queries == 1, r
+
+
+def test_config_auto_is_followed_and_none_yet_is_no_error(tmp_path, monkeypatch):
+    """dns = ["auto"] in the configuration: the policy says the resolvers are followed (and which were given as
+    addresses beside auto); no resolver configured yet is no error (DNS is dropped until there is one)."""
+    import ipaddress
+
+    from ksbpf.daemon.config import parse
+    from ksbpf.kernel import vpn_dns
+    from ksbpf.policy import Policy
+    monkeypatch.setattr(vpn_dns.shutil, "which", lambda _name: None)   # no resolved here
+    monkeypatch.setattr(vpn_dns, "WG_QUICK_DIR", str(tmp_path))
+    text = '[[scope]]\ncgroup = "/sys/fs/cgroup/vpn.slice"\ntunnels = ["wg0"]\ndns = ["10.1.1.1", "auto"]\n'
+    (scope,) = parse(text, "t.toml").scopes
+    p = scope.policy
+    assert p.dns_auto and p.options.dns and p.dns == (ipaddress.ip_address("10.1.1.1"),)
+    assert p.dns_fixed == p.dns
+    (tmp_path / "wg0.conf").write_text(wg_quick("10.64.0.1"))
+    (scope,) = parse(text, "t.toml").scopes
+    assert scope.policy.dns == tuple(map(ipaddress.ip_address, ("10.1.1.1", "10.64.0.1")))
+    # pinned and read back (status, adoption); the followed resolvers differing is still the same policy
+    assert Policy.from_dict(scope.policy.to_dict()) == scope.policy
+    assert scope.policy.same_but_followed(p) and p.same_but_followed(scope.policy)
+    (scope_fixed,) = parse(text.replace(', "auto"', ""), "t.toml").scopes
+    assert not scope_fixed.policy.dns_auto and not scope_fixed.policy.same_but_followed(scope.policy)
+    # no resolver at all, and nothing known yet: DNS is still filtered (the program is compiled with --dns)
+    (scope,) = parse(text.replace('"10.1.1.1", ', ""), "t.toml").scopes
+    (tmp_path / "wg0.conf").unlink()
+    (scope,) = parse(text.replace('"10.1.1.1", ', ""), "t.toml").scopes
+    assert scope.policy.dns == () and scope.policy.options.dns and scope.policy.dns_auto
