@@ -27,6 +27,9 @@ For each cgroup scope (a pin directory under /sys/fs/bpf/ksbpf/cgroup/):
              namespace belongs to one of its users (without --deny-tun): what it
              writes in is forwarded or answered by the kernel, outside the hook;
              FAIL when --deny-tun's device program is missing
+- dns        with --dns: the redirect programs (connect4/6, sendmsg4/6,
+             recvmsg4/6, getpeername4/6) are attached to the cgroup, where the
+             kernel has cgroup sock_addr programs (else: drop only)
 
 For the node scope: guarded (every interface that needs a guard has one),
 first (each guard runs first in its interface's egress chain: a program in
@@ -59,6 +62,11 @@ from ksbpf.verify.testrun import Runner, allowed
 PASS, FIXED, WARN, FAIL = "ok", "fixed", "WARN", "FAIL"
 CAP_NET_RAW = 13
 RTPROT_KERNEL = 2
+# --dns: the sock_addr hook each redirect program runs at, as verify names it
+DNS_HOOK_NAMES = {bpf.ENTRY_DNS_CONN4: "connect4", bpf.ENTRY_DNS_CONN6: "connect6",
+                  bpf.ENTRY_DNS_SEND4: "sendmsg4", bpf.ENTRY_DNS_SEND6: "sendmsg6",
+                  bpf.ENTRY_DNS_RECV4: "recvmsg4", bpf.ENTRY_DNS_RECV6: "recvmsg6",
+                  bpf.ENTRY_DNS_PEER4: "getpeername4", bpf.ENTRY_DNS_PEER6: "getpeername6"}
 # the maps `ksbpf attach` and the daemon write, which the cgroup program must be reading
 POLICY_MAPS = ("tunnels", "tunnel_ifindex", "endpoints4", "endpoints6", "counters", "verify_nonce")
 
@@ -110,8 +118,10 @@ def attach_command(cg: str, policy: Policy) -> str:
         argv += ["--vpn-cgroup", c]
     if policy.netns:
         argv += ["--netns", policy.netns]
-    for a in policy.dns:
+    for a in (policy.dns_fixed if policy.dns_auto else policy.dns):
         argv += ["--dns", str(a)]
+    if policy.dns_auto:
+        argv += ["--dns", "auto"]
     for flag, on in (("--allow-lan", policy.options.allow_lan), ("--allow-lan-dns", policy.options.allow_lan_dns),
                      ("--allow-dhcp", policy.options.allow_dhcp), ("--deny-tun", policy.deny_tun)):
         if on:
@@ -426,6 +436,7 @@ class _ScopeCheck:
             elif not layer.startswith("absent: not with"):
                 self.add("tunnel_source", WARN, f"tunnel-source hook {layer}: the kernel's answers for the scope's "
                          "connections (TIME_WAIT, RSTs) are not judged", again)
+            self._dns(cg_path, policy, again)
             if meta.get("netns", {}).get("each"):
                 self._each(maps, policy, cg_path, prog_fd)
             elif not common.netns_alive(ns := common.meta_netns(meta)):
@@ -438,6 +449,37 @@ class _ScopeCheck:
         finally:
             os.close(prog_fd)
         self._processes(cg_path, policy)
+
+    def _dns(self, cg_path: str, policy: Policy, again: str) -> None:
+        """--dns: the scope's redirect programs (its pinned ones) on every sock_addr hook of the cgroup."""
+        if not policy.options.dns:
+            return
+        if not features.has("sock_addr"):
+            self.add("dns", PASS, "drop only: this kernel runs no cgroup sock_addr programs, so DNS to other "
+                     "resolvers is dropped (dns_not_vpn), not redirected to the VPN's")
+            return
+        missing = []
+        with open_dir(cg_path) as cg_fd:
+            for entry, hook in bpf.DNS_ATTACH.items():
+                try:
+                    fd = libbpf.obj_get(os.path.join(self.pin_dir, bpf.PIN_NAMES[entry]))
+                except OSError:
+                    missing.append(f"{DNS_HOOK_NAMES[entry]} (its program's pin is missing)")
+                    continue
+                try:
+                    if libbpf.prog_info(fd).id not in libbpf.prog_query(cg_fd, hook):
+                        missing.append(DNS_HOOK_NAMES[entry])
+                except OSError as exc:
+                    missing.append(f"{DNS_HOOK_NAMES[entry]} ({exc})")
+                finally:
+                    os.close(fd)
+        if missing:
+            self.add("dns", FAIL, f"--dns redirect program(s) NOT attached to the cgroup: {', '.join(missing)}: DNS "
+                     "there is dropped, not redirected to the VPN's resolver (applications get no answer)",
+                     f"attach again: {again} (or restart the daemon: systemctl restart ksbpf)")
+        else:
+            self.add("dns", PASS, f"DNS redirected to {', '.join(map(str, policy.dns)) or 'the resolvers when known'}: "
+                     "connect4/6, sendmsg4/6, recvmsg4/6 and getpeername4/6 programs attached")
 
     def _inherited(self, cg_path: str, prog_id: int, again: str) -> None:
         missing = []
