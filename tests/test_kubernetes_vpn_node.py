@@ -53,4 +53,15 @@ def test_vpn_container_becomes_the_vpn_cgroup(lab, servers, node):  # noqa: F811
     assert probe(lab, vpn, "udp", lab.phy4_server, udp).ok            # the VPN client: outside the tunnel
     assert not probe(lab, pod.container, "udp", lab.phy4_server, udp, timeout=0.5).ok   # the app: no
     assert scope_status(pod.cgroup)["counters"]["endpoint_not_vpn"]["packets"] > before
+
+    # the sidecar restarts: a new container, a new cgroup -- taken when the pod's status says so
+    vpn2 = container_dir(pod.cgroup, "systemd", "containerd")
+    cid2 = os.path.basename(vpn2)[len("cri-containerd-"):-len(".scope")]
+    obj = api.pod(pod.uid)
+    obj["status"]["initContainerStatuses"][0].update(containerID=f"containerd://{cid2}", restartCount=1)
+    api.put_pod(obj)
+    d.wait_for("pod_vpn_container", pod=pod.name, cgroup=vpn2, timeout=30)
+    wait_until(lambda: scope_status(pod.cgroup)["vpn_cgroups"] == [vpn2], 20, "the new cgroup in force")
+    assert probe(lab, vpn2, "udp", lab.phy4_server, udp).ok
+    assert not probe(lab, vpn, "udp", lab.phy4_server, udp, timeout=0.5).ok   # the old one is no VPN client now
     assert d.proc.poll() is None

@@ -236,12 +236,14 @@ class PodSource:
             return self._pending(st, scope.error)
         waited = time.monotonic() - st.pending_since if st.pending_since is not None else 0.0
         st.cgroup, st.netns, st.pending_since = pod_cg.path, ns.path, None
-        if parsed.vpn_container and (parsed.vpn_waiting != st.vpn_waiting or not st.state.startswith("protected")):
+        vpn_cgroup = (parsed.policy.vpn_cgroups or (None,))[0]
+        if parsed.vpn_container and (parsed.vpn_waiting != st.vpn_waiting or vpn_cgroup != st.vpn_cgroup
+                                     or not st.state.startswith("protected")):
             self.daemon.log("pod_vpn_container", pod=st.name, uid=st.uid, container=parsed.vpn_container,
-                            cgroup=(parsed.policy.vpn_cgroups or [None])[0],
+                            cgroup=vpn_cgroup,
                             **({"note": "not started yet: no endpoint reachable outside the tunnel until it is"}
                                if parsed.vpn_waiting else {}))
-        st.vpn_waiting, st.vpn_cgroup = parsed.vpn_waiting, (parsed.policy.vpn_cgroups or (None,))[0]
+        st.vpn_waiting, st.vpn_cgroup = parsed.vpn_waiting, vpn_cgroup
         state = f"protected{'-blocked' if parsed.blocked else ''}:{parsed.policy}"
         value = self._value(st, parsed.blocked)
         if st.published != value:
