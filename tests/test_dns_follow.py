@@ -12,6 +12,7 @@ resolver) and another address routed into the tunnel (the "new" one)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -62,6 +63,14 @@ def wg_quick(dns: str) -> str:
     return f"[Interface]\nPrivateKey = (not read)\nAddress = 10.99.0.2/32\nDNS = {dns}, vpn.example\n\n[Peer]\n"
 
 
+def verify_fails(cg: str) -> list[dict]:
+    """`ksbpf verify`'s FAIL findings for the scope: the crafted packets (DNS to the resolvers in force
+    among them) through the attached program agree with the policy the daemon keeps."""
+    out = json.loads(ksbpf("verify", "--scope", cg, "--json").stdout)
+    assert any(f["check"] == "policy" and f["verdict"] == "ok" for f in out["findings"]), out
+    return [f for f in out["findings"] if f["verdict"] == "fail"]
+
+
 def ask(lab, cg, server: str, proto: str = "udp", timeout: float = 3.0) -> dict:
     return query(lab.client_ns, cg, server, proto, timeout)
 
@@ -104,6 +113,7 @@ def test_daemon_follows_the_tunnels_resolver(lab, dns_daemon, resolvers):
             r = ask(lab, cg, server, proto)
             assert r["ok"] and r["answer"] == NEW_ANSWER and r["from"] == server, (proto, server, r)
     assert new.queries == 6 and old.queries == old_before == 2
+    assert verify_fails(cg) == []
     assert d.proc.poll() is None
 
 
@@ -119,6 +129,7 @@ def test_no_resolver_yet_drops_dns_until_the_tunnel_has_one(lab, dns_daemon, res
     r = ask(lab, cg, lab.tun4_server, timeout=1.0)
     assert not r["ok"] and old.queries == 0, r
     assert packets(cg, "dns_not_vpn") > dropped
+    assert verify_fails(cg) == []
     # the control: the tunnel itself carries the scope's other traffic (the same server, another port)
     with DnsServer(lab.server_path, lab.tun4_server, OLD_ANSWER, port=5353) as other_port:
         r = query(lab.client_ns, cg, lab.tun4_server, "udp", 3.0, port=5353)
