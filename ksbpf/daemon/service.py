@@ -68,6 +68,7 @@ class ScopeState:
     follow_fast_until: float = 0.0
     follow_failed: tuple[str, ...] = ()   # the sources that could not be read last time (logged once)
     followed_addrs: frozenset = frozenset()   # the addresses followed now (a route to one is no TunnelVision)
+    labels: dict | None = None   # a source's names for the scope in metrics (kubernetes: namespace, pod)
 
     @property
     def name(self) -> str:
@@ -162,16 +163,18 @@ class Daemon:
                 self._apply_scope(self.scopes[path])
         self._rebuild_watches()
 
-    def add_scope(self, cgroup: str, policy: Policy, source: str) -> ScopeState:
+    def add_scope(self, cgroup: str, policy: Policy, source: str, labels: dict | None = None) -> ScopeState:
         """A scope asked for by a source: ensured now (adopted when already in force)."""
         st = self.scopes.get(cgroup)
         if st is None or st.policy != policy or (st.error and st.error != COMPILING):
             old = self.scopes.get(cgroup)
-            st = self.scopes[cgroup] = ScopeState(cgroup, policy, False, source=source)
+            st = self.scopes[cgroup] = ScopeState(cgroup, policy, False, source=source, labels=labels)
             self._apply_scope(st)
             self._watch_one(st)   # only its namespace: adding one scope costs the same with 1 or 1,000
             if old and old.ns and (not st.ns or old.ns.inode != st.ns.inode):
                 self._unwatch_if_unused(old.ns.inode)
+        elif labels is not None:
+            st.labels = labels
         return st
 
     def remove_scope(self, cgroup: str) -> None:
