@@ -252,7 +252,7 @@ class Daemon:
                 fields = {"prog_id": result.attach.prog_id, "replaced": result.attach.replaced}
             self.log(f"scope_{result.action}", scope=st.cgroup, pins=st.pin_dir,
                      tunnels=list(st.policy.tunnels), netns=st.ns.label if st.ns else subtree.EACH, **fields)
-            self._verify_soon()
+            self._verify_soon(st.cgroup)
         except (KsbpfError, OSError) as exc:
             st.error = str(exc)
             self.log("scope_failed", level="error", scope=st.cgroup, error=st.error,
@@ -281,7 +281,7 @@ class Daemon:
                      guarded=[i.name for i in status.interfaces if i.guarded],
                      internal=[i.name for i in status.interfaces if i.role == "internal"],
                      tunnels=list(st.node.policy.tunnels))
-            self._verify_soon()
+            self._verify_soon(st.name)
         except (KsbpfError, OSError) as exc:
             st.error = str(exc)
             self.log("node_failed", level="error", scope=st.name, error=st.error, retry_in=RETRY_SECONDS)
@@ -488,8 +488,7 @@ class Daemon:
                 st.front_kept[link.ifindex] = key   # verify keeps failing (ksbpf_verify_failures) until it is removed
                 self.log("guard_not_first_kept", level="error", scope=st.name, interface=link.name, error=error,
                          fix=node_scope.front_fix(link.name, front, st.mode))
-            if self.verifier is not None:
-                self.verifier.soon()
+            self._verify_soon(st.name)
 
     def _reconcile(self, space: Namespace) -> None:
         self._guard(space)
@@ -524,7 +523,7 @@ class Daemon:
             if result.added or result.removed:
                 self.log("map_update", scope=st.cgroup, added=result.added, removed=result.removed,
                          netns=space.ns.label)
-                self._verify_soon()
+                self._verify_soon(st.cgroup)
             if st.policy.follow and not st.each:
                 self._follow_endpoints(st, space)
 
@@ -558,7 +557,7 @@ class Daemon:
         if result.changed:
             self.log("endpoints_followed", scope=st.name, added=result.added, removed=result.removed,
                      now=[f.describe() for f in result.followed], netns=space.ns.label)
-            self._verify_soon()
+            self._verify_soon(st.name)
 
     def _openvpn_said(self, path: str):
         m = self.openvpn.get(path)
@@ -720,9 +719,10 @@ class Daemon:
         return problems
 
     # -- the zero-traffic check (ksbpf verify) ----------------------------------------
-    def _verify_soon(self) -> None:
+    def _verify_soon(self, scope: str | None = None) -> None:
+        """Check the scope that changed (None: every scope) on the verifier's thread."""
         if self.verifier is not None:
-            self.verifier.soon()
+            self.verifier.soon(scope)
 
     def applied_scopes(self) -> dict[str, str]:
         """scope (cgroup path, or the node scope's name) -> pin directory of every scope in force."""
