@@ -263,6 +263,12 @@ def _print_node_attach(result, np: NodePolicy) -> None:
     else:
         click.echo(f"  from birth: {result.from_birth}")
         click.echo("  interfaces that appear later are guarded only by the daemon (`ksbpf daemon` with a [node] table)")
+    if result.raw_sockets == "refused":
+        click.echo("  raw sockets: PACKET_QDISC_BYPASS and AF_XDP binds are refused in the namespace outside the "
+                   "exempt cgroups (BPF LSM); other AF_PACKET frames pass the tc guards")
+    else:
+        click.echo(f"  raw sockets: {result.raw_sockets}; frames sent with PACKET_QDISC_BYPASS or through AF_XDP "
+                   "skip the tc guards: drop CAP_NET_RAW outside the exempt cgroups")
     click.echo("  everything else is dropped; undo with: ksbpf detach --node" + (f" --netns {np.policy.netns}" if np.policy.netns else ""))
 
 
@@ -344,6 +350,8 @@ def status(as_json) -> None:
         hooks = "hooks tc+netfilter" if n.from_birth == "on" else "hook tc"
         click.echo(f"{n.name} (netns {n.netns_label})  [{state}, {n.mode}, {hooks}, since {_fmt_time(n.attached_at)}]")
         click.echo(f"  from birth {n.from_birth}")
+        click.echo("  raw sockets " + ("refused: PACKET_QDISC_BYPASS and AF_XDP binds outside the exempt cgroups "
+                                      "(BPF LSM)" if n.raw_sockets == "refused" else n.raw_sockets))
         _print_interfaces(n.interfaces)
         for t in n.tunnels:
             where = f"ifindex {t.ifindex} ({t.kind})" if t.present else "absent"

@@ -71,6 +71,7 @@ class ScopeState:
     follow_fast_until: float = 0.0
     follow_failed: tuple[str, ...] = ()   # the sources that could not be read last time (logged once)
     followed_addrs: frozenset = frozenset()   # the addresses followed now (a route to one is no TunnelVision)
+    labels: dict | None = None   # a source's names for the scope in metrics (kubernetes: namespace, pod)
     dns_at: float = 0.0          # dns = ["auto"]: when the tunnel's resolvers are read next
     dns_source: str | None = None   # ... where they were read last (None: none configured)
 
@@ -167,16 +168,18 @@ class Daemon:
                 self._apply_scope(self.scopes[path])
         self._rebuild_watches()
 
-    def add_scope(self, cgroup: str, policy: Policy, source: str) -> ScopeState:
+    def add_scope(self, cgroup: str, policy: Policy, source: str, labels: dict | None = None) -> ScopeState:
         """A scope asked for by a source: ensured now (adopted when already in force)."""
         st = self.scopes.get(cgroup)
         if st is None or not _same(st.policy, policy) or (st.error and st.error != COMPILING):
             old = self.scopes.get(cgroup)
-            st = self.scopes[cgroup] = ScopeState(cgroup, policy, False, source=source)
+            st = self.scopes[cgroup] = ScopeState(cgroup, policy, False, source=source, labels=labels)
             self._apply_scope(st)
             self._watch_one(st)   # only its namespace: adding one scope costs the same with 1 or 1,000
             if old and old.ns and (not st.ns or old.ns.inode != st.ns.inode):
                 self._unwatch_if_unused(old.ns.inode)
+        elif labels is not None:
+            st.labels = labels
         return st
 
     def remove_scope(self, cgroup: str) -> None:
@@ -254,7 +257,7 @@ class Daemon:
                 fields = {"prog_id": result.attach.prog_id, "replaced": result.attach.replaced}
             self.log(f"scope_{result.action}", scope=st.cgroup, pins=st.pin_dir,
                      tunnels=list(st.policy.tunnels), netns=st.ns.label if st.ns else subtree.EACH, **fields)
-            self._verify_soon()
+            self._verify_soon(st.cgroup)
         except (KsbpfError, OSError) as exc:
             st.error = str(exc)
             self.log("scope_failed", level="error", scope=st.cgroup, error=st.error,
@@ -283,7 +286,7 @@ class Daemon:
                      guarded=[i.name for i in status.interfaces if i.guarded],
                      internal=[i.name for i in status.interfaces if i.role == "internal"],
                      tunnels=list(st.node.policy.tunnels))
-            self._verify_soon()
+            self._verify_soon(st.name)
         except (KsbpfError, OSError) as exc:
             st.error = str(exc)
             self.log("node_failed", level="error", scope=st.name, error=st.error, retry_in=RETRY_SECONDS)
@@ -490,8 +493,7 @@ class Daemon:
                 st.front_kept[link.ifindex] = key   # verify keeps failing (ksbpf_verify_failures) until it is removed
                 self.log("guard_not_first_kept", level="error", scope=st.name, interface=link.name, error=error,
                          fix=node_scope.front_fix(link.name, front, st.mode))
-            if self.verifier is not None:
-                self.verifier.soon()
+            self._verify_soon(st.name)
 
     def _reconcile(self, space: Namespace) -> None:
         self._guard(space)
@@ -526,7 +528,7 @@ class Daemon:
             if result.added or result.removed:
                 self.log("map_update", scope=st.cgroup, added=result.added, removed=result.removed,
                          netns=space.ns.label)
-                self._verify_soon()
+                self._verify_soon(st.cgroup)
             if st.policy.follow and not st.each:
                 self._follow_endpoints(st, space)
 
@@ -560,7 +562,7 @@ class Daemon:
         if result.changed:
             self.log("endpoints_followed", scope=st.name, added=result.added, removed=result.removed,
                      now=[f.describe() for f in result.followed], netns=space.ns.label)
-            self._verify_soon()
+            self._verify_soon(st.name)
 
     # -- dns = ["auto"]: the dns maps follow the tunnel's resolvers ------------------------
     def _dns_followers(self) -> list[ScopeState]:
@@ -584,7 +586,7 @@ class Daemon:
             self.log("dns_followed", scope=st.name, added=result.added, removed=result.removed,
                      now=[str(a) for a in result.now], source=result.source,
                      **({} if result.now else {"note": "no resolver configured for the tunnel: DNS is dropped"}))
-            self._verify_soon()
+            self._verify_soon(st.name)
 
     def _dns_due(self) -> None:
         now = time.monotonic()
@@ -755,9 +757,10 @@ class Daemon:
         return problems
 
     # -- the zero-traffic check (ksbpf verify) ----------------------------------------
-    def _verify_soon(self) -> None:
+    def _verify_soon(self, scope: str | None = None) -> None:
+        """Check the scope that changed (None: every scope) on the verifier's thread."""
         if self.verifier is not None:
-            self.verifier.soon()
+            self.verifier.soon(scope)
 
     def applied_scopes(self) -> dict[str, str]:
         """scope (cgroup path, or the node scope's name) -> pin directory of every scope in force."""

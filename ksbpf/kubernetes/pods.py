@@ -47,7 +47,7 @@ class ScopeSink(Protocol):
     scopes: dict
 
     def log(self, event: str, level: str = "info", **fields) -> None: ...
-    def add_scope(self, cgroup: str, policy: Policy, source: str): ...
+    def add_scope(self, cgroup: str, policy: Policy, source: str, labels: dict | None = None): ...
     def remove_scope(self, cgroup: str) -> None: ...
 
 
@@ -227,7 +227,9 @@ class PodSource:
         if parsed.blocked:
             self._report(st, "KsbpfInvalidAnnotation", "invalid ksbpf annotations: " + "; ".join(parsed.errors))
         applying = time.perf_counter()
-        scope = self.daemon.add_scope(pod_cg.path, parsed.policy, SOURCE)
+        meta = st.pod.get("metadata") or {}
+        scope = self.daemon.add_scope(pod_cg.path, parsed.policy, SOURCE,   # metrics name pods, not cgroup paths
+                                      {"namespace": meta.get("namespace") or "", "pod": meta.get("name") or ""})
         if scope.error:
             from ksbpf.daemon.service import COMPILING
             if scope.error != COMPILING:   # compiling: a moment, not a failure

@@ -49,7 +49,7 @@ import socket
 from dataclasses import dataclass, field
 
 from ksbpf.errors import KsbpfError
-from ksbpf.kernel import bpf, cgroup, features, libbpf, links, netns, pins, preflight
+from ksbpf.kernel import bpf, cgroup, features, libbpf, links, netns, pins, preflight, rawsock
 from ksbpf.policy import LAN_RANGES, NodePolicy, Policy, format_mark
 from ksbpf.scopes import cgroups, common, tunnel_source
 from ksbpf.scopes import subtree as subtree_scope
@@ -752,6 +752,16 @@ class _NodeCheck(_ScopeCheck):
                          else again)
             else:
                 self.add("from_birth", FAIL, f"from-birth layer {layer}", again)
+            raw = rawsock.node_layer(self.pin_dir, bool(meta.get("raw_lsm")))
+            if raw == "refused":
+                self.add("raw_sockets", PASS, "PACKET_QDISC_BYPASS and AF_XDP binds refused in the namespace outside "
+                         "the exempt cgroups (BPF LSM): no frame skips the tc guards")
+            elif raw.startswith("open"):
+                self.add("raw_sockets", WARN, f"raw-socket layer {raw}: frames sent with PACKET_QDISC_BYPASS or "
+                         "through AF_XDP skip the tc guards",
+                         again if "attached without" in raw else "drop CAP_NET_RAW outside the exempt cgroups")
+            else:
+                self.add("raw_sockets", FAIL, f"raw-socket layer {raw}", again)
             self._tunnels(maps, policy, ns, present)
             nonce = ensure_nonce(maps)
             own = _own_cgroup()
