@@ -568,12 +568,20 @@ class Daemon:
     def _dns_followers(self) -> list[ScopeState]:
         return [st for st in self.scopes.values() if st.policy.dns_auto and st.pin_dir and not st.error]
 
-    def _follow_dns(self, st: ScopeState) -> None:
+    def _follow_dns(self, st: ScopeState, read: dict | None = None) -> None:
         """Read the resolvers the VPN configured for the scope's tunnels and
-        bring its dns maps to them in place (new before old; nothing re-attached)."""
+        bring its dns maps to them in place (new before old; nothing re-attached).
+        read: what this pass read already, by (tunnels, own namespace) -- a
+        thousand pods of one tunnel name read its configuration once."""
         st.dns_at = time.monotonic() + DNS_FOLLOW_SECONDS
+        key = (st.policy.tunnels, st.policy.netns in ("", None))
         try:
-            found = dns_followed.read_now(st.policy)
+            if read is not None and key in read:
+                found = read[key]
+            else:
+                found = dns_followed.read_now(st.policy)
+                if read is not None:
+                    read[key] = found
             with pins.locked(f"cgroup-{os.path.basename(st.pin_dir)}"), bpf.ScopeMaps.from_pins(st.pin_dir) as maps:
                 result = dns_followed.sync(maps, st.policy, found)
         except (OSError, KsbpfError) as exc:
@@ -589,10 +597,10 @@ class Daemon:
             self._verify_soon(st.name)
 
     def _dns_due(self) -> None:
-        now = time.monotonic()
+        now, read = time.monotonic(), {}
         for st in self._dns_followers():
             if st.dns_at <= now:
-                self._follow_dns(st)
+                self._follow_dns(st, read)
 
     def _openvpn_said(self, path: str):
         m = self.openvpn.get(path)
