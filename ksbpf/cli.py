@@ -383,12 +383,14 @@ def status(as_json) -> None:
         if s.policy.deny_tun or s.deny_tun:
             click.echo(f"  deny-tun {'in force: /dev/net/tun refused to the scope' if s.deny_tun else 'NOT in force'}")
         if s.policy.options.dns:
-            now = ", ".join(map(str, s.policy.dns)) or "none known yet (all DNS dropped)"
             auto = (f" (auto: {s.dns_source or 'no resolver configured for ' + ', '.join(s.policy.tunnels)})"
                     if s.policy.dns_auto else "")
-            click.echo(f"  dns      only to {now}{auto} through the tunnel; other DNS "
-                       + ("redirected (connect, sendmsg, recvmsg and getpeername programs attached)" if s.dns_redirect
-                          else "dropped, not redirected"))
+            if not s.policy.dns:   # dns = ["auto"], nothing configured for the tunnel yet
+                click.echo(f"  dns      none known yet{auto}: all DNS of the scope is dropped until the daemon reads one")
+            else:
+                click.echo(f"  dns      only to {', '.join(map(str, s.policy.dns))}{auto} through the tunnel; other DNS "
+                           + ("redirected (connect, sendmsg, recvmsg and getpeername programs attached)"
+                              if s.dns_redirect else "dropped, not redirected"))
         click.echo("  netns    " + ("from socket storage (sockets created before the attach are blocked until reopened)"
                                    if s.netns_identity == features.NETNS_STORAGE else "from bpf_get_netns_cookie")
                    + ("; checked when each socket is made (every socket of the scope is in its namespace)"

@@ -124,7 +124,8 @@ def test_no_resolver_yet_drops_dns_until_the_tunnel_has_one(lab, dns_daemon, res
     d, cg, conf = dns_daemon(None)
     st = scope_status(cg)
     assert st["dns"]["resolvers"] == [] and st["dns"]["auto"] is True and st["dns"]["source"] is None
-    assert "none known yet (all DNS dropped) (auto: no resolver configured for" in ksbpf("status", check=True).stdout
+    assert (f"dns      none known yet (auto: no resolver configured for {lab.wg_client}): all DNS of the scope is "
+            "dropped") in ksbpf("status", check=True).stdout
     dropped = packets(cg, "dns_not_vpn")
     r = ask(lab, cg, lab.tun4_server, timeout=1.0)
     assert not r["ok"] and old.queries == 0, r
