@@ -173,3 +173,45 @@ def test_config_auto_is_followed_and_none_yet_is_no_error(tmp_path, monkeypatch)
     (tmp_path / "wg0.conf").unlink()
     (scope,) = parse(text.replace('"10.1.1.1", ', ""), "t.toml").scopes
     assert scope.policy.dns == () and scope.policy.options.dns and scope.policy.dns_auto
+
+
+def test_resolved_not_answering_is_not_no_resolver(tmp_path, monkeypatch):
+    """resolvectl that does not answer in time: Unreadable (one line) -- not "none configured"; the
+    daemon keeps the resolvers in force (the maps are not touched) and asks again later."""
+    import io
+    import subprocess
+    import time
+
+    from ksbpf.daemon import service
+    from ksbpf.daemon.log import EventLog
+    from ksbpf.kernel import vpn_dns
+    from ksbpf.policy import Policy
+
+    def hung(argv, **kw):
+        raise subprocess.TimeoutExpired(argv, kw.get("timeout"))
+    (tmp_path / "wg0.conf").write_text(wg_quick("10.64.0.1"))   # would be read if resolved said "none"
+    with pytest.raises(vpn_dns.Unreadable) as exc:
+        vpn_dns.find(("wg0",), directory=str(tmp_path), run=hung, resolvectl="/usr/bin/resolvectl", timeout=0.5)
+    assert "resolvectl dns wg0 did not answer within 0.5 s" in str(exc.value) and "\n" not in str(exc.value)
+    with pytest.raises(vpn_dns.Unreadable):
+        vpn_dns.find_optional(("wg0",), directory=str(tmp_path), run=hung, resolvectl="/usr/bin/resolvectl")
+    got = vpn_dns.followed_specs(["auto"], ("wg0",), directory=str(tmp_path), run=hung, resolvectl="/usr/bin/x")
+    assert got["dns_auto"] and got["dns"] == ()   # at start: nothing known yet (dropped; read again soon)
+
+    out = io.StringIO()
+    d = service.Daemon("/nonexistent.toml", EventLog("json", out))
+    policy = Policy(("wg0",), dns=(ipaddress_of("10.64.0.1"),), dns_auto=True)
+    st = service.ScopeState("/sys/fs/cgroup/x", policy, False, pin_dir=str(tmp_path / "no-pins"))
+    monkeypatch.setattr(service.dns_followed, "read_now",
+                        lambda p, **kw: (_ for _ in ()).throw(vpn_dns.Unreadable("resolvectl dns wg0 did not answer")))
+    before = time.monotonic()
+    d._follow_dns(st, {})
+    ev = json.loads(out.getvalue().splitlines()[-1])
+    assert ev["event"] == "dns_follow_failed" and ev["level"] == "warning" and "stay" in ev["note"], ev
+    assert st.policy.dns == policy.dns                                      # kept, maps not opened
+    assert st.dns_at >= before + service.DNS_UNREADABLE_SECONDS - 1
+
+
+def ipaddress_of(text: str):
+    import ipaddress
+    return ipaddress.ip_address(text)

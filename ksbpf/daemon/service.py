@@ -31,7 +31,7 @@ from ksbpf.daemon import config
 from ksbpf.daemon.follow import SubtreeWatch
 from ksbpf.daemon.log import EventLog
 from ksbpf.errors import KsbpfError
-from ksbpf.kernel import bpf, features, links, netns, pins, vpn_endpoints
+from ksbpf.kernel import bpf, features, links, netns, pins, vpn_dns, vpn_endpoints
 from ksbpf.policy import LAN_RANGES, NodePolicy, Policy
 from ksbpf.scopes import cgroups, common, dns_followed, followed, subtree, tunnel_source
 from ksbpf.scopes import node as node_scope
@@ -49,6 +49,8 @@ FOLLOW_FAST_FOR = 5.0        # ... for this long after a tunnel appears or chang
 # dns = ["auto"]: the tunnel's resolvers (resolved's per-link DNS, wg-quick's DNS =) are read again this often,
 # and at once when a tunnel appears or changes
 DNS_FOLLOW_SECONDS = 1.0
+DNS_READ_TIMEOUT = 1.0   # resolvectl's answer is waited for this long (the loop waits meanwhile) ...
+DNS_UNREADABLE_SECONDS = 30.0   # ... and after it did not come, asked again only this much later
 
 
 @dataclass
@@ -578,12 +580,21 @@ class Daemon:
         try:
             if read is not None and key in read:
                 found = read[key]
+                if isinstance(found, Exception):
+                    raise found
             else:
-                found = dns_followed.read_now(st.policy)
+                found = dns_followed.read_now(st.policy, timeout=DNS_READ_TIMEOUT)
                 if read is not None:
                     read[key] = found
             with pins.locked(f"cgroup-{os.path.basename(st.pin_dir)}"), bpf.ScopeMaps.from_pins(st.pin_dir) as maps:
                 result = dns_followed.sync(maps, st.policy, found)
+        except vpn_dns.Unreadable as exc:   # not known is not "none": the resolvers in force stay
+            st.dns_at = time.monotonic() + DNS_UNREADABLE_SECONDS
+            if read is not None:
+                read[key] = exc
+            self.log("dns_follow_failed", level="warning", scope=st.name, error=str(exc),
+                     note=f"the resolvers in force stay; asked again in {DNS_UNREADABLE_SECONDS:g} s")
+            return
         except (OSError, KsbpfError) as exc:
             self.log("dns_follow_failed", level="error", scope=st.name, error=str(exc))
             return

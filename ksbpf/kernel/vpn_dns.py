@@ -28,6 +28,11 @@ WG_QUICK_DIR = os.environ.get("KSBPF_WG_QUICK_DIR", "/etc/wireguard")   # (tests
 RESOLVECTL_TIMEOUT = 5.0
 
 
+class Unreadable(KsbpfError):
+    """resolvectl did not answer in time (systemd-resolved hung or restarting): nothing is known,
+    which is not the same as "no resolver" -- the daemon keeps the resolvers in force."""
+
+
 @dataclass(frozen=True)
 class Found:
     addresses: tuple   # ipaddress objects, in the order the source gives them
@@ -78,16 +83,20 @@ def parse_wg_quick(text: str) -> list:
     return out
 
 
-def from_resolvectl(iface: str, run=subprocess.run, exe: str | None = None) -> list:
+def from_resolvectl(iface: str, run=subprocess.run, exe: str | None = None,
+                    timeout: float = RESOLVECTL_TIMEOUT) -> list:
     """The link's DNS servers as systemd-resolved has them; [] when resolved
-    is not there or knows none for the link."""
+    is not there or knows none for the link; Unreadable when it does not answer in time."""
     exe = exe or shutil.which("resolvectl")
     if not exe:
         return []
     try:
-        done = run([exe, "dns", iface], capture_output=True, text=True, timeout=RESOLVECTL_TIMEOUT)
-    except (OSError, subprocess.TimeoutExpired):
+        done = run([exe, "dns", iface], capture_output=True, text=True, timeout=timeout)
+    except OSError:
         return []
+    except subprocess.TimeoutExpired:
+        raise Unreadable(f"resolvectl dns {iface} did not answer within {timeout:g} s",
+                         "check systemd-resolved (systemctl status systemd-resolved)") from None
     if done.returncode != 0:
         return []
     return parse_resolvectl(done.stdout, iface)
@@ -103,14 +112,14 @@ def from_wg_quick(iface: str, directory: str | None = None) -> list:
 
 
 def find(tunnels, own_namespace: bool = True, directory: str | None = None, run=subprocess.run,
-         resolvectl: str | None = None) -> Found:
+         resolvectl: str | None = None, timeout: float = RESOLVECTL_TIMEOUT) -> Found:
     """The resolvers the VPN configured for these tunnels: systemd-resolved's
     per-link DNS (a tunnel of the caller's namespace), else wg-quick's `DNS =`.
     One actionable line when none is found."""
     directory = directory or WG_QUICK_DIR
     for iface in tunnels:
         if own_namespace:
-            found = from_resolvectl(iface, run, resolvectl)
+            found = from_resolvectl(iface, run, resolvectl, timeout)
             if found:
                 return Found(tuple(found), f"resolvectl dns {iface}")
         found = from_wg_quick(iface, directory)
@@ -138,10 +147,13 @@ def resolve_specs(specs, tunnels, own_namespace: bool = True, directory: str | N
 
 
 def find_optional(tunnels, own_namespace: bool = True, directory: str | None = None, run=subprocess.run,
-                  resolvectl: str | None = None) -> Found | None:
-    """find(), or None when no resolver is configured for the tunnels (yet)."""
+                  resolvectl: str | None = None, timeout: float = RESOLVECTL_TIMEOUT) -> Found | None:
+    """find(), or None when no resolver is configured for the tunnels (yet);
+    Unreadable (raised) when resolved did not answer."""
     try:
-        return find(tunnels, own_namespace, directory, run, resolvectl)
+        return find(tunnels, own_namespace, directory, run, resolvectl, timeout)
+    except Unreadable:
+        raise
     except KsbpfError:
         return None
 
@@ -156,6 +168,9 @@ def followed_specs(specs, tunnels, own_namespace: bool = True, directory: str | 
     if not any(s.strip() == "auto" for s in specs):
         return {"dns": resolve_specs(specs, tunnels, own_namespace, directory, run, resolvectl)[0]}
     fixed = tuple(dict.fromkeys(parse_resolver(s) for s in specs if s.strip() != "auto"))
-    found = find_optional(tunnels, own_namespace, directory, run, resolvectl)
+    try:
+        found = find_optional(tunnels, own_namespace, directory, run, resolvectl)
+    except Unreadable:
+        found = None   # the daemon reads them again within a second
     now = tuple(dict.fromkeys(fixed + (found.addresses if found else ())))
     return {"dns": now, "dns_auto": True, "dns_fixed": fixed}
