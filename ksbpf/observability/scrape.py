@@ -57,6 +57,7 @@ class Row:
     suppressed: int
     unguarded: int | None = None   # node scopes
     labels: dict | None = None     # a source's names (kubernetes: namespace, pod)
+    labels_text: str | None = None   # scope_labels(name, labels), when already made
 
 
 class _Open:
@@ -94,6 +95,8 @@ class _Open:
         self.stride_counters = (libbpf.map_info(self.fds["counters"]).value_size + 7) // 8 * 8
         self.stride_bucket = (libbpf.map_info(self.fds["bucket"]).value_size + 7) // 8 * 8
         self.tunnel_value = libbpf.map_info(self.fds["tunnels"]).value_size
+        self.base_counters = ([p for p, _ in self.base], [b for _, b in self.base])
+        self.labels_text: str | None = None   # the scope's label text, made once (scope_labels)
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -104,6 +107,8 @@ class _Open:
         """(packets, bytes) by counter index (reason * FAMILY_MAX + family), one batched read."""
         size = self.stride_counters * self.ncpu
         _keys, values, n = libbpf.map_lookup_batch(self.fds["counters"], 4, size, N_COUNTERS)
+        if values.count(0) == len(values):   # nothing counted yet (most pods of a node, most of the time): no per-CPU sums
+            return list(self.base_counters[0]), list(self.base_counters[1])
         q = memoryview(values)[:n * size].cast("Q").tolist()
         step, w = self.stride_counters // 8, size // 8
         packets = [sum(q[j:j + w:step]) + bp for j, (bp, _) in zip(range(0, n * w, w), self.base)]
@@ -173,8 +178,12 @@ class Scraper:
                 by_name = {link.name: link for link in space.links.values()}
                 tunnels = [(t, bool(by_name.get(t)) and by_name[t].ifindex in registered) for t in cached.tunnel_names]
                 packets, nbytes = cached.counters()
+                if cached.labels_text is None:
+                    cached.labels_text = scope_labels(cached.cgroup, st.labels)
+                # a sample is suppressed only when a packet was dropped: no drop, no read of the bucket
+                dropped = any(packets[i] for i, _ in DROP_LABELS)
                 yield Row(cached.cgroup, Hook.CGROUP.label, packets, nbytes, tunnels, cached.attached(),
-                          cached.suppressed(), labels=st.labels)
+                          cached.suppressed() if dropped else 0, labels=st.labels, labels_text=cached.labels_text)
             except (OSError, ValueError, KeyError, KsbpfError):
                 continue   # replaced or removed while we read: the next scrape sees it
         for pin_dir in [d for d in self._open if d not in seen_dirs]:
@@ -199,7 +208,8 @@ class Scraper:
     def render(self) -> bytes:
         rows = list(self._rows())
         out: list[str] = []
-        names = {r.name: scope_labels(r.name, r.labels) for r in rows}
+        names = {r.name: r.labels_text or scope_labels(r.name, r.labels) for r in rows}
+        counted = [r for r in rows if any(r.packets)]   # the rows with a counter that is not zero
 
         def family(name: str, kind: str, help_: str) -> None:
             out.append(f"# HELP {name} {help_}\n# TYPE {name} {kind}\n")
@@ -207,14 +217,14 @@ class Scraper:
         for metric, attr, help_ in (("ksbpf_dropped_packets_total", "packets", "Packets dropped by ksbpf"),
                                     ("ksbpf_dropped_bytes_total", "nbytes", "Bytes dropped by ksbpf")):
             family(metric, "counter", help_)
-            for r in rows:
+            for r in counted:
                 values, head = getattr(r, attr), f'{metric}{{{names[r.name]},'
                 tail = f'",hook="{r.hook}"}} '
                 out.extend(f"{head}{labels}{tail}{values[i]}.0\n" for i, labels in DROP_LABELS if r.packets[i])
         for metric, attr, help_ in (("ksbpf_allowed_packets_total", "packets", "Packets let through, by path"),
                                     ("ksbpf_allowed_bytes_total", "nbytes", "Bytes let through, by path")):
             family(metric, "counter", help_)
-            for r in rows:
+            for r in counted:
                 values, head = getattr(r, attr), f'{metric}{{{names[r.name]},path="'
                 out.extend(f'{head}{label}"}} {sum(values[i] for i in indexes)}.0\n' for label, indexes in ALLOWED_INDEXES
                            if any(r.packets[i] for i in indexes))
