@@ -496,10 +496,12 @@ def is_attached(pin_dir: str, cgroup_path: str) -> bool:
         return False
 
 
-def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
+def read_scope(pin_dir: str, link_cache: dict | None = None, light: bool = False) -> ScopeStatus:
     """Everything about one scope, from its pins and the kernel.  link_cache
     (namespace inode -> (cookie, links)) saves dumping a namespace twice when
-    reading many scopes."""
+    reading many scopes.  light: only what deciding to adopt it needs (its
+    policy, attachments and namespace) -- no counters, no interfaces, no scan
+    of its processes: a restarted daemon takes a thousand pods back."""
     problems: list[str] = []
     with bpf.ScopeMaps.from_pins(pin_dir) as maps:
         meta = maps.read_meta()
@@ -508,8 +510,8 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
                              f"attach it again: ksbpf attach --cgroup {meta.get('cgroup', 'PATH')} ...")
         entries = maps.tunnels()
         policy = common.policy_from(meta, maps.endpoints())
-        counters = common.total_counters(maps, meta)
-        event_stats = maps.event_stats()
+        counters = {} if light else common.total_counters(maps, meta)
+        event_stats = (0, 0) if light else maps.event_stats()
         allowed, foreign = maps.netns_fast()
     prog_id = _pinned_prog_id(pin_dir)
     if prog_id is None:
@@ -539,14 +541,23 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
         problems.append("the raw-socket LSM program is not attached to the cgroup: its processes can open "
                         "AF_PACKET and AF_XDP sockets (run `ksbpf attach` again)")
     # with the LSM program in force no new raw socket can be made: the CAP_NET_RAW holders are no door
-    warnings = (raw_socket_warnings(cg_path) if raw == "open" else []) + tun_warnings(cg_path, deny_tun)
-    if meta.get("netns", {}).get("each"):
+    warnings = [] if light else \
+        (raw_socket_warnings(cg_path) if raw == "open" else []) + tun_warnings(cg_path, deny_tun)
+    if meta.get("netns", {}).get("each") and not light:
         tunnels, namespaces = _each_states(policy, cg_path, entries)
         return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, tunnels, policy, counters,
                            meta.get("attached_at"), problems, True, event_stats, namespaces, warnings,
                            netns_identity=meta.get("netns_identity", "helper"), deny_tun=deny_tun,
                            followed=followed.recorded(meta), raw_sockets=raw, dns_redirect=dns_redirect,
                            dns_source=meta.get("dns_source"))
+    if light:   # the namespace attached to, still there: what adopting needs of it
+        each = bool(meta.get("netns", {}).get("each"))
+        ns_ok = each or common.netns_alive(common.meta_netns(meta))
+        return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, [], policy, counters, meta.get("attached_at"),
+                           problems, ns_ok, event_stats, [] if each else None,
+                           netns_identity=meta.get("netns_identity", "helper"), deny_tun=deny_tun,
+                           followed=followed.recorded(meta), netns_fast=allowed and not foreign,
+                           raw_sockets=raw, dns_redirect=dns_redirect, dns_source=meta.get("dns_source"))
     ns = common.meta_netns(meta)
     present = cookie = None
     ns_ok = common.netns_alive(ns)
@@ -702,7 +713,7 @@ def ensure(cgroup_path: str, policy: Policy, progress: common.Progress = common.
     pin_dir = pins.scope_dir(cg.id, bpffs)
     if os.path.isdir(pin_dir):
         try:
-            current = read_scope(pin_dir)
+            current = read_scope(pin_dir, light=True)
         except (OSError, KsbpfError, ValueError):
             current = None  # damaged pins: rebuild below
         if (current and current.attached and current.netns_ok and policy.same_but_followed(current.policy)
