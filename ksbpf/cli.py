@@ -115,9 +115,10 @@ def _print_endpoints(policy: Policy, followed_now: list, failed: list, fixed_not
                    "is forwarded or answered by the kernel, outside the hook); off by default: a VPN client "
                    "inside the scope needs it.")
 @click.option("--dns", "dns", multiple=True, metavar="ADDR|auto",
-              help="cgroup scopes: the VPN's resolver (repeatable): DNS (53, 853) of the scope goes only to these, "
+              help="The VPN's resolver (repeatable): DNS (53, 853) of the scope goes only to these, "
                    "through the tunnel; DNS to any other resolver (a stub on 127.0.0.53 included) is redirected to "
-                   "the first one where the kernel can, else dropped.  `auto`: the resolvers the VPN set for the "
+                   "the first one where the kernel can, else dropped.  Node mode: every local and forwarded "
+                   "packet's DNS, dropped (never redirected).  `auto`: the resolvers the VPN set for the "
                    "tunnel (systemd-resolved's per-link DNS, or wg-quick's DNS = line).")
 @click.option("--tunnel-kind", "kinds", multiple=True, metavar="KIND",
               help=f"Link kind trusted as a tunnel (repeatable; default: {', '.join(DEFAULT_TUNNEL_KINDS)}).")
@@ -136,8 +137,6 @@ def attach(cgroup_path, node, tunnels, endpoints, vpn_mark, vpn_cgroups, netns, 
         raise click.UsageError("give exactly one of --cgroup PATH or --node")
     if node and deny_tun:
         raise click.UsageError("--deny-tun goes with --cgroup (node mode judges forwarded packets at tc already)")
-    if node and dns:
-        raise click.UsageError("--dns goes with --cgroup (node mode does not redirect or filter DNS yet)")
     node_only = {"--block-dhcp": block_dhcp, "--internal": internal, "--no-default-internal": no_default_internal,
                  "--exempt-cgroup": exempt, "--tc-mode": tc_mode != "auto"}
     if cgroup_path and any(node_only.values()):
@@ -157,7 +156,7 @@ def attach(cgroup_path, node, tunnels, endpoints, vpn_mark, vpn_cgroups, netns, 
         if as_json:
             _emit_json(result.to_dict())
             return
-        _print_node_attach(result, np)
+        _print_node_attach(result, np, dns_sources)
         return
     result = cgroups.attach(cgroup_path, policy, progress=_progress)
     if as_json:
@@ -241,7 +240,7 @@ def _print_interfaces(interfaces) -> None:
         click.echo(f"  {'iface':<8} {i.name} (ifindex {i.ifindex}, {i.kind or 'no kind'}): {state}")
 
 
-def _print_node_attach(result, np: NodePolicy) -> None:
+def _print_node_attach(result, np: NodePolicy, dns_sources=()) -> None:
     if result.mounted_bpffs:
         click.echo("mounted the BPF filesystem at /sys/fs/bpf")
     verb = "re-attached (previous guards replaced with no gap)" if result.replaced else "attached"
@@ -257,6 +256,9 @@ def _print_node_attach(result, np: NodePolicy) -> None:
     if np.exempt_cgroups:
         click.echo(f"  exempt:  {', '.join(np.exempt_cgroups)} (local sockets only; forwarded packets have none)")
     click.echo(f"  internal interfaces (not guarded): {' '.join(np.internal) or 'none'}")
+    if result.dns:
+        click.echo("  dns: " + node_scope.dns_line(result.dns)
+                   + (f" (auto: {', '.join(dns_sources)})" if dns_sources else ""))
     if result.from_birth == "on":
         click.echo("  from birth: a netfilter hook (IPv4, IPv6) judges the IP traffic of interfaces that appear later;"
                    " their raw frames (AF_PACKET) and non-IP wait for the daemon's tc guard")
@@ -362,6 +364,9 @@ def status(as_json) -> None:
         click.echo(f"  internal {' '.join(n.node.internal) or 'none'}")
         if n.node.exempt_cgroups:
             click.echo(f"  exempt   {', '.join(n.node.exempt_cgroups)}")
+        dns_state = node_scope.dns_state(n.node, n.from_birth)
+        if dns_state:
+            click.echo(f"  dns      {node_scope.dns_line(dns_state)}")
         _print_counters(n)
     for s in st.cgroups:
         state = "enforced" if s.attached else "NOT ENFORCED"

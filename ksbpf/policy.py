@@ -431,9 +431,6 @@ class NodePolicy:
         if any(not p.startswith("/") for p in paths):
             raise KsbpfError("an exempted cgroup must be an absolute path", "give e.g. /sys/fs/cgroup/system.slice/ssh.service")
         object.__setattr__(self, "exempt_cgroups", paths)
-        if self.policy.dns:
-            raise KsbpfError("--dns is not available in node mode yet (cgroup scopes only)",
-                             "protect the applications' cgroup with `ksbpf attach --cgroup PATH ... --dns ADDR`")
         if self.tc_mode not in TC_MODES:
             raise KsbpfError(f"tc mode {self.tc_mode!r} is unknown", f"use one of {', '.join(TC_MODES)}")
 

@@ -178,9 +178,38 @@ def _nf_pin(pin_dir: str, family: str) -> str:
 
 def nf_pass_set(np: NodePolicy, present: list[links.Link], live: dict[int, bool]) -> set[int]:
     """The interfaces the netfilter hook leaves to others: loopback, tunnels,
-    internal interfaces, and the guarded ones whose tc guard is in force."""
-    return {link.ifindex for link in present
-            if np.role(link.name, link.kind, link.ifindex) != "guarded" or live.get(link.ifindex)}
+    internal interfaces, and the guarded ones whose tc guard is in force.
+    With --dns the tunnels are the hook's own: no tc guard sees what goes
+    through them, and DNS to other resolvers is dropped there."""
+    def passed(link: links.Link) -> bool:
+        role = np.role(link.name, link.kind, link.ifindex)
+        if role == "tunnel" and np.policy.dns:
+            return False
+        return role != "guarded" or bool(live.get(link.ifindex))
+    return {link.ifindex for link in present if passed(link)}
+
+
+DNS_NO_REDIRECT = ("not redirected in node mode: the redirect programs attach to a cgroup's sockets, and a "
+                   "forwarded packet has no socket (use a cgroup scope's --dns for local applications)")
+
+
+def dns_state(np: NodePolicy, from_birth: str) -> dict | None:
+    """--dns of a node scope as attach and status show it: the resolvers, no
+    redirection, and whether DNS through the tunnel is seen (the netfilter
+    hook; the tunnel carries no tc guard)."""
+    if not np.policy.dns:
+        return None
+    return {"resolvers": [str(a) for a in np.policy.dns], "redirect": False,
+            "through_tunnel": from_birth == "on"}
+
+
+def dns_line(state: dict) -> str:
+    """The one line attach and status print for a node scope's --dns."""
+    tunnel = ("DNS through the tunnel to any other resolver dropped (netfilter hook)" if state["through_tunnel"]
+              else "DNS through the tunnel NOT judged (no netfilter hook here: Linux 6.4+): only DNS outside "
+                   "the tunnel is dropped")
+    return (f"only to {', '.join(state['resolvers'])} through the tunnel, from the node and what it forwards; "
+            f"DNS outside the tunnel (LAN resolvers too) dropped; {tunnel}; {DNS_NO_REDIRECT}")
 
 
 def nf_attach(pin_dir: str, ns: netns.Netns, priority: int, runner: Runner | None = None) -> None:
@@ -494,11 +523,12 @@ class NodeAttachResult:
     followed: list = field(default_factory=list)       # --endpoint auto: the endpoints read from the tunnels now
     follow_failed: list = field(default_factory=list)  # ... and the sources that could not be read
     raw_sockets: str = "open"   # "refused": the BPF LSM programs refuse PACKET_QDISC_BYPASS and AF_XDP binds
+    dns: dict | None = None     # --dns: dns_state()
 
     def to_dict(self) -> dict:
         return {"scope": self.name, "netns": self.netns, "netns_cookie": self.netns_cookie,
                 "pin_dir": self.pin_dir, "tc_mode": self.mode, "prog_ids": self.prog_ids,
-                "from_birth": self.from_birth, "raw_sockets": self.raw_sockets,
+                "from_birth": self.from_birth, "raw_sockets": self.raw_sockets, "dns": self.dns,
                 "replaced": self.replaced, "interfaces": [i.to_dict() for i in self.interfaces],
                 "tunnels": [t.to_dict() for t in self.tunnels], "mounted_bpffs": self.mounted_bpffs,
                 "followed": [f.to_dict() for f in self.followed], "follow_failed": self.follow_failed}
@@ -537,6 +567,7 @@ def attach(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
                 prog.maps.add_endpoint(ep)
             prog.maps.set_exempt(exempt)
             common.set_vpn(prog.maps, policy, vpn)
+            prog.maps.set_dns(policy.dns)   # --dns: the VPN's resolvers (dns4, dns6)
             prog.maps.set_netns_cookie(cookie)
             final = pins.node_dir(cookie, bpffs)
             old_meta = _read_meta(final) if os.path.isdir(final) else None
@@ -600,7 +631,7 @@ def attach(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
     status = read_node(final)
     return NodeAttachResult(label(policy.netns), ns.label, cookie, final, mode, prog_ids, replaced,
                             status.interfaces, status.tunnels, mounted, status.from_birth,
-                            follow.followed, follow.failed, status.raw_sockets)
+                            follow.followed, follow.failed, status.raw_sockets, dns_state(np, status.from_birth))
 
 
 # -- detach ---------------------------------------------------------------------------
@@ -728,6 +759,7 @@ class NodeStatus:
             "attached_at": self.attached_at, "problems": self.problems,
             "follow": list(self.policy.follow), "followed": [f.to_dict() for f in self.followed],
             "vpn_mark": None, "vpn_cgroups": [], "any_endpoints": [], **self.policy.vpn_dict(),
+            "dns": dns_state(self.node, self.from_birth),
         }
 
 

@@ -678,7 +678,7 @@ def _vpn_variants(policy: Policy, scope: model.Scope) -> list[tuple[int, model.S
 
 
 def _node_runs(fds: dict[str, int], nonce: bytes, present: list[links.Link], scope: model.Scope,
-               endpoints, any_endpoints=(), mark: int = 0) -> tuple[int, list[str]]:
+               endpoints, any_endpoints=(), mark: int = 0, resolvers=()) -> tuple[int, list[str]]:
     runners = {entry: Runner(fd, nonce) for entry, fd in fds.items()}
     for r in runners.values():
         r.set_mark(mark)
@@ -686,7 +686,7 @@ def _node_runs(fds: dict[str, int], nonce: bytes, present: list[links.Link], sco
     for link in present:
         entry = node_scope.entry_for(link)
         hook = model.TC_ETH if entry == bpf.ENTRY_TC_ETH else model.TC_L3
-        for label, buf in crafted.tc_frames(endpoints, link.ethernet, any_endpoints):
+        for label, buf in crafted.tc_frames(endpoints, link.ethernet, any_endpoints, resolvers):
             want = model.decide_test_run(hook, buf, link.ifindex, scope)
             got = allowed(True, runners[entry].run(buf, link.ifindex))
             runs += 1
@@ -771,11 +771,12 @@ class _NodeCheck(_ScopeCheck):
             judged = [link for link in present if roles[link.name] in ("guarded", "tunnel")]
             scope = model.Scope(policy.options, policy.endpoints, tunnels, exempt,
                                 on_link=netns.run_in(ns.path, on_link_table, judged),
-                                any_endpoints=policy.any_endpoints)
+                                any_endpoints=policy.any_endpoints,
+                                resolvers=frozenset(a.packed for a in policy.dns))
             runs, mismatches = 0, []
             for mark, as_scope in _vpn_variants(policy, scope):   # --vpn-mark: marked runs too
                 r, m = netns.run_in(ns.path, _node_runs, fds, nonce, judged, as_scope, policy.endpoints,
-                                    policy.any_endpoints, mark)
+                                    policy.any_endpoints, mark, policy.dns)
                 runs, mismatches = runs + r, mismatches + [f"{x} (mark {mark:#x})" if mark else x for x in m]
             if mismatches:
                 self.add("policy", FAIL, f"{len(mismatches)} of {runs} verdicts differ from the policy: "
