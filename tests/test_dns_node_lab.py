@@ -171,6 +171,7 @@ def test_verify_runs_dns_through_the_tunnel(host, detach):
     found = {f["check"]: f for f in json.loads(proc.stdout)["findings"]}
     assert found["policy"]["verdict"] == "ok", found["policy"]
     assert host.wg_client in found["policy"]["detail"] and host.phy_client in found["policy"]["detail"]
+    assert found["dns"]["verdict"] == "ok" and host.tun4_server in found["dns"]["detail"], found["dns"]
 
 
 def test_daemon_applies_node_dns(host, dns, tmp_path, request):

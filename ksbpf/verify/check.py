@@ -762,6 +762,16 @@ class _NodeCheck(_ScopeCheck):
                          again if "attached without" in raw else "drop CAP_NET_RAW outside the exempt cgroups")
             else:
                 self.add("raw_sockets", FAIL, f"raw-socket layer {raw}", again)
+            if policy.dns:   # the tunnel carries no tc guard: only the netfilter hook sees DNS through it
+                if layer == "on":
+                    self.add("dns", PASS, f"DNS only to {', '.join(map(str, policy.dns))}: outside the tunnel "
+                             "dropped by the guards, through the tunnel to other resolvers by the netfilter hook "
+                             "(not redirected in node mode)")
+                else:
+                    self.add("dns", WARN, f"DNS through the tunnel to other resolvers is NOT judged (from-birth "
+                             f"layer {layer}): only DNS outside the tunnel is dropped",
+                             "a kernel with netfilter BPF links (Linux 6.4+), or a cgroup scope's --dns for "
+                             "local applications")
             self._tunnels(maps, policy, ns, present)
             nonce = ensure_nonce(maps)
             own = _own_cgroup()
