@@ -217,7 +217,7 @@ def measure(rounds: int, packets: int, dns: bool = False) -> dict:
                            "ratio": {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3),
                                      "max": round(max(ratios), 3)}}
     result["target_other_ratio"] = TARGET_OTHER
-    result["tunnel_met"] = result["paths"]["tunnel"]["ratio"]["median"] <= TARGET_TUNNEL
+    result["tunnel_met"] = None if dns else result["paths"]["tunnel"]["ratio"]["median"] <= TARGET_TUNNEL
     result["others_met"] = all(row["ratio"]["median"] <= TARGET_OTHER
                                for group in (result["paths"], result["tc"]) for name, row in group.items()
                                if name != "tunnel")
@@ -243,8 +243,12 @@ def table(r: dict) -> str:
         lines.append(f"| {p} | {row['ksbpf_ns']:.0f} | {row['trivial_ns']:.0f} | "
                      f"{q['median']:.2f} ({q['min']:.2f}–{q['max']:.2f}) |")
     lines.append("")
-    lines.append(f"- Tunnel path ≤ {r['target_tunnel_ratio']}× trivial: "
-                 f"**{'met' if r['tunnel_met'] else 'MISSED'}**.")
+    if r.get("dns"):
+        lines.append(f"- Tunnel path with --dns: every packet parsed for DNS (no target; the "
+                     f"≤ {r['target_tunnel_ratio']}× target is for the tunnel passed at once, without --dns).")
+    else:
+        lines.append(f"- Tunnel path ≤ {r['target_tunnel_ratio']}× trivial: "
+                     f"**{'met' if r['tunnel_met'] else 'MISSED'}**.")
     lines.append(f"- Every other path ≤ {r['target_other_ratio']}× trivial (both hooks): "
                  f"**{'met' if r['others_met'] else 'MISSED'}**.")
     lines.append(f"- {r['machine_load']}.")
