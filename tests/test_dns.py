@@ -252,3 +252,34 @@ def test_policy_checks():
         Policy(("wg0",), dns=(ipaddress.ip_address("0.0.0.0"),))
     # node mode takes resolvers (the same compile-time switch), and refuses --allow-lan-dns with them as well
     assert NodePolicy(p).policy.options.dns and NodePolicy.from_dict(NodePolicy(p).to_dict()) == NodePolicy(p)
+
+
+def test_node_netfilter_hook_judges_the_tunnels_only_with_dns():
+    """nf_pass (what the netfilter hook passes at once): without --dns the tunnels are in it; with --dns they
+    are not (no tc guard sees what goes through them), the rest is as before."""
+    from ksbpf.kernel.links import Link
+    from ksbpf.scopes import node as node_scope
+
+    present = [Link(1, "lo", None, True), Link(2, "eth0", "veth", True), Link(3, "wg0", "wireguard", True),
+               Link(4, "docker0", "bridge", True), Link(5, "usb0", "veth", True)]
+    live = {2: True}   # eth0's guard in force, usb0's not yet
+    plain = NodePolicy(Policy(("wg0",)))
+    assert node_scope.nf_pass_set(plain, present, live) == {1, 2, 3, 4}
+    with_dns = NodePolicy(Policy(("wg0",), dns=RESOLVERS))
+    assert node_scope.nf_pass_set(with_dns, present, live) == {1, 2, 4}
+
+
+def test_node_dns_line_says_what_is_not_judged():
+    """attach's and status's line: the resolvers, no redirection, and, without the netfilter hook, that DNS
+    through the tunnel is not judged."""
+    from ksbpf.scopes import node as node_scope
+
+    np = NodePolicy(Policy(("wg0",), dns=RESOLVERS))
+    assert node_scope.dns_state(NodePolicy(Policy(("wg0",))), "on") is None
+    on = node_scope.dns_state(np, "on")
+    assert on == {"resolvers": ["10.64.0.1", "fd00:64::1"], "redirect": False, "through_tunnel": True}
+    line = node_scope.dns_line(on)
+    assert "only to 10.64.0.1, fd00:64::1 through the tunnel" in line and "not redirected in node mode" in line
+    assert "NOT judged" not in line and "\n" not in line
+    off = node_scope.dns_state(np, node_scope.NF_ABSENT)
+    assert off["through_tunnel"] is False and "DNS through the tunnel NOT judged" in node_scope.dns_line(off)

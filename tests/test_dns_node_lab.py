@@ -197,3 +197,20 @@ dns = ["{host.tun4_server}"]
     assert not r["ok"] and dns["other"].queries == 0, r
     r = ask(host.containers[0], host.tun4_server, "udp")
     assert r["ok"] and r["answer"] == VPN_ANSWER, r
+
+
+def test_exempt_cgroup_dns(host, dns, detach, make_cgroup):
+    """--exempt-cgroup with --dns: outside the tunnel the exempt sockets' DNS passes (the tc guard knows their
+    cgroup: the LAN resolver answers them, the control); through the tunnel to another resolver it is dropped
+    (the netfilter hook cannot see cgroups: 0 arrive), and the VPN's resolver answers them."""
+    cg = make_cgroup()
+    attach_node(host, "--allow-lan", "--dns", host.tun4_server, "--exempt-cgroup", cg)
+    r = query(host.client_ns, cg, host.lan4_server, "udp", 4.0)
+    assert r["ok"] and r["answer"] == LAN_ANSWER, r
+    assert dns["lan"].udp_queries == 1
+    r = query(host.client_ns, None, host.lan4_server, "udp", BLOCKED)   # not exempt: dropped
+    assert not r["ok"] and dns["lan"].udp_queries == 1, r
+    r = query(host.client_ns, cg, host.net4_server, "udp", BLOCKED)
+    assert not r["ok"] and dns["other"].queries == 0, r
+    r = query(host.client_ns, cg, host.tun4_server, "udp", 4.0)
+    assert r["ok"] and r["answer"] == VPN_ANSWER, r
