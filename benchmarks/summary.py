@@ -264,6 +264,14 @@ def rows_footprint(r):
                YES[v["compiling"] <= t["daemon_rss_mb"]])
 
 
+def rows_dns_cost(r):
+    """--dns's redirect programs (cgroup sock_addr) per call, against a `return 1` program on the same hook."""
+    for case, v in r["cases"].items():
+        yield (f"--dns, {case}: added per call (no target)",
+               f"+{v['added_ns']} ns ({v['program_ns']} ns against a `return 1` program's {v['floor_ns']} ns; "
+               f"{r['rounds']} rounds of {r['calls']:,} calls)", "—")
+
+
 # What it would take, for each target that can be missed (shown when it is).
 REMEDIES = {   # the first key found in a figure's name applies
     "guard reaction": "The kernel's own tcx attach (BPF_LINK_CREATE) takes most of it: it runs under the RTNL lock "
@@ -324,6 +332,7 @@ BENCHMARKS = [  # name, rows, plot
     ("footprint", rows_footprint, None),
     ("scrape", rows_scrape, None),
     ("containers", rows_containers, None),
+    ("dns_cost", rows_dns_cost, None),
 ]
 
 

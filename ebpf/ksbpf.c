@@ -30,7 +30,10 @@
  *   -DKSBPF_OPT_DNS         --dns: the cgroup hook parses every packet (loopback and
  *                           tunnel ones too) and drops DNS to anything but the VPN's
  *                           resolvers (dns4/6) or outside the tunnel; the sock_addr
- *                           entry points (ksbpf_dns_*) redirect DNS to a resolver
+ *                           entry points (ksbpf_dns_*) redirect DNS to a resolver.
+ *                           Node mode (tc, netfilter): DNS outside the tunnel is
+ *                           dropped, and packets out through a tunnel are parsed
+ *                           (the netfilter hook sees them) for DNS to other resolvers
  *   -DKSBPF_EVENTS_INTERVAL_NS=N, -DKSBPF_EVENTS_BURST=N
  *                           send samples of dropped packets to the ring buffer
  *                           `events`: at most one per N ns and BURST at once,
@@ -646,8 +649,9 @@ static __always_inline int ksbpf_exceptions4(const struct ksbpf_at *at, const st
 	if (ep)
 		return KSBPF_ENDPOINT(at, p, ep);
 #ifdef KSBPF_OPT_DNS
-	/* --dns: DNS outside the tunnel goes nowhere (the VPN's own endpoint above excepted) */
-	if (at->hook == KSBPF_HOOK_CGROUP && ksbpf_is_dns(p))
+	/* --dns: DNS outside the tunnel goes nowhere (the VPN's own endpoint above
+	 * excepted), on every hook: a LAN resolver with --allow-lan too */
+	if (ksbpf_is_dns(p))
 		return KSBPF_DROP_DNS_NOT_VPN;
 #endif
 #ifdef KSBPF_OPT_CIDRS
@@ -677,8 +681,9 @@ static __always_inline int ksbpf_exceptions6(const struct ksbpf_at *at, const st
 	if (ep)
 		return KSBPF_ENDPOINT(at, p, ep);
 #ifdef KSBPF_OPT_DNS
-	/* --dns: DNS outside the tunnel goes nowhere (the VPN's own endpoint above excepted) */
-	if (at->hook == KSBPF_HOOK_CGROUP && ksbpf_is_dns(p))
+	/* --dns: DNS outside the tunnel goes nowhere (the VPN's own endpoint above
+	 * excepted), on every hook: a LAN resolver with --allow-lan too */
+	if (ksbpf_is_dns(p))
 		return KSBPF_DROP_DNS_NOT_VPN;
 #endif
 #ifdef KSBPF_OPT_CIDRS
@@ -865,6 +870,25 @@ static __always_inline int ksbpf_decide_dns(const struct ksbpf_at *at, __u32 ifi
 		return KSBPF_DROP_MALFORMED;
 	return p->family == KSBPF_FAMILY_IPV4 ? ksbpf_exceptions4(at, p) : ksbpf_exceptions6(at, p);
 }
+
+/* Node mode with --dns (tc, netfilter): a packet out through a registered
+ * tunnel is parsed, and DNS in it to a resolver that is not the VPN's (a
+ * hard-coded 8.8.8.8, a container's own choice) is dropped.  Loopback stays
+ * allowed there: a local stub resolver's upstream queries leave the node and
+ * are judged themselves.  A packet that does not parse goes through the
+ * tunnel as without --dns. */
+static __always_inline int ksbpf_tunnel_dns(const struct ksbpf_at *at, struct ksbpf_pkt *p)
+{
+	int bad = 1;
+
+	if (p->family == KSBPF_FAMILY_IPV4)
+		bad = ksbpf_parse4(at, p);
+	else if (p->family == KSBPF_FAMILY_IPV6)
+		bad = ksbpf_parse6(at, p);
+	if (!bad && ksbpf_is_dns(p) && !ksbpf_resolver(p))
+		return KSBPF_DROP_DNS_NOT_VPN;
+	return KSBPF_ALLOW_TUNNEL;
+}
 #endif
 
 static __always_inline int ksbpf_decide(const struct ksbpf_at *at, __be16 proto, struct ksbpf_pkt *p)
@@ -879,8 +903,13 @@ static __always_inline int ksbpf_decide(const struct ksbpf_at *at, __be16 proto,
 #endif
 	if (ifindex == 1)		/* LOOPBACK_IFINDEX, the same in every netns */
 		return KSBPF_ALLOW_LOOPBACK;
-	if (ksbpf_via_tunnel(at, ifindex))
+	if (ksbpf_via_tunnel(at, ifindex)) {
+#ifdef KSBPF_OPT_DNS
+		return ksbpf_tunnel_dns(at, p);	/* node mode (the cgroup hook decided above) */
+#else
 		return KSBPF_ALLOW_TUNNEL;
+#endif
+	}
 	if (p->family == KSBPF_FAMILY_IPV4) {
 		if (ksbpf_parse4(at, p))
 			return KSBPF_DROP_MALFORMED;

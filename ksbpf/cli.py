@@ -115,9 +115,10 @@ def _print_endpoints(policy: Policy, followed_now: list, failed: list, fixed_not
                    "is forwarded or answered by the kernel, outside the hook); off by default: a VPN client "
                    "inside the scope needs it.")
 @click.option("--dns", "dns", multiple=True, metavar="ADDR|auto",
-              help="cgroup scopes: the VPN's resolver (repeatable): DNS (53, 853) of the scope goes only to these, "
+              help="The VPN's resolver (repeatable): DNS (53, 853) of the scope goes only to these, "
                    "through the tunnel; DNS to any other resolver (a stub on 127.0.0.53 included) is redirected to "
-                   "the first one where the kernel can, else dropped.  `auto`: the resolvers the VPN set for the "
+                   "the first one where the kernel can, else dropped.  Node mode: every local and forwarded "
+                   "packet's DNS, dropped (never redirected).  `auto`: the resolvers the VPN set for the "
                    "tunnel (systemd-resolved's per-link DNS, or wg-quick's DNS = line).")
 @click.option("--tunnel-kind", "kinds", multiple=True, metavar="KIND",
               help=f"Link kind trusted as a tunnel (repeatable; default: {', '.join(DEFAULT_TUNNEL_KINDS)}).")
@@ -136,8 +137,6 @@ def attach(cgroup_path, node, tunnels, endpoints, vpn_mark, vpn_cgroups, netns, 
         raise click.UsageError("give exactly one of --cgroup PATH or --node")
     if node and deny_tun:
         raise click.UsageError("--deny-tun goes with --cgroup (node mode judges forwarded packets at tc already)")
-    if node and dns:
-        raise click.UsageError("--dns goes with --cgroup (node mode does not redirect or filter DNS yet)")
     node_only = {"--block-dhcp": block_dhcp, "--internal": internal, "--no-default-internal": no_default_internal,
                  "--exempt-cgroup": exempt, "--tc-mode": tc_mode != "auto"}
     if cgroup_path and any(node_only.values()):
@@ -157,7 +156,7 @@ def attach(cgroup_path, node, tunnels, endpoints, vpn_mark, vpn_cgroups, netns, 
         if as_json:
             _emit_json(result.to_dict())
             return
-        _print_node_attach(result, np)
+        _print_node_attach(result, np, dns_sources)
         return
     result = cgroups.attach(cgroup_path, policy, progress=_progress)
     if as_json:
@@ -241,7 +240,7 @@ def _print_interfaces(interfaces) -> None:
         click.echo(f"  {'iface':<8} {i.name} (ifindex {i.ifindex}, {i.kind or 'no kind'}): {state}")
 
 
-def _print_node_attach(result, np: NodePolicy) -> None:
+def _print_node_attach(result, np: NodePolicy, dns_sources=()) -> None:
     if result.mounted_bpffs:
         click.echo("mounted the BPF filesystem at /sys/fs/bpf")
     verb = "re-attached (previous guards replaced with no gap)" if result.replaced else "attached"
@@ -257,12 +256,21 @@ def _print_node_attach(result, np: NodePolicy) -> None:
     if np.exempt_cgroups:
         click.echo(f"  exempt:  {', '.join(np.exempt_cgroups)} (local sockets only; forwarded packets have none)")
     click.echo(f"  internal interfaces (not guarded): {' '.join(np.internal) or 'none'}")
+    if result.dns:
+        click.echo("  dns: " + node_scope.dns_line(result.dns)
+                   + (f" (auto: {', '.join(dns_sources)})" if dns_sources else ""))
     if result.from_birth == "on":
         click.echo("  from birth: a netfilter hook (IPv4, IPv6) judges the IP traffic of interfaces that appear later;"
                    " their raw frames (AF_PACKET) and non-IP wait for the daemon's tc guard")
     else:
         click.echo(f"  from birth: {result.from_birth}")
         click.echo("  interfaces that appear later are guarded only by the daemon (`ksbpf daemon` with a [node] table)")
+    if result.raw_sockets == "refused":
+        click.echo("  raw sockets: PACKET_QDISC_BYPASS and AF_XDP binds are refused in the namespace outside the "
+                   "exempt cgroups (BPF LSM); other AF_PACKET frames pass the tc guards")
+    else:
+        click.echo(f"  raw sockets: {result.raw_sockets}; frames sent with PACKET_QDISC_BYPASS or through AF_XDP "
+                   "skip the tc guards: drop CAP_NET_RAW outside the exempt cgroups")
     click.echo("  everything else is dropped; undo with: ksbpf detach --node" + (f" --netns {np.policy.netns}" if np.policy.netns else ""))
 
 
@@ -344,6 +352,8 @@ def status(as_json) -> None:
         hooks = "hooks tc+netfilter" if n.from_birth == "on" else "hook tc"
         click.echo(f"{n.name} (netns {n.netns_label})  [{state}, {n.mode}, {hooks}, since {_fmt_time(n.attached_at)}]")
         click.echo(f"  from birth {n.from_birth}")
+        click.echo("  raw sockets " + ("refused: PACKET_QDISC_BYPASS and AF_XDP binds outside the exempt cgroups "
+                                      "(BPF LSM)" if n.raw_sockets == "refused" else n.raw_sockets))
         _print_interfaces(n.interfaces)
         for t in n.tunnels:
             where = f"ifindex {t.ifindex} ({t.kind})" if t.present else "absent"
@@ -354,6 +364,9 @@ def status(as_json) -> None:
         click.echo(f"  internal {' '.join(n.node.internal) or 'none'}")
         if n.node.exempt_cgroups:
             click.echo(f"  exempt   {', '.join(n.node.exempt_cgroups)}")
+        dns_state = node_scope.dns_state(n.node, n.from_birth)
+        if dns_state:
+            click.echo(f"  dns      {node_scope.dns_line(dns_state)}")
         _print_counters(n)
     for s in st.cgroups:
         state = "enforced" if s.attached else "NOT ENFORCED"
@@ -374,10 +387,15 @@ def status(as_json) -> None:
         click.echo(f"  options  {_options(s.policy)}")
         if s.policy.deny_tun or s.deny_tun:
             click.echo(f"  deny-tun {'in force: /dev/net/tun refused to the scope' if s.deny_tun else 'NOT in force'}")
-        if s.policy.dns:
-            click.echo(f"  dns      only to {', '.join(map(str, s.policy.dns))} through the tunnel; other DNS "
-                       + ("redirected (connect, sendmsg, recvmsg and getpeername programs attached)" if s.dns_redirect
-                          else "dropped, not redirected"))
+        if s.policy.options.dns:
+            auto = (f" (auto: {s.dns_source or 'no resolver configured for ' + ', '.join(s.policy.tunnels)})"
+                    if s.policy.dns_auto else "")
+            if not s.policy.dns:   # dns = ["auto"], nothing configured for the tunnel yet
+                click.echo(f"  dns      none known yet{auto}: all DNS of the scope is dropped until the daemon reads one")
+            else:
+                click.echo(f"  dns      only to {', '.join(map(str, s.policy.dns))}{auto} through the tunnel; other DNS "
+                           + ("redirected (connect, sendmsg, recvmsg and getpeername programs attached)"
+                              if s.dns_redirect else "dropped, not redirected"))
         click.echo("  netns    " + ("from socket storage (sockets created before the attach are blocked until reopened)"
                                    if s.netns_identity == features.NETNS_STORAGE else "from bpf_get_netns_cookie")
                    + ("; checked when each socket is made (every socket of the scope is in its namespace)"
@@ -532,6 +550,8 @@ def check_config(file, as_json) -> None:
         opts = [k for k, on in p.options.to_dict().items() if on]
         click.echo(f"    options   {', '.join(opts) or 'none (strict)'}")
         _print_vpn(p, indent="    ", width=9)
+        if p.dns:
+            click.echo(f"    dns       {', '.join(map(str, p.dns))}")
     if cfg.node is not None:
         n, p = cfg.node.node, cfg.node.node.policy
         click.echo(f"  node mode (line {cfg.node.line}): netns {p.netns or 'own'}, guards every interface but the tunnels "
@@ -540,6 +560,8 @@ def check_config(file, as_json) -> None:
         click.echo(f"    endpoints {', '.join(p.endpoint_specs()) or 'none'}")
         click.echo(f"    options   {', '.join(k for k, on in p.options.to_dict().items() if on) or 'none (strict)'}")
         _print_vpn(p, indent="    ", width=9)
+        if p.dns:
+            click.echo(f"    dns       {', '.join(map(str, p.dns))} (dropped elsewhere, not redirected in node mode)")
         if n.exempt_cgroups:
             click.echo(f"    exempt    {', '.join(n.exempt_cgroups)}")
     if cfg.kubernetes.enabled:

@@ -250,14 +250,20 @@ class Policy:
     any_endpoints: tuple[AnyEndpoint, ...] = ()
     # --dns: the VPN's resolvers; DNS (53, 853) of the scope goes to them through the tunnel, and nowhere else
     dns: tuple[IPAddress, ...] = ()
+    # dns = ["auto"] in the daemon: the resolvers are read from the tunnel and kept in step (dns holds the
+    # current ones, dns_fixed the ones given as addresses beside `auto`); DNS is filtered even while none is known
+    dns_auto: bool = False
+    dns_fixed: tuple[IPAddress, ...] = ()
 
     def __post_init__(self) -> None:
         self._vpn_post_init()
         object.__setattr__(self, "follow", tuple(dict.fromkeys(self.follow)))
         object.__setattr__(self, "dns", check_resolvers(self.dns))
-        if self.options.dns != bool(self.dns):   # the program parses every packet only with resolvers
-            object.__setattr__(self, "options", replace(self.options, dns=bool(self.dns)))
-        if self.dns and self.options.allow_lan_dns:
+        object.__setattr__(self, "dns_fixed", check_resolvers(self.dns_fixed) if self.dns_auto else ())
+        wants_dns = bool(self.dns) or self.dns_auto
+        if self.options.dns != wants_dns:   # the program parses every packet only with resolvers (or auto)
+            object.__setattr__(self, "options", replace(self.options, dns=wants_dns))
+        if wants_dns and self.options.allow_lan_dns:
             raise KsbpfError("--allow-lan-dns and --dns contradict: with --dns, DNS goes only to the VPN's resolvers",
                              "drop --allow-lan-dns (or give the LAN resolver as --dns if it is reached through the tunnel)")
         for spec in self.follow:
@@ -345,6 +351,7 @@ class Policy:
             **({"follow": list(self.follow)} if self.follow else {}),
             **self.vpn_dict(),
             **({"dns": [str(a) for a in self.dns]} if self.dns else {}),
+            **({"dns_auto": True, "dns_fixed": [str(a) for a in self.dns_fixed]} if self.dns_auto else {}),
         }
 
     @classmethod
@@ -361,7 +368,8 @@ class Policy:
                    tuple(parse_cidr(n) for n in d.get("allow_cidrs", ())), bool(d.get("deny_tun", False)),
                    tuple(d.get("follow", ())), d.get("vpn_mark"), tuple(d.get("vpn_cgroups", ())),
                    tuple(AnyEndpoint.parse(e) for e in d.get("any_endpoints", ())),
-                   tuple(parse_resolver(a) for a in d.get("dns", ())))
+                   tuple(parse_resolver(a) for a in d.get("dns", ())), bool(d.get("dns_auto", False)),
+                   tuple(parse_resolver(a) for a in d.get("dns_fixed", ())))
 
     def endpoint_specs(self) -> list[str]:
         """The endpoints as the user gives them: fixed ones, `auto`, `auto:PATH`."""
@@ -369,10 +377,13 @@ class Policy:
 
     def same_but_followed(self, current: "Policy") -> bool:
         """Is `current` (read back from a scope's pins, whose maps hold the
-        followed endpoints too) this policy?  With nothing to follow: equal."""
+        followed endpoints too) this policy?  With nothing to follow: equal.
+        dns = ["auto"]: the resolvers followed now may differ (the daemon keeps them in step)."""
+        import dataclasses
+        if self.dns_auto and current.dns_auto and current.dns != self.dns:
+            current = dataclasses.replace(current, dns=self.dns)
         if not self.follow:
             return current == self
-        import dataclasses
         return (set(self.endpoints) <= set(current.endpoints)
                 and dataclasses.replace(current, endpoints=self.endpoints) == self)
 
@@ -420,9 +431,6 @@ class NodePolicy:
         if any(not p.startswith("/") for p in paths):
             raise KsbpfError("an exempted cgroup must be an absolute path", "give e.g. /sys/fs/cgroup/system.slice/ssh.service")
         object.__setattr__(self, "exempt_cgroups", paths)
-        if self.policy.dns:
-            raise KsbpfError("--dns is not available in node mode yet (cgroup scopes only)",
-                             "protect the applications' cgroup with `ksbpf attach --cgroup PATH ... --dns ADDR`")
         if self.tc_mode not in TC_MODES:
             raise KsbpfError(f"tc mode {self.tc_mode!r} is unknown", f"use one of {', '.join(TC_MODES)}")
 

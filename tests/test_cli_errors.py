@@ -161,6 +161,13 @@ def test_deny_tun_goes_with_a_cgroup_scope():
     assert proc.returncode == 2 and "--deny-tun goes with --cgroup" in proc.stderr
 
 
+def test_node_dns_with_allow_lan_dns_is_refused():
+    """--dns in node mode: --allow-lan-dns would open DNS to LAN resolvers, which --dns forbids; one line,
+    before anything is looked up or attached."""
+    assert_one_line_error(ksbpf("attach", "--node", "--netns", "ksbpf-no-such-netns", "--tunnel", "wg0",
+                                "--allow-lan", "--allow-lan-dns", "--dns", "10.64.0.1"), "contradict")
+
+
 def test_detach_needs_exactly_one_target():
     proc = ksbpf("detach")
     assert proc.returncode == 2 and "exactly one of --cgroup PATH, --node or --all" in proc.stderr

@@ -21,6 +21,7 @@ from ksbpf.kernel import bpf, features, libbpf, netns
 from ksbpf.policy import Endpoint, NodePolicy, Options, Policy
 from ksbpf.reasons import Family, Reason
 from ksbpf.verify import crafted, model
+from ksbpf.verify.testrun import Runner, allowed
 
 pytestmark = pytest.mark.root
 
@@ -42,8 +43,9 @@ def env(tmp_path_factory):
         for label, opts in (("dns", Options(dns=True)), ("dns+lan", Options(allow_lan=True, dns=True)),
                             ("strict", Options())):
             with features.forced_netns_identity(features.NETNS_HELPER):
-                prog = bpf.load(opts, 2, cache=cache, entries=(bpf.ENTRY_CGROUP,))
+                prog = bpf.load(opts, 2, cache=cache, entries=(bpf.ENTRY_CGROUP, *bpf.TC_ENTRIES))
             prog.maps.add_tunnel(cookie, netns.ifindex(ns, "tnl"), 0)
+            prog.maps.set_netns_cookie(cookie)   # tc: the node scope's namespace
             for ep in (EP, EP53):
                 prog.maps.add_endpoint(ep)
             prog.maps.set_dns(RESOLVERS if opts.dns else ())
@@ -71,13 +73,26 @@ def run(env, label: str, pkt: bytes, via: str) -> tuple[bool, Reason, Family]:
     return bool(r.retval & 1), reason, family
 
 
-def model_says(env, label: str, pkt: bytes, via: str) -> Reason:
-    prog = env["progs"][label]
+def model_says(env, label: str, pkt: bytes, via: str, hook: str = model.CGROUP) -> Reason:
     opts = {"dns": Options(dns=True), "dns+lan": Options(allow_lan=True, dns=True), "strict": Options()}[label]
     scope = model.Scope(opts, (EP, EP53), frozenset({env["ifindex"]["tnl"]}),
                         resolvers=frozenset(a.packed for a in RESOLVERS) if opts.dns else frozenset())
-    del prog
-    return model.decide_test_run(model.CGROUP, frame(pkt), env["ifindex"][via], scope).reason
+    buf = pkt if hook == model.TC_L3 else frame(pkt)
+    return model.decide_test_run(hook, buf, env["ifindex"][via], scope).reason
+
+
+def run_tc(env, label: str, pkt: bytes, via: str, entry: str) -> tuple[bool, Reason, Family]:
+    """One packet through a node scope's tc program (an Ethernet frame, or the bare IP packet of a device
+    without a link layer): (allowed, the one reason counted, its family)."""
+    prog = env["progs"][label]
+    before = prog.maps.counters()
+    r = netns.run_in(env["ns"].path, libbpf.prog_test_run, prog.progs[entry],
+                     frame(pkt) if entry == bpf.ENTRY_TC_ETH else pkt, env["ifindex"][via])
+    after = prog.maps.counters()
+    moved = [k for k in after if after[k] != before[k]]
+    assert len(moved) == 1, moved
+    (reason, family), = moved
+    return allowed(True, r.retval), reason, family
 
 
 CASES = [
@@ -129,6 +144,69 @@ def test_dns_rule(env, label, pkt, via, want):
     assert model_says(env, label, pkt, via) == want
 
 
+# Node mode (tc; the netfilter hook runs the same function: tests/test_dns_node_lab.py): the node's and
+# its containers' DNS.  Loopback is not judged there (a local stub's upstream queries are, when they leave).
+NODE_CASES = [
+    ("dns", ipv4("10.64.0.1", UDP, dport=53), "tnl", Reason.ALLOW_TUNNEL),
+    ("dns", ipv4("10.64.0.1", TCP, dport=853), "tnl", Reason.ALLOW_TUNNEL),
+    ("dns", ipv6("fd00:64::1", TCP, dport=53), "tnl", Reason.ALLOW_TUNNEL),
+    # a hard-coded resolver through the tunnel
+    ("dns", ipv4("8.8.8.8", UDP, dport=53), "tnl", Reason.DROP_DNS_NOT_VPN),
+    ("dns", ipv4("8.8.8.8", TCP, dport=53), "tnl", Reason.DROP_DNS_NOT_VPN),
+    ("dns", ipv4("8.8.8.8", TCP, dport=853), "tnl", Reason.DROP_DNS_NOT_VPN),
+    ("dns", ipv6("2001:4860:4860::8888", UDP, dport=53), "tnl", Reason.DROP_DNS_NOT_VPN),
+    # outside the tunnel: the VPN's resolver, a LAN resolver with --allow-lan
+    ("dns", ipv4("10.64.0.1", UDP, dport=53), "phy", Reason.DROP_DNS_NOT_VPN),
+    ("dns+lan", ipv4("192.168.1.1", UDP, dport=53), "phy", Reason.DROP_DNS_NOT_VPN),
+    ("dns+lan", ipv4("192.168.1.1", TCP, dport=853), "phy", Reason.DROP_DNS_NOT_VPN),
+    ("dns+lan", ipv6("fd00::53", UDP, dport=53), "phy", Reason.DROP_DNS_NOT_VPN),
+    # controls: what is not DNS keeps its rule
+    ("dns", ipv4("127.0.0.53", UDP, dport=53), "lo", Reason.ALLOW_LOOPBACK),
+    ("dns", ipv4("8.8.8.8", TCP, dport=443), "tnl", Reason.ALLOW_TUNNEL),
+    ("dns", ipv4("8.8.8.8", UDP, sport=53, dport=40000), "tnl", Reason.ALLOW_TUNNEL),
+    ("dns", ipv4("8.8.8.8", UDP, dport=53, frag_offset=1480), "tnl", Reason.ALLOW_TUNNEL),
+    ("dns", ipv6("2001:db8::1", 58), "tnl", Reason.ALLOW_TUNNEL),   # ICMPv6
+    ("dns+lan", ipv4("192.168.1.1", TCP, dport=22), "phy", Reason.ALLOW_LAN),
+    ("dns", ipv4("198.51.100.7", UDP, dport=53), "phy", Reason.ALLOW_ENDPOINT),   # the VPN itself on port 53
+    ("dns", ipv4("8.8.8.8", TCP, dport=443), "phy", Reason.DROP_NOT_TUNNEL),
+    # without --dns: 8.8.8.8 through the tunnel passes (what issue 17 measured), a LAN resolver is lan_dns
+    ("strict", ipv4("8.8.8.8", UDP, dport=53), "tnl", Reason.ALLOW_TUNNEL),
+]
+
+
+@pytest.mark.parametrize("entry", (bpf.ENTRY_TC_ETH, bpf.ENTRY_TC_L3))
+@pytest.mark.parametrize("label,pkt,via,want", NODE_CASES,
+                         ids=[f"{c[0]}-{i}-{c[2]}-{c[3].label}" for i, c in enumerate(NODE_CASES)])
+def test_node_dns_rule(env, entry, label, pkt, via, want):
+    ok, reason, family = run_tc(env, label, pkt, via, entry)
+    assert reason == want
+    assert ok == want.allowed
+    assert family == (Family.IPV6 if pkt[0] >> 4 == 6 else Family.IPV4)
+    hook = model.TC_ETH if entry == bpf.ENTRY_TC_ETH else model.TC_L3
+    assert model_says(env, label, pkt, via, hook) == want
+
+
+def test_node_verify_crafted_frames_agree(env):
+    """`ksbpf verify`'s crafted frames for a node scope with resolvers, through the tunnel and the uplink:
+    kernel and model agree on each, and DNS to 8.8.8.8 through the tunnel is among them, dropped."""
+    for entry, hook, ethernet in ((bpf.ENTRY_TC_ETH, model.TC_ETH, True), (bpf.ENTRY_TC_L3, model.TC_L3, False)):
+        cases = crafted.tc_frames((EP, EP53), ethernet, resolvers=RESOLVERS)
+        assert any(label == "dns/tcp to 8.8.8.8" for label, _ in cases)
+        seen = {}
+        runner = Runner(env["progs"]["dns"].progs[entry])
+        scope = model.Scope(Options(dns=True), (EP, EP53), frozenset({env["ifindex"]["tnl"]}),
+                            resolvers=frozenset(a.packed for a in RESOLVERS))
+        for label, buf in cases:
+            for via in ("tnl", "phy"):
+                want = model.decide_test_run(hook, buf, env["ifindex"][via], scope)
+                got = allowed(True, netns.run_in(env["ns"].path, runner.run, buf, env["ifindex"][via]))
+                assert got == want.allowed, (label, via, want)
+                seen[(label, via)] = want.reason
+        assert seen[("dns/udp to 8.8.8.8", "tnl")] == seen[("dns/tcp to 8.8.8.8", "tnl")] == Reason.DROP_DNS_NOT_VPN
+        assert seen[("dns/udp to the VPN's resolver 10.64.0.1", "tnl")] == Reason.ALLOW_TUNNEL
+        assert seen[("dns/udp to the VPN's resolver 10.64.0.1", "phy")] == Reason.DROP_DNS_NOT_VPN
+
+
 def test_malformed_keeps_its_rule(env):
     """A packet that does not parse: loopback and the tunnel still let it go (as without --dns)."""
     bad = ipv4("8.8.8.8", UDP, dport=53)[:22]   # the UDP header cut short
@@ -172,5 +250,36 @@ def test_policy_checks():
         Policy(("wg0",), options=Options(allow_lan=True, allow_lan_dns=True), dns=p.dns)
     with pytest.raises(KsbpfError, match="cannot be a DNS server"):
         Policy(("wg0",), dns=(ipaddress.ip_address("0.0.0.0"),))
-    with pytest.raises(KsbpfError, match="node mode"):
-        NodePolicy(p)
+    # node mode takes resolvers (the same compile-time switch), and refuses --allow-lan-dns with them as well
+    assert NodePolicy(p).policy.options.dns and NodePolicy.from_dict(NodePolicy(p).to_dict()) == NodePolicy(p)
+
+
+def test_node_netfilter_hook_judges_the_tunnels_only_with_dns():
+    """nf_pass (what the netfilter hook passes at once): without --dns the tunnels are in it; with --dns they
+    are not (no tc guard sees what goes through them), the rest is as before."""
+    from ksbpf.kernel.links import Link
+    from ksbpf.scopes import node as node_scope
+
+    present = [Link(1, "lo", None, True), Link(2, "eth0", "veth", True), Link(3, "wg0", "wireguard", True),
+               Link(4, "docker0", "bridge", True), Link(5, "usb0", "veth", True)]
+    live = {2: True}   # eth0's guard in force, usb0's not yet
+    plain = NodePolicy(Policy(("wg0",)))
+    assert node_scope.nf_pass_set(plain, present, live) == {1, 2, 3, 4}
+    with_dns = NodePolicy(Policy(("wg0",), dns=RESOLVERS))
+    assert node_scope.nf_pass_set(with_dns, present, live) == {1, 2, 4}
+
+
+def test_node_dns_line_says_what_is_not_judged():
+    """attach's and status's line: the resolvers, no redirection, and, without the netfilter hook, that DNS
+    through the tunnel is not judged."""
+    from ksbpf.scopes import node as node_scope
+
+    np = NodePolicy(Policy(("wg0",), dns=RESOLVERS))
+    assert node_scope.dns_state(NodePolicy(Policy(("wg0",))), "on") is None
+    on = node_scope.dns_state(np, "on")
+    assert on == {"resolvers": ["10.64.0.1", "fd00:64::1"], "redirect": False, "through_tunnel": True}
+    line = node_scope.dns_line(on)
+    assert "only to 10.64.0.1, fd00:64::1 through the tunnel" in line and "not redirected in node mode" in line
+    assert "NOT judged" not in line and "\n" not in line
+    off = node_scope.dns_state(np, node_scope.NF_ABSENT)
+    assert off["through_tunnel"] is False and "DNS through the tunnel NOT judged" in node_scope.dns_line(off)

@@ -35,6 +35,7 @@ METRICS: dict[str, set[str]] = {
     "ksbpf_events_suppressed_total": {"scope"},
     "ksbpf_build_info": {"version"},
     "ksbpf_verify_failures": {"scope", "check"},
+    "ksbpf_verify_runs_total": set(),
     "ksbpf_verify_last_success_timestamp_seconds": set(),
     "up": {"job"},  # Prometheus' own, for the scrape target (job "ksbpf")
 }

@@ -57,3 +57,28 @@ def test_fast_scrape_matches_the_collector(make_cgroup, tag, tmp_path):
             space.watch.close()
     finally:
         subprocess.run(["ip", "netns", "del", ns])
+
+
+def test_pod_scopes_are_named_by_their_pod_and_zero_counters_are_not_written(make_cgroup, tag, tmp_path):
+    """A pod's scope is named by its pod in /metrics, never by its cgroup path;
+    a counter that is still zero is not written (1,000 idle pods: a few lines each)."""
+    ns = f"ksbpf-sp{tag}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "tuntap", "add", "dev", "wg0", "mode", "tun"], check=True)
+        pod_cg, plain = make_cgroup("-pod"), make_cgroup("-plain")
+        d = Daemon(str(tmp_path / "unused.toml"), EventLog("json", io.StringIO()))
+        d.add_scope(pod_cg, Policy(("wg0",), netns=ns), "kubernetes", {"namespace": "shop", "pod": "web-1"})
+        d.add_scope(plain, Policy(("wg0",), netns=ns), "config")
+        assert d.scopes[pod_cg].pin_dir and d.scopes[plain].pin_dir
+        text = Scraper(d).render().decode()
+        assert pod_cg not in text
+        assert 'ksbpf_scope_attached{scope="pod/shop/web-1",namespace="shop",pod="web-1"} 1.0' in text
+        assert 'ksbpf_tunnel_up{scope="pod/shop/web-1",namespace="shop",pod="web-1",tunnel="wg0"} 1.0' in text
+        assert f'ksbpf_scope_attached{{scope="{plain}"}} 1.0' in text
+        mine = [ln for ln in text.splitlines() if "pod/shop/web-1" in ln or plain in ln]
+        assert len(mine) == 4, mine   # attached and tunnel_up each: no zero counter, no zero verify failure
+        for space in d.namespaces.values():
+            space.watch.close()
+    finally:
+        subprocess.run(["ip", "netns", "del", ns])

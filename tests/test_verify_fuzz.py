@@ -32,11 +32,22 @@ def test_fuzz_ten_thousand_packets(tmp_path, program_cache):
     print(f"fuzz: {result.packets} packets in {time.monotonic() - start:.1f} s ({result.rate:,.0f}/s); "
           f"{result.refused} refused by the test-run facility")
     assert result.packets >= 10_000
-    assert not result.disagreements, "\n".join(f"{d.options} {d.hook} {d.iface}: model {d.model}, kernel {d.kernel}: {d.buffer}"
-                                                for d in result.disagreements)
-    # every reason of the policy was reached (exempt: the test run's socket is in the exempted root
-    # cgroup); tunnel_source is the netfilter source hook's, not the policy's (tests/test_tunnel_source.py)
-    assert set(result.by_reason) == {r.label for r in Reason} - {Reason.DROP_TUNNEL_SOURCE.label}
+    disagreements = list(result.disagreements)
+    # every reason of the policy is reached (exempt: the test run's socket is in the exempted root
+    # cgroup); tunnel_source is the netfilter source hook's, not the policy's (tests/test_tunnel_source.py).
+    # A rare one (DHCP: one option set in several, one port pair) may need more than 10,000 random
+    # packets: more rounds of fresh seeds, up to 50,000 packets -- a reason no round reaches still fails.
+    want = {r.label for r in Reason} - {Reason.DROP_TUNNEL_SOURCE.label}
+    reached = set(result.by_reason)
+    for _ in range(4):
+        if want <= reached:
+            break
+        more, _saved = fuzz.run(10_000, workers=2, cache=program_cache, regressions=str(tmp_path))
+        disagreements += more.disagreements
+        reached |= set(more.by_reason)
+    assert not disagreements, "\n".join(f"{d.options} {d.hook} {d.iface}: model {d.model}, kernel {d.kernel}: {d.buffer}"
+                                         for d in disagreements)
+    assert reached == want, f"never reached: {sorted(want - reached)}"
 
 
 CASES_SAVED = fuzz.load_cases()

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 from helpers import KSBPF, ksbpf
 
-from ksbpf.kernel import libbpf, netns, nf, pins, tc
+from ksbpf.kernel import libbpf, netns, nf, pins, rawsock, tc
 from ksbpf.scopes import node
 
 pytestmark = pytest.mark.root
@@ -59,8 +59,13 @@ def test_clean_node_scope(guarded):
     before = node_counters(guarded)
     rc, found = verify_node(guarded)
     assert rc == 0, found
-    assert set(found) == {"guarded", "first", "pins", "tunnels", "policy", "routes", "ipv6"} | (
+    assert set(found) == {"guarded", "first", "pins", "tunnels", "policy", "routes", "ipv6", "raw_sockets"} | (
         {"from_birth"} if nf.supported() else set())
+    raw = found.pop("raw_sockets")   # the BPF LSM layer: ok where the kernel runs it, else a warning saying why
+    if rawsock.node_available():
+        assert raw["verdict"] == "ok", raw
+    else:
+        assert raw["verdict"] == "warn" and rawsock.node_why_not() in raw["detail"], raw
     assert all(f["verdict"] == "ok" for f in found.values()), found
     assert "eth0" in found["guarded"]["detail"] and "tun9" in found["guarded"]["detail"]
     assert "docker0 internal" in found["guarded"]["detail"] and "tun0 tunnel" in found["guarded"]["detail"]

@@ -37,7 +37,7 @@ pytestmark = [pytest.mark.root, pytest.mark.vm]
 SCENARIOS = {   # column -> what it is; the newest kernel runs all, the others all but "escape"
     "lab": "leak matrix (verify --lab)", "boot": "boot-time protection", "daemon": "daemon under systemd",
     "escape": "escape hatch + reboot", "node": "node mode", "each": 'netns = "each" scope',
-    "raw": "no raw sockets in a scope (BPF LSM)",
+    "raw": "no raw sockets past the policy (BPF LSM: scope and node)",
     "nm": "NetworkManager: nmcli up/down, server switch, endpoints/dns auto + vpn_mark"}
 NEWEST_ONLY = {"escape": "not run here (newest kernel only, for CI time: no kernel feature involved)"}
 CELLS: dict[tuple[str, str], str] = {}
@@ -368,7 +368,11 @@ def test_raw_sockets_refused_in_a_scope(kernel, lab_and_each, say):
     `bpf` is in their default LSM list), a root process of the protected
     slice, holding CAP_NET_RAW, cannot make an AF_PACKET socket (SOCK_PACKET
     included) or an AF_XDP socket -- whose frames would pass no cgroup hook --
-    while the same process outside the slice can (the control)."""
+    while the same process outside the slice can (the control).  And node mode's
+    counterpart: `ksbpf attach --node` in a namespace of its own refuses
+    PACKET_QDISC_BYPASS and AF_XDP binds (the two raw paths that never reach a
+    tc guard) to a root process there, not to one of the exempt cgroup nor to
+    one of another namespace (the controls), and no more after detach."""
     with cell(kernel, "raw") as notes:
         r = run(lab_and_each[0], "raw", say, "scenario 7 (raw sockets)", notes, lab_and_each[1])
         if "bpf_lsm_cgroup yes" not in r["features"]:
@@ -383,6 +387,19 @@ def test_raw_sockets_refused_in_a_scope(kernel, lab_and_each, say):
             f"a raw socket was made inside the scope: {inside}"
         scope = next(s for s in r["status"]["scopes"] if s["cgroup"] == SCOPE)
         assert scope["raw_sockets"] == "refused", scope
+        # node mode: PACKET_QDISC_BYPASS and AF_XDP binds, the raw paths that skip the tc guards
+        assert "bpf_lsm_mac yes" in r["features"], r["features"]   # the kernel ran the cgroup program above
+        ok = {"qdisc_bypass": "ok", "xdp_bind": "ok"}
+        assert r["node_attach_rc"] == 0, r["node_attach_err"]
+        assert r["node_attach"].get("raw_sockets") == "refused", r["node_attach"]
+        assert r["node_raw_before"] == ok, f"the control before attaching failed: {r['node_raw_before']}"
+        assert r["node_raw_exempt"] == ok, f"the exempt cgroup was refused: {r['node_raw_exempt']}"
+        assert r["node_raw_other_ns"] == ok, f"another namespace was refused: {r['node_raw_other_ns']}"
+        assert r["node_raw_inside"] == {"qdisc_bypass": "EPERM", "xdp_bind": "EPERM"}, \
+            f"a raw path past the tc guards was open in the guarded namespace: {r['node_raw_inside']}"
+        assert r["node_raw_status"] == ["refused"], r["node_raw_status"]
+        assert r["node_raw_detached"] == ok, f"detach left the programs behind: {r['node_raw_detached']}"
+        notes.append("node mode: PACKET_QDISC_BYPASS and AF_XDP binds refused")
 
 
 def test_networkmanager_connection(kernel, guest, say):

@@ -14,7 +14,9 @@ arrive (an AF_PACKET capture on the server's veth).
 - node mode's netfilter hook (an interface created after attaching): only
   marked packets reach the endpoint;
 - OpenVPN 2.6 with --mark, and as a --vpn-cgroup: the tunnel works, an
-  application sending to the server's address and port gets 0 there."""
+  application sending to the server's address and port gets 0 there; and a
+  server switch (its next remote) under a wildcard endpoint with --vpn-mark:
+  the tunnel comes back, nothing unmarked reaches either server."""
 
 from __future__ import annotations
 
@@ -327,23 +329,43 @@ class OpenVPN:
         self.tun_client, self.tun_server = f"10.71.{n}.2", f"10.71.{n}.1"
         self.pids: list[str] = []
 
-    def start(self, mark: int | None = None, cgroup: str | None = None) -> None:
-        _run("openvpn", "--genkey", "secret", self.key)
-        spid = os.path.join(self.dir, "server.pid")
-        _run("ip", "netns", "exec", self.lab.server_ns, "openvpn", "--daemon", "ovs", "--writepid", spid,
-             "--log", os.path.join(self.dir, "server.log"), "--secret", self.key, *OVPN_CIPHER,
+    def _server(self, name: str, ns: str, local: str) -> str:
+        spid = os.path.join(self.dir, f"{name}.pid")
+        _run("ip", "netns", "exec", ns, "openvpn", "--daemon", f"ovs{name}", "--writepid", spid,
+             "--log", os.path.join(self.dir, f"{name}.log"), "--secret", self.key, *OVPN_CIPHER,
              "--dev", f"tvs{self.lab.tag}", "--dev-type", "tun", "--ifconfig", self.tun_server, self.tun_client,
-             "--local", self.lab.phy4_server, "--port", str(OVPN_PORT))
+             "--local", local, "--port", str(OVPN_PORT))
         self.pids.append(spid)
+        return spid
+
+    def start(self, mark: int | None = None, cgroup: str | None = None, second=None) -> None:
+        """A server (and one in `second`'s namespace: the client's next remote, its tun device
+        kept across the switch with --persist-tun), then the client."""
+        _run("openvpn", "--genkey", "secret", self.key)
+        self.servers = {"s1": self._server("s1", self.lab.server_ns, self.lab.phy4_server)}
         cpid = os.path.join(self.dir, "client.pid")
         argv = ["openvpn", "--daemon", "ovc", "--writepid", cpid, "--log", os.path.join(self.dir, "client.log"),
                 "--secret", self.key, *OVPN_CIPHER, "--dev", self.tun, "--dev-type", "tun",
                 "--ifconfig", self.tun_client, self.tun_server, "--remote", self.lab.phy4_server, str(OVPN_PORT),
                 "--ping", "1", "--ping-restart", "5", "--connect-retry", "1"]
+        if second is not None:
+            self.servers["s2"] = self._server("s2", second.ns, second.addr)
+            argv += ["--remote", second.addr, str(OVPN_PORT), "--persist-tun"]
         if mark is not None:
             argv += ["--mark", str(mark)]
         subprocess.run(_in_cgroup_and_ns(self.lab.client_ns, cgroup, *argv), check=True, capture_output=True)
         self.pids.append(cpid)
+
+    def stop_server(self, name: str) -> None:
+        path = self.servers[name]
+        with open(path) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, 15)
+        wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 10, f"openvpn {name} to exit")
+
+    def log(self, name: str) -> str:
+        with open(os.path.join(self.dir, f"{name}.log")) as f:
+            return f.read()
 
     def stop(self) -> None:
         for path in self.pids:
@@ -384,6 +406,39 @@ def test_openvpn_client(lab, capture, node_detach, make_cgroup, tmp_path, reques
     assert capture.count(lab.phy4_server, OVPN_PORT, "a") == 0
     st = node_status(lab)
     assert counters(st)["endpoint_not_vpn"] >= 10 and counters(st)["endpoint"] > 0
+
+
+def test_openvpn_server_switch_to_a_wildcard_endpoint(lab, capture, node_detach, tmp_path, request):
+    """OpenVPN with --mark and two remotes, node mode with `--endpoint '*:1194/udp'
+    --vpn-mark`: the first server goes away, OpenVPN moves to its next remote and
+    the tunnel comes back with no ksbpf change; an application sending to either
+    server's port gets nothing out (control: a marked sender reaches the new one)."""
+    second = SecondServer(lab)
+    request.addfinalizer(second.destroy)
+    second.create()
+    ovpn = OpenVPN(lab, tmp_path)
+    request.addfinalizer(ovpn.stop)
+    args = ("--tunnel", ovpn.tun, "--endpoint", f"*:{OVPN_PORT}/udp", "--vpn-mark", str(MARK))
+    _attach_node(lab, *args)
+    ovpn.start(mark=MARK, second=second)
+    wait_until(lambda: netns.ifindex(netns.resolve(lab.client_path), ovpn.tun) is not None, 20,
+               "OpenVPN's tun device")
+    _attach_node(lab, *args)   # its tun device exists now: registered as the tunnel (no daemon here)
+    wait_until(ovpn.ping, 30, "a ping through the OpenVPN tunnel (first server)")
+    cap2 = Capture(second.path, second.phy_server)
+    try:
+        ovpn.stop_server("s1")   # the client's ping-restart (5 s) moves it to its next remote
+        wait_until(ovpn.ping, TUNNEL_BACK, "a ping through the OpenVPN tunnel (second server)")
+        assert f"Peer Connection Initiated with [AF_INET]{second.addr_client}:" in ovpn.log("s2"), ovpn.log("s2")
+        for dst in (lab.phy4_server, second.addr):
+            send(lab.client_ns, None, dst, OVPN_PORT, "a", n=10)
+        send(lab.client_ns, None, second.addr, OVPN_PORT, "m", n=5, so_mark=MARK)   # control: as the client
+        wait_until(lambda: cap2.count(second.addr, OVPN_PORT, "m") >= 1, 10, "the marked datagrams arriving")
+        time.sleep(0.2)
+        assert capture.count(lab.phy4_server, OVPN_PORT, "a") == 0 and cap2.count(second.addr, OVPN_PORT, "a") == 0
+    finally:
+        cap2.close()
+    assert counters(node_status(lab))["endpoint_not_vpn"] >= 20
 
 
 def test_daemon_applies_vpn_mark_and_wildcard(lab, make_cgroup, run_daemon, capture, request):

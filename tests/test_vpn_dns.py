@@ -101,9 +101,11 @@ def test_cli_dns_auto_without_resolvers(make_cgroup, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("ksbpf: error: dns auto: no resolver configured for wgnone0"), lines
     assert "--dns ADDR" in lines[0] and "Traceback" not in proc.stderr
     assert ksbpf("status", "--json", check=True).stdout.count(cg) == 0
-    # --dns in node mode is refused on one line too
-    proc = ksbpf("attach", "--node", "--tunnel", "wg0", "--dns", "10.64.0.1")
-    assert proc.returncode != 0 and "--dns goes with --cgroup" in proc.stderr
+    # node mode: the same line, nothing attached
+    proc = ksbpf("attach", "--node", "--netns", "ksbpf-no-such-netns", "--tunnel", "wgnone0", "--dns", "auto",
+                 env=env)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode != 0 and len(lines) == 1 and "dns auto" in lines[0], lines
 
 
 def test_config_dns_key(tmp_path, monkeypatch):
@@ -123,6 +125,14 @@ def test_config_dns_key(tmp_path, monkeypatch):
         with pytest.raises(ConfigError) as exc:
             parse('[[scope]]\ncgroup = "/sys/fs/cgroup/vpn.slice"\ntunnels = ["wg0"]\n' + bad + "\n", "t.toml")
         assert needle in str(exc.value) and "scope[0].dns" in str(exc.value)
+    # [node] dns = [...]: the same key, the same checks
+    node = parse('[node]\ntunnels = ["wg0"]\ndns = ["10.64.0.1"]\n', "n.toml").node.node
+    assert node.policy.dns == tuple(ips("10.64.0.1")) and node.policy.options.dns
+    assert parse('[node]\ntunnels = ["wg0"]\ndns = ["auto"]\n', "n.toml").node.node.policy.dns == \
+        tuple(ips("10.64.0.1", "fc00:bbbb:bbbb:bb01::1"))
+    with pytest.raises(ConfigError) as exc:
+        parse('[node]\ntunnels = ["wg0"]\ndns = ["10.64.0.1"]\nallow_lan = true\nallow_lan_dns = true\n', "n.toml")
+    assert "contradict" in str(exc.value) and "node.dns" in str(exc.value)
 
 
 def test_networkmanager_sources():

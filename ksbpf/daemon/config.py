@@ -49,7 +49,7 @@ KEYS: dict[str, tuple[str, ...]] = {
               "vpn_mark", "vpn_cgroup", "dns"),
     "node": ("netns", "tunnels", "endpoints", "allow_lan", "allow_lan_dns", "allow_dhcp", "tunnel_kinds",
              "internal", "default_internal", "exempt_cgroups", "tc_mode", "events_rate", "events_burst",
-             "vpn_mark", "vpn_cgroup"),
+             "vpn_mark", "vpn_cgroup", "dns"),
     "kubernetes": kubernetes_settings.KEYS,
 }
 
@@ -378,9 +378,10 @@ class _Checker:
             policy = dataclasses.replace(policy, deny_tun=True)
         dns = self.strings(table, at, "dns", 'an array of resolver addresses such as ["10.64.0.1"] or ["auto"]')
         if policy is not None and dns:
-            found = self.attempt(at + ("dns",), vpn_dns.resolve_specs, dns, policy.tunnels,
+            # "auto": followed by the daemon (read now, and kept in step with the tunnel)
+            found = self.attempt(at + ("dns",), vpn_dns.followed_specs, dns, policy.tunnels,
                                  policy.netns in ("", None))
-            policy = self.attempt(at + ("dns",), lambda: dataclasses.replace(policy, dns=found[0])) if found else None
+            policy = self.attempt(at + ("dns",), lambda: dataclasses.replace(policy, **found)) if found else None
         if len(self.issues) > before or policy is None or cgroup is None:
             return None
         return ScopeConfig(cgroup, policy, create, self.where.line(at) or 0)
@@ -393,7 +394,7 @@ class _Checker:
         self.unknown(table, at, KEYS["node"])
         if "tunnels" not in table:
             self.issue(at + ("tunnels",), 'missing; [node] needs one, e.g. tunnels = ["wg0"]')
-        policy = self.policy_keys(table, at, dhcp_default=True)
+        policy = self.node_dns(table, at, self.policy_keys(table, at, dhcp_default=True))
         internal = self.strings(table, at, "internal", 'an array of interface name patterns such as ["docker*"]') or []
         default_internal = self.get(table, at, "default_internal", bool, "true or false")
         exempt = self.strings(table, at, "exempt_cgroups", 'an array of cgroup paths such as ["/sys/fs/cgroup/system.slice/ssh.service"]') or []
@@ -410,6 +411,15 @@ class _Checker:
         if len(self.issues) > before or node is None:
             return None
         return NodeConfig(node, self.where.line(at) or 0)
+
+    def node_dns(self, table: dict, at: KeyPath, policy: Policy | None) -> Policy | None:
+        """[node] dns = ["10.64.0.1"] or ["auto"]: the VPN's resolvers, `auto` read from the tunnels (in
+        the node's namespace) when the table is applied -- on start and on reload; not followed between."""
+        dns = self.strings(table, at, "dns", 'an array of resolver addresses such as ["10.64.0.1"] or ["auto"]')
+        if policy is None or not dns:
+            return policy
+        found = self.attempt(at + ("dns",), vpn_dns.resolve_specs, dns, policy.tunnels, policy.netns in ("", None))
+        return self.attempt(at + ("dns",), lambda: dataclasses.replace(policy, dns=found[0])) if found else None
 
     def policy_keys(self, table: dict, at: KeyPath, dhcp_default: bool) -> Policy | None:
         """The policy keys a [[scope]] and [node] share: tunnels, endpoints,

@@ -24,16 +24,16 @@ import resource
 import select
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 from ksbpf.daemon import config
 from ksbpf.daemon.follow import SubtreeWatch
 from ksbpf.daemon.log import EventLog
 from ksbpf.errors import KsbpfError
-from ksbpf.kernel import bpf, features, links, netns, pins, vpn_endpoints
+from ksbpf.kernel import bpf, features, links, netns, pins, vpn_dns, vpn_endpoints
 from ksbpf.policy import LAN_RANGES, NodePolicy, Policy
-from ksbpf.scopes import cgroups, common, followed, subtree, tunnel_source
+from ksbpf.scopes import cgroups, common, dns_followed, followed, subtree, tunnel_source
 from ksbpf.scopes import node as node_scope
 
 RETRY_SECONDS = 5.0     # scopes that could not be applied are retried this often
@@ -46,6 +46,11 @@ PENDING_INTERVAL = 0.005   # ... this often
 FOLLOW_SECONDS = 0.1         # this often (a UAPI or genl round trip per tunnel: ~0.1 ms),
 FOLLOW_FAST_SECONDS = 0.02   # ... and this often
 FOLLOW_FAST_FOR = 5.0        # ... for this long after a tunnel appears or changes (its first handshake)
+# dns = ["auto"]: the tunnel's resolvers (resolved's per-link DNS, wg-quick's DNS =) are read again this often,
+# and at once when a tunnel appears or changes
+DNS_FOLLOW_SECONDS = 1.0
+DNS_READ_TIMEOUT = 1.0   # resolvectl's answer is waited for this long (the loop waits meanwhile) ...
+DNS_UNREADABLE_SECONDS = 30.0   # ... and after it did not come, asked again only this much later
 
 
 @dataclass
@@ -68,6 +73,9 @@ class ScopeState:
     follow_fast_until: float = 0.0
     follow_failed: tuple[str, ...] = ()   # the sources that could not be read last time (logged once)
     followed_addrs: frozenset = frozenset()   # the addresses followed now (a route to one is no TunnelVision)
+    labels: dict | None = None   # a source's names for the scope in metrics (kubernetes: namespace, pod)
+    dns_at: float = 0.0          # dns = ["auto"]: when the tunnel's resolvers are read next
+    dns_source: str | None = None   # ... where they were read last (None: none configured)
 
     @property
     def name(self) -> str:
@@ -155,23 +163,25 @@ class Daemon:
         for path, sc in wanted.items():
             old = self.scopes.get(path)
             policy = sc.policy
-            if old is None or old.policy != policy or old.error:
+            if old is None or not _same(old.policy, policy) or old.error:
                 if old is not None:
                     self._unfollow(old)
                 self.scopes[path] = ScopeState(path, policy, sc.create_cgroup)
                 self._apply_scope(self.scopes[path])
         self._rebuild_watches()
 
-    def add_scope(self, cgroup: str, policy: Policy, source: str) -> ScopeState:
+    def add_scope(self, cgroup: str, policy: Policy, source: str, labels: dict | None = None) -> ScopeState:
         """A scope asked for by a source: ensured now (adopted when already in force)."""
         st = self.scopes.get(cgroup)
-        if st is None or st.policy != policy or (st.error and st.error != COMPILING):
+        if st is None or not _same(st.policy, policy) or (st.error and st.error != COMPILING):
             old = self.scopes.get(cgroup)
-            st = self.scopes[cgroup] = ScopeState(cgroup, policy, False, source=source)
+            st = self.scopes[cgroup] = ScopeState(cgroup, policy, False, source=source, labels=labels)
             self._apply_scope(st)
             self._watch_one(st)   # only its namespace: adding one scope costs the same with 1 or 1,000
             if old and old.ns and (not st.ns or old.ns.inode != st.ns.inode):
                 self._unwatch_if_unused(old.ns.inode)
+        elif labels is not None:
+            st.labels = labels
         return st
 
     def remove_scope(self, cgroup: str) -> None:
@@ -249,7 +259,7 @@ class Daemon:
                 fields = {"prog_id": result.attach.prog_id, "replaced": result.attach.replaced}
             self.log(f"scope_{result.action}", scope=st.cgroup, pins=st.pin_dir,
                      tunnels=list(st.policy.tunnels), netns=st.ns.label if st.ns else subtree.EACH, **fields)
-            self._verify_soon()
+            self._verify_soon(st.cgroup)
         except (KsbpfError, OSError) as exc:
             st.error = str(exc)
             self.log("scope_failed", level="error", scope=st.cgroup, error=st.error,
@@ -278,7 +288,7 @@ class Daemon:
                      guarded=[i.name for i in status.interfaces if i.guarded],
                      internal=[i.name for i in status.interfaces if i.role == "internal"],
                      tunnels=list(st.node.policy.tunnels))
-            self._verify_soon()
+            self._verify_soon(st.name)
         except (KsbpfError, OSError) as exc:
             st.error = str(exc)
             self.log("node_failed", level="error", scope=st.name, error=st.error, retry_in=RETRY_SECONDS)
@@ -485,8 +495,7 @@ class Daemon:
                 st.front_kept[link.ifindex] = key   # verify keeps failing (ksbpf_verify_failures) until it is removed
                 self.log("guard_not_first_kept", level="error", scope=st.name, interface=link.name, error=error,
                          fix=node_scope.front_fix(link.name, front, st.mode))
-            if self.verifier is not None:
-                self.verifier.soon()
+            self._verify_soon(st.name)
 
     def _reconcile(self, space: Namespace) -> None:
         self._guard(space)
@@ -521,7 +530,7 @@ class Daemon:
             if result.added or result.removed:
                 self.log("map_update", scope=st.cgroup, added=result.added, removed=result.removed,
                          netns=space.ns.label)
-                self._verify_soon()
+                self._verify_soon(st.cgroup)
             if st.policy.follow and not st.each:
                 self._follow_endpoints(st, space)
 
@@ -555,7 +564,54 @@ class Daemon:
         if result.changed:
             self.log("endpoints_followed", scope=st.name, added=result.added, removed=result.removed,
                      now=[f.describe() for f in result.followed], netns=space.ns.label)
-            self._verify_soon()
+            self._verify_soon(st.name)
+
+    # -- dns = ["auto"]: the dns maps follow the tunnel's resolvers ------------------------
+    def _dns_followers(self) -> list[ScopeState]:
+        return [st for st in self.scopes.values() if st.policy.dns_auto and st.pin_dir and not st.error]
+
+    def _follow_dns(self, st: ScopeState, read: dict | None = None) -> None:
+        """Read the resolvers the VPN configured for the scope's tunnels and
+        bring its dns maps to them in place (new before old; nothing re-attached).
+        read: what this pass read already, by (tunnels, own namespace) -- a
+        thousand pods of one tunnel name read its configuration once."""
+        st.dns_at = time.monotonic() + DNS_FOLLOW_SECONDS
+        key = (st.policy.tunnels, st.policy.netns in ("", None))
+        try:
+            if read is not None and key in read:
+                found = read[key]
+                if isinstance(found, Exception):
+                    raise found
+            else:
+                found = dns_followed.read_now(st.policy, timeout=DNS_READ_TIMEOUT)
+                if read is not None:
+                    read[key] = found
+            with pins.locked(f"cgroup-{os.path.basename(st.pin_dir)}"), bpf.ScopeMaps.from_pins(st.pin_dir) as maps:
+                result = dns_followed.sync(maps, st.policy, found)
+        except vpn_dns.Unreadable as exc:   # not known is not "none": the resolvers in force stay
+            st.dns_at = time.monotonic() + DNS_UNREADABLE_SECONDS
+            if read is not None:
+                read[key] = exc
+            self.log("dns_follow_failed", level="warning", scope=st.name, error=str(exc),
+                     note=f"the resolvers in force stay; asked again in {DNS_UNREADABLE_SECONDS:g} s")
+            return
+        except (OSError, KsbpfError) as exc:
+            self.log("dns_follow_failed", level="error", scope=st.name, error=str(exc))
+            return
+        if result.now != st.policy.dns:
+            st.policy = replace(st.policy, dns=result.now)   # a re-attach (retry) starts from these
+        if result.changed or result.source != st.dns_source:
+            st.dns_source = result.source
+            self.log("dns_followed", scope=st.name, added=result.added, removed=result.removed,
+                     now=[str(a) for a in result.now], source=result.source,
+                     **({} if result.now else {"note": "no resolver configured for the tunnel: DNS is dropped"}))
+            self._verify_soon(st.name)
+
+    def _dns_due(self) -> None:
+        now, read = time.monotonic(), {}
+        for st in self._dns_followers():
+            if st.dns_at <= now:
+                self._follow_dns(st, read)
 
     def _openvpn_said(self, path: str):
         m = self.openvpn.get(path)
@@ -610,6 +666,9 @@ class Daemon:
         for st in self._followers():
             if st.ns.inode == space.ns.inode and name in st.policy.tunnels:
                 st.follow_fast_until, st.follow_at = now + FOLLOW_FAST_FOR, now
+        for st in self._dns_followers():   # dns = ["auto"]: its resolvers come with the link (resolved's per-link DNS)
+            if name in st.policy.tunnels:
+                st.dns_at = now
 
     def _note_link(self, space: Namespace, before: links.Link | None, after: links.Link | None) -> None:
         """Log what a link change means for the scopes of this namespace."""
@@ -717,9 +776,10 @@ class Daemon:
         return problems
 
     # -- the zero-traffic check (ksbpf verify) ----------------------------------------
-    def _verify_soon(self) -> None:
+    def _verify_soon(self, scope: str | None = None) -> None:
+        """Check the scope that changed (None: every scope) on the verifier's thread."""
         if self.verifier is not None:
-            self.verifier.soon()
+            self.verifier.soon(scope)
 
     def applied_scopes(self) -> dict[str, str]:
         """scope (cgroup path, or the node scope's name) -> pin directory of every scope in force."""
@@ -783,7 +843,8 @@ class Daemon:
             deadline = min(next_resync, next_retry, next_guard_check if self.node else next_retry,
                            *(time.monotonic() + PENDING_INTERVAL for _ in pending[:1]),
                            *(src.deadline() for src in self.sources),
-                           *(st.follow_at for st in self._followers()))
+                           *(st.follow_at for st in self._followers()),
+                           *(st.dns_at for st in self._dns_followers()))
             readable = _readable([read_fd, *watches, *follows, *sources, *ovpn], max(0.0, deadline - time.monotonic()))
             self.heartbeat = time.monotonic()
             for fd in readable:
@@ -826,6 +887,7 @@ class Daemon:
                 if st.follow is not None:
                     self._rescan(st, force=True)
             self._follow_due()
+            self._dns_due()
             if time.monotonic() >= next_retry:
                 self._check_namespaces()
                 failed = [s for s in self.scopes.values() if s.error]
@@ -888,3 +950,9 @@ def apply_once(config_path: str, log: EventLog) -> int:
         d._unfollow(st)
     failed = [s for s in d.scopes.values() if s.error]
     return 1 if failed or (d.node and d.node.error) else 0
+
+
+def _same(current: Policy, wanted: Policy) -> bool:
+    """Is the policy a scope is kept with the one asked for?  dns = ["auto"]:
+    the resolvers followed since may differ (they are kept in step in place)."""
+    return wanted.same_but_followed(current) if wanted.dns_auto else current == wanted

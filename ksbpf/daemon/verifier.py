@@ -1,12 +1,14 @@
 """The daemon's zero-traffic check (`ksbpf verify`, ksbpf/verify/check.py) of
 every scope it manages (cgroup scopes and the node scope): after each change it makes and every
 `verify_interval` seconds, on a thread of its own so that the event loop is
-never blocked by it.  And, with `close_stray_sockets`, closing the sockets a
+never blocked by it.  After a change only the scopes that changed are checked
+(a new pod among a thousand: one scope, not a thousand); the periodic run
+checks every scope.  And, with `close_stray_sockets`, closing the sockets a
 process brings into a protected scope from outside it (polled every
 JOIN_POLL_SECONDS: the kernel announces no cgroup migration).
 
 Results are what the metrics and /readyz read:
-  failures          (scope, check) -> failing findings of the last run (0 when it passed)
+  failures          (scope, check) -> failing findings of the scope's last check (0 when it passed)
   problems          one line per failing finding
   last_success      wall-clock time of the last run in which nothing failed
 A failure must be seen by two runs a second apart before it is reported: a
@@ -41,6 +43,7 @@ class Verifier:
         self.runs = 0
         self._wake = threading.Event()
         self._due = 0.0   # monotonic time of the check asked for by the last change
+        self._changed: set[str] | None = set()   # the scopes changed since the last check (None: every scope)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="verify", daemon=True)
@@ -54,10 +57,20 @@ class Verifier:
         self._wake.set()
         self._thread.join(timeout=30)
 
-    def soon(self) -> None:
-        """Run the check once changes have been quiet for QUIET_SECONDS."""
+    def soon(self, scope: str | None = None) -> None:
+        """Check `scope` (None: every scope) once changes have been quiet for QUIET_SECONDS."""
+        with self._lock:
+            if scope is None or self._changed is None:
+                self._changed = None
+            else:
+                self._changed.add(scope)
         self._due = time.monotonic() + QUIET_SECONDS
         self._wake.set()
+
+    def _take_changed(self) -> set[str] | None:
+        with self._lock:
+            changed, self._changed = self._changed, set()
+        return changed
 
     def wait_for_run(self, after: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -72,19 +85,23 @@ class Verifier:
             timeout = max(0.0, next_check - time.monotonic())
             if self.close_stray:
                 timeout = min(timeout, JOIN_POLL_SECONDS)
+            full, only = False, set()
             if self._wake.wait(timeout):
                 self._wake.clear()
                 while not self._stop.is_set() and time.monotonic() < self._due:
                     self._stop.wait(self._due - time.monotonic())   # soon() may push it further
-                next_check = time.monotonic()
+                changed = self._take_changed()
+                full, only = changed is None, changed or set()
             if self._stop.is_set():
                 return
             try:
                 if self.close_stray:
                     self._close_strays()
-                if time.monotonic() >= next_check:
+                if full or time.monotonic() >= next_check:   # asked for, or the periodic run: every scope
                     self.run_once()
                     next_check = time.monotonic() + self.interval
+                elif only:
+                    self.run_once(only)   # what changed, now; the periodic run stays on its schedule
             except Exception as exc:   # the thread must outlive any one failure; say what happened
                 self.log("verify_error", level="error", error=f"{type(exc).__name__}: {exc}")
                 next_check = time.monotonic() + self.interval
@@ -100,8 +117,10 @@ class Verifier:
                 f.scope = scope
         return out
 
-    def run_once(self) -> None:
-        scopes = self.pin_dirs()
+    def run_once(self, only: set[str] | None = None) -> None:
+        """Check every scope, or those of `only`; the others keep their last results."""
+        everything = self.pin_dirs()
+        scopes = everything if only is None else {s: p for s, p in everything.items() if s in only}
         found = self._check(scopes)
         failing = {s for s, fs in found.items() if any(f.verdict == check.FAIL for f in fs)}
         if failing:   # confirm: a run that overlapped a map update may have caught it half-done
@@ -112,15 +131,17 @@ class Verifier:
                 found[s] = [f for f in found[s] if f.verdict != check.FAIL or f.check in keep] + \
                            [f for f in again[s] if f.verdict == check.FAIL and f.check not in
                             {g.check for g in found[s] if g.verdict == check.FAIL}]
-        failures: dict[tuple[str, str], int] = {}
-        problems = []
+        with self._lock:   # the results of the scopes not checked now stand (of those still in force)
+            failures = {k: n for k, n in self.failures.items() if k[0] in everything and k[0] not in found}
+            problems = [p for p in self.problems if p.split(": verify ", 1)[0] in everything
+                        and p.split(": verify ", 1)[0] not in found]
         for scope, fs in found.items():
             for f in fs:
                 key = (scope, f.check)
                 failures[key] = failures.get(key, 0) + (1 if f.verdict == check.FAIL else 0)
                 if f.verdict == check.FAIL:
                     problems.append(f"{scope}: verify {f.check} failed: {f.detail}")
-        now_logged = set()
+        now_logged = {k for k in self._logged if k[0] in everything and k[0] not in found}
         for scope, fs in found.items():
             for f in fs:
                 if f.verdict in (check.FAIL, check.WARN):

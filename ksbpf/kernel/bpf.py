@@ -383,14 +383,17 @@ class ScopeMaps:
                 raise KsbpfError("this program was compiled without --dns", "attach the scope again with --dns")
             return
         wanted = {4: [a.packed for a in resolvers if a.version == 4], 6: [a.packed for a in resolvers if a.version == 6]}
-        for version, name, size in ((4, "dns4", 4), (6, "dns6", 16)):
+        # a change in place (dns = ["auto"] followed): the new resolvers in, the redirect target moved to
+        # them, and only then the old ones out -- a query is never redirected to a resolver already removed
+        for version, name in ((4, "dns4"), (6, "dns6")):
             for key in wanted[version]:
                 libbpf.map_update(self.fds[name], key, b"\x01")
-            for key in set(libbpf.map_keys(self.fds[name], size)) - set(wanted[version]):
-                libbpf.map_delete(self.fds[name], key)
         v4, v6 = wanted[4][:1], wanted[6][:1]
         libbpf.map_update(self.fds["dns_target"], _U32.pack(0),
                           _DNS_TARGET.pack(v4[0] if v4 else bytes(4), v6[0] if v6 else bytes(16), bool(v4), bool(v6)))
+        for version, name, size in ((4, "dns4", 4), (6, "dns6", 16)):
+            for key in set(libbpf.map_keys(self.fds[name], size)) - set(wanted[version]):
+                libbpf.map_delete(self.fds[name], key)
 
     def dns(self) -> list:
         """The resolvers in the maps (IPv4 first)."""

@@ -47,6 +47,7 @@ class BtfError(Exception):
 class Member:
     offset: int   # bytes from the start of the struct
     size: int     # bytes
+    type_id: int = 0   # the member's type (modifiers resolved)
 
 
 class Btf:
@@ -136,14 +137,29 @@ class Btf:
             if name_off and self.name(name_off) == name:
                 if bits % 8:
                     raise BtfError(f"member {name} is a bit field")
-                return Member(bits // 8, self.size_of(mtype))
+                return Member(bits // 8, self.size_of(mtype), self._resolve(mtype))
             if not name_off:
                 inner = self._resolve(mtype)
                 if self._type(inner)[1] in (KIND_STRUCT, KIND_UNION):
                     found = self.member(inner, name)
                     if found:
-                        return Member(bits // 8 + found.offset, found.size)
+                        return Member(bits // 8 + found.offset, found.size, found.type_id)
         return None
+
+    def path(self, struct_name: str, path: str) -> Member:
+        """A member reached through named inner structs: path("sock",
+        "__sk_common.skc_family") -- its offset from the start of the outer struct."""
+        type_id, offset, found = self.find_struct(struct_name), 0, None
+        for i, name in enumerate(path.split(".")):
+            if found is not None:
+                type_id = found.type_id
+                if self._type(type_id)[1] not in (KIND_STRUCT, KIND_UNION):
+                    raise BtfError(f"{struct_name}.{'.'.join(path.split('.')[:i])} is not a struct")
+            found = self.member(type_id, name)
+            if found is None:
+                raise BtfError(f"struct {struct_name} has no member {'.'.join(path.split('.')[:i + 1])}")
+            offset += found.offset
+        return Member(offset, found.size, found.type_id)
 
     def _resolve(self, type_id: int) -> int:
         while self._type(type_id)[1] in _MODIFIERS:
@@ -230,15 +246,33 @@ def _read_offsets(path: str) -> dict[str, int]:
     return out
 
 
+@functools.lru_cache(maxsize=2)
+def kernel(path: str = VMLINUX) -> Btf:
+    """The running kernel's BTF, parsed once per process."""
+    try:
+        with open(path, "rb") as f:
+            return Btf(f.read())
+    except OSError as exc:
+        raise BtfError(f"cannot read {path}: {exc.strerror}") from None
+
+
 @functools.lru_cache(maxsize=8)
 def func_id(name: str, path: str = VMLINUX) -> int:
     """The BTF id of a kernel function (an LSM hook's bpf_lsm_* stub: what a
     BPF LSM program is attached to)."""
-    try:
-        with open(path, "rb") as f:
-            return Btf(f.read()).find_func(name)
-    except OSError as exc:
-        raise BtfError(f"cannot read {path}: {exc.strerror}") from None
+    return kernel(path).find_func(name)
+
+
+def offsets(fields: tuple[tuple[str, str, int], ...], path: str = VMLINUX) -> dict[str, int]:
+    """{"struct.member.path": offset} of each (struct, member path, size), a
+    BtfError when one is not there with that size."""
+    btf, out = kernel(path), {}
+    for struct_name, member, size in fields:
+        m = btf.path(struct_name, member)
+        if m.size != size:
+            raise BtfError(f"{struct_name}.{member} is {m.size} bytes, not {size}")
+        out[f"{struct_name}.{member}"] = m.offset
+    return out
 
 
 def nf_cflags() -> list[str]:

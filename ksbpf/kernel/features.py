@@ -119,6 +119,9 @@ PROBES: dict[str, tuple[Callable[[], bool], str, str]] = {
     "bpf_lsm_cgroup": (rawsock.available, "Linux 6.0, with lsm=...,bpf",
                        "cgroup scopes do not refuse AF_PACKET and AF_XDP sockets: a process of a scope holding "
                        "CAP_NET_RAW can send raw frames past the policy (drop CAP_NET_RAW)"),
+    "bpf_lsm_mac": (rawsock.node_available, "Linux 5.7, with lsm=...,bpf",
+                    "node mode does not refuse PACKET_QDISC_BYPASS or AF_XDP binds: a process holding CAP_NET_RAW "
+                    "can send frames that skip the tc guards (drop CAP_NET_RAW outside the exempt cgroups)"),
 }
 
 

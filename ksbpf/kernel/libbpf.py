@@ -121,6 +121,7 @@ def _lib() -> ctypes.CDLL:
         "bpf_prog_query_opts": (c_int, [c_int, c_int, vp]),
         "bpf_prog_get_fd_by_id": (c_int, [c_uint]),
         "bpf_obj_get_info_by_fd": (c_int, [c_int, vp, vp]),
+        "bpf_raw_tracepoint_open": (c_int, [cp, c_int]),
         "bpf_map_lookup_elem": (c_int, [c_int, vp, vp]),
         "bpf_map_update_elem": (c_int, [c_int, vp, vp, ctypes.c_uint64]),
         "bpf_map_delete_elem": (c_int, [c_int, vp]),
@@ -247,6 +248,18 @@ def prog_name(prog_id: int) -> str | None:
         return prog_info(fd).name
     finally:
         os.close(fd)
+
+
+def obj_info(fd: int, buf: ctypes.Array, size: ctypes.c_uint32) -> None:
+    """The kernel's info record of any BPF object (link, map, program) into buf."""
+    _check(_lib().bpf_obj_get_info_by_fd(fd, buf, ctypes.byref(size)), "object info")
+
+
+def raw_tracepoint_open(prog_fd: int) -> int:
+    """Attach a program loaded for a kernel function by BTF id (a BPF_LSM_MAC
+    program) where it said at load time; the link's fd.  BPF_RAW_TRACEPOINT_OPEN
+    with no name: what every kernel with BPF LSM (5.7+) takes."""
+    return _check(_lib().bpf_raw_tracepoint_open(None, prog_fd), "attach the BPF LSM program")
 
 
 def prog_info(fd: int) -> ProgInfo:

@@ -1,4 +1,6 @@
-"""No raw sockets in a scope: a BPF LSM program on socket_create, attached to
+"""No raw sockets past the policy, where the kernel runs BPF LSM programs.
+
+Cgroup scopes: a BPF LSM program on socket_create, attached to
 the scope's cgroup (BPF_LSM_CGROUP, Linux 6.0), that refuses AF_PACKET
 (SOCK_PACKET included: the kernel turns `socket(AF_INET, SOCK_PACKET, ...)`
 into AF_PACKET before it asks the LSM) and AF_XDP sockets to the scope's
@@ -19,10 +21,26 @@ kernel makes for itself (kern != 0) are not the scope's business.  For
 BPF_LSM_CGROUP programs 1 lets the call go on, 0 refuses it (EPERM).  A
 socket opened before the program was attached stays usable (the check is at
 creation).
+
+Node mode: raw frames on an AF_PACKET socket pass the interface's tc guard,
+except with PACKET_QDISC_BYPASS (they go straight to the driver), and AF_XDP
+frames never pass tc at all.  Two machine-wide programs (BPF_LSM_MAC: an LSM
+hook has no namespace) refuse exactly those two doors -- the
+`setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS)` call and the `bind()` of an
+AF_XDP socket -- when the socket belongs to the guarded namespace (its
+netns cookie, compared with the one baked into the program) and the calling
+process is outside the exempt cgroups (each (id, level) baked in, compared
+with bpf_get_current_ancestor_cgroup_id).  One pair per node scope, built
+here with the scope's namespace and exemptions as constants, their links
+pinned in the scope's directory (a pinned tracing link outlives its
+loader; removing the pin detaches it).  The struct offsets the programs
+read (socket.sk, sock_common.skc_net and skc_family, net.net_cookie) come
+from the running kernel's BTF.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import struct
@@ -43,7 +61,23 @@ _JNE_K = 0x55        # BPF_JMP | BPF_JNE | BPF_K
 _JEQ32_K = 0x16      # BPF_JMP32 | BPF_JEQ | BPF_K
 _JA = 0x05           # BPF_JMP | BPF_JA
 _MOV64_K = 0xB7
+_MOV64_X = 0xBF
 _EXIT = 0x95
+_LDXW, _LDXH = 0x61, 0x69
+_JNE32_K = 0x56      # BPF_JMP32 | BPF_JNE | BPF_K
+_JNE_X, _JEQ_X = 0x5D, 0x1D
+_LD_IMM64 = 0x18
+_CALL = 0x85
+BPF_FUNC_get_current_ancestor_cgroup_id = 123
+BPF_LSM_MAC = 27
+BPF_LINK_TYPE_TRACING = 2
+EPERM = 1
+SOL_PACKET, PACKET_QDISC_BYPASS = 263, 20
+NODE_HOOKS = ("socket_setsockopt", "socket_bind")
+NODE_PROG_NAMES = {"socket_setsockopt": "ksbpf_qdisc_byp", "socket_bind": "ksbpf_xdp_bind"}
+NODE_PIN_DIR = "lsm"
+NODE_FIELDS = (("socket", "sk", 8), ("sock", "__sk_common.skc_net", 8),
+               ("sock", "__sk_common.skc_family", 2), ("net", "net_cookie", 8))
 
 
 def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
@@ -64,6 +98,198 @@ def no_raw_insns() -> bytes:
         _insn(_MOV64_K, dst=0, imm=1),                       # allow
         _insn(_EXIT),
     ])
+
+
+class _Asm:
+    """Instructions with named jump targets (a jump's offset counts the
+    slots between it and its label; a 64-bit immediate takes two)."""
+
+    def __init__(self):
+        self.items: list = []
+
+    def op(self, code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> "_Asm":
+        self.items.append(_insn(code, dst, src, off, imm))
+        return self
+
+    def imm64(self, dst: int, value: int) -> "_Asm":
+        value &= (1 << 64) - 1
+        lo, hi = value & 0xFFFFFFFF, value >> 32
+        self.items.append(_insn(_LD_IMM64, dst, 0, 0, struct.unpack("=i", struct.pack("=I", lo))[0])
+                          + _insn(0, 0, 0, 0, struct.unpack("=i", struct.pack("=I", hi))[0]))
+        return self
+
+    def jump(self, code: int, label: str, dst: int = 0, src: int = 0, imm: int = 0) -> "_Asm":
+        self.items.append((code, dst, src, imm, label))
+        return self
+
+    def label(self, name: str) -> "_Asm":
+        self.items.append(name)
+        return self
+
+    def build(self) -> bytes:
+        at, slot = {}, 0
+        for item in self.items:
+            if isinstance(item, str):
+                at[item] = slot
+            else:
+                slot += len(item) // 8 if isinstance(item, bytes) else 1
+        out, slot = [], 0
+        for item in self.items:
+            if isinstance(item, str):
+                continue
+            if isinstance(item, tuple):
+                code, dst, src, imm, label = item
+                item = _insn(code, dst, src, at[label] - slot - 1, imm)
+            out.append(item)
+            slot += len(item) // 8
+        return b"".join(out)
+
+
+def node_insns(hook: str, netns_cookie: int, exempt: list[tuple[int, int]], off: dict[str, int]) -> bytes:
+    """The node program for one hook: refuse (-EPERM) when the socket is of
+    the guarded namespace and the caller is outside every exempt cgroup.
+    ctx is the hook's arguments as u64s:
+    socket_setsockopt(struct socket *sock, int level, int optname),
+    socket_bind(struct socket *sock, struct sockaddr *address, int addrlen)."""
+    a = _Asm().op(_MOV64_X, dst=6, src=1)                                    # r6 = ctx
+    a.op(_LDXDW, dst=2, src=6, off=0)                                        # r2 = sock
+    a.op(_LDXDW, dst=2, src=2, off=off["socket.sk"])                         # r2 = sock->sk
+    if hook == "socket_setsockopt":
+        a.op(_LDXDW, dst=3, src=6, off=8).jump(_JNE32_K, "allow", dst=3, imm=SOL_PACKET)
+        a.op(_LDXDW, dst=3, src=6, off=16).jump(_JNE32_K, "allow", dst=3, imm=PACKET_QDISC_BYPASS)
+    elif hook == "socket_bind":
+        a.op(_LDXH, dst=3, src=2, off=off["sock.__sk_common.skc_family"])
+        a.jump(_JNE32_K, "allow", dst=3, imm=AF_XDP)
+    else:
+        raise ValueError(hook)
+    a.op(_LDXDW, dst=3, src=2, off=off["sock.__sk_common.skc_net"])          # r3 = sock_net(sk)
+    a.op(_LDXDW, dst=3, src=3, off=off["net.net_cookie"])
+    a.imm64(4, netns_cookie).jump(_JNE_X, "allow", dst=3, src=4)            # another namespace's socket
+    for cg_id, level in exempt:                                              # an exempt process
+        a.op(_MOV64_K, dst=1, imm=level).op(_CALL, imm=BPF_FUNC_get_current_ancestor_cgroup_id)
+        a.imm64(2, cg_id).jump(_JEQ_X, "allow", dst=0, src=2)
+    a.op(_MOV64_K, dst=0, imm=-EPERM).op(_EXIT)
+    a.label("allow").op(_MOV64_K, dst=0, imm=0).op(_EXIT)
+    return a.build()
+
+
+def node_load(hook: str, netns_cookie: int, exempt: list[tuple[int, int]]) -> int:
+    """One node program's fd (the caller closes it); OSError or btf.BtfError
+    where the kernel does not run BPF LSM programs."""
+    insns = node_insns(hook, netns_cookie, exempt, btf.offsets(NODE_FIELDS))
+    return libbpf.prog_load_btf(BPF_PROG_TYPE_LSM, NODE_PROG_NAMES[hook], "GPL", insns, BPF_LSM_MAC,
+                                btf.func_id(f"bpf_lsm_{hook}"))
+
+
+def _pin(pin_dir: str, hook: str) -> str:
+    return os.path.join(pin_dir, NODE_PIN_DIR, hook)
+
+
+def node_attach(pin_dir: str, netns_cookie: int, exempt: list[tuple[int, int]]) -> list[int]:
+    """Attach both node programs, their links pinned under pin_dir/lsm/; the
+    link ids.  All or nothing."""
+    os.makedirs(os.path.join(pin_dir, NODE_PIN_DIR), exist_ok=True)
+    done: list[int] = []
+    try:
+        for hook in NODE_HOOKS:
+            prog_fd = node_load(hook, netns_cookie, exempt)
+            try:
+                link_fd = libbpf.raw_tracepoint_open(prog_fd)
+            finally:
+                os.close(prog_fd)
+            try:
+                libbpf.obj_pin(link_fd, _pin(pin_dir, hook))
+                done.append(_link_id(link_fd))
+            finally:
+                os.close(link_fd)
+    except BaseException:
+        node_release(pin_dir)
+        raise
+    return done
+
+
+def _link_id(fd: int) -> int:
+    return _link_info(fd)[0]
+
+
+def _link_info(fd: int) -> tuple[int, int, int]:
+    """(link id, program id, link type) of a link fd."""
+    info = ctypes.create_string_buffer(64)
+    size = ctypes.c_uint32(len(info))
+    libbpf.obj_info(fd, info, size)
+    kind, link_id, prog_id = struct.unpack_from("=III", info.raw, 0)
+    return link_id, prog_id, kind
+
+
+def node_release(pin_dir: str) -> list[int]:
+    """Remove the node programs' pins (their links go with them); the ids of
+    the links removed."""
+    done = []
+    for hook in NODE_HOOKS:
+        path = _pin(pin_dir, hook)
+        try:
+            fd = libbpf.obj_get(path)
+        except OSError:
+            continue
+        try:
+            done.append(_link_id(fd))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+    try:
+        os.rmdir(os.path.join(pin_dir, NODE_PIN_DIR))
+    except OSError:
+        pass
+    return done
+
+
+def node_layer(pin_dir: str, attached: bool) -> str:
+    """The node scope's raw-socket layer: "refused" (both links pinned and
+    their programs loaded), "open: why" (not attached: the kernel runs no BPF
+    LSM program, or the scope predates it), "MISSING: ..." (attached, a link
+    is gone)."""
+    if not attached:
+        why = node_why_not()
+        return f"open: {why}" if why else "open: attached without it (`ksbpf attach --node` again adds it)"
+    gone = []
+    for hook in NODE_HOOKS:
+        try:
+            fd = libbpf.obj_get(_pin(pin_dir, hook))
+        except OSError:
+            gone.append(hook)
+            continue
+        try:
+            _link, prog_id, kind = _link_info(fd)
+            if kind != BPF_LINK_TYPE_TRACING or libbpf.prog_name(prog_id) != NODE_PROG_NAMES[hook]:
+                gone.append(hook)
+        except OSError:
+            gone.append(hook)
+        finally:
+            os.close(fd)
+    return f"MISSING: the {' and '.join(gone)} program is not attached" if gone else "refused"
+
+
+@functools.lru_cache(maxsize=1)
+def node_why_not() -> str:
+    """'' when this kernel loads the node programs; else why not."""
+    try:
+        for hook in NODE_HOOKS:
+            os.close(node_load(hook, 0, [(1, 0)]))
+    except btf.BtfError as exc:
+        return f"no BPF LSM hook to attach to ({exc})"
+    except OSError as exc:
+        return (f"the kernel refused the BPF LSM program ({os.strerror(exc.errno) if exc.errno else exc}): it needs "
+                "`bpf` in the active LSMs (lsm=...,bpf on the kernel command line) and BPF trampolines")
+    return ""
+
+
+def node_available() -> bool:
+    return not node_why_not()
 
 
 def load() -> int:

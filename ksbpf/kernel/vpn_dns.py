@@ -15,8 +15,10 @@
 - wg-quick: the `DNS =` lines of /etc/wireguard/IFACE.conf (addresses; the
   search domains that may share the line are not resolvers).
 
-Read once, when the scope is attached: a VPN that changes its resolvers needs
-the scope attached again (the daemon re-reads its configuration on reload).
+`ksbpf attach --dns auto` reads them once.  The daemon follows them
+(dns = ["auto"]): it reads them again on a short poll and when a tunnel
+appears or changes, and updates the scope's dns maps in place
+(ksbpf.scopes.dns_followed); while none is known, DNS is dropped.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ WG_QUICK_DIR = os.environ.get("KSBPF_WG_QUICK_DIR", "/etc/wireguard")   # (tests
 RESOLVECTL_TIMEOUT = 5.0
 NM_KEYFILE_DIRS = tuple(os.environ.get("KSBPF_NM_DIRS", "/etc/NetworkManager/system-connections:"
                                        "/run/NetworkManager/system-connections").split(":"))
+
+
+class Unreadable(KsbpfError):
+    """resolvectl did not answer in time (systemd-resolved hung or restarting): nothing is known,
+    which is not the same as "no resolver" -- the daemon keeps the resolvers in force."""
 
 
 @dataclass(frozen=True)
@@ -118,16 +125,16 @@ def parse_nm_keyfile(text: str, iface: str) -> list:
 
 
 def from_networkmanager(iface: str, run=subprocess.run, exe: str | None = None,
-                        dirs: tuple | None = None) -> tuple[list, str]:
+                        dirs: tuple | None = None, timeout: float = RESOLVECTL_TIMEOUT) -> tuple[list, str]:
     """The tunnel's resolvers as NetworkManager has them: the device's while its
     connection is up, else its connection profile's; ([], "") when none."""
     exe = exe or shutil.which("nmcli")
     if exe:
         try:
             done = run([exe, "-g", "IP4.DNS,IP6.DNS", "device", "show", iface], capture_output=True, text=True,
-                       timeout=RESOLVECTL_TIMEOUT)
+                       timeout=timeout)
         except (OSError, subprocess.TimeoutExpired):
-            done = None
+            done = None   # (not running, or not answering: its keyfiles say what is configured)
         if done is not None and done.returncode == 0:
             found = parse_nmcli_dns(done.stdout)
             if found:
@@ -149,16 +156,20 @@ def from_networkmanager(iface: str, run=subprocess.run, exe: str | None = None,
     return [], ""
 
 
-def from_resolvectl(iface: str, run=subprocess.run, exe: str | None = None) -> list:
+def from_resolvectl(iface: str, run=subprocess.run, exe: str | None = None,
+                    timeout: float = RESOLVECTL_TIMEOUT) -> list:
     """The link's DNS servers as systemd-resolved has them; [] when resolved
-    is not there or knows none for the link."""
+    is not there or knows none for the link; Unreadable when it does not answer in time."""
     exe = exe or shutil.which("resolvectl")
     if not exe:
         return []
     try:
-        done = run([exe, "dns", iface], capture_output=True, text=True, timeout=RESOLVECTL_TIMEOUT)
-    except (OSError, subprocess.TimeoutExpired):
+        done = run([exe, "dns", iface], capture_output=True, text=True, timeout=timeout)
+    except OSError:
         return []
+    except subprocess.TimeoutExpired:
+        raise Unreadable(f"resolvectl dns {iface} did not answer within {timeout:g} s",
+                         "check systemd-resolved (systemctl status systemd-resolved)") from None
     if done.returncode != 0:
         return []
     return parse_resolvectl(done.stdout, iface)
@@ -174,17 +185,18 @@ def from_wg_quick(iface: str, directory: str | None = None) -> list:
 
 
 def find(tunnels, own_namespace: bool = True, directory: str | None = None, run=subprocess.run,
-         resolvectl: str | None = None, nmcli: str | None = None, nm_dirs: tuple | None = None) -> Found:
+         resolvectl: str | None = None, timeout: float = RESOLVECTL_TIMEOUT, nmcli: str | None = None,
+         nm_dirs: tuple | None = None) -> Found:
     """The resolvers the VPN configured for these tunnels: systemd-resolved's
     per-link DNS, else NetworkManager's (both: a tunnel of the caller's
     namespace), else wg-quick's `DNS =`.  One actionable line when none is found."""
     directory = directory or WG_QUICK_DIR
     for iface in tunnels:
         if own_namespace:
-            found = from_resolvectl(iface, run, resolvectl)
+            found = from_resolvectl(iface, run, resolvectl, timeout)
             if found:
                 return Found(tuple(found), f"resolvectl dns {iface}")
-            found, where = from_networkmanager(iface, run, nmcli, nm_dirs)
+            found, where = from_networkmanager(iface, run, nmcli, nm_dirs, timeout)
             if found:
                 return Found(tuple(found), where)
         found = from_wg_quick(iface, directory)
@@ -209,3 +221,33 @@ def resolve_specs(specs, tunnels, own_namespace: bool = True, directory: str | N
         else:
             out.append(parse_resolver(spec))
     return tuple(dict.fromkeys(out)), sources
+
+
+def find_optional(tunnels, own_namespace: bool = True, directory: str | None = None, run=subprocess.run,
+                  resolvectl: str | None = None, timeout: float = RESOLVECTL_TIMEOUT) -> Found | None:
+    """find(), or None when no resolver is configured for the tunnels (yet);
+    Unreadable (raised) when resolved did not answer."""
+    try:
+        return find(tunnels, own_namespace, directory, run, resolvectl, timeout)
+    except Unreadable:
+        raise
+    except KsbpfError:
+        return None
+
+
+def followed_specs(specs, tunnels, own_namespace: bool = True, directory: str | None = None,
+                   run=subprocess.run, resolvectl: str | None = None) -> dict:
+    """dns = [...] of a scope the daemon keeps in step: Policy keyword arguments.
+    With `auto`: dns_auto, the addresses given beside it (dns_fixed), and the
+    resolvers in force now (dns: fixed ones first, then those read from the
+    tunnel); none read is no error -- DNS is dropped until the tunnel's are known."""
+    from ksbpf.policy import parse_resolver
+    if not any(s.strip() == "auto" for s in specs):
+        return {"dns": resolve_specs(specs, tunnels, own_namespace, directory, run, resolvectl)[0]}
+    fixed = tuple(dict.fromkeys(parse_resolver(s) for s in specs if s.strip() != "auto"))
+    try:
+        found = find_optional(tunnels, own_namespace, directory, run, resolvectl)
+    except Unreadable:
+        found = None   # the daemon reads them again within a second
+    now = tuple(dict.fromkeys(fixed + (found.addresses if found else ())))
+    return {"dns": now, "dns_auto": True, "dns_fixed": fixed}

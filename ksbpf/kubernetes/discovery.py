@@ -137,6 +137,22 @@ def containers(pod_path: str) -> tuple[Container, ...]:
     return tuple(out)
 
 
+def container_cgroup(pod: dict, pod_path: str, name: str) -> str | None:
+    """The cgroup of the pod's container NAME (ksbpf.io/vpn-container): its
+    id from the pod's status (containerID "containerd://<id>", init and
+    sidecar containers included), matched with a container cgroup below the
+    pod's.  None while the container has not been created (or has no cgroup yet)."""
+    status = pod.get("status") or {}
+    ids = [c.get("containerID") or "" for key in ("initContainerStatuses", "containerStatuses",
+                                                  "ephemeralContainerStatuses")
+           for c in status.get(key) or () if c.get("name") == name]
+    wanted = {i.split("://", 1)[-1] for i in ids if i}
+    for c in containers(pod_path):
+        if c.id in wanted and c.runtime != "cri-o-conmon":   # conmon is CRI-O's monitor, not the container
+            return c.path
+    return None
+
+
 def _direct(uid: str, root: str) -> PodCgroup | None:
     """The kubelet's own names tried first (a few stat calls, whatever the
     number of pods): the QoS levels burstable/besteffort, or

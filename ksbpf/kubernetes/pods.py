@@ -47,7 +47,7 @@ class ScopeSink(Protocol):
     scopes: dict
 
     def log(self, event: str, level: str = "info", **fields) -> None: ...
-    def add_scope(self, cgroup: str, policy: Policy, source: str): ...
+    def add_scope(self, cgroup: str, policy: Policy, source: str, labels: dict | None = None): ...
     def remove_scope(self, cgroup: str) -> None: ...
 
 
@@ -62,6 +62,8 @@ class PodState:
     state: str = ""                  # what was last logged, not to repeat it
     reported: set = field(default_factory=set)   # the Events posted (reason:message), not to repeat them
     published: str = ""              # the <prefix>protected value written on the pod
+    vpn_waiting: bool = False        # <prefix>vpn-container named, its cgroup not there yet (looked for again)
+    vpn_cgroup: str | None = None    # ... its cgroup in force (a restarted container has another)
 
     @property
     def name(self) -> str:
@@ -155,7 +157,9 @@ class PodSource:
             self._next_check = now + CHECK_SECONDS
             for st in list(self.pods.values()):
                 scope = self.daemon.scopes.get(st.cgroup) if st.cgroup else None
-                if st.cgroup and (scope is None or scope.error):
+                if st.cgroup and st.vpn_waiting and scope is not None and not scope.error:
+                    self._protect(st)   # its VPN container may be there now (the pod's update usually says so first)
+                elif st.cgroup and (scope is None or scope.error):
                     # its namespace was replaced (sandbox re-created) or it failed: find it again
                     st.pending_since = now
                     self._protect(st)
@@ -189,7 +193,8 @@ class PodSource:
             if st.cgroup:
                 self._unprotect(st)
             return
-        if st.cgroup and st.published == self._value(st, st.state.startswith("protected-blocked")):
+        if (st.cgroup and not st.vpn_waiting and not self._vpn_moved(st)
+                and st.published == self._value(st, st.state.startswith("protected-blocked"))):
             return   # in force, and what we published still matches (our own annotation's MODIFIED)
         if st.pending_since is None:
             st.pending_since = time.monotonic()
@@ -217,11 +222,14 @@ class PodSource:
             return self._pending(st, str(exc))
         if ns is None:
             return self._pending(st, "no process in the pod's network namespace yet")
-        parsed = notes.parse((st.pod.get("metadata") or {}).get("annotations") or {}, self.prefix, ns.path)
+        parsed = notes.parse((st.pod.get("metadata") or {}).get("annotations") or {}, self.prefix, ns.path,
+                             lambda name: discovery.container_cgroup(st.pod, pod_cg.path, name))
         if parsed.blocked:
             self._report(st, "KsbpfInvalidAnnotation", "invalid ksbpf annotations: " + "; ".join(parsed.errors))
         applying = time.perf_counter()
-        scope = self.daemon.add_scope(pod_cg.path, parsed.policy, SOURCE)
+        meta = st.pod.get("metadata") or {}
+        scope = self.daemon.add_scope(pod_cg.path, parsed.policy, SOURCE,   # metrics name pods, not cgroup paths
+                                      {"namespace": meta.get("namespace") or "", "pod": meta.get("name") or ""})
         if scope.error:
             from ksbpf.daemon.service import COMPILING
             if scope.error != COMPILING:   # compiling: a moment, not a failure
@@ -230,6 +238,14 @@ class PodSource:
             return self._pending(st, scope.error)
         waited = time.monotonic() - st.pending_since if st.pending_since is not None else 0.0
         st.cgroup, st.netns, st.pending_since = pod_cg.path, ns.path, None
+        vpn_cgroup = (parsed.policy.vpn_cgroups or (None,))[0]
+        if parsed.vpn_container and (parsed.vpn_waiting != st.vpn_waiting or vpn_cgroup != st.vpn_cgroup
+                                     or not st.state.startswith("protected")):
+            self.daemon.log("pod_vpn_container", pod=st.name, uid=st.uid, container=parsed.vpn_container,
+                            cgroup=vpn_cgroup,
+                            **({"note": "not started yet: no endpoint reachable outside the tunnel until it is"}
+                               if parsed.vpn_waiting else {}))
+        st.vpn_waiting, st.vpn_cgroup = parsed.vpn_waiting, vpn_cgroup
         state = f"protected{'-blocked' if parsed.blocked else ''}:{parsed.policy}"
         value = self._value(st, parsed.blocked)
         if st.published != value:
@@ -252,6 +268,13 @@ class PodSource:
                             took_ms=round((time.perf_counter() - started) * 1000, 2),
                             find_ms=round((found - started) * 1000, 2),
                             scope_ms=round((time.perf_counter() - applying) * 1000, 2))
+
+    def _vpn_moved(self, st: PodState) -> bool:
+        """Is the pod's VPN container (<prefix>vpn-container) in another cgroup than the scope has (restarted)?"""
+        name = ((st.pod.get("metadata") or {}).get("annotations") or {}).get(self.prefix + "vpn-container")
+        if not name or not st.cgroup:
+            return False
+        return discovery.container_cgroup(st.pod, st.cgroup, name.strip()) not in (None, st.vpn_cgroup)
 
     def _value(self, st: PodState, blocked: bool) -> str:
         return notes.published((st.pod.get("metadata") or {}).get("annotations"), self.prefix, blocked)

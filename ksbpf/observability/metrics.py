@@ -5,8 +5,10 @@ scrape time: no polling thread, nothing cached, so nothing counted twice.
 The daemon adds what only it knows (netlink events, route alerts) and serves
 /metrics, /healthz and /readyz; `ksbpf metrics` prints the same once.
 
-Label values are bounded: scopes (cgroup paths), reasons, families, hooks,
-paths, tunnel names, netlink message types -- never addresses or ports.
+Label values are bounded: scopes (cgroup paths; the daemon names a pod's
+scope by its pod), reasons, families, hooks, paths, tunnel names, netlink
+message types -- never addresses or ports.  Counters by reason or path are
+written once they are not zero; gauges always.
 """
 
 from __future__ import annotations
@@ -95,12 +97,12 @@ class KsbpfCollector:
             name, hook = st.name, st.hook.label
             seen.add(name)
             for (reason, family), (packets, nbytes) in st.counters.items():
-                if reason.allowed:
+                if reason.allowed or not packets:
                     continue
                 dropped_p.add_metric([name, reason.label, family.label, hook], packets)
                 dropped_b.add_metric([name, reason.label, family.label, hook], nbytes)
             for reason, (packets, nbytes) in common.by_reason(st.counters).items():
-                if reason.allowed:
+                if reason.allowed and packets:
                     allowed_p.add_metric([name, reason.label], packets)
                     allowed_b.add_metric([name, reason.label], nbytes)
             up: dict[str, int] = {}   # netns "each": a tunnel name per namespace, counted
@@ -109,7 +111,8 @@ class KsbpfCollector:
             for tunnel, n in up.items():
                 tunnel_up.add_metric([name, tunnel], n)
             attached.add_metric([name], 1 if st.attached else 0)
-            suppressed.add_metric([name], st.events[1])
+            if st.events[1]:
+                suppressed.add_metric([name], st.events[1])
             if st.hook == Hook.TC:
                 unguarded.add_metric([name], sum(1 for i in st.interfaces if i.unguarded))
         if self.daemon is not None:  # configured but not (or no longer) protected: say so
@@ -151,13 +154,18 @@ KERNEL_FEATURE_HELP = ("1 when the running kernel has the BPF feature (a probe a
 
 def verify_metrics(verifier):
     """The daemon's zero-traffic check (ksbpf/daemon/verifier.py): failing
-    findings by scope and check (0 when it passed), and when nothing last failed."""
+    findings by scope and check (a series only while a check fails: a
+    thousand pods pass fifteen checks each), how many runs completed, and
+    when nothing last failed."""
     failures = GaugeMetricFamily("ksbpf_verify_failures", "Failed findings of the last zero-traffic check "
-                                 "(ksbpf verify) by scope and check; 0 when the check passed",
+                                 "(ksbpf verify) by scope and check; absent while the check passes",
                                  labels=["scope", "check"])
     for (scope, chk), n in sorted(dict(verifier.failures).items()):
-        failures.add_metric([scope, chk], n)
+        if n:
+            failures.add_metric([scope, chk], n)
     yield failures
+    yield CounterMetricFamily("ksbpf_verify_runs", "Zero-traffic checks of every scope the daemon completed",
+                              value=verifier.runs)
     if verifier.last_success is not None:
         yield GaugeMetricFamily("ksbpf_verify_last_success_timestamp_seconds", "When a zero-traffic check of every "
                                 "scope last found no failure (Unix time)", value=verifier.last_success)

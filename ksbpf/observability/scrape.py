@@ -11,7 +11,11 @@ precomputed; reads the per-CPU counters in one batched system call; takes
 tunnel presence from the daemon's namespaces; and writes the exposition text
 itself.  A scope the daemon does not own (attached by hand) and node scopes
 are read the one-shot way.  The output is the collector's, sample for sample
-(tests/test_scrape.py compares them).
+(tests/test_scrape.py compares them), except that a pod's scope is named by
+its pod (scope="pod/NAMESPACE/NAME", namespace, pod), never by its cgroup.
+
+Counters are written only once they are not zero (a thousand pods would
+otherwise make 10 MB of zeros); gauges (attached, tunnel up) always.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ class Row:
     attached: bool
     suppressed: int
     unguarded: int | None = None   # node scopes
+    labels: dict | None = None     # a source's names (kubernetes: namespace, pod)
+    labels_text: str | None = None   # scope_labels(name, labels), when already made
 
 
 class _Open:
@@ -89,6 +95,8 @@ class _Open:
         self.stride_counters = (libbpf.map_info(self.fds["counters"]).value_size + 7) // 8 * 8
         self.stride_bucket = (libbpf.map_info(self.fds["bucket"]).value_size + 7) // 8 * 8
         self.tunnel_value = libbpf.map_info(self.fds["tunnels"]).value_size
+        self.base_counters = ([p for p, _ in self.base], [b for _, b in self.base])
+        self.labels_text: str | None = None   # the scope's label text, made once (scope_labels)
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -99,6 +107,8 @@ class _Open:
         """(packets, bytes) by counter index (reason * FAMILY_MAX + family), one batched read."""
         size = self.stride_counters * self.ncpu
         _keys, values, n = libbpf.map_lookup_batch(self.fds["counters"], 4, size, N_COUNTERS)
+        if values.count(0) == len(values):   # nothing counted yet (most pods of a node, most of the time): no per-CPU sums
+            return list(self.base_counters[0]), list(self.base_counters[1])
         q = memoryview(values)[:n * size].cast("Q").tolist()
         step, w = self.stride_counters // 8, size // 8
         packets = [sum(q[j:j + w:step]) + bp for j, (bp, _) in zip(range(0, n * w, w), self.base)]
@@ -130,6 +140,15 @@ class _Open:
             os.close(fd)
 
 
+def scope_labels(name: str, labels: dict | None) -> str:
+    """The label text naming a scope: its name (a cgroup path, node:...), or
+    for a pod scope="pod/NAMESPACE/NAME",namespace="...",pod="..."."""
+    if labels and labels.get("pod"):
+        ns, pod = _esc(labels.get("namespace", "")), _esc(labels["pod"])
+        return f'scope="pod/{ns}/{pod}",namespace="{ns}",pod="{pod}"'
+    return f'scope="{_esc(name)}"'
+
+
 class Scraper:
     def __init__(self, daemon, bpffs: str = pins.BPFFS):
         self.daemon = daemon
@@ -159,8 +178,12 @@ class Scraper:
                 by_name = {link.name: link for link in space.links.values()}
                 tunnels = [(t, bool(by_name.get(t)) and by_name[t].ifindex in registered) for t in cached.tunnel_names]
                 packets, nbytes = cached.counters()
+                if cached.labels_text is None:
+                    cached.labels_text = scope_labels(cached.cgroup, st.labels)
+                # a sample is suppressed only when a packet was dropped: no drop, no read of the bucket
+                dropped = any(packets[i] for i, _ in DROP_LABELS)
                 yield Row(cached.cgroup, Hook.CGROUP.label, packets, nbytes, tunnels, cached.attached(),
-                          cached.suppressed())
+                          cached.suppressed() if dropped else 0, labels=st.labels, labels_text=cached.labels_text)
             except (OSError, ValueError, KeyError, KsbpfError):
                 continue   # replaced or removed while we read: the next scrape sees it
         for pin_dir in [d for d in self._open if d not in seen_dirs]:
@@ -185,7 +208,8 @@ class Scraper:
     def render(self) -> bytes:
         rows = list(self._rows())
         out: list[str] = []
-        names = {r.name: _esc(r.name) for r in rows}
+        names = {r.name: r.labels_text or scope_labels(r.name, r.labels) for r in rows}
+        counted = [r for r in rows if any(r.packets)]   # the rows with a counter that is not zero
 
         def family(name: str, kind: str, help_: str) -> None:
             out.append(f"# HELP {name} {help_}\n# TYPE {name} {kind}\n")
@@ -193,33 +217,35 @@ class Scraper:
         for metric, attr, help_ in (("ksbpf_dropped_packets_total", "packets", "Packets dropped by ksbpf"),
                                     ("ksbpf_dropped_bytes_total", "nbytes", "Bytes dropped by ksbpf")):
             family(metric, "counter", help_)
-            for r in rows:
-                values, head = getattr(r, attr), f'{metric}{{scope="{names[r.name]}",'
+            for r in counted:
+                values, head = getattr(r, attr), f'{metric}{{{names[r.name]},'
                 tail = f'",hook="{r.hook}"}} '
-                out.extend(f"{head}{labels}{tail}{values[i]}.0\n" for i, labels in DROP_LABELS)
+                out.extend(f"{head}{labels}{tail}{values[i]}.0\n" for i, labels in DROP_LABELS if r.packets[i])
         for metric, attr, help_ in (("ksbpf_allowed_packets_total", "packets", "Packets let through, by path"),
                                     ("ksbpf_allowed_bytes_total", "nbytes", "Bytes let through, by path")):
             family(metric, "counter", help_)
-            for r in rows:
-                values, head = getattr(r, attr), f'{metric}{{scope="{names[r.name]}",path="'
-                out.extend(f'{head}{label}"}} {sum(values[i] for i in indexes)}.0\n' for label, indexes in ALLOWED_INDEXES)
+            for r in counted:
+                values, head = getattr(r, attr), f'{metric}{{{names[r.name]},path="'
+                out.extend(f'{head}{label}"}} {sum(values[i] for i in indexes)}.0\n' for label, indexes in ALLOWED_INDEXES
+                           if any(r.packets[i] for i in indexes))
         configured = [st for st in list(self.daemon.scopes.values()) if st.cgroup not in names]
         family("ksbpf_tunnel_up", "gauge", "1 when the tunnel exists and the scope's map allows it")
         for r in rows:
-            out.extend(f'ksbpf_tunnel_up{{scope="{names[r.name]}",tunnel="{_esc(t)}"}} {1 if up else 0}.0\n'
+            out.extend(f'ksbpf_tunnel_up{{{names[r.name]},tunnel="{_esc(t)}"}} {1 if up else 0}.0\n'
                        for t, up in r.tunnels)
         for st in configured:
-            out.extend(f'ksbpf_tunnel_up{{scope="{_esc(st.cgroup)}",tunnel="{_esc(t)}"}} 0.0\n' for t in st.policy.tunnels)
+            out.extend(f'ksbpf_tunnel_up{{{scope_labels(st.cgroup, st.labels)},tunnel="{_esc(t)}"}} 0.0\n'
+                       for t in st.policy.tunnels)
         family("ksbpf_scope_attached", "gauge", "1 when the scope is enforced: its program attached to its cgroup, "
                "or (node mode) a guard on every interface that needs one")
-        out.extend(f'ksbpf_scope_attached{{scope="{names[r.name]}"}} {1 if r.attached else 0}.0\n' for r in rows)
-        out.extend(f'ksbpf_scope_attached{{scope="{_esc(st.cgroup)}"}} 0.0\n' for st in configured)
+        out.extend(f'ksbpf_scope_attached{{{names[r.name]}}} {1 if r.attached else 0}.0\n' for r in rows)
+        out.extend(f'ksbpf_scope_attached{{{scope_labels(st.cgroup, st.labels)}}} 0.0\n' for st in configured)
         family("ksbpf_events_suppressed_total", "counter",
                "Blocked-packet samples not streamed (in-kernel rate limit or full ring buffer)")
-        out.extend(f'ksbpf_events_suppressed_total{{scope="{names[r.name]}"}} {r.suppressed}.0\n' for r in rows)
+        out.extend(f'ksbpf_events_suppressed_total{{{names[r.name]}}} {r.suppressed}.0\n' for r in rows if r.suppressed)
         family("ksbpf_unguarded_interfaces", "gauge",
                "Node mode: interfaces that should carry a guard and do not (their traffic is not judged)")
-        out.extend(f'ksbpf_unguarded_interfaces{{scope="{names[r.name]}"}} {r.unguarded}.0\n'
+        out.extend(f'ksbpf_unguarded_interfaces{{{names[r.name]}}} {r.unguarded}.0\n'
                    for r in rows if r.unguarded is not None)
         from ksbpf.observability.metrics import KERNEL_FEATURE_HELP, ksbpf_version
         family("ksbpf_build_info", "gauge", "ksbpf's version")

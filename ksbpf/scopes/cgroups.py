@@ -126,7 +126,7 @@ def dns_redirect_in_force(cg_path: str) -> bool:
 
 def dns_entries(policy: Policy) -> tuple[str, ...]:
     """The DNS redirect programs a scope loads: with --dns, where the kernel has them."""
-    return bpf.DNS_ENTRIES if policy.dns and features.has("sock_addr") else ()
+    return bpf.DNS_ENTRIES if policy.options.dns and features.has("sock_addr") else ()
 
 
 def deny_tun_in_force(cg_path: str) -> bool:
@@ -441,6 +441,7 @@ class ScopeStatus:
     followed: list = field(default_factory=list)   # --endpoint auto: the endpoints followed now (Followed)
     netns_fast: bool = False   # the egress program trusts the tunnel filter's namespace (ksbpf_netns_fast)
     dns_redirect: bool = False   # --dns: the redirect programs are attached to the cgroup
+    dns_source: str | None = None   # dns = ["auto"]: where the daemon read the resolvers in force
 
     @property
     def name(self) -> str:
@@ -469,7 +470,8 @@ class ScopeStatus:
             "raw_sockets": self.raw_sockets,
             "follow": list(self.policy.follow), "followed": [f.to_dict() for f in self.followed],
             "vpn_mark": None, "vpn_cgroups": [], "any_endpoints": [], **self.policy.vpn_dict(),
-            "dns": {"resolvers": [str(a) for a in self.policy.dns], "redirect": self.dns_redirect},
+            "dns": {"resolvers": [str(a) for a in self.policy.dns], "redirect": self.dns_redirect,
+                    **({"auto": True, "source": self.dns_source} if self.policy.dns_auto else {})},
         }
 
 
@@ -494,10 +496,12 @@ def is_attached(pin_dir: str, cgroup_path: str) -> bool:
         return False
 
 
-def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
+def read_scope(pin_dir: str, link_cache: dict | None = None, light: bool = False) -> ScopeStatus:
     """Everything about one scope, from its pins and the kernel.  link_cache
     (namespace inode -> (cookie, links)) saves dumping a namespace twice when
-    reading many scopes."""
+    reading many scopes.  light: only what deciding to adopt it needs (its
+    policy, attachments and namespace) -- no counters, no interfaces, no scan
+    of its processes: a restarted daemon takes a thousand pods back."""
     problems: list[str] = []
     with bpf.ScopeMaps.from_pins(pin_dir) as maps:
         meta = maps.read_meta()
@@ -506,8 +510,8 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
                              f"attach it again: ksbpf attach --cgroup {meta.get('cgroup', 'PATH')} ...")
         entries = maps.tunnels()
         policy = common.policy_from(meta, maps.endpoints())
-        counters = common.total_counters(maps, meta)
-        event_stats = maps.event_stats()
+        counters = {} if light else common.total_counters(maps, meta)
+        event_stats = (0, 0) if light else maps.event_stats()
         allowed, foreign = maps.netns_fast()
     prog_id = _pinned_prog_id(pin_dir)
     if prog_id is None:
@@ -525,8 +529,8 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
     except OSError:
         problems.append("the cgroup no longer exists (run `ksbpf detach` to remove the pins)")
     deny_tun = deny_tun_in_force(cg_path)
-    dns_redirect = bool(policy.dns) and dns_redirect_in_force(cg_path)
-    if policy.dns and not dns_redirect and features.has("sock_addr") and os.path.isdir(cg_path):
+    dns_redirect = policy.options.dns and dns_redirect_in_force(cg_path)
+    if policy.options.dns and not dns_redirect and features.has("sock_addr") and os.path.isdir(cg_path):
         problems.append("--dns's redirect programs are not attached to the cgroup: DNS to other resolvers is "
                         "dropped, not redirected to the VPN's (run `ksbpf attach ... --dns` again)")
     if policy.deny_tun and not deny_tun and os.path.isdir(cg_path):
@@ -537,13 +541,23 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
         problems.append("the raw-socket LSM program is not attached to the cgroup: its processes can open "
                         "AF_PACKET and AF_XDP sockets (run `ksbpf attach` again)")
     # with the LSM program in force no new raw socket can be made: the CAP_NET_RAW holders are no door
-    warnings = (raw_socket_warnings(cg_path) if raw == "open" else []) + tun_warnings(cg_path, deny_tun)
-    if meta.get("netns", {}).get("each"):
+    warnings = [] if light else \
+        (raw_socket_warnings(cg_path) if raw == "open" else []) + tun_warnings(cg_path, deny_tun)
+    if meta.get("netns", {}).get("each") and not light:
         tunnels, namespaces = _each_states(policy, cg_path, entries)
         return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, tunnels, policy, counters,
                            meta.get("attached_at"), problems, True, event_stats, namespaces, warnings,
                            netns_identity=meta.get("netns_identity", "helper"), deny_tun=deny_tun,
-                           followed=followed.recorded(meta), raw_sockets=raw, dns_redirect=dns_redirect)
+                           followed=followed.recorded(meta), raw_sockets=raw, dns_redirect=dns_redirect,
+                           dns_source=meta.get("dns_source"))
+    if light:   # the namespace attached to, still there: what adopting needs of it
+        each = bool(meta.get("netns", {}).get("each"))
+        ns_ok = each or common.netns_alive(common.meta_netns(meta))
+        return ScopeStatus(cg_path, cg_id, pin_dir, prog_id, attached, [], policy, counters, meta.get("attached_at"),
+                           problems, ns_ok, event_stats, [] if each else None,
+                           netns_identity=meta.get("netns_identity", "helper"), deny_tun=deny_tun,
+                           followed=followed.recorded(meta), netns_fast=allowed and not foreign,
+                           raw_sockets=raw, dns_redirect=dns_redirect, dns_source=meta.get("dns_source"))
     ns = common.meta_netns(meta)
     present = cookie = None
     ns_ok = common.netns_alive(ns)
@@ -570,7 +584,7 @@ def read_scope(pin_dir: str, link_cache: dict | None = None) -> ScopeStatus:
                        meta.get("attached_at"), problems, ns_ok, event_stats, warnings=warnings,
                        netns_identity=meta.get("netns_identity", "helper"), tunnel_source=source_layer,
                        deny_tun=deny_tun, followed=followed.recorded(meta), netns_fast=allowed and not foreign,
-                       raw_sockets=raw, dns_redirect=dns_redirect)
+                       raw_sockets=raw, dns_redirect=dns_redirect, dns_source=meta.get("dns_source"))
 
 
 def raw_socket_warnings(cg_path: str, limit: int = 10) -> list[str]:
@@ -699,7 +713,7 @@ def ensure(cgroup_path: str, policy: Policy, progress: common.Progress = common.
     pin_dir = pins.scope_dir(cg.id, bpffs)
     if os.path.isdir(pin_dir):
         try:
-            current = read_scope(pin_dir)
+            current = read_scope(pin_dir, light=True)
         except (OSError, KsbpfError, ValueError):
             current = None  # damaged pins: rebuild below
         if (current and current.attached and current.netns_ok and policy.same_but_followed(current.policy)

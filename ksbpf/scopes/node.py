@@ -19,6 +19,11 @@ nf_pass: loopback, tunnels, internal interfaces, and every interface whose
 tc guard is in force: the guard judges those).  Replaced make-before-break at
 the other of two priorities.
 
+Where the kernel runs BPF LSM programs, node mode also refuses the two raw
+paths that never reach a tc guard -- PACKET_QDISC_BYPASS on an AF_PACKET
+socket, and binding an AF_XDP socket -- to every process of the namespace
+outside the exempt cgroups (kernel/rawsock.py; links pinned under lsm/).
+
 This module owns the life of a node scope -- attach, guarding interfaces as
 they come and go (sync_guards, used by the daemon), detach, status.  The
 kernel is the only state: the attachments, plus the pins.
@@ -35,7 +40,7 @@ from functools import partial
 from typing import Callable
 
 from ksbpf.errors import KsbpfError
-from ksbpf.kernel import bpf, cgroup, libbpf, links, netns, nf, pins, preflight, tc
+from ksbpf.kernel import bpf, cgroup, libbpf, links, netns, nf, pins, preflight, rawsock, tc
 from ksbpf.policy import NodePolicy
 from ksbpf.reasons import Hook
 from ksbpf.scopes import common, followed
@@ -173,9 +178,38 @@ def _nf_pin(pin_dir: str, family: str) -> str:
 
 def nf_pass_set(np: NodePolicy, present: list[links.Link], live: dict[int, bool]) -> set[int]:
     """The interfaces the netfilter hook leaves to others: loopback, tunnels,
-    internal interfaces, and the guarded ones whose tc guard is in force."""
-    return {link.ifindex for link in present
-            if np.role(link.name, link.kind, link.ifindex) != "guarded" or live.get(link.ifindex)}
+    internal interfaces, and the guarded ones whose tc guard is in force.
+    With --dns the tunnels are the hook's own: no tc guard sees what goes
+    through them, and DNS to other resolvers is dropped there."""
+    def passed(link: links.Link) -> bool:
+        role = np.role(link.name, link.kind, link.ifindex)
+        if role == "tunnel" and np.policy.dns:
+            return False
+        return role != "guarded" or bool(live.get(link.ifindex))
+    return {link.ifindex for link in present if passed(link)}
+
+
+DNS_NO_REDIRECT = ("not redirected in node mode: the redirect programs attach to a cgroup's sockets, and a "
+                   "forwarded packet has no socket (use a cgroup scope's --dns for local applications)")
+
+
+def dns_state(np: NodePolicy, from_birth: str) -> dict | None:
+    """--dns of a node scope as attach and status show it: the resolvers, no
+    redirection, and whether DNS through the tunnel is seen (the netfilter
+    hook; the tunnel carries no tc guard)."""
+    if not np.policy.dns:
+        return None
+    return {"resolvers": [str(a) for a in np.policy.dns], "redirect": False,
+            "through_tunnel": from_birth == "on"}
+
+
+def dns_line(state: dict) -> str:
+    """The one line attach and status print for a node scope's --dns."""
+    tunnel = ("DNS through the tunnel to any other resolver dropped (netfilter hook)" if state["through_tunnel"]
+              else "DNS through the tunnel NOT judged (no netfilter hook here: Linux 6.4+): only DNS outside "
+                   "the tunnel is dropped")
+    return (f"only to {', '.join(state['resolvers'])} through the tunnel, from the node and what it forwards; "
+            f"DNS outside the tunnel (LAN resolvers too) dropped; {tunnel}; {DNS_NO_REDIRECT}")
 
 
 def nf_attach(pin_dir: str, ns: netns.Netns, priority: int, runner: Runner | None = None) -> None:
@@ -457,7 +491,7 @@ def _release_all(pin_dir: str, meta: dict, ns: netns.Netns | None) -> list[int]:
     its clsact filters on the namespace's interfaces).  The ids removed: of
     the links (netfilter, tcx), or of the program of each clsact filter."""
     mode, pref = meta.get("tc_mode", "tcx"), meta.get("pref", tc.CLSACT_PREFS[0])
-    done = nf_release(pin_dir)
+    done = nf_release(pin_dir) + rawsock.node_release(pin_dir)
     if mode == "tcx":
         for ifindex in _pinned_ifindexes(pin_dir):
             done.append(unguard(pin_dir, ifindex, mode, pref))
@@ -488,11 +522,13 @@ class NodeAttachResult:
     from_birth: str = "absent"
     followed: list = field(default_factory=list)       # --endpoint auto: the endpoints read from the tunnels now
     follow_failed: list = field(default_factory=list)  # ... and the sources that could not be read
+    raw_sockets: str = "open"   # "refused": the BPF LSM programs refuse PACKET_QDISC_BYPASS and AF_XDP binds
+    dns: dict | None = None     # --dns: dns_state()
 
     def to_dict(self) -> dict:
         return {"scope": self.name, "netns": self.netns, "netns_cookie": self.netns_cookie,
                 "pin_dir": self.pin_dir, "tc_mode": self.mode, "prog_ids": self.prog_ids,
-                "from_birth": self.from_birth,
+                "from_birth": self.from_birth, "raw_sockets": self.raw_sockets, "dns": self.dns,
                 "replaced": self.replaced, "interfaces": [i.to_dict() for i in self.interfaces],
                 "tunnels": [t.to_dict() for t in self.tunnels], "mounted_bpffs": self.mounted_bpffs,
                 "followed": [f.to_dict() for f in self.followed], "follow_failed": self.follow_failed}
@@ -531,6 +567,7 @@ def attach(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
                 prog.maps.add_endpoint(ep)
             prog.maps.set_exempt(exempt)
             common.set_vpn(prog.maps, policy, vpn)
+            prog.maps.set_dns(policy.dns)   # --dns: the VPN's resolvers (dns4, dns6)
             prog.maps.set_netns_cookie(cookie)
             final = pins.node_dir(cookie, bpffs)
             old_meta = _read_meta(final) if os.path.isdir(final) else None
@@ -544,6 +581,7 @@ def attach(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
                 "netns": {"path": ns.path, "inode": ns.inode, "cookie": cookie},
                 "tc_mode": mode, "pref": pref, "attached_at": time.time(),
                 "nf_priority": nf_priority if from_birth else None,
+                "raw_lsm": rawsock.node_available(),   # PACKET_QDISC_BYPASS and AF_XDP binds refused
             }
             prog.maps.write_meta(meta)
             follow = followed.SyncResult()
@@ -569,10 +607,15 @@ def attach(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
                     progress(f"attaching the netfilter hook (IPv4, IPv6 POST_ROUTING, priority {nf_priority}): "
                              "interfaces created later are judged from birth")
                     nf_attach(staging, ns, nf_priority)
+                if meta["raw_lsm"]:
+                    progress("refusing PACKET_QDISC_BYPASS and AF_XDP binds in the namespace outside the exempt "
+                             "cgroups (BPF LSM)")
+                    rawsock.node_attach(staging, cookie, exempt)
             except BaseException:
                 for link in done:   # nothing half-applied
                     unguard(staging, link.ifindex, mode, pref, ns, link.name)
                 nf_release(staging)
+                rawsock.node_release(staging)
                 pins.remove_dir(staging)
                 raise
             replaced = old_meta is not None
@@ -588,7 +631,7 @@ def attach(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
     status = read_node(final)
     return NodeAttachResult(label(policy.netns), ns.label, cookie, final, mode, prog_ids, replaced,
                             status.interfaces, status.tunnels, mounted, status.from_birth,
-                            follow.followed, follow.failed)
+                            follow.followed, follow.failed, status.raw_sockets, dns_state(np, status.from_birth))
 
 
 # -- detach ---------------------------------------------------------------------------
@@ -685,6 +728,7 @@ class NodeStatus:
     hook: Hook = Hook.TC
     from_birth: str = "absent"   # the netfilter layer: "on", "absent" (kernel), "MISSING"
     followed: list = field(default_factory=list)   # --endpoint auto: the endpoints followed now (Followed)
+    raw_sockets: str = "open"    # the BPF LSM layer: "refused", "open: why", "MISSING: ..."
 
     @property
     def policy(self):
@@ -703,6 +747,7 @@ class NodeStatus:
         return {
             "scope": self.name, "kind": "node", "netns": self.netns_label, "pin_dir": self.pin_dir,
             "tc_mode": self.mode, "attached": self.attached, "from_birth": self.from_birth,
+            "raw_sockets": self.raw_sockets,
             "interfaces": [i.to_dict() for i in self.interfaces],
             "tunnels": [t.to_dict() for t in self.tunnels],
             "internal": list(self.node.internal), "exempt_cgroups": list(self.node.exempt_cgroups),
@@ -714,6 +759,7 @@ class NodeStatus:
             "attached_at": self.attached_at, "problems": self.problems,
             "follow": list(self.policy.follow), "followed": [f.to_dict() for f in self.followed],
             "vpn_mark": None, "vpn_cgroups": [], "any_endpoints": [], **self.policy.vpn_dict(),
+            "dns": dns_state(self.node, self.from_birth),
         }
 
 
@@ -763,9 +809,13 @@ def read_node(pin_dir: str, link_cache: dict | None = None) -> NodeStatus:
     if from_birth.startswith("MISSING"):
         problems.append(f"from-birth layer {from_birth}: an interface created now leaves unjudged until the daemon "
                         "guards it (`ksbpf attach --node` again)")
+    raw = rawsock.node_layer(pin_dir, bool(meta.get("raw_lsm")))
+    if raw.startswith("MISSING"):
+        problems.append(f"raw-socket layer {raw}: PACKET_QDISC_BYPASS and AF_XDP frames skip the tc guards "
+                        "(`ksbpf attach --node` again)")
     return NodeStatus(meta.get("name", label(np.policy.netns)), pin_dir, np, mode, ns.label, interfaces, tunnels,
                       counters, meta.get("attached_at"), problems, event_stats, ns_ok, from_birth=from_birth,
-                      followed=followed.recorded(meta))
+                      followed=followed.recorded(meta), raw_sockets=raw)
 
 
 def nf_layer(pin_dir: str, meta: dict) -> str:
@@ -807,6 +857,7 @@ def ensure(np: NodePolicy, progress: common.Progress = common.quiet, bpffs: str 
             current = None
         layer_ok = current is not None and (current.from_birth == "on" or (
             current.from_birth.startswith("absent") and not bpf.nf_available(np.policy.options)))
+        layer_ok = layer_ok and (current.raw_sockets == "refused" or not rawsock.node_available())
         if current and current.attached and _same_but_followed(np, current.node) and layer_ok:
             return NodeEnsureResult("adopted", pin_dir)
     result = attach(np, progress, bpffs)

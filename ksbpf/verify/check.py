@@ -27,6 +27,9 @@ For each cgroup scope (a pin directory under /sys/fs/bpf/ksbpf/cgroup/):
              namespace belongs to one of its users (without --deny-tun): what it
              writes in is forwarded or answered by the kernel, outside the hook;
              FAIL when --deny-tun's device program is missing
+- dns        with --dns: the redirect programs (connect4/6, sendmsg4/6,
+             recvmsg4/6, getpeername4/6) are attached to the cgroup, where the
+             kernel has cgroup sock_addr programs (else: drop only)
 
 For the node scope: guarded (every interface that needs a guard has one),
 first (each guard runs first in its interface's egress chain: a program in
@@ -46,7 +49,7 @@ import socket
 from dataclasses import dataclass, field
 
 from ksbpf.errors import KsbpfError
-from ksbpf.kernel import bpf, cgroup, features, libbpf, links, netns, pins, preflight
+from ksbpf.kernel import bpf, cgroup, features, libbpf, links, netns, pins, preflight, rawsock
 from ksbpf.policy import LAN_RANGES, NodePolicy, Policy, format_mark
 from ksbpf.scopes import cgroups, common, tunnel_source
 from ksbpf.scopes import subtree as subtree_scope
@@ -59,6 +62,11 @@ from ksbpf.verify.testrun import Runner, allowed
 PASS, FIXED, WARN, FAIL = "ok", "fixed", "WARN", "FAIL"
 CAP_NET_RAW = 13
 RTPROT_KERNEL = 2
+# --dns: the sock_addr hook each redirect program runs at, as verify names it
+DNS_HOOK_NAMES = {bpf.ENTRY_DNS_CONN4: "connect4", bpf.ENTRY_DNS_CONN6: "connect6",
+                  bpf.ENTRY_DNS_SEND4: "sendmsg4", bpf.ENTRY_DNS_SEND6: "sendmsg6",
+                  bpf.ENTRY_DNS_RECV4: "recvmsg4", bpf.ENTRY_DNS_RECV6: "recvmsg6",
+                  bpf.ENTRY_DNS_PEER4: "getpeername4", bpf.ENTRY_DNS_PEER6: "getpeername6"}
 # the maps `ksbpf attach` and the daemon write, which the cgroup program must be reading
 POLICY_MAPS = ("tunnels", "tunnel_ifindex", "endpoints4", "endpoints6", "counters", "verify_nonce")
 
@@ -110,8 +118,10 @@ def attach_command(cg: str, policy: Policy) -> str:
         argv += ["--vpn-cgroup", c]
     if policy.netns:
         argv += ["--netns", policy.netns]
-    for a in policy.dns:
+    for a in (policy.dns_fixed if policy.dns_auto else policy.dns):
         argv += ["--dns", str(a)]
+    if policy.dns_auto:
+        argv += ["--dns", "auto"]
     for flag, on in (("--allow-lan", policy.options.allow_lan), ("--allow-lan-dns", policy.options.allow_lan_dns),
                      ("--allow-dhcp", policy.options.allow_dhcp), ("--deny-tun", policy.deny_tun)):
         if on:
@@ -426,6 +436,7 @@ class _ScopeCheck:
             elif not layer.startswith("absent: not with"):
                 self.add("tunnel_source", WARN, f"tunnel-source hook {layer}: the kernel's answers for the scope's "
                          "connections (TIME_WAIT, RSTs) are not judged", again)
+            self._dns(cg_path, policy, again)
             if meta.get("netns", {}).get("each"):
                 self._each(maps, policy, cg_path, prog_fd)
             elif not common.netns_alive(ns := common.meta_netns(meta)):
@@ -438,6 +449,37 @@ class _ScopeCheck:
         finally:
             os.close(prog_fd)
         self._processes(cg_path, policy)
+
+    def _dns(self, cg_path: str, policy: Policy, again: str) -> None:
+        """--dns: the scope's redirect programs (its pinned ones) on every sock_addr hook of the cgroup."""
+        if not policy.options.dns:
+            return
+        if not features.has("sock_addr"):
+            self.add("dns", PASS, "drop only: this kernel runs no cgroup sock_addr programs, so DNS to other "
+                     "resolvers is dropped (dns_not_vpn), not redirected to the VPN's")
+            return
+        missing = []
+        with open_dir(cg_path) as cg_fd:
+            for entry, hook in bpf.DNS_ATTACH.items():
+                try:
+                    fd = libbpf.obj_get(os.path.join(self.pin_dir, bpf.PIN_NAMES[entry]))
+                except OSError:
+                    missing.append(f"{DNS_HOOK_NAMES[entry]} (its program's pin is missing)")
+                    continue
+                try:
+                    if libbpf.prog_info(fd).id not in libbpf.prog_query(cg_fd, hook):
+                        missing.append(DNS_HOOK_NAMES[entry])
+                except OSError as exc:
+                    missing.append(f"{DNS_HOOK_NAMES[entry]} ({exc})")
+                finally:
+                    os.close(fd)
+        if missing:
+            self.add("dns", FAIL, f"--dns redirect program(s) NOT attached to the cgroup: {', '.join(missing)}: DNS "
+                     "there is dropped, not redirected to the VPN's resolver (applications get no answer)",
+                     f"attach again: {again} (or restart the daemon: systemctl restart ksbpf)")
+        else:
+            self.add("dns", PASS, f"DNS redirected to {', '.join(map(str, policy.dns)) or 'the resolvers when known'}: "
+                     "connect4/6, sendmsg4/6, recvmsg4/6 and getpeername4/6 programs attached")
 
     def _inherited(self, cg_path: str, prog_id: int, again: str) -> None:
         missing = []
@@ -636,7 +678,7 @@ def _vpn_variants(policy: Policy, scope: model.Scope) -> list[tuple[int, model.S
 
 
 def _node_runs(fds: dict[str, int], nonce: bytes, present: list[links.Link], scope: model.Scope,
-               endpoints, any_endpoints=(), mark: int = 0) -> tuple[int, list[str]]:
+               endpoints, any_endpoints=(), mark: int = 0, resolvers=()) -> tuple[int, list[str]]:
     runners = {entry: Runner(fd, nonce) for entry, fd in fds.items()}
     for r in runners.values():
         r.set_mark(mark)
@@ -644,7 +686,7 @@ def _node_runs(fds: dict[str, int], nonce: bytes, present: list[links.Link], sco
     for link in present:
         entry = node_scope.entry_for(link)
         hook = model.TC_ETH if entry == bpf.ENTRY_TC_ETH else model.TC_L3
-        for label, buf in crafted.tc_frames(endpoints, link.ethernet, any_endpoints):
+        for label, buf in crafted.tc_frames(endpoints, link.ethernet, any_endpoints, resolvers):
             want = model.decide_test_run(hook, buf, link.ifindex, scope)
             got = allowed(True, runners[entry].run(buf, link.ifindex))
             runs += 1
@@ -710,6 +752,26 @@ class _NodeCheck(_ScopeCheck):
                          else again)
             else:
                 self.add("from_birth", FAIL, f"from-birth layer {layer}", again)
+            raw = rawsock.node_layer(self.pin_dir, bool(meta.get("raw_lsm")))
+            if raw == "refused":
+                self.add("raw_sockets", PASS, "PACKET_QDISC_BYPASS and AF_XDP binds refused in the namespace outside "
+                         "the exempt cgroups (BPF LSM): no frame skips the tc guards")
+            elif raw.startswith("open"):
+                self.add("raw_sockets", WARN, f"raw-socket layer {raw}: frames sent with PACKET_QDISC_BYPASS or "
+                         "through AF_XDP skip the tc guards",
+                         again if "attached without" in raw else "drop CAP_NET_RAW outside the exempt cgroups")
+            else:
+                self.add("raw_sockets", FAIL, f"raw-socket layer {raw}", again)
+            if policy.dns:   # the tunnel carries no tc guard: only the netfilter hook sees DNS through it
+                if layer == "on":
+                    self.add("dns", PASS, f"DNS only to {', '.join(map(str, policy.dns))}: outside the tunnel "
+                             "dropped by the guards, through the tunnel to other resolvers by the netfilter hook "
+                             "(not redirected in node mode)")
+                else:
+                    self.add("dns", WARN, f"DNS through the tunnel to other resolvers is NOT judged (from-birth "
+                             f"layer {layer}): only DNS outside the tunnel is dropped",
+                             "a kernel with netfilter BPF links (Linux 6.4+), or a cgroup scope's --dns for "
+                             "local applications")
             self._tunnels(maps, policy, ns, present)
             nonce = ensure_nonce(maps)
             own = _own_cgroup()
@@ -719,11 +781,12 @@ class _NodeCheck(_ScopeCheck):
             judged = [link for link in present if roles[link.name] in ("guarded", "tunnel")]
             scope = model.Scope(policy.options, policy.endpoints, tunnels, exempt,
                                 on_link=netns.run_in(ns.path, on_link_table, judged),
-                                any_endpoints=policy.any_endpoints)
+                                any_endpoints=policy.any_endpoints,
+                                resolvers=frozenset(a.packed for a in policy.dns))
             runs, mismatches = 0, []
             for mark, as_scope in _vpn_variants(policy, scope):   # --vpn-mark: marked runs too
                 r, m = netns.run_in(ns.path, _node_runs, fds, nonce, judged, as_scope, policy.endpoints,
-                                    policy.any_endpoints, mark)
+                                    policy.any_endpoints, mark, policy.dns)
                 runs, mismatches = runs + r, mismatches + [f"{x} (mark {mark:#x})" if mark else x for x in m]
             if mismatches:
                 self.add("policy", FAIL, f"{len(mismatches)} of {runs} verdicts differ from the policy: "

@@ -123,11 +123,16 @@ def packets(endpoints: tuple[Endpoint, ...], any_endpoints: tuple[AnyEndpoint, .
 
 
 def tc_frames(endpoints: tuple[Endpoint, ...], ethernet: bool,
-              any_endpoints: tuple[AnyEndpoint, ...] = ()) -> list[tuple[str, bytes]]:
+              any_endpoints: tuple[AnyEndpoint, ...] = (), resolvers: tuple = ()) -> list[tuple[str, bytes]]:
     """What a node scope's tc program gets: the same packets, as Ethernet
     frames (with ARP, neighbour discovery and an 802.1Q-tagged frame), or bare
-    on a device without a link-layer header."""
-    out = [(label, frame(p) if ethernet else p) for label, p in packets(endpoints, any_endpoints)]
+    on a device without a link-layer header.  With --dns resolvers, the DNS
+    cases too (to the resolvers, to 8.8.8.8 and over TCP to another resolver:
+    `verify` runs them through the tunnel as well)."""
+    out = [(label, frame(p) if ethernet else p) for label, p in packets(endpoints, any_endpoints, resolvers)]
+    if resolvers:
+        out.append(("dns/tcp to 8.8.8.8", frame(ipv4("8.8.8.8", TCP, dport=53)) if ethernet
+                    else ipv4("8.8.8.8", TCP, dport=53)))
     big = b"n" * 1200
     nd = [("IPv6 neighbour solicitation", ipv6("ff02::1:ff00:1", ICMPV6, hop_limit=255, icmp_type=135)),
           ("IPv6 router solicitation", ipv6("ff02::2", ICMPV6, hop_limit=255, icmp_type=133)),

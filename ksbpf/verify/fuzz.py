@@ -66,8 +66,11 @@ OPTION_SETS = {
     "lan+dhcp+dns": Options(allow_lan=True, allow_dhcp=True, dns=True),
     # both: DNS to a wildcard endpoint on port 53 (the VPN client's) and to other resolvers
     "vpn-cgroup+dns": Options(vpn_cgroup=True, dns=True),
+    # node mode (DHCP on, its default) with --dns (tc: DNS through a tunnel parsed, to other resolvers dropped) and an exempted
+    # cgroup: the DNS drops of the tc hooks become exempt, the cgroup hook's stay
+    "exempt+lan+dhcp+dns": Options(allow_lan=True, allow_dhcp=True, dns=True),
 }
-EXEMPT_SETS = {"exempt"}
+EXEMPT_SETS = {"exempt", "exempt+lan+dhcp+dns"}
 VPN_CLIENT_SETS = {"vpn-cgroup+lan"}
 VPN_MARK = (0x1234, 0xFFFF)
 NO_CGROUP_ID = (1 << 63) + 12345   # no cgroup has it

@@ -227,7 +227,7 @@ def _exceptions(p: _Packet, scope: Scope, length: int = 0, tc: bool = False) -> 
             return scope.endpoint_reason()
         return Reason.DROP_ENDPOINT_MISMATCH
     opts = scope.options
-    if opts.dns and not tc and _dns(p):   # --dns: DNS outside the tunnel goes nowhere (cgroup hook)
+    if opts.dns and _dns(p):   # --dns: DNS outside the tunnel goes nowhere (every hook; a LAN resolver too)
         return Reason.DROP_DNS_NOT_VPN
     if opts.allow_lan and _lan(p.daddr, p.v6):
         if not opts.allow_lan_dns and p.ports is not None and p.ports[1] in DNS_PORTS:
@@ -268,6 +268,22 @@ def _decide_dns(data: bytes, family: Family, ifindex: int, scope: Scope) -> Deci
     return Decision(_exceptions(p, scope, len(data), False), family)
 
 
+def _tunnel_dns(data: bytes, family: Family, scope: Scope) -> Reason:
+    """Node mode (tc, netfilter) with --dns, a packet out through a tunnel:
+    DNS to anything but the VPN's resolvers is dropped; whatever does not
+    parse goes through as without --dns.  (Loopback is not parsed: a local
+    stub's upstream queries are judged when they leave.)"""
+    if family == Family.OTHER:
+        return Reason.ALLOW_TUNNEL
+    try:
+        p = _parse6(data, True) if family == Family.IPV6 else _parse4(data, True)
+    except _Truncated:
+        return Reason.ALLOW_TUNNEL
+    if _dns(p) and p.daddr not in scope.resolvers:
+        return Reason.DROP_DNS_NOT_VPN
+    return Reason.ALLOW_TUNNEL
+
+
 def _family(proto: int) -> Family:
     return {ETH_P_IP: Family.IPV4, ETH_P_IPV6: Family.IPV6}.get(proto, Family.OTHER)
 
@@ -289,6 +305,8 @@ def _decide_l3(data: bytes, proto: int, ifindex: int, scope: Scope, tc: bool) ->
     if ifindex == LOOPBACK_IFINDEX:
         return Decision(Reason.ALLOW_LOOPBACK, family)
     if ifindex in scope.tunnels:
+        if scope.options.dns:
+            return Decision(_tunnel_dns(data, family, scope), family)
         return Decision(Reason.ALLOW_TUNNEL, family)
     if family == Family.OTHER:
         return Decision(Reason.ALLOW_NEIGH if tc and proto == ETH_P_ARP and _arp(data) else Reason.DROP_NOT_IP, family)

@@ -55,6 +55,13 @@ def make_pod(name: str, node: str, annotations: dict | None = None, namespace: s
     return pod
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        import sys
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):   # a client that went away
+            super().handle_error(request, client_address)
+
+
 class FakeApiServer:
     def __init__(self):
         self.pods: dict[str, dict] = {}
@@ -68,7 +75,7 @@ class FakeApiServer:
         self.nodes: dict[str, dict] = {}
         self.patches: list[dict] = []   # every PATCH: path, content type, body
         self.cond = threading.Condition()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self.server = _Server(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 

@@ -641,6 +641,94 @@ def scenario_raw() -> dict:
     r["raw_in_scope"] = probe("vpn.slice")
     r["raw_outside"] = probe(None)
     r["status"] = status()
+    r.update(raw_node())
+    return r
+
+
+# The two raw paths that skip node mode's tc guards: PACKET_QDISC_BYPASS on an AF_PACKET socket, and
+# binding an AF_XDP socket (with a UMEM and rings, in copy mode: what works on a veth). argv: the
+# namespace to enter, the cgroup to move into first ("" stays), the interface to bind to.
+NODE_RAW_PROBE = r'''
+import ctypes, errno, json, mmap, os, socket, struct, sys
+netns, cg, ifname = sys.argv[1:4]
+if cg:
+    with open(os.path.join(cg, "cgroup.procs"), "w") as f:
+        f.write("0")
+libc = ctypes.CDLL(None, use_errno=True)
+fd = os.open("/run/netns/" + netns, os.O_RDONLY)
+assert libc.setns(fd, 0x40000000) == 0, "setns"
+def err(e):
+    return errno.errorcode.get(e.errno, str(e.errno))
+out = {}
+try:
+    s = socket.socket(17, socket.SOCK_RAW, 0)
+    s.setsockopt(263, 20, 1)    # SOL_PACKET, PACKET_QDISC_BYPASS
+    out["qdisc_bypass"] = "ok"
+except OSError as e:
+    out["qdisc_bypass"] = err(e)
+try:
+    x = socket.socket(44, socket.SOCK_RAW, 0)
+    area = mmap.mmap(-1, 16 * 4096)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(area))
+    x.setsockopt(283, 4, struct.pack("=QQII", base, 16 * 4096, 4096, 0))   # SOL_XDP, XDP_UMEM_REG (v1)
+    for opt in (5, 6, 3):   # fill ring, completion ring, TX ring
+        x.setsockopt(283, opt, 16)
+    addr = struct.pack("=HHIII", 44, 2, socket.if_nametoindex(ifname), 0, 0)   # AF_XDP, XDP_COPY, queue 0
+    buf = ctypes.create_string_buffer(addr, len(addr))
+    if libc.bind(x.fileno(), buf, len(addr)) != 0:
+        raise OSError(ctypes.get_errno(), "bind")
+    out["xdp_bind"] = "ok"
+except OSError as e:
+    out["xdp_bind"] = err(e)
+print(json.dumps(out))
+'''
+RAW_NODE_NS, RAW_CTL_NS, RAW_EXEMPT = "ksbpf-rawnode", "ksbpf-rawctl", "/sys/fs/cgroup/ksbpf-rawok"
+
+
+def raw_node() -> dict:
+    """Node mode's raw-socket layer: one-shot `ksbpf attach --node` in a namespace of its own with an
+    exempt cgroup; PACKET_QDISC_BYPASS and an AF_XDP bind tried there from an ordinary root process
+    (refused), from the exempt cgroup and from another namespace (the controls: both work), and again
+    after `ksbpf detach --node` (works: the programs went with the scope)."""
+    r: dict = {}
+    for ns in (RAW_NODE_NS, RAW_CTL_NS):
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "add", "rv0", "type", "veth", "peer", "name", "rv1")
+        sh("ip", "-n", ns, "link", "set", "rv0", "up")
+        sh("ip", "-n", ns, "link", "set", "rv1", "up")
+    os.makedirs(RAW_EXEMPT, exist_ok=True)
+
+    def probe(ns: str, cg: str = "") -> dict:
+        proc = subprocess.run(["python3", "-c", NODE_RAW_PROBE, ns, cg, "rv0"], capture_output=True, text=True)
+        try:
+            return json.loads(proc.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return {"error": (proc.stdout + proc.stderr)[-800:]}
+    try:
+        r["node_raw_before"] = probe(RAW_NODE_NS)
+        attach = subprocess.run(["ksbpf", "attach", "--node", "--netns", RAW_NODE_NS, "--tunnel", "wg9",
+                                 "--exempt-cgroup", RAW_EXEMPT, "--json"], capture_output=True, text=True)
+        r["node_attach_rc"], r["node_attach_err"] = attach.returncode, attach.stderr[-2000:]
+        try:
+            r["node_attach"] = {k: v for k, v in json.loads(attach.stdout).items()
+                                if k in ("raw_sockets", "from_birth", "tc_mode")}
+        except ValueError:
+            r["node_attach"] = {"stdout": attach.stdout[-1000:]}
+        r["node_raw_inside"] = probe(RAW_NODE_NS)
+        r["node_raw_exempt"] = probe(RAW_NODE_NS, RAW_EXEMPT)
+        r["node_raw_other_ns"] = probe(RAW_CTL_NS)
+        st = json.loads(sh("ksbpf", "status", "--json"))
+        r["node_raw_status"] = [n.get("raw_sockets") for n in st.get("nodes", []) if RAW_NODE_NS in str(n.get("netns"))]
+        sh("ksbpf", "detach", "--node", "--netns", RAW_NODE_NS)
+        r["node_raw_detached"] = probe(RAW_NODE_NS)
+    finally:
+        sh("ksbpf", "detach", "--node", "--netns", RAW_NODE_NS, check=False)
+        for ns in (RAW_NODE_NS, RAW_CTL_NS):
+            sh("ip", "netns", "del", ns, check=False)
+        try:
+            os.rmdir(RAW_EXEMPT)
+        except OSError:
+            pass
     return r
 
 

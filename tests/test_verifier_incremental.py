@@ -1,0 +1,89 @@
+"""The daemon's zero-traffic check is incremental: after a change only the
+scope that changed is checked (a new pod among a thousand costs one scope's
+check, not a thousand), the others keep their last results, a removed scope's
+results go, and the periodic run (or a change with no scope named) checks
+every scope.  The checks themselves are stood in for: what is measured here
+is which scopes the verifier's thread asks about, and what it reports."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from ksbpf.daemon import verifier as vmod
+from ksbpf.verify import check
+
+
+class FakeChecks:
+    def __init__(self):
+        self.calls: list[str] = []
+        self.failing: set[str] = set()
+        self.lock = threading.Lock()
+
+    def __call__(self, pin_dir: str):
+        with self.lock:
+            self.calls.append(pin_dir)
+        scope = pin_dir.rsplit("/", 1)[1]
+        if scope in self.failing:
+            return [check.Finding(scope, "attached", check.FAIL, "not attached", "attach it again")]
+        return [check.Finding(scope, "attached", check.PASS, "attached")]
+
+    def take(self) -> list[str]:
+        with self.lock:
+            out, self.calls = sorted(self.calls), []
+        return out
+
+
+@pytest.fixture
+def verifier(monkeypatch):
+    fake = FakeChecks()
+    monkeypatch.setattr(check, "check_pin_dir", fake)
+    monkeypatch.setattr(vmod, "QUIET_SECONDS", 0.05)
+    monkeypatch.setattr(vmod, "CONFIRM_SECONDS", 0.01)
+    scopes = {f"s{i}": f"/pins/s{i}" for i in range(50)}
+    v = vmod.Verifier(lambda *a, **k: None, lambda: dict(scopes), interval=3600)
+    v.start()
+    assert v.wait_for_run(0, 10)   # the first run: every scope
+    yield v, fake, scopes
+    v.stop()
+
+
+def run(v, scope=None) -> None:
+    before = v.runs
+    v.soon(scope)
+    assert v.wait_for_run(before, 10)
+
+
+def test_a_change_checks_only_its_scope(verifier):
+    v, fake, scopes = verifier
+    assert fake.take() == sorted(scopes.values())
+    run(v, "s7")
+    assert fake.take() == ["/pins/s7"]
+    v.soon("s1")
+    v.soon("s2")   # changes within the quiet time: one run of both
+    deadline = time.monotonic() + 10
+    while len(fake.calls) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)
+    assert fake.take() == ["/pins/s1", "/pins/s2"]
+
+
+def test_results_of_other_scopes_stand_and_removed_scopes_go(verifier):
+    v, fake, scopes = verifier
+    fake.failing = {"s3", "s4"}
+    run(v)   # no scope named: every scope
+    assert v.failures[("s3", "attached")] == 1 and v.failures[("s4", "attached")] == 1
+    assert v.failures[("s5", "attached")] == 0
+    last = v.last_success
+    fake.failing = {"s4"}
+    run(v, "s3")   # s3 fixed; s4 not checked now: its failure stands
+    assert v.failures[("s3", "attached")] == 0 and v.failures[("s4", "attached")] == 1
+    assert any(p.startswith("s4: verify attached failed") for p in v.problems)
+    assert not any(p.startswith("s3:") for p in v.problems)
+    assert v.last_success == last   # s4 still fails
+    del scopes["s4"]   # removed: its results go with it
+    run(v, "s5")
+    assert not any(k[0] == "s4" for k in v.failures) and not v.problems
+    assert v.last_success is not None and v.last_success > (last or 0)
