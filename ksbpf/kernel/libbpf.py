@@ -250,11 +250,6 @@ def prog_name(prog_id: int) -> str | None:
         os.close(fd)
 
 
-def obj_info(fd: int, buf: ctypes.Array, size: ctypes.c_uint32) -> None:
-    """The kernel's info record of any BPF object (link, map, program) into buf."""
-    _check(_lib().bpf_obj_get_info_by_fd(fd, buf, ctypes.byref(size)), "object info")
-
-
 def raw_tracepoint_open(prog_fd: int) -> int:
     """Attach a program loaded for a kernel function by BTF id (a BPF_LSM_MAC
     program) where it said at load time; the link's fd.  BPF_RAW_TRACEPOINT_OPEN

@@ -40,12 +40,11 @@ from the running kernel's BTF.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import struct
 
-from ksbpf.kernel import btf, libbpf
+from ksbpf.kernel import btf, libbpf, tc
 
 BPF_PROG_TYPE_LSM = 29
 BPF_LSM_CGROUP = 43
@@ -199,7 +198,7 @@ def node_attach(pin_dir: str, netns_cookie: int, exempt: list[tuple[int, int]]) 
                 os.close(prog_fd)
             try:
                 libbpf.obj_pin(link_fd, _pin(pin_dir, hook))
-                done.append(_link_id(link_fd))
+                done.append(tc.link_info(link_fd).id)
             finally:
                 os.close(link_fd)
     except BaseException:
@@ -208,44 +207,15 @@ def node_attach(pin_dir: str, netns_cookie: int, exempt: list[tuple[int, int]]) 
     return done
 
 
-def _link_id(fd: int) -> int:
-    return _link_info(fd)[0]
-
-
-def _link_info(fd: int) -> tuple[int, int, int]:
-    """(link id, program id, link type) of a link fd."""
-    info = ctypes.create_string_buffer(64)
-    size = ctypes.c_uint32(len(info))
-    libbpf.obj_info(fd, info, size)
-    kind, link_id, prog_id = struct.unpack_from("=III", info.raw, 0)
-    return link_id, prog_id, kind
-
-
 def node_release(pin_dir: str) -> list[int]:
-    """Remove the node programs' pins (their links go with them); the ids of
-    the links removed."""
-    done = []
-    for hook in NODE_HOOKS:
-        path = _pin(pin_dir, hook)
-        try:
-            fd = libbpf.obj_get(path)
-        except OSError:
-            continue
-        try:
-            done.append(_link_id(fd))
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+    """Remove the node programs' pins (their links go with them: the pins
+    alone hold them); the ids of the links removed."""
+    done = [tc.unpin_link(_pin(pin_dir, hook), detach=False) for hook in NODE_HOOKS]
     try:
         os.rmdir(os.path.join(pin_dir, NODE_PIN_DIR))
     except OSError:
         pass
-    return done
+    return [i for i in done if i]
 
 
 def node_layer(pin_dir: str, attached: bool) -> str:
@@ -264,8 +234,8 @@ def node_layer(pin_dir: str, attached: bool) -> str:
             gone.append(hook)
             continue
         try:
-            _link, prog_id, kind = _link_info(fd)
-            if kind != BPF_LINK_TYPE_TRACING or libbpf.prog_name(prog_id) != NODE_PROG_NAMES[hook]:
+            info = tc.link_info(fd)
+            if info.type != BPF_LINK_TYPE_TRACING or libbpf.prog_name(info.prog_id) != NODE_PROG_NAMES[hook]:
                 gone.append(hook)
         except OSError:
             gone.append(hook)

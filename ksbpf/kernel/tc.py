@@ -135,9 +135,10 @@ def link_detach(fd: int) -> None:
             raise
 
 
-def unpin_link(path: str) -> int:
+def unpin_link(path: str, detach: bool = True) -> int:
     """Detach a pinned link and remove its pin (idempotent); the link's id
-    (0: there was no pin)."""
+    (0: there was no pin).  detach=False: only the pin goes (a link the pin
+    alone holds -- a tracing link, which has no detach -- goes with it)."""
     try:
         fd = libbpf.obj_get(path)
     except OSError:
@@ -147,7 +148,8 @@ def unpin_link(path: str) -> int:
             link_id = link_info(fd).id
         except OSError:
             link_id = 0
-        link_detach(fd)
+        if detach:
+            link_detach(fd)
         return link_id
     finally:
         os.close(fd)
