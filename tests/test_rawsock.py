@@ -164,4 +164,4 @@ def test_why_not_is_one_line():
     assert "\n" not in why
     assert rawsock.node_available() == (why == "")
     if why:
-        assert "lsm=" in why or "BPF LSM hook" in why
+        assert "lsm=" in why or "BPF LSM hook" in why or "verifier" in why

@@ -9,6 +9,7 @@ OSError with the kernel's errno on failure.
 from __future__ import annotations
 
 import ctypes
+import errno
 import ctypes.util
 import os
 import struct
@@ -351,8 +352,20 @@ def prog_load_btf(prog_type: int, name: str, license: str, insns: bytes, expecte
     buf = ctypes.create_string_buffer(insns, len(insns))
     opts = _ProgLoadOptsLog(sz=ctypes.sizeof(_ProgLoadOptsLog), expected_attach_type=expected_attach_type,
                             attach_btf_id=attach_btf_id)
-    return _check(_lib().bpf_prog_load(prog_type, name.encode()[:BPF_OBJ_NAME_LEN - 1], license.encode(),
-                                       buf, len(insns) // 8, ctypes.byref(opts)), f"load program {name}")
+    ret = _lib().bpf_prog_load(prog_type, name.encode()[:BPF_OBJ_NAME_LEN - 1], license.encode(),
+                               buf, len(insns) // 8, ctypes.byref(opts))
+    if ret < 0 and -ret in (errno.EACCES, errno.EINVAL):   # the verifier refused it: ask again, for its reason
+        log = ctypes.create_string_buffer(65536)
+        opts.log_level, opts.log_size, opts.log_buf = 1, len(log), ctypes.cast(log, ctypes.c_void_p)
+        again = _lib().bpf_prog_load(prog_type, name.encode()[:BPF_OBJ_NAME_LEN - 1], license.encode(),
+                                     buf, len(insns) // 8, ctypes.byref(opts))
+        if again >= 0:
+            return again
+        lines = [ln for ln in log.value.decode(errors="replace").splitlines() if ln.strip()]
+        why = next((ln for ln in reversed(lines) if not ln.startswith(("processed ", "verification time"))), "")
+        err = -again if again != -1 else (ctypes.get_errno() or 1)
+        raise OSError(err, f"load program {name}: {os.strerror(err)}" + (f" (verifier: {why.strip()})" if why else ""))
+    return _check(ret, f"load program {name}")
 
 
 def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:

@@ -40,6 +40,7 @@ from the running kernel's BTF.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import struct
@@ -253,6 +254,8 @@ def node_why_not() -> str:
     except btf.BtfError as exc:
         return f"no BPF LSM hook to attach to ({exc})"
     except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EINVAL):   # loaded as far as the verifier, which said no
+            return f"the kernel's verifier refused the node program: {exc.strerror}"
         return (f"the kernel refused the BPF LSM program ({os.strerror(exc.errno) if exc.errno else exc}): it needs "
                 "`bpf` in the active LSMs (lsm=...,bpf on the kernel command line) and BPF trampolines")
     return ""
