@@ -66,6 +66,7 @@ _EXIT = 0x95
 _LDXW, _LDXH = 0x61, 0x69
 _JNE32_K = 0x56      # BPF_JMP32 | BPF_JNE | BPF_K
 _JNE_X, _JEQ_X = 0x5D, 0x1D
+_JEQ_K = 0x15        # BPF_JMP | BPF_JEQ | BPF_K
 _LD_IMM64 = 0x18
 _CALL = 0x85
 BPF_FUNC_get_current_ancestor_cgroup_id = 123
@@ -151,9 +152,11 @@ def node_insns(hook: str, netns_cookie: int, exempt: list[tuple[int, int]], off:
     ctx is the hook's arguments as u64s:
     socket_setsockopt(struct socket *sock, int level, int optname),
     socket_bind(struct socket *sock, struct sockaddr *address, int addrlen)."""
+    # Every pointer is checked for NULL before it is followed: newer kernels hand LSM programs their
+    # arguments as trusted-or-NULL pointers and refuse a load through one unchecked.
     a = _Asm().op(_MOV64_X, dst=6, src=1)                                    # r6 = ctx
-    a.op(_LDXDW, dst=2, src=6, off=0)                                        # r2 = sock
-    a.op(_LDXDW, dst=2, src=2, off=off["socket.sk"])                         # r2 = sock->sk
+    a.op(_LDXDW, dst=2, src=6, off=0).jump(_JEQ_K, "allow", dst=2)          # r2 = sock
+    a.op(_LDXDW, dst=2, src=2, off=off["socket.sk"]).jump(_JEQ_K, "allow", dst=2)   # r2 = sock->sk
     if hook == "socket_setsockopt":
         a.op(_LDXDW, dst=3, src=6, off=8).jump(_JNE32_K, "allow", dst=3, imm=SOL_PACKET)
         a.op(_LDXDW, dst=3, src=6, off=16).jump(_JNE32_K, "allow", dst=3, imm=PACKET_QDISC_BYPASS)
@@ -163,6 +166,7 @@ def node_insns(hook: str, netns_cookie: int, exempt: list[tuple[int, int]], off:
     else:
         raise ValueError(hook)
     a.op(_LDXDW, dst=3, src=2, off=off["sock.__sk_common.skc_net"])          # r3 = sock_net(sk)
+    a.jump(_JEQ_K, "allow", dst=3)
     a.op(_LDXDW, dst=3, src=3, off=off["net.net_cookie"])
     a.imm64(4, netns_cookie).jump(_JNE_X, "allow", dst=3, src=4)            # another namespace's socket
     for cg_id, level in exempt:                                              # an exempt process
