@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 import subprocess
@@ -92,6 +93,16 @@ class DaemonProcess:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def detach_node_at_teardown(request, lab) -> None:
+    """Remove node mode from the lab's client namespace when the test ends,
+    passed or failed (if the namespace is still there)."""
+    def undo() -> None:
+        from ksbpf.scopes import node
+        if os.path.exists(lab.client_path):
+            node.detach(lab.client_path)
+    request.addfinalizer(undo)
 
 
 def toml_config(scopes: list[dict], extra: str = "") -> str:

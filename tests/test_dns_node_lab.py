@@ -29,7 +29,7 @@ import subprocess
 
 import pytest
 from dnslab import DnsServer, query
-from helpers import ksbpf, toml_config, DaemonProcess
+from helpers import DaemonProcess, detach_node_at_teardown, ksbpf, toml_config
 
 from ksbpf.kernel import nf
 from ksbpf.lab.namespaces import new_lab
@@ -70,10 +70,7 @@ def dns(host):
 
 @pytest.fixture
 def detach(request, host):
-    def undo() -> None:
-        if os.path.exists(host.client_path):
-            node.detach(host.client_path)
-    request.addfinalizer(undo)
+    detach_node_at_teardown(request, host)
 
 
 def attach_node(lab, *extra: str) -> dict:

@@ -18,7 +18,7 @@ import threading
 import time
 
 import pytest
-from helpers import DaemonProcess, ksbpf, toml_config
+from helpers import DaemonProcess, detach_node_at_teardown, ksbpf, toml_config
 
 from ksbpf.kernel import bpf, netns, tc
 from ksbpf.lab.namespaces import ProbeStream, Sniffer, TcpEchoServer, UdpEchoServer, new_lab, probe
@@ -55,10 +55,7 @@ def attach_node(lab, *extra: str) -> dict:
 @pytest.fixture
 def guarded(request, host):
     """Node mode in force on the host namespace; removed at teardown."""
-    def detach() -> None:
-        if os.path.exists(host.client_path):
-            node.detach(host.client_path)
-    request.addfinalizer(detach)
+    detach_node_at_teardown(request, host)
     return attach_node(host)
 
 

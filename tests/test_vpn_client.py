@@ -27,12 +27,11 @@ import subprocess
 import time
 
 import pytest
-from helpers import UdpCapture, ksbpf, wait_until
+from helpers import UdpCapture, detach_node_at_teardown, ksbpf, wait_until
 from test_endpoint_auto import SecondServer, server_key
 
 from ksbpf.kernel import netns, nf
 from ksbpf.lab.namespaces import _in_cgroup_and_ns
-from ksbpf.scopes import node
 
 pytestmark = pytest.mark.lab
 MARK = 0xCA6C
@@ -203,10 +202,7 @@ def _attach_node(lab, *extra: str) -> dict:
 
 @pytest.fixture
 def node_detach(lab, request):
-    def detach() -> None:
-        if os.path.exists(lab.client_path):
-            node.detach(lab.client_path)
-    request.addfinalizer(detach)
+    detach_node_at_teardown(request, lab)
 
 
 ARP_SEND = """
