@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import os
 import stat
-import struct
 
 from ksbpf.kernel import libbpf
+from ksbpf.kernel.insns import AND64_K, EXIT, JNE_K, LDXW, MOV64_K, insn
 
 BPF_PROG_TYPE_CGROUP_DEVICE = 15
 BPF_CGROUP_DEVICE = 6
@@ -32,33 +32,20 @@ PIN_NAME = "prog_dev"
 TUN_MAJOR, TUN_MINOR = 10, 200
 BPF_DEVCG_DEV_CHAR = 2
 
-_INSN = struct.Struct("=BBhi")
-# opcodes
-_LDXW = 0x61          # BPF_LDX | BPF_MEM | BPF_W
-_JNE_K = 0x55         # BPF_JMP | BPF_JNE | BPF_K
-_AND64_K = 0x57       # BPF_ALU64 | BPF_AND | BPF_K
-_MOV64_K = 0xB7       # BPF_ALU64 | BPF_MOV | BPF_K
-_EXIT = 0x95
-
-
-def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
-    return _INSN.pack(code, (src << 4) | dst, off, imm)
-
-
 def deny_tun_insns() -> bytes:
     """Refuse every access (mknod, read, write) to char 10:200; allow the rest."""
     return b"".join([
-        _insn(_LDXW, dst=2, src=1, off=4),                   # r2 = ctx->major
-        _insn(_JNE_K, dst=2, off=7, imm=TUN_MAJOR),          # not 10: allow
-        _insn(_LDXW, dst=2, src=1, off=8),                   # r2 = ctx->minor
-        _insn(_JNE_K, dst=2, off=5, imm=TUN_MINOR),          # not 200: allow
-        _insn(_LDXW, dst=2, src=1, off=0),                   # r2 = ctx->access_type
-        _insn(_AND64_K, dst=2, imm=0xFFFF),                  # the device type
-        _insn(_JNE_K, dst=2, off=2, imm=BPF_DEVCG_DEV_CHAR),  # a block device 10:200: allow
-        _insn(_MOV64_K, dst=0, imm=0),                       # /dev/net/tun: refuse
-        _insn(_EXIT),
-        _insn(_MOV64_K, dst=0, imm=1),                       # allow:
-        _insn(_EXIT),
+        insn(LDXW, dst=2, src=1, off=4),                   # r2 = ctx->major
+        insn(JNE_K, dst=2, off=7, imm=TUN_MAJOR),          # not 10: allow
+        insn(LDXW, dst=2, src=1, off=8),                   # r2 = ctx->minor
+        insn(JNE_K, dst=2, off=5, imm=TUN_MINOR),          # not 200: allow
+        insn(LDXW, dst=2, src=1, off=0),                   # r2 = ctx->access_type
+        insn(AND64_K, dst=2, imm=0xFFFF),                  # the device type
+        insn(JNE_K, dst=2, off=2, imm=BPF_DEVCG_DEV_CHAR),  # a block device 10:200: allow
+        insn(MOV64_K, dst=0, imm=0),                       # /dev/net/tun: refuse
+        insn(EXIT),
+        insn(MOV64_K, dst=0, imm=1),                       # allow:
+        insn(EXIT),
     ])
 
 

@@ -43,9 +43,10 @@ from __future__ import annotations
 import errno
 import functools
 import os
-import struct
 
 from ksbpf.kernel import btf, libbpf, tc
+from ksbpf.kernel.insns import (CALL, EXIT, JA, JEQ32_K, JEQ_K, JEQ_X, JNE32_K, JNE_K, JNE_X, LDXDW, LDXH, MOV64_K,
+                                MOV64_X, Asm, insn)
 
 BPF_PROG_TYPE_LSM = 29
 BPF_LSM_CGROUP = 43
@@ -55,20 +56,6 @@ PIN_NAME = "prog_lsm"
 AF_PACKET, AF_XDP = 17, 44
 REFUSED_FAMILIES = (AF_PACKET, AF_XDP)
 
-_INSN = struct.Struct("=BBhi")
-_LDXDW = 0x79        # BPF_LDX | BPF_MEM | BPF_DW
-_JNE_K = 0x55        # BPF_JMP | BPF_JNE | BPF_K
-_JEQ32_K = 0x16      # BPF_JMP32 | BPF_JEQ | BPF_K
-_JA = 0x05           # BPF_JMP | BPF_JA
-_MOV64_K = 0xB7
-_MOV64_X = 0xBF
-_EXIT = 0x95
-_LDXW, _LDXH = 0x61, 0x69
-_JNE32_K = 0x56      # BPF_JMP32 | BPF_JNE | BPF_K
-_JNE_X, _JEQ_X = 0x5D, 0x1D
-_JEQ_K = 0x15        # BPF_JMP | BPF_JEQ | BPF_K
-_LD_IMM64 = 0x18
-_CALL = 0x85
 BPF_FUNC_get_current_ancestor_cgroup_id = 123
 BPF_LSM_MAC = 27
 BPF_LINK_TYPE_TRACING = 2
@@ -81,69 +68,20 @@ NODE_FIELDS = (("socket", "sk", 8), ("sock", "__sk_common.skc_net", 8),
                ("sock", "__sk_common.skc_family", 2), ("net", "net_cookie", 8))
 
 
-def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
-    return _INSN.pack(code, (src << 4) | dst, off, imm)
-
-
 def no_raw_insns() -> bytes:
     """Refuse AF_PACKET and AF_XDP sockets made by a process; allow the rest."""
     return b"".join([
-        _insn(_LDXDW, dst=2, src=1, off=24),                 # r2 = kern
-        _insn(_JNE_K, dst=2, off=6, imm=0),                  # the kernel's own socket: allow
-        _insn(_LDXDW, dst=2, src=1, off=0),                  # r2 = family
-        _insn(_JEQ32_K, dst=2, off=2, imm=AF_PACKET),        # refuse
-        _insn(_JEQ32_K, dst=2, off=1, imm=AF_XDP),           # refuse
-        _insn(_JA, off=2),                                   # allow
-        _insn(_MOV64_K, dst=0, imm=0),                       # refuse: EPERM
-        _insn(_EXIT),
-        _insn(_MOV64_K, dst=0, imm=1),                       # allow
-        _insn(_EXIT),
+        insn(LDXDW, dst=2, src=1, off=24),                 # r2 = kern
+        insn(JNE_K, dst=2, off=6, imm=0),                  # the kernel's own socket: allow
+        insn(LDXDW, dst=2, src=1, off=0),                  # r2 = family
+        insn(JEQ32_K, dst=2, off=2, imm=AF_PACKET),        # refuse
+        insn(JEQ32_K, dst=2, off=1, imm=AF_XDP),           # refuse
+        insn(JA, off=2),                                   # allow
+        insn(MOV64_K, dst=0, imm=0),                       # refuse: EPERM
+        insn(EXIT),
+        insn(MOV64_K, dst=0, imm=1),                       # allow
+        insn(EXIT),
     ])
-
-
-class _Asm:
-    """Instructions with named jump targets (a jump's offset counts the
-    slots between it and its label; a 64-bit immediate takes two)."""
-
-    def __init__(self):
-        self.items: list = []
-
-    def op(self, code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> "_Asm":
-        self.items.append(_insn(code, dst, src, off, imm))
-        return self
-
-    def imm64(self, dst: int, value: int) -> "_Asm":
-        value &= (1 << 64) - 1
-        lo, hi = value & 0xFFFFFFFF, value >> 32
-        self.items.append(_insn(_LD_IMM64, dst, 0, 0, struct.unpack("=i", struct.pack("=I", lo))[0])
-                          + _insn(0, 0, 0, 0, struct.unpack("=i", struct.pack("=I", hi))[0]))
-        return self
-
-    def jump(self, code: int, label: str, dst: int = 0, src: int = 0, imm: int = 0) -> "_Asm":
-        self.items.append((code, dst, src, imm, label))
-        return self
-
-    def label(self, name: str) -> "_Asm":
-        self.items.append(name)
-        return self
-
-    def build(self) -> bytes:
-        at, slot = {}, 0
-        for item in self.items:
-            if isinstance(item, str):
-                at[item] = slot
-            else:
-                slot += len(item) // 8 if isinstance(item, bytes) else 1
-        out, slot = [], 0
-        for item in self.items:
-            if isinstance(item, str):
-                continue
-            if isinstance(item, tuple):
-                code, dst, src, imm, label = item
-                item = _insn(code, dst, src, at[label] - slot - 1, imm)
-            out.append(item)
-            slot += len(item) // 8
-        return b"".join(out)
 
 
 def node_insns(hook: str, netns_cookie: int, exempt: list[tuple[int, int]], off: dict[str, int]) -> bytes:
@@ -154,26 +92,26 @@ def node_insns(hook: str, netns_cookie: int, exempt: list[tuple[int, int]], off:
     socket_bind(struct socket *sock, struct sockaddr *address, int addrlen)."""
     # Every pointer is checked for NULL before it is followed: newer kernels hand LSM programs their
     # arguments as trusted-or-NULL pointers and refuse a load through one unchecked.
-    a = _Asm().op(_MOV64_X, dst=6, src=1)                                    # r6 = ctx
-    a.op(_LDXDW, dst=2, src=6, off=0).jump(_JEQ_K, "allow", dst=2)          # r2 = sock
-    a.op(_LDXDW, dst=2, src=2, off=off["socket.sk"]).jump(_JEQ_K, "allow", dst=2)   # r2 = sock->sk
+    a = Asm().op(MOV64_X, dst=6, src=1)                                    # r6 = ctx
+    a.op(LDXDW, dst=2, src=6, off=0).jump(JEQ_K, "allow", dst=2)          # r2 = sock
+    a.op(LDXDW, dst=2, src=2, off=off["socket.sk"]).jump(JEQ_K, "allow", dst=2)   # r2 = sock->sk
     if hook == "socket_setsockopt":
-        a.op(_LDXDW, dst=3, src=6, off=8).jump(_JNE32_K, "allow", dst=3, imm=SOL_PACKET)
-        a.op(_LDXDW, dst=3, src=6, off=16).jump(_JNE32_K, "allow", dst=3, imm=PACKET_QDISC_BYPASS)
+        a.op(LDXDW, dst=3, src=6, off=8).jump(JNE32_K, "allow", dst=3, imm=SOL_PACKET)
+        a.op(LDXDW, dst=3, src=6, off=16).jump(JNE32_K, "allow", dst=3, imm=PACKET_QDISC_BYPASS)
     elif hook == "socket_bind":
-        a.op(_LDXH, dst=3, src=2, off=off["sock.__sk_common.skc_family"])
-        a.jump(_JNE32_K, "allow", dst=3, imm=AF_XDP)
+        a.op(LDXH, dst=3, src=2, off=off["sock.__sk_common.skc_family"])
+        a.jump(JNE32_K, "allow", dst=3, imm=AF_XDP)
     else:
         raise ValueError(hook)
-    a.op(_LDXDW, dst=3, src=2, off=off["sock.__sk_common.skc_net"])          # r3 = sock_net(sk)
-    a.jump(_JEQ_K, "allow", dst=3)
-    a.op(_LDXDW, dst=3, src=3, off=off["net.net_cookie"])
-    a.imm64(4, netns_cookie).jump(_JNE_X, "allow", dst=3, src=4)            # another namespace's socket
+    a.op(LDXDW, dst=3, src=2, off=off["sock.__sk_common.skc_net"])          # r3 = sock_net(sk)
+    a.jump(JEQ_K, "allow", dst=3)
+    a.op(LDXDW, dst=3, src=3, off=off["net.net_cookie"])
+    a.imm64(4, netns_cookie).jump(JNE_X, "allow", dst=3, src=4)            # another namespace's socket
     for cg_id, level in exempt:                                              # an exempt process
-        a.op(_MOV64_K, dst=1, imm=level).op(_CALL, imm=BPF_FUNC_get_current_ancestor_cgroup_id)
-        a.imm64(2, cg_id).jump(_JEQ_X, "allow", dst=0, src=2)
-    a.op(_MOV64_K, dst=0, imm=-EPERM).op(_EXIT)
-    a.label("allow").op(_MOV64_K, dst=0, imm=0).op(_EXIT)
+        a.op(MOV64_K, dst=1, imm=level).op(CALL, imm=BPF_FUNC_get_current_ancestor_cgroup_id)
+        a.imm64(2, cg_id).jump(JEQ_X, "allow", dst=0, src=2)
+    a.op(MOV64_K, dst=0, imm=-EPERM).op(EXIT)
+    a.label("allow").op(MOV64_K, dst=0, imm=0).op(EXIT)
     return a.build()
 
 
