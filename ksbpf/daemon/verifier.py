@@ -39,6 +39,7 @@ class Verifier:
         self.close_stray = close_stray
         self.failures: dict[tuple[str, str], int] = {}
         self.problems: list[str] = []
+        self._problems: dict[str, list[str]] = {}   # scope -> its failing findings' lines (the last check of it)
         self.last_success: float | None = None
         self.runs = 0
         self._wake = threading.Event()
@@ -133,14 +134,13 @@ class Verifier:
                             {g.check for g in found[s] if g.verdict == check.FAIL}]
         with self._lock:   # the results of the scopes not checked now stand (of those still in force)
             failures = {k: n for k, n in self.failures.items() if k[0] in everything and k[0] not in found}
-            problems = [p for p in self.problems if p.split(": verify ", 1)[0] in everything
-                        and p.split(": verify ", 1)[0] not in found]
+            by_scope = {s: p for s, p in self._problems.items() if s in everything and s not in found}
         for scope, fs in found.items():
+            by_scope[scope] = [f"{scope}: verify {f.check} failed: {f.detail}" for f in fs if f.verdict == check.FAIL]
             for f in fs:
                 key = (scope, f.check)
                 failures[key] = failures.get(key, 0) + (1 if f.verdict == check.FAIL else 0)
-                if f.verdict == check.FAIL:
-                    problems.append(f"{scope}: verify {f.check} failed: {f.detail}")
+        problems = [line for lines in by_scope.values() for line in lines]
         now_logged = {k for k in self._logged if k[0] in everything and k[0] not in found}
         for scope, fs in found.items():
             for f in fs:
@@ -156,7 +156,7 @@ class Verifier:
         self._logged = now_logged
         with self._lock:
             self.failures = failures
-            self.problems = problems
+            self._problems, self.problems = by_scope, problems
             if not problems:
                 self.last_success = time.time()
             self.runs += 1
