@@ -550,8 +550,9 @@ def check_config(file, as_json) -> None:
         opts = [k for k, on in p.options.to_dict().items() if on]
         click.echo(f"    options   {', '.join(opts) or 'none (strict)'}")
         _print_vpn(p, indent="    ", width=9)
-        if p.dns:
-            click.echo(f"    dns       {', '.join(map(str, p.dns))}")
+        if p.options.dns:
+            now = ", ".join(map(str, p.dns)) or "none known yet"
+            click.echo(f"    dns       {now}{' (auto: followed by the daemon)' if p.dns_auto else ''}")
     if cfg.node is not None:
         n, p = cfg.node.node, cfg.node.node.policy
         click.echo(f"  node mode (line {cfg.node.line}): netns {p.netns or 'own'}, guards every interface but the tunnels "
@@ -560,8 +561,10 @@ def check_config(file, as_json) -> None:
         click.echo(f"    endpoints {', '.join(p.endpoint_specs()) or 'none'}")
         click.echo(f"    options   {', '.join(k for k, on in p.options.to_dict().items() if on) or 'none (strict)'}")
         _print_vpn(p, indent="    ", width=9)
-        if p.dns:
-            click.echo(f"    dns       {', '.join(map(str, p.dns))} (dropped elsewhere, not redirected in node mode)")
+        if p.options.dns:
+            now = ", ".join(map(str, p.dns)) or "none known yet"
+            click.echo(f"    dns       {now}{' (auto: followed by the daemon)' if p.dns_auto else ''} "
+                       "(dropped elsewhere, not redirected in node mode)")
         if n.exempt_cgroups:
             click.echo(f"    exempt    {', '.join(n.exempt_cgroups)}")
     if cfg.kubernetes.enabled:

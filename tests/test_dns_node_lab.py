@@ -211,3 +211,76 @@ def test_exempt_cgroup_dns(host, dns, detach, make_cgroup):
     assert not r["ok"] and dns["other"].queries == 0, r
     r = query(host.client_ns, cg, host.tun4_server, "udp", 4.0)
     assert r["ok"] and r["answer"] == VPN_ANSWER, r
+
+
+def test_daemon_follows_node_dns_auto(host, dns, tmp_path, request):
+    """[node] dns = ["auto"]: the daemon reads the tunnel's resolvers (here a wg-quick file's `DNS =`) and
+    keeps the node's dns maps in step, in place.  Until one is configured, all DNS of the node and of what
+    it forwards is dropped (fails closed), while the tunnel carries everything else (the control)."""
+    wg_dir = tmp_path / "wireguard"
+    wg_dir.mkdir()
+    conf = wg_dir / f"{host.wg_client}.conf"
+    path = tmp_path / "ksbpf.toml"
+    path.write_text(toml_config([], f"""
+[node]
+netns = "{host.client_path}"
+tunnels = ["{host.wg_client}"]
+endpoints = ["{host.endpoint4}", "{host.endpoint6}"]
+dns = ["auto"]
+"""))
+    d = DaemonProcess(str(path), env=dict(os.environ, KSBPF_WG_QUICK_DIR=str(wg_dir)))
+
+    def stop_and_detach() -> None:
+        d.stop()
+        if os.path.exists(host.client_path):
+            node.detach(host.client_path)
+    request.addfinalizer(stop_and_detach)
+    d.wait_for("ready")
+    st = node_status(host)
+    assert st["dns"] == {"resolvers": [], "redirect": False, "through_tunnel": True, "auto": True}, st["dns"]
+    assert "dns      none known yet (auto)" in ksbpf("status", check=True).stdout
+    attached_at = st["attached_at"]
+    assert attached_at
+    before = dropped_dns(host)
+    for ns in senders(host):
+        r = ask(ns, host.tun4_server, "udp", timeout=BLOCKED)
+        assert not r["ok"], (ns, r)
+    assert dns["vpn"].queries == 0 and dropped_dns(host) > before
+    with DnsServer(host.server_path, host.tun4_server, VPN_ANSWER, port=5353) as other_port:
+        for ns in senders(host):   # the control: the tunnel carries the rest, from the host and the container
+            r = query(ns, None, host.tun4_server, "udp", 4.0, port=5353)
+            assert r["ok"] and r["answer"] == VPN_ANSWER, (ns, r)
+        assert other_port.queries == 2
+
+    # the VPN configures its resolver: followed, nothing re-attached
+    mark = len(d.events)
+    conf.write_text(f"[Interface]\nPrivateKey = (not read)\nDNS = {host.tun4_server}\n\n[Peer]\n")
+    ev = d.wait_for("dns_followed", after=mark, timeout=30)
+    assert ev["now"] == [host.tun4_server] and ev["source"] == str(conf), ev
+    for ns in senders(host):
+        r = ask(ns, host.tun4_server, "udp")
+        assert r["ok"] and r["answer"] == VPN_ANSWER, (ns, r)
+        r = ask(ns, host.net4_server, "udp", timeout=BLOCKED)
+        assert not r["ok"], (ns, r)
+    assert dns["vpn"].queries == 2 and dns["other"].queries == 0
+
+    # ... and moves it: the new one answers, the old one gets nothing more
+    mark = len(d.events)
+    conf.write_text(f"[Interface]\nPrivateKey = (not read)\nDNS = {host.net4_server}\n\n[Peer]\n")
+    ev = d.wait_for("dns_followed", after=mark, timeout=30)
+    assert ev["added"] == [host.net4_server] and ev["removed"] == [host.tun4_server], ev
+    assert node_status(host)["dns"]["resolvers"] == [host.net4_server]
+    for ns in senders(host):
+        for proto in ("udp", "tcp"):
+            r = ask(ns, host.net4_server, proto)
+            assert r["ok"] and r["answer"] == OTHER_ANSWER, (ns, proto, r)
+        r = ask(ns, host.tun4_server, "udp", timeout=BLOCKED)
+        assert not r["ok"], (ns, r)
+    assert dns["other"].queries == 4 and dns["vpn"].queries == 2
+    assert not [e for e in d.events[mark:] if e.get("event", "").startswith("node_")], d.events[mark:]
+    assert node_status(host)["attached_at"] == attached_at   # the same attachment, its maps updated in place
+    proc = ksbpf("verify", "--scope", f"node:{host.client_path}", "--json")
+    found = {f["check"]: f for f in json.loads(proc.stdout)["findings"]}
+    assert found["policy"]["verdict"] == "ok" and found["dns"]["verdict"] == "ok", found
+    assert host.net4_server in found["dns"]["detail"], found["dns"]
+    assert d.proc.poll() is None

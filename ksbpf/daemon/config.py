@@ -376,12 +376,7 @@ class _Checker:
         policy = self.policy_keys(table, at, dhcp_default=False)
         if policy is not None and deny_tun:
             policy = dataclasses.replace(policy, deny_tun=True)
-        dns = self.strings(table, at, "dns", 'an array of resolver addresses such as ["10.64.0.1"] or ["auto"]')
-        if policy is not None and dns:
-            # "auto": followed by the daemon (read now, and kept in step with the tunnel)
-            found = self.attempt(at + ("dns",), vpn_dns.followed_specs, dns, policy.tunnels,
-                                 policy.netns in ("", None))
-            policy = self.attempt(at + ("dns",), lambda: dataclasses.replace(policy, **found)) if found else None
+        policy = self.dns_keys(table, at, policy)
         if len(self.issues) > before or policy is None or cgroup is None:
             return None
         return ScopeConfig(cgroup, policy, create, self.where.line(at) or 0)
@@ -394,7 +389,7 @@ class _Checker:
         self.unknown(table, at, KEYS["node"])
         if "tunnels" not in table:
             self.issue(at + ("tunnels",), 'missing; [node] needs one, e.g. tunnels = ["wg0"]')
-        policy = self.node_dns(table, at, self.policy_keys(table, at, dhcp_default=True))
+        policy = self.dns_keys(table, at, self.policy_keys(table, at, dhcp_default=True))
         internal = self.strings(table, at, "internal", 'an array of interface name patterns such as ["docker*"]') or []
         default_internal = self.get(table, at, "default_internal", bool, "true or false")
         exempt = self.strings(table, at, "exempt_cgroups", 'an array of cgroup paths such as ["/sys/fs/cgroup/system.slice/ssh.service"]') or []
@@ -412,14 +407,14 @@ class _Checker:
             return None
         return NodeConfig(node, self.where.line(at) or 0)
 
-    def node_dns(self, table: dict, at: KeyPath, policy: Policy | None) -> Policy | None:
-        """[node] dns = ["10.64.0.1"] or ["auto"]: the VPN's resolvers, `auto` read from the tunnels (in
-        the node's namespace) when the table is applied -- on start and on reload; not followed between."""
+    def dns_keys(self, table: dict, at: KeyPath, policy: Policy | None) -> Policy | None:
+        """dns = ["10.64.0.1"] or ["auto"] of a [[scope]] or [node]: the VPN's resolvers, `auto` read
+        from the tunnels (in the scope's namespace) now and kept in step by the daemon."""
         dns = self.strings(table, at, "dns", 'an array of resolver addresses such as ["10.64.0.1"] or ["auto"]')
         if policy is None or not dns:
             return policy
-        found = self.attempt(at + ("dns",), vpn_dns.resolve_specs, dns, policy.tunnels, policy.netns in ("", None))
-        return self.attempt(at + ("dns",), lambda: dataclasses.replace(policy, dns=found[0])) if found else None
+        found = self.attempt(at + ("dns",), vpn_dns.followed_specs, dns, policy.tunnels, policy.netns in ("", None))
+        return self.attempt(at + ("dns",), lambda: dataclasses.replace(policy, **found)) if found else None
 
     def policy_keys(self, table: dict, at: KeyPath, dhcp_default: bool) -> Policy | None:
         """The policy keys a [[scope]] and [node] share: tunnels, endpoints,

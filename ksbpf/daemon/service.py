@@ -104,6 +104,8 @@ class NodeState:
     follow_fast_until: float = 0.0
     follow_failed: tuple[str, ...] = ()
     followed_addrs: frozenset = frozenset()
+    dns_at: float = 0.0          # dns = ["auto"] (see ScopeState)
+    dns_source: str | None = None
 
     @property
     def name(self) -> str:
@@ -267,7 +269,7 @@ class Daemon:
 
     def _apply_node_config(self, cfg: config.Config) -> None:
         want = cfg.node.node if cfg.node else None
-        if self.node is not None and want != self.node.node:
+        if self.node is not None and not _same_node(self.node.node, want):
             if want is None:
                 result = node_scope.detach(self.node.node.policy.netns)
                 self.log("node_removed", scope=self.node.name, pins=result.removed_pins)
@@ -567,10 +569,14 @@ class Daemon:
             self._verify_soon(st.name)
 
     # -- dns = ["auto"]: the dns maps follow the tunnel's resolvers ------------------------
-    def _dns_followers(self) -> list[ScopeState]:
-        return [st for st in self.scopes.values() if st.policy.dns_auto and st.pin_dir and not st.error]
+    def _dns_followers(self) -> list[ScopeState | NodeState]:
+        out: list[ScopeState | NodeState] = [st for st in self.scopes.values()
+                                             if st.policy.dns_auto and st.pin_dir and not st.error]
+        if self.node and self.node.policy.dns_auto and self.node.pin_dir and self.node.ns and not self.node.error:
+            out.append(self.node)
+        return out
 
-    def _follow_dns(self, st: ScopeState, read: dict | None = None) -> None:
+    def _follow_dns(self, st: ScopeState | NodeState, read: dict | None = None) -> None:
         """Read the resolvers the VPN configured for the scope's tunnels and
         bring its dns maps to them in place (new before old; nothing re-attached).
         read: what this pass read already, by (tunnels, own namespace) -- a
@@ -586,7 +592,9 @@ class Daemon:
                 found = dns_followed.read_now(st.policy, timeout=DNS_READ_TIMEOUT)
                 if read is not None:
                     read[key] = found
-            with pins.locked(f"cgroup-{os.path.basename(st.pin_dir)}"), bpf.ScopeMaps.from_pins(st.pin_dir) as maps:
+            lock = (f"node-{netns.cookie(st.ns)}" if isinstance(st, NodeState)
+                    else f"cgroup-{os.path.basename(st.pin_dir)}")
+            with pins.locked(lock), bpf.ScopeMaps.from_pins(st.pin_dir) as maps:
                 result = dns_followed.sync(maps, st.policy, found)
         except vpn_dns.Unreadable as exc:   # not known is not "none": the resolvers in force stay
             st.dns_at = time.monotonic() + DNS_UNREADABLE_SECONDS
@@ -598,8 +606,11 @@ class Daemon:
         except (OSError, KsbpfError) as exc:
             self.log("dns_follow_failed", level="error", scope=st.name, error=str(exc))
             return
-        if result.now != st.policy.dns:
-            st.policy = replace(st.policy, dns=result.now)   # a re-attach (retry) starts from these
+        if result.now != st.policy.dns:   # a re-attach (retry) starts from these
+            if isinstance(st, NodeState):
+                st.node = replace(st.node, policy=replace(st.policy, dns=result.now))
+            else:
+                st.policy = replace(st.policy, dns=result.now)
         if result.changed or result.source != st.dns_source:
             st.dns_source = result.source
             self.log("dns_followed", scope=st.name, added=result.added, removed=result.removed,
@@ -950,6 +961,11 @@ def apply_once(config_path: str, log: EventLog) -> int:
         d._unfollow(st)
     failed = [s for s in d.scopes.values() if s.error]
     return 1 if failed or (d.node and d.node.error) else 0
+
+
+def _same_node(current: NodePolicy, wanted: NodePolicy | None) -> bool:
+    """Is the node kept with the one asked for?  dns = ["auto"]: as _same()."""
+    return wanted is not None and _same(current.policy, wanted.policy) and replace(current, policy=wanted.policy) == wanted
 
 
 def _same(current: Policy, wanted: Policy) -> bool:

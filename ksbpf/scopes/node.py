@@ -183,7 +183,7 @@ def nf_pass_set(np: NodePolicy, present: list[links.Link], live: dict[int, bool]
     through them, and DNS to other resolvers is dropped there."""
     def passed(link: links.Link) -> bool:
         role = np.role(link.name, link.kind, link.ifindex)
-        if role == "tunnel" and np.policy.dns:
+        if role == "tunnel" and np.policy.options.dns:   # dns = ["auto"] with none known yet too
             return False
         return role != "guarded" or bool(live.get(link.ifindex))
     return {link.ifindex for link in present if passed(link)}
@@ -196,11 +196,12 @@ DNS_NO_REDIRECT = ("not redirected in node mode: the redirect programs attach to
 def dns_state(np: NodePolicy, from_birth: str) -> dict | None:
     """--dns of a node scope as attach and status show it: the resolvers, no
     redirection, and whether DNS through the tunnel is seen (the netfilter
-    hook; the tunnel carries no tc guard)."""
-    if not np.policy.dns:
+    hook; the tunnel carries no tc guard).  dns = ["auto"] (the daemon follows
+    the tunnel's resolvers): `auto`, and no resolver while none is known."""
+    if not np.policy.options.dns:
         return None
     return {"resolvers": [str(a) for a in np.policy.dns], "redirect": False,
-            "through_tunnel": from_birth == "on"}
+            "through_tunnel": from_birth == "on", **({"auto": True} if np.policy.dns_auto else {})}
 
 
 def dns_line(state: dict) -> str:
@@ -208,7 +209,11 @@ def dns_line(state: dict) -> str:
     tunnel = ("DNS through the tunnel to any other resolver dropped (netfilter hook)" if state["through_tunnel"]
               else "DNS through the tunnel NOT judged (no netfilter hook here: Linux 6.4+): only DNS outside "
                    "the tunnel is dropped")
-    return (f"only to {', '.join(state['resolvers'])} through the tunnel, from the node and what it forwards; "
+    if not state["resolvers"]:   # dns = ["auto"], nothing configured for the tunnel yet
+        return ("none known yet (auto): all DNS of the node and what it forwards is dropped until the daemon "
+                f"reads the tunnel's resolvers; {tunnel}; {DNS_NO_REDIRECT}")
+    auto = " (auto)" if state.get("auto") else ""
+    return (f"only to {', '.join(state['resolvers'])}{auto} through the tunnel, from the node and what it forwards; "
             f"DNS outside the tunnel (LAN resolvers too) dropped; {tunnel}; {DNS_NO_REDIRECT}")
 
 
