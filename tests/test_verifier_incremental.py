@@ -87,3 +87,36 @@ def test_results_of_other_scopes_stand_and_removed_scopes_go(verifier):
     run(v, "s5")
     assert not any(k[0] == "s4" for k in v.failures) and not v.problems
     assert v.last_success is not None and v.last_success > (last or 0)
+
+
+def test_checks_wait_for_the_event_loop(monkeypatch):
+    """The verifier's thread checks a scope only while the daemon's event loop waits for work (its
+    `idle` event set), or after waiting IDLE_WAIT_MAX: a pod being protected does not share the GIL
+    with a pass over every scope.  Measured against a loop that stays busy, then goes idle."""
+    fake = FakeChecks()
+    monkeypatch.setattr(check, "check_pin_dir", fake)
+    monkeypatch.setattr(vmod, "QUIET_SECONDS", 0.0)
+    monkeypatch.setattr(vmod, "IDLE_WAIT_MAX", 1.0)
+    idle = threading.Event()   # the loop is busy
+    scopes = {f"s{i}": f"/pins/s{i}" for i in range(4)}
+    v = vmod.Verifier(lambda *a, **k: None, lambda: dict(scopes), interval=3600, idle=idle)
+    start = time.monotonic()
+    v.start()
+    try:
+        deadline = start + 10
+        while not fake.calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(fake.calls) == 1 and time.monotonic() - start >= 1.0   # waited for the busy loop
+        time.sleep(0.3)
+        assert len(fake.calls) == 1   # busy: one scope per IDLE_WAIT_MAX, not the whole pass at once
+        idle.set()                    # the loop waits for work: the rest of the pass at once
+        assert v.wait_for_run(0, 10)
+        assert fake.take() == sorted(scopes.values())
+        assert time.monotonic() - start < 1.0 * len(scopes)
+        idle.clear()
+        t = time.monotonic()
+        run(v, "s2")
+        assert fake.take() == ["/pins/s2"] and time.monotonic() - t >= 1.0   # waited for the loop
+    finally:
+        idle.set()
+        v.stop()

@@ -23,6 +23,7 @@ import os
 import resource
 import select
 import signal
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -147,6 +148,10 @@ class Daemon:
         self.compiler = None                # compiles in helper processes once the loop runs (never in the daemon)
         self.pool = None                    # programs verified ahead of time (with a source of scopes)
         self.verifier = None                # the zero-traffic check's thread (ksbpf/daemon/verifier.py)
+        # set while the main loop waits for work: the verifier's thread checks a scope only then (or after
+        # waiting Verifier.IDLE_WAIT_MAX), so that its Python work does not hold the GIL against a pod
+        # being protected
+        self.idle = threading.Event()
         self.openvpn: dict[str, vpn_endpoints.OpenVPNManagement] = {}   # --endpoint auto:PATH, held open
 
     # -- configuration ---------------------------------------------------------
@@ -802,7 +807,8 @@ class Daemon:
 
     def _start_verifier(self, cfg: config.Config) -> None:
         from ksbpf.daemon.verifier import Verifier
-        self.verifier = Verifier(self.log, self.applied_scopes, cfg.verify_interval, cfg.close_stray_sockets)
+        self.verifier = Verifier(self.log, self.applied_scopes, cfg.verify_interval, cfg.close_stray_sockets,
+                                 idle=self.idle)
         self.verifier.start()
 
     def _serve_metrics(self, cfg: config.Config) -> None:
@@ -856,7 +862,9 @@ class Daemon:
                            *(src.deadline() for src in self.sources),
                            *(st.follow_at for st in self._followers()),
                            *(st.dns_at for st in self._dns_followers()))
+            self.idle.set()
             readable = _readable([read_fd, *watches, *follows, *sources, *ovpn], max(0.0, deadline - time.monotonic()))
+            self.idle.clear()
             self.heartbeat = time.monotonic()
             for fd in readable:
                 if fd == read_fd:

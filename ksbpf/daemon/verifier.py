@@ -28,15 +28,17 @@ from ksbpf.verify import check
 JOIN_POLL_SECONDS = 2.0
 CONFIRM_SECONDS = 1.0
 QUIET_SECONDS = 0.5     # after a change, wait this long without another (a flapping tunnel: one check)
+IDLE_WAIT_MAX = 1.0     # a check waits at most this long for the event loop to be idle (then runs anyway)
 
 
 class Verifier:
     def __init__(self, log: Callable[..., None], pin_dirs: Callable[[], dict[str, str]],
-                 interval: float = 300.0, close_stray: bool = False):
+                 interval: float = 300.0, close_stray: bool = False, idle: threading.Event | None = None):
         self.log = log
         self.pin_dirs = pin_dirs          # scope (cgroup path) -> pin directory, of the applied scopes
         self.interval = interval
         self.close_stray = close_stray
+        self.idle = idle                  # set while the event loop waits for work (None: never wait)
         self.failures: dict[tuple[str, str], int] = {}
         self.problems: list[str] = []
         self._problems: dict[str, list[str]] = {}   # scope -> its failing findings' lines (the last check of it)
@@ -110,6 +112,8 @@ class Verifier:
     def _check(self, scopes: dict[str, str]) -> dict[str, list[check.Finding]]:
         out = {}
         for scope, pin_dir in scopes.items():
+            if self.idle is not None:
+                self.idle.wait(IDLE_WAIT_MAX)   # the loop first: a pod being protected does not wait for us
             try:
                 out[scope] = check.check_pin_dir(pin_dir)
             except (OSError, KsbpfError) as exc:
