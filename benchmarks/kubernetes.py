@@ -5,10 +5,14 @@ class), each with a process in its own network namespace, served by the
 replaying API server (tests/harness/kubeapi.py: no API server can run here).  The
 daemon protects them all; then it is measured: the time to protect one more
 pod (from the API's ADDED event to the daemon's pod_protected line, and the
-daemon's own time for it), its memory, and one /metrics scrape.  No packet
-is sent.  Everything is removed afterwards.
+daemon's own time for it), its memory, /metrics scrapes, a restart, and
+the per-packet cost of the first pod's program (the kernel's run-time
+statistics) when it is the only pod and when every pod is protected: UDP
+from the pod to a veth pair inside its own namespace (dropped: no tunnel)
+and to loopback; nothing leaves the pod's namespace.  Everything is removed
+afterwards.
 
-    python benchmarks/kubernetes.py [--pods 1000] [--more 50] [--scrapes 10]
+    python benchmarks/kubernetes.py [--pods 1000] [--more 50] [--scrapes 10] [--verify-interval S]
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import report
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
-from ksbpf.kernel import cgroup, pins
+from ksbpf.kernel import cgroup, libbpf, pins
 from ksbpf.scopes import cgroups
 
 from harness.kubeapi import FakeApiServer, make_pod   # test harness, with the tests (sys.path above)
@@ -42,6 +46,19 @@ TARGET_METRICS_BYTES = 1_000_000
 TARGET_RESTART_S = 10
 NODE = "bench-node"
 INTERVAL = 0.5   # seconds between the pods added one at a time (a node starts a few pods a second at most)
+PACKETS = 20000  # per path and measure, for the per-packet cost of one pod's program
+BPF_STATS_RUN_TIME = 0
+SENDER = """
+import socket, sys
+dst, n = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((dst, 9))
+for _ in range(n):
+    try:
+        s.send(b"x" * 64)
+    except OSError:
+        pass
+"""
 
 
 class Daemon:
@@ -88,6 +105,29 @@ class Daemon:
             self.proc.wait()
 
 
+def prog_stats(prog_id: int) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) of a program, as the kernel counts them (kernel.bpf_stats_enabled)."""
+    out = json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "id", str(prog_id)],
+                                    check=True, capture_output=True, text=True).stdout)
+    return out.get("run_time_ns", 0), out.get("run_cnt", 0)
+
+
+def per_packet(cgroup_dir: str, pid: int, scope_cgroup: str) -> dict:
+    """ns per packet of the pod's egress program (the kernel's run-time statistics), on two paths: to an
+    interface that is no tunnel (a veth pair inside the pod's own namespace: dropped, not_tunnel) and loopback
+    (allowed).  Packets never leave the pod's namespace."""
+    prog_id = cgroups.read_scope(pins.scope_dir(cgroup.resolve(scope_cgroup).id)).prog_id
+    out = {}
+    for path, dst in (("drop not_tunnel", "10.200.0.2"), ("loopback", "127.0.0.1")):
+        t0, c0 = prog_stats(prog_id)
+        subprocess.run(["sh", "-c", f'echo $$ > {cgroup_dir}/cgroup.procs && exec "$@"', "sh",
+                        "nsenter", "-t", str(pid), "-n", sys.executable, "-c", SENDER, dst, str(PACKETS)],
+                       check=True, timeout=300)
+        t1, c1 = prog_stats(prog_id)
+        out[path] = round((t1 - t0) / max(1, c1 - c0), 1)
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -99,11 +139,12 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def run(n: int, more: int, scrapes: int) -> dict:
+def run(n: int, more: int, scrapes: int, verify_interval: float | None = None) -> dict:
     tag = uuid.uuid4().hex[:6]
     top = os.path.join(cgroup.cgroup2_root(), f"ksbpf-bench-{tag}")
     os.mkdir(top)
     procs: list[subprocess.Popen] = []
+    where: list[tuple[str, str]] = []   # each pod's (pod cgroup, container cgroup)
     layouts = sorted(LAYOUTS)
     workdir = tempfile.mkdtemp(prefix="ksbpf-bench-")
     daemon = None
@@ -113,7 +154,8 @@ def run(n: int, more: int, scrapes: int) -> dict:
         uid = str(uuid.uuid4())
         path = pod_dir(os.path.join(top, "node"), uid, driver, qos)
         os.makedirs(path)
-        procs.append(start_in(container_dir(path, driver, "containerd"), "new", "sleep", "3600"))
+        where.append((path, container_dir(path, driver, "containerd")))
+        procs.append(start_in(where[-1][1], "new", "sleep", "3600"))
         return make_pod(f"p{i}", NODE, {"ksbpf.io/tunnels": "wg0", "ksbpf.io/endpoints": "203.0.113.5:51820/udp",
                                         "ksbpf.io/allow-cidrs": "10.96.0.0/12"}, uid=uid, qos=qos)
 
@@ -130,17 +172,33 @@ def run(n: int, more: int, scrapes: int) -> dict:
             while not all(in_own_netns(p) for p in procs):
                 time.sleep(0.05)
             print(f"  {n} pods with their processes and namespaces: {time.monotonic() - start:.1f} s", file=sys.stderr)
-            for pod in pods:
-                api.put_pod(pod)
+            # the per-packet cost of one pod's program with that pod alone: a daemon protects it, and stops
+            # (the program stays); the one started below takes it back with the others
+            scope_cg, first_cg = where[0]
+            subprocess.run(["nsenter", "-t", str(procs[0].pid), "-n", "sh", "-c",
+                            "ip link add d0 type veth peer name d1 && ip addr add 10.200.0.1/24 dev d0 "
+                            "&& ip link set d0 up && ip link set d1 up && ip link set lo up"], check=True)
+            stats_fd = libbpf._check(libbpf._lib().bpf_enable_stats(BPF_STATS_RUN_TIME), "enable BPF statistics")
+            api.put_pod(pods[0])
             port = free_port()
             config_path = os.path.join(workdir, "ksbpf.toml")
             with open(config_path, "w") as f:
+                if verify_interval:
+                    f.write(f"[daemon]\nverify_interval = {verify_interval}\n")
                 f.write(f'[metrics]\nlisten = "127.0.0.1:{port}"\n[kubernetes]\nenabled = true\nnode_name = "{NODE}"\n'
                         f'kubeconfig = "{api.kubeconfig(os.path.join(workdir, "kubeconfig"))}"\ncgroup_root = "{top}"\n')
+            daemon = Daemon(config_path)
+            daemon.wait(lambda ev: len(ev.get("pod_protected", [])) >= 1, timeout=120)
+            cost_1 = per_packet(first_cg, procs[0].pid, scope_cg)
+            daemon.stop()
+            for pod in pods[1:]:
+                api.put_pod(pod)
             start = time.monotonic()
             daemon = Daemon(config_path)
             daemon.wait(lambda ev: len(ev.get("pod_protected", [])) >= n, timeout=60 + n * 0.5)
             initial_s = time.monotonic() - start
+            cost_n = per_packet(first_cg, procs[0].pid, scope_cg)
+            os.close(stats_fd)
             print(f"  the daemon protected {n} pods in {initial_s:.1f} s", file=sys.stderr)
             time.sleep(1)
             rss = daemon.rss_mb()
@@ -175,7 +233,7 @@ def run(n: int, more: int, scrapes: int) -> dict:
             restart_s = time.monotonic() - start
             print(f"  a restarted daemon took {total} pods back in {restart_s:.1f} s", file=sys.stderr)
             result = {
-                "benchmark": "kubernetes", "pods": n, "more": more,
+                "benchmark": "kubernetes", "pods": n, "more": more, "verify_interval": verify_interval or 300.0,
                 "initial_protect_s": round(initial_s, 1),
                 "restart_protect_s": round(restart_s, 1),
                 "protect_one_more_ms": {"p50": round(pct(end_to_end, 0.5), 1), "p99": round(pct(end_to_end, 0.99), 1),
@@ -185,6 +243,7 @@ def run(n: int, more: int, scrapes: int) -> dict:
                 "protect_parts_ms": {"find_cgroup_p50": round(pct([f for f, _ in parts], 0.5), 1),
                                      "attach_and_watch_p50": round(pct([a for _, a in parts], 0.5), 1)},
                 "daemon_rss_mb": rss, "daemon_rss_mb_after": rss_after,
+                "per_packet_ns": {"1": cost_1, str(n): cost_n},
                 "scrape_ms": {"p50": round(pct(scrape_ms, 0.5), 1), "max": round(max(scrape_ms), 1)},
                 "metrics_bytes": size,
                 "targets": {"protect_p99_ms": TARGET_PROTECT_P99_MS, "daemon_rss_mb": TARGET_RSS_MB,
@@ -230,7 +289,15 @@ def table(r: dict) -> str:
         f"{ok[r['met']['daemon_rss']]}) | {s['p50']} / {s['max']} ms, {r['metrics_bytes'] // 1024} KiB "
         f"(targets ≤ {TARGET_SCRAPE_MS} ms: {ok[r['met']['scrape']]}; ≤ {TARGET_METRICS_BYTES // 1000} kB: "
         f"{ok[r['met']['metrics_bytes']]}) | {r['initial_protect_s']} s "
-        f"| {r['restart_protect_s']} s (target ≤ {TARGET_RESTART_S} s: {ok[r['met']['restart']]}) |"])
+        f"| {r['restart_protect_s']} s (target ≤ {TARGET_RESTART_S} s: {ok[r['met']['restart']]}) |",
+        "",
+        f"Per-packet cost of one pod's program (the kernel's run-time statistics, {PACKETS} UDP datagrams per path "
+        "from the pod), with that pod alone and with every pod protected:",
+        "",
+        "| path | 1 pod: ns/packet | " + f"{r['pods']} pods: ns/packet | × |",
+        "|---|---|---|---|",
+        *(f"| {path} | {one} | {r['per_packet_ns'][str(r['pods'])][path]} | "
+          f"{r['per_packet_ns'][str(r['pods'])][path] / one:.2f} |" for path, one in r["per_packet_ns"]["1"].items())])
 
 
 def main() -> int:
@@ -238,8 +305,10 @@ def main() -> int:
     ap.add_argument("--pods", type=int, default=1000)
     ap.add_argument("--more", type=int, default=50)
     ap.add_argument("--scrapes", type=int, default=10)
+    ap.add_argument("--verify-interval", type=float, default=None,
+                    help="the daemon's verify_interval (seconds, >= 10): full verify passes while pods are added")
     a = ap.parse_args()
-    result = run(a.pods, a.more, a.scrapes)
+    result = run(a.pods, a.more, a.scrapes, a.verify_interval)
     report.publish(a.out, "kubernetes", result, "Kubernetes: many protected pods on one node",
                    f"{a.pods} annotated pods protected by the running daemon, then {a.more} more one at a time.",
                    table(result))

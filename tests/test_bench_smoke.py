@@ -169,3 +169,12 @@ def test_dns_cost_benchmark_runs(tmp_path):
     assert len(result["cases"]) == 5
     for case in result["cases"].values():
         assert case["program_ns"] > 0 and case["floor_ns"] > 0 and case["call_ns_with_dns"] > 0
+
+
+@pytest.mark.root
+def test_kubernetes_benchmark_runs(tmp_path):
+    result = bench(tmp_path, "kubernetes.py", "--pods", "4", "--more", "2", "--scrapes", "1")
+    assert result["pods"] == 4 and len(result["protect_samples_ms"]) == 2
+    for n in ("1", "4"):   # the first pod's program judged its packets (a count of 0 would give 0 ns)
+        assert set(result["per_packet_ns"][n]) == {"drop not_tunnel", "loopback"}
+        assert all(v > 0 for v in result["per_packet_ns"][n].values()), result["per_packet_ns"]
