@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test vm-test bench install clean fuzz image
+.PHONY: setup demo test vm-test vm-test-ubuntu bench install clean fuzz image
 
 ## setup: Debian packages, kernel headers for bcc, .venv with ksbpf (idempotent)
 setup:
@@ -21,6 +21,11 @@ test: setup
 ##          (qemu; the image is cached in /var/cache/ksbpf-vm; also part of `make test`)
 vm-test: setup
 	@$(PY) -m pytest tests/test_vm.py $(PYTEST_ARGS)
+
+## vm-test-ubuntu: the same on Ubuntu 22.04's and 24.04's GA kernels (5.15, 6.8) besides the newest;
+##                 opt-in: their packages come from archive.ubuntu.com (KSBPF_VM_KERNELS chooses)
+vm-test-ubuntu: setup
+	@KSBPF_VM_KERNELS=$${KSBPF_VM_KERNELS:-newest,ubuntu2204,ubuntu2404} $(PY) -m pytest tests/test_vm.py $(PYTEST_ARGS)
 
 ## fuzz: differential fuzzing, the policy model against the real programs (ksbpf/verify/fuzz.py);
 ## disagreements are saved in tests/fuzz_regressions/, which `make test` replays

@@ -181,3 +181,44 @@ def test_why_not_is_one_line():
     assert rawsock.node_available() == (why == "")
     if why:
         assert "lsm=" in why or "BPF LSM hook" in why or "verifier" in why
+
+
+UBUNTU_LSMS = "lockdown,capability,landlock,yama,apparmor,ima,evm"   # /sys/kernel/security/lsm on Ubuntu 24.04
+
+
+def test_bpf_missing_from_the_active_lsms_is_one_line_naming_it(tmp_path):
+    """Ubuntu's kernels (CONFIG_BPF_LSM=y, `bpf` not in CONFIG_LSM) load and attach
+    BPF LSM programs that then never run: the active list decides first."""
+    lsm = tmp_path / "lsm"
+    lsm.write_text(UBUNTU_LSMS)
+    why = rawsock.lsm_inactive(str(lsm))
+    assert "\n" not in why and "`bpf` is not among the active LSMs" in why, why
+    assert why.endswith(f"lsm={UBUNTU_LSMS},bpf"), why
+    lsm.write_text(UBUNTU_LSMS + ",bpf\n")
+    assert rawsock.lsm_inactive(str(lsm)) == ""
+    assert rawsock.lsm_inactive(str(tmp_path / "no-securityfs")) == ""   # unreadable: the load decides
+
+
+@pytest.fixture
+def lsms_without_bpf(tmp_path, monkeypatch):
+    lsm = tmp_path / "lsm"
+    lsm.write_text(UBUNTU_LSMS)
+    monkeypatch.setattr(rawsock, "LSM_LIST", str(lsm))
+
+    def never(*args, **kwargs):
+        raise AssertionError("a BPF LSM program was loaded although `bpf` is not an active LSM")
+    monkeypatch.setattr(rawsock, "load", never)
+    monkeypatch.setattr(rawsock, "node_load", never)
+    for f in (rawsock.why_not, rawsock.node_why_not):
+        f.cache_clear()
+    yield
+    for f in (rawsock.why_not, rawsock.node_why_not):
+        f.cache_clear()
+
+
+def test_no_raw_socket_layer_where_bpf_is_not_an_active_lsm(lsms_without_bpf):
+    """There the scope's and node mode's layers are absent (status says why), never
+    reported as refusing what they cannot see."""
+    assert not rawsock.available() and not rawsock.node_available()
+    assert rawsock.why_not() == rawsock.node_why_not() == rawsock.lsm_inactive()
+    assert "lsm=" in rawsock.why_not()

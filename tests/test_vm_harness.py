@@ -4,6 +4,7 @@ newer kernels' packages need on Debian 12, and the table's shape."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -11,6 +12,7 @@ import subprocess
 from vm import kernels, qemu
 
 VM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vm")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PANIC = """[    2.104] int3: 0000 [#1] PREEMPT SMP NOPTI
 [    2.105] RIP: 0010:sched_clock_cpu+0x10/0x1a0
@@ -81,3 +83,80 @@ def test_only_a_refusal_makes_a_cell_not_supported():
     # a verifier finding or a notice that mentions a missing feature is not a refusal
     assert guest.refusal('x error   verify_failed scope=/a check=nf detail="this kernel has no netfilter BPF links"') is None
     assert guest.refusal("this kernel: tcx no (Linux 6.6) -> node mode guards with clsact filters") is None
+
+
+def test_the_default_run_boots_the_debian_kernels_and_ubuntus_are_opt_in():
+    assert [k.name for k in kernels.selected("")] == ["newest", "debian13", "debian12"]
+    assert kernels.selected("default") == kernels.selected("") == kernels.KERNELS
+    both = kernels.selected("newest, ubuntu2204,ubuntu2404")   # boot order: the strict kernel, then newest first
+    assert [k.name for k in both] == ["newest", "ubuntu2404", "ubuntu2204"]
+    assert [k.name for k in kernels.selected("ubuntu2204,default")] == \
+        ["newest", "debian13", "debian12", "ubuntu2204"]
+    assert [k.release for k in kernels.ubuntu(both)] == ["6.8.0-155-generic", "5.15.0-208-generic"]
+    try:
+        kernels.selected("newest,ubuntu2004")
+        raise AssertionError("an unknown kernel name was accepted")
+    except kernels.KsbpfError as exc:
+        assert "\n" not in str(exc) and "ubuntu2004" in str(exc) and "ubuntu2204" in str(exc), exc
+
+
+def test_ubuntu_kernels_are_pinned_by_file_and_sha256_and_leave_the_base_alone():
+    for k in kernels.OPTIONAL:
+        assert not k.strict and k.release.endswith("-generic") and k.name not in [d.name for d in kernels.KERNELS]
+        names = [d.basename for d in k.debs]
+        assert names == [f"linux-image-unsigned-{k.release}_{k.version}_amd64.deb",
+                         f"linux-modules-{k.release}_{k.version}_amd64.deb"], names
+        for d in k.debs:
+            assert d.filename.startswith("pool/main/l/linux/") and re.fullmatch(r"[0-9a-f]{64}", d.sha256), d
+        assert kernels.by_name(k.name) is k
+    # the base layer's key is made of the Debian kernels only
+    assert not any("generic" in a for a in kernels.install_args())
+    from vm import image
+    assert image.image_key(REPO, "b") == image.image_key(REPO, "b", ())
+    assert image.image_key(REPO, "b", kernels.OPTIONAL[1:]) not in (image.image_key(REPO, "b"),
+                                                                  image.image_key(REPO, "b", kernels.OPTIONAL))
+
+
+def test_ubuntu_packages_are_checked_and_an_unreachable_archive_is_one_line(tmp_path):
+    from vm import image
+    deb = b"a package"
+    k = kernels.Kernel("t", "test", "pocket", "linux-image-unsigned-1.2.3-4-generic", "1.2.3-4.5", strict=False,
+                       debs=(kernels.Deb("pool/x/a.deb", hashlib.sha256(deb).hexdigest()),))
+    archive = tmp_path / "archive"
+    (archive / "pool" / "x").mkdir(parents=True)
+    cache = str(tmp_path / "cache")
+    try:   # not there
+        image.fetch_debs(cache, (k,), log=lambda m: None, archive=archive.as_uri())
+        raise AssertionError("a missing package was not an error")
+    except image.KsbpfError as exc:
+        assert "\n" not in str(exc) and "KSBPF_VM_KERNELS" in str(exc) and "pool/x/a.deb" in str(exc), exc
+    (archive / "pool" / "x" / "a.deb").write_bytes(b"another package")
+    try:   # not what was pinned
+        image.fetch_debs(cache, (k,), log=lambda m: None, archive=archive.as_uri())
+        raise AssertionError("a package with the wrong sha256 was accepted")
+    except image.KsbpfError as exc:
+        assert "not the pinned" in str(exc) and not os.listdir(os.path.join(cache, "ubuntu-debs")), exc
+    (archive / "pool" / "x" / "a.deb").write_bytes(deb)
+    assert image.fetch_debs(cache, (k,), log=lambda m: None, archive=archive.as_uri()) == \
+        [os.path.join(cache, "ubuntu-debs", "a.deb")]
+    (archive / "pool" / "x" / "a.deb").unlink()   # from the cache now, checked again
+    assert open(image.fetch_debs(cache, (k,), log=lambda m: None, archive=archive.as_uri())[0], "rb").read() == deb
+
+
+def test_the_guests_cgroup_query_lists_what_is_attached_without_bpftool(tmp_path):
+    """Where bpftool lists nothing (5.15 refuses its query), the guest asks through ksbpf's
+    binding: here, on an empty cgroup of our own, it answers an empty list, not an error."""
+    import sys
+    sys.path.insert(0, VM)
+    import guest
+    cg = f"/sys/fs/cgroup/ksbpf-harness-{os.getpid()}"
+    try:
+        os.mkdir(cg)
+    except OSError as exc:
+        import pytest
+        pytest.skip(f"no cgroup of our own here ({exc})")
+    try:
+        proc = subprocess.run([sys.executable, "-c", guest._CGROUP_QUERY, cg], capture_output=True, text=True)
+        assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
+    finally:
+        os.rmdir(cg)

@@ -12,7 +12,11 @@ interface.  This program closes that at the source -- where the kernel runs
 BPF LSM programs: `bpf` in the active LSM list (`lsm=...,bpf` on the kernel
 command line; Debian's kernels are built with CONFIG_BPF_LSM) and BPF
 trampolines (the JIT).  Where it does not load, `ksbpf status` says the
-layer is absent and the CAP_NET_RAW warnings stand.
+layer is absent and the CAP_NET_RAW warnings stand.  A kernel built with
+CONFIG_BPF_LSM whose active LSMs lack `bpf` (Ubuntu's: its CONFIG_LSM has no
+`bpf`) loads and attaches the program and never runs it -- the LSM's hooks
+are not registered -- so the active list (securityfs) is read first, and the
+layer is absent there too.
 
 Like the --deny-tun device program it is built here, not compiled by bcc:
 ten instructions, no maps.  Its context is the hook's arguments as u64s:
@@ -187,9 +191,29 @@ def node_layer(pin_dir: str, attached: bool) -> str:
     return f"MISSING: the {' and '.join(gone)} program is not attached" if gone else "refused"
 
 
+LSM_LIST = "/sys/kernel/security/lsm"   # the active LSMs, in order (securityfs)
+
+
+def lsm_inactive(path: str | None = None) -> str:
+    """Why BPF LSM programs would load and never run here: `bpf` missing from the
+    active LSMs; '' when it is there, or when the list cannot be read (securityfs
+    not mounted: the load decides)."""
+    try:
+        with open(path or LSM_LIST) as f:
+            active = [m for m in f.read().strip().split(",") if m]
+    except OSError:
+        return ""
+    if "bpf" in active:
+        return ""
+    return (f"`bpf` is not among the active LSMs ({','.join(active) or 'none'}): BPF LSM programs would load and "
+            f"never run; boot with lsm={','.join(active + ['bpf'])}")
+
+
 @functools.lru_cache(maxsize=1)
 def node_why_not() -> str:
     """'' when this kernel loads the node programs; else why not."""
+    if inactive := lsm_inactive():
+        return inactive
     try:
         for hook in NODE_HOOKS:
             os.close(node_load(hook, 0, [(1, 0)]))
@@ -217,6 +241,8 @@ def load() -> int:
 @functools.lru_cache(maxsize=1)
 def why_not() -> str:
     """'' when this kernel loads the program; else why not, for people."""
+    if inactive := lsm_inactive():
+        return inactive
     try:
         fd = load()
     except btf.BtfError as exc:

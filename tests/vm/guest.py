@@ -153,10 +153,35 @@ def log_events(unit: str, event: str) -> int:
     return sum(1 for line in journal(unit).splitlines() if line.split()[2:3] == [event])
 
 
+# The cgroup programs attached, asked through ksbpf's own libbpf binding (bpf_prog_query without
+# per-program attach flags): bpftool 7.1 (Debian 12's) always asks for those, and kernels before
+# 6.0 (Ubuntu 22.04's 5.15) refuse such a query (EINVAL), so it lists nothing there.
+_CGROUP_QUERY = """
+import json, os, sys
+from ksbpf.kernel import libbpf
+names = {0: "cgroup_inet_ingress", 1: "cgroup_inet_egress", 2: "cgroup_inet_sock_create", 6: "cgroup_device",
+         10: "cgroup_inet4_connect", 11: "cgroup_inet6_connect", 14: "cgroup_udp4_sendmsg",
+         15: "cgroup_udp6_sendmsg", 43: "lsm_cgroup"}
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+out = []
+for attach_type in range(64):
+    try:
+        ids = libbpf.prog_query(fd, attach_type)
+    except OSError:
+        continue
+    out += [{"id": i, "attach_type": names.get(attach_type, f"type {attach_type}"), "name": libbpf.prog_name(i) or ""}
+            for i in ids]
+print(json.dumps(out))
+"""
+
+
 def attached_progs(cgroup: str = SCOPE) -> list[dict]:
-    """ksbpf's programs attached to the cgroup (by the kernel's program name)."""
-    out = sh("bpftool", "-j", "cgroup", "show", cgroup, check=False).strip() or "[]"
-    return [p for p in json.loads(out) if p.get("name", "").startswith("ksbpf")]
+    """ksbpf's programs attached to the cgroup (by the kernel's program name): bpftool's
+    list, or where it has none, the query above (see _CGROUP_QUERY)."""
+    out = json.loads(sh("bpftool", "-j", "cgroup", "show", cgroup, check=False).strip() or "[]")
+    if not out and os.path.isdir(cgroup):
+        out = json.loads(sh("/opt/ksbpf/.venv/bin/python", "-c", _CGROUP_QUERY, cgroup, check=False).strip() or "[]")
+    return [p for p in out if p.get("name", "").startswith("ksbpf")]
 
 
 def status() -> dict:

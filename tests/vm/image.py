@@ -16,7 +16,10 @@ Two layers, so that a code change does not cost a debootstrap:
   current repository copied in, provision.sh run again (idempotent: packages
   present, the venv only refreshed), the test's units added, and an ext4 disk
   made from the tree (mkfs.ext4 -d: no loop device).  Keyed by the base and
-  every file of the repository.  ~1 min.
+  every file of the repository.  ~1 min.  The opt-in Ubuntu kernels
+  (KSBPF_VM_KERNELS, tests/vm/kernels.py) are unpacked here when selected, with
+  an initrd and bcc's headers each, and then key the image too: the base, and
+  the default image, stay what they are without them.
 
 Every mount lives in a private mount and PID namespace (unshare) that dies
 with the build, so nothing is left mounted or running, even on failure.
@@ -33,6 +36,8 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from typing import Callable
 
@@ -125,8 +130,10 @@ def base_key(repo: str, mirror: str) -> str:
                     month.encode(), *(open(os.path.join(repo, f), "rb").read() for f in BASE_INPUTS)])
 
 
-def image_key(repo: str, base: str) -> str:
+def image_key(repo: str, base: str, extra: tuple[kernels.Kernel, ...] = ()) -> str:
     parts = [base.encode()]
+    for k in extra:   # the opt-in kernels, only when selected (else the key is the default image's)
+        parts += [k.package.encode(), k.version.encode(), *(d.sha256.encode() for d in k.debs)]
     for name in repo_files(repo):
         st = os.stat(os.path.join(repo, name))
         parts += [name.encode(), oct(st.st_mode & 0o111).encode(), open(os.path.join(repo, name), "rb").read()]
@@ -154,6 +161,46 @@ def _run_isolated(script: str, env: dict[str, str], log: Callable[[str], None], 
         log(tail)
         raise KsbpfError(f"VM image: {what} failed with status {rc} (log: {logfile})",
                          "read the log; the last lines are printed above")
+
+
+def fetch_debs(cache: str, chosen: tuple[kernels.Kernel, ...], log: Callable[[str], None] = print,
+               archive: str = kernels.UBUNTU_ARCHIVE) -> list[str]:
+    """The package files of the opt-in kernels, in the cache (downloaded once, checked against
+    their pinned sha256 every time): their paths."""
+    directory = os.path.join(cache, "ubuntu-debs")
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for k in chosen:
+        for deb in k.debs:
+            path = os.path.join(directory, deb.basename)
+            if not (os.path.exists(path) and _sha256(path) == deb.sha256):
+                url = f"{archive}/{deb.filename}"
+                log(f"vm image: downloading {url}")
+                try:
+                    with urllib.request.urlopen(url, timeout=60) as resp, open(path + ".part", "wb") as out:
+                        shutil.copyfileobj(resp, out, 1 << 20)
+                except (urllib.error.URLError, OSError) as exc:
+                    reason = getattr(exc, "reason", None) or exc
+                    raise KsbpfError(f"VM kernel {k.name}: cannot download {url} ({reason})",
+                                     f"leave {k.name} out of KSBPF_VM_KERNELS where {archive} is unreachable, "
+                                     "or update its pin in tests/vm/kernels.py if the file is gone") from None
+                got = _sha256(path + ".part")
+                if got != deb.sha256:
+                    os.unlink(path + ".part")
+                    raise KsbpfError(f"VM kernel {k.name}: {url} has sha256 {got}, not the pinned {deb.sha256}",
+                                     "check the archive (or a proxy in between); re-pin in tests/vm/kernels.py "
+                                     "only from the pocket's Packages index")
+                os.replace(path + ".part", path)
+            paths.append(path)
+    return paths
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # Pseudo file systems and caches for a chroot of $ROOT; undone before the disk is made.
@@ -211,6 +258,36 @@ for rel in $KERNEL_RELEASES; do
         || { echo "vm image: kernel $rel was not installed completely (vmlinuz, initrd, modules)"; exit 3; }
 done
 '''
+# The opt-in kernels (Ubuntu's) in the image layer: their packages unpacked (through a staging
+# directory: tar would replace the usr-merged /lib symlink with a directory), their modules
+# decompressed if the guest's kmod cannot read zstd, depmod, an initrd by the guest's own
+# initramfs-tools, and bcc's headers as setup-host.sh links them for a kernel without a package.
+_UBUNTU = r'''
+if [ -n "$UBUNTU_RELEASES" ]; then
+    inchroot() { chroot "$ROOT" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+        HOME=/root LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive $PROXY_ENV "$@"; }
+    for deb in $UBUNTU_DEBS; do
+        rm -rf "$WORK/deb"; dpkg-deb -x "$deb" "$WORK/deb"
+        for d in "$WORK"/deb/*/; do d=${d%/}; mkdir -p "$ROOT/${d##*/}"; cp -a "$d/." "$ROOT/${d##*/}/"; done
+    done
+    rm -rf "$WORK/deb"
+    zstd_ok=$(inchroot kmod --version | grep -c '+ZSTD' || true)
+    for rel in $UBUNTU_RELEASES; do
+        if [ "$zstd_ok" = 0 ] && [ -n "$(find "$ROOT/lib/modules/$rel" -name '*.ko.zst' -print -quit)" ]; then
+            echo "vm image: the guest's kmod has no zstd: decompressing $rel's modules"
+            find "$ROOT/lib/modules/$rel" -name '*.ko.zst' -exec zstd -q -d --rm {} +
+        fi
+        inchroot depmod -a "$rel"
+        inchroot update-initramfs -c -k "$rel"
+        inchroot env KSBPF_KERNEL_RELEASE=$rel KSBPF_SETUP_VM_TOOLS=no PIP_CERT=/run/host-ca.crt \
+            SSL_CERT_FILE=/run/host-ca.crt PIP_DISABLE_PIP_VERSION_CHECK=1 \
+            bash /opt/ksbpf/deploy/setup-host.sh /opt/ksbpf/.venv | grep -i "headers" || true
+        [ -e "$ROOT/boot/vmlinuz-$rel" ] && [ -e "$ROOT/boot/initrd.img-$rel" ] \
+            && inchroot test -e "/lib/modules/$rel/build/include/generated/autoconf.h" \
+            || { echo "vm image: kernel $rel was not installed completely (vmlinuz, initrd, headers for bcc)"; exit 3; }
+    done
+fi
+'''
 # The guest's other software (GUEST_PACKAGES), disabled at boot (GUEST_DISABLED): the scenarios that
 # use it start it.
 _GUEST_PACKAGES = r'''
@@ -244,7 +321,7 @@ _IMAGE = r'''
 mkdir -p "$WORK/upper" "$WORK/ovl" "$WORK/root"
 mount -t overlay overlay -o "lowerdir=$BASE,upperdir=$WORK/upper,workdir=$WORK/ovl" "$WORK/root"
 ROOT="$WORK/root"
-''' + _CHROOT_MOUNTS + _PROVISION + r'''
+''' + _CHROOT_MOUNTS + _PROVISION + _UBUNTU + r'''
 cp "$UNITS"/*.service "$ROOT/etc/systemd/system/"
 chroot "$ROOT" systemctl enable $(cd "$UNITS" && ls *.service) >/dev/null 2>&1
 ''' + _CHROOT_UNMOUNT + r'''
@@ -272,15 +349,18 @@ def _prune(cache: str, prefix: str, keep: set[str]) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def ensure_image(repo: str, log: Callable[[str], None] = print, cache: str | None = None) -> Image:
-    """The image for the repository as it is now: from the cache, or built
-    (at most once: concurrent callers wait on a lock and then find it)."""
+def ensure_image(repo: str, log: Callable[[str], None] = print, cache: str | None = None,
+                 chosen: tuple[kernels.Kernel, ...] = ()) -> Image:
+    """The image for the repository as it is now, with the opt-in kernels among `chosen`: from
+    the cache, or built (at most once: concurrent callers wait on a lock and then find it)."""
     start = time.monotonic()
     cache = cache or cache_root()
     os.makedirs(cache, mode=0o700, exist_ok=True)
     mirror = apt_mirror()
+    extra = kernels.ubuntu(chosen)
+    debs = fetch_debs(cache, extra, log)
     bkey = base_key(repo, mirror)
-    ikey = image_key(repo, bkey)
+    ikey = image_key(repo, bkey, extra)
     base_dir = os.path.join(cache, f"base-{bkey}")
     image_dir = os.path.join(cache, f"image-{ikey}")
     with open(os.path.join(cache, "lock"), "a") as lock:
@@ -295,6 +375,7 @@ def ensure_image(repo: str, log: Callable[[str], None] = print, cache: str | Non
                "GUEST_PACKAGES": " ".join(GUEST_PACKAGES), "GUEST_DISABLED": " ".join(GUEST_DISABLED),
                "KERNEL_PINS": " ".join(kernels.install_args()), "EXTRA_SUITES": " ".join(kernels.EXTRA_SUITES),
                "KERNEL_RELEASES": " ".join(k.release for k in kernels.KERNELS),
+               "UBUNTU_RELEASES": " ".join(k.release for k in extra), "UBUNTU_DEBS": " ".join(debs),
                "HEADERS_RELEASE": kernels.by_name(kernels.OWN_HEADERS).release,
                "EXCLUDES": " ".join(f"--exclude={e}" for e in EXCLUDES),
                "HOST_CA": os.environ.get("SSL_CERT_FILE") or "/etc/ssl/certs/ca-certificates.crt",
@@ -317,7 +398,8 @@ def ensure_image(repo: str, log: Callable[[str], None] = print, cache: str | Non
         tmp = image_dir + ".tmp"
         os.makedirs(tmp)
         log(f"vm image: copying the repository in, provisioning and making the disk; log: {tmp}.log")
-        _run_isolated(_IMAGE, {**env, "BASE": os.path.join(base_dir, "root"), "WORK": tmp, "LOG": tmp + ".log"},
+        _run_isolated(_IMAGE, {**env, "KERNEL_RELEASES": " ".join(k.release for k in kernels.KERNELS + extra),
+                               "BASE": os.path.join(base_dir, "root"), "WORK": tmp, "LOG": tmp + ".log"},
                       log, 900, "provisioning the image")
         os.replace(tmp + ".log", os.path.join(tmp, "build.log"))
         os.rename(tmp, image_dir)

@@ -15,11 +15,44 @@ that a run does not boot whatever a suite's newest kernel is that day:
 Pinning means a version can disappear from the mirror (a point release
 replaces a suite's kernel): the image build then stops with one line that
 names the pin to update (`apt-cache policy PACKAGE` with the suite added).
+
+Opt-in (KSBPF_VM_KERNELS, `make vm-test-ubuntu`): Ubuntu's GA kernels, 22.04's
+5.15 and 24.04's 6.8 -- the kernels people have.  They come from
+archive.ubuntu.com, which CI (no network but the package registries) cannot
+reach, so the default run boots the Debian kernels only and its image is the
+same.  Their packages (the unsigned image and the modules; wireguard.ko,
+veth.ko and virtio's drivers are all in linux-modules, no -extra needed) are
+pinned by file and sha256 from the Packages index of jammy-updates and
+noble-updates, downloaded into the cache, checked, and unpacked into the
+image layer (dpkg -x: they depend on Ubuntu's linux-base, which a Debian
+userland does not need), with an initrd made by the guest's own
+initramfs-tools.  They boot with Ubuntu's stock command line: no `lsm=`, so
+the BPF LSM is not active (Ubuntu's CONFIG_LSM lacks `bpf`).  To update a pin:
+the Packages index of the pocket, e.g.
+http://archive.ubuntu.com/ubuntu/dists/jammy-updates/main/binary-amd64/Packages.xz,
+the linux-image-unsigned-RELEASE and linux-modules-RELEASE records (Filename, SHA256).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import re
+from dataclasses import dataclass, field
+
+from ksbpf.errors import KsbpfError
+
+UBUNTU_ARCHIVE = "http://archive.ubuntu.com/ubuntu"   # http: every file is checked against its pinned sha256
+
+
+@dataclass(frozen=True)
+class Deb:
+    """One package file of an Ubuntu kernel, pinned by its path in the archive and its sha256."""
+    filename: str    # the Packages index's Filename: (pool/main/l/linux/...deb)
+    sha256: str
+
+    @property
+    def basename(self) -> str:
+        return os.path.basename(self.filename)
 
 
 @dataclass(frozen=True)
@@ -30,11 +63,12 @@ class Kernel:
     package: str     # the exact binary package (its name carries the ABI)
     version: str     # the exact Debian version of that package
     strict: bool     # every scenario must pass here (the kernel ksbpf has always supported)
+    debs: tuple[Deb, ...] = field(default=())   # not from the Debian mirror: these files (Ubuntu's archive)
 
     @property
     def release(self) -> str:
         """`uname -r` of this kernel (/lib/modules/RELEASE, /boot/vmlinuz-RELEASE)."""
-        return self.package.removeprefix("linux-image-")
+        return self.package.removeprefix("linux-image-").removeprefix("unsigned-")
 
     def __str__(self) -> str:
         return f"{self.label}: {self.package}={self.version} ({self.suite})"
@@ -46,6 +80,22 @@ KERNELS = (
            "linux-image-7.2.12+deb13-amd64", "7.2.12-1~bpo13+1", strict=True),
     Kernel("debian13", "Debian 13 stock", "trixie", "linux-image-6.12.117+deb13-amd64", "6.12.117-1", strict=False),
     Kernel("debian12", "Debian 12 stock", "bookworm", "linux-image-6.1.0-50-amd64", "6.1.176-1", strict=False),
+)
+# Opt-in (KSBPF_VM_KERNELS): Ubuntu's GA kernels, in the image only when selected.
+_JAMMY, _NOBLE = "5.15.0-208", "6.8.0-155"
+OPTIONAL = (
+    Kernel("ubuntu2404", "Ubuntu 24.04 GA", "noble-updates", f"linux-image-unsigned-{_NOBLE}-generic",
+           "6.8.0-155.155", strict=False, debs=(
+               Deb(f"pool/main/l/linux/linux-image-unsigned-{_NOBLE}-generic_6.8.0-155.155_amd64.deb",
+                   "37142e8a90eeaca30d0b1c8ffe53ea6996be0d676772e9b618da7a4adb18262f"),
+               Deb(f"pool/main/l/linux/linux-modules-{_NOBLE}-generic_6.8.0-155.155_amd64.deb",
+                   "724188657b98fa17f6d7119d19bacdc51128865e01434a7578255f8a92d0fee8"))),
+    Kernel("ubuntu2204", "Ubuntu 22.04 GA", "jammy-updates", f"linux-image-unsigned-{_JAMMY}-generic",
+           "5.15.0-208.218", strict=False, debs=(
+               Deb(f"pool/main/l/linux/linux-image-unsigned-{_JAMMY}-generic_5.15.0-208.218_amd64.deb",
+                   "dfcb46169cf058ac7b83fba89e2a9adbb3841fb63ba91c9d99418638ec6a4a8b"),
+               Deb(f"pool/main/l/linux/linux-modules-{_JAMMY}-generic_5.15.0-208.218_amd64.deb",
+                   "1afd062d1e68a1fd76c3baf9e2e5b09ff7b87c7f92f6df2e406639537a60d54f"))),
 )
 # The suites besides the image's own (bookworm) that the kernels come from: added to the
 # image's apt sources only while the kernels are installed, at the lowest priority (nothing
@@ -61,7 +111,33 @@ OWN_HEADERS = "debian12"   # the kernel whose headers package is installed (prov
 
 
 def by_name(name: str) -> Kernel:
-    return next(k for k in KERNELS if k.name == name)
+    return next(k for k in KERNELS + OPTIONAL if k.name == name)
+
+
+def selected(spec: str | None = None) -> tuple[Kernel, ...]:
+    """The kernels this run boots: KSBPF_VM_KERNELS, names separated by commas
+    ("default" = the Debian kernels), in boot order (newest first); unset or
+    empty: the Debian kernels."""
+    spec = os.environ.get("KSBPF_VM_KERNELS", "") if spec is None else spec
+    names = [n.strip() for n in spec.split(",") if n.strip()] or ["default"]
+    known = {k.name for k in KERNELS + OPTIONAL}
+    unknown = [n for n in names if n != "default" and n not in known]
+    if unknown:
+        raise KsbpfError(f"KSBPF_VM_KERNELS: no kernel named {', '.join(unknown)}",
+                         f"choose among default, {', '.join(k.name for k in KERNELS + OPTIONAL)}")
+    want = {k.name for k in KERNELS} if "default" in names else set()
+    want |= set(names)
+    return tuple(k for k in sorted(KERNELS + OPTIONAL, key=_boot_order) if k.name in want)
+
+
+def _boot_order(k: Kernel) -> tuple[int, ...]:
+    """Newest first (the strict kernel before all), by version."""
+    return (not k.strict, *(-int(x) for x in re.findall(r"\d+", k.release)[:3]))
+
+
+def ubuntu(chosen: tuple[Kernel, ...]) -> tuple[Kernel, ...]:
+    """The chosen kernels that are not in the base image (from Ubuntu's archive)."""
+    return tuple(k for k in chosen if k.debs)
 
 
 def install_args() -> list[str]:
