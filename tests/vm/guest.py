@@ -448,7 +448,8 @@ def scenario_escape_rebooted() -> dict:
 def diagnostics() -> dict:
     """What the guest looked like when a scenario failed."""
     out = {}
-    for name, argv in {"wg": ["wg", "show", "all"], "routes": ["ip", "route"], "links": ["ip", "-br", "link"],
+    for name, argv in {"wg": ["wg", "show", "all"], "routes": ["ip", "route"],
+                       "routes_51820": ["ip", "route", "show", "table", "51820"], "rules": ["ip", "rule"], "links": ["ip", "-br", "link"],
                        "peer_addr": ["ip", "-n", NS, "-br", "addr"], "peer_wg": ["ip", "netns", "exec", NS, "wg", "show"],
                        "nft": ["ip", "netns", "exec", NS, "nft", "list", "ruleset"],
                        "status": ["ksbpf", "status"], "failed": ["systemctl", "--failed", "--no-legend"],
@@ -903,8 +904,11 @@ def scenario_nm() -> dict:
         f.write(open(conf).read().replace("Endpoint = 10.99.0.2:51820", f"Endpoint = {NM_SERVER2}:51820")
                 .replace(f"DNS = {NM_DNS}", f"DNS = {NM_DNS2}"))
     r["import2"] = nmcli("connection", "import", "type", "wireguard", "file", conf2).strip()
-    nmcli("connection", "modify", NM_IFACE2, "connection.interface-name", NM_IFACE, "wireguard.fwmark", NM_FWMARK,
-          *(["ipv4.route-metric", "50"] if r.get("route_metric_set") else []))
+    r["import2_active"] = nmcli("-g", "GENERAL.STATE", "connection", "show", NM_IFACE2, check=False).strip()
+    nmcli("connection", "modify", NM_IFACE2, "connection.autoconnect", "no", "connection.interface-name", NM_IFACE,
+          "wireguard.fwmark", NM_FWMARK, *(["ipv4.route-metric", "50"] if r.get("route_metric_set") else []))
+    if r["import2_active"]:   # (an imported connection may autoconnect, on an interface of its own name)
+        nmcli("connection", "down", NM_IFACE2, check=False)
 
     def dns_arrives(addr: str, counter: str) -> bool:
         before = nm_counters()[counter]
@@ -1057,6 +1061,15 @@ def wq_checks(r: dict, tag: str, endpoint: str, resolver: str) -> None:
 
 
 def scenario_wgquick() -> dict:
+    r: dict = {}
+    try:
+        return _scenario_wgquick(r)
+    except Exception as exc:
+        exc.partial = {k: v for k, v in r.items() if k != "journal"}   # type: ignore[attr-defined]
+        raise
+
+
+def _scenario_wgquick(r: dict) -> dict:
     """wg-quick: kernel WireGuard from a provider's file with a full tunnel and a DNS = line
     (resolvconf: openresolv); ksbpf protects vpn.slice with README's recipe (endpoints auto,
     vpn_mark 51820 -- wg-quick's own mark --, dns auto: no address typed).  The scope's
@@ -1065,7 +1078,7 @@ def scenario_wgquick() -> dict:
     edited with `wg syncconf`: the tunnel works with the new server, no ksbpf edit; the
     scope never reaches the endpoint outside the tunnel; DNS answered only by the file's
     resolver, which follows the switch."""
-    r = common()
+    r.update(common())
     r["tunnel_after_boot_s"] = tunnel_flowing()
     subprocess.run(["ip", "netns", "exec", NS, "nft", "-f", "-"], input=NM_NFT, text=True, check=True)
     sh("ip", "-n", NS, "addr", "add", f"{NM_DNS2}/32", "dev", "wgs")      # server B's resolver
@@ -1081,6 +1094,10 @@ def scenario_wgquick() -> dict:
         with open(os.open(f"/root/vpn/server-{name}.conf", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             f.write(text)
     sh("systemctl", "stop", "wg-quick@wg0.service")   # (the provisioning's split tunnel)
+    # the physical link as a machine has it: a default route (not the demo's route to 198.51.100.0/24, more
+    # specific than a default: wg-quick's full tunnel leaves the main table's non-default routes in force)
+    sh("ip", "route", "del", "198.51.100.0/24", "via", "10.99.0.2", "dev", "vpn-uplink")
+    sh("ip", "route", "add", "default", "via", "10.99.0.2", "dev", "vpn-uplink", "metric", "100")
     install_wq(servers["a"])
     r["wg_quick_up"] = subprocess.run(["wg-quick", "up", "wg0"], capture_output=True, text=True).stderr[-3000:]
     r["wg_fwmark"] = sh("wg", "show", "wg0", "fwmark").strip()
@@ -1174,6 +1191,8 @@ def run_part(name: str) -> dict:
         part["traceback"] = traceback.format_exc()[-3000:]
         part["journal_ksbpf"] = journal("ksbpf.service")[-3000:] + journal("ksbpf-early.service")[-2000:]
         part["diagnostics"] = diagnostics()
+        if getattr(exc, "partial", None):
+            part["partial"] = exc.partial   # type: ignore[attr-defined]
     if not part.get("refusal") and name in UNIT_SCENARIOS:
         part["refusal"] = unit_refusal("ksbpf-early.service", "ksbpf.service")
     part["guest_seconds"] = round(time.monotonic() - t, 1)
