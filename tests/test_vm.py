@@ -1,6 +1,6 @@
 """The VM test (`make vm-test`; part of `make test`): the systemd units, boot-time
-protection, node mode, a netns = "each" scope, the leak matrix and a
-NetworkManager WireGuard connection in a booted Debian 12 guest, on real kernels: Debian 12's and Debian 13's own, and the
+protection, node mode, a netns = "each" scope, the leak matrix, a
+NetworkManager WireGuard connection and wg-quick's full tunnel in a booted Debian 12 guest, on real kernels: Debian 12's and Debian 13's own, and the
 newest (pinned in tests/vm/kernels.py).
 
 The guest image is built once into /var/cache/ksbpf-vm (keyed by its inputs)
