@@ -802,7 +802,8 @@ def nm_grew(name: str, before: dict, settle: float = 1.5) -> int:
 
 
 def nmcli(*args: str, check: bool = True) -> str:
-    return sh("nmcli", *args, check=check)
+    # (nmcli waits 10 s for a deactivation by default: seen to time out under emulation on a loaded machine)
+    return sh("nmcli", "--wait", "120", *args, check=check)
 
 
 def scenario_nm() -> dict:
