@@ -1,6 +1,6 @@
 """The VM test (`make vm-test`; part of `make test`): the systemd units, boot-time
-protection, node mode, a netns = "each" scope, the leak matrix and a
-NetworkManager WireGuard connection in a booted Debian 12 guest, on real kernels: Debian 12's and Debian 13's own, and the
+protection, node mode, a netns = "each" scope, the leak matrix, a
+NetworkManager WireGuard connection and wg-quick's full tunnel in a booted Debian 12 guest, on real kernels: Debian 12's and Debian 13's own, and the
 newest (pinned in tests/vm/kernels.py).
 
 The guest image is built once into /var/cache/ksbpf-vm (keyed by its inputs)
@@ -42,7 +42,8 @@ SCENARIOS = {   # column -> what it is; the newest kernel runs all, the others a
     "lab": "leak matrix (verify --lab)", "boot": "boot-time protection", "daemon": "daemon under systemd",
     "escape": "escape hatch + reboot", "node": "node mode", "each": 'netns = "each" scope',
     "raw": "no raw sockets past the policy (BPF LSM: scope and node)",
-    "nm": "NetworkManager: nmcli up/down, server switch, endpoints/dns auto + vpn_mark"}
+    "nm": "NetworkManager: nmcli up/down, server switch, endpoints/dns auto + vpn_mark",
+    "wgquick": "wg-quick: kernel WireGuard full tunnel, up/down, server switch, endpoints/dns auto + vpn_mark"}
 NEWEST_ONLY = {"escape": "not run here (newest kernel only, for CI time: no kernel feature involved)"}
 CELLS: dict[tuple[str, str], str] = {}
 KERNELS = selected()   # KSBPF_VM_KERNELS
@@ -415,8 +416,10 @@ def test_networkmanager_connection(kernel, guest, say):
     configuration (deploy/networkmanager/ksbpf.toml: endpoints auto, vpn_mark, dns
     auto -- no address typed) and the shipped dispatcher script.  Down: nothing of
     the slice leaves (the control does); up: it flows again; a server switch keeps
-    it flowing; the slice cannot reach the endpoint (the control can); DNS only to
-    the connection's resolver, and to its new one once the connection's DNS changes."""
+    it flowing -- a second connection (another server's wg-quick file, another
+    resolver) brought up after the first is brought down; the slice cannot reach
+    either server outside the tunnel (the control can); DNS only to the active
+    connection's resolver, and to its new one once the connection's DNS changes."""
     with cell(kernel, "nm") as notes:
         _nm(guest, say, notes)
 
@@ -425,7 +428,8 @@ def _nm(guest, say, notes):
     # (two compiles under emulation: the first boot's policy, then the NetworkManager configuration's)
     r = run(guest("nm"), "nm", say, "scenario 8 (NetworkManager)", notes, timeout=1800)
     say(f"{r['kernel']} scenario 8: reload {r['reload_s']} s, traffic after up {r['up_s']} s, after down/up "
-        f"{r['up_again_s']} s, after the server switch {r['switch_s']} s, dns followed in {r['dns_follow_s']} s")
+        f"{r['up_again_s']} s, after the server switch {r['switch_s']} s (its resolver in {r['switch_dns_s']} s), "
+        f"dns followed in {r['dns_follow_s']} s; nmcli editing a peer: {r['nmcli_modify_peer']}")
     assert r["wg_fwmark"] == "0xca6c", (r["nm_fwmark"], r["wg_fwmark"])   # the mark vpn_mark names
     assert "10.200.0.1" in r["nmcli_device_dns"], r["nmcli_device_dns"]
     # the scope followed the tunnel: its endpoint read from NetworkManager's interface, not typed
@@ -436,9 +440,8 @@ def _nm(guest, say, notes):
     if r.get("route_metric_set"):
         notes.append("ipv4.route-metric 50 set: NetworkManager's route was not preferred")
     # vpn_mark: the slice's datagrams to the endpoint never arrive; the control's do
-    for ep, scope_send in ((r["ep"], r["ep_scope_send"]), (r["ep2"], r["ep2_scope_send"])):
-        assert ep["control"] > 0, f"the control never reached the endpoint: {ep}"
-        assert ep["scope"] == 0, f"the slice reached the VPN server outside the tunnel: {ep} (sent: {scope_send})"
+    assert r["ep"]["control"] > 0, f"the control never reached the endpoint: {r['ep']}"
+    assert r["ep"]["scope"] == 0, f"the slice reached the VPN server outside the tunnel: {r['ep']} ({r['ep_scope_send']})"
     # DNS: to the connection's resolver through the tunnel; a query to another resolver never reaches it
     d = r["dns"]
     assert d["dns_vpn"] > 0, f"DNS to the connection's resolver did not arrive: {d} {r['dns_vpn_send']}"
@@ -451,14 +454,93 @@ def _nm(guest, say, notes):
     assert g["tunnel_udp"] == 0, g
     refused = r["down_sender"]["udp_err"].get("EPERM", 0) - r["before_down_sender"]["udp_err"].get("EPERM", 0)
     assert refused > 0, f"no send of the slice was refused while the connection was down: {r['down_sender']}"
-    # the server switch: the new server is reached, and traffic flows through the tunnel again
+    # the server switch through NetworkManager (down wg-home, up wg-home-2: another server, another resolver):
+    # the new server is reached, traffic flows through the tunnel again, no ksbpf edit
+    assert r["switch_active"] == "wg-home-2", r["switch_active"]
+    assert "10.99.0.3:51820" in r["switch_wg_endpoints"], r["switch_wg_endpoints"]
     assert r["wg_server2"] > 0, "the tunnel never reached the second server"
-    assert r["switch_growth"]["tunnel_udp"] > 0 and r["switch_growth"]["leak_udp"] == 0, r["switch_growth"]
+    assert r["switch_growth"]["tunnel_udp"] > 0 and r["switch_growth"]["tunnel_tcp"] > 0, r["switch_growth"]
+    assert r["switch_growth"]["leak_udp"] == 0 and r["switch_growth"]["leak_tcp"] == 0, r["switch_growth"]
     scope = next(s for s in r["status_switched"]["scopes"] if s["cgroup"] == SCOPE)
-    assert "10.99.0.3" in str(scope["followed"]), scope["followed"]
-    # the dispatcher script had the daemon re-read the connection's DNS
+    assert "10.99.0.3" in str(scope["followed"]) and "10.99.0.2" not in str(scope["followed"]), scope["followed"]
+    assert scope["dns"]["resolvers"] == ["10.200.0.53"], scope["dns"]   # the new connection's resolver
+    # neither server reachable by the slice outside the tunnel; DNS not to the old resolver nor another
+    assert r["ep2"]["control"] > 0, f"the control never reached the second server: {r['ep2']}"
+    assert r["ep2"]["scope"] == 0, f"the slice reached a VPN server outside the tunnel: {r['ep2']} " \
+                                   f"({r['ep2_scope_send']}, {r['ep1_scope_send']})"
+    d = r["dns2"]
+    assert d["dns_vpn"] == 0 and d["dns_other_scope"] == 0 and d["dns_leak"] == 0, \
+        f"DNS of the slice reached a resolver not the connection's after the switch: {d}"
+    # the connection's DNS changed: the dispatcher script had the daemon re-read it
     assert "reloading ksbpf.service" in r["dispatcher_log"], r["dispatcher_log"]
     scope = next(s for s in r["status_dns_changed"]["scopes"] if s["cgroup"] == SCOPE)
+    assert scope["dns"]["resolvers"] == ["10.200.0.1"], scope["dns"]
+    c = r["counters"]
+    assert c["leak_udp"] == 0 and c["leak_tcp"] == 0, f"a leak at some point of the scenario: {c}"
+
+
+def test_wg_quick_full_tunnel(kernel, guest, say):
+    """Scenario 9: wg-quick brings up kernel WireGuard from a provider's file with a
+    full tunnel (wg-quick marks its packets 51820 and routes the rest into the tunnel)
+    and a DNS = line (openresolv's resolvconf); ksbpf runs README's wg-quick recipe
+    (endpoints auto, vpn_mark 51820, dns auto -- no address typed).  Up: the slice's
+    traffic goes through the tunnel; down: nothing of it leaves (the control does); up
+    again: it flows; a server switch (down, the other server's file, up) and an Endpoint
+    edited and applied with `wg syncconf`: the tunnel works with the new server, no
+    ksbpf edit; a process of the slice bound to the physical link never reaches the
+    endpoint (the control does); DNS of the slice is answered only by the file's
+    resolver, and follows the switch."""
+    with cell(kernel, "wgquick") as notes:
+        _wgquick(guest, say, notes)
+
+
+def _wgquick(guest, say, notes):
+    r = run(guest("wgquick"), "wgquick", say, "scenario 9 (wg-quick)", notes, timeout=1800)
+    say(f"{r['kernel']} scenario 9: reload {r['reload_s']} s, traffic after up {r['up_s']} s, after down/up "
+        f"{r['up_again_s']} s, after the server switch {r['switch_s']} s, dns followed in {r['dns_follow_s']} s")
+    assert r["wg_fwmark"] == "0xca6c", (r["wg_fwmark"], r["wg_quick_up"])   # wg-quick's own mark: vpn_mark 51820
+    assert "not from all fwmark 0xca6c lookup 51820" in r["ip_rules"], r["ip_rules"]   # a full tunnel
+    assert "nameserver 10.200.0.1" in r["resolv_conf"], (r["resolv_conf"], r["wg_quick_up"])   # resolvconf ran
+    scope = next(s for s in r["status_up"]["scopes"] if s["cgroup"] == SCOPE)
+    assert [t["name"] for t in scope["tunnels"]] == ["wg0"], scope["tunnels"]
+    assert "10.99.0.2" in str(scope["followed"]), scope["followed"]   # endpoints auto: read from wg0
+    assert scope["vpn_mark"] == "0xca6c", scope
+    assert scope["dns"]["resolvers"] == ["10.200.0.1"], scope["dns"]   # dns auto: the file's DNS =
+    g = r["up_growth"]
+    assert g["tunnel_udp"] > 0 and g["tunnel_tcp"] > 0 and g["leak_udp"] == 0 and g["leak_tcp"] == 0, g
+    for tag, endpoint, resolver in (("a", "10.99.0.2", "10.200.0.1"), ("b", "10.99.0.3", "10.200.0.53")):
+        ep = r[f"{tag}_ep"]
+        assert ep["control"] > 0, f"server {tag}: the control never reached the endpoint {endpoint}: {ep}"
+        assert ep["scope"] == 0, f"server {tag}: the slice reached {endpoint} outside the tunnel: {ep} " \
+                                 f"(sent: {r[f'{tag}_ep_scope_send']})"
+        assert ep["endpoint_not_vpn"] > 0, f"server {tag}: no endpoint_not_vpn drop counted: {ep}"
+        # DNS: the file's resolver answers the slice, through the tunnel; another resolver never does
+        dv, do, dc, d = r[f"{tag}_dns_vpn"], r[f"{tag}_dns_other"], r[f"{tag}_dns_control"], r[f"{tag}_dns"]
+        assert dv["answers"] and set(dv["answers"]) == {f"ANSWER {resolver}"}, f"server {tag}: {dv}"
+        assert set(do["answers"]) <= {f"ANSWER {resolver}"}, f"server {tag}: another resolver answered the slice: {do}"
+        assert dc["answers"] and set(dc["answers"]) == {"ANSWER 198.51.100.7"}, f"server {tag}: the control: {dc}"
+        assert d["dns_other_scope"] == 0 and d["dns_leak"] == 0, f"server {tag}: DNS of the slice reached another: {d}"
+        assert d["dns_other_control"] > 0, d
+    # down: nothing leaks, the control arrives, the slice is refused; up: flows again
+    g = r["down_growth"]
+    assert g["leak_udp"] == 0 and g["leak_tcp"] == 0, f"traffic of the slice leaked with the tunnel down: {g}"
+    assert g["control_udp"] > 0 and g["control_tcp"] > 0, f"the control did not arrive while down: {g}"
+    assert g["tunnel_udp"] == 0, g
+    refused = r["down_sender"]["udp_err"].get("EPERM", 0) - r["before_down_sender"]["udp_err"].get("EPERM", 0)
+    assert refused > 0, f"no send of the slice was refused while the tunnel was down: {r['down_sender']}"
+    # the server switch: server B reached, the tunnel carries the slice's traffic, the endpoint followed
+    assert r["wg_server2"] > 0, "the tunnel never reached server B"
+    g = r["switch_growth"]
+    assert g["tunnel_udp"] > 0 and g["tunnel_tcp"] > 0 and g["leak_udp"] == 0, g
+    scope = next(s for s in r["status_switched"]["scopes"] if s["cgroup"] == SCOPE)
+    assert "10.99.0.3" in str(scope["followed"]) and "10.99.0.2" not in str(scope["followed"]), scope["followed"]
     assert scope["dns"]["resolvers"] == ["10.200.0.53"], scope["dns"]
+    assert r["b_ep_a"]["scope"] == 0, r["b_ep_a"]   # nor the old server
+    # wg syncconf back to server A's address: the tunnel's packets go there, traffic flows
+    g = r["syncconf_growth"]
+    assert g["wireguard"] > 0 and g["wg_server2"] == 0, g
+    assert g["tunnel_udp"] > 0 and g["leak_udp"] == 0 and g["leak_tcp"] == 0, g
+    scope = next(s for s in r["status_syncconf"]["scopes"] if s["cgroup"] == SCOPE)
+    assert "10.99.0.2" in str(scope["followed"]), scope["followed"]
     c = r["counters"]
     assert c["leak_udp"] == 0 and c["leak_tcp"] == 0, f"a leak at some point of the scenario: {c}"

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -472,7 +473,8 @@ def scenario_escape_rebooted() -> dict:
 def diagnostics() -> dict:
     """What the guest looked like when a scenario failed."""
     out = {}
-    for name, argv in {"wg": ["wg", "show", "all"], "routes": ["ip", "route"], "links": ["ip", "-br", "link"],
+    for name, argv in {"wg": ["wg", "show", "all"], "routes": ["ip", "route"],
+                       "routes_51820": ["ip", "route", "show", "table", "51820"], "rules": ["ip", "rule"], "links": ["ip", "-br", "link"],
                        "peer_addr": ["ip", "-n", NS, "-br", "addr"], "peer_wg": ["ip", "netns", "exec", NS, "wg", "show"],
                        "nft": ["ip", "netns", "exec", NS, "nft", "list", "ruleset"],
                        "status": ["ksbpf", "status"], "failed": ["systemctl", "--failed", "--no-legend"],
@@ -760,6 +762,7 @@ def raw_node() -> dict:
 # --- scenario "nm": NetworkManager's WireGuard connection ----------------------------------------
 
 NM_IFACE = "wg-home"           # the interface and connection nmcli makes from wg-home.conf (the shipped example's)
+NM_IFACE2 = "wg-home-2"        # the second server's connection (its interface renamed wg-home)
 NM_ADDR, NM_DNS, NM_DNS2 = "10.200.0.4", "10.200.0.1", "10.200.0.53"
 NM_SERVER2 = "10.99.0.3"       # the same peer at a second address of vpnpeer: "another server"
 NM_FWMARK = "0xca6c"   # (nmcli reads wireguard.fwmark as hexadecimal: "51820" is 0x51820)
@@ -787,10 +790,13 @@ table inet ksbpfnm {
        NM_DNS, NM_DNS2, TARGET, NM_DNS_SCOPE.hex(), TARGET, NM_DNS_CONTROL.hex(), NM_SERVER2)
 NM_CONF = "[keyfile]\nunmanaged-devices=*,except:type:wireguard\n"   # NetworkManager touches only WireGuard
 # n UDP datagrams to (addr, port), from a process of a slice (or none); prints how many the kernel took
+# (a 5th argument: the interface to bind the socket to, SO_BINDTODEVICE, past the routes)
 BURST = r"""
 import errno, json, socket, sys, time
 addr, port, payload, n = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode(), int(sys.argv[4])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+if len(sys.argv) > 5:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, sys.argv[5].encode())
 out = {"ok": 0, "err": {}}
 for _ in range(n):
     try:
@@ -809,9 +815,9 @@ def nm_counters() -> dict[str, int]:
     return {i["counter"]["name"]: i["counter"]["packets"] for i in data["nftables"] if "counter" in i}
 
 
-def burst(slice_: str | None, addr: str, port: int, payload: bytes, n: int = 20) -> dict:
+def burst(slice_: str | None, addr: str, port: int, payload: bytes, n: int = 20, dev: str = "") -> dict:
     argv = ["systemd-run", "--quiet", "--wait", "--pipe", "--collect", *(["--slice", slice_] if slice_ else []),
-            "python3", "-c", BURST, addr, str(port), payload.decode(), str(n)]
+            "python3", "-c", BURST, addr, str(port), payload.decode(), str(n), *([dev] if dev else [])]
     return json.loads(sh(*argv).strip().splitlines()[-1])
 
 
@@ -821,7 +827,8 @@ def nm_grew(name: str, before: dict, settle: float = 1.5) -> int:
 
 
 def nmcli(*args: str, check: bool = True) -> str:
-    return sh("nmcli", *args, check=check)
+    # (nmcli waits 10 s for a deactivation by default: seen to time out under emulation on a loaded machine)
+    return sh("nmcli", "--wait", "120", *args, check=check)
 
 
 def scenario_nm() -> dict:
@@ -829,7 +836,7 @@ def scenario_nm() -> dict:
     up and down with nmcli; ksbpf protects vpn.slice with the shipped example
     configuration (endpoints auto, vpn_mark, dns auto: no address typed) and the
     shipped dispatcher script.  Down: nothing leaks (the control arrives); up: the
-    traffic flows again; a server switch keeps it flowing; the scope cannot reach the
+    traffic flows again; a server switch (a second connection) keeps it flowing; the scope cannot reach the
     endpoint (the control can); DNS only to the connection's resolver, which follows
     a change of the connection's DNS."""
     r = common()
@@ -915,32 +922,64 @@ def scenario_nm() -> dict:
     nmcli("connection", "up", NM_IFACE)
     r["up_again_s"] = tunnel_flowing(90)
 
-    # a server switch: the VPN client moves to the second address (endpoints auto follows it)
+    # a server switch as NetworkManager makes it: a second connection, imported from the other server's
+    # wg-quick file (server 2, its own resolver), its interface named as the first's (the tunnel ksbpf's
+    # configuration names); down the one, up the other
+    conf2 = f"/root/vpn/{NM_IFACE2}.conf"
+    with open(os.open(conf2, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(open(conf).read().replace("Endpoint = 10.99.0.2:51820", f"Endpoint = {NM_SERVER2}:51820")
+                .replace(f"DNS = {NM_DNS}", f"DNS = {NM_DNS2}"))
+    r["import2"] = nmcli("connection", "import", "type", "wireguard", "file", conf2).strip()
+    r["import2_active"] = nmcli("-g", "GENERAL.STATE", "connection", "show", NM_IFACE2, check=False).strip()
+    nmcli("connection", "modify", NM_IFACE2, "connection.autoconnect", "no", "connection.interface-name", NM_IFACE,
+          "wireguard.fwmark", NM_FWMARK, *(["ipv4.route-metric", "50"] if r.get("route_metric_set") else []))
+    if r["import2_active"]:   # (an imported connection may autoconnect, on an interface of its own name)
+        nmcli("connection", "down", NM_IFACE2, check=False)
+
+    def dns_arrives(addr: str, counter: str) -> bool:
+        before = nm_counters()[counter]
+        burst("vpn.slice", addr, 53, NM_DNS_SCOPE, 3)
+        return nm_grew(counter, {counter: before}, 1.0) > 0
     b = nm_counters()
-    sh("wg", "set", NM_IFACE, "peer", peer_pub, "endpoint", f"{NM_SERVER2}:51820")
+    nmcli("connection", "down", NM_IFACE)
+    nmcli("connection", "up", NM_IFACE2)
     r["switch_s"] = tunnel_flowing(90)
+    r["switch_active"] = nmcli("-g", "GENERAL.CONNECTION", "device", "show", NM_IFACE, check=False).strip()
+    r["switch_wg_endpoints"] = sh("wg", "show", NM_IFACE, "endpoints").strip()
+    t = time.monotonic()
+    wait_for("DNS from the scope to server 2's resolver", lambda: dns_arrives(NM_DNS2, "dns_vpn2"), 300, 2)
+    r["switch_dns_s"] = round(time.monotonic() - t, 1)
     r["switch_growth"] = growth(COUNTERS, 2)
     r["wg_server2"] = nm_counters()["wg_server2"] - b["wg_server2"]
     r["status_switched"] = status()
     b = nm_counters()
     r["ep2_scope_send"] = burst("vpn.slice", NM_SERVER2, 51820, NM_FROM_SCOPE)
     r["ep2_control_send"] = burst(None, NM_SERVER2, 51820, NM_FROM_CONTROL)
+    r["ep1_scope_send"] = burst("vpn.slice", "10.99.0.2", 51820, NM_FROM_SCOPE)   # nor the old server
     r["ep2"] = {"scope": nm_grew("ep_scope", b), "control": nm_grew("ep_control", b, 0)}
+    b = nm_counters()
+    r["dns2_other_send"] = burst("vpn.slice", TARGET, 53, NM_DNS_SCOPE, 10)
+    r["dns2_old_send"] = burst("vpn.slice", NM_DNS, 53, NM_DNS_SCOPE, 10)
+    time.sleep(1.5)
+    after = nm_counters()
+    r["dns2"] = {k: after[k] - b[k] for k in NM_COUNTERS}
 
     # the connection's DNS changes: the dispatcher script has the daemon re-read dns auto
-    nmcli("connection", "modify", NM_IFACE, "ipv4.dns", NM_DNS2)
-    nmcli("connection", "up", NM_IFACE)
+    nmcli("connection", "modify", NM_IFACE2, "ipv4.dns", NM_DNS)
+    nmcli("connection", "up", NM_IFACE2)
     t = time.monotonic()
-
-    def dns2_arrives() -> bool:
-        before = nm_counters()["dns_vpn2"]
-        burst("vpn.slice", NM_DNS2, 53, NM_DNS_SCOPE, 3)
-        return nm_grew("dns_vpn2", {"dns_vpn2": before}, 1.0) > 0
-    wait_for("DNS from the scope to the connection's new resolver", dns2_arrives, 300, 2)
+    wait_for("DNS from the scope to the connection's new resolver", lambda: dns_arrives(NM_DNS, "dns_vpn"), 300, 2)
     r["dns_follow_s"] = round(time.monotonic() - t, 1)
     r["status_dns_changed"] = status()
     r["dispatcher_log"] = sh("journalctl", "-b", "-t", "ksbpf-nm", "-o", "cat", "--no-pager", check=False)[-2000:]
     r["up_after_dns_s"] = tunnel_flowing(90)
+
+    # can Debian's nmcli edit a peer's endpoint in place (NetworkManager >= 1.44's wireguard.peers)? recorded only
+    p = subprocess.run(["nmcli", "connection", "modify", NM_IFACE, "wireguard.peers",
+                        f"{peer_pub} endpoint=10.99.0.2:51820 allowed-ips=10.200.0.0/24;198.51.100.0/24"],
+                       capture_output=True, text=True)
+    r["nmcli_modify_peer"] = {"rc": p.returncode, "err": p.stderr.strip()[-300:],
+                              "version": nmcli("--version", check=False).strip()}
 
     r["counters"] = counters()
     r["nm_counters"] = nm_counters()
@@ -950,8 +989,214 @@ def scenario_nm() -> dict:
     return r
 
 
+# --- scenario "wgquick": kernel WireGuard through wg-quick, a full tunnel ----------------------------
+
+WQ_CONF = "/etc/wireguard/wg0.conf"
+WQ_CONFIG = """# /etc/ksbpf/ksbpf.toml as README's wg-quick recipe has it: no address typed
+[daemon]
+log_format = "text"
+
+[[scope]]
+cgroup = "/sys/fs/cgroup/vpn.slice"
+create_cgroup = true
+tunnels = ["wg0"]
+tunnel_kinds = ["wireguard"]
+endpoints = ["auto"]
+vpn_mark = 51820
+dns = ["auto"]
+"""
+# far-side resolvers: each answers a query with the address it was asked at ("ANSWER 10.200.0.1")
+RESOLVERS = r"""
+import select, socket, sys
+socks = []
+for addr in sys.argv[1:]:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_IP, 15, 1)   # IP_FREEBIND
+    s.bind((addr, 53))
+    socks.append(s)
+while True:
+    for s in select.select(socks, [], [])[0]:
+        data, peer = s.recvfrom(2048)
+        s.sendto(b"ANSWER " + s.getsockname()[0].encode(), peer)
+"""
+# one query from a process of a slice: the answers it got, and from which address
+QUERY = r"""
+import errno, json, socket, sys
+addr, payload = sys.argv[1], sys.argv[2].encode()
+out = {"answers": [], "from": [], "err": {}}
+for _ in range(3):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(2)
+    try:
+        s.sendto(payload + b"-query", (addr, 53))
+        data, peer = s.recvfrom(2048)
+        out["answers"].append(data.decode(errors="replace"))
+        out["from"].append(peer[0])
+    except OSError as e:
+        k = "timeout" if isinstance(e, socket.timeout) else errno.errorcode.get(e.errno, str(e.errno))
+        out["err"][k] = out["err"].get(k, 0) + 1
+    s.close()
+print(json.dumps(out))
+"""
+
+
+def wq_file(endpoint: str, dns: str) -> str:
+    """A provider's wg-quick file: a full tunnel (wg-quick then marks its own packets 51820 and
+    routes everything else into the tunnel by policy routing) and the VPN's resolver."""
+    return (f"[Interface]\nPrivateKey = {open('/etc/ksbpf-demo/client.key').read().strip()}\n"
+            f"Address = 10.200.0.2/24\nDNS = {dns}\n\n"
+            f"[Peer]\nPublicKey = {open('/etc/ksbpf-demo/peer.pub').read().strip()}\nEndpoint = {endpoint}\n"
+            f"AllowedIPs = 0.0.0.0/0, ::/0\nPersistentKeepalive = 5\n")
+
+
+def install_wq(text: str) -> None:
+    with open(os.open(WQ_CONF, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(text)
+
+
+def query(slice_: str | None, addr: str, payload: bytes) -> dict:
+    argv = ["systemd-run", "--quiet", "--wait", "--pipe", "--collect", *(["--slice", slice_] if slice_ else []),
+            "python3", "-c", QUERY, addr, payload.decode()]
+    return json.loads(sh(*argv).strip().splitlines()[-1])
+
+
+def scope_status() -> dict:
+    return next(s for s in status()["scopes"] if s["cgroup"] == SCOPE)
+
+
+def drops(name: str) -> int:
+    return int(scope_status()["counters"].get(name, {}).get("packets", 0))
+
+
+def wq_checks(r: dict, tag: str, endpoint: str, resolver: str) -> None:
+    """With the tunnel up to `endpoint`: the scope cannot reach the endpoint outside the
+    tunnel (bound to the physical link, unmarked: endpoint_not_vpn), the control can; DNS
+    from the scope is answered by `resolver` only, the control's by whom it asked."""
+    b, d0 = nm_counters(), drops("endpoint_not_vpn")
+    r[f"{tag}_ep_scope_send"] = burst("vpn.slice", endpoint, 51820, NM_FROM_SCOPE, dev="vpn-uplink")
+    r[f"{tag}_ep_control_send"] = burst(None, endpoint, 51820, NM_FROM_CONTROL, dev="vpn-uplink")
+    r[f"{tag}_ep"] = {"scope": nm_grew("ep_scope", b), "control": nm_grew("ep_control", b, 0),
+                      "endpoint_not_vpn": drops("endpoint_not_vpn") - d0}
+    b = nm_counters()
+    r[f"{tag}_dns_vpn"] = query("vpn.slice", resolver, NM_DNS_SCOPE)
+    r[f"{tag}_dns_other"] = query("vpn.slice", TARGET, NM_DNS_SCOPE)
+    r[f"{tag}_dns_control"] = query(None, TARGET, NM_DNS_CONTROL)
+    time.sleep(1.5)
+    after = nm_counters()
+    r[f"{tag}_dns"] = {k: after[k] - b[k] for k in NM_COUNTERS}
+
+
+def scenario_wgquick() -> dict:
+    r: dict = {}
+    try:
+        return _scenario_wgquick(r)
+    except Exception as exc:
+        exc.partial = {k: v for k, v in r.items() if k != "journal"}   # type: ignore[attr-defined]
+        raise
+
+
+def _scenario_wgquick(r: dict) -> dict:
+    """wg-quick: kernel WireGuard from a provider's file with a full tunnel and a DNS = line
+    (resolvconf: openresolv); ksbpf protects vpn.slice with README's recipe (endpoints auto,
+    vpn_mark 51820 -- wg-quick's own mark --, dns auto: no address typed).  The scope's
+    traffic goes through the tunnel; `wg-quick down`: nothing leaks (the control arrives);
+    `up`: flows again; a server switch (another server's file, down/up) and an Endpoint
+    edited with `wg syncconf`: the tunnel works with the new server, no ksbpf edit; the
+    scope never reaches the endpoint outside the tunnel; DNS answered only by the file's
+    resolver, which follows the switch."""
+    r.update(common())
+    r["tunnel_after_boot_s"] = tunnel_flowing()
+    subprocess.run(["ip", "netns", "exec", NS, "nft", "-f", "-"], input=NM_NFT, text=True, check=True)
+    sh("ip", "-n", NS, "addr", "add", f"{NM_DNS2}/32", "dev", "wgs")      # server B's resolver
+    sh("ip", "-n", NS, "addr", "add", f"{NM_SERVER2}/24", "dev", "uplink")  # server B: the peer at a second address
+    sh("systemd-run", "--unit=ksbpf-vmtest-resolvers", "-p", f"NetworkNamespacePath=/run/netns/{NS}",
+       "/usr/bin/python3", "-c", RESOLVERS, NM_DNS, NM_DNS2, TARGET)
+    r["resolvconf"] = os.path.realpath(shutil.which("resolvconf") or "")
+
+    # the provider's files for two servers; server A's installed as wg0, the only name ksbpf knows
+    os.makedirs("/root/vpn", mode=0o700, exist_ok=True)
+    servers = {"a": wq_file("10.99.0.2:51820", NM_DNS), "b": wq_file(f"{NM_SERVER2}:51820", NM_DNS2)}
+    for name, text in servers.items():
+        with open(os.open(f"/root/vpn/server-{name}.conf", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(text)
+    sh("systemctl", "stop", "wg-quick@wg0.service")   # (the provisioning's split tunnel)
+    # the physical link as a machine has it: a default route (not the demo's route to 198.51.100.0/24, more
+    # specific than a default: wg-quick's full tunnel leaves the main table's non-default routes in force)
+    sh("ip", "route", "del", "198.51.100.0/24", "via", "10.99.0.2", "dev", "vpn-uplink")
+    sh("ip", "route", "add", "default", "via", "10.99.0.2", "dev", "vpn-uplink", "metric", "100")
+    install_wq(servers["a"])
+    r["wg_quick_up"] = subprocess.run(["wg-quick", "up", "wg0"], capture_output=True, text=True).stderr[-3000:]
+    r["wg_fwmark"] = sh("wg", "show", "wg0", "fwmark").strip()
+    r["ip_rules"] = sh("ip", "rule").strip()
+    r["resolv_conf"] = open("/etc/resolv.conf").read() if os.path.exists("/etc/resolv.conf") else ""
+    r["route"] = sh("ip", "route", "get", TARGET).strip()
+
+    with open(CONFIG, "w") as f:
+        f.write(WQ_CONFIG)
+    r["check_config"] = sh("ksbpf", "check-config", CONFIG)
+    t = time.monotonic()
+    sh("systemctl", "reload", "ksbpf.service")
+    log("scenario wgquick: reloaded with the wg-quick configuration, waiting for the scope")
+
+    def in_force() -> bool:
+        sc = next((s for s in status()["scopes"] if s["cgroup"] == SCOPE), None)
+        return bool(sc and sc.get("followed") and sc.get("dns", {}).get("resolvers") == [NM_DNS]
+                    and sc.get("vpn_mark") == "0xca6c")
+    wait_for("the scope with endpoints and dns auto", in_force, 600, 1)
+    wait_for("the reloaded daemon's /readyz", ready, 120, 0.5)
+    r["reload_s"] = round(time.monotonic() - t, 1)
+    r["up_s"] = tunnel_flowing(90)
+    r["up_growth"] = growth(COUNTERS, 2)
+    r["status_up"] = status()
+    r["ksbpf_status_text"] = sh("ksbpf", "status", check=False)[-3000:]
+    wq_checks(r, "a", "10.99.0.2", NM_DNS)
+
+    # down: nothing of the slice leaves (the control does); up: it flows again
+    r["before_down_sender"] = sender("protected")
+    sh("wg-quick", "down", "wg0")
+    r["down_growth"] = growth(COUNTERS, 3)
+    r["down_sender"] = sender("protected")
+    sh("wg-quick", "up", "wg0")
+    r["up_again_s"] = tunnel_flowing(90)
+
+    # a server switch as a user makes it: down, the other server's file, up (endpoint and resolver change)
+    b = nm_counters()
+    sh("wg-quick", "down", "wg0")
+    install_wq(servers["b"])
+    sh("wg-quick", "up", "wg0")
+    r["switch_s"] = tunnel_flowing(90)
+    t = time.monotonic()
+    wait_for("dns auto: server B's resolver", lambda: scope_status()["dns"].get("resolvers") == [NM_DNS2], 120, 1)
+    r["dns_follow_s"] = round(time.monotonic() - t, 1)
+    r["switch_growth"] = growth(COUNTERS, 2)
+    r["wg_server2"] = nm_counters()["wg_server2"] - b["wg_server2"]
+    r["status_switched"] = status()
+    wq_checks(r, "b", NM_SERVER2, NM_DNS2)
+    b, d0 = nm_counters(), drops("endpoint_not_vpn")
+    r["b_ep_a_send"] = burst("vpn.slice", "10.99.0.2", 51820, NM_FROM_SCOPE, dev="vpn-uplink")
+    r["b_ep_a"] = {"scope": nm_grew("ep_scope", b), "endpoint_not_vpn": drops("endpoint_not_vpn") - d0}
+
+    # the Endpoint edited in place and applied without taking the tunnel down (wg syncconf)
+    install_wq(servers["b"].replace(f"Endpoint = {NM_SERVER2}:51820", "Endpoint = 10.99.0.2:51820"))
+    stripped = sh("wg-quick", "strip", "wg0")
+    subprocess.run(["wg", "syncconf", "wg0", "/dev/stdin"], input=stripped, text=True, check=True)
+    time.sleep(2)   # (then the tunnel's packets go to server A again, none to B)
+    b, nb = counters(), nm_counters()
+    time.sleep(3)
+    r["syncconf_growth"] = {**{k: v - b[k] for k, v in counters().items()},
+                            "wg_server2": nm_counters()["wg_server2"] - nb["wg_server2"]}
+    r["status_syncconf"] = status()
+
+    r["counters"] = counters()
+    r["nm_counters"] = nm_counters()
+    r["protected"] = sender("protected")
+    r["journal"] = journal("ksbpf.service")[-4000:]
+    return r
+
+
 SCENARIOS = {"boot": scenario_boot, "raw": scenario_raw, "lab": scenario_lab, "each": scenario_each, "daemon": scenario_daemon, "escape": scenario_escape,
-             "escape-rebooted": scenario_escape_rebooted, "node": scenario_node, "nm": scenario_nm}
+             "escape-rebooted": scenario_escape_rebooted, "node": scenario_node, "nm": scenario_nm,
+             "wgquick": scenario_wgquick}
 
 
 # the scenarios that judge ksbpf's units: a unit that failed because ksbpf refused this kernel explains them
@@ -972,6 +1217,8 @@ def run_part(name: str) -> dict:
         part["traceback"] = traceback.format_exc()[-3000:]
         part["journal_ksbpf"] = journal("ksbpf.service")[-3000:] + journal("ksbpf-early.service")[-2000:]
         part["diagnostics"] = diagnostics()
+        if getattr(exc, "partial", None):
+            part["partial"] = exc.partial   # type: ignore[attr-defined]
     if not part.get("refusal") and name in UNIT_SCENARIOS:
         part["refusal"] = unit_refusal("ksbpf-early.service", "ksbpf.service")
     part["guest_seconds"] = round(time.monotonic() - t, 1)

@@ -51,7 +51,7 @@ BASE_PACKAGES = ("systemd-sysv", "udev", "dbus", "kmod", "iproute2", "initramfs-
                  "wireguard-tools", "python3", "python3-venv", "make", "rsync", "ca-certificates", "procps")
 # the guest's other software, installed once the kernels are (apt, from the image's suite): present, never
 # started at boot -- NetworkManager is disabled (scenario "nm" starts it, managing only its WireGuard connection)
-GUEST_PACKAGES = ("network-manager",)
+GUEST_PACKAGES = ("network-manager", "openresolv")   # openresolv: the resolvconf of wg-quick's DNS = ("wgquick")
 GUEST_DISABLED = ("NetworkManager.service", "NetworkManager-wait-online.service")
 BUILD_VERSION = "3"   # change when the build steps below change
 BASE_INPUTS = ("vagrant/provision.sh", "deploy/setup-host.sh", "tests/vm/run-parts-dirs.sh")   # decide the packages
