@@ -171,3 +171,19 @@ def test_networkmanager_sources():
     # a tunnel of another namespace: neither resolved nor NetworkManager (the caller's namespace's) is asked
     assert vpn_dns.find(("wg0",), own_namespace=False, directory=FIX, run=run, resolvectl="/usr/bin/resolvectl",
                         nmcli="/usr/bin/nmcli", nm_dirs=nm_dirs).source.endswith("wg0.conf")
+
+
+def test_find_asks_the_tunnels_that_are_up_first(tmp_path):
+    """tunnels = ["a", "b"] with both wg-quick files keeping their DNS =: while a is down and b is up, b's
+    resolver is the one in force (a down tunnel's file must not hold it); with both up, the user's order."""
+    (tmp_path / "a.conf").write_text("[Interface]\nDNS = 10.1.0.1\n")
+    (tmp_path / "b.conf").write_text("[Interface]\nDNS = 10.2.0.1\n")
+    run, _ = fake_resolvectl("", rc=1)
+
+    def find(up: set[str]):
+        return vpn_dns.find(("a", "b"), directory=str(tmp_path), run=run, resolvectl="/usr/bin/resolvectl",
+                            nmcli="/nonexistent/nmcli", nm_dirs=(), exists=up.__contains__)
+    assert find({"b"}).addresses == tuple(ips("10.2.0.1"))
+    assert find({"a", "b"}).addresses == tuple(ips("10.1.0.1"))
+    assert find(set()).addresses == tuple(ips("10.1.0.1"))   # none up: the user's order
+    assert not vpn_dns._interface_exists("ksbpf-absent0") and vpn_dns._interface_exists("lo")

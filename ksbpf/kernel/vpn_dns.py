@@ -26,8 +26,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
+import socket
 import subprocess
 from dataclasses import dataclass
+from typing import Callable
 
 from ksbpf.errors import KsbpfError
 
@@ -186,11 +188,17 @@ def from_wg_quick(iface: str, directory: str | None = None) -> list:
 
 def find(tunnels, own_namespace: bool = True, directory: str | None = None, run=subprocess.run,
          resolvectl: str | None = None, timeout: float = RESOLVECTL_TIMEOUT, nmcli: str | None = None,
-         nm_dirs: tuple | None = None) -> Found:
+         nm_dirs: tuple | None = None, exists: Callable[[str], bool] | None = None) -> Found:
     """The resolvers the VPN configured for these tunnels: systemd-resolved's
     per-link DNS, else NetworkManager's (both: a tunnel of the caller's
-    namespace), else wg-quick's `DNS =`.  One actionable line when none is found."""
+    namespace), else wg-quick's `DNS =`.  One actionable line when none is found.
+    In the caller's namespace the tunnels that are up are asked first: a
+    tunnel that is down keeps its DNS in wg-quick's file and NetworkManager's
+    profile, and must not hold the resolvers of the one in use."""
     directory = directory or WG_QUICK_DIR
+    if own_namespace and len(tunnels) > 1:
+        up = exists or _interface_exists
+        tunnels = sorted(tunnels, key=lambda t: not up(t))   # stable: the user's order otherwise
     for iface in tunnels:
         if own_namespace:
             found = from_resolvectl(iface, run, resolvectl, timeout)
@@ -206,6 +214,14 @@ def find(tunnels, own_namespace: bool = True, directory: str | None = None, run=
     raise KsbpfError(f"dns auto: no resolver configured for {names} (neither systemd-resolved's per-link DNS, "
                      f"NetworkManager's, nor a DNS = line in {directory}/IFACE.conf)",
                      "give the VPN's resolver as --dns ADDR (config dns = [\"ADDR\"])")
+
+
+def _interface_exists(name: str) -> bool:
+    try:
+        socket.if_nametoindex(name)
+        return True
+    except OSError:
+        return False
 
 
 def resolve_specs(specs, tunnels, own_namespace: bool = True, directory: str | None = None,
