@@ -90,6 +90,10 @@ class Node:
         local = os.path.join(self.root, path.lstrip("/"))
         if kind == "DirectoryOrCreate":
             os.makedirs(local, exist_ok=True)
+        if path == "/sys/kernel/security":      # no type: the node's securityfs (the test writes its lsm file)
+            assert kind is None, kind
+            os.makedirs(local, exist_ok=True)
+            return local
         assert kind in ("Directory", "DirectoryOrCreate") and os.path.isdir(local), (path, kind)
         return local
 
@@ -137,7 +141,7 @@ def podman_run(pod: dict, c: dict, node: Node, image: str, name: str, sandbox: t
         vol = volumes[m["name"]]
         ro = ",ro" if m.get("readOnly") else ""
         if "hostPath" in vol:
-            src = node.host_path(vol["hostPath"]["path"], vol["hostPath"]["type"])
+            src = node.host_path(vol["hostPath"]["path"], vol["hostPath"].get("type"))
             args += ["-v", f"{src}:{m['mountPath']}:{PROPAGATION[m.get('mountPropagation')]}{ro}"]
         elif "configMap" in vol:
             assert vol["configMap"]["name"] == "ksbpf-config"
@@ -229,11 +233,16 @@ def test_daemonset_as_deployed_protects_the_example_pod(podman, ksbpf_image, nod
                             annotations=downward(api.pod(uid)["metadata"]["annotations"], protected=False))
             assert gate.returncode == 1 and "timed out" in gate.stderr, gate.stderr
 
-            # 4. the daemon, as the DaemonSet runs it
+            # 4. the daemon, as the DaemonSet runs it, on a node whose active LSMs lack `bpf` (Ubuntu's):
+            #    it reads them through the securityfs volume and does not claim a layer that would never run
+            with open(os.path.join(node.host_path("/sys/kernel/security", None), "lsm"), "w") as f:
+                f.write("lockdown,capability,landlock,yama,apparmor")
             d = DaemonProcess("", argv=podman.argv(*podman_run(spec, daemon_c, node, ksbpf_image, "ksbpf")),
                               env=podman.env)
             try:
                 protected = d.wait_for("pod_protected", pod="default/vpn-app", timeout=120)
+                assert "`bpf` is not among the active LSMs (lockdown,capability,landlock,yama,apparmor)" in \
+                    d.wait_for("kernel")["raw_sockets"], d.wait_for("kernel")
                 d.wait_for("node_taint_removed", node=NODE)          # with the DaemonSet's RBAC's verbs
                 assert api.nodes[NODE]["spec"]["taints"] == []
                 assert not d.named("kubernetes_write_failed")

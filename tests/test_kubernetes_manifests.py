@@ -110,6 +110,9 @@ def test_daemonset_has_what_the_daemon_needs_and_no_more():
 # /lib/modules is not a headers tree there): the BPF filesystem, the cgroup tree, and
 # directories the kubelet creates (DirectoryOrCreate).  Kernel headers come with the image.
 NODE_PATHS = {"/sys/fs/bpf", "/sys/fs/cgroup"}
+# Read if there, never required (no type: no check): the active LSMs (securityfs; its directory is
+# in sysfs wherever the kernel has securityfs, mounted or not).
+OPTIONAL_PATHS = {"/sys/kernel/security"}
 
 
 def test_daemonset_needs_no_host_path_that_common_node_images_lack():
@@ -117,7 +120,8 @@ def test_daemonset_needs_no_host_path_that_common_node_images_lack():
     for v in pod["volumes"]:
         if "hostPath" in v:
             hp = v["hostPath"]
-            assert hp["path"] in NODE_PATHS or hp.get("type") == "DirectoryOrCreate", v
+            assert (hp["path"] in NODE_PATHS or hp.get("type") == "DirectoryOrCreate"
+                    or (hp["path"] in OPTIONAL_PATHS and "type" not in hp)), v
             assert not hp["path"].startswith(("/usr/src", "/lib/modules")), v
     mounted = {m["mountPath"] for c in pod["containers"] + pod["initContainers"] for m in c.get("volumeMounts", [])}
     assert not mounted & {"/usr/src", "/lib/modules"}

@@ -32,7 +32,7 @@ from ksbpf.daemon import config
 from ksbpf.daemon.follow import SubtreeWatch
 from ksbpf.daemon.log import EventLog
 from ksbpf.errors import KsbpfError
-from ksbpf.kernel import bpf, features, links, netns, pins, vpn_dns, vpn_endpoints
+from ksbpf.kernel import bpf, features, links, netns, pins, rawsock, vpn_dns, vpn_endpoints
 from ksbpf.policy import LAN_RANGES, NodePolicy, Policy
 from ksbpf.scopes import cgroups, common, dns_followed, followed, subtree, tunnel_source
 from ksbpf.scopes import node as node_scope
@@ -837,7 +837,9 @@ class Daemon:
             signal.signal(sig, self._on_signal)
         self.log("kernel", release=os.uname().release, netns_identity=features.netns_identity(),
                  missing={f.name: f"{f.since}: {f.without}" for f in features.probe() if not f.present},
-                 note=features.short())
+                 note=features.short(),
+                 raw_sockets=("refused in scopes (BPF LSM)" if rawsock.available()
+                              else f"not refused in scopes: {rawsock.why_not()}"))
         self._precompile(cfg)
         self.apply(cfg)
         self._start_sources(cfg)
