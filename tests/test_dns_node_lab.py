@@ -171,17 +171,18 @@ def test_verify_runs_dns_through_the_tunnel(host, detach):
     assert found["dns"]["verdict"] == "ok" and host.tun4_server in found["dns"]["detail"], found["dns"]
 
 
-def test_daemon_applies_node_dns(host, dns, tmp_path, request):
-    """[node] dns = [...]: the daemon guards the namespace with the resolvers."""
+def node_daemon(host, tmp_path, request, dns: str, env: dict | None = None) -> DaemonProcess:
+    """A daemon guarding the host namespace by a [node] table with `dns = [DNS]`, ready; stopped and the
+    node detached at teardown."""
     path = tmp_path / "ksbpf.toml"
     path.write_text(toml_config([], f"""
 [node]
 netns = "{host.client_path}"
 tunnels = ["{host.wg_client}"]
 endpoints = ["{host.endpoint4}", "{host.endpoint6}"]
-dns = ["{host.tun4_server}"]
+dns = ["{dns}"]
 """))
-    d = DaemonProcess(str(path))
+    d = DaemonProcess(str(path), **({"env": env} if env else {}))
 
     def stop_and_detach() -> None:
         d.stop()
@@ -189,6 +190,12 @@ dns = ["{host.tun4_server}"]
             node.detach(host.client_path)
     request.addfinalizer(stop_and_detach)
     d.wait_for("ready")
+    return d
+
+
+def test_daemon_applies_node_dns(host, dns, tmp_path, request):
+    """[node] dns = [...]: the daemon guards the namespace with the resolvers."""
+    node_daemon(host, tmp_path, request, host.tun4_server)
     assert node_status(host)["dns"]["resolvers"] == [host.tun4_server]
     r = ask(host.containers[0], host.net4_server, "udp", timeout=BLOCKED)
     assert not r["ok"] and dns["other"].queries == 0, r
@@ -220,22 +227,7 @@ def test_daemon_follows_node_dns_auto(host, dns, tmp_path, request):
     wg_dir = tmp_path / "wireguard"
     wg_dir.mkdir()
     conf = wg_dir / f"{host.wg_client}.conf"
-    path = tmp_path / "ksbpf.toml"
-    path.write_text(toml_config([], f"""
-[node]
-netns = "{host.client_path}"
-tunnels = ["{host.wg_client}"]
-endpoints = ["{host.endpoint4}", "{host.endpoint6}"]
-dns = ["auto"]
-"""))
-    d = DaemonProcess(str(path), env=dict(os.environ, KSBPF_WG_QUICK_DIR=str(wg_dir)))
-
-    def stop_and_detach() -> None:
-        d.stop()
-        if os.path.exists(host.client_path):
-            node.detach(host.client_path)
-    request.addfinalizer(stop_and_detach)
-    d.wait_for("ready")
+    d = node_daemon(host, tmp_path, request, "auto", env=dict(os.environ, KSBPF_WG_QUICK_DIR=str(wg_dir)))
     st = node_status(host)
     assert st["dns"] == {"resolvers": [], "redirect": False, "through_tunnel": True, "auto": True}, st["dns"]
     assert "dns      none known yet (auto)" in ksbpf("status", check=True).stdout
