@@ -412,6 +412,17 @@ def test_raw_sockets_refused_in_a_scope(kernel, lab_and_each, say):
         notes.append("node mode: PACKET_QDISC_BYPASS and AF_XDP binds refused")
 
 
+def assert_down_blocks(r: dict, what: str) -> None:
+    """While the VPN's `what` was down: nothing of the slice leaked, the control arrived, the slice's
+    sends were refused (the guest's down_growth and the sender's errors before and after)."""
+    g = r["down_growth"]
+    assert g["leak_udp"] == 0 and g["leak_tcp"] == 0, f"traffic of the slice leaked with the {what} down: {g}"
+    assert g["control_udp"] > 0 and g["control_tcp"] > 0, f"the control did not arrive while down: {g}"
+    assert g["tunnel_udp"] == 0, g
+    refused = r["down_sender"]["udp_err"].get("EPERM", 0) - r["before_down_sender"]["udp_err"].get("EPERM", 0)
+    assert refused > 0, f"no send of the slice was refused while the {what} was down: {r['down_sender']}"
+
+
 def test_networkmanager_connection(kernel, guest, say):
     """Scenario 8: NetworkManager's WireGuard connection, imported from a wg-quick
     file and brought up and down with nmcli; ksbpf runs the shipped example
@@ -450,12 +461,7 @@ def _nm(guest, say, notes):
     assert d["dns_other_control"] > 0, f"the control's DNS to another resolver did not arrive: {d}"
     assert d["dns_other_scope"] == 0 and d["dns_leak"] == 0, f"DNS of the slice reached another resolver: {d}"
     # down: nothing leaks, the control arrives, the slice is refused; up: flows again
-    g = r["down_growth"]
-    assert g["leak_udp"] == 0 and g["leak_tcp"] == 0, f"traffic of the slice leaked with the connection down: {g}"
-    assert g["control_udp"] > 0 and g["control_tcp"] > 0, f"the control did not arrive while down: {g}"
-    assert g["tunnel_udp"] == 0, g
-    refused = r["down_sender"]["udp_err"].get("EPERM", 0) - r["before_down_sender"]["udp_err"].get("EPERM", 0)
-    assert refused > 0, f"no send of the slice was refused while the connection was down: {r['down_sender']}"
+    assert_down_blocks(r, "connection")
     # the server switch through NetworkManager (down wg-home, up wg-home-2: another server, another resolver):
     # the new server is reached, traffic flows through the tunnel again, no ksbpf edit
     assert r["switch_active"] == "wg-home-2", r["switch_active"]
@@ -526,12 +532,7 @@ def _wgquick(guest, say, notes):
         assert d["dns_other_scope"] == 0 and d["dns_leak"] == 0, f"server {tag}: DNS of the slice reached another: {d}"
         assert d["dns_other_control"] > 0, d
     # down: nothing leaks, the control arrives, the slice is refused; up: flows again
-    g = r["down_growth"]
-    assert g["leak_udp"] == 0 and g["leak_tcp"] == 0, f"traffic of the slice leaked with the tunnel down: {g}"
-    assert g["control_udp"] > 0 and g["control_tcp"] > 0, f"the control did not arrive while down: {g}"
-    assert g["tunnel_udp"] == 0, g
-    refused = r["down_sender"]["udp_err"].get("EPERM", 0) - r["before_down_sender"]["udp_err"].get("EPERM", 0)
-    assert refused > 0, f"no send of the slice was refused while the tunnel was down: {r['down_sender']}"
+    assert_down_blocks(r, "tunnel")
     # the server switch: server B reached, the tunnel carries the slice's traffic, the endpoint followed
     assert r["wg_server2"] > 0, "the tunnel never reached server B"
     g = r["switch_growth"]
