@@ -47,6 +47,9 @@ SCENARIOS = {   # column -> what it is; the newest kernel runs all, the others a
 NEWEST_ONLY = {"escape": "not run here (newest kernel only, for CI time: no kernel feature involved)",
                "wgquick": "not run here (newest kernel only, for CI time: scenario nm runs kernel WireGuard with "
                           "its fwmark, endpoints/dns auto and vpn_mark on every kernel)"}
+# (kernel, scenario) cells left out of the default run to keep CI within its time, with why
+NOT_RUN = {("debian13", "nm"): "not run here (for CI time: scenario nm runs on Debian 12's 6.1 and the newest; "
+                               "it passed on this kernel in the run of 2026-12-06)"}
 CELLS: dict[tuple[str, str], str] = {}
 KERNELS = selected()   # KSBPF_VM_KERNELS
 
@@ -434,6 +437,8 @@ def test_networkmanager_connection(kernel, guest, say):
     either server outside the tunnel (the control can); DNS only to the active
     connection's resolver, and to its new one once the connection's DNS changes."""
     with cell(kernel, "nm") as notes:
+        if (kernel.name, "nm") in NOT_RUN:
+            pytest.skip(NOT_RUN[(kernel.name, "nm")])
         _nm(guest, say, notes)
 
 
