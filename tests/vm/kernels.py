@@ -82,20 +82,20 @@ KERNELS = (
     Kernel("debian12", "Debian 12 stock", "bookworm", "linux-image-6.1.0-50-amd64", "6.1.176-1", strict=False),
 )
 # Opt-in (KSBPF_VM_KERNELS): Ubuntu's GA kernels, in the image only when selected.
-_JAMMY, _NOBLE = "5.15.0-208", "6.8.0-155"
+def _ubuntu(name: str, label: str, suite: str, abi: str, version: str, image_sha: str, modules_sha: str) -> Kernel:
+    """An Ubuntu GA kernel from the archive's pool: linux-image-unsigned and linux-modules of one ABI."""
+    debs = tuple(Deb(f"pool/main/l/linux/linux-{part}-{abi}-generic_{version}_amd64.deb", sha)
+                 for part, sha in (("image-unsigned", image_sha), ("modules", modules_sha)))
+    return Kernel(name, label, suite, f"linux-image-unsigned-{abi}-generic", version, strict=False, debs=debs)
+
+
 OPTIONAL = (
-    Kernel("ubuntu2404", "Ubuntu 24.04 GA", "noble-updates", f"linux-image-unsigned-{_NOBLE}-generic",
-           "6.8.0-155.155", strict=False, debs=(
-               Deb(f"pool/main/l/linux/linux-image-unsigned-{_NOBLE}-generic_6.8.0-155.155_amd64.deb",
-                   "37142e8a90eeaca30d0b1c8ffe53ea6996be0d676772e9b618da7a4adb18262f"),
-               Deb(f"pool/main/l/linux/linux-modules-{_NOBLE}-generic_6.8.0-155.155_amd64.deb",
-                   "724188657b98fa17f6d7119d19bacdc51128865e01434a7578255f8a92d0fee8"))),
-    Kernel("ubuntu2204", "Ubuntu 22.04 GA", "jammy-updates", f"linux-image-unsigned-{_JAMMY}-generic",
-           "5.15.0-208.218", strict=False, debs=(
-               Deb(f"pool/main/l/linux/linux-image-unsigned-{_JAMMY}-generic_5.15.0-208.218_amd64.deb",
-                   "dfcb46169cf058ac7b83fba89e2a9adbb3841fb63ba91c9d99418638ec6a4a8b"),
-               Deb(f"pool/main/l/linux/linux-modules-{_JAMMY}-generic_5.15.0-208.218_amd64.deb",
-                   "1afd062d1e68a1fd76c3baf9e2e5b09ff7b87c7f92f6df2e406639537a60d54f"))),
+    _ubuntu("ubuntu2404", "Ubuntu 24.04 GA", "noble-updates", "6.8.0-155", "6.8.0-155.155",
+            "37142e8a90eeaca30d0b1c8ffe53ea6996be0d676772e9b618da7a4adb18262f",
+            "724188657b98fa17f6d7119d19bacdc51128865e01434a7578255f8a92d0fee8"),
+    _ubuntu("ubuntu2204", "Ubuntu 22.04 GA", "jammy-updates", "5.15.0-208", "5.15.0-208.218",
+            "dfcb46169cf058ac7b83fba89e2a9adbb3841fb63ba91c9d99418638ec6a4a8b",
+            "1afd062d1e68a1fd76c3baf9e2e5b09ff7b87c7f92f6df2e406639537a60d54f"),
 )
 # The suites besides the image's own (bookworm) that the kernels come from: added to the
 # image's apt sources only while the kernels are installed, at the lowest priority (nothing
