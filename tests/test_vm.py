@@ -7,7 +7,9 @@ The guest image is built once into /var/cache/ksbpf-vm (keyed by its inputs)
 by running vagrant/provision.sh -- the Vagrantfile's provisioning -- in a
 chroot of a debootstrap'd tree that holds every kernel; each scenario boots it
 afresh on a throw-away overlay with qemu (TCG, -nic none: no network device at
-all), on one kernel (direct kernel boot), the kernels in sequence.  The guest
+all), on one kernel (direct kernel boot).  The boots run a few at a time
+(tests/vm/schedule.py: a guest keeps about one core busy); each test waits
+for the boots it judges.  The guest
 measures (tests/vm/guest.py) and this file judges.  Leaks are counted on the
 far side of the guest's "physical" veth, and every "nothing arrives" is paired
 with traffic that must arrive.
@@ -33,6 +35,7 @@ import pytest
 from vm.image import ensure_image
 from vm.kernels import Kernel, selected
 from vm.qemu import Boot, Guest
+from vm.schedule import Job, Schedule, default_parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCOPE = "/sys/fs/cgroup/vpn.slice"
@@ -132,54 +135,117 @@ def kernel(request) -> Kernel:
     return request.param
 
 
+# The guests' boots, run by a Schedule (tests/vm/schedule.py) a few at a time: job -> (the boots of
+# its guest, in sequence: (scenario, timeout s)), the seconds one took on this machine (which chains
+# start first), the job whose machine it boots again (None: a machine that never booted), the tests
+# that judge it.
+JOBS = {
+    # scenarios 1 and 2 in one boot: the machine's very first boot (boot-time protection), then the
+    # daemon under systemd.  The jobs "escape" and "labeach" boot this machine again (on overlays of its
+    # disk): the program compiled at its first boot is in its cache, which saves each of them bcc's
+    # ~1.5 min of compiling under emulation.
+    "boot": ((("boot+daemon", 900),), 240, None,
+             ("test_boot_protects_before_the_network", "test_daemon_under_systemd")),
+    "escape": ((("escape", 900), ("escape-rebooted", 900)), 230, "boot",
+               ("test_escape_hatch_and_reboot_leave_nothing",)),
+    "node": ((("node", 900),), 190, None, ("test_node_mode_blocks_forwarded_traffic_from_the_first_boot",)),
+    # scenarios 5-7 in one boot: on kernels without the BPF LSM (Ubuntu's) scenario 7 took 433 s in the
+    # guest on a loaded machine (node mode's compile), after the leak matrix's 200-380 s
+    "labeach": ((("lab+each+raw", 1500),), 480, "boot",
+                ("test_leak_matrix", "test_netns_each_scope", "test_raw_sockets_refused_in_a_scope")),
+    # (two compiles under emulation in each: the first boot's policy, then the VPN client's configuration's)
+    "nm": ((("nm", 1800),), 620, None, ("test_networkmanager_connection",)),
+    "wgquick": ((("wgquick", 1800),), 650, None, ("test_wg_quick_full_tunnel",)),
+}
+JOB_CELLS = {"escape": "escape", "nm": "nm", "wgquick": "wgquick"}   # jobs of one cell some kernels skip
+
+
+def not_run(kernel: Kernel, scenario: str) -> str | None:
+    """Why this kernel's cell is left out of this run, or None."""
+    if scenario in NEWEST_ONLY and not kernel.strict:
+        return NEWEST_ONLY[scenario]
+    return NOT_RUN.get((kernel.name, scenario))
+
+
+def wanted_jobs(items) -> set[tuple[str, str]]:
+    """(kernel, job) of the VM tests selected in this session (-k and the like), but the cells not run."""
+    tests = {t: job for job, (_, _, _, names) in JOBS.items() for t in names}
+    out = set()
+    for item in items:
+        name = getattr(item, "originalname", item.name)
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if name in tests and "kernel" in params:
+            k, job = params["kernel"], tests[name]
+            if job in JOB_CELLS and not_run(k, JOB_CELLS[job]):
+                continue
+            out.add((k.name, job))
+    return out
+
+
 @pytest.fixture(scope="module")
-def guest(image, workdir, kernel):
-    """guest(name, after=None) -> a Guest on its own overlay, booting this
-    kernel (see Guest); the overlays are removed when the kernel's tests end
-    (the serial logs stay)."""
+def schedule(request, image, workdir, say):
+    """Every boot the selected tests need, started now, `KSBPF_VM_PARALLEL` at a time (default: the
+    host's cores, at most 3); the overlays are removed at the end (the serial logs stay)."""
+    wanted = wanted_jobs(request.session.items)
+    s = Schedule(default_parallel())
     made: list[Guest] = []
 
-    def make(name: str, after: Guest | None = None) -> Guest:
-        made.append(Guest(image, workdir, f"{kernel.name}-{name}", kernel, after))
-        return made[-1]
-    yield make
-    for g in reversed(made):
-        os.unlink(g.disk)
+    def add(k: Kernel, name: str) -> Job:
+        if (k.name, name) in s.jobs:
+            return s.jobs[(k.name, name)]
+        boots, estimate, parent, _ = JOBS[name]
+        after = add(k, parent) if parent else None
+
+        def make(prev: Guest | None) -> Guest:
+            made.append(Guest(image, workdir, f"{k.name}-{name}", k, prev))
+            return made[-1]
+        return s.add(Job((k.name, name), make, boots, estimate, after))
+    for k in KERNELS:
+        for name in JOBS:
+            if (k.name, name) in wanted:
+                add(k, name)
+    say(f"{len(s.jobs)} guests to boot, {s.parallel} at a time (KSBPF_VM_PARALLEL)")
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+        for g in made:
+            g.kill()
+        s.join()
+        for g in made:
+            with contextlib.suppress(OSError):
+                os.unlink(g.disk)
+
+
+def boots(schedule: Schedule, kernel: Kernel, job: str, say) -> tuple[Guest, list[Boot]]:
+    """The job's guest and boots (done), each said with its time."""
+    g, bs = schedule.result((kernel.name, job), say)
+    job_obj = schedule.jobs[(kernel.name, job)]
+    for b in bs:
+        if not getattr(b, "said", False):
+            b.said = True
+            say(f"{kernel.name} boot {b.scenario}: {b.seconds:.0f} s (boot, scenarios, power-off; started at "
+                f"+{job_obj.started - schedule.origin:.0f} s; logs {b.console})")
+    return g, bs
 
 
 @pytest.fixture(scope="module")
-def first_boot(guest, say, kernel):
-    """Scenarios 1 and 2 in one boot: the machine's very first boot (boot-time
-    protection), then the daemon under systemd.  The later scenarios boot this
-    machine again (on overlays of its disk): the program compiled at its first
-    boot is in its cache, which saves each of them bcc's ~1.5 min of compiling
-    under emulation.  Fewer boots keep the three kernels within CI's time."""
-    g = guest("boot")
-    b = g.boot("boot+daemon")
-    say(f"{kernel.name} first boot (scenarios 1 and 2): {b.seconds:.0f} s (boot, scenarios, power-off; "
-        f"logs {b.console})")
+def first_boot(schedule, say, kernel):
+    """Scenarios 1 and 2: the machine's first boot (JOBS["boot"])."""
+    g, (b,) = boots(schedule, kernel, "boot", say)
     return g, b
 
 
 @pytest.fixture(scope="module")
-def lab_and_each(guest, first_boot, say, kernel):
+def lab_and_each(schedule, say, kernel):
     """Scenarios 5, 6 and 7 in one later boot of the first machine."""
-    g = guest("labeach", after=first_boot[0])
-    # three scenarios in one boot: on kernels without the BPF LSM (Ubuntu's) scenario 7 took 433 s in the
-    # guest on a loaded machine (node mode's compile), after the leak matrix's 200-380 s
-    b = g.boot("lab+each+raw", 1500)
-    say(f"{kernel.name} leak matrix, netns each, raw sockets (scenarios 5-7): {b.seconds:.0f} s (boot, scenarios, "
-        f"power-off; logs {b.console})")
+    g, (b,) = boots(schedule, kernel, "labeach", say)
     return g, b
 
 
-def run(g: Guest, scenario: str, say, label: str, notes: list[str], b: Boot | None = None,
-        running: bool = True, timeout: float = 900) -> dict:
-    """The result of `scenario` in boot b (booted now if not given), judged for
-    what every scenario needs."""
-    if b is None:
-        b = g.boot(scenario, timeout)
-        say(f"{g.kernel.name} {label}: {b.seconds:.0f} s (boot, scenario, power-off; logs {b.console})")
+def run(g: Guest, scenario: str, say, label: str, notes: list[str], b: Boot, running: bool = True) -> dict:
+    """The result of `scenario` in boot b of guest g, judged for what every scenario needs."""
     k = g.kernel
     if b.retried:
         say(f"{k.name} {label}: {b.retried}")
@@ -286,23 +352,24 @@ def _daemon(first_boot, say, notes):
     assert st["protected"]["udp_err"].get("EPERM", 0) > 0
 
 
-def test_escape_hatch_and_reboot_leave_nothing(kernel, guest, first_boot, say):
+def test_escape_hatch_and_reboot_leave_nothing(kernel, schedule, say):
     """Scenario 3: disable the units, detach --all, reboot: traffic flows
     (outside the tunnel too) and nothing of ksbpf is left.  On the newest
     kernel only (it exercises no kernel feature the others do not)."""
     with cell(kernel, "escape") as notes:
-        if not kernel.strict:
-            pytest.skip(NEWEST_ONLY["escape"])
-        _escape(guest, first_boot, say, notes)
+        if not_run(kernel, "escape"):
+            pytest.skip(not_run(kernel, "escape"))
+        _escape(schedule, kernel, say, notes)
 
 
-def _escape(guest, first_boot, say, notes):
-    g = guest("escape", after=first_boot[0])
-    r = run(g, "escape", say, "scenario 3 (escape hatch), first boot", notes)
+def _escape(schedule, kernel, say, notes):
+    g, bs = boots(schedule, kernel, "escape", say)
+    r = run(g, "escape", say, "scenario 3 (escape hatch), first boot", notes, bs[0])
     assert r["progs_before"], "nothing was enforced before the escape hatch"
     assert r["escape"]["rc"] == 0, r["escape"]
     assert r["progs_after"] == [] and not r["pins_left"], r
-    r = run(g, "escape-rebooted", say, "scenario 3 (escape hatch), after the reboot", notes)
+    assert len(bs) == 2, "the guest did not boot again after the escape hatch"
+    r = run(g, "escape-rebooted", say, "scenario 3 (escape hatch), after the reboot", notes, bs[1])
     for unit, state in r["units"].items():
         assert state["UnitFileState"] == "disabled" and state["ActiveState"] == "inactive", (unit, state)
     assert not r["pins_left"] and r["progs"] == [] and r["all_ksbpf_progs"] == [], r
@@ -310,7 +377,7 @@ def _escape(guest, first_boot, say, notes):
     assert grown["leak_udp"] > 0 and grown["leak_tcp"] > 0, f"without ksbpf the traffic should flow: {grown}"
 
 
-def test_node_mode_blocks_forwarded_traffic_from_the_first_boot(kernel, guest, say):
+def test_node_mode_blocks_forwarded_traffic_from_the_first_boot(kernel, schedule, say):
     """Scenario 4: with a [node] table, the first boot guards the physical link
     (present at boot like a NIC, configured after network-pre): forwarded
     traffic from a container namespace, sent from before the network exists,
@@ -318,11 +385,12 @@ def test_node_mode_blocks_forwarded_traffic_from_the_first_boot(kernel, guest, s
     brings the tunnel up the container's traffic passes through it.  tcx where
     the kernel has it, clsact where not."""
     with cell(kernel, "node") as notes:
-        _node(guest, say, notes)
+        _node(schedule, kernel, say, notes)
 
 
-def _node(guest, say, notes):
-    r = run(guest("node"), "node", say, "scenario 4 (node mode, first boot)", notes)
+def _node(schedule, kernel, say, notes):
+    g, (b,) = boots(schedule, kernel, "node", say)
+    r = run(g, "node", say, "scenario 4 (node mode, first boot)", notes, b)
     t = r["times"]
     assert r["units"]["ksbpf-early.service"]["Result"] == "success", r["journal_early"]
     assert 0 < t["ksbpf-early.service"]["ExecMainExitTimestampMonotonic"] \
@@ -426,7 +494,7 @@ def assert_down_blocks(r: dict, what: str) -> None:
     assert refused > 0, f"no send of the slice was refused while the {what} was down: {r['down_sender']}"
 
 
-def test_networkmanager_connection(kernel, guest, say):
+def test_networkmanager_connection(kernel, schedule, say):
     """Scenario 8: NetworkManager's WireGuard connection, imported from a wg-quick
     file and brought up and down with nmcli; ksbpf runs the shipped example
     configuration (deploy/networkmanager/ksbpf.toml: endpoints auto, vpn_mark, dns
@@ -437,14 +505,14 @@ def test_networkmanager_connection(kernel, guest, say):
     either server outside the tunnel (the control can); DNS only to the active
     connection's resolver, and to its new one once the connection's DNS changes."""
     with cell(kernel, "nm") as notes:
-        if (kernel.name, "nm") in NOT_RUN:
-            pytest.skip(NOT_RUN[(kernel.name, "nm")])
-        _nm(guest, say, notes)
+        if not_run(kernel, "nm"):
+            pytest.skip(not_run(kernel, "nm"))
+        _nm(schedule, kernel, say, notes)
 
 
-def _nm(guest, say, notes):
-    # (two compiles under emulation: the first boot's policy, then the NetworkManager configuration's)
-    r = run(guest("nm"), "nm", say, "scenario 8 (NetworkManager)", notes, timeout=1800)
+def _nm(schedule, kernel, say, notes):
+    g, (b,) = boots(schedule, kernel, "nm", say)
+    r = run(g, "nm", say, "scenario 8 (NetworkManager)", notes, b)
     say(f"{r['kernel']} scenario 8: reload {r['reload_s']} s, traffic after up {r['up_s']} s, after down/up "
         f"{r['up_again_s']} s, after the server switch {r['switch_s']} s (its resolver in {r['switch_dns_s']} s), "
         f"dns followed in {r['dns_follow_s']} s; nmcli editing a peer: {r['nmcli_modify_peer']}")
@@ -492,7 +560,7 @@ def _nm(guest, say, notes):
     assert c["leak_udp"] == 0 and c["leak_tcp"] == 0, f"a leak at some point of the scenario: {c}"
 
 
-def test_wg_quick_full_tunnel(kernel, guest, say):
+def test_wg_quick_full_tunnel(kernel, schedule, say):
     """Scenario 9: wg-quick brings up kernel WireGuard from a provider's file with a
     full tunnel (wg-quick marks its packets 51820 and routes the rest into the tunnel)
     and a DNS = line (openresolv's resolvconf); ksbpf runs README's wg-quick recipe
@@ -504,13 +572,14 @@ def test_wg_quick_full_tunnel(kernel, guest, say):
     endpoint (the control does); DNS of the slice is answered only by the file's
     resolver, and follows the switch."""
     with cell(kernel, "wgquick") as notes:
-        if not kernel.strict:
-            pytest.skip(NEWEST_ONLY["wgquick"])
-        _wgquick(guest, say, notes)
+        if not_run(kernel, "wgquick"):
+            pytest.skip(not_run(kernel, "wgquick"))
+        _wgquick(schedule, kernel, say, notes)
 
 
-def _wgquick(guest, say, notes):
-    r = run(guest("wgquick"), "wgquick", say, "scenario 9 (wg-quick)", notes, timeout=1800)
+def _wgquick(schedule, kernel, say, notes):
+    g, (b,) = boots(schedule, kernel, "wgquick", say)
+    r = run(g, "wgquick", say, "scenario 9 (wg-quick)", notes, b)
     say(f"{r['kernel']} scenario 9: reload {r['reload_s']} s, traffic after up {r['up_s']} s, after down/up "
         f"{r['up_again_s']} s, after the server switch {r['switch_s']} s, dns followed in {r['dns_follow_s']} s")
     assert r["wg_fwmark"] == "0xca6c", (r["wg_fwmark"], r["wg_quick_up"])   # wg-quick's own mark: vpn_mark 51820

@@ -8,6 +8,10 @@ import hashlib
 import os
 import re
 import subprocess
+import threading
+import time
+
+import pytest
 
 from vm import kernels, qemu
 
@@ -160,3 +164,71 @@ def test_the_guests_cgroup_query_lists_what_is_attached_without_bpftool(tmp_path
         assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
     finally:
         os.rmdir(cg)
+
+
+class _FakeGuest:
+    """A guest whose boots take `seconds` and say how many ran at once."""
+    live = 0
+    most = 0
+    order: list[str] = []
+
+    def __init__(self, name, after, seconds=0.2, fail=False):
+        self.name, self.after, self.seconds, self.fail = name, after, seconds, fail
+
+    def boot(self, scenario, timeout):
+        with _LOCK:
+            _FakeGuest.live += 1
+            _FakeGuest.most = max(_FakeGuest.most, _FakeGuest.live)
+            _FakeGuest.order.append(f"{self.name}:{scenario}")
+        time.sleep(self.seconds)
+        with _LOCK:
+            _FakeGuest.live -= 1
+        if self.fail:
+            raise RuntimeError(f"{self.name} broke")
+        assert threading.current_thread().name.startswith("vm-")
+        return qemu.Boot(scenario, {"parts": {}}, self.seconds, "", "", False)
+
+    def kill(self):
+        pass
+
+
+_LOCK = threading.Lock()
+
+
+def test_the_schedule_runs_boots_a_few_at_a_time_and_a_later_boot_after_its_machine():
+    from vm.schedule import Job, Schedule
+    _FakeGuest.live = _FakeGuest.most = 0
+    _FakeGuest.order = []
+    s = Schedule(parallel=2)
+    made = {}
+
+    def maker(name, seconds=0.2, fail=False):
+        def make(prev):
+            made[name] = _FakeGuest(name, prev, seconds, fail)
+            return made[name]
+        return make
+    first = s.add(Job(("k", "boot"), maker("boot"), (("boot+daemon", 9),), 240))
+    s.add(Job(("k", "labeach"), maker("labeach"), (("lab+each+raw", 9),), 480, after=first))
+    s.add(Job(("k", "escape"), maker("escape"), (("escape", 9), ("escape-rebooted", 9)), 230, after=first))
+    for name in ("node", "nm", "wgquick"):
+        s.add(Job(("k", name), maker(name, 0.3), ((name, 9),), 100))
+    broken = s.add(Job(("j", "boot"), maker("broken", 0.05, fail=True), (("boot+daemon", 9),), 999))
+    s.add(Job(("j", "labeach"), maker("never"), (("lab+each+raw", 9),), 480, after=broken))
+    s.start()
+    g, boots = s.result(("k", "escape"))
+    assert [b.scenario for b in boots] == ["escape", "escape-rebooted"] and g is made["escape"]
+    assert made["escape"].after is made["boot"] and made["labeach"].after is made["boot"]   # its machine, again
+    for key in list(s.jobs):
+        if key[0] == "k":
+            s.result(key)
+    assert _FakeGuest.most == 2, _FakeGuest.order   # two at a time, never more
+    # the longest chains first: the broken job's (999 s), then the first boot's (240 + 480)
+    assert set(_FakeGuest.order[:2]) == {"broken:boot+daemon", "boot:boot+daemon"}, _FakeGuest.order
+    assert _FakeGuest.order.index("labeach:lab+each+raw") > _FakeGuest.order.index("boot:boot+daemon")
+    with pytest.raises(RuntimeError, match="broken broke"):
+        s.result(("j", "boot"))
+    with pytest.raises(RuntimeError, match=r"earlier boot \(boot\) failed: broken broke"):
+        s.result(("j", "labeach"))
+    assert "never" not in made   # a later boot of a machine that failed is not booted
+    s.stop()
+    s.join()
