@@ -51,6 +51,25 @@ def bpffs_as_found():
         ctypes.CDLL(None, use_errno=True).umount2(pins.BPFFS.encode(), 0)
 
 
+@pytest.fixture(autouse=True)
+def thread_state_as_found():
+    """A test leaves the test process's thread as it found it: its CPUs and its
+    network namespace.  (A test that pinned the thread to CPU 0 and kept it so
+    made every later child -- the VM test's qemu among them -- share one core,
+    and the VM test twice as slow.)  Put back, and the test that changed it fails."""
+    cpus = os.sched_getaffinity(0)
+    net = os.stat("/proc/thread-self/ns/net").st_ino
+    yield
+    changed = []
+    if os.sched_getaffinity(0) != cpus:
+        os.sched_setaffinity(0, cpus)
+        changed.append(f"its CPU affinity (now {sorted(cpus)} again)")
+    if os.stat("/proc/thread-self/ns/net").st_ino != net:
+        changed.append("its network namespace")
+    if changed:
+        pytest.fail("the test left the test process's thread changed: " + "; ".join(changed), pytrace=False)
+
+
 @pytest.fixture
 def tag() -> str:
     return uuid.uuid4().hex[:6]

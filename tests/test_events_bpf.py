@@ -36,8 +36,13 @@ def load(settings: EventSettings):
 
 def run_on_cpu0(ns, prog, packet: bytes, repeat: int = 1):
     def body():
-        os.sched_setaffinity(0, {0})  # this thread only: one CPU, one bucket
-        return libbpf.prog_test_run(prog.prog_fd, packet, netns.ifindex(ns, "phy"), repeat)
+        # one CPU, one bucket; this thread's (run_in runs body on the calling thread): put back after
+        before = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {0})
+        try:
+            return libbpf.prog_test_run(prog.prog_fd, packet, netns.ifindex(ns, "phy"), repeat)
+        finally:
+            os.sched_setaffinity(0, before)
     return netns.run_in(ns.path, body)
 
 

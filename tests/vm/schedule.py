@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -57,6 +58,8 @@ class Schedule:
         return job
 
     def start(self) -> None:
+        with self._lock:
+            self._tick()   # the first boots start now
         self._thread = threading.Thread(target=self._run, name="vm-schedule", daemon=True)
         self._thread.start()
 
@@ -81,14 +84,18 @@ class Schedule:
         job = self.jobs[key]
         if not job.future.done() and wait_note:
             wait_note(f"waiting for {key[0]} {key[1]} ({self.describe()})")
-        boots = job.future.result()
-        return job.guest, boots
+        while True:   # (a wait in slices: ^C reaches the test at once)
+            try:
+                return job.guest, job.future.result(timeout=1)
+            except FutureTimeout:
+                continue
 
     def describe(self) -> str:
         now = time.monotonic()
-        running = [f"{j.key[0]} {j.key[1]} since +{j.started - self.origin:.0f} s"
-                   for j in self.jobs.values() if j.started and not j.future.done()]
-        waiting = sum(1 for j in self.jobs.values() if not j.started)
+        with self._lock:   # (not between two starts of one turn)
+            running = [f"{j.key[0]} {j.key[1]} since +{j.started - self.origin:.0f} s"
+                       for j in self.jobs.values() if j.started and not j.future.done()]
+            waiting = sum(1 for j in self.jobs.values() if not j.started)
         return f"+{now - self.origin:.0f} s; running: {', '.join(running) or 'none'}; {waiting} not started"
 
     def _ready(self) -> list[Job]:
@@ -101,24 +108,27 @@ class Schedule:
             out.append(j)
         return sorted(out, key=lambda j: -j.rank)
 
+    def _tick(self) -> bool:
+        """Start what can start now (the lock held); False once there is nothing left to start."""
+        if self._stop:
+            for j in self.jobs.values():
+                if not j.started and not j.future.done():
+                    j.future.set_exception(RuntimeError("the VM test stopped before this boot"))
+            return False
+        if all(j.future.done() for j in self.jobs.values()):
+            return False
+        ready = self._ready()
+        while ready and self._running < self.parallel:
+            job = ready.pop(0)
+            job.started = time.monotonic()
+            self._running += 1
+            threading.Thread(target=self._work, args=(job,), name=f"vm-{job.key[0]}-{job.key[1]}",
+                             daemon=True).start()
+        return True
+
     def _run(self) -> None:
         with self._lock:
-            while True:
-                if self._stop:
-                    for j in self.jobs.values():
-                        if not j.started and not j.future.done():
-                            j.future.set_exception(RuntimeError("the VM test stopped before this boot"))
-                    return
-                pending = [j for j in self.jobs.values() if not j.future.done()]
-                if not pending:
-                    return
-                ready = self._ready()
-                while ready and self._running < self.parallel:
-                    job = ready.pop(0)
-                    job.started = time.monotonic()
-                    self._running += 1
-                    threading.Thread(target=self._work, args=(job,), name=f"vm-{job.key[0]}-{job.key[1]}",
-                                     daemon=True).start()
+            while self._tick():
                 self._lock.wait(5)
 
     def _work(self, job: Job) -> None:
