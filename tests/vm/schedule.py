@@ -86,7 +86,8 @@ class Schedule:
             wait_note(f"waiting for {key[0]} {key[1]} ({self.describe()})")
         while True:   # (a wait in slices: ^C reaches the test at once)
             try:
-                return job.guest, job.future.result(timeout=1)
+                boots = job.future.result(timeout=1)
+                return job.guest, boots
             except FutureTimeout:
                 continue
 
