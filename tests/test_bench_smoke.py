@@ -139,9 +139,10 @@ def test_summary_reports_every_benchmark(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = (tmp_path / "README.md").read_text()
     for name in ("packet_cost", "netns_identity", "throughput", "scaling", "reaction", "node_throughput",
-                 "node_reaction", "footprint", "scrape", "containers", "dns_cost"):
+                 "node_reaction", "footprint", "scrape", "containers", "dns_cost", "kubernetes"):
         assert f"[{name}]({name}.md)" in report, name
     assert "sendmsg: DNS to the stub 127.0.0.53 (redirected): added per call" in report
+    assert "pods: one more pod protected, p99 ≤ 50 ms" in report and "pods: daemon RSS ≤ 150 MB" in report
     assert "not run" not in report
     for plot in ("packet_cost", "throughput", "scaling", "reaction", "node_throughput", "node_reaction"):
         assert (tmp_path / f"{plot}.png").stat().st_size > 1000
