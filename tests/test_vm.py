@@ -50,9 +50,6 @@ SCENARIOS = {   # column -> what it is; the newest kernel runs all, the others a
 NEWEST_ONLY = {"escape": "not run here (newest kernel only, for CI time: no kernel feature involved)",
                "wgquick": "not run here (newest kernel only, for CI time: scenario nm runs kernel WireGuard with "
                           "its fwmark, endpoints/dns auto and vpn_mark on every kernel)"}
-# (kernel, scenario) cells left out of the default run to keep CI within its time, with why (none since
-# the boots run in parallel: scenario nm is back on Debian's stock kernels)
-NOT_RUN: dict[tuple[str, str], str] = {}
 CELLS: dict[tuple[str, str], str] = {}
 KERNELS = selected()   # KSBPF_VM_KERNELS
 
@@ -157,14 +154,11 @@ JOBS = {
     "nm": ((("nm", 1800),), 620, None, ("test_networkmanager_connection",)),
     "wgquick": ((("wgquick", 1800),), 650, None, ("test_wg_quick_full_tunnel",)),
 }
-JOB_CELLS = {"escape": "escape", "nm": "nm", "wgquick": "wgquick"}   # jobs of one cell some kernels skip
 
 
 def not_run(kernel: Kernel, scenario: str) -> str | None:
     """Why this kernel's cell is left out of this run, or None."""
-    if scenario in NEWEST_ONLY and not kernel.strict:
-        return NEWEST_ONLY[scenario]
-    return NOT_RUN.get((kernel.name, scenario))
+    return NEWEST_ONLY[scenario] if scenario in NEWEST_ONLY and not kernel.strict else None
 
 
 def wanted_jobs(items) -> set[tuple[str, str]]:
@@ -176,7 +170,7 @@ def wanted_jobs(items) -> set[tuple[str, str]]:
         params = getattr(getattr(item, "callspec", None), "params", {})
         if name in tests and "kernel" in params:
             k, job = params["kernel"], tests[name]
-            if job in JOB_CELLS and not_run(k, JOB_CELLS[job]):
+            if not_run(k, job):   # a job of a cell this kernel leaves out (NEWEST_ONLY: job and cell share a name)
                 continue
             out.add((k.name, job))
     return out

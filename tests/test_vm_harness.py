@@ -232,3 +232,21 @@ def test_the_schedule_runs_boots_a_few_at_a_time_and_a_later_boot_after_its_mach
     assert "never" not in made   # a later boot of a machine that failed is not booted
     s.stop()
     s.join()
+
+
+def test_wanted_jobs_leave_the_newest_only_cells_to_the_newest_kernel():
+    """The boots a full selection asks for: every job on the strict (newest) kernel; on the others every
+    job but those of the cells they leave out (NEWEST_ONLY) -- no boot whose test would only skip."""
+    import types
+
+    import test_vm
+
+    items = [types.SimpleNamespace(originalname=name, name=f"{name}[{k.name}]",
+                                   callspec=types.SimpleNamespace(params={"kernel": k}))
+             for _boots, _t, _dep, names in test_vm.JOBS.values() for name in names for k in kernels.KERNELS]
+    wanted = test_vm.wanted_jobs(items)
+    for k in kernels.KERNELS:
+        jobs = {job for name, job in wanted if name == k.name}
+        skipped = set() if k.strict else set(test_vm.NEWEST_ONLY)
+        assert jobs == set(test_vm.JOBS) - skipped, (k.name, jobs)
+    assert any(not k.strict for k in kernels.KERNELS) and any(k.strict for k in kernels.KERNELS)
