@@ -321,11 +321,13 @@ REMEDIES = {   # the first key found in a figure's name applies
                               "kernel's verifier (~30 ms a program on an idle 2-CPU machine). One program per "
                               "option set, attached to every pod's cgroup with the pod's state found by the "
                               "attachment, would take the verifier out of the path entirely.",
-    "/metrics ≤": "A scrape reads every pod's scope: profiled at 1,000 pods, about a third of it is the batched "
-                  "per-CPU counter read (bpf_map_lookup_batch, ~19 us a scope) and a third the attachment check "
-                  "(opening the cgroup by path, fstat, BPF_PROG_QUERY: ~20 us a scope), the rest Python; on a "
-                  "loaded machine the event loop's other work adds to it. Checking attachment from the daemon's "
-                  "own state and skipping the counters of scopes known to be idle would cut it.",
+    "/metrics ≤": "A scrape reads every pod's scope: three system calls each (the batched per-CPU counter read, "
+                  "the tunnels map in one batch, BPF_PROG_QUERY on the cgroup held open), made with the GIL held "
+                  "(through PyDLL: released, each call let a busy thread take the GIL for a 5 ms switch interval), "
+                  "and the verifier's thread waits while a scrape runs; ~17 us a scope in-process. Run right "
+                  "after a cold start of 1,000 pods the verifier is still checking them and shares the GIL with "
+                  "the scrape between its steps; a loaded machine adds to that. The first scrape after a start "
+                  "opens every scope's maps (~0.1 ms a scope).",
     "nothing cached": "bcc's compile (≈1.4 s) is the cost. The compiled image is cached, so only the first attach "
                       "of an option set pays it; shipping pre-compiled images for the common option sets, or a "
                       "CO-RE object built at package time, would remove it.",

@@ -6,6 +6,7 @@ scope attached by hand, and a configured scope that is not in force."""
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 
 import pytest
@@ -13,10 +14,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ksbpf.daemon.log import EventLog
 from ksbpf.daemon.service import Daemon
+from ksbpf.kernel import libbpf, netns
 from ksbpf.observability import metrics
 from ksbpf.observability.scrape import Scraper
 from ksbpf.policy import Endpoint, Options, Policy
 from ksbpf.scopes import cgroups
+from ksbpf.verify import packets
 
 pytestmark = pytest.mark.root
 
@@ -81,4 +84,63 @@ def test_pod_scopes_are_named_by_their_pod_and_zero_counters_are_not_written(mak
         for space in d.namespaces.values():
             space.watch.close()
     finally:
+        subprocess.run(["ip", "netns", "del", ns])
+
+
+def test_counted_detached_and_removed_scopes_match_the_collector(make_cgroup, tag, tmp_path):
+    """The fast path's other branches, against the collector: counters that
+    are not zero (packets the scope's real program judged), a program detached
+    by hand behind the daemon's back, and a cgroup removed while its scope's
+    pins remain -- each read by a scraper that had already opened the scope."""
+    ns = f"ksbpf-sd{tag}"
+    gone = None
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "tuntap", "add", "dev", "wg0", "mode", "tun"], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "add", "phy", "type", "veth", "peer", "name", "other"], check=True)
+        a, b, c = make_cgroup("-a"), make_cgroup("-b"), make_cgroup("-c")
+        gone = c   # removed below: make_cgroup's cleanup cannot find it, so its pins are released here
+        d = Daemon(str(tmp_path / "unused.toml"), EventLog("json", io.StringIO()))
+        for cg in (a, b, c):
+            d.add_scope(cg, Policy(("wg0",), netns=ns), "test")
+            assert d.scopes[cg].pin_dir and not d.scopes[cg].error
+        mine = {a, b, c}
+        scraper = Scraper(d)
+        before = samples(scraper.render().decode(), mine)
+        assert not any(name == "ksbpf_dropped_packets_total" for name, _, _ in before)
+
+        space = netns.resolve(ns)
+        prog = libbpf.obj_get(os.path.join(d.scopes[a].pin_dir, "prog"))
+        try:
+            leak = packets.frame(packets.ipv4("198.51.100.7", 17, dport=53))
+            netns.run_in(space.path, lambda: libbpf.prog_test_run(prog, leak, netns.ifindex(space, "phy"), 3))
+            ok = netns.run_in(space.path, lambda: libbpf.prog_test_run(prog, leak, netns.ifindex(space, "wg0"), 2))
+            assert ok.retval == 1
+            cg_fd = os.open(b, os.O_RDONLY | os.O_DIRECTORY)
+            try:   # b's program, detached by hand
+                b_prog = libbpf.obj_get(os.path.join(d.scopes[b].pin_dir, "prog"))
+                try:
+                    libbpf.prog_detach(b_prog, cg_fd, libbpf.BPF_CGROUP_INET_EGRESS)
+                finally:
+                    os.close(b_prog)
+            finally:
+                os.close(cg_fd)
+        finally:
+            os.close(prog)
+        os.rmdir(c)   # c's cgroup removed; its pins stay until the daemon hears of it
+        fast, slow = scraper.render().decode(), metrics.render(d).decode()
+        assert samples(fast, mine) == samples(slow, mine)
+        got = samples(fast, mine)
+        assert ("ksbpf_scope_attached", (("scope", a),), 1.0) in got
+        assert ("ksbpf_scope_attached", (("scope", b),), 0.0) in got
+        assert ("ksbpf_scope_attached", (("scope", c),), 0.0) in got
+        dropped = [(labels, v) for name, labels, v in got if name == "ksbpf_dropped_packets_total"]
+        assert [v for labels, v in dropped if ("scope", a) in labels] == [3.0], dropped
+        assert any(name == "ksbpf_allowed_packets_total" and ("scope", a) in labels and v == 2.0
+                   for name, labels, v in got), got
+        for space_ in d.namespaces.values():
+            space_.watch.close()
+    finally:
+        if gone:
+            cgroups.detach(gone)   # a cgroup that is gone: its stale pins are removed
         subprocess.run(["ip", "netns", "del", ns])

@@ -120,3 +120,33 @@ def test_checks_wait_for_the_event_loop(monkeypatch):
     finally:
         idle.set()
         v.stop()
+
+
+def test_checks_wait_for_a_scrape(monkeypatch):
+    """Nor does a check run while a /metrics scrape does (the daemon's
+    `unscraped` event cleared): a scrape of 1,000 pods would share the GIL
+    with it.  The event loop is idle throughout; only the scrape holds it back."""
+    fake = FakeChecks()
+    monkeypatch.setattr(check, "check_pin_dir", fake)
+    monkeypatch.setattr(vmod, "QUIET_SECONDS", 0.0)
+    monkeypatch.setattr(vmod, "IDLE_WAIT_MAX", 1.0)
+    idle, unscraped = threading.Event(), threading.Event()
+    idle.set()
+    scopes = {f"s{i}": f"/pins/s{i}" for i in range(3)}
+    v = vmod.Verifier(lambda *a, **k: None, lambda: dict(scopes), interval=3600, idle=idle, unscraped=unscraped)
+    start = time.monotonic()
+    v.start()
+    try:
+        deadline = start + 10
+        while not fake.calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(fake.calls) == 1 and time.monotonic() - start >= 1.0   # waited for the scrape
+        unscraped.set()                                                      # the scrape is done
+        assert v.wait_for_run(0, 10)
+        assert fake.take() == sorted(scopes.values())
+        monkeypatch.setattr(vmod, "IDLE_WAIT_MAX", 60.0)   # a wait now would outlast run()'s 10 s
+        run(v, "s1")
+        assert fake.take() == ["/pins/s1"]   # no scrape: nothing to wait for
+    finally:
+        unscraped.set()
+        v.stop()

@@ -152,6 +152,10 @@ class Daemon:
         # waiting Verifier.IDLE_WAIT_MAX), so that its Python work does not hold the GIL against a pod
         # being protected
         self.idle = threading.Event()
+        # set while no /metrics scrape runs: the verifier's thread waits for that too (a scrape of 1,000
+        # pods is ~20 ms of Python alone, ~4x that while sharing the GIL with a check)
+        self.unscraped = threading.Event()
+        self.unscraped.set()
         self.openvpn: dict[str, vpn_endpoints.OpenVPNManagement] = {}   # --endpoint auto:PATH, held open
 
     # -- configuration ---------------------------------------------------------
@@ -808,7 +812,7 @@ class Daemon:
     def _start_verifier(self, cfg: config.Config) -> None:
         from ksbpf.daemon.verifier import Verifier
         self.verifier = Verifier(self.log, self.applied_scopes, cfg.verify_interval, cfg.close_stray_sockets,
-                                 idle=self.idle)
+                                 idle=self.idle, unscraped=self.unscraped)
         self.verifier.start()
 
     def _serve_metrics(self, cfg: config.Config) -> None:

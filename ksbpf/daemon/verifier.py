@@ -33,12 +33,14 @@ IDLE_WAIT_MAX = 1.0     # a check waits at most this long for the event loop to 
 
 class Verifier:
     def __init__(self, log: Callable[..., None], pin_dirs: Callable[[], dict[str, str]],
-                 interval: float = 300.0, close_stray: bool = False, idle: threading.Event | None = None):
+                 interval: float = 300.0, close_stray: bool = False, idle: threading.Event | None = None,
+                 unscraped: threading.Event | None = None):
         self.log = log
         self.pin_dirs = pin_dirs          # scope (cgroup path) -> pin directory, of the applied scopes
         self.interval = interval
         self.close_stray = close_stray
         self.idle = idle                  # set while the event loop waits for work (None: never wait)
+        self.unscraped = unscraped        # set while no /metrics scrape runs (None: never wait)
         self.failures: dict[tuple[str, str], int] = {}
         self.problems: list[str] = []
         self._problems: dict[str, list[str]] = {}   # scope -> its failing findings' lines (the last check of it)
@@ -114,6 +116,8 @@ class Verifier:
         for scope, pin_dir in scopes.items():
             if self.idle is not None:
                 self.idle.wait(IDLE_WAIT_MAX)   # the loop first: a pod being protected does not wait for us
+            if self.unscraped is not None:   # nor a scrape (its 1,000 pods' reads would share the GIL with us)
+                self.unscraped.wait(IDLE_WAIT_MAX)
             try:
                 out[scope] = check.check_pin_dir(pin_dir)
             except (OSError, KsbpfError) as exc:

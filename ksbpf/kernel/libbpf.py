@@ -150,6 +150,21 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
+@lru_cache(maxsize=1)
+def _held() -> ctypes.PyDLL:
+    """libbpf again, for the few quick calls a scrape makes per scope: through
+    PyDLL the GIL stays held across the system call.  Released (CDLL), each
+    call would let a busy thread take the GIL, and win it back only after the
+    interpreter's switch interval (5 ms): a convoy, 1,000 scopes x 3 calls."""
+    lib = ctypes.PyDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
+    vp = ctypes.c_void_p
+    for fname, args in (("bpf_map_lookup_batch", [ctypes.c_int, vp, vp, vp, vp, vp, vp]),
+                        ("bpf_prog_query", [ctypes.c_int, ctypes.c_int, ctypes.c_uint32, vp, vp, vp])):
+        fn = getattr(lib, fname)
+        fn.restype, fn.argtypes = ctypes.c_int, args
+    return lib
+
+
 def _check(ret: int, what: str) -> int:
     if ret < 0:
         err = -ret if ret != -1 else (ctypes.get_errno() or 1)
@@ -410,6 +425,48 @@ def map_lookup_batch(fd: int, key_size: int, value_size: int, count: int) -> tup
     if ret < 0 and -ret != 2:   # ENOENT: the end of the map was reached
         _check(ret, "map batch lookup")
     return keys.raw, values.raw, n.value
+
+
+class BatchReader:
+    """map_lookup_batch for a map read again and again (a scrape of every
+    scope): the buffers are made once; read() is one system call."""
+
+    def __init__(self, fd: int, key_size: int, value_size: int, count: int):
+        self.fd, self.count, self.value_size = fd, count, value_size
+        self.keys = ctypes.create_string_buffer(key_size * count)
+        self.values = ctypes.create_string_buffer(value_size * count)
+        self.out_batch = ctypes.create_string_buffer(max(key_size, 8))
+        self.n = ctypes.c_uint32(count)
+
+    def read(self) -> int:
+        """How many entries were read into .keys and .values (from the start of the map)."""
+        self.n.value = self.count
+        ret = _held().bpf_map_lookup_batch(self.fd, None, self.out_batch, self.keys, self.values,
+                                           ctypes.byref(self.n), None)
+        if ret < 0 and -ret != 2:   # ENOENT: the end of the map was reached
+            _check(ret, "map batch lookup")
+        return self.n.value
+
+
+class AttachedQuery:
+    """prog_query for one target asked again and again (a scrape of every
+    scope): the buffers are made once, the GIL held across the call."""
+
+    def __init__(self, target_fd: int, attach_type: int, room: int = 64):
+        self.target_fd, self.attach_type, self.room = target_fd, attach_type, room
+        self.ids = (ctypes.c_uint32 * room)()
+        self.flags = ctypes.c_uint32(0)
+        self.count = ctypes.c_uint32(room)
+
+    def has(self, prog_id: int) -> bool:
+        """Is program `prog_id` attached to the target (directly, not inherited)?"""
+        self.count.value = self.room
+        ret = _held().bpf_prog_query(self.target_fd, self.attach_type, 0, ctypes.byref(self.flags), self.ids,
+                                     ctypes.byref(self.count))
+        if ret < 0 and -ret == 28:   # ENOSPC: more programs than room: ask the general way
+            return prog_id in prog_query(self.target_fd, self.attach_type)
+        _check(ret, "query attached programs")
+        return prog_id in self.ids[:self.count.value]
 
 
 def num_possible_cpus() -> int:

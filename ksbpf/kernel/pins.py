@@ -85,6 +85,16 @@ def list_scope_dirs(bpffs: str = BPFFS) -> list[str]:
     return _numbered(scopes_dir(bpffs))
 
 
+def scope_dir_inodes(bpffs: str = BPFFS) -> dict[str, int]:
+    """The pin directories of the cgroup scopes, each with its inode number
+    (from the directory listing: no stat; a replaced directory has a new one)."""
+    try:
+        with os.scandir(scopes_dir(bpffs)) as it:
+            return {e.path: e.inode() for e in it if e.name.isdigit()}
+    except FileNotFoundError:
+        return {}
+
+
 def list_node_dirs(bpffs: str = BPFFS) -> list[str]:
     """The pin directories of the node scopes (one per network namespace)."""
     return _numbered(nodes_dir(bpffs))

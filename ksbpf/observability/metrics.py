@@ -17,6 +17,7 @@ import json
 import socket
 import threading
 import time
+from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.metadata import PackageNotFoundError, version
 from typing import Protocol
@@ -40,6 +41,7 @@ class Daemon(Protocol):
     route_alerts: int
     guards_displaced: int
     heartbeat: float
+    unscraped: threading.Event   # cleared while a scrape runs (the verifier's thread waits)
 
     def readiness(self) -> list[str]: ...
 
@@ -47,6 +49,7 @@ class Daemon(Protocol):
 HEALTHY_WITHIN = 30.0  # seconds since the daemon's loop last turned
 
 
+@lru_cache(maxsize=1)
 def ksbpf_version() -> str:
     try:
         return version("ksbpf")
@@ -188,13 +191,18 @@ class MetricsServer:
         from ksbpf.observability.scrape import Scraper
         scraper = Scraper(daemon)   # the daemon's fast path: maps kept open, its own netlink view
         lock = threading.Lock()
+        unscraped = daemon.unscraped
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
                     with lock:   # one scrape at a time: the scraper's open maps are shared
-                        body = scraper.render()
+                        unscraped.clear()   # the verifier's thread waits meanwhile
+                        try:
+                            body = scraper.render()
+                        finally:
+                            unscraped.set()
                     self._send(200, body, CONTENT_TYPE_LATEST)
                 elif path == "/healthz":
                     age = time.monotonic() - daemon.heartbeat

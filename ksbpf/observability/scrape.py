@@ -7,9 +7,11 @@ prometheus_client -- ~1 s for 1,000 scopes.  The daemon knows more: it
 already follows each namespace's links through netlink, and its scopes do
 not change between scrapes.  So a Scraper keeps, per scope, the few maps a
 scrape reads open (counters, bucket, tunnels) with the label text
-precomputed; reads the per-CPU counters in one batched system call; takes
-tunnel presence from the daemon's namespaces; and writes the exposition text
-itself.  A scope the daemon does not own (attached by hand) and node scopes
+precomputed, and the scope's cgroup; reads the per-CPU counters and the
+tunnels map each in one batched system call and asks the cgroup for its
+programs (three system calls a scope, made with the GIL held: see
+libbpf._held); takes the tunnels' links from the daemon's namespaces; and
+writes the exposition text itself.  A scope the daemon does not own (attached by hand) and node scopes
 are read the one-shot way.  The output is the collector's, sample for sample
 (tests/test_scrape.py compares them), except that a pod's scope is named by
 its pod (scope="pod/NAMESPACE/NAME", namespace, pod), never by its cgroup.
@@ -35,6 +37,7 @@ _BUCKET = struct.Struct("=QQQQ")
 _U32 = struct.Struct("=I")
 _TUNNEL_KEY = struct.Struct("=QII")
 N_COUNTERS = len(Reason) * FAMILY_MAX
+_CGROUP = Hook.CGROUP.label
 # label text by counter index, computed once
 DROP_LABELS = [(r * FAMILY_MAX + f, f'reason="{r.label}",family="{f.label}') for r in Reason if not r.allowed for f in Family]
 ALLOWED_INDEXES = [(r.label, [r * FAMILY_MAX + f for f in Family]) for r in Reason if r.allowed]
@@ -61,10 +64,15 @@ class Row:
 
 
 class _Open:
-    """A daemon-owned cgroup scope with what its scrape reads kept open."""
+    """A daemon-owned cgroup scope with what its scrape reads kept open: the
+    counters and tunnels maps (each read in one batched system call into
+    buffers made once), the bucket, and the cgroup itself (its attached
+    programs are one query away).  A scrape of an idle scope is three
+    system calls."""
 
     def __init__(self, pin_dir: str, dir_ino: int):
         self.dir_ino = dir_ino
+        self.cgroup_id = int(os.path.basename(pin_dir))
         self.fds = {}
         try:
             for name in ("counters", "bucket", "tunnels", "meta"):
@@ -79,6 +87,19 @@ class _Open:
                 self.prog_id = libbpf.prog_info(prog_fd).id
             finally:
                 os.close(prog_fd)
+            # the cgroup, held open: a scope is its cgroup's id (the pin directory's name), so a cgroup
+            # made again at the same path is another scope, and this one is checked as long as it lives
+            # (gone, or another one at its path: the scope is not attached, as the one-shot collector says)
+            try:
+                cg = os.open(meta["cgroup"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                cg = None
+            if cg is not None and os.fstat(cg).st_ino != self.cgroup_id:
+                os.close(cg)
+                cg = None
+            if cg is not None:
+                self.fds["cgroup"] = cg
+                self._query = libbpf.AttachedQuery(cg, libbpf.BPF_CGROUP_INET_EGRESS)
         except BaseException:
             self.close()
             raise
@@ -94,8 +115,13 @@ class _Open:
         self.ncpu = ncpu
         self.stride_counters = (libbpf.map_info(self.fds["counters"]).value_size + 7) // 8 * 8
         self.stride_bucket = (libbpf.map_info(self.fds["bucket"]).value_size + 7) // 8 * 8
-        self.tunnel_value = libbpf.map_info(self.fds["tunnels"]).value_size
+        self._counters = libbpf.BatchReader(self.fds["counters"], 4, self.stride_counters * ncpu, N_COUNTERS)
+        self._zero = bytes(len(self._counters.values))
+        tunnels = libbpf.map_info(self.fds["tunnels"])
+        self._tunnels = libbpf.BatchReader(self.fds["tunnels"], _TUNNEL_KEY.size, tunnels.value_size,
+                                           tunnels.max_entries)
         self.base_counters = ([p for p, _ in self.base], [b for _, b in self.base])
+        self.base_dropped = any(self.base_counters[0][i] for i, _ in DROP_LABELS)
         self.labels_text: str | None = None   # the scope's label text, made once (scope_labels)
 
     def close(self) -> None:
@@ -103,41 +129,40 @@ class _Open:
             os.close(fd)
         self.fds = {}
 
-    def counters(self) -> tuple[list[int], list[int]]:
-        """(packets, bytes) by counter index (reason * FAMILY_MAX + family), one batched read."""
+    def counters(self) -> tuple[list[int], list[int], bool]:
+        """(packets, bytes) by counter index (reason * FAMILY_MAX + family), one
+        batched read; and whether any packet was dropped."""
+        n = self._counters.read()
+        values = self._counters.values.raw
+        if values == self._zero:   # nothing counted yet (most pods of a node, most of the time): no per-CPU sums
+            return self.base_counters[0], self.base_counters[1], self.base_dropped
         size = self.stride_counters * self.ncpu
-        _keys, values, n = libbpf.map_lookup_batch(self.fds["counters"], 4, size, N_COUNTERS)
-        if values.count(0) == len(values):   # nothing counted yet (most pods of a node, most of the time): no per-CPU sums
-            return list(self.base_counters[0]), list(self.base_counters[1])
         q = memoryview(values)[:n * size].cast("Q").tolist()
         step, w = self.stride_counters // 8, size // 8
         packets = [sum(q[j:j + w:step]) + bp for j, (bp, _) in zip(range(0, n * w, w), self.base)]
         nbytes = [sum(q[j + 1:j + w:step]) + bb for j, (_, bb) in zip(range(0, n * w, w), self.base)]
-        return packets + [p for p, _ in self.base[n:]], nbytes + [b for _, b in self.base[n:]]
+        packets += [p for p, _ in self.base[n:]]
+        nbytes += [b for _, b in self.base[n:]]
+        return packets, nbytes, any(packets[i] for i, _ in DROP_LABELS)
 
     def suppressed(self) -> int:
         raw = libbpf.map_lookup(self.fds["bucket"], _U32.pack(0), self.stride_bucket * self.ncpu) or b""
         return sum(_BUCKET.unpack_from(raw, cpu * self.stride_bucket)[3] for cpu in range(len(raw) // self.stride_bucket))
 
     def registered(self, cookie: int | None) -> set[int]:
-        out = set()
-        for key in libbpf.map_keys(self.fds["tunnels"], _TUNNEL_KEY.size):
-            c, ifindex, _ = _TUNNEL_KEY.unpack(key)
-            if c == cookie:
-                out.add(ifindex)
-        return out
+        """The interfaces of the namespace `cookie` the tunnels map allows (one batched read)."""
+        n = self._tunnels.read()
+        keys = self._tunnels.keys.raw
+        return {ifindex for c, ifindex, _ in _TUNNEL_KEY.iter_unpack(keys[:n * _TUNNEL_KEY.size]) if c == cookie}
 
     def attached(self) -> bool:
-        try:
-            fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
+        fd = self.fds.get("cgroup")
+        if fd is None:
             return False
         try:
-            if os.fstat(fd).st_ino != self.cgroup_id:
-                return False
-            return self.prog_id in libbpf.prog_query(fd, libbpf.BPF_CGROUP_INET_EGRESS)
-        finally:
-            os.close(fd)
+            return self._query.has(self.prog_id)
+        except (OSError, KsbpfError):   # the cgroup was removed (ENOENT): not attached
+            return False
 
 
 def scope_labels(name: str, labels: dict | None) -> str:
@@ -159,7 +184,7 @@ class Scraper:
         by_pin = {st.pin_dir: st for st in list(self.daemon.scopes.values()) if st.pin_dir and not st.error}
         spaces = dict(self.daemon.namespaces)
         seen_dirs = set()
-        for pin_dir in pins.list_scope_dirs(self.bpffs):
+        for pin_dir, dir_ino in pins.scope_dir_inodes(self.bpffs).items():
             seen_dirs.add(pin_dir)
             st = by_pin.get(pin_dir)
             space = spaces.get(st.ns.inode) if st and st.ns else None
@@ -167,22 +192,20 @@ class Scraper:
                 if st is None or space is None:
                     yield self._slow(cgroups.read_scope(pin_dir))
                     continue
-                dir_ino = os.stat(pin_dir).st_ino
                 cached = self._open.get(pin_dir)
                 if cached is None or cached.dir_ino != dir_ino:   # new, or replaced (make-before-break)
                     if cached:
                         cached.close()
+                        del self._open[pin_dir]
                     cached = self._open[pin_dir] = _Open(pin_dir, dir_ino)
-                    cached.cgroup_id = int(os.path.basename(pin_dir))
                 registered = cached.registered(space.cookie)
                 by_name = {link.name: link for link in space.links.values()}
                 tunnels = [(t, bool(by_name.get(t)) and by_name[t].ifindex in registered) for t in cached.tunnel_names]
-                packets, nbytes = cached.counters()
+                packets, nbytes, dropped = cached.counters()
                 if cached.labels_text is None:
                     cached.labels_text = scope_labels(cached.cgroup, st.labels)
                 # a sample is suppressed only when a packet was dropped: no drop, no read of the bucket
-                dropped = any(packets[i] for i, _ in DROP_LABELS)
-                yield Row(cached.cgroup, Hook.CGROUP.label, packets, nbytes, tunnels, cached.attached(),
+                yield Row(cached.cgroup, _CGROUP, packets, nbytes, tunnels, cached.attached(),
                           cached.suppressed() if dropped else 0, labels=st.labels, labels_text=cached.labels_text)
             except (OSError, ValueError, KeyError, KsbpfError):
                 continue   # replaced or removed while we read: the next scrape sees it
