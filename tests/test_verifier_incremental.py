@@ -89,24 +89,38 @@ def test_results_of_other_scopes_stand_and_removed_scopes_go(verifier):
     assert v.last_success is not None and v.last_success > (last or 0)
 
 
-def test_checks_wait_for_the_event_loop(monkeypatch):
-    """The verifier's thread checks a scope only while the daemon's event loop waits for work (its
-    `idle` event set), or after waiting IDLE_WAIT_MAX: a pod being protected does not share the GIL
-    with a pass over every scope.  Measured against a loop that stays busy, then goes idle."""
+def started_held_back(monkeypatch, n: int, **events):
+    """A verifier over n fake scopes, started with `events` (idle, unscraped)
+    as given, once its first check has run: that check must have waited
+    IDLE_WAIT_MAX (1 s) for them.  -> (verifier, fake checks, scopes, start)."""
     fake = FakeChecks()
     monkeypatch.setattr(check, "check_pin_dir", fake)
     monkeypatch.setattr(vmod, "QUIET_SECONDS", 0.0)
     monkeypatch.setattr(vmod, "IDLE_WAIT_MAX", 1.0)
-    idle = threading.Event()   # the loop is busy
-    scopes = {f"s{i}": f"/pins/s{i}" for i in range(4)}
-    v = vmod.Verifier(lambda *a, **k: None, lambda: dict(scopes), interval=3600, idle=idle)
+    scopes = {f"s{i}": f"/pins/s{i}" for i in range(n)}
+    v = vmod.Verifier(lambda *a, **k: None, lambda: dict(scopes), interval=3600, **events)
     start = time.monotonic()
     v.start()
     try:
         deadline = start + 10
         while not fake.calls and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert len(fake.calls) == 1 and time.monotonic() - start >= 1.0   # waited for the busy loop
+        assert len(fake.calls) == 1 and time.monotonic() - start >= 1.0   # waited
+    except BaseException:
+        for e in events.values():
+            e.set()
+        v.stop()
+        raise
+    return v, fake, scopes, start
+
+
+def test_checks_wait_for_the_event_loop(monkeypatch):
+    """The verifier's thread checks a scope only while the daemon's event loop waits for work (its
+    `idle` event set), or after waiting IDLE_WAIT_MAX: a pod being protected does not share the GIL
+    with a pass over every scope.  Measured against a loop that stays busy, then goes idle."""
+    idle = threading.Event()   # the loop is busy
+    v, fake, scopes, start = started_held_back(monkeypatch, 4, idle=idle)
+    try:
         time.sleep(0.3)
         assert len(fake.calls) == 1   # busy: one scope per IDLE_WAIT_MAX, not the whole pass at once
         idle.set()                    # the loop waits for work: the rest of the pass at once
@@ -126,22 +140,11 @@ def test_checks_wait_for_a_scrape(monkeypatch):
     """Nor does a check run while a /metrics scrape does (the daemon's
     `unscraped` event cleared): a scrape of 1,000 pods would share the GIL
     with it.  The event loop is idle throughout; only the scrape holds it back."""
-    fake = FakeChecks()
-    monkeypatch.setattr(check, "check_pin_dir", fake)
-    monkeypatch.setattr(vmod, "QUIET_SECONDS", 0.0)
-    monkeypatch.setattr(vmod, "IDLE_WAIT_MAX", 1.0)
     idle, unscraped = threading.Event(), threading.Event()
     idle.set()
-    scopes = {f"s{i}": f"/pins/s{i}" for i in range(3)}
-    v = vmod.Verifier(lambda *a, **k: None, lambda: dict(scopes), interval=3600, idle=idle, unscraped=unscraped)
-    start = time.monotonic()
-    v.start()
+    v, fake, scopes, _ = started_held_back(monkeypatch, 3, idle=idle, unscraped=unscraped)
     try:
-        deadline = start + 10
-        while not fake.calls and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(fake.calls) == 1 and time.monotonic() - start >= 1.0   # waited for the scrape
-        unscraped.set()                                                      # the scrape is done
+        unscraped.set()   # the scrape is done
         assert v.wait_for_run(0, 10)
         assert fake.take() == sorted(scopes.values())
         monkeypatch.setattr(vmod, "IDLE_WAIT_MAX", 60.0)   # a wait now would outlast run()'s 10 s
