@@ -283,6 +283,10 @@ def rows_kubernetes(r):
     yield (f"{n} pods: all protected from a cold start (no pins; no target)", f"{r['initial_protect_s']} s", "—")
     yield (f"{n} pods: /metrics ≤ {t['scrape_ms']} ms and ≤ {t['metrics_bytes'] // 1000} kB",
            f"p50 {sc['p50']} ms, {r['metrics_bytes'] // 1024} KiB", YES[met["scrape"] and met["metrics_bytes"]])
+    if "scrape_later_ms" in r:
+        yield (f"{n} pods: /metrics again, after the {r['more']} more pods (no target)",
+               f"p50 {r['scrape_later_ms']['p50']} ms (max {r['scrape_later_ms']['max']} ms)", "—")
+        yield (f"{n} pods: a burst of {r['burst']} pods at once, all protected (no target)", f"{r['burst_protect_s']} s", "—")
     yield (f"{n} pods: daemon RSS ≤ {t['daemon_rss_mb']} MB", f"{r['daemon_rss_mb']}–{r['daemon_rss_mb_after']} MB",
            YES[met["daemon_rss"]])
     for path, v in r.get("per_packet_ns", {}).get("1", {}).items():

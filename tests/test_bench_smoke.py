@@ -143,6 +143,7 @@ def test_summary_reports_every_benchmark(tmp_path):
         assert f"[{name}]({name}.md)" in report, name
     assert "sendmsg: DNS to the stub 127.0.0.53 (redirected): added per call" in report
     assert "pods: one more pod protected, p99 ≤ 50 ms" in report and "pods: daemon RSS ≤ 150 MB" in report
+    assert "pods at once, all protected" in report
     assert "not run" not in report
     for plot in ("packet_cost", "throughput", "scaling", "reaction", "node_throughput", "node_reaction"):
         assert (tmp_path / f"{plot}.png").stat().st_size > 1000
@@ -174,8 +175,9 @@ def test_dns_cost_benchmark_runs(tmp_path):
 
 @pytest.mark.root
 def test_kubernetes_benchmark_runs(tmp_path):
-    result = bench(tmp_path, "kubernetes.py", "--pods", "4", "--more", "2", "--scrapes", "1")
+    result = bench(tmp_path, "kubernetes.py", "--pods", "4", "--more", "2", "--scrapes", "1", "--burst", "6")
     assert result["pods"] == 4 and len(result["protect_samples_ms"]) == 2
+    assert result["burst"] == 6 and result["burst_protect_s"] > 0 and result["scrape_later_ms"]["p50"] > 0
     for n in ("1", "4"):   # the first pod's program judged its packets (a count of 0 would give 0 ns)
         assert set(result["per_packet_ns"][n]) == {"drop not_tunnel", "loopback"}
         assert all(v > 0 for v in result["per_packet_ns"][n].values()), result["per_packet_ns"]

@@ -152,16 +152,17 @@ def _lib() -> ctypes.CDLL:
 
 @lru_cache(maxsize=1)
 def _held() -> ctypes.PyDLL:
-    """libbpf again, for the few quick calls a scrape makes per scope: through
+    """libbpf again, for the quick map reads a scrape makes per scope: through
     PyDLL the GIL stays held across the system call.  Released (CDLL), each
     call would let a busy thread take the GIL, and win it back only after the
-    interpreter's switch interval (5 ms): a convoy, 1,000 scopes x 3 calls."""
+    interpreter's switch interval (5 ms): a convoy, 1,000 scopes x 2 calls.
+    Only calls that never sleep belong here (a batched map read takes RCU and
+    spinlocks); BPF_PROG_QUERY takes the cgroup mutex, which another process
+    may hold for a while, and goes through _lib() (the GIL released)."""
     lib = ctypes.PyDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
     vp = ctypes.c_void_p
-    for fname, args in (("bpf_map_lookup_batch", [ctypes.c_int, vp, vp, vp, vp, vp, vp]),
-                        ("bpf_prog_query", [ctypes.c_int, ctypes.c_int, ctypes.c_uint32, vp, vp, vp])):
-        fn = getattr(lib, fname)
-        fn.restype, fn.argtypes = ctypes.c_int, args
+    fn = lib.bpf_map_lookup_batch
+    fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_int, vp, vp, vp, vp, vp, vp]
     return lib
 
 
@@ -450,7 +451,7 @@ class BatchReader:
 
 class AttachedQuery:
     """prog_query for one target asked again and again (a scrape of every
-    scope): the buffers are made once, the GIL held across the call."""
+    scope): the buffers are made once."""
 
     def __init__(self, target_fd: int, attach_type: int, room: int = 64):
         self.target_fd, self.attach_type, self.room = target_fd, attach_type, room
@@ -461,8 +462,8 @@ class AttachedQuery:
     def has(self, prog_id: int) -> bool:
         """Is program `prog_id` attached to the target (directly, not inherited)?"""
         self.count.value = self.room
-        ret = _held().bpf_prog_query(self.target_fd, self.attach_type, 0, ctypes.byref(self.flags), self.ids,
-                                     ctypes.byref(self.count))
+        ret = _lib().bpf_prog_query(self.target_fd, self.attach_type, 0, ctypes.byref(self.flags), self.ids,
+                                    ctypes.byref(self.count))
         if ret < 0 and -ret == 28:   # ENOSPC: more programs than room: ask the general way
             return prog_id in prog_query(self.target_fd, self.attach_type)
         _check(ret, "query attached programs")
