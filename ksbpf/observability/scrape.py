@@ -10,9 +10,9 @@ scrape reads open (counters, bucket, tunnels) with the label text
 precomputed, and the scope's cgroup; reads the per-CPU counters and the
 tunnels map each in one batched system call (with the GIL held: see
 libbpf._held) and asks the cgroup for its programs -- three system calls a
-scope; takes the tunnels' links from the daemon's namespaces; and
-writes the exposition text itself.  A scope the daemon does not own (attached by hand) and node scopes
-are read the one-shot way.  The output is the collector's, sample for sample
+scope; takes the tunnels' links from the daemon's namespaces; and writes
+the exposition text itself.  A scope the daemon does not own (attached by
+hand) and node scopes are read the one-shot way.  The output is the collector's, sample for sample
 (tests/test_scrape.py compares them), except that a pod's scope is named by
 its pod (scope="pod/NAMESPACE/NAME", namespace, pod), never by its cgroup.
 
