@@ -418,22 +418,18 @@ def map_lookup_batch(fd: int, key_size: int, value_size: int, count: int) -> tup
     """Up to `count` entries from the start of a map in one system call:
     (keys, values, how many).  value_size: per entry as the kernel lays them
     out (per-CPU maps: round_up(value_size, 8) * possible CPUs)."""
-    keys = ctypes.create_string_buffer(key_size * count)
-    values = ctypes.create_string_buffer(value_size * count)
-    out_batch = ctypes.create_string_buffer(max(key_size, 8))
-    n = ctypes.c_uint32(count)
-    ret = _lib().bpf_map_lookup_batch(fd, None, out_batch, keys, values, ctypes.byref(n), None)
-    if ret < 0 and -ret != 2:   # ENOENT: the end of the map was reached
-        _check(ret, "map batch lookup")
-    return keys.raw, values.raw, n.value
+    reader = BatchReader(fd, key_size, value_size, count)
+    n = reader.read()
+    return reader.keys.raw, reader.values.raw, n
 
 
 class BatchReader:
-    """map_lookup_batch for a map read again and again (a scrape of every
-    scope): the buffers are made once; read() is one system call."""
+    """A map read from its start in one system call (BPF_MAP_LOOKUP_BATCH),
+    again and again if need be (a scrape of every scope): the buffers are
+    made once; read() fills them."""
 
     def __init__(self, fd: int, key_size: int, value_size: int, count: int):
-        self.fd, self.count, self.value_size = fd, count, value_size
+        self.fd, self.count = fd, count
         self.keys = ctypes.create_string_buffer(key_size * count)
         self.values = ctypes.create_string_buffer(value_size * count)
         self.out_batch = ctypes.create_string_buffer(max(key_size, 8))
