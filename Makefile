@@ -37,7 +37,7 @@ fuzz: setup
 bench: setup
 	@$(PY) benchmarks/packet_cost.py
 	@$(PY) benchmarks/nf_cost.py
-	@$(PY) benchmarks/netns_identity.py --rounds 7 --packets 40000
+	@$(PY) benchmarks/netns_identity.py --rounds 15 --packets 40000
 	@$(PY) benchmarks/throughput.py --rounds 5 --seconds 3
 	@$(PY) benchmarks/scaling.py --sizes 1,100,10000,100000 --rounds 3 --seconds 2
 	@$(PY) benchmarks/reaction.py --flaps 200

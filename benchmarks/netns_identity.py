@@ -18,7 +18,15 @@ min-max), in ns and as a ratio to the floor of the same round.
 Target: the tunnel path <= 1.5x the floor with either variant; every drop
 path <= 2.5x.
 
-    python benchmarks/netns_identity.py [--rounds 7] [--packets 40000]
+Beside them, on the same packets of the scopes that check every packet,
+hand-assembled probes that always let the packet go measure the check by
+itself: the namespace lookup alone (one bpf_sk_storage_get or one
+bpf_get_netns_cookie), and the smallest program that decides the tunnel
+path from it (the lookup, the ifindex filter, one comparison; no counters,
+no verify runs).  What the smallest decision costs bounds what any policy
+that asks on every packet can cost.
+
+    python benchmarks/netns_identity.py [--rounds 15] [--packets 40000]
 """
 
 from __future__ import annotations
@@ -34,14 +42,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import report  # noqa: E402
 
 from ksbpf.kernel import cgroup, features, libbpf  # noqa: E402
+from ksbpf.kernel.insns import CALL, EXIT, JEQ_K, LDXDW, LDXW, MOV64_K, MOV64_X, Asm  # noqa: E402
 from ksbpf.lab.namespaces import UdpEchoServer, _in_cgroup_and_ns, new_lab  # noqa: E402
 from ksbpf.policy import Endpoint, Policy  # noqa: E402
 from ksbpf.scopes import cgroups  # noqa: E402
 
 HOT_TARGET, DROP_TARGET = 1.5, 2.5
 FAST, PER_PACKET = "at socket creation", "per packet"   # where the scope checks a packet's namespace
+PROBE_LOOKUP, PROBE_DECIDE = "the lookup alone", "the smallest decision"   # the probes (see probe())
 RETURN_ALLOW = bytes.fromhex("b700000001000000") + bytes.fromhex("9500000000000000")   # r0 = 1; exit
 BPF_STATS_RUN_TIME = 0
+STXW, ADD64_K, JNE_X, BPF_PSEUDO_MAP_FD, BPF_FUNC_map_lookup_elem = 0x63, 0x07, 0x5D, 1, 1
+SKB_SK, SKB_IFINDEX = 168, 40                 # offsetof(struct __sk_buff, sk / ifindex)
 SENDER = """
 import socket, sys
 dst, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -63,6 +75,38 @@ def prog_stats(prog_id: int) -> tuple[int, int]:
     out = json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "id", str(prog_id)],
                                     check=True, capture_output=True, text=True).stdout)
     return out.get("run_time_ns", 0), out.get("run_cnt", 0)
+
+
+def probe(identity: str, pin_dir: str, decide: bool) -> int:
+    """A cgroup_skb program that always returns 1 (it changes no verdict)
+    after asking the packet's namespace the way `identity` does -- and with
+    `decide`, after deciding the tunnel path from it as the policy does
+    (the ifindex filter's owner compared with the namespace).  Its maps are
+    the scope's own, so the socket storage it reads is the scope's."""
+    def map_fd(asm: Asm, dst: int, fd: int) -> Asm:
+        asm.items.append(bytes([0x18, (BPF_PSEUDO_MAP_FD << 4) | dst, 0, 0]) + fd.to_bytes(4, "little")
+                         + bytes(8))
+        return asm
+    fds = []
+    try:
+        asm = Asm().op(MOV64_X, 6, 1)
+        if identity == features.NETNS_STORAGE:
+            fds.append(libbpf.obj_get(os.path.join(pin_dir, "sk_netns")))
+            asm.op(LDXDW, 2, 6, SKB_SK).jump(JEQ_K, "out", 2, imm=0)
+            map_fd(asm, 1, fds[-1]).op(MOV64_K, 3).op(MOV64_K, 4).op(CALL, imm=libbpf.BPF_FUNC_sk_storage_get)
+            asm.jump(JEQ_K, "out", 0, imm=0).op(LDXDW, 7, 0, 0)
+        else:
+            asm.op(CALL, imm=libbpf.BPF_FUNC_get_netns_cookie).op(MOV64_X, 7, 0)
+        if decide:
+            fds.append(libbpf.obj_get(os.path.join(pin_dir, "tunnel_ifindex")))
+            asm.op(LDXW, 1, 6, SKB_IFINDEX).op(STXW, 10, 1, -4).op(MOV64_X, 2, 10).op(ADD64_K, 2, imm=-4)
+            map_fd(asm, 1, fds[-1]).op(CALL, imm=BPF_FUNC_map_lookup_elem)
+            asm.jump(JEQ_K, "out", 0, imm=0).op(LDXDW, 1, 0, 0).op(JNE_X, 1, 7, 0)   # if r1 != r7: the same exit
+        asm.label("out").op(MOV64_K, 0, imm=1).op(EXIT)
+        return libbpf.prog_load(libbpf.BPF_PROG_TYPE_CGROUP_SKB, "bench_probe", "GPL", asm.build())
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def send(lab, cg: str, dst: str, port: int, n: int) -> None:
@@ -87,6 +131,7 @@ def measure(rounds: int, packets: int) -> dict:
     made = []
     sleepers: list[subprocess.Popen] = []
     samples: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    probes: dict[tuple[str, str], list[tuple[float, float]]] = {}
     try:
         lab.create()
         lab.tunnel_up()
@@ -116,15 +161,30 @@ def measure(rounds: int, packets: int) -> dict:
                     libbpf.prog_attach(floor, fd, libbpf.BPF_CGROUP_INET_EGRESS, libbpf.BPF_F_ALLOW_MULTI)
                 finally:
                     os.close(fd)
-                scopes[identity] = (path, {"ksbpf": res.prog_id, "floor": libbpf.prog_info(floor).id}, floor)
+                ids, owned = {"ksbpf": res.prog_id, "floor": libbpf.prog_info(floor).id}, [floor]
+                if check == PER_PACKET:   # the check by itself, on the same packets
+                    for decide in (False, True):
+                        pfd = probe(identity.split("/")[0], res.pin_dir, decide)
+                        owned.append(pfd)
+                        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+                        try:
+                            libbpf.prog_attach(pfd, fd, libbpf.BPF_CGROUP_INET_EGRESS, libbpf.BPF_F_ALLOW_MULTI)
+                        finally:
+                            os.close(fd)
+                        ids[PROBE_DECIDE if decide else PROBE_LOOKUP] = libbpf.prog_info(pfd).id
+                scopes[identity] = (path, ids, owned)
             for _ in range(rounds):
                 for identity, (path, ids, _floor) in scopes.items():
                     for label, dst in (("tunnel v4", lab.tun4_server), ("drop not_tunnel v4", lab.phy4_server),
                                        ("tunnel v6", lab.tun6_server), ("drop not_tunnel v6", lab.phy6_server)):
                         r = ns_per_run(lab, path, ids, dst, udp.port, packets)
                         samples.setdefault((identity, label), []).append((r["ksbpf"], r["floor"]))
-            for _path, _ids, floor in scopes.values():
-                os.close(floor)
+                        for name in (PROBE_LOOKUP, PROBE_DECIDE):
+                            if name in r:
+                                probes.setdefault((f"{identity}/{name}", label), []).append((r[name], r["floor"]))
+            for _path, _ids, owned in scopes.values():
+                for fd in owned:
+                    os.close(fd)
     finally:
         for p in sleepers:
             p.kill()
@@ -135,16 +195,25 @@ def measure(rounds: int, packets: int) -> dict:
         os.close(stats_fd)
     rows = {}
     for (identity, label), s in samples.items():
-        ns = [k for k, _f in s]
-        ratios = [k / f for k, f in s if f]
         target = HOT_TARGET if label.startswith("tunnel") else DROP_TARGET
-        rows.setdefault(identity, {})[label] = {
-            "ns_median": round(statistics.median(ns), 1), "ns_min": round(min(ns), 1), "ns_max": round(max(ns), 1),
+        rows.setdefault(identity, {})[label] = dict(_summary(s), target=target,
+                                                    met=statistics.median(k / f for k, f in s if f) <= target)
+    bounds = {}
+    for (variant, label), s in probes.items():
+        bounds.setdefault(variant, {})[label] = _summary(s)
+    return {"rounds": rounds, "packets": packets, "variants": rows, "probes": bounds,
+            "met": all(r["met"] for v in rows.values() for r in v.values()), "machine": report.machine()}
+
+
+def _summary(s: list[tuple[float, float]]) -> dict:
+    """ns per run of a program and its ratio to the floor of the same round:
+    median (min-max) over the rounds."""
+    ns = [k for k, _f in s]
+    ratios = [k / f for k, f in s if f]
+    return {"ns_median": round(statistics.median(ns), 1), "ns_min": round(min(ns), 1), "ns_max": round(max(ns), 1),
             "floor_ns_median": round(statistics.median(f for _k, f in s), 1),
             "ratio_median": round(statistics.median(ratios), 2), "ratio_min": round(min(ratios), 2),
-            "ratio_max": round(max(ratios), 2), "target": target, "met": statistics.median(ratios) <= target}
-    return {"rounds": rounds, "packets": packets, "variants": rows,
-            "met": all(r["met"] for v in rows.values() for r in v.values()), "machine": report.machine()}
+            "ratio_max": round(max(ratios), 2)}
 
 
 def table(r: dict) -> str:
@@ -159,12 +228,25 @@ def table(r: dict) -> str:
             lines.append(f"| {names[identity]}, checked {check} | {label} | {row['ns_median']} ({row['ns_min']}–{row['ns_max']}) | "
                          f"{row['floor_ns_median']} | {row['ratio_median']} ({row['ratio_min']}–{row['ratio_max']}) | "
                          f"≤ {row['target']:g}× | {'yes' if row['met'] else 'NO'} |")
+    if r.get("probes"):
+        lines += ["", "The check by itself, on the same packets as the scope that checks every packet: "
+                  "probes that always let the packet go (see `probe()`). The smallest decision is what any "
+                  "policy asking on every packet costs at least.", "",
+                  "| namespace from | probe | path | ns/packet (median, min–max) | floor ns | × floor (median, min–max) |",
+                  "|---|---|---|---|---|---|"]
+        for label in ("tunnel v4", "tunnel v6"):
+            for variant, rows in r["probes"].items():
+                identity, _check, name = variant.split("/")
+                row = rows[label]
+                lines.append(f"| {names[identity]} | {name} | {label} | {row['ns_median']} ({row['ns_min']}–"
+                             f"{row['ns_max']}) | {row['floor_ns_median']} | {row['ratio_median']} "
+                             f"({row['ratio_min']}–{row['ratio_max']}) |")
     return "\n".join(lines)
 
 
 def main() -> int:
     ap = report.parser(__doc__)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--packets", type=int, default=40000)
     a = ap.parse_args()
     result = measure(a.rounds, a.packets)

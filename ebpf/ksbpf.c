@@ -778,8 +778,10 @@ static __always_inline int ksbpf_netns_fast(struct __sk_buff *skb)
 	if (skb->cb[0])
 		return 0;
 	a = netns_fast.lookup(&allowed);
+	if (!a || !*a)
+		return 0;	/* a scope that asks on every packet pays one lookup here */
 	f = netns_fast.lookup(&foreign);
-	return a && *a && f && !*f;
+	return f && !*f;
 }
 
 /* Does the packet leave through a registered tunnel?  The ifindex filter

@@ -72,6 +72,11 @@ def test_netns_identity_benchmark_runs(tmp_path):
     for rows in result["variants"].values():
         assert set(rows) == {"tunnel v4", "tunnel v6", "drop not_tunnel v4", "drop not_tunnel v6"}
         assert all(r["ns_median"] > 0 and r["floor_ns_median"] > 0 for r in rows.values())
+    # beside the scopes that ask on every packet, the check by itself ran on their packets: the lookup
+    # alone and the smallest decision (programs the kernel loaded and ran, each tunnel path counted)
+    assert {"storage/per packet/the lookup alone", "storage/per packet/the smallest decision"} <= set(result["probes"])
+    for rows in result["probes"].values():
+        assert set(rows) >= {"tunnel v4", "tunnel v6"} and all(r["ns_median"] > 0 for r in rows.values())
 
 
 @pytest.mark.root
