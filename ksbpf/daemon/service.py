@@ -83,6 +83,11 @@ class ScopeState:
         return self.cgroup
 
     @property
+    def compiling(self) -> bool:
+        """Waiting for a helper to compile its program: a moment, not a failure."""
+        return self.error == COMPILING
+
+    @property
     def each(self) -> bool:
         return subtree.is_each(self.policy)
 

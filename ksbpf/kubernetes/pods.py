@@ -47,7 +47,8 @@ class ScopeSink(Protocol):
     scopes: dict
 
     def log(self, event: str, level: str = "info", **fields) -> None: ...
-    def add_scope(self, cgroup: str, policy: Policy, source: str, labels: dict | None = None): ...
+    def add_scope(self, cgroup: str, policy: Policy, source: str, labels: dict | None = None):
+        """The scope's state: .error (None once applied), .compiling (waiting for its program)."""
     def remove_scope(self, cgroup: str) -> None: ...
 
 
@@ -231,8 +232,7 @@ class PodSource:
         scope = self.daemon.add_scope(pod_cg.path, parsed.policy, SOURCE,   # metrics name pods, not cgroup paths
                                       {"namespace": meta.get("namespace") or "", "pod": meta.get("name") or ""})
         if scope.error:
-            from ksbpf.daemon.service import COMPILING
-            if scope.error != COMPILING:   # compiling: a moment, not a failure
+            if not scope.compiling:   # compiling: a moment, not a failure
                 self._report(st, "KsbpfBlocked", f"ksbpf cannot protect this pod yet ({scope.error}); its gate "
                              "keeps the app from starting until it can")
             return self._pending(st, scope.error)

@@ -17,9 +17,7 @@ import json
 import socket
 import threading
 import time
-from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from importlib.metadata import PackageNotFoundError, version
 from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -27,6 +25,8 @@ from prometheus_client.core import CollectorRegistry, CounterMetricFamily, Gauge
 
 from ksbpf.errors import KsbpfError
 from ksbpf.kernel import features, pins
+from ksbpf.observability.families import KERNEL_FEATURE_HELP, ksbpf_version, verify_metrics
+from ksbpf.observability.scrape import Scraper
 from ksbpf.reasons import Hook
 from ksbpf.scopes import cgroups, common, node
 
@@ -47,14 +47,6 @@ class Daemon(Protocol):
 
 
 HEALTHY_WITHIN = 30.0  # seconds since the daemon's loop last turned
-
-
-@lru_cache(maxsize=1)
-def ksbpf_version() -> str:
-    try:
-        return version("ksbpf")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 class KsbpfCollector:
@@ -151,29 +143,6 @@ class KsbpfCollector:
                 yield from verify_metrics(verifier)
 
 
-KERNEL_FEATURE_HELP = ("1 when the running kernel has the BPF feature (a probe at start; `ksbpf status` says what "
-                       "ksbpf does without each)")
-
-
-def verify_metrics(verifier):
-    """The daemon's zero-traffic check (ksbpf/daemon/verifier.py): failing
-    findings by scope and check (a series only while a check fails: a
-    thousand pods pass fifteen checks each), how many runs completed, and
-    when nothing last failed."""
-    failures = GaugeMetricFamily("ksbpf_verify_failures", "Failed findings of the last zero-traffic check "
-                                 "(ksbpf verify) by scope and check; absent while the check passes",
-                                 labels=["scope", "check"])
-    for (scope, chk), n in sorted(dict(verifier.failures).items()):
-        if n:
-            failures.add_metric([scope, chk], n)
-    yield failures
-    yield CounterMetricFamily("ksbpf_verify_runs", "Zero-traffic checks of every scope the daemon completed",
-                              value=verifier.runs)
-    if verifier.last_success is not None:
-        yield GaugeMetricFamily("ksbpf_verify_last_success_timestamp_seconds", "When a zero-traffic check of every "
-                                "scope last found no failure (Unix time)", value=verifier.last_success)
-
-
 def registry(daemon: Daemon | None = None, bpffs: str = pins.BPFFS) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
     reg.register(KsbpfCollector(daemon, bpffs))
@@ -188,7 +157,6 @@ class MetricsServer:
     """/metrics, /healthz and /readyz on a background thread."""
 
     def __init__(self, daemon: Daemon, host: str, port: int):
-        from ksbpf.observability.scrape import Scraper
         scraper = Scraper(daemon)   # the daemon's fast path: maps kept open, its own netlink view
         lock = threading.Lock()
         unscraped = daemon.unscraped

@@ -29,6 +29,7 @@ from typing import Iterable
 
 from ksbpf.errors import KsbpfError
 from ksbpf.kernel import bpf, features, libbpf, pins
+from ksbpf.observability.families import KERNEL_FEATURE_HELP, ksbpf_version, verify_metrics
 from ksbpf.reasons import FAMILY_MAX, Family, Hook, Reason
 from ksbpf.scopes import cgroups, node
 
@@ -270,7 +271,6 @@ class Scraper:
                "Node mode: interfaces that should carry a guard and do not (their traffic is not judged)")
         out.extend(f'ksbpf_unguarded_interfaces{{{names[r.name]}}} {r.unguarded}.0\n'
                    for r in rows if r.unguarded is not None)
-        from ksbpf.observability.metrics import KERNEL_FEATURE_HELP, ksbpf_version
         family("ksbpf_build_info", "gauge", "ksbpf's version")
         out.append(f'ksbpf_build_info{{version="{_esc(ksbpf_version())}"}} 1.0\n')
         family("ksbpf_kernel_feature", "gauge", KERNEL_FEATURE_HELP)
@@ -287,8 +287,6 @@ class Scraper:
         if verifier is not None:   # the daemon's zero-traffic check: few samples, rendered by prometheus_client
             from prometheus_client import generate_latest
             from prometheus_client.core import CollectorRegistry
-
-            from ksbpf.observability.metrics import verify_metrics
 
             class _Verify:
                 def collect(self):
