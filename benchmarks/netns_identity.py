@@ -24,7 +24,11 @@ itself: the namespace lookup alone (one bpf_sk_storage_get or one
 bpf_get_netns_cookie), and the smallest program that decides the tunnel
 path from it (the lookup, the ifindex filter, one comparison; no counters,
 no verify runs).  What the smallest decision costs bounds what any policy
-that asks on every packet can cost.
+that asks on every packet can cost.  A third way, which ksbpf does not use
+(yet), is measured the same way where the kernel allows it (Linux 6.2+):
+the kfunc bpf_cast_to_kern_ctx gives the packet's struct sk_buff, and three
+plain loads checked against the kernel's BTF read skb->sk->sk_net->net_cookie
+-- no helper call, and it knows sockets older than the attach.
 
     python benchmarks/netns_identity.py [--rounds 15] [--packets 40000]
 """
@@ -41,8 +45,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import report  # noqa: E402
 
-from ksbpf.kernel import cgroup, features, libbpf  # noqa: E402
-from ksbpf.kernel.insns import CALL, EXIT, JEQ_K, LDXDW, LDXW, MOV64_K, MOV64_X, Asm  # noqa: E402
+from ksbpf.kernel import bpf, btf, cgroup, features, libbpf  # noqa: E402
+from ksbpf.kernel.insns import CALL, EXIT, JEQ_K, LD_IMM64, LDXDW, LDXW, MOV64_K, MOV64_X, Asm, insn  # noqa: E402
 from ksbpf.lab.namespaces import UdpEchoServer, _in_cgroup_and_ns, new_lab  # noqa: E402
 from ksbpf.policy import Endpoint, Policy  # noqa: E402
 from ksbpf.scopes import cgroups  # noqa: E402
@@ -52,7 +56,8 @@ FAST, PER_PACKET = "at socket creation", "per packet"   # where the scope checks
 PROBE_LOOKUP, PROBE_DECIDE = "the lookup alone", "the smallest decision"   # the probes (see probe())
 RETURN_ALLOW = bytes.fromhex("b700000001000000") + bytes.fromhex("9500000000000000")   # r0 = 1; exit
 BPF_STATS_RUN_TIME = 0
-STXW, ADD64_K, JNE_X, BPF_PSEUDO_MAP_FD, BPF_FUNC_map_lookup_elem = 0x63, 0x07, 0x5D, 1, 1
+STXW, ADD64_K, JNE_X, BPF_FUNC_map_lookup_elem, BPF_PSEUDO_KFUNC_CALL = 0x63, 0x07, 0x5D, 1, 2
+KERNEL_CONTEXT = "kernel context"   # the probes' third way (Linux 6.2+), not a variant ksbpf loads
 SKB_SK, SKB_IFINDEX = 168, 40                 # offsetof(struct __sk_buff, sk / ifindex)
 SENDER = """
 import socket, sys
@@ -83,14 +88,18 @@ def probe(identity: str, pin_dir: str, decide: bool) -> int:
     `decide`, after deciding the tunnel path from it as the policy does
     (the ifindex filter's owner compared with the namespace).  Its maps are
     the scope's own, so the socket storage it reads is the scope's."""
-    def map_fd(asm: Asm, dst: int, fd: int) -> Asm:
-        asm.items.append(bytes([0x18, (BPF_PSEUDO_MAP_FD << 4) | dst, 0, 0]) + fd.to_bytes(4, "little")
-                         + bytes(8))
+    def map_fd(asm: Asm, dst: int, fd: int) -> Asm:   # dst = the map (a 64-bit immediate: two slots)
+        asm.items.append(insn(LD_IMM64, dst, bpf.BPF_PSEUDO_MAP_FD, 0, fd) + insn(0))
         return asm
     fds = []
     try:
         asm = Asm().op(MOV64_X, 6, 1)
-        if identity == features.NETNS_STORAGE:
+        if identity == KERNEL_CONTEXT:   # skb -> struct sk_buff (a kfunc the verifier turns into a move)
+            off = btf.offsets((("sk_buff", "sk", 8), ("sock", "__sk_common.skc_net", 8), ("net", "net_cookie", 8)))
+            asm.op(CALL, src=BPF_PSEUDO_KFUNC_CALL, imm=btf.func_id("bpf_cast_to_kern_ctx"))
+            asm.op(LDXDW, 1, 0, off["sk_buff.sk"]).jump(JEQ_K, "out", 1, imm=0)   # no socket: unknown
+            asm.op(LDXDW, 1, 1, off["sock.__sk_common.skc_net"]).op(LDXDW, 7, 1, off["net.net_cookie"])
+        elif identity == features.NETNS_STORAGE:
             fds.append(libbpf.obj_get(os.path.join(pin_dir, "sk_netns")))
             asm.op(LDXDW, 2, 6, SKB_SK).jump(JEQ_K, "out", 2, imm=0)
             map_fd(asm, 1, fds[-1]).op(MOV64_K, 3).op(MOV64_K, 4).op(CALL, imm=libbpf.BPF_FUNC_sk_storage_get)
@@ -163,15 +172,22 @@ def measure(rounds: int, packets: int) -> dict:
                     os.close(fd)
                 ids, owned = {"ksbpf": res.prog_id, "floor": libbpf.prog_info(floor).id}, [floor]
                 if check == PER_PACKET:   # the check by itself, on the same packets
-                    for decide in (False, True):
-                        pfd = probe(identity.split("/")[0], res.pin_dir, decide)
+                    ways = [identity.split("/")[0]] + ([KERNEL_CONTEXT] if identity.startswith(features.NETNS_STORAGE)
+                                                       else [])
+                    for way, decide in ((w, d) for w in ways for d in (False, True)):
+                        try:
+                            pfd = probe(way, res.pin_dir, decide)
+                        except (OSError, btf.BtfError):
+                            if way == KERNEL_CONTEXT:
+                                continue   # before 6.2, or no BTF: not measured here
+                            raise
                         owned.append(pfd)
                         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
                         try:
                             libbpf.prog_attach(pfd, fd, libbpf.BPF_CGROUP_INET_EGRESS, libbpf.BPF_F_ALLOW_MULTI)
                         finally:
                             os.close(fd)
-                        ids[PROBE_DECIDE if decide else PROBE_LOOKUP] = libbpf.prog_info(pfd).id
+                        ids[f"{way}/{PROBE_DECIDE if decide else PROBE_LOOKUP}"] = libbpf.prog_info(pfd).id
                 scopes[identity] = (path, ids, owned)
             for _ in range(rounds):
                 for identity, (path, ids, _floor) in scopes.items():
@@ -179,9 +195,9 @@ def measure(rounds: int, packets: int) -> dict:
                                        ("tunnel v6", lab.tun6_server), ("drop not_tunnel v6", lab.phy6_server)):
                         r = ns_per_run(lab, path, ids, dst, udp.port, packets)
                         samples.setdefault((identity, label), []).append((r["ksbpf"], r["floor"]))
-                        for name in (PROBE_LOOKUP, PROBE_DECIDE):
-                            if name in r:
-                                probes.setdefault((f"{identity}/{name}", label), []).append((r[name], r["floor"]))
+                        for name in r:
+                            if name not in ("ksbpf", "floor"):   # way/probe, measured on this scope's packets
+                                probes.setdefault((name, label), []).append((r[name], r["floor"]))
             for _path, _ids, owned in scopes.values():
                 for fd in owned:
                     os.close(fd)
@@ -220,7 +236,8 @@ def table(r: dict) -> str:
     lines = ["| namespace from | path | ns/packet (median, min–max) | floor ns | × floor (median, min–max) | target | met |",
              "|---|---|---|---|---|---|---|"]
     names = {features.NETNS_HELPER: "bpf_get_netns_cookie (≥ 6.17)",
-             features.NETNS_STORAGE: "socket storage (5.12+)"}
+             features.NETNS_STORAGE: "socket storage (5.12+)",
+             KERNEL_CONTEXT: "kernel context: bpf_cast_to_kern_ctx, skb->sk->sk_net (6.2+, not used by ksbpf)"}
     for label in ("tunnel v4", "tunnel v6", "drop not_tunnel v4", "drop not_tunnel v6"):
         for variant, rows in r["variants"].items():
             identity, check = variant.split("/")
@@ -236,7 +253,7 @@ def table(r: dict) -> str:
                   "|---|---|---|---|---|---|"]
         for label in ("tunnel v4", "tunnel v6"):
             for variant, rows in r["probes"].items():
-                identity, _check, name = variant.split("/")
+                identity, name = variant.split("/")
                 row = rows[label]
                 lines.append(f"| {names[identity]} | {name} | {label} | {row['ns_median']} ({row['ns_min']}–"
                              f"{row['ns_max']}) | {row['floor_ns_median']} | {row['ratio_median']} "

@@ -74,7 +74,7 @@ def test_netns_identity_benchmark_runs(tmp_path):
         assert all(r["ns_median"] > 0 and r["floor_ns_median"] > 0 for r in rows.values())
     # beside the scopes that ask on every packet, the check by itself ran on their packets: the lookup
     # alone and the smallest decision (programs the kernel loaded and ran, each tunnel path counted)
-    assert {"storage/per packet/the lookup alone", "storage/per packet/the smallest decision"} <= set(result["probes"])
+    assert {"storage/the lookup alone", "storage/the smallest decision"} <= set(result["probes"])
     for rows in result["probes"].values():
         assert set(rows) >= {"tunnel v4", "tunnel v6"} and all(r["ns_median"] > 0 for r in rows.values())
 
