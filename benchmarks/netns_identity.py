@@ -242,8 +242,7 @@ def table(r: dict) -> str:
         for variant, rows in r["variants"].items():
             identity, check = variant.split("/")
             row = rows[label]
-            lines.append(f"| {names[identity]}, checked {check} | {label} | {row['ns_median']} ({row['ns_min']}–{row['ns_max']}) | "
-                         f"{row['floor_ns_median']} | {row['ratio_median']} ({row['ratio_min']}–{row['ratio_max']}) | "
+            lines.append(f"| {names[identity]}, checked {check} | {label} | {_cells(row)} | "
                          f"≤ {row['target']:g}× | {'yes' if row['met'] else 'NO'} |")
     if r.get("probes"):
         lines += ["", "The check by itself, on the same packets as the scope that checks every packet: "
@@ -254,11 +253,14 @@ def table(r: dict) -> str:
         for label in ("tunnel v4", "tunnel v6"):
             for variant, rows in r["probes"].items():
                 identity, name = variant.split("/")
-                row = rows[label]
-                lines.append(f"| {names[identity]} | {name} | {label} | {row['ns_median']} ({row['ns_min']}–"
-                             f"{row['ns_max']}) | {row['floor_ns_median']} | {row['ratio_median']} "
-                             f"({row['ratio_min']}–{row['ratio_max']}) |")
+                lines.append(f"| {names[identity]} | {name} | {label} | {_cells(rows[label])} |")
     return "\n".join(lines)
+
+
+def _cells(row: dict) -> str:
+    """ns (min-max) | floor ns | ratio (min-max): a _summary() as table cells."""
+    return (f"{row['ns_median']} ({row['ns_min']}–{row['ns_max']}) | {row['floor_ns_median']} | "
+            f"{row['ratio_median']} ({row['ratio_min']}–{row['ratio_max']})")
 
 
 def main() -> int:
