@@ -16,11 +16,12 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import pytest
 from helpers import dropped, ksbpf, packets, scope_status
 
-from ksbpf.kernel import features, netns
+from ksbpf.kernel import bpf, features, netns
 from ksbpf.lab.namespaces import ProbeStream, _in_cgroup_and_ns, probe
 
 pytestmark = pytest.mark.lab
@@ -123,19 +124,11 @@ def test_accepted_connections_inherit_the_listeners_namespace(lab, make_cgroup):
     assert dropped(cg) == 0
 
 
-@pytest.mark.parametrize("identity", [features.NETNS_STORAGE, features.NETNS_HELPER])
-def test_same_ifindex_in_another_namespace_is_not_the_tunnel(lab, make_cgroup, tag, identity, monkeypatch):
-    """A process of the scope in another namespace, whose veth has the tunnel's
-    ifindex: it is not the tunnel.  The scope was attached empty, so its
-    egress program trusted the tunnel filter (no per-packet namespace check);
-    the first socket made in the other namespace ends that, before it sends."""
-    if identity == features.NETNS_HELPER and not features.has("netns_cookie_cgroup_skb"):
-        pytest.skip("this kernel's cgroup_skb programs cannot ask bpf_get_netns_cookie")
-    monkeypatch.setenv(features.NETNS_ENV, identity)
-    cg = make_cgroup()
-    attach(lab, cg)
-    assert scope_status(cg)["netns_fast"] is True
-    assert probe(lab, cg, "icmp", lab.tun4_server).ok   # the fast path: the tunnel passes
+@contextmanager
+def colliding_veth(lab, tag: str):
+    """Two namespaces of our own joined by a veth whose end in the first has
+    the lab tunnel's ifindex (the ifindex collision): yields (x, y); x sends
+    to 192.0.2.2, y's address."""
     wg_index = netns.ifindex(netns.resolve(lab.client_ns), lab.wg_client)
     x, y = f"ksbpf-ix{tag}-x", f"ksbpf-ix{tag}-y"
     try:
@@ -147,15 +140,97 @@ def test_same_ifindex_in_another_namespace_is_not_the_tunnel(lab, make_cgroup, t
             subprocess.run(["ip", "-n", ns, "addr", "add", addr, "dev", dev], check=True)
             subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
         assert netns.ifindex(netns.resolve(x), "vx0") == wg_index
+        yield x, y
+    finally:
+        for ns in (x, y):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def identities():
+    return pytest.mark.parametrize("identity", [features.NETNS_STORAGE, features.NETNS_HELPER])
+
+
+def use_identity(identity: str, monkeypatch) -> None:
+    if identity == features.NETNS_HELPER and not features.has("netns_cookie_cgroup_skb"):
+        pytest.skip("this kernel's cgroup_skb programs cannot ask bpf_get_netns_cookie")
+    monkeypatch.setenv(features.NETNS_ENV, identity)
+
+
+@identities()
+def test_same_ifindex_in_another_namespace_is_not_the_tunnel(lab, make_cgroup, tag, identity, monkeypatch):
+    """A process of the scope in another namespace, whose veth has the tunnel's
+    ifindex: it is not the tunnel.  The scope was attached empty, so its
+    egress program trusted the tunnel filter (no per-packet namespace check);
+    the first socket made in the other namespace ends that, before it sends."""
+    use_identity(identity, monkeypatch)
+    cg = make_cgroup()
+    attach(lab, cg)
+    assert scope_status(cg)["netns_fast"] is True
+    assert probe(lab, cg, "icmp", lab.tun4_server).ok   # the fast path: the tunnel passes
+    with colliding_veth(lab, tag) as (x, _y):
         before = packets(cg, "not_tunnel")
         assert not probe(x, cg, "icmp", "192.0.2.2", timeout=1.0).ok
         assert packets(cg, "not_tunnel") > before
         assert scope_status(cg)["netns_fast"] is False   # for good: every packet is asked from now on
         assert probe(x, None, "icmp", "192.0.2.2").ok        # control: unprotected, it arrives
         assert probe(lab, cg, "icmp", lab.tun4_server).ok   # control: the real tunnel passes
-    finally:
-        for ns in (x, y):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+RECEIVER = """
+import os, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("192.0.2.2", int(sys.argv[1])))
+n = 0
+print("ready", flush=True)
+while True:
+    s.recv(64)
+    n += 1
+    with open(sys.argv[2] + ".tmp", "w") as f:
+        f.write(str(n))
+    os.replace(sys.argv[2] + ".tmp", sys.argv[2])
+"""
+
+
+@identities()
+def test_same_ifindex_through_a_socket_older_than_the_attach(lab, make_cgroup, tag, identity, monkeypatch, tmp_path):
+    """The other door of the ifindex collision: a socket made in the other
+    namespace BEFORE the attach, by a process of the cgroup.  No sock_create
+    program saw it, so nothing marks the scope foreign: the scope is on the
+    per-packet path because it was attached over a running process, and
+    that check alone must stop it (socket storage: no record; the helper:
+    another namespace).  Control: the same socket reaches its peer until the
+    attach, and a new socket of the scope still reaches the real tunnel."""
+    use_identity(identity, monkeypatch)
+    cg = make_cgroup()
+    count = tmp_path / "received"
+
+    def received() -> int:
+        return int(count.read_text()) if count.exists() else 0
+    with colliding_veth(lab, tag) as (x, y):
+        rx = subprocess.Popen(["ip", "netns", "exec", y, sys.executable, "-c", RECEIVER, "9999", str(count)],
+                              stdout=subprocess.PIPE, text=True)
+        try:
+            assert rx.stdout.readline().strip() == "ready"
+            with ProbeStream(x, cg, "192.0.2.2", 9999, interval_ms=2) as old:
+                deadline = time.monotonic() + 5
+                while received() < 20 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert received() >= 20                       # control: before the attach it arrives
+                attach(lab, cg)
+                st = scope_status(cg)
+                assert st["netns_fast"] is False
+                with bpf.ScopeMaps.from_pins(st["pin_dir"]) as maps:
+                    assert maps.netns_fast() == (False, False)   # not allowed, and no foreign socket seen
+                time.sleep(0.2)                               # packets in flight at the attach land
+                at_attach, blocked = received(), packets(cg, "not_tunnel")
+                time.sleep(0.5)
+                assert received() == at_attach                # nothing through the colliding veth
+                assert packets(cg, "not_tunnel") > blocked    # the old socket kept sending, blocked
+            assert old.result.blocked > 0, old.result
+            assert probe(lab, cg, "icmp", lab.tun4_server).ok   # control: the real tunnel passes
+        finally:
+            rx.kill()
+            rx.wait()
 
 
 def test_a_scope_attached_over_running_processes_checks_every_packet(lab, servers, make_cgroup):
