@@ -8,7 +8,8 @@ from __future__ import annotations
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import generate_latest
+from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
 
 KERNEL_FEATURE_HELP = ("1 when the running kernel has the BPF feature (a probe at start; `ksbpf status` says what "
                        "ksbpf does without each)")
@@ -39,3 +40,13 @@ def verify_metrics(verifier):
     if verifier.last_success is not None:
         yield GaugeMetricFamily("ksbpf_verify_last_success_timestamp_seconds", "When a zero-traffic check of every "
                                 "scope last found no failure (Unix time)", value=verifier.last_success)
+
+
+def verify_text(verifier) -> str:
+    """verify_metrics as exposition text, for the scraper that writes its own."""
+    class _Verify:
+        def collect(self):
+            return verify_metrics(verifier)
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Verify())
+    return generate_latest(reg).decode()

@@ -12,9 +12,10 @@ tunnels map each in one batched system call (with the GIL held: see
 libbpf._held) and asks the cgroup for its programs -- three system calls a
 scope; takes the tunnels' links from the daemon's namespaces; and writes
 the exposition text itself.  A scope the daemon does not own (attached by
-hand) and node scopes are read the one-shot way.  The output is the collector's, sample for sample
-(tests/test_scrape.py compares them), except that a pod's scope is named by
-its pod (scope="pod/NAMESPACE/NAME", namespace, pod), never by its cgroup.
+hand) and node scopes are read the one-shot way.  The output is the
+collector's, sample for sample (tests/test_scrape.py compares them), except
+that a pod's scope is named by its pod (scope="pod/NAMESPACE/NAME",
+namespace, pod), never by its cgroup.
 
 Counters are written only once they are not zero (a thousand pods would
 otherwise make 10 MB of zeros); gauges (attached, tunnel up) always.
@@ -29,7 +30,7 @@ from typing import Iterable
 
 from ksbpf.errors import KsbpfError
 from ksbpf.kernel import bpf, features, libbpf, pins
-from ksbpf.observability.families import KERNEL_FEATURE_HELP, ksbpf_version, verify_metrics
+from ksbpf.observability.families import KERNEL_FEATURE_HELP, ksbpf_version, verify_text
 from ksbpf.reasons import FAMILY_MAX, Family, Hook, Reason
 from ksbpf.scopes import cgroups, node
 
@@ -284,14 +285,6 @@ class Scraper:
         family("ksbpf_route_alerts_total", "counter", "Routes added outside a tunnel while a scope was protected (TunnelVision)")
         out.append(f"ksbpf_route_alerts_total {self.daemon.route_alerts}.0\n")
         verifier = getattr(self.daemon, "verifier", None)
-        if verifier is not None:   # the daemon's zero-traffic check: few samples, rendered by prometheus_client
-            from prometheus_client import generate_latest
-            from prometheus_client.core import CollectorRegistry
-
-            class _Verify:
-                def collect(self):
-                    return verify_metrics(verifier)
-            reg = CollectorRegistry(auto_describe=False)
-            reg.register(_Verify())
-            out.append(generate_latest(reg).decode())
+        if verifier is not None:   # the daemon's zero-traffic check: few samples
+            out.append(verify_text(verifier))
         return "".join(out).encode()
